@@ -1,0 +1,161 @@
+"""What each supported vLLM line accepts for DP/EP serving: one small table per version.
+
+Facts from ../shared/reference/vllm-dp-ep.md (read from the released wheels). The renderer and the
+planner consult these tables; nothing else in widep branches on a vLLM version number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from widep.errors import UserError
+
+ALL2ALL_ALL = (
+    "allgather_reducescatter",
+    "naive",
+    "pplx",
+    "deepep_high_throughput",
+    "deepep_low_latency",
+    "deepep_v2",
+    "mori_high_throughput",
+    "mori_low_latency",
+    "moonep",
+    "nixl_ep",
+    "flashinfer_nvlink_two_sided",
+    "flashinfer_nvlink_one_sided",
+)
+"""Every all2all backend name any supported vLLM version knows (the spec's Literal)."""
+
+
+@dataclass(frozen=True)
+class VLLMVersionTable:
+    """DP/EP-relevant behaviour of one vLLM release line."""
+
+    line: str
+    """The release line, e.g. '0.3x' for 0.30-0.33."""
+    versions: tuple[str, str]
+    """Inclusive (min, max) major.minor this table covers."""
+    all2all_via: Literal["env", "flag"]
+    """'env': VLLM_ALL2ALL_BACKEND; 'flag': --all2all-backend."""
+    all2all_backends: tuple[str, ...]
+    """Backends this line really runs (names it silently replaces with a fallback are left out)."""
+    removed_backends: dict[str, str]
+    """Backend -> why it is not offered (accepted by the parser but replaced, or gone)."""
+    eplb_style: Literal["flags", "config"]
+    """'flags': --num-redundant-experts etc. (0.10); 'config': --eplb-config JSON (0.11+)."""
+    has_dbo: bool
+    has_multi_port_lb: bool
+    has_external_lb_flag: bool
+    has_hybrid_lb: bool
+    api_server_count_default_is_dp: bool
+    """True where internal LB starts DP-size API servers unless --api-server-count is given."""
+    profiler: Literal["env", "config"]
+    deep_gemm_default_on: bool
+    deep_gemm_warmup_env: str
+    has_moe_backend_flag: bool
+    dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
+
+
+TABLES: tuple[VLLMVersionTable, ...] = (
+    VLLMVersionTable(
+        line="0.10",
+        versions=("0.10", "0.10"),
+        all2all_via="env",
+        all2all_backends=("naive", "pplx", "deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter"),
+        removed_backends={},
+        eplb_style="flags",
+        has_dbo=False,
+        has_multi_port_lb=False,
+        has_external_lb_flag=False,
+        has_hybrid_lb=True,
+        api_server_count_default_is_dp=False,
+        profiler="env",
+        deep_gemm_default_on=False,
+        deep_gemm_warmup_env="",
+        has_moe_backend_flag=False,
+    ),
+    VLLMVersionTable(
+        line="0.11",
+        versions=("0.11", "0.19"),
+        all2all_via="env",
+        all2all_backends=("naive", "pplx", "deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter"),
+        removed_backends={},
+        eplb_style="config",
+        has_dbo=True,
+        has_multi_port_lb=False,
+        has_external_lb_flag=True,
+        has_hybrid_lb=True,
+        api_server_count_default_is_dp=False,
+        profiler="env",
+        deep_gemm_default_on=False,
+        deep_gemm_warmup_env="VLLM_SKIP_DEEP_GEMM_WARMUP",
+        has_moe_backend_flag=False,
+    ),
+    VLLMVersionTable(
+        line="0.3x",
+        versions=("0.20", "0.39"),
+        all2all_via="flag",
+        all2all_backends=(
+            "allgather_reducescatter",
+            "deepep_high_throughput",
+            "deepep_low_latency",
+            "deepep_v2",
+            "mori_high_throughput",
+            "mori_low_latency",
+            "moonep",
+            "nixl_ep",
+            "flashinfer_nvlink_two_sided",
+            "flashinfer_nvlink_one_sided",
+        ),
+        removed_backends={
+            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+        },
+        eplb_style="config",
+        has_dbo=True,
+        has_multi_port_lb=True,
+        has_external_lb_flag=True,
+        has_hybrid_lb=True,
+        api_server_count_default_is_dp=True,
+        profiler="config",
+        deep_gemm_default_on=True,
+        deep_gemm_warmup_env="VLLM_DEEP_GEMM_WARMUP",
+        has_moe_backend_flag=True,
+    ),
+)
+
+DEFAULT_VLLM_VERSION = "0.32.0"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = version.strip().lstrip("v").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise UserError(f"vllm.version: {version!r} is not a version like '0.32.0'.") from None
+
+
+def table_for(version: str) -> VLLMVersionTable:
+    """The table covering ``version``; UserError naming the supported lines otherwise.
+
+    Note: the 0.11 table also covers 0.12-0.19, where the all2all flag appeared (0.14) while the
+    environment variable still worked (until 0.20); widep uses the variable there, which all of them read.
+    """
+    mm = _major_minor(version)
+    for t in TABLES:
+        if _major_minor(t.versions[0]) <= mm <= _major_minor(t.versions[1]):
+            return t
+    lines = ", ".join(f"{t.versions[0]}-{t.versions[1]}" for t in TABLES)
+    raise UserError(f"vllm.version: vLLM {version} is not supported. Valid: {lines}.")
+
+
+def check_backend(version: str, backend: str, field: str) -> None:
+    """UserError if ``backend`` is not one ``version`` really runs."""
+    t = table_for(version)
+    if backend in t.all2all_backends:
+        return
+    why = t.removed_backends.get(backend, "unknown to this version")
+    raise UserError(
+        f"{field}: all2all backend {backend!r} with vLLM {version}: {why}. Valid for vLLM {t.line}: {', '.join(t.all2all_backends)}."
+    )
