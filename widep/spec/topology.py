@@ -213,7 +213,8 @@ class ServingSpec(Strict):
     """external: one API server per DP rank (default); hybrid: one per node; internal: one for the group
     (headless workers); multiport: vLLM's DP supervisor per node starts one API server per local rank."""
     host: str = "0.0.0.0"
-    """Address API servers bind."""
+    """Address API servers bind: an IP, or "node" for each node's own address (cluster.nodes[].address),
+    which lets pretend nodes share one machine on distinct loopback addresses."""
     port: int = Field(default=8000, ge=1, le=65535)
     """First HTTP port on each node (rank r on a node serves port + local rank in external/multiport mode)."""
     rpc_port: int = Field(default=29550, ge=1, le=65535)

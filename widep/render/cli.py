@@ -1,0 +1,153 @@
+"""``widep render``: the exact argv and environment of every vLLM process (a dry run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+
+import click
+
+from widep.errors import UserError
+from widep.plan.cli import load_plan
+from widep.plan.core import DeploymentPlan
+from widep.render.vllm import EnvRef, RankCommand, RenderContext, render
+
+
+def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -> str | None:
+    """The model path to render: the flag, the topology's, or the tiny MoE's cache path (built if asked)."""
+    if model_path:
+        return model_path
+    if p.spec.model.path or p.arch.hf_id:
+        return None
+    if p.arch.builtin:
+        from widep import tinymoe
+
+        return str(tinymoe.ensure_tiny_moe(p.arch.builtin) if build else tinymoe.tiny_moe_path(p.arch.builtin))
+    return None
+
+
+def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
+    """A copy-pasteable bash script starting the given processes and waiting for them."""
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, started in the background.",
+        "set -euo pipefail",
+    ]
+    refs = sorted({v.name for c in cmds for _, v in c.env if isinstance(v, EnvRef)})
+    for name in refs:
+        lines.append(f': "${{{name}:?set {name} (a secret widep passes by reference)}}"')
+    lines.append("pids=()")
+    for c in cmds:
+        lines.append(f"# {c.name} on {c.node_name} (node {c.node})" + (" headless" if c.headless else f", port {c.port}"))
+        env = " ".join(
+            f"{k}=" + (f'"{v.shell()}"' if isinstance(v, EnvRef) else shlex.quote(v)) for k, v in c.env
+        )
+        argv = " \\\n    ".join(shlex.quote(a) if not a.startswith("--") else a for a in _pairs(c.argv))
+        lines.append(f"env {env} \\\n    {argv} &")
+        lines.append("pids+=($!)")
+    lines.append('trap \'kill -TERM "${pids[@]}" 2>/dev/null\' INT TERM')
+    lines.append('wait "${pids[@]}"')
+    return "\n".join(lines) + "\n"
+
+
+def _pairs(argv: tuple[str, ...]) -> list[str]:
+    """Group '--flag value' so each shows on its own line."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            out.append(f"{a} {shlex.quote(argv[i + 1])}")
+            i += 2
+        else:
+            out.append(shlex.quote(a) if not a.startswith("--") else a)
+            i += 1
+    return out
+
+
+def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
+    from rich.console import Console
+
+    con = Console()
+    for c in cmds:
+        con.rule(f"[bold]{c.name}[/] on {c.node_name} (node {c.node})" + ("  headless" if c.headless else f"  :{c.port}"))
+        for k, v in c.env:
+            con.print(f"  [cyan]{k}[/]={v.shell() if isinstance(v, EnvRef) else v}", highlight=False, soft_wrap=True)
+        con.print("  " + " ".join(_pairs(c.argv)), highlight=False, soft_wrap=True)
+
+
+@click.command("render")
+@click.argument("topology", type=click.Path(dir_okay=False))
+@click.option("--node", type=int, default=None, help="Only the processes on this node (index in cluster.nodes).")
+@click.option("--role", default=None, help="Only this role.")
+@click.option("--rank", type=int, default=None, help="Only the process running this DP rank.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "shell"]), default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--vllm-version", default=None, help="Render for another vLLM version (e.g. 0.10.2, 0.11.0, 0.32.0).")
+@click.option("--entry-point", type=click.Choice(["serve", "module"]), default=None, help="Override vllm.entry_point.")
+@click.option("--model-path", default=None, help="What vLLM loads, overriding the topology.")
+@click.option("--check", is_flag=True, help="Also judge every argv with the installed vLLM's own parser.")
+@click.option("--python", "python", default=None, help="Interpreter that has vLLM (for --check and the module entry point).")
+def render_cmd(topology: str, node: int | None, role: str | None, rank: int | None, fmt: str, as_json: bool,
+               vllm_version: str | None, entry_point: str | None, model_path: str | None, check: bool, python: str | None) -> int:
+    """Print the argv and environment of every vLLM process of TOPOLOGY."""
+    from widep.spec.topology import load_topology
+    from widep.plan import plan as make_plan
+
+    spec = load_topology(topology)
+    if vllm_version:
+        spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"version": vllm_version})})
+    p = make_plan(spec)
+    ctx = RenderContext(
+        model_path=resolve_model_path(p, model_path, build=False),
+        cpu_count=os.cpu_count() if p.device == "cpu" else None,
+        python=python,
+        entry_point=entry_point,
+    )
+    cmds = render(p, ctx, node=node, role=role, rank=rank)
+    fmt = "json" if as_json else fmt
+    if fmt == "json":
+        click.echo(json.dumps({"name": p.name, "vllm_version": p.spec.vllm.version, "ranks": [c.as_dict() for c in cmds]}, indent=2))
+    elif fmt == "shell":
+        click.echo(shell_script(p, cmds), nl=False)
+    else:
+        print_table(p, cmds)
+    if check:
+        return judge_commands(p, cmds, python)
+    return 0
+
+
+def judge_commands(p: DeploymentPlan, cmds: list[RankCommand], python: str | None) -> int:
+    """Feed every argv to vLLM's own parser; print one verdict per process; 1 if any is refused."""
+    import sys
+
+    from widep.render.judge import judge_argvs
+
+    argvs = [strip_entry(c.argv) for c in cmds]
+    envs = [{k: (v if isinstance(v, str) else "x") for k, v in c.env} for c in cmds]
+    verdicts = judge_argvs(argvs, python=python or sys.executable, envs=envs)
+    bad = 0
+    for c, v in zip(cmds, verdicts):
+        status = "ok" if v.ok else "REFUSED"
+        bad += not v.ok
+        click.echo(f"{c.name}: {status}" + (f": {v.error}" if v.error else "") + (f" (checks: {', '.join(v.checks_ran)})" if v.checks_ran else ""))
+    groups: dict[tuple[str, int], list] = {}
+    for c, v in zip(cmds, verdicts):
+        groups.setdefault((c.role, c.replica), []).append(v.parallel)
+    for (r, g), pars in groups.items():
+        if any(x != pars[0] for x in pars):
+            bad += 1
+            click.echo(f"{r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake)")
+    return 1 if bad else 0
+
+
+def strip_entry(argv: tuple[str, ...]) -> list[str]:
+    """The vLLM arguments of an argv, with '--model MODEL' first, whatever the entry point."""
+    a = list(argv)
+    if len(a) >= 3 and a[0] == "vllm" and a[1] == "serve":
+        return ["--model", a[2]] + a[3:]
+    if "-m" in a:
+        i = a.index("-m")
+        return a[i + 2 :]
+    raise UserError(f"cannot find vLLM's arguments in {a[:3]}...")
