@@ -1,6 +1,6 @@
 """Shared fixtures: the Python that runs vLLM, the tiny MoE model, and real vLLM servers.
 
-* ``vllm_python`` — a Python that can ``import vllm``: ``$WIDEP_VLLM_PYTHON``, else this
+* ``vllm_python`` — a Python that has vLLM installed: ``$WIDEP_VLLM_PYTHON``, else this
   interpreter. Without one the test is skipped, except under CI (``CI=true``), where vLLM is part of
   the environment and a missing vLLM fails the test instead of hiding it.
 * ``tiny_moe_dir`` — the tiny Qwen3-MoE built once per session (``widep.tinymoe``), in
@@ -32,18 +32,21 @@ def _missing(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def vllm_python() -> str:
-    """Path of a Python interpreter that can import vLLM."""
+    """Path of a Python interpreter that has vLLM installed.
+
+    Only the package is looked up here (cheap); a vLLM that is installed but does not import
+    then fails the tests that use it, loudly, rather than skipping them.
+    """
     explicit = os.environ.get("WIDEP_VLLM_PYTHON")
     python = explicit or sys.executable
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('vllm') is None)"
     try:
-        proc = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as err:
-        _missing(f"cannot run {python} to import vllm: {err}")
+        _missing(f"cannot run {python} to look for vllm: {err}")
     if proc.returncode != 0:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-        source = "WIDEP_VLLM_PYTHON" if explicit else "this interpreter (set WIDEP_VLLM_PYTHON)"
-        _missing(f"vllm does not import with {python} ({source}):\n{tail}")
+        source = "WIDEP_VLLM_PYTHON" if explicit else "this interpreter; set WIDEP_VLLM_PYTHON"
+        _missing(f"vllm is not installed for {python} ({source})")
     return python
 
 

@@ -79,6 +79,27 @@ def _healthy(port: int) -> bool:
         return False
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the processes of group ``pgid`` that are still running (zombies excluded; Linux).
+
+    Orphaned children that died are reparented to init and reaped by it a little later, so
+    ``os.killpg(pgid, 0)`` can still succeed for a while after everything has exited.
+    """
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
 def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     """SIGTERM the process group of ``proc``, then SIGKILL it after ``grace`` seconds."""
     try:
@@ -98,6 +119,10 @@ def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
             os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    if pgid is not None:
+        deadline = time.monotonic() + 10
+        while live_group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
