@@ -652,9 +652,13 @@ class CoreSchemas:
         return self._validators[key]
 
 
-@functools.lru_cache(maxsize=4)
 def core_schemas(version: str = K8S_VERSION) -> CoreSchemas:
-    """The (cached) core schemas of one Kubernetes minor version, e.g. ``"1.36"``."""
+    """The core schemas of one Kubernetes minor version, e.g. ``"1.36"``, built once per process."""
+    return _core_schemas_cached(version)
+
+
+@functools.lru_cache(maxsize=4)
+def _core_schemas_cached(version: str) -> CoreSchemas:
     return CoreSchemas(version)
 
 
@@ -1011,7 +1015,8 @@ def _lws_env_ref_problems(template: Any, path: tuple) -> Iterator[tuple]:
             if not isinstance(c, dict):
                 continue
             env = c.get("env") if isinstance(c.get("env"), list) else []
-            defined = {e.get("name") for e in env if isinstance(e, dict)} | set(LWS_ENV_VARS)
+            defined = {e.get("name") for e in env if isinstance(e, dict) and isinstance(e.get("name"), str)}
+            defined |= set(LWS_ENV_VARS)
             places: list[tuple[tuple, Any]] = []
             for field in ("command", "args"):
                 for j, arg in enumerate(c.get(field) if isinstance(c.get(field), list) else []):
@@ -1077,7 +1082,8 @@ def _workload_problems(doc: dict[str, Any], kind: str) -> Iterator[tuple]:
     if selector is None:
         yield ("spec", "selector"), "Required value: apps/v1 workloads must set spec.selector"
     elif isinstance(selector, dict) and isinstance(template, dict):
-        labels = (template.get("metadata") or {}).get("labels") or {}
+        labels = _get(template, "metadata", "labels")
+        labels = labels if isinstance(labels, dict) else {}
         match = selector.get("matchLabels") or {}
         if isinstance(match, dict) and isinstance(labels, dict):
             missing = {k: v for k, v in match.items() if labels.get(k) != v}
@@ -1087,20 +1093,35 @@ def _workload_problems(doc: dict[str, Any], kind: str) -> Iterator[tuple]:
                     f"{', '.join(f'{k}={v}' for k, v in missing.items())}; template has "
                     f"{', '.join(f'{k}={v}' for k, v in labels.items()) or 'no labels'})"
                 )
-    claims = [
-        (c.get("metadata") or {}).get("name")
-        for c in (spec.get("volumeClaimTemplates") or [])
-        if isinstance(c, dict) and isinstance(c.get("metadata"), dict)
-    ]
-    yield from _pod_template_problems(template, ("spec", "template"), owner=kind, claim_names=[c for c in claims if c])
+    claims = _claim_names(spec.get("volumeClaimTemplates"))
+    yield from _pod_template_problems(template, ("spec", "template"), owner=kind, claim_names=claims)
 
 
 # ----------------------------------------------------------------------------------------------
 # The LWS webhook and controller layers
 
 
+def _get(obj: Any, *keys: str) -> Any:
+    """``obj[k1][k2]...`` or None when a level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _claim_names(claims: Any) -> list[str]:
+    """Names of volumeClaimTemplates (StatefulSet/LWS), which pods may mount like volumes."""
+    names = [_get(c, "metadata", "name") for c in claims] if isinstance(claims, list) else []
+    return [n for n in names if isinstance(n, str) and n]
+
+
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """An int32 value as the webhook's Go types would hold it; None for anything else (the
+    schema layer reports those)."""
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value <= MAX_INT32:
+        return value
+    return None
 
 
 def _scaled(value: Any, total: int, round_up: bool) -> int | None:
@@ -1157,6 +1178,12 @@ def _int_or_percent_problems(value: Any, path: tuple) -> Iterator[tuple]:
 
 def _lws_webhook_problems(raw: dict[str, Any], lws: dict[str, Any]) -> Iterator[tuple]:
     """generalValidate() of the LWS validating webhook on the defaulted object ``lws``."""
+    if "spec" not in raw:
+        yield ("spec",), (
+            "Required value: a LeaderWorkerSet needs spec.leaderWorkerTemplate (the webhook "
+            "dereferences spec.leaderWorkerTemplate.size, which only exists with it)"
+        )
+        return
     spec = lws.get("spec")
     if not isinstance(spec, dict):
         return
@@ -1176,7 +1203,7 @@ def _lws_webhook_problems(raw: dict[str, Any], lws: dict[str, Any]) -> Iterator[
             f"{replicas * size}) must not exceed {MAX_INT32}"
         )
     if lwt.get("restartPolicy") == "None" and (
-        ((raw.get("spec") or {}).get("leaderWorkerTemplate") or {}).get("restartPolicy") == "Default"
+        _get(raw, "spec", "leaderWorkerTemplate", "restartPolicy") == "Default"
     ):
         yield ("spec", "leaderWorkerTemplate", "restartPolicy"), (
             "'Default' is deprecated; the LWS webhook rewrites it to 'None'. Write 'None' (or "
@@ -1208,7 +1235,7 @@ def _lws_webhook_problems(raw: dict[str, Any], lws: dict[str, Any]) -> Iterator[
 
     policy = lwt.get("subGroupPolicy")
     sgp = ("spec", "leaderWorkerTemplate", "subGroupPolicy", "subGroupSize")
-    annotations = (lws.get("metadata") or {}).get("annotations") if isinstance(lws.get("metadata"), dict) else None
+    annotations = _get(lws, "metadata", "annotations")
     annotations = annotations if isinstance(annotations, dict) else {}
     if isinstance(policy, dict):
         sgs = policy.get("subGroupSize")
@@ -1306,15 +1333,11 @@ def _validate_lws(sink: _Sink, doc: dict[str, Any], crd: CrdKind, core: CoreSche
     _webhook_defaults(obj)
     sink.extend("lws-webhook", list(_lws_webhook_problems(doc, obj)))
     sink.extend("lws-controller", list(_lws_controller_problems(obj)))
-    lwt = (obj.get("spec") or {}).get("leaderWorkerTemplate") if isinstance(obj.get("spec"), dict) else None
-    raw_lwt = ((doc.get("spec") or {}).get("leaderWorkerTemplate")) if isinstance(doc.get("spec"), dict) else None
+    lwt = _get(obj, "spec", "leaderWorkerTemplate")
+    raw_lwt = _get(doc, "spec", "leaderWorkerTemplate")
     if not isinstance(lwt, dict) or not isinstance(raw_lwt, dict):
         return obj
-    claims = [
-        (c.get("metadata") or {}).get("name")
-        for c in (lwt.get("volumeClaimTemplates") or [])
-        if isinstance(c, dict) and isinstance(c.get("metadata"), dict)
-    ]
+    claims = _claim_names(lwt.get("volumeClaimTemplates"))
     base = ("spec", "leaderWorkerTemplate")
     core_found: list[tuple] = []
     rules_found: list[tuple] = []
@@ -1328,7 +1351,7 @@ def _validate_lws(sink: _Sink, doc: dict[str, Any], crd: CrdKind, core: CoreSche
                 core_found.append((base + (key,) + path[1:], message))
         rules_found.extend(
             _pod_template_problems(
-                lwt.get(key), base + (key,), owner="StatefulSet (one per LWS group)", claim_names=[c for c in claims if c]
+                lwt.get(key), base + (key,), owner="StatefulSet (one per LWS group)", claim_names=claims
             )
         )
         rules_found.extend(_lws_env_ref_problems(template, base + (key,)))
@@ -1350,21 +1373,22 @@ def _validate_core(sink: _Sink, doc: dict[str, Any], kind: str, validator: Any) 
 def _service_lws_problems(service: dict[str, Any], lws_by_name: dict[str, dict[str, Any]]) -> Iterator[tuple]:
     """A Service that selects ``leaderworkerset.sigs.k8s.io/name: X`` must be able to match pods
     of LWS X (when X is in the same file)."""
-    selector = (service.get("spec") or {}).get("selector") if isinstance(service.get("spec"), dict) else None
+    selector = _get(service, "spec", "selector")
     if not isinstance(selector, dict) or LWS_PREFIX + "name" not in selector:
         return
     target = selector[LWS_PREFIX + "name"]
-    lws = lws_by_name.get(target)
+    lws = lws_by_name.get(target) if isinstance(target, str) else None
     if lws is None:
         return
-    lwt = ((lws.get("spec") or {}).get("leaderWorkerTemplate")) or {}
+    lwt = _get(lws, "spec", "leaderWorkerTemplate")
     wanted = {k: v for k, v in selector.items() if k not in LWS_POD_LABELS}
     matches = []
     for key in ("leaderTemplate", "workerTemplate"):
         template = lwt.get(key) if isinstance(lwt, dict) else None
         if not isinstance(template, dict):
             continue
-        labels = ((template.get("metadata") or {}).get("labels")) or {}
+        labels = _get(template, "metadata", "labels")
+        labels = labels if isinstance(labels, dict) else {}
         if all(labels.get(k) == v for k, v in wanted.items()):
             matches.append(key)
     if not matches:
@@ -1392,7 +1416,7 @@ def validate_documents(
         if doc is None:
             continue
         if not isinstance(doc, dict):
-            problems.append(Problem(pos, "", "", "", f"a manifest must be a mapping, given {_type_name(doc)} {_show(doc)}", "yaml"))
+            problems.append(Problem(pos, "", "", "", f"a manifest must be a mapping with apiVersion and kind, given {_type_name(doc)}", "yaml"))
             continue
         kind = doc.get("kind") if isinstance(doc.get("kind"), str) else ""
         meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
@@ -1439,7 +1463,8 @@ def validate_documents(
             sink.extend("not-checked", [((), f"not checked: no schema for {api_version} {kind} (a custom resource not defined by {Path(crds.source).name})", "note")])
         problems.extend(sink.problems)
     for pos, svc in services:
-        sink = _Sink(pos, "Service", ((svc.get("metadata") or {}).get("name")) or "")
+        name = _get(svc, "metadata", "name")
+        sink = _Sink(pos, "Service", name if isinstance(name, str) else "")
         sink.extend("cross-doc", list(_service_lws_problems(svc, lws_by_name)))
         problems.extend(sink.problems)
     problems.sort(key=lambda p: p.doc)
@@ -1460,18 +1485,24 @@ _K8sYamlLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _K8sYamlLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+# !!binary becomes []byte in Go and then a base64 string in JSON: keep the base64 text.
+_K8sYamlLoader.add_constructor(
+    "tag:yaml.org,2002:binary", lambda loader, node: "".join(loader.construct_scalar(node).split())
+)
 
 
 def _duplicate_keys(node: yaml.Node, path: tuple, out: list[tuple]) -> None:
     if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
+        seen: dict[str, str] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
             if isinstance(key_node, yaml.ScalarNode) and key != "<<":
+                mark = key_node.start_mark
+                at = f"line {mark.line + 1}, column {mark.column + 1}"
                 if key in seen:
-                    out.append((path + (key,), f"duplicate field {key!r} (line {key_node.start_mark.line + 1}; first at line {seen[key] + 1}); strict decoding rejects it"))
+                    out.append((path + (key,), f"duplicate field {key!r} at {at} (first at {seen[key]}); strict decoding rejects it"))
                 else:
-                    seen[key] = key_node.start_mark.line
+                    seen[key] = at
             _duplicate_keys(value_node, path + (key,), out)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
@@ -1515,6 +1546,8 @@ def validate_text(text: str, crd_path: str | os.PathLike[str] | None = None, *, 
     """Validate multi-document YAML text: (number of non-empty documents, problems)."""
     docs, problems = parse_manifests(text)
     found = validate_documents(docs, crd_path, k8s_version=k8s_version)
+    if not problems and all(d is None for d in docs):
+        found.append(Problem(1, "", "", "", "no documents: the input is empty or only comments", "yaml"))
     merged = sorted(problems + found, key=lambda p: p.doc)
     return sum(d is not None for d in docs), merged
 
