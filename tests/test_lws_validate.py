@@ -230,6 +230,22 @@ def test_core_schema_layer_checks_wrapped_templates():
     }
 
 
+def test_core_layer_agrees_with_kubernetes_validate():
+    """Layer (c) uses kubernetes-validate's bundled schemas through a cached validator that reports
+    every error; its own entry point (first error only) must agree on what is wrong."""
+    import kubernetes_validate
+
+    good = {"spec": {"containers": [{"name": "x", "image": "y", "ports": [{"containerPort": 80}]}]}}
+    kubernetes_validate.validate(v._wrap_pod_template(good), v.K8S_VERSION, strict=True)
+    assert v._schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v._wrap_pod_template(good)) == []
+    bad = copy.deepcopy(good)
+    bad["spec"]["containers"][0]["ports"][0]["containerPort"] = "80"
+    with pytest.raises(kubernetes_validate.ValidationError) as caught:
+        kubernetes_validate.validate(v._wrap_pod_template(bad), v.K8S_VERSION, strict=True)
+    ours = v._schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v._wrap_pod_template(bad))
+    assert [path for path, _ in ours] == [tuple(caught.value.path)]
+
+
 def test_schema_defaults_are_applied_before_validation(crd):
     crd_kind = v.load_crds(crd).lookup("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")
     doc = lws(**{"spec.rolloutStrategy": {"rollingUpdateConfiguration": {}}, "spec.replicas": None})

@@ -180,6 +180,13 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+def _given(value: Any) -> str:
+    """``string '8080'``, ``integer 8``, ``array``: the type and (for scalars) the value."""
+    if isinstance(value, (dict, list)):
+        return _type_name(value)
+    return f"{_type_name(value)} {_show(value)}"
+
+
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
@@ -323,7 +330,7 @@ def _describe(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, str]]:
     if kw == "type":
         types = [expected] if isinstance(expected, str) else list(expected)
         types = [t for t in types if t != "null"] or types
-        yield path, f"Invalid type: expected {' or '.join(types)}, given {_type_name(value)} {_show(value)}"
+        yield path, f"Invalid type: expected {' or '.join(types)}, given {_given(value)}"
         return
     if kw == "format":
         if expected in ("int32", "int64"):
@@ -359,7 +366,7 @@ def _describe(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, str]]:
                 if name != "null" and name not in types:
                     types.append(name)
         if types and all(s.validator == "type" for s in subs):
-            yield path, f"Invalid type: expected {' or '.join(types)}, given {_type_name(value)} {_show(value)}"
+            yield path, f"Invalid type: expected {' or '.join(types)}, given {_given(value)}"
             return
         best = jsonschema.exceptions.best_match(subs) if subs else None
         if best is not None:
@@ -1444,6 +1451,8 @@ def validate_documents(
                 sink.extend("crd-schema", [(("apiVersion",), f"Unsupported value {api_version!r} for {kind}. Valid: {', '.join(f'{group}/{v}' for v in defined[kind])}")])
             else:
                 sink.extend("crd-schema", [(("kind",), f"Unsupported value {kind!r}: the CRD defines no such kind in {group}. Valid: {', '.join(sorted(defined))}.{did_you_mean(kind, sorted(defined))}")])
+        elif api_version == "v1" and kind == "List":
+            sink.extend("not-checked", [((), "not checked: the items of a v1 List are not validated; write them as separate YAML documents", "note")])
         elif (validator := core.validator(api_version, kind)) is not None:
             _validate_core(sink, doc, kind, validator)
             if kind == "Service":
