@@ -73,3 +73,15 @@ def test_missing_key_named():
     with pytest.raises(UserError, match="vocab_size"):
         arch_from_config({"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
                           "num_local_experts": 4, "num_experts_per_tok": 2}, "x")
+
+
+def test_tiny_preset_matches_the_builder():
+    """The planner's tiny-moe preset describes exactly the model widep.tinymoe builds."""
+    import widep.tinymoe as tm
+
+    preset = json.loads((__import__("pathlib").Path(__file__).parents[1] / "widep/spec/presets/models/tiny-moe.json").read_text())
+    built = tm._arch_config(preset["_widep"]["builtin"])
+    for key, value in built.items():
+        if key in ("rms_norm_eps", "initializer_range"):
+            continue
+        assert preset[key] == value, key

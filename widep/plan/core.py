@@ -86,6 +86,8 @@ class RolePlan:
     memory: MemoryBudget
     rpc_port: int
     http_port: int
+    control_port: int
+    """widep's group-control port on each replica's leader node."""
     warnings: tuple[str, ...] = ()
 
     @property
@@ -129,6 +131,7 @@ class RolePlan:
             "gpu_memory_utilization": self.spec.gpu_memory_utilization,
             "http_port": self.http_port,
             "rpc_port": self.rpc_port,
+            "control_port": self.control_port,
             "ranks": [r.as_dict() for r in self.ranks],
             "memory": {
                 "total_gib": round(m.total_gib, 3),
@@ -476,9 +479,11 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         # ---- ports ----
         http_port = role.port or spec.serving.port
         rpc_port = role.rpc_port or spec.serving.rpc_port
+        control_port = spec.serving.control_port + ri
         ranks: list[Rank] = []
         for g, group in enumerate(groups):
             claim_port(group[0], rpc_port, f"{role.name} DP handshake (rpc_port)", f"{fp}.rpc_port")
+            claim_port(group[0], control_port, f"{role.name} widep group control", "serving.control_port")
             for gn, node in enumerate(group):
                 if mode == "multiport":
                     claim_port(node, spec.serving.supervisor_port, f"{role.name} DP supervisor", "serving.supervisor_port")
@@ -547,6 +552,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                 memory=mem,
                 rpc_port=rpc_port,
                 http_port=http_port,
+                control_port=control_port,
                 warnings=tuple(warnings),
             )
         )

@@ -23,7 +23,9 @@ def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -
     if p.arch.builtin:
         from widep import tinymoe
 
-        return str(tinymoe.ensure_tiny_moe(p.arch.builtin) if build else tinymoe.tiny_moe_path(p.arch.builtin))
+        if build:
+            return str(tinymoe.ensure_tiny_moe(p.arch.builtin))
+        return str(tinymoe.default_cache_dir() / tinymoe.model_dir_name(p.arch.builtin))
     return None
 
 

@@ -341,10 +341,11 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
         leader = _leader_addr(plan, ctx, rp, g)
         group = [r for r in rp.ranks if r.replica == g]
         dp_args = ["--data-parallel-address", leader, "--data-parallel-rpc-port", str(rp.rpc_port)]
-        if mode == "external":
+        if mode == "external" or rp.dp_size == 1:
             for r in group:
-                argv = _entry(plan, ctx, model) + ["--host", bind(r.node), "--port", str(r.port)] + common + [
-                    "--data-parallel-rank", str(r.dp_rank)] + dp_args
+                argv = _entry(plan, ctx, model) + ["--host", bind(r.node), "--port", str(r.port)] + common
+                if rp.dp_size > 1:  # one engine: vLLM refuses DP rank/LB flags when DP size is 1
+                    argv += ["--data-parallel-rank", str(r.dp_rank)] + dp_args
                 if plan.vllm.api_server_count_default_is_dp:
                     argv += ["--api-server-count", "1"]
                 out.append(

@@ -219,6 +219,9 @@ class ServingSpec(Strict):
     """First HTTP port on each node (rank r on a node serves port + local rank in external/multiport mode)."""
     rpc_port: int = Field(default=29550, ge=1, le=65535)
     """DP handshake port on each group leader (--data-parallel-rpc-port)."""
+    control_port: int = Field(default=29590, ge=1, le=65535)
+    """widep's own group-control port on each group leader (attempt number, failure reports);
+    role i uses control_port + i."""
     supervisor_port: int = Field(default=9256, ge=1, le=65535)
     """multiport mode: the DP supervisor's aggregated health port."""
     nixl_side_channel_port: int = Field(default=5600, ge=1, le=65535)

@@ -1,0 +1,1 @@
+"""Side effects live here: processes, sockets, health probes, the launcher and its backends."""

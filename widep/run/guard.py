@@ -1,0 +1,132 @@
+"""A rank's guardian: ``python -m widep.run.guard --grace S -- CMD ...``.
+
+The launcher starts each rank through this small process, as the leader of a new session and process
+group. It starts CMD in that group and makes sure nothing of the rank outlives it:
+
+- if the launcher dies, even by SIGKILL, the kernel sends the guard SIGTERM (PR_SET_PDEATHSIG);
+- on SIGTERM/SIGINT it sends SIGTERM to every process of its group (vLLM's API server and its engine
+  core / worker processes), waits up to ``--grace`` seconds, then SIGKILLs what is left;
+- when CMD exits by itself, the rest of the group (orphaned engine processes) is stopped the same way.
+
+Its exit status is CMD's: the code it exited with, or 128 + the signal that killed it.
+The signal handler only sets a flag.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+_stop = False
+
+
+def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+    global _stop
+    _stop = True
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the processes in process group ``pgid`` (from /proc), excluding this process."""
+    me = os.getpid()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            # fields after the ')' of comm: state ppid pgrp ...
+            rest = stat[stat.rindex(")") + 2 :].split()
+            if int(rest[2]) == pgid and rest[0] != "Z":
+                out.append(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def stop_group(pgid: int, grace: float) -> None:
+    """SIGTERM every member of the group, wait up to ``grace`` s, SIGKILL the rest."""
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap()
+        if not group_members(pgid):
+            return
+        time.sleep(0.1)
+    for pid in group_members(pgid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    end = time.monotonic() + 5
+    while group_members(pgid) and time.monotonic() < end:
+        _reap()
+        time.sleep(0.05)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def main(argv: list[str]) -> int:
+    grace = 30.0
+    if "--" not in argv:
+        print("usage: python -m widep.run.guard [--grace S] -- CMD ...", file=sys.stderr)
+        return 2
+    sep = argv.index("--")
+    opts, cmd = argv[:sep], argv[sep + 1 :]
+    if "--grace" in opts:
+        grace = float(opts[opts.index("--grace") + 1])
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        return 143
+    pgid = os.getpgid(0)
+    try:
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    except OSError as err:
+        print(f"widep guard: cannot start {cmd[0]!r}: {err}", file=sys.stderr)
+        return 127
+    code: int | None = None
+    while code is None:
+        if _stop:
+            stop_group(pgid, grace)
+            code = child.poll()
+            if code is None:
+                code = -signal.SIGKILL
+            break
+        try:
+            code = child.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            continue
+    stop_group(pgid, grace)
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
