@@ -129,7 +129,7 @@ def arrival_times(
         return t - t[0] if n else t  # the first request goes at 0
     assert duration_s is not None
     out: list[np.ndarray] = []
-    total = 0.0
+    total = 0
     last = 0.0
     while True:
         k = max(16, int(rate * duration_s * 1.2) - total)

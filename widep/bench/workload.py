@@ -312,7 +312,7 @@ class PromptBuilder:
         if self._tok is None:
             return " ".join(words[i] for i in idx), n_tokens
         pieces = [words[i] for i in idx]
-        text = "".join(pieces).lstrip(" ")
+        text = "".join(pieces)
         got = self.count(text)
         best = (abs(got - n_tokens), text, got)
         for _ in range(8):
@@ -323,7 +323,7 @@ class PromptBuilder:
             else:
                 more = rng.integers(0, len(words), size=n_tokens - got)
                 pieces = pieces + [words[i] for i in more]
-            text = "".join(pieces).lstrip(" ")
+            text = "".join(pieces)
             got = self.count(text)
             if abs(got - n_tokens) < best[0]:
                 best = (abs(got - n_tokens), text, got)
