@@ -582,13 +582,14 @@ def test_requirements_from_pd_topology() -> None:
     assert 600 * GiB < (prefill.model_bytes or 0) < 700 * GiB
     assert prefill.shm_bytes_min == 2 * GiB  # 1 GiB + 128 MiB x 8 local ranks
     http = {port for host, port in prefill.ports if host == "0.0.0.0"}
-    assert http == set(range(8000, 8008))
+    assert http == set(range(8000, 8008)) | {p.spec.serving.control_port}  # + widep's group control
     assert ("10.0.0.10", 29550) in prefill.ports  # the prefill group's DP handshake on its leader
     assert {port for host, port in prefill.ports if host == "10.0.0.10"} == set(range(5600, 5608)) | {29550}
 
     leader, follower = requirements_from_plan(p, 1), requirements_from_plan(p, 2)
     assert ("10.0.0.11", 29550) in leader.ports
-    assert not any(port == 29550 for _, port in follower.ports)
+    assert ("0.0.0.0", p.spec.serving.control_port + 1) in leader.ports  # decode is role 1
+    assert not any(port in (29550, p.spec.serving.control_port + 1) for _, port in follower.ports)
     assert {port for host, port in follower.ports if host == "10.0.0.12"} == set(range(5608, 5616))
 
     with pytest.raises(UserError, match=r"--node: Given: 3\. Valid for topology deepseek-r1-pd-3x8-h200: 0 \(h200-0\)"):
@@ -601,7 +602,9 @@ def test_requirements_from_cpu_and_single_node_topologies() -> None:
     assert dp2.ports == (("127.0.0.2", 8100),)  # host: node → the pretend node's own address
     assert dp2.model_path is None and not dp2.rdma and not dp2.needed_modules
     assert dp2.memory_bytes_min is not None and dp2.memory_bytes_min > GiB  # weights + 1 GiB KV
-    assert _req("tiny-moe-cpu-dp2", 0).ports == (("127.0.0.1", 8100), ("127.0.0.1", 29650))
+    leader = _req("tiny-moe-cpu-dp2", 0)
+    control = plan(load_topology(TOPOLOGIES / "tiny-moe-cpu-dp2.yaml")).roles[0].control_port
+    assert leader.ports == (("127.0.0.1", 8100), ("127.0.0.1", 29650), ("127.0.0.1", control))
 
     qwen = _req("qwen3-30b-a3b-1x2-h100", 0)
     assert (qwen.gpus_needed, qwen.gpu_kind, qwen.needed_modules, qwen.rdma) == (2, "H100", (), False)

@@ -45,8 +45,8 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
       between P/D groups and ``cluster.network.rdma`` is on.
     * Ports, on the address the renderer binds them to: each rank's HTTP port on ``serving.host``
       (the node's address for ``host: node``); the DP handshake (rpc) port on group leaders and
-      NIXL side-channel ports on the node's address (all addresses when the node has none); the
-      DP supervisor port on all addresses.
+      NIXL side-channel ports on the node's address (all addresses when the node has none); widep's
+      group-control port on group leaders; the DP supervisor port on all addresses.
     * The model's location and an estimate of its size on disk.
     """
     from widep.plan.memory import weight_bytes
@@ -59,6 +59,8 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
     any_host = "0.0.0.0"
     node_host = plan.nodes[node].address or any_host
     http_host = node_host if spec.serving.host == "node" else spec.serving.host
+    # widep's group-control endpoint (run/launcher.py) binds all addresses only with host 0.0.0.0.
+    control_host = any_host if spec.serving.host == "0.0.0.0" else node_host
     ranks = []
     ports: list[tuple[str, int]] = []
     modules: list[str] = []
@@ -89,6 +91,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
         for group in role.group_nodes:
             if group[0] == node:
                 ports.append((node_host, role.rpc_port))
+                ports.append((control_host, role.control_port))
             if spec.serving.dp_mode == "multiport" and node in group:
                 ports.append((any_host, spec.serving.supervisor_port))
     if not ranks:
