@@ -51,7 +51,9 @@ class Verdict:
     parallel: dict[str, Any]
     """ParallelConfig fields that must be identical on every DP rank of a MoE group."""
     refused_on_platform: str | None = None
-    """vLLM's message when ``create_engine_config`` refused a GPU-only feature on this platform."""
+    """vLLM's message when ``create_engine_config`` refused a GPU-only feature on this platform.
+    If the config still failed with that feature switched off, the second message is appended: it
+    is not counted against the argv, since it may be an artefact of switching the feature off."""
     parallel_hash: str | None = None
     """``ParallelConfig.compute_hash()`` of the resolved config (the value vLLM compares at the DP
     handshake), when ``create_engine_config`` ran."""
@@ -97,7 +99,9 @@ def judge(
     environment while argv ``i`` is judged. ``model_override`` replaces the model of every argv
     (``--model`` or the positional model) before the engine config is built, because
     ``create_engine_config`` reads the model's ``config.json``; point it at a local model such as
-    the tiny MoE. The child runs offline (``HF_HUB_OFFLINE=1``), so an unknown model fails fast.
+    the tiny MoE. With an override, ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` is set (a ``--max-model-len``
+    beyond the stand-in's context is not an error of the argv). The child runs offline
+    (``HF_HUB_OFFLINE=1``), so a model that is not on local disk fails fast.
     """
     argv_list = [[str(a) for a in argv] for argv in argvs]
     if envs is None:
@@ -117,6 +121,9 @@ def judge(
     child_env.setdefault("TRANSFORMERS_OFFLINE", "1")
     child_env.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     child_env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    if model_override is not None:
+        # The stand-in model's context length says nothing about the real model's.
+        child_env.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
     with tempfile.TemporaryDirectory(prefix="widep-judge-") as tmp:
         req_path = Path(tmp) / "request.json"
         out_path = Path(tmp) / "result.json"
@@ -211,10 +218,23 @@ PLATFORM_PATTERNS = [
     r"not (yet )?supported on (the )?(CPU|current platform|this platform)",
     r"requires (a )?(CUDA|GPU|NVIDIA)",
 ]
-# A platform refusal that names one of these is retried with the field switched off, so that the
-# remaining cross-field checks still run.
+def eplb_off(ea):
+    """Switch EPLB off, with what only EPLB allows (redundant experts)."""
+    if not getattr(ea, "enable_eplb", False):
+        return False
+    ea.enable_eplb = False
+    cfg = getattr(ea, "eplb_config", None)
+    if isinstance(cfg, dict):
+        ea.eplb_config = dict(cfg, num_redundant_experts=0)
+    elif cfg is not None and getattr(cfg, "num_redundant_experts", 0):
+        ea.eplb_config = dataclasses.replace(cfg, num_redundant_experts=0)
+    return True
+
+
+# A platform refusal that matches one of these is retried with the feature switched off, so that
+# the remaining cross-field checks still run: (pattern, name, switch-off function).
 PLATFORM_RETRIES = [
-    (r"load balancing|EPLB", "enable_eplb", False),
+    (r"load balancing|EPLB", "enable_eplb", eplb_off),
 ]
 
 
@@ -382,23 +402,30 @@ def judge_one(argv, model_override, FAP, make_arg_parser, validate, AsyncEngineA
     if "headless" in cec_params:
         kwargs["headless"] = bool(getattr(ns, "headless", False))
     stage = "engine_config"
+    switched_off = []
     for _ in range(len(PLATFORM_RETRIES) + 1):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 cfg = ea.create_engine_config(**kwargs)
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
-            if not any(re.search(p, msg, re.I) for p in PLATFORM_PATTERNS):
+            platform = any(re.search(p, msg, re.I) for p in PLATFORM_PATTERNS)
+            if switched_off:
+                # Not judged: after switching a feature off, an error may be an artefact of that.
+                out["refused_on_platform"] += (
+                    f" | with {', '.join(switched_off)} off, create_engine_config still failed "
+                    f"(not counted against the argv): {msg}")
+                return out
+            if not platform:
                 out.update(ok=False, error=msg)
                 return out
-            if out.get("refused_on_platform") is None:
-                out["refused_on_platform"] = msg
-            retry = next(((f, v) for p, f, v in PLATFORM_RETRIES
-                          if re.search(p, msg, re.I) and getattr(ea, f, v) != v), None)
-            if retry is None:
+            out["refused_on_platform"] = msg
+            retry = next(((name, fn) for p, name, fn in PLATFORM_RETRIES
+                          if re.search(p, msg, re.I) and name not in switched_off), None)
+            if retry is None or not retry[1](ea):
                 return out
-            setattr(ea, retry[0], retry[1])
-            stage = f"engine_config:without {retry[0]}"
+            switched_off.append(retry[0])
+            stage = f"engine_config:without {','.join(switched_off)}"
             continue
         checks.append(stage)
         pc = cfg.parallel_config
@@ -410,8 +437,8 @@ def judge_one(argv, model_override, FAP, make_arg_parser, validate, AsyncEngineA
         for f in fields:
             if f in parallel and hasattr(pc, f):
                 resolved = jsonable(getattr(pc, f))
-                if changed(parallel[f], resolved) and not (stage != "engine_config" and
-                                                           f == "enable_eplb"):
+                if changed(parallel[f], resolved) and not (switched_off and
+                                                           f in ("enable_eplb", "eplb_config")):
                     rewritten[f] = [parallel[f], resolved]
         out["rewritten"] = rewritten
         return out
