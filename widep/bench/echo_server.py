@@ -5,9 +5,10 @@ token (``choices[0].text``), a last chunk with empty ``choices`` and ``usage`` w
 ``stream_options.include_usage`` is set, then ``data: [DONE]``. It generates ``max_tokens`` tokens
 after ``--ttft-ms``, ``--itl-ms`` apart (0: as fast as it can write). It also serves
 ``/v1/models``, ``/health``, ``/version`` and ``/metrics`` (vLLM's gauge names: requests in flight
-as running), and ``/stamps``: per request, the server's own ``time.perf_counter()`` when the
-request arrived, when the first and the last token chunk were written, keyed by the prompt's first
-word, so a client on the same host (same CLOCK_MONOTONIC) can measure its own timing error.
+as running), and ``/stamps`` (GET; DELETE clears): per request, the server's own
+``time.perf_counter()`` when the request arrived and when its first and last token chunks were
+written, keyed by :func:`prompt_key` (which the first token chunk echoes as its text), so a client
+on the same host (same CLOCK_MONOTONIC) can measure its own timing error.
 
 It is no model: prompt tokens are counted as whitespace-separated words.
 
@@ -29,6 +30,13 @@ from aiohttp import web
 _perf = time.perf_counter
 
 
+def prompt_key(prompt: Any) -> str:
+    """The name the server gives a request: ``k`` + 16 hex digits of the prompt's SHA-1."""
+    import hashlib
+
+    return "k" + hashlib.sha1(json.dumps(prompt).encode()).hexdigest()[:16]
+
+
 class EchoServer:
     def __init__(self, model: str = "echo", ttft_ms: float = 0.0, itl_ms: float = 0.0, keep_stamps: bool = True) -> None:
         self.model = model
@@ -47,6 +55,7 @@ class EchoServer:
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/stamps", self.get_stamps)
+        app.router.add_delete("/stamps", self.clear_stamps)
         return app
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -75,13 +84,18 @@ class EchoServer:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
             await resp.prepare(request)
             created = int(time.time())
-            head = f'data: {{"id":"cmpl-{self.served}","object":"text_completion","created":{created},"model":"{model}","choices":[{{"index":0,"text":" tok","logprobs":null,"finish_reason":'
+            key = prompt_key(prompt)
+            pre = f'data: {{"id":"cmpl-{self.served}","object":"text_completion","created":{created},"model":"{model}","choices":[{{"index":0,"text":'
+            head = pre + '" tok","logprobs":null,"finish_reason":'
             mid = (head + 'null,"stop_reason":null}]}\n\n').encode()
             last = (head + '"length","stop_reason":null}]}\n\n').encode()
+            # the first token echoes the prompt's key, so a client's saved text names the request
+            first = (pre + json.dumps(" " + key) + ',"logprobs":null,"finish_reason":'
+                     + ('null' if n > 1 else '"length"') + ',"stop_reason":null}]}\n\n').encode()
             if self.ttft_s:
                 await asyncio.sleep(self.ttft_s)
             t_first = _perf()
-            await resp.write(mid if n > 1 else last)
+            await resp.write(first)
             for i in range(1, n):
                 if self.itl_s:
                     await asyncio.sleep(self.itl_s)
@@ -95,7 +109,6 @@ class EchoServer:
             await resp.write_eof()
             self.served += 1
             if self.keep_stamps:
-                key = str(prompt).split(" ", 1)[0] if isinstance(prompt, str) else str(self.served)
                 self.stamps[key] = [t_recv, t_first, t_last]
             return resp
         finally:
@@ -125,6 +138,10 @@ class EchoServer:
 
     async def get_stamps(self, request: web.Request) -> web.Response:
         return web.json_response(self.stamps)
+
+    async def clear_stamps(self, request: web.Request) -> web.Response:
+        self.stamps.clear()
+        return web.Response(status=204)
 
 
 def main(argv: list[str] | None = None) -> None:
