@@ -62,7 +62,7 @@ class GroupRunner:
         self.is_leader = self.leader_node == opts.node
         self.leader_host = _node_host(plan, ctx, self.leader_node)
         self.label = f"{rp.name}" + (f"#{replica}" if rp.spec.replicas > 1 else "")
-        self.tag = escape(f"{self.tag}")
+        self.tag = escape(f"[{self.label}]")
         self.status = GroupStatus()
         self.procs: list[RankProcess] = []
         self.attempt_started = 0.0
@@ -304,6 +304,8 @@ class Launcher:
         ``on_ready`` returned (its return value)."""
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.opts.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console.print(f"run {self.run_id}: node {self.opts.node} ({self.plan.nodes[self.opts.node].name}), "
+                           f"groups {', '.join(r.label for r in self.runners)}, logs under {self.opts.run_dir}")
         code = 0
         try:
             for r in self.runners:

@@ -1,0 +1,133 @@
+"""Helpers for launcher tests: real `widep launch` processes, their output, and leftover-process checks."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).parents[1]
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def topology_copy(name: str, tmp: Path, **serving: int) -> Path:
+    """A curated topology with fresh ports (tests must not collide with anything on the machine)."""
+    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
+    port, rpc, control = free_ports(3)
+    doc["serving"].update({"port": port, "rpc_port": rpc, "control_port": control} | serving)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+class LaunchProc:
+    """A `widep launch` subprocess whose output is read line by line in a thread."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self.q: queue.Queue[str] = queue.Queue()
+        e = dict(os.environ)
+        e.update(env or {})
+        e["COLUMNS"] = "200"
+        self.proc = subprocess.Popen([sys.executable, "-m", "widep", "launch", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=e, start_new_session=True)
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self.q.put(line)
+
+    def wait_for(self, pattern: str, timeout: float, count: int = 1) -> str:
+        """Block until ``pattern`` has appeared ``count`` times in the output; return the last match line."""
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            hits = [line for line in self.lines if rx.search(line)]
+            if len(hits) >= count:
+                return hits[count - 1]
+            if self.proc.poll() is not None and self.q.empty():
+                time.sleep(0.2)
+                hits = [line for line in self.lines if rx.search(line)]
+                if len(hits) >= count:
+                    return hits[count - 1]
+                raise AssertionError(f"launcher exited ({self.proc.returncode}) before {pattern!r}:\n" + self.output())
+            time.sleep(0.2)
+        raise AssertionError(f"no {pattern!r} after {timeout} s:\n" + self.output())
+
+    def output(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def run_id(self) -> str:
+        line = self.wait_for(r"run [0-9a-f]{12}", 5)
+        return re.search(r"run ([0-9a-f]{12})", line).group(1)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait()
+
+
+def processes_of_run(run_id: str) -> list[int]:
+    """PIDs of live processes whose environment carries WIDEP_RUN_ID=run_id (started by that launcher)."""
+    needle = f"WIDEP_RUN_ID={run_id}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open(f"/proc/{name}/stat", "rb") as s:
+                        if s.read().split(b") ")[-1][:1] != b"Z":
+                            out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def wait_gone(run_id: str, timeout: float = 60) -> list[int]:
+    end = time.monotonic() + timeout
+    left = processes_of_run(run_id)
+    while left and time.monotonic() < end:
+        time.sleep(0.5)
+        left = processes_of_run(run_id)
+    return left
+
+
+def api_server_pids(run_id: str) -> list[int]:
+    out = []
+    for pid in processes_of_run(run_id):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in cmd and b"widep.run.guard" not in cmd:
+            out.append(pid)
+    return out
