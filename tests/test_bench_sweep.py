@@ -124,6 +124,14 @@ def test_sweep_writes_valid_reports_jsonl_csv_and_plots(echo, tmp_path):
         assert summ["goodput"]["requests"] == lv.num_requests
         assert (out / f"level-{lv.id}.metrics.jsonl").stat().st_size > 0
 
+    # every request had a prompt of its own, warm-up included (no prefix-cache hits between them)
+    import urllib.request
+
+    keys = set()
+    for e in (a, b):
+        keys |= set(json.loads(urllib.request.urlopen(e.url + "/stamps").read()))
+    assert len(keys) == 2 + 12 + 24 + 30
+
     open_loop = read_records(out / "level-r40.requests.jsonl")
     assert all(r.scheduled_s is not None for r in open_loop)
     lag = json.loads((out / "level-r40.summary.json").read_text())["summary"]["send_lag_ms"]

@@ -222,12 +222,13 @@ class _Sweep:
                 self.note(self._builder.note)
         return self._builder
 
-    def _pool(self, level: Level) -> PromptPool:
+    def _pool(self, level: Level, seed_name: str | None = None) -> PromptPool:
         expected = _expected_requests(level)
         if expected is None:  # closed loop for a duration: enough for a few rounds per worker
             expected = max(int(level.value) * 8, 64)
         n = max(1, min(expected, self.cfg.pool_max))
-        return PromptPool(build_prompts(self.cfg.workload, n, level_seed=_level_seed(level), builder=self.builder))
+        seed = zlib.crc32(seed_name.encode()) if seed_name else _level_seed(level)
+        return PromptPool(build_prompts(self.cfg.workload, n, level_seed=seed, builder=self.builder))
 
     async def run(self, meta: dict[str, Any]) -> list[LevelOutcome]:
         outcomes = []
@@ -259,7 +260,8 @@ class _Sweep:
         if self._warmed or self.cfg.warmup_requests <= 0:
             return
         self._warmed = True
-        pool = self._pool(Level("concurrency", 1, num_requests=min(self.cfg.warmup_requests, 64)))
+        # prompts of its own, so that no level finds its prompts in the prefix cache
+        pool = self._pool(Level("concurrency", 1, num_requests=min(self.cfg.warmup_requests, 64)), "warm-up")
         recs = await gen.warmup(pool, self.cfg.warmup_requests)
         bad = [r for r in recs if not r.ok]
         if recs and len(bad) == len(recs):
