@@ -47,78 +47,22 @@ def resolve_node(plan: DeploymentPlan, node: int | None) -> int:
     raise UserError(f"this machine matches several nodes of {plan.name} ({[plan.nodes[i].name for i in matches]}). Give --node N.")
 
 
-def port_free(host: str, port: int) -> str | None:
-    """None if ``port`` can be bound on ``host``, else the reason."""
-    bind_host = "" if host in ("0.0.0.0", "") else host
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((bind_host, port))
-        except OSError as err:
-            return err.strerror or str(err)
-    return None
+def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | None) -> None:
+    """The doctor's checks for this node (GPUs, ports, vLLM, modules, RDMA, memlock, /dev/shm, disk);
+    any failing one refuses the launch, listing each failure with what to do."""
+    from dataclasses import replace
 
+    from widep.doctor import preflight as doctor_preflight
+    from widep.doctor import requirements_from_plan, summarize
 
-def required_ports(plan: DeploymentPlan, cmds: list[RankCommand], node: int) -> list[tuple[str, int, str]]:
-    """(bind host, port, what) that must be free on this node before its ranks start."""
-    out: list[tuple[str, int, str]] = []
-    for c in cmds:
-        host = _bind_host(c)
-        if c.port is not None:
-            out.append((host, c.port, f"{c.name} HTTP"))
-        if c.health_port and c.health_port != c.port:
-            out.append((host, c.health_port, f"{c.name} supervisor"))
-    for rp in plan.roles:
-        for g, group in enumerate(rp.group_nodes):
-            if group[0] == node:
-                host = _bind_host(cmds[0]) if cmds else "0.0.0.0"
-                out.append((host, rp.rpc_port, f"{rp.name} DP handshake (rpc_port)"))
-                out.append((host, rp.control_port, f"{rp.name} widep group control"))
-    return out
-
-
-def _bind_host(c: RankCommand) -> str:
-    a = list(c.argv)
-    return a[a.index("--host") + 1] if "--host" in a else "0.0.0.0"
-
-
-def check_ports(plan: DeploymentPlan, cmds: list[RankCommand], node: int) -> None:
-    problems = []
-    for host, port, what in required_ports(plan, cmds, node):
-        why = port_free(host, port)
-        if why:
-            problems.append(f"port {port} on {host} ({what}) is not free: {why}")
-    if problems:
-        raise UserError("refusing to start, nothing was started:\n  " + "\n  ".join(problems)
-                        + "\n  Stop what holds the port(s), or change serving.port / roles[].port / rpc_port in the topology.")
-
-
-def visible_gpus() -> int | None:
-    """Number of NVIDIA GPUs nvidia-smi lists, or None when nvidia-smi is absent."""
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def check_devices(plan: DeploymentPlan, cmds: list[RankCommand]) -> None:
-    if plan.device == "cpu":
-        need = sum(len(c.dp_ranks) for c in cmds)
-        have = os.cpu_count() or 1
-        if need > have:
-            raise UserError(f"this node needs {need} CPU slot(s) for its ranks but has {have} core(s). Nothing was started.")
-        return
-    need = 1 + max((int(g) for c in cmds for k, v in c.env if k == "CUDA_VISIBLE_DEVICES" for g in str(v).split(",")), default=-1)
-    have = visible_gpus()
-    if have is None:
-        raise UserError(f"nvidia-smi not found: this node shows no NVIDIA GPUs, and its ranks need GPUs 0..{need - 1}. "
-                        "Nothing was started. (Run `widep doctor` for a full preflight.)")
-    if have < need:
-        raise UserError(f"this node's ranks need GPUs 0..{need - 1} but nvidia-smi lists {have}. Nothing was started.")
+    req = requirements_from_plan(plan, node)
+    if os.path.isdir(model):
+        req = replace(req, model_path=model, model_bytes=None)
+    results, _ = doctor_preflight(req, python=python)
+    if summarize(results):
+        bad = [r for r in results if r.status == "fail"]
+        lines = [f"{r.name}: {r.detail}" + (f" -> {r.fix}" if r.fix else "") for r in bad]
+        raise UserError("refusing to start, nothing was started (preflight, see `widep doctor`):\n  " + "\n  ".join(lines))
 
 
 def check_entry_point(cmds: list[RankCommand]) -> None:
@@ -151,7 +95,8 @@ def check_model(model: str) -> None:
 
 
 def preflight(plan: DeploymentPlan, cmds: list[RankCommand], node: int, model: str) -> None:
+    """Model present, entry point runnable, then the doctor's node checks; UserError on the first failing kind."""
     check_model(model)
-    check_devices(plan, cmds)
     check_entry_point(cmds)
-    check_ports(plan, cmds, node)
+    py = cmds[0].argv[0] if cmds and cmds[0].argv[0] != "vllm" else None
+    doctor_checks(plan, node, model, shutil.which(py) if py else None)
