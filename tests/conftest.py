@@ -75,3 +75,14 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 def tiny_moe_dir(tiny_moe: Callable[[str], Path]) -> Path:
     """Directory of the tiny Qwen3-MoE (the default architecture)."""
     return tiny_moe("qwen3_moe")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="Rewrite golden files (tests/golden/) from the current output instead of comparing.")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """True only when pytest runs with --update-golden (the one explicit way to regenerate golden files)."""
+    return bool(request.config.getoption("--update-golden"))

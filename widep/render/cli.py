@@ -120,27 +120,42 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     return 0
 
 
-def judge_commands(p: DeploymentPlan, cmds: list[RankCommand], python: str | None) -> int:
-    """Feed every argv to vLLM's own parser; print one verdict per process; 1 if any is refused."""
+def judge_commands(p: DeploymentPlan, cmds: list[RankCommand], python: str | None, model_override: str | None = None) -> int:
+    """Feed every argv to vLLM's own parser; print one verdict per process; 1 if any is refused.
+
+    vLLM's config creation reads the model's config.json, so a model that is not on this machine
+    (DeepSeek-R1 on a laptop) is replaced by a local stand-in of the same attention family: the
+    tiny MoE with MLA for DeepSeek-style models, the tiny Qwen3-MoE otherwise.
+    """
     import sys
+    from pathlib import Path
 
-    from widep.render.judge import judge_argvs
+    from widep.render.judge import judge, parallel_mismatches
 
+    if model_override is None:
+        first = strip_entry(cmds[0].argv)[1] if cmds else ""
+        if not (Path(first) / "config.json").is_file():
+            from widep import tinymoe
+
+            model_override = str(tinymoe.ensure_tiny_moe("deepseek_v3" if p.arch.mla else "qwen3_moe"))
+            click.echo(f"(judging with the local stand-in model {model_override}: {first} is not on this machine)")
     argvs = [strip_entry(c.argv) for c in cmds]
     envs = [{k: (v if isinstance(v, str) else "x") for k, v in c.env} for c in cmds]
-    verdicts = judge_argvs(argvs, python=python or sys.executable, envs=envs)
+    j = judge(argvs, python or sys.executable, envs=envs, model_override=model_override)
     bad = 0
-    for c, v in zip(cmds, verdicts):
-        status = "ok" if v.ok else "REFUSED"
+    click.echo(f"judged by vLLM {j.vllm_version} on {j.platform}:")
+    for c, v in zip(cmds, j.verdicts):
         bad += not v.ok
-        click.echo(f"{c.name}: {status}" + (f": {v.error}" if v.error else "") + (f" (checks: {', '.join(v.checks_ran)})" if v.checks_ran else ""))
+        note = f" (refused on this platform only: {v.refused_on_platform})" if v.refused_on_platform else ""
+        click.echo(f"  {c.name}: {'ok' if v.ok else 'REFUSED: ' + str(v.error)}; checks: {', '.join(v.checks_ran)}{note}")
     groups: dict[tuple[str, int], list] = {}
-    for c, v in zip(cmds, verdicts):
-        groups.setdefault((c.role, c.replica), []).append(v.parallel)
-    for (r, g), pars in groups.items():
-        if any(x != pars[0] for x in pars):
+    for c, v in zip(cmds, j.verdicts):
+        groups.setdefault((c.role, c.replica), []).append(v)
+    for (r, g), vs in groups.items():
+        mism = parallel_mismatches(vs)
+        if mism:
             bad += 1
-            click.echo(f"{r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake)")
+            click.echo(f"  {r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake): {mism}")
     return 1 if bad else 0
 
 
