@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-smoke", action="store_true")
     args = p.parse_args(argv)
     if args.cpu_smoke:
-        args.size_gib, args.pool_gib, args.shapes, args.samples, args.target_us = 1 / 64, 1 / 64, "2x64,3x96", 3, 100.0
+        args.size_gib, args.pool_gib, args.shapes, args.samples, args.target_us = 1 / 64, 1 / 64, "3x64", 3, 100.0
         args.block_sizes, args.tables = "16,1", 2
     device = torch.device("cpu") if args.cpu_smoke or not torch.cuda.is_available() else torch.device(args.device)
     if device.type == "cuda":

@@ -43,7 +43,9 @@ index with their ``tokens`` / ``tokens_per_expert`` list):
                              "gemm": "grouped", "dispatch": "fp8", "check_ok": true}}},
   "model_check": [{"ep": 4, "tokens": 128, "measured_us": .., "predicted_us": .., "error_pct": ..,
                    "terms_us": {"layout": .., "dispatch": .., "experts": .., "combine": ..},
-                   "measured_terms_us": {...}}]
+                   "measured_terms_us": {...}, "overhead_fit_on_ep": [2],
+                   "predicted_with_overhead_us": .., "error_with_overhead_pct": ..}],
+  "moe_layer_overhead_fit": {"2": {"a_us": .., "b_us_per_token": .., "points": 6}, "4": {...}}
 }
 
 In files made by a ``--cpu-smoke`` run (tests) the a2a backend key is "gloo" instead of "nccl".
@@ -58,7 +60,12 @@ E experts, L = E/ep local experts:
              time of E_ref experts (E_ref the measured expert count nearest L) interpolated log-log in m
   predicted = layout + dispatch + experts + combine.
 Routing, quantization, regrouping and the final weighted sum are not modelled: the gap between
-predicted_us and measured_us is what they (and any overlap or launch gaps) cost.
+predicted_us and measured_us is what they (and rank skew, host syncs and launch gaps) cost.
+
+That gap is then modelled as a framework overhead a + b*T (least squares per EP size, stored as
+``moe_layer_overhead_fit``). Each model_check row with layer data at another EP size also gets
+``predicted_with_overhead_us`` / ``error_with_overhead_pct``: the overhead fitted on the *other* EP sizes
+only (leave-one-EP-out), so the row is a prediction and not a fit of itself.
 """
 
 from __future__ import annotations
@@ -73,7 +80,7 @@ from pathlib import Path
 FORMAT = "widep-calibration/1"
 FILE_RE = re.compile(r"^(a2a|gemm|hbm|moe-layer)-([a-z0-9-]+?)x(\d+)\.json$")
 BF16_PREFERENCE = ["bf16_grouped_mm", "bf16_bmm"]
-FP8_PREFERENCE = ["fp8_block_loop", "fp8_grouped_rowwise", "fp8_rowwise_loop"]
+FP8_PREFERENCE = ["fp8_grouped_rowwise", "fp8_block_loop", "fp8_rowwise_loop"]
 
 
 class CalibrationError(Exception):
@@ -317,6 +324,38 @@ def predict_layer_us(cal: dict, ep: int, tokens: int, *, experts: int = 256, top
     }
 
 
+def fit_overhead(rows: list[dict]) -> dict | None:
+    """Least-squares overhead(T) = a + b*T of (measured - predicted) over ``rows``; None if under 2 points."""
+    pts = [(r["tokens"], r["measured_us"] - r["predicted_us"]) for r in rows]
+    if len(pts) < 2:
+        return None
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    b = 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in pts) / sxx
+    return {"a_us": my - b * mx, "b_us_per_token": b, "points": n}
+
+
+def add_overhead(rows: list[dict]) -> dict:
+    """Fit the layer's unmodelled cost per EP size; predict each EP size from the fit on the others."""
+    fits = {}
+    for ep in sorted({r["ep"] for r in rows}):
+        f = fit_overhead([r for r in rows if r["ep"] == ep])
+        if f:
+            fits[str(ep)] = f
+    for r in rows:
+        others = [r2 for r2 in rows if r2["ep"] != r["ep"]]
+        f = fit_overhead(others)
+        if f is None:
+            continue
+        over = f["a_us"] + f["b_us_per_token"] * r["tokens"]
+        r["overhead_fit_on_ep"] = sorted({r2["ep"] for r2 in others})
+        r["predicted_with_overhead_us"] = r["predicted_us"] + over
+        r["error_with_overhead_pct"] = 100.0 * (r["predicted_with_overhead_us"] - r["measured_us"]) / r["measured_us"]
+    return fits
+
+
 def model_check(cal: dict) -> list[dict]:
     out = []
     backend = a2a_backend(cal)
@@ -393,6 +432,8 @@ def build_calibration(results: Path, card: str, gpus: int | None = None) -> dict
         cal["sources"]["moe_layer"] = [d["_source"] for d in moe_docs]
         cal["moe_layer"] = moe_section(moe_docs)
     cal["model_check"] = model_check(cal)
+    if cal["model_check"]:
+        cal["moe_layer_overhead_fit"] = add_overhead(cal["model_check"])
     return cal
 
 
@@ -421,8 +462,12 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(cal, indent=1) + "\n")
         print(f"wrote {out}")
         for row in cal["model_check"]:
+            extra = ""
+            if "predicted_with_overhead_us" in row:
+                extra = (f"; with overhead fitted on EP{row['overhead_fit_on_ep']}: "
+                         f"{row['predicted_with_overhead_us']:.0f} us ({row['error_with_overhead_pct']:+.0f}%)")
             print(f"  EP{row['ep']} T={row['tokens']}: measured {row['measured_us']:.0f} us, "
-                  f"predicted {row['predicted_us']:.0f} us ({row['error_pct']:+.0f}%)")
+                  f"predicted {row['predicted_us']:.0f} us ({row['error_pct']:+.0f}%){extra}")
     return 0
 
 
