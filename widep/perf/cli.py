@@ -1,0 +1,302 @@
+"""``widep sweep``: enumerate topologies for a GPU budget (or take topology files), predict, Pareto frontier.
+
+    widep sweep --model deepseek-r1 --gpu H200 --gpus 16..64 --isl 2000 --osl 2000 --out sweeps/r1
+    widep sweep --topologies 'topologies/deepseek-r1-*.yaml' --concurrency 1..512 --predict
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from widep.errors import UserError
+
+
+def parse_int_set(text: str, what: str) -> list[int]:
+    """'16..64' (every integer), '16,32,64' or '32'."""
+    t = text.strip()
+    try:
+        if ".." in t:
+            lo_s, hi_s = t.split("..", 1)
+            lo, hi = int(lo_s), int(hi_s)
+            if lo < 1 or hi < lo:
+                raise ValueError
+            return list(range(lo, hi + 1))
+        vals = [int(x) for x in t.split(",") if x.strip()]
+        if not vals or min(vals) < 1:
+            raise ValueError
+        return sorted(set(vals))
+    except ValueError:
+        raise UserError(f"{what}: {text!r} is not a count list. Valid: A..B (e.g. 16..64), a comma list (16,32,64) or one number >= 1.") from None
+
+
+def parse_levels(text: str) -> list[float]:
+    """'1..512' (1, 2, 4, ... 512: doubling from the low end, the high end included), '1,8,64' or '64'."""
+    t = text.strip()
+    try:
+        if ".." in t:
+            lo_s, hi_s = t.split("..", 1)
+            lo, hi = float(lo_s), float(hi_s)
+            if lo < 1 or hi < lo:
+                raise ValueError
+            out, x = [], lo
+            while x <= hi:
+                out.append(x)
+                x *= 2
+            if out[-1] != hi:
+                out.append(hi)
+            return out
+        vals = [float(x) for x in t.split(",") if x.strip()]
+        if not vals or min(vals) < 1:
+            raise ValueError
+        return sorted(set(vals))
+    except ValueError:
+        raise UserError(f"--concurrency: {text!r} is not valid. Valid: A..B (1..512: powers of two), a comma list (1,8,64) or one number >= 1.") from None
+
+
+def _csv(text: str | None, what: str, cast: Any = str, valid: list[str] | None = None) -> tuple[Any, ...] | None:
+    if text is None:
+        return None
+    vals = [x.strip() for x in text.split(",") if x.strip()]
+    if valid is not None:
+        bad = [v for v in vals if v not in valid]
+        if bad:
+            raise UserError(f"{what}: {', '.join(bad)} not valid. Given: {text!r}. Valid: {', '.join(valid)}.")
+    try:
+        return tuple(cast(v) for v in vals)
+    except ValueError:
+        raise UserError(f"{what}: {text!r} must be a comma list of {cast.__name__}s.") from None
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pat in patterns:
+        hits = sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else [pat]
+        if not hits:
+            raise UserError(f"--topologies: no file matches {pat!r}. Valid: topology YAML files or a glob such as 'topologies/*.yaml'.")
+        for h in hits:
+            if not Path(h).is_file():
+                raise UserError(f"--topologies: {h!r} is not a file. Valid: topology YAML files.")
+        files += [h for h in hits if h not in files]
+    return files
+
+
+def _fmt(x: Any, nd: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:,.{nd}f}"
+    return str(x)
+
+
+@click.command("sweep")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--topologies", "topologies", default=None, help="Topology files to predict: a file or a quoted glob; more files may follow as arguments.")
+@click.option("--model", default=None, help="Enumerate topologies of this model preset (e.g. deepseek-r1).")
+@click.option("--gpu", default="H200", show_default=True, help="GPU kind of the budget.")
+@click.option("--gpus", "gpus_text", default=None, help="GPU counts of the budget: 16..64, 16,32,64 or 32 (whole nodes are used).")
+@click.option("--gpus-per-node", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--isl", default=2000, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
+@click.option("--osl", default=2000, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
+@click.option("--prefix-hit", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.99), help="Fraction of prompt tokens served from the prefix cache.")
+@click.option("--spec-tokens", default=None, type=click.IntRange(min=0), help="Speculative (MTP) draft tokens per step. Default: 0, or what each topology sets.")
+@click.option("--concurrency", "conc_text", default=None, help="Concurrency levels: 1..512 (powers of two), 1,8,64. Default: powers of two up to each sweep's capacity.")
+@click.option("--predict", is_flag=True, help="Score with the analytic model (the default executor).")
+@click.option("--calibration", default="published", show_default=True, help="'published', 'auto:<GPU>' (newest profiling/results file) or a calibration file.")
+@click.option("--modes", default="mixed,pd", show_default=True, help="Deployment shapes to enumerate: mixed, pd.")
+@click.option("--tp", "tp_text", default=None, help="TP sizes to enumerate (default 1,2,4,8; P/D decode 1,2).")
+@click.option("--backends", default=None, help="all2all backends for mixed roles (default deepep_low_latency,deepep_high_throughput,allgather_reducescatter).")
+@click.option("--max-num-seqs", "mns_text", default=None, help="max_num_seqs values for mixed roles (default 64,128,256,512).")
+@click.option("--max-redundant", default=64, show_default=True, type=click.IntRange(min=0), help="Most redundant experts tried per role.")
+@click.option("--vllm-version", default=None, help="vLLM version the candidates are for (default widep's).")
+@click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp8"]))
+@click.option("--min-tps-user", type=float, default=None, help="SLO: rank candidates by tokens/s/GPU at >= this tokens/s/user.")
+@click.option("--max-ttft-ms", type=float, default=None, help="SLO: and TTFT <= this many ms.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one directory per candidate, summary.csv/json and plots here.")
+@click.option("--no-resume", is_flag=True, help="Recompute points already stored in --out.")
+@click.option("--measured", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="widep bench --out directories to overlay on the Pareto plot.")
+@click.option("--top", default=15, show_default=True, type=click.IntRange(min=0), help="Rows per table (0: all).")
+@click.option("--show-infeasible", is_flag=True, help="List infeasible candidates with the planner's reason.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None, gpu: str, gpus_text: str | None, gpus_per_node: int,
+              isl: int, osl: int, prefix_hit: float, spec_tokens: int | None, conc_text: str | None, predict: bool, calibration: str,
+              modes: str, tp_text: str | None, backends: str | None, mns_text: str | None, max_redundant: int, vllm_version: str | None,
+              kv_cache_dtype: str, min_tps_user: float | None, max_ttft_ms: float | None, out: Path | None, no_resume: bool,
+              measured: tuple[Path, ...], top: int, show_infeasible: bool, as_json: bool) -> None:
+    """Enumerate the topologies of a GPU budget (--model/--gpu/--gpus), or take topology files, and predict
+    tokens/s/GPU, tokens/s/user, TTFT and TPOT at each concurrency; print the Pareto frontier."""
+    from widep.perf.calibration import load_calibration
+    from widep.perf.enumerate import Budget, Grid, enumerate_candidates
+    from widep.perf.model import Workload
+    from widep.perf.sweep import PredictExecutor, frontier, items_from_candidates, items_from_topologies, plot_sweep, run_sweep
+    from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
+
+    del predict  # the analytic model is the only executor of this command so far
+    paths = ([topologies] if topologies else []) + list(files)
+    cal = load_calibration(calibration)
+    levels = parse_levels(conc_text) if conc_text else None
+    t0 = time.perf_counter()
+    meta: dict[str, Any] = {"calibration": cal.summary()}
+    if paths:
+        if model or gpus_text:
+            raise UserError("give either topology files (--topologies) or a budget (--model, --gpus), not both. "
+                            f"Given: files {paths} and --model {model!r} --gpus {gpus_text!r}.")
+        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=spec_tokens)
+        items = items_from_topologies(_expand(paths))
+        meta["topologies"] = [it.source for it in items]
+        title = f"{len(items)} topology file(s)"
+    else:
+        if not model or not gpus_text:
+            raise UserError("widep sweep needs a budget (--model and --gpus, e.g. --model deepseek-r1 --gpu H200 --gpus 16..64) "
+                            "or topology files (--topologies 'topologies/*.yaml').")
+        mode_list = _csv(modes, "--modes", str, ["mixed", "pd"]) or ()
+        grid_changes: dict[str, Any] = {"modes": mode_list, "max_redundant": max_redundant}
+        tps = _csv(tp_text, "--tp", int)
+        if tps:
+            grid_changes["tp"] = tps
+            grid_changes["pd_decode_tp"] = tps
+        bks = _csv(backends, "--backends", str, list(ALL2ALL_ALL))
+        if bks:
+            grid_changes["backends"] = bks
+        mns = _csv(mns_text, "--max-num-seqs", int)
+        if mns:
+            grid_changes["max_num_seqs"] = mns
+        budget = Budget(model=model, gpu=gpu, gpus=tuple(parse_int_set(gpus_text, "--gpus")), gpus_per_node=gpus_per_node, isl=isl, osl=osl,
+                        vllm_version=vllm_version or DEFAULT_VLLM_VERSION, kv_cache_dtype=kv_cache_dtype, spec_tokens=spec_tokens or 0,
+                        grid=Grid(**grid_changes))
+        cands = enumerate_candidates(budget)
+        if not cands:
+            raise UserError(f"--gpus: no candidate topology for {gpus_text!r} GPUs with {gpus_per_node} GPUs per node. "
+                            f"Valid: counts below one node, or multiples of {gpus_per_node} (whole nodes).")
+        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=None)
+        items = items_from_candidates(cands)
+        meta["budget"] = {"model": model, "gpu": gpu, "gpus": gpus_text, "gpus_per_node": gpus_per_node, "grid": budget.grid.__dict__}
+        title = f"{len(items)} candidates for {model} on {gpus_text} x {gpu}"
+    meta["workload"] = workload.as_dict()
+    executor = PredictExecutor(cal, workload, levels)
+    results = run_sweep(items, executor, out, resume=not no_resume, meta=meta)
+    elapsed = time.perf_counter() - t0
+    plots: list[Path] = []
+    if out is not None and any(r.status == "ok" and any(lv.get("tps_user") for lv in r.levels) for r in results):
+        plots = plot_sweep(results, out / "sweep", measured=measured)
+    ok = [r for r in results if r.status == "ok"]
+    bad = [r for r in results if r.status != "ok"]
+    front = frontier(results, max_ttft_ms)
+    by_id = {it.id: it for it in items}
+
+    def ranked() -> list[tuple[Any, dict[str, Any]]]:
+        rows = []
+        for r in ok:
+            lv = r.best(min_tps_user, max_ttft_ms) if (min_tps_user or max_ttft_ms) else r.saturation
+            if lv is not None:
+                rows.append((r, lv))
+        return sorted(rows, key=lambda x: -x[1]["tps_gpu"])
+
+    if as_json:
+        from widep.perf.sweep import summary_rows
+
+        rows = summary_rows(results)
+        if paths:
+            for row, r in zip(rows, results):
+                row["levels"] = r.levels
+        for row in rows:
+            if row["status"] != "ok" and by_id[row["id"]].planner_message is not None and not out:
+                row["reason"] = by_id[row["id"]].planner_message() or row["reason"]
+        doc = {
+            "calibration": cal.summary(),
+            "workload": workload.as_dict(),
+            "levels": levels,
+            "counts": {"candidates": len(results), "feasible": len(ok), "infeasible": dict(Counter(r.category or r.status for r in bad))},
+            "seconds": round(elapsed, 3),
+            "candidates": rows,
+            "ranked": [{"id": r.id, **lv} for r, lv in ranked()],
+            "frontier": [{"id": r.id, **lv} for r, lv in front],
+            "out": str(out) if out else None,
+            "plots": [str(p) for p in plots],
+        }
+        click.echo(json.dumps(doc, indent=1, default=str))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    if not con.is_terminal:
+        con = Console(width=170)
+    cats = Counter(r.category or r.status for r in bad)
+    con.print(f"[bold]{title}[/bold]: {len(ok)} feasible, {len(bad)} infeasible"
+              + (f" ({', '.join(f'{k} {v}' for k, v in sorted(cats.items()))})" if bad else "")
+              + f"; predicted in {elapsed:.2f} s")
+    con.print(f"workload ISL {isl} / OSL {osl}" + (f", prefix hit {prefix_hit:.0%}" if prefix_hit else "")
+              + f"; calibration {cal.name} ({cal.fingerprint()})")
+    lim = top or None
+
+    def level_table(title_: str, rows: list[tuple[Any, dict[str, Any]]], with_desc: bool) -> Table:
+        t = Table(title=title_, title_justify="left", box=None, header_style="bold", pad_edge=False)
+        t.add_column("candidate")
+        t.add_column("GPUs", justify="right")
+        if with_desc:
+            t.add_column("layout")
+        for col in ("conc", "batch/rank", "tok/s/GPU", "tok/s/user", "TTFT ms", "TPOT ms", "bound", "limit"):
+            t.add_column(col, justify="right" if col not in ("bound", "limit") else "left")
+        for r, lv in rows:
+            cells = [r.id, str(r.gpus)] + ([r.description] if with_desc else [])
+            cells += [f"{lv['concurrency']:g}" + ("*" if lv.get("saturation") else ""), _fmt(lv["batch_per_rank"]), _fmt(lv["tps_gpu"]),
+                      _fmt(lv.get("tps_user")), _fmt(lv.get("ttft_ms"), 0), _fmt(lv.get("tpot_ms")), lv["bound"], lv["limit"]]
+            t.add_row(*cells)
+        return t
+
+    if paths:
+        for r in ok:
+            con.print()
+            con.print(f"[bold cyan]{r.id}[/] ({r.mode}, {r.gpus} GPUs): {r.description}")
+            t = Table(box=None, header_style="bold", pad_edge=False)
+            for col in ("concurrency", "batch/rank", "tok/s/GPU", "tok/s/user", "TTFT ms", "TPOT ms", "step ms", "input tok/s/GPU", "bound", "limit"):
+                t.add_column(col, justify="right" if col not in ("bound", "limit") else "left")
+            for lv in r.levels:
+                t.add_row(f"{lv['concurrency']:g}" + ("*" if lv.get("saturation") else ""), _fmt(lv["batch_per_rank"]), _fmt(lv["tps_gpu"]),
+                          _fmt(lv.get("tps_user")), _fmt(lv.get("ttft_ms"), 0), _fmt(lv.get("tpot_ms")), _fmt(lv["step_ms"]),
+                          _fmt(lv["input_tps_gpu"]), lv["bound"], lv["limit"])
+            con.print(t)
+        con.print("[dim]* saturation: every rank at its largest batch (max_num_seqs, KV cache or token budget)[/dim]")
+    else:
+        slo = " meeting " + ", ".join(x for x in (f">= {min_tps_user:g} tok/s/user" if min_tps_user else "",
+                                                   f"TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") if x) if (min_tps_user or max_ttft_ms) else " at saturation"
+        rk = ranked()
+        con.print()
+        con.print(level_table(f"best tokens/s/GPU{slo} (top {min(len(rk), lim or len(rk))} of {len(rk)})", rk[:lim], False))
+        for r, _ in rk[:3]:
+            con.print(f"  [dim]{r.id}: {r.description}[/dim]")
+    if front:
+        shown = front
+        if lim and len(front) > lim:
+            step = len(front) / lim
+            shown = [front[int(i * step)] for i in range(lim)]
+        con.print()
+        con.print(level_table(f"Pareto frontier: tokens/s/user vs tokens/s/GPU" + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points" + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")", shown, False))
+    if show_infeasible and bad:
+        con.print()
+        t = Table(title=f"infeasible ({len(bad)})", title_justify="left", box=None, header_style="bold", pad_edge=False)
+        t.add_column("candidate")
+        t.add_column("why")
+        t.add_column("planner says", overflow="fold")
+        for r in bad[:lim]:
+            msg = r.reason
+            it = by_id.get(r.id)
+            if out is None and it is not None and it.planner_message is not None:
+                msg = it.planner_message() or msg
+            t.add_row(r.id, r.category, msg)
+        con.print(t)
+        if lim and len(bad) > lim:
+            con.print(f"[dim]... and {len(bad) - lim} more (--top 0 shows all; --json and --out record every reason)[/dim]")
+    elif bad:
+        con.print(f"[dim]{len(bad)} infeasible candidate(s): --show-infeasible lists them with the planner's reason.[/dim]")
+    if out is not None:
+        con.print(f"results: {out}/<candidate>/result.json, {out}/summary.csv, {out}/summary.json" + (f"; plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}" if plots else ""))

@@ -1,0 +1,593 @@
+"""The sweep loop: items (enumerated candidates or topology files) -> an executor -> results on disk.
+
+Layout of ``--out DIR`` (one directory per point, resumable, failures recorded):
+
+    DIR/sweep.json                  what was swept: budget or files, workload, levels, executor key
+    DIR/<item-id>/candidate.json    the candidate (roles, flags) and its feasibility verdict
+    DIR/<item-id>/topology.yaml     the topology file of a feasible candidate (widep plan/launch take it)
+    DIR/<item-id>/result.json       status ok | infeasible | failed, reason, one record per concurrency level
+    DIR/summary.csv, summary.json   one row per item, plus the Pareto frontier
+    DIR/sweep-pareto.png/.svg ...   plots (a separate, read-only step: :func:`plot_sweep`)
+
+Executors: anything with ``name``, ``key()`` (a JSON-able dict; a stored result is reused only when its
+key matches) and ``run(items) -> iterator of ItemResult`` (results may come one at a time, so a slow
+executor's finished points are on disk before the next starts). :class:`PredictExecutor` scores all
+items at once with the vectorised model. A measuring executor (launch, bench, tear down per item) plugs
+in the same way: give it to :func:`run_sweep`; its ``run`` must yield a ``failed`` result (with the
+error) rather than raise, and tear down before yielding.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from widep.errors import UserError
+from widep.perf.calibration import Calibration
+from widep.perf.enumerate import Candidate, check, planner_reason
+from widep.perf.model import (
+    BOUND_NAMES,
+    LIMIT_NAMES,
+    ArchConst,
+    Perf,
+    RoleBatch,
+    RoleInput,
+    Workload,
+    role_input_from_plan,
+    serve_decode_only,
+    serve_mixed,
+    serve_pd,
+    serve_prefill_only,
+)
+from widep.spec.models import MoEArch, load_preset
+
+RESULT_FORMAT = "widep-sweep-result/1"
+
+
+@dataclass
+class SweepItem:
+    """One point of a sweep: a deployment, whether it can run, and what the model needs to score it."""
+
+    id: str
+    description: str
+    mode: str
+    """mixed, pd, decode-only, prefill-only."""
+    gpus: int
+    arch: MoEArch | None
+    weight_dtype: str
+    kv_dtype: str
+    roles: tuple[RoleInput, ...]
+    feasible: bool
+    category: str = ""
+    reason: str = ""
+    source: str = ""
+    """The topology file, or 'enumerated'."""
+    candidate: Candidate | None = None
+    topology_doc: Callable[[], dict[str, Any]] | None = None
+    planner_message: Callable[[], str | None] | None = None
+
+    def candidate_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "description": self.description, "mode": self.mode, "gpus": self.gpus, "source": self.source}
+        if self.candidate is not None:
+            d |= self.candidate.as_dict()
+        d["feasible"] = self.feasible
+        if not self.feasible:
+            d |= {"category": self.category, "reason": self.reason}
+        return d
+
+
+def items_from_candidates(cands: Sequence[Candidate]) -> list[SweepItem]:
+    """Sweep items of enumerated candidates, with the fast feasibility verdict."""
+    out = []
+    for c in cands:
+        v = check(c)
+        arch = load_preset(c.model)
+        kv = "fp8" if c.kv_cache_dtype == "fp8" else "bf16"
+        out.append(
+            SweepItem(
+                id=c.id, description=c.describe(), mode=c.mode, gpus=c.gpus, arch=arch, weight_dtype=arch.default_weight_dtype,
+                kv_dtype=kv, roles=v.roles, feasible=v.ok, category=v.category, reason=(f"{v.field}: {v.reason}" if not v.ok else ""),
+                source="enumerated", candidate=c, topology_doc=c.topology_doc, planner_message=(lambda c=c: planner_reason(c)),
+            )
+        )
+    return out
+
+
+def items_from_topologies(paths: Sequence[str | Path]) -> list[SweepItem]:
+    """Sweep items of topology files: planned (the planner's error makes an item infeasible)."""
+    from widep.plan.core import plan
+    from widep.spec.topology import load_topology
+
+    out: list[SweepItem] = []
+    seen: set[str] = set()
+    for path in paths:
+        p = Path(path)
+        ident = p.stem
+        while ident in seen:
+            ident += "-2"
+        seen.add(ident)
+        spec = load_topology(p)  # an invalid file is the user's error: raise it
+        try:
+            pl = plan(spec)
+        except UserError as err:
+            out.append(SweepItem(id=ident, description=spec.description or spec.name, mode="?", gpus=0, arch=None, weight_dtype="",
+                                 kv_dtype="", roles=(), feasible=False, category=_category_of(str(err)), reason=str(err), source=str(p),
+                                 topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True)))
+            continue
+        roles = tuple(role_input_from_plan(rp, pl.gpu) for rp in pl.roles)
+        kinds = {r.kind for r in roles}
+        mode = "mixed" if kinds == {"mixed"} else "pd" if kinds == {"prefill", "decode"} else f"{next(iter(kinds))}-only"
+        desc = "; ".join(
+            f"{rp.name} ({rp.kind}) DP{rp.dp_size}xTP{rp.tp_size}=EP{rp.ep_size} x{rp.spec.replicas}, {rp.all2all_backend}"
+            + (", DBO" if rp.spec.dbo.enabled else "") + (f", EPLB+{rp.spec.eplb.redundant_experts}" if rp.spec.eplb.enabled else "")
+            for rp in pl.roles
+        )
+        if len([r for r in roles if r.kind == "prefill"]) > 1 or len([r for r in roles if r.kind == "decode"]) > 1:
+            out.append(SweepItem(id=ident, description=desc, mode=mode, gpus=pl.total_gpus, arch=pl.arch, weight_dtype=pl.weight_dtype,
+                                 kv_dtype=pl.kv_dtype, roles=roles, feasible=False, category="config",
+                                 reason="the model predicts one prefill and one decode role per deployment", source=str(p)))
+            continue
+        out.append(SweepItem(id=ident, description=desc, mode=mode, gpus=pl.total_gpus, arch=pl.arch, weight_dtype=pl.weight_dtype,
+                             kv_dtype=pl.kv_dtype, roles=roles, feasible=True, source=str(p),
+                             topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True)))
+    return out
+
+
+def _category_of(msg: str) -> str:
+    if ".gpu_memory_utilization:" in msg:
+        return "memory"
+    if ".max_model_len:" in msg:
+        return "kv_cache"
+    if "do not divide over EP" in msg:
+        return "divisibility"
+    return "config"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+LEVEL_FIELDS = ("concurrency", "batch_per_rank", "tps_gpu", "tps_user", "ttft_ms", "tpot_ms", "step_ms", "requests_per_s",
+                "input_tps_gpu", "bound", "limit", "saturation")
+
+
+class LevelTable(Sequence[dict[str, Any]]):
+    """One item's levels held as columns; a dict per level is built only when asked for.
+
+    A predicted sweep has 10^5 levels: building them all as dicts would cost more than the model.
+    """
+
+    __slots__ = ("_cols", "_idx")
+
+    def __init__(self, cols: list[list[Any]], idx: list[int]) -> None:
+        self._cols = cols
+        self._idx = idx
+
+    def __len__(self) -> int:
+        return len(self._idx)
+
+    def __getitem__(self, j: Any) -> Any:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        i = self._idx[j]
+        return dict(zip(LEVEL_FIELDS, [c[i] for c in self._cols]))
+
+    def column(self, name: str) -> list[Any]:
+        c = self._cols[LEVEL_FIELDS.index(name)]
+        return [c[i] for i in self._idx]
+
+
+def _column(levels: Sequence[dict[str, Any]], name: str) -> list[Any]:
+    if isinstance(levels, LevelTable):
+        return levels.column(name)
+    return [lv.get(name) for lv in levels]
+
+
+@dataclass
+class ItemResult:
+    """What an executor found for one item."""
+
+    id: str
+    status: str
+    """ok, infeasible or failed."""
+    executor: str
+    key: dict[str, Any]
+    mode: str = ""
+    gpus: int = 0
+    description: str = ""
+    category: str = ""
+    reason: str = ""
+    levels: Sequence[dict[str, Any]] = field(default_factory=list)
+    """One record per concurrency: concurrency, tps_gpu, tps_user, ttft_ms, tpot_ms, batch_per_rank, ..."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"format": RESULT_FORMAT} | self.__dict__ | {"levels": list(self.levels)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ItemResult:
+        d = dict(d)
+        d.pop("format", None)
+        return cls(**d)
+
+    @property
+    def saturation(self) -> dict[str, Any] | None:
+        """The level flagged as saturation (else the one with the most tokens/s/GPU)."""
+        if not self.levels:
+            return None
+        flags = _column(self.levels, "saturation")
+        if any(flags):
+            return self.levels[flags.index(True)]
+        tps = _column(self.levels, "tps_gpu")
+        return self.levels[tps.index(max(tps))]
+
+    def best(self, min_tps_user: float | None = None, max_ttft_ms: float | None = None) -> dict[str, Any] | None:
+        """The level with the most tokens/s/GPU that meets the SLOs (None when none does)."""
+        tps, user, ttft = (_column(self.levels, n) for n in ("tps_gpu", "tps_user", "ttft_ms"))
+        ok = [
+            j for j in range(len(tps))
+            if (min_tps_user is None or (user[j] or 0.0) >= min_tps_user) and (max_ttft_ms is None or (ttft[j] is not None and ttft[j] <= max_ttft_ms))
+        ]
+        return self.levels[max(ok, key=lambda j: tps[j])] if ok else None
+
+
+class Executor(Protocol):
+    name: str
+
+    def key(self) -> dict[str, Any]: ...
+
+    def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]: ...
+
+
+def _round(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
+
+
+class PredictExecutor:
+    """Scores items with the analytic model, all at once (numpy), at each concurrency level.
+
+    ``levels=None`` uses powers of two up to the largest capacity among the items. Each item also gets
+    its saturation level (every rank at its largest batch), flagged ``saturation``.
+    """
+
+    name = "predict"
+
+    def __init__(self, cal: Calibration, workload: Workload, levels: Sequence[float] | None = None) -> None:
+        self.cal = cal
+        self.workload = workload
+        self.levels = None if levels is None else sorted(set(float(x) for x in levels))
+        if self.levels is not None and (not self.levels or self.levels[0] < 1):
+            raise UserError(f"--concurrency: levels must be >= 1. Given: {levels}.")
+
+    def key(self) -> dict[str, Any]:
+        return {"executor": self.name, "calibration": self.cal.fingerprint(), "workload": self.workload.as_dict(), "levels": self.levels}
+
+    def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]:
+        key = self.key()
+        for it in items:
+            if not it.feasible:
+                yield ItemResult(id=it.id, status="infeasible", executor=self.name, key=key, mode=it.mode, gpus=it.gpus,
+                                 description=it.description, category=it.category, reason=it.reason)
+        scored = self.score([it for it in items if it.feasible])
+        for it, levels in scored:
+            yield ItemResult(id=it.id, status="ok", executor=self.name, key=key, mode=it.mode, gpus=it.gpus, description=it.description,
+                             levels=levels)
+
+    # -- vectorised scoring -----------------------------------------------------------------------------
+    def score_arrays(self, items: Sequence[SweepItem]) -> list[tuple[list[SweepItem], Perf, int]]:
+        """Group items by (model, precision, mode); per group a Perf of shape (n, K+1); last column = saturation."""
+        groups: dict[tuple[str, str, str, str], list[SweepItem]] = {}
+        for it in items:
+            assert it.arch is not None  # feasible items carry their architecture
+            groups.setdefault((it.arch.name, it.weight_dtype, it.kv_dtype, it.mode), []).append(it)
+        out = []
+        w, cal = self.workload, self.cal
+        for (_, wd, kd, mode), its in groups.items():
+            arch = ArchConst.of(its[0].arch, wd, kd)  # type: ignore[arg-type]
+            if mode == "mixed":
+                rb = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
+                fn: Callable[[np.ndarray], Perf] = lambda C, rb=rb: serve_mixed(rb, cal, w, C)
+            elif mode == "pd":
+                rp = RoleBatch.build(arch, [next(r for r in it.roles if r.kind == "prefill") for it in its], cal)
+                rd = RoleBatch.build(arch, [next(r for r in it.roles if r.kind == "decode") for it in its], cal)
+                fn = lambda C, rp=rp, rd=rd: serve_pd(rp, rd, cal, w, C)
+            elif mode == "decode-only":
+                rd = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
+                fn = lambda C, rd=rd: serve_decode_only(rd, cal, w, C)
+            else:
+                rp = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
+                fn = lambda C, rp=rp: serve_prefill_only(rp, cal, w, C)
+            cap = fn(np.ones((len(its), 1))).capacity[:, :1]
+            if self.levels is None:
+                top = max(1.0, float(np.max(cap)))
+                lv = 2.0 ** np.arange(0, math.floor(math.log2(top)) + 1)
+            else:
+                lv = np.asarray(self.levels)
+            C = np.concatenate([np.broadcast_to(lv, (len(its), len(lv))), np.maximum(cap, 1.0)], axis=1)
+            out.append((its, fn(C), len(lv)))
+        return out
+
+    def score(self, items: Sequence[SweepItem]) -> list[tuple[SweepItem, Sequence[dict[str, Any]]]]:
+        out: list[tuple[SweepItem, Sequence[dict[str, Any]]]] = []
+        for its, perf, k in self.score_arrays(items):
+            n, m = perf.tps_gpu.shape
+            sat = np.zeros((n, m), bool)
+            sat[:, k] = True
+            conc = perf.concurrency
+            # drop a requested level that equals the saturation level (keep the flagged one)
+            dup = np.zeros((n, m), bool)
+            dup[:, :k] = np.abs(conc[:, :k] - conc[:, k : k + 1]) < 1e-6
+            nanless = lambda a: np.where(np.isnan(a), None, np.round(a, 4)).tolist()  # noqa: E731
+            cols = [
+                np.round(conc, 4).tolist(), np.round(perf.batch, 4).tolist(), np.round(perf.tps_gpu, 4).tolist(), nanless(perf.tps_user),
+                nanless(perf.ttft * 1e3), nanless(perf.tpot * 1e3), np.round(perf.step * 1e3, 4).tolist(),
+                np.round(perf.requests_per_s, 4).tolist(), np.round(perf.input_tps_gpu, 4).tolist(),
+                np.asarray(BOUND_NAMES, object)[perf.bound].tolist(), np.asarray(LIMIT_NAMES, object)[perf.limit].tolist(), sat.tolist(),
+            ]
+            order = np.argsort(conc, axis=1, kind="stable")
+            idx = order.tolist()
+            for i in np.flatnonzero(dup.any(axis=1)).tolist():
+                idx[i] = [j for j in idx[i] if not dup[i, j]]
+            for i, it in enumerate(its):
+                out.append((it, LevelTable([c[i] for c in cols], idx[i])))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_sweep(
+    items: Sequence[SweepItem],
+    executor: Executor,
+    out: Path | None = None,
+    *,
+    resume: bool = True,
+    meta: dict[str, Any] | None = None,
+    on_result: Callable[[ItemResult], None] | None = None,
+) -> list[ItemResult]:
+    """Run ``executor`` over ``items``; with ``out``, reuse matching stored results and store new ones.
+
+    Infeasible items get the planner's own message as their reason when written to disk.
+    """
+    key = executor.key()
+    done: dict[str, ItemResult] = {}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}), "items": len(items)})
+        if resume:
+            for it in items:
+                f = out / it.id / "result.json"
+                if f.is_file():
+                    try:
+                        r = ItemResult.from_dict(json.loads(f.read_text()))
+                    except (json.JSONDecodeError, TypeError, OSError):
+                        continue
+                    if r.key == key and r.status in ("ok", "infeasible"):
+                        done[it.id] = r
+    pending = [it for it in items if it.id not in done]
+    by_id = {it.id: it for it in items}
+    results: dict[str, ItemResult] = dict(done)
+    for r in executor.run(pending):
+        it = by_id[r.id]
+        if r.status == "infeasible" and it.planner_message is not None and out is not None:
+            msg = it.planner_message()
+            if msg:
+                r.reason = msg
+        results[r.id] = r
+        if out is not None:
+            d = out / r.id
+            d.mkdir(exist_ok=True)
+            _write_json(d / "candidate.json", it.candidate_dict())
+            if r.status == "ok" and it.topology_doc is not None:
+                import yaml
+
+                (d / "topology.yaml").write_text(yaml.dump(it.topology_doc(), sort_keys=False, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper)))
+            _write_json(d / "result.json", r.as_dict())
+        if on_result is not None:
+            on_result(r)
+    ordered = [results[it.id] for it in items if it.id in results]
+    if out is not None:
+        write_summary(ordered, out)
+    return ordered
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frontier and summary
+
+
+def frontier(results: Iterable[ItemResult], max_ttft_ms: float | None = None) -> list[tuple[ItemResult, dict[str, Any]]]:
+    """The Pareto frontier over (tokens/s/user, tokens/s/GPU) of every level of every ok result.
+
+    With ``max_ttft_ms`` only levels whose TTFT meets it take part.
+
+    Same definition as ``widep.bench.plot.pareto_front`` (both maximised, ordered by tokens/s/user);
+    computed with numpy because a sweep has 10^5 points.
+    """
+    owners: list[tuple[ItemResult, int]] = []
+    xs: list[Any] = []
+    ys: list[Any] = []
+    ts: list[Any] = []
+    for r in results:
+        if r.status != "ok" or not r.levels:
+            continue
+        u, g = _column(r.levels, "tps_user"), _column(r.levels, "tps_gpu")
+        owners += [(r, j) for j in range(len(u))]
+        xs += u
+        ys += g
+        if max_ttft_ms is not None:
+            ts += _column(r.levels, "ttft_ms")
+    if not owners:
+        return []
+    x = np.asarray([v if v is not None else np.nan for v in xs], float)
+    y = np.asarray(ys, float)
+    ok = ~np.isnan(x) & (x > 0) & (y > 0)
+    if max_ttft_ms is not None:
+        t = np.asarray([v if v is not None else np.inf for v in ts], float)
+        ok &= t <= max_ttft_ms
+    valid = np.flatnonzero(ok)
+    if valid.size == 0:
+        return []
+    vx, vy = x[valid], y[valid]
+    order = np.lexsort((-vy, -vx))  # by x descending, then y descending
+    sy = vy[order]
+    prev_best = np.concatenate([[-np.inf], np.maximum.accumulate(sy)[:-1]])
+    idx = order[sy > prev_best]
+    idx = idx[np.argsort(vx[idx], kind="stable")]
+    out = []
+    for i in valid[idx]:
+        r, j = owners[i]
+        out.append((r, r.levels[j]))
+    return out
+
+
+SUMMARY_FIELDS = (
+    "id", "status", "mode", "gpus", "description", "category", "reason", "on_frontier",
+    "sat_concurrency", "sat_tps_gpu", "sat_tps_user", "sat_ttft_ms", "sat_tpot_ms", "sat_batch_per_rank", "sat_bound", "sat_limit",
+)
+
+
+def summary_rows(results: Sequence[ItemResult]) -> list[dict[str, Any]]:
+    front = {r.id for r, _ in frontier(results)}
+    rows = []
+    for r in results:
+        sat = r.saturation or {}
+        rows.append({
+            "id": r.id, "status": r.status, "mode": r.mode, "gpus": r.gpus, "description": r.description, "category": r.category,
+            "reason": r.reason, "on_frontier": r.id in front,
+            "sat_concurrency": sat.get("concurrency"), "sat_tps_gpu": sat.get("tps_gpu"), "sat_tps_user": sat.get("tps_user"),
+            "sat_ttft_ms": sat.get("ttft_ms"), "sat_tpot_ms": sat.get("tpot_ms"), "sat_batch_per_rank": sat.get("batch_per_rank"),
+            "sat_bound": sat.get("bound"), "sat_limit": sat.get("limit"),
+        })
+    return rows
+
+
+def write_summary(results: Sequence[ItemResult], out: Path) -> None:
+    rows = summary_rows(results)
+    with open(out / "summary.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
+        wr.writeheader()
+        for row in rows:
+            wr.writerow(row)
+    _write_json(out / "summary.json", {
+        "format": "widep-sweep-summary/1",
+        "candidates": rows,
+        "frontier": [{"id": r.id, **lv} for r, lv in frontier(results)],
+    })
+
+
+def load_results(out: Path) -> list[ItemResult]:
+    """Every stored result under a sweep directory (for plots and re-reading)."""
+    res = []
+    for f in sorted(Path(out).glob("*/result.json")):
+        try:
+            res.append(ItemResult.from_dict(json.loads(f.read_text())))
+        except (json.JSONDecodeError, TypeError, OSError):
+            continue
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots (read-only: from results)
+
+
+def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequence[Path] = (), lines: bool | None = None, label_top: int = 12) -> list[Path]:
+    """Pareto plot of tokens/s/user (x) vs tokens/s/GPU (y), in the style of ``widep bench plot``.
+
+    ``lines`` (default: when there are at most 12 candidates) draws one line per candidate over its
+    concurrency levels, points labelled by concurrency, as the bench plots do, so a measured run
+    (``measured``: ``widep bench --out`` directories) overlays it; otherwise every point is a grey dot
+    and the frontier is highlighted. Also writes TTFT/TPOT against tokens/s/GPU for line plots.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from widep.bench.plot import load_points
+
+    def _save(fig: Any, prefix: Path, name: str) -> list[Path]:
+        paths = [prefix.parent / f"{prefix.name}-{name}.{ext}" for ext in ("png", "svg")]
+        for pth in paths:
+            fig.savefig(pth, dpi=130, bbox_inches="tight")
+        return paths
+
+    ok = [r for r in results if r.status == "ok" and any(lv.get("tps_user") for lv in r.levels)]
+    if not ok and not measured:
+        raise UserError("sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only results.")
+    lines = len(ok) <= 12 if lines is None else lines
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written: list[Path] = []
+    front = frontier(ok)
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    if lines:
+        for k, r in enumerate(ok):
+            lv = [x for x in r.levels if x.get("tps_user")]
+            col = colors[k % len(colors)]
+            ax.plot([x["tps_user"] for x in lv], [x["tps_gpu"] for x in lv], "o--", color=col, label=f"{r.id} (predicted)")
+            for x in lv:
+                ax.annotate(f"{x['concurrency']:g}", (x["tps_user"], x["tps_gpu"]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+    else:
+        xs = [lv["tps_user"] for r in ok for lv in r.levels if lv.get("tps_user")]
+        ys = [lv["tps_gpu"] for r in ok for lv in r.levels if lv.get("tps_user")]
+        ax.scatter(xs, ys, s=4, color="lightgrey", label=f"{len(ok)} candidates x levels")
+    if front:
+        ax.plot([lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], "--", color="grey", lw=1, label="frontier (predicted)")
+        if not lines:
+            ax.scatter([lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], s=14, color="C3", zorder=3)
+            step = max(1, len(front) // label_top)
+            for r, lv in front[::step]:
+                ax.annotate(f"{r.id} @{lv['concurrency']:g}", (lv["tps_user"], lv["tps_gpu"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=6, color="C3")
+    for k, d in enumerate(measured):
+        pts = [p for p in load_points(Path(d)) if p.tps_per_user is not None]
+        if not pts:
+            continue
+        col = colors[(len(ok) + k) % len(colors)] if lines else colors[k % len(colors)]
+        ax.plot([p.tps_per_user for p in pts], [p.tps_per_gpu for p in pts], "s-", color=col, label=f"{pts[0].run} (measured)")
+        for p in pts:
+            ax.annotate(p.tag, (p.tps_per_user, p.tps_per_gpu), textcoords="offset points", xytext=(4, -10), fontsize=8, color=col)
+    ax.set_xlabel("tokens/s/user  (1000 / mean TPOT ms)")
+    ax.set_ylabel("output tokens/s/GPU")
+    ax.set_title("Throughput per GPU vs speed per user (labels: concurrency)")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    written += _save(fig, prefix, "pareto")
+    plt.close(fig)
+
+    if lines and ok:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for k, r in enumerate(ok):
+            col = colors[k % len(colors)]
+            lv = [x for x in r.levels if x.get("tps_user")]
+            xs = [x["tps_gpu"] for x in lv]
+            a1.plot(xs, [x["ttft_ms"] for x in lv], "o--", color=col, label=f"{r.id} (predicted)")
+            a2.plot(xs, [x["tpot_ms"] for x in lv], "o--", color=col, label=f"{r.id} (predicted)")
+        a1.set_ylabel("TTFT (ms)")
+        a2.set_ylabel("TPOT (ms/token)")
+        for ax_ in (a1, a2):
+            ax_.set_xlabel("output tokens/s/GPU")
+            ax_.grid(True, alpha=0.3)
+            ax_.legend(fontsize=7)
+        fig.suptitle("Predicted latency vs throughput")
+        written += _save(fig, prefix, "latency")
+        plt.close(fig)
+    return written
