@@ -205,7 +205,7 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
         rows = summary_rows(results)
         if paths:
             for row, r in zip(rows, results):
-                row["levels"] = r.levels
+                row["levels"] = list(r.levels)
         for row in rows:
             if row["status"] != "ok" and by_id[row["id"]].planner_message is not None and not out:
                 row["reason"] = by_id[row["id"]].planner_message() or row["reason"]
