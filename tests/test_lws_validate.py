@@ -451,7 +451,7 @@ def test_cli_default_crd(capsys, monkeypatch, crd):
         (["--validate", "/nonexistent/lws.yaml"], "manifest file not found"),
         (["--validate", "UPSTREAM", "--crd", "/nonexistent/crd.yaml"], "CRD file not readable"),
         ([], "nothing to do"),
-        (["topologies/deepseek-r1.yaml"], "needs the planner"),
+        (["topologies/deepseek-r1.yaml"], "not found"),
     ],
 )
 def test_cli_usage_errors_exit_2(capsys, args, message):

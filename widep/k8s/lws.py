@@ -1,0 +1,818 @@
+"""LeaderWorkerSet manifests from a plan (pure): one LWS and one Service per role, optionally an
+InferencePool per role for the llm-d inference scheduler.
+
+Everything a pod runs comes from the same :class:`~widep.render.vllm.RankCommand` data as
+``widep render``: the generator renders the role, takes the commands of the first pod of a group
+and turns the few values that differ between pods into bash built from the environment the LWS
+pod webhook injects (``LWS_LEADER_ADDRESS``, ``LWS_GROUP_SIZE``, ``LWS_WORKER_INDEX``):
+
+* ``--data-parallel-address``        -> ``${LWS_LEADER_ADDRESS}``
+* ``--data-parallel-rank R``         -> ``$((W * D + local_rank))`` (W = worker index, D = ranks per pod)
+* ``--data-parallel-start-rank S``   -> ``$((W * D))``
+* ``--host`` for ``serving.host: node`` and ``VLLM_NIXL_SIDE_CHANNEL_HOST`` -> the pod IP (downward API)
+* GPU ids (``CUDA_VISIBLE_DEVICES``) and CPU slots (``VLLM_CPU_OMP_THREADS_BIND``) are numbered
+  inside the pod, which sees its own devices from 0; with ``pod-per-rank`` every pod serves the
+  role's first port.
+
+Placements: ``pod-per-node`` (LWS size = nodes per DP group; each pod holds a node's GPUs and starts
+that node's processes, one vLLM per local rank in external mode, supervised so that a dying rank
+fails the pod) and ``pod-per-rank`` (LWS size = DP size; one API server per pod; external DP mode
+only, and refused for DeepEP backends whose intra-node traffic uses CUDA IPC, which cannot cross
+pod boundaries).
+
+Manifests are plain dicts with a fixed key order; :func:`dump_manifests` writes them with
+``yaml.safe_dump(sort_keys=False)`` (multi-line scripts as literal blocks). Nothing here reads
+files, the environment or the network.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from widep.errors import UserError
+from widep.plan.core import DeploymentPlan, Rank, RolePlan
+from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
+
+PLACEMENTS = ("pod-per-node", "pod-per-rank")
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+LWS_PREFIX = "leaderworkerset.sigs.k8s.io/"
+EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "exclusive-topology"
+#: Gateway API Inference Extension v1 (llm-d's guides install GAIE v1.x, ``v1-manifests.yaml``).
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
+INFERENCE_POOL_MAX_PORTS = 8  # InferencePoolSpec.targetPorts: MaxItems=8
+
+CONTAINER = "vllm"
+CACHE_MOUNT = "/var/cache/huggingface"
+SHM_MOUNT = "/dev/shm"
+#: Variables the manifests set beyond what ``widep render`` gives (besides the LWS ones).
+K8S_ONLY_ENV = ("POD_IP", "HF_HUB_CACHE", "WIDEP_SHM_DIR")
+#: Render variables that differ between the processes of one pod: set per process in the script.
+PER_PROCESS_ENV = ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND")
+
+#: ``nvidia.com/gpu.product`` values (GPU feature discovery: the NVML device name with spaces as
+#: dashes) of the SXM parts the GPU catalog describes. Clusters differ (PCIe/NVL variants, MIG or
+#: sharing suffixes): override with ``--gpu-product``.
+GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
+    "H100": ("NVIDIA-H100-80GB-HBM3",),
+    "H800": ("NVIDIA-H800",),
+    "H200": ("NVIDIA-H200",),
+    "B200": ("NVIDIA-B200",),
+    "GB200": ("NVIDIA-GB200",),
+}
+
+_QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUALIFIED_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclass(frozen=True)
+class LWSOptions:
+    """How to turn a plan into manifests (the ``widep lws`` flags)."""
+
+    image: str | None = None
+    """Container image; default the topology's vllm.image."""
+    namespace: str | None = None
+    """metadata.namespace of every object; None leaves it to ``kubectl -n``."""
+    placement: str = "pod-per-node"
+    """pod-per-node or pod-per-rank."""
+    gpu_resource: str = "nvidia.com/gpu"
+    """Extended resource name of a GPU."""
+    rdma_resource: str | None = "rdma/ib"
+    """Extended resource of the RDMA device plugin (one per pod); None or '' for none."""
+    exclusive_topology: str | None = None
+    """Node label key for the LWS exclusive-topology annotation (one group per topology domain)."""
+    inference_pool: bool = False
+    """Also emit an InferencePool (GAIE v1) per role for the llm-d inference scheduler."""
+    epp_port: int = 9002
+    """Service port of each pool's endpoint picker (``<pool>-epp``)."""
+    model_path: str | None = None
+    """What vLLM loads in the pod; default the topology's model (hub id), or for widep's built-in
+    tiny models their directory under the model cache volume."""
+    model_cache: str = "hostpath:/mnt/local/hf-cache"
+    """Model cache volume mounted at /var/cache/huggingface: hostpath:PATH, pvc:CLAIM or emptydir."""
+    gpu_product_label: str | None = "nvidia.com/gpu.product"
+    """Node label holding the GPU product (required node affinity); None or '' for none."""
+    gpu_products: tuple[str, ...] = ()
+    """Accepted values of that label; default from the GPU kind (GPU_PRODUCTS)."""
+    cpu: str | None = None
+    """CPU request per pod (a quantity); default none on GPUs, the rank slots on CPU topologies."""
+    memory: str | None = None
+    """Memory request and limit per pod (a quantity); default none."""
+    shm_size: str | None = None
+    """sizeLimit of the memory-backed /dev/shm; default 1Gi per vLLM rank in the pod, at least 2Gi."""
+    termination_grace_s: int = 120
+    """terminationGracePeriodSeconds: time vLLM gets between SIGTERM and SIGKILL."""
+
+
+@dataclass(frozen=True)
+class PodProcess:
+    """One process a pod's script starts, as bash words (already quoted or substituted)."""
+
+    words: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    """Per-process variables (pod-local GPU ids / CPU slots)."""
+    ports: tuple[int, ...]
+    """HTTP ports it serves (rank ports)."""
+    health_port: int | None
+    local_rank: int
+    label: str
+
+
+@dataclass(frozen=True)
+class PodSpecPlan:
+    """What one pod template runs."""
+
+    which: str
+    """'all' (leader and workers share the template), 'leader' or 'worker'."""
+    processes: tuple[PodProcess, ...]
+    env: tuple[dict[str, Any], ...]
+    """Container env entries (Kubernetes EnvVar dicts), in order."""
+    ranks_per_pod: int
+    devices: int
+    """GPUs (or CPU slots) of the pod."""
+    headless: bool
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    """A role as LWS sees it."""
+
+    rp: RolePlan
+    name: str
+    size: int
+    ranks_per_pod: int
+    templates: tuple[PodSpecPlan, ...]
+    service_ports: tuple[tuple[str, int], ...]
+    leader_only: bool
+    """Only the leader pod serves HTTP (internal DP mode)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Option checks (errors for people)
+
+
+def _quantity(flag: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = str(value)
+    if not _QUANTITY.match(value):
+        raise UserError(f"{flag}: not a Kubernetes quantity. Given: {value!r}. Valid: e.g. '32', '500m', '512Gi', '16G'")
+    return value
+
+
+def _qualified_name(flag: str, value: str, what: str) -> None:
+    prefix, _, name = value.rpartition("/")
+    ok = bool(name) and len(name) <= 63 and _QUALIFIED_PART.match(name) is not None
+    if prefix:
+        ok = ok and len(prefix) <= 253 and _DNS1123_SUBDOMAIN.match(prefix) is not None
+    if not ok:
+        raise UserError(f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', 'kubernetes.io/hostname'")
+
+
+def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
+    """UserError (flag, value given, what is valid) for options that cannot work with this plan."""
+    if opts.placement not in PLACEMENTS:
+        raise UserError(f"--placement: unknown placement. Given: {opts.placement!r}. Valid: {', '.join(PLACEMENTS)}")
+    _qualified_name("--gpu-resource", opts.gpu_resource, "extended resource name")
+    if "/" not in opts.gpu_resource:
+        raise UserError(f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. nvidia.com/gpu, amd.com/gpu")
+    if opts.rdma_resource:
+        _qualified_name("--rdma-resource", opts.rdma_resource, "extended resource name")
+        if "/" not in opts.rdma_resource:
+            raise UserError(f"--rdma-resource: extended resources are domain-qualified. Given: {opts.rdma_resource!r}. Valid: e.g. rdma/ib, rdma/roce_gdr, or '' for none")
+    if opts.gpu_product_label:
+        _qualified_name("--gpu-product-label", opts.gpu_product_label, "node label key")
+    for v in opts.gpu_products:
+        if len(v) > 63 or not _QUALIFIED_PART.match(v):
+            raise UserError(f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200")
+    for flag, v in (("--cpu", opts.cpu), ("--memory", opts.memory), ("--shm-size", opts.shm_size)):
+        _quantity(flag, v)
+    if not 1 <= opts.epp_port <= 65535:
+        raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
+    if opts.termination_grace_s < 0:
+        raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
+    if opts.namespace is not None and (len(opts.namespace) > 63 or not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", opts.namespace)):
+        raise UserError(f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63")
+    _cache_volume(opts.model_cache)
+    host = plan.spec.serving.host
+    if host not in ("0.0.0.0", "::", "node"):
+        raise UserError(
+            f"serving.host: {host!r} is a fixed address, which a pod does not have. "
+            "Valid for LeaderWorkerSet: 0.0.0.0, ::, or node (each pod's own IP)"
+        )
+    mode = plan.spec.serving.dp_mode
+    for rp in plan.roles:
+        name = lws_name(plan, rp)
+        if opts.placement == "pod-per-rank" and rp.dp_local > 1:
+            if mode != "external":
+                raise UserError(
+                    f"--placement pod-per-rank: one API server per pod needs serving.dp_mode external. "
+                    f"Given: dp_mode {mode!r} for role {rp.name!r}. Valid: --placement pod-per-node, or dp_mode external"
+                )
+            if rp.all2all_backend.startswith("deepep"):
+                raise UserError(
+                    f"--placement pod-per-rank: role {rp.name!r} uses {rp.all2all_backend}, whose intra-node traffic "
+                    f"uses CUDA IPC, which cannot cross pod boundaries ({rp.dp_local} ranks share each node). "
+                    "Given: --placement pod-per-rank. Valid: --placement pod-per-node (one pod per node), or a "
+                    "non-DeepEP all2all backend"
+                )
+        if opts.exclusive_topology:
+            _qualified_name("--exclusive-topology", opts.exclusive_topology, "node label key")
+            pods = rp.nodes_per_group if opts.placement == "pod-per-node" else rp.dp_size
+            gpus_per_pod = rp.dp_local * rp.tp_size if opts.placement == "pod-per-node" else rp.tp_size
+            if opts.exclusive_topology == "kubernetes.io/hostname" and pods > 1 and pods * gpus_per_pod > plan.spec.cluster.gpus_per_node:
+                raise UserError(
+                    f"--exclusive-topology: kubernetes.io/hostname puts a whole group on one node, but a group of role "
+                    f"{rp.name!r} needs {pods} pods x {gpus_per_pod} GPUs > {plan.spec.cluster.gpus_per_node} per node. "
+                    "Given: --exclusive-topology kubernetes.io/hostname. Valid: a label spanning several nodes "
+                    "(a rack or network block, e.g. cloud.google.com/gce-topology-block)"
+                )
+        if len(name) > 63 - 4 or not _DNS1035.match(name):
+            raise UserError(
+                f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label of at most 59 "
+                f"characters (Services add '-api'). Given: name {plan.name!r}, role {rp.name!r}. Valid: a shorter "
+                "topology name starting with a letter"
+            )
+
+
+def _cache_volume(spec: str) -> dict[str, Any]:
+    kind, _, arg = spec.partition(":")
+    if kind == "hostpath" and arg.startswith("/"):
+        return {"hostPath": {"path": arg, "type": "DirectoryOrCreate"}}
+    if kind == "pvc" and arg and _DNS1123_SUBDOMAIN.match(arg) and len(arg) <= 253:
+        return {"persistentVolumeClaim": {"claimName": arg}}
+    if kind == "emptydir" and not arg:
+        return {"emptyDir": {}}
+    raise UserError(
+        f"--model-cache: cannot read this volume. Given: {spec!r}. "
+        "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, or emptydir"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Names, labels
+
+
+def lws_name(plan: DeploymentPlan, rp: RolePlan) -> str:
+    return f"{plan.name}-{rp.name}"
+
+
+def _llmd_role(rp: RolePlan) -> str:
+    return {"prefill": "prefill", "decode": "decode"}.get(rp.kind, "prefill-decode")
+
+
+def _labels(plan: DeploymentPlan, rp: RolePlan) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "vllm",
+        "app.kubernetes.io/instance": plan.name,
+        "app.kubernetes.io/component": rp.name,
+        "app.kubernetes.io/managed-by": "widep",
+        "llm-d.ai/inference-serving": "true",
+        "llm-d.ai/role": _llmd_role(rp),
+    }
+
+
+def _selector(name: str, leader_only: bool) -> dict[str, str]:
+    sel = {LWS_PREFIX + "name": name}
+    if leader_only:
+        sel[LWS_PREFIX + "worker-index"] = "0"
+    return sel
+
+
+# ----------------------------------------------------------------------------------------------
+# From RankCommands to pod scripts
+
+
+def k8s_render_context(plan: DeploymentPlan, opts: LWSOptions) -> RenderContext:
+    """The render context of pods: only the model path differs from ``widep render``'s."""
+    return RenderContext(model_path=pod_model_path(plan, opts))
+
+
+def pod_model_path(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
+    if opts.model_path:
+        return opts.model_path
+    if plan.spec.model.path or plan.arch.hf_id:
+        return None
+    if plan.arch.builtin:
+        from widep.tinymoe import model_dir_name
+
+        return f"{CACHE_MOUNT}/widep/{model_dir_name(plan.arch.builtin)}"
+    return None
+
+
+def _arg_index(argv: tuple[str, ...], flag: str) -> int | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return i + 1
+    return None
+
+
+def _arith(d: int, offset: int) -> str:
+    """``"$((W * d + offset))"`` without the redundant parts."""
+    if d == 1 and not offset:
+        return '"${W}"'
+    expr = "W" if d == 1 else f"W * {d}"
+    if offset:
+        expr += f" + {offset}"
+    return f'"$(({expr}))"'
+
+
+def _bug(msg: str) -> UserError:
+    return UserError(f"widep cannot express this role as a LeaderWorkerSet (a widep bug, please report): {msg}", exit_code=1)
+
+
+def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: RankCommand, placement: str, d: int, group_node: int) -> list[str]:
+    """The argv of a rendered command as bash words with the per-pod values substituted."""
+    argv = cmd.argv
+    special: dict[int, str] = {}
+    i = _arg_index(argv, "--data-parallel-address")
+    if i is not None:
+        special[i] = '"${LWS_LEADER_ADDRESS}"'
+    i = _arg_index(argv, "--data-parallel-rank")
+    if i is not None:
+        lr = int(argv[i]) - group_node * d
+        if placement == "pod-per-node" and lr != cmd.local_rank:
+            raise _bug(f"rank {argv[i]} of {cmd.name} is not worker {group_node} x {d} + local rank {cmd.local_rank}")
+        special[i] = _arith(d, lr)
+    i = _arg_index(argv, "--data-parallel-start-rank")
+    if i is not None:
+        if int(argv[i]) != group_node * d:
+            raise _bug(f"start rank {argv[i]} of {cmd.name} is not worker {group_node} x {d}")
+        special[i] = _arith(d, 0)
+    i = _arg_index(argv, "--host")
+    if i is not None and plan.spec.serving.host == "node":
+        special[i] = '"${POD_IP}"'
+    i = _arg_index(argv, "--port")
+    if i is not None and placement == "pod-per-rank":
+        special[i] = str(rp.http_port)
+    return [special.get(j, shlex.quote(a)) for j, a in enumerate(argv)]
+
+
+def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]:
+    gpus = [g for r in ranks for g in r.gpus]
+    offset = rp.spec.first_gpu if placement == "pod-per-node" else min(gpus)
+    return [g - offset for g in gpus]
+
+
+def _env_entry(name: str, value: Any, plan: DeploymentPlan) -> dict[str, Any]:
+    if isinstance(value, EnvRef):
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": value.name, "key": value.key}}}
+    if name == "VLLM_NIXL_SIDE_CHANNEL_HOST":
+        return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    return {"name": name, "value": str(value)}
+
+
+def _container_env(plan: DeploymentPlan, cmds: list[RankCommand], all_cmds: list[RankCommand]) -> list[dict[str, Any]]:
+    """Container env: what every process of the role shares (per-process variables excluded)."""
+    first = cmds[0]
+    out: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    names = set()
+    for key, value in first.env:
+        if key in PER_PROCESS_ENV:
+            continue
+        for other in all_cmds:
+            ov = other.env_dict.get(key)
+            if ov != value and key != "VLLM_NIXL_SIDE_CHANNEL_HOST":
+                raise _bug(f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ per node")
+        out.append(_env_entry(key, value, plan))
+        names.add(key)
+    for other in all_cmds:
+        extra = set(other.env_dict) - names - set(PER_PROCESS_ENV)
+        if extra:
+            raise _bug(f"{other.name} has variables {sorted(extra)} that {first.name} lacks")
+    if "HF_HUB_CACHE" not in names:
+        out.append({"name": "HF_HUB_CACHE", "value": CACHE_MOUNT})
+    out.append({"name": "WIDEP_SHM_DIR", "value": SHM_MOUNT})
+    return out
+
+
+def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLayout:
+    """Size, templates and served ports of one role's LeaderWorkerSet."""
+    ctx = k8s_render_context(plan, opts)
+    cmds = render_role(plan, rp, ctx)
+    mode = plan.spec.serving.dp_mode
+    placement = opts.placement
+    group0 = [c for c in cmds if c.replica == 0]
+    rank_of = {(r.replica, r.dp_rank): r for r in rp.ranks}
+    node_of_group = {node: gn for gn, node in enumerate(rp.group_nodes[0])}
+
+    if placement == "pod-per-rank" and rp.dp_local > 1:
+        size, d = rp.dp_size, 1
+        parts = [("all", 0, [c for c in group0 if c.dp_rank == 0])]
+    else:
+        placement = "pod-per-node"  # with one rank per node both placements are the same pods
+        size, d = rp.nodes_per_group, rp.dp_local
+        by_node: dict[int, list[RankCommand]] = {}
+        for c in group0:
+            by_node.setdefault(node_of_group[c.node], []).append(c)
+        if mode == "internal" and size > 1:
+            parts = [("leader", 0, by_node[0]), ("worker", 1, by_node[1])]
+        else:
+            parts = [("all", 0, by_node[0])]
+
+    templates: list[PodSpecPlan] = []
+    for which, gn, pcmds in parts:
+        procs: list[PodProcess] = []
+        for c in sorted(pcmds, key=lambda c: c.local_rank):
+            ranks = [rank_of[(c.replica, r)] for r in c.dp_ranks]
+            local = _local_devices(rp, ranks, placement)
+            penv: list[tuple[str, str]] = []
+            for key, value in c.env:
+                if key == "CUDA_VISIBLE_DEVICES":
+                    penv.append((key, ",".join(map(str, local))))
+                elif key == "VLLM_CPU_OMP_THREADS_BIND":
+                    penv.append((key, ",".join(map(str, local))))
+            words = _process_words(plan, rp, c, placement, d, gn)
+            if c.headless or c.port is None:
+                ports: tuple[int, ...] = ()
+            elif mode in ("multiport",):
+                ports = tuple(rank_of[(c.replica, r)].port for r in c.dp_ranks)  # type: ignore[misc]
+            elif placement == "pod-per-rank":
+                ports = (rp.http_port,)
+            else:
+                ports = (c.port,)
+            health = c.health_port if placement == "pod-per-node" else (rp.http_port if c.health_port is not None else None)
+            procs.append(PodProcess(tuple(words), tuple(penv), ports, health, c.local_rank, c.name))
+        env = _container_env(plan, pcmds, cmds)
+        devices = sum(len(rank_of[(c.replica, r)].gpus) for c in pcmds for r in c.dp_ranks)
+        templates.append(
+            PodSpecPlan(which, tuple(procs), tuple(env), d if placement == "pod-per-node" else 1, devices,
+                        headless=all(not p.ports for p in procs))
+        )
+    ports = sorted({p for t in templates for proc in t.processes for p in proc.ports})
+    named = tuple(("http" if len(ports) == 1 else f"rank-{p - rp.http_port}", p) for p in ports)
+    leader_only = mode == "internal" and size > 1
+    return RoleLayout(rp, lws_name(plan, rp), size, d if placement == "pod-per-node" else 1, tuple(templates), named, leader_only)
+
+
+def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> str:
+    """The bash program of a pod (the container's ``args[0]`` after ``bash -c``)."""
+    rp = layout.rp
+    d = layout.ranks_per_pod
+    what = {"all": "every pod", "leader": "the leader pod", "worker": "worker pods"}[tpl.which]
+    if layout.size == 1 and d == 1:
+        ranks_desc = "its DP rank"
+    elif d == 1:
+        ranks_desc = "DP rank W"
+    else:
+        ranks_desc = f"DP ranks W*{d} .. W*{d}+{d - 1}"
+    lines = [
+        f"# widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
+        f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = LWS_WORKER_INDEX).",
+        "set -euo pipefail",
+        ': "${LWS_WORKER_INDEX:?is not set: this pod must be created by a LeaderWorkerSet}"',
+        ': "${LWS_LEADER_ADDRESS:?is not set: this pod must be created by a LeaderWorkerSet}"',
+        f'if [ "${{LWS_GROUP_SIZE:-}}" != "{layout.size}" ]; then',
+        f'  echo "widep: this group has ${{LWS_GROUP_SIZE:-?}} pods but the ranks below are computed for {layout.size}; '
+        f'regenerate with widep lws instead of editing size" >&2',
+        "  exit 1",
+        "fi",
+        'W="${LWS_WORKER_INDEX}"',
+        "# Shared memory left by an earlier crash of this pod fills /dev/shm (llm-d issue #352).",
+        'find "${WIDEP_SHM_DIR}" -mindepth 1 -delete 2>/dev/null || true',
+    ]
+    if len(tpl.processes) == 1:
+        p = tpl.processes[0]
+        lines.append(f"# {p.label}" + (" (headless)" if not p.ports else f", port {', '.join(map(str, p.ports))}"))
+        lines.append(_command_text(p, exec_=True))
+        return "\n".join(lines) + "\n"
+    lines += [
+        "pids=()",
+        "stop() { kill -TERM \"${pids[@]}\" 2>/dev/null || true; }",
+        "trap stop TERM INT",
+    ]
+    for p in tpl.processes:
+        lines.append(f"# local rank {p.local_rank}: {p.label}" + ("" if not p.ports else f", port {', '.join(map(str, p.ports))}"))
+        lines.append(_command_text(p, exec_=False) + " &")
+        lines.append("pids+=($!)")
+    lines += [
+        "# The first process to exit fails the pod (and LWS recreates the group): a DP group cannot lose a rank.",
+        "status=0",
+        "wait -n || status=$?",
+        'echo "widep: a vLLM process of this pod exited with status ${status}; stopping the others" >&2',
+        "stop",
+        "wait || true",
+        "if [ \"${status}\" -eq 0 ]; then status=1; fi",
+        'exit "${status}"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _command_text(p: PodProcess, exec_: bool) -> str:
+    head = ["exec"] if exec_ else []
+    if p.env:
+        head += ["env"] + [f"{k}={shlex.quote(v)}" for k, v in p.env]
+    words = list(p.words)
+    # "vllm serve MODEL" / "python -m module --model MODEL" on the first line, then one flag per line
+    first_flag = next((i for i, w in enumerate(words) if w.startswith("--") and i > 0), len(words))
+    if words[first_flag - 2 : first_flag - 1] == ["--model"]:
+        first_flag -= 2
+    out = [" ".join(head + words[:first_flag])]
+    i = first_flag
+    while i < len(words):
+        w = words[i]
+        if w.startswith("--") and i + 1 < len(words) and not words[i + 1].startswith("--"):
+            out.append(f"{w} {words[i + 1]}")
+            i += 2
+        else:
+            out.append(w)
+            i += 1
+    return " \\\n    ".join(out)
+
+
+def health_check_script(host: str, ports: tuple[int, ...] | list[int]) -> str:
+    """Bash that exits 0 only if ``GET /health`` answers 200 on every port (no curl needed)."""
+    port_list = " ".join(str(p) for p in ports)
+    return (
+        f"for port in {port_list}; do\n"
+        f'  exec 3<>"/dev/tcp/{host}/${{port}}" || exit 1\n'
+        "  printf 'GET /health HTTP/1.0\\r\\nHost: localhost\\r\\n\\r\\n' >&3\n"
+        "  read -r -t 4 proto code rest <&3 || exit 1\n"
+        "  exec 3>&-\n"
+        '  [ "${code}" = 200 ] || exit 1\n'
+        "done\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubelet's $(VAR) expansion of command/args (k8s.io/kubernetes third_party/forked/golang/expansion)
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """Expand ``$(NAME)`` as the kubelet does in ``command``/``args``: defined names are replaced,
+    ``$$`` becomes ``$``, anything else (``${X}``, ``$((1+2))``, undefined names) stays as written."""
+    out: list[str] = []
+    checkpoint = 0
+    cursor = 0
+    n = len(text)
+    while cursor < n:
+        if text[cursor] == "$" and cursor + 1 < n:
+            out.append(text[checkpoint:cursor])
+            nxt = text[cursor + 1]
+            advance = 1
+            if nxt == "$":
+                out.append("$")
+            elif nxt == "(":
+                close = text.find(")", cursor + 2)
+                if close == -1:
+                    out.append("$(")
+                else:
+                    name = text[cursor + 2 : close]
+                    out.append(env[name] if name in env else f"$({name})")
+                    advance = close - cursor
+            else:
+                out.append("$" + nxt)
+            cursor += advance
+            checkpoint = cursor + 1
+        cursor += 1
+    out.append(text[checkpoint:])
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kubernetes objects
+
+
+def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str]) -> dict[str, Any]:
+    """startup / readiness / liveness probes on /health of every rank port of the pod."""
+    health = sorted({proc.health_port for proc in tpl.processes if proc.health_port is not None})
+    if not health:
+        return {}
+    timeout = 5
+    if len(health) == 1:
+        hp = health[0]
+        action: dict[str, Any] = {"httpGet": {"path": "/health", "port": port_names.get(hp, hp)}}
+    else:
+        host = "${POD_IP}" if plan.spec.serving.host == "node" else "127.0.0.1"
+        action = {"exec": {"command": ["/bin/bash", "-c", health_check_script(host, health)]}}
+    period = 10
+    startup = {**action, "periodSeconds": period, "timeoutSeconds": timeout,
+               "failureThreshold": max(1, math.ceil(plan.spec.vllm.ready_timeout_s / period))}
+    readiness = {**action, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": 3}
+    liveness = {**action, "periodSeconds": 30, "timeoutSeconds": timeout + 5, "failureThreshold": 3}
+    return {"startupProbe": startup, "readinessProbe": readiness, "livenessProbe": liveness}
+
+
+def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, opts: LWSOptions, image: str) -> dict[str, Any]:
+    rp = layout.rp
+    cuda = plan.device == "cuda"
+    port_names = {p: n for n, p in layout.service_ports}
+    if plan.spec.serving.dp_mode == "multiport":
+        port_names[plan.spec.serving.supervisor_port] = "supervisor"
+    container_ports = []
+    for proc in tpl.processes:
+        for p in proc.ports:
+            container_ports.append({"name": port_names[p], "containerPort": p, "protocol": "TCP"})
+        if proc.health_port is not None and proc.health_port not in proc.ports:
+            container_ports.append({"name": port_names.get(proc.health_port, "health"), "containerPort": proc.health_port, "protocol": "TCP"})
+    resources: dict[str, Any] = {}
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    cpu = opts.cpu or (None if cuda else str(tpl.devices))
+    if cpu:
+        requests["cpu"] = cpu
+    if opts.memory:
+        requests["memory"] = opts.memory
+        limits["memory"] = opts.memory
+    rdma = cuda and plan.spec.cluster.network.rdma and bool(opts.rdma_resource)
+    if cuda:
+        limits[opts.gpu_resource] = str(tpl.devices)
+        requests[opts.gpu_resource] = str(tpl.devices)
+        if rdma:
+            limits[opts.rdma_resource] = "1"  # type: ignore[index]
+            requests[opts.rdma_resource] = "1"  # type: ignore[index]
+    if limits:
+        resources["limits"] = limits
+    if requests:
+        resources["requests"] = requests
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["/bin/bash", "-c"],
+        "args": [pod_script(plan, layout, tpl)],
+        "env": [dict(e) for e in tpl.env],
+    }
+    if container_ports:
+        container["ports"] = container_ports
+    container["resources"] = resources
+    if cuda:
+        caps = ["IPC_LOCK"] + (["SYS_RAWIO"] if rdma else [])
+        container["securityContext"] = {"capabilities": {"add": caps}}
+    container["volumeMounts"] = [
+        {"name": "dshm", "mountPath": SHM_MOUNT},
+        {"name": "model-cache", "mountPath": CACHE_MOUNT},
+    ]
+    container.update(_probe_set(plan, tpl, port_names))
+    shm = opts.shm_size or f"{max(2, tpl.ranks_per_pod)}Gi"
+    spec: dict[str, Any] = {
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": opts.termination_grace_s,
+    }
+    if cuda:
+        products = opts.gpu_products or GPU_PRODUCTS.get(plan.gpu.name, ())
+        if opts.gpu_product_label and products:
+            spec["affinity"] = {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": opts.gpu_product_label, "operator": "In", "values": list(products)}]}
+                        ]
+                    }
+                }
+            }
+        spec["tolerations"] = [{"key": opts.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+    spec["containers"] = [container]
+    spec["volumes"] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
+        {"name": "model-cache", **_cache_volume(opts.model_cache)},
+    ]
+    return {"metadata": {"labels": _labels(plan, rp)}, "spec": spec}
+
+
+def _metadata(name: str, labels: dict[str, str], namespace: str | None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    meta["labels"] = dict(labels)
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def render_lws(
+    plan: DeploymentPlan,
+    image: str | None = None,
+    namespace: str | None = None,
+    placement: str = "pod-per-node",
+    **options: Any,
+) -> list[dict[str, Any]]:
+    """The manifests of a plan: per role a LeaderWorkerSet and a Service (and an InferencePool
+    when ``inference_pool=True``), in role order. Other keyword arguments: :class:`LWSOptions`."""
+    opts = LWSOptions(image=image, namespace=namespace, placement=placement, **options)
+    check_options(plan, opts)
+    image = opts.image or plan.spec.vllm.image
+    docs: list[dict[str, Any]] = []
+    for rp in plan.roles:
+        layout = role_layout(plan, rp, opts)
+        labels = _labels(plan, rp)
+        annotations = {EXCLUSIVE_TOPOLOGY: opts.exclusive_topology} if opts.exclusive_topology else None
+        lwt: dict[str, Any] = {"size": layout.size, "restartPolicy": "RecreateGroupOnPodRestart"}
+        by_which = {t.which: t for t in layout.templates}
+        if "leader" in by_which:
+            lwt["leaderTemplate"] = _pod_template(plan, layout, by_which["leader"], opts, image)
+            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["worker"], opts, image)
+        else:
+            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["all"], opts, image)
+        docs.append({
+            "apiVersion": LWS_API_VERSION,
+            "kind": "LeaderWorkerSet",
+            "metadata": _metadata(layout.name, labels, opts.namespace, annotations),
+            "spec": {
+                "replicas": rp.spec.replicas,
+                "startupPolicy": "LeaderCreated",
+                "leaderWorkerTemplate": lwt,
+            },
+        })
+        docs.append({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _metadata(f"{layout.name}-api", labels, opts.namespace),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": _selector(layout.name, layout.leader_only),
+                "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in layout.service_ports],
+            },
+        })
+        if opts.inference_pool:
+            if len(layout.service_ports) > INFERENCE_POOL_MAX_PORTS:
+                raise UserError(
+                    f"--inference-pool: role {rp.name!r} serves {len(layout.service_ports)} ports per pod but an "
+                    f"InferencePool takes at most {INFERENCE_POOL_MAX_PORTS} targetPorts. Given: --inference-pool. "
+                    "Valid: fewer ranks per pod (--placement pod-per-rank, or dp_mode hybrid/multiport), or no pool"
+                )
+            docs.append({
+                "apiVersion": INFERENCE_POOL_API_VERSION,
+                "kind": "InferencePool",
+                "metadata": _metadata(layout.name, labels, opts.namespace),
+                "spec": {
+                    "selector": {"matchLabels": _selector(layout.name, layout.leader_only)},
+                    "targetPorts": [{"number": p} for _, p in layout.service_ports],
+                    "endpointPickerRef": {
+                        "name": f"{layout.name}-epp",
+                        "port": {"number": opts.epp_port},
+                        "failureMode": "FailOpen",
+                    },
+                },
+            })
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper writing multi-line strings as literal blocks."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value)
+
+
+_Dumper.add_representer(str, _str)
+_Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]  # no &id001 anchors
+
+
+def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) -> str:
+    """Multi-document YAML in the dicts' own key order; ``header`` lines become leading comments."""
+    head = "".join(f"# {line}".rstrip() + "\n" for line in header or [])
+    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120) for d in docs)
+    return head + body
+
+
+def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = None, *,
+                 image: str | None = None, model_path: str | None = None) -> list[str]:
+    """What a generated file says about itself: its source, how to regenerate it, the plan."""
+    lines = [f"Generated by `{command}` - do not edit."]
+    if regenerate:
+        lines.append(f"Regenerate every file in lws/ with: {regenerate}")
+    if plan.spec.description:
+        lines.append(f"{plan.name}: {plan.spec.description}")
+    for rp in plan.roles:
+        lines.append(
+            f"role {rp.name} ({rp.kind}): {rp.spec.replicas} group(s) of {rp.nodes_per_group} node(s) x "
+            f"{rp.dp_local * rp.tp_size} {plan.gpu.name}, DP {rp.dp_size} / TP {rp.tp_size} / EP {rp.ep_size}, "
+            f"{rp.all2all_backend}, dp_mode {plan.spec.serving.dp_mode}"
+        )
+    for w in plan.warnings + tuple(w for rp in plan.roles for w in rp.warnings):
+        lines.append(f"plan warning: {w}")
+    if plan.device == "cpu":
+        lines.append(f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image}).")
+    builtin = pod_model_path(plan, LWSOptions(model_path=model_path)) if plan.arch.builtin and not model_path else None
+    if builtin:
+        lines.append(
+            f"note: the model is widep's tiny {plan.arch.builtin} MoE at {builtin} in the model cache volume: build it "
+            f"there with `widep model build --arch {plan.arch.builtin} --cache-dir <cache>/widep`, or give --model-path."
+        )
+    return lines
+
+
+def sensible_placements(plan: DeploymentPlan) -> list[str]:
+    """Placements worth generating: pod-per-rank only where it gives other pods than pod-per-node
+    and check_options accepts it."""
+    out = ["pod-per-node"]
+    if plan.spec.serving.dp_mode == "external" and any(rp.dp_local > 1 for rp in plan.roles) and not any(
+        rp.dp_local > 1 and rp.all2all_backend.startswith("deepep") for rp in plan.roles
+    ):
+        out.append("pod-per-rank")
+    return out
