@@ -730,3 +730,18 @@ def test_generated_files_pass_widep_lws_validate(capsys, crd):
     code, out, err = run_cli(capsys, "--validate", str(REPO / "lws"), "--crd", str(crd))
     assert code == 0, out
     assert out.startswith("ok: ")
+
+
+@pytest.mark.parametrize(("topology", "placement", "limit"), [
+    ("deepseek-r1-decode-4x8-h200-eplb.yaml", "pod-per-node", 50),  # 4 pods: "<name>-0-3" <= 63, "<name>-0" <= 52
+    ("qwen3-30b-a3b-1x2-h100.yaml", "pod-per-rank", 50),
+    ("tiny-moe-cpu.yaml", "pod-per-node", 52),  # size 1: the StatefulSet is "<name>"
+])
+def test_name_length_limit_matches_the_validator(crd, topology, placement, limit):
+    role = yaml.safe_load((REPO / "topologies" / topology).read_text())["roles"][0]["name"]
+    ok = variant(topology, name="n" * (limit - len(role) - 1))
+    _, problems = v.validate_text(L.dump_manifests(L.render_lws(plan_of(ok), placement=placement)), crd)
+    assert [pr.format() for pr in problems if pr.failing] == []
+    too_long = variant(topology, name="n" * (limit - len(role)))
+    with pytest.raises(UserError, match=f"at most {limit} characters"):
+        L.render_lws(plan_of(too_long), placement=placement)

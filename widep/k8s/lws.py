@@ -234,12 +234,28 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
                     "Given: --exclusive-topology kubernetes.io/hostname. Valid: a label spanning several nodes "
                     "(a rack or network block, e.g. cloud.google.com/gce-topology-block)"
                 )
-        if len(name) > 63 - 4 or not _DNS1035.match(name):
+        size = lws_size(rp, opts.placement)
+        last = rp.spec.replicas - 1
+        limit = 59  # the Service adds "-api"
+        if size > 1:
+            # StatefulSet "<name>-<group>" at most 52 (controller-revision-hash label), pod "<name>-<group>-<worker>" at most 63
+            limit = min(limit, 52 - len(f"-{last}"), 63 - len(f"-{last}-{size - 1}"))
+        else:
+            limit = min(limit, 52)
+        if len(name) > limit or not _DNS1035.match(name):
             raise UserError(
-                f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label of at most 59 "
-                f"characters (Services add '-api'). Given: name {plan.name!r}, role {rp.name!r}. Valid: a shorter "
-                "topology name starting with a letter"
+                f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label (a letter first) of "
+                f"at most {limit} characters here ({rp.spec.replicas} group(s) of {size} pods: the controller derives "
+                f"StatefulSet, pod and label names from it). Given: name {plan.name!r}, role {rp.name!r}. "
+                "Valid: a shorter topology name or role name, starting with a letter"
             )
+
+
+def lws_size(rp: RolePlan, placement: str) -> int:
+    """Pods per group: nodes per DP group (pod-per-node), DP size (pod-per-rank)."""
+    if placement == "pod-per-rank" and rp.dp_local > 1:
+        return rp.dp_size
+    return rp.nodes_per_group
 
 
 def _cache_volume(spec: str) -> dict[str, Any]:
