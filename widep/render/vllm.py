@@ -56,6 +56,8 @@ class RenderContext:
     """(role, replica) -> address of the group leader, overriding the topology (Ray placement, LWS)."""
     node_addresses: dict[int, str] = field(default_factory=dict)
     """node index -> address this node is reached by, overriding the topology."""
+    profile_dir: str | None = None
+    """Turn the torch profiler on with traces under this absolute directory (overrides profiler.dir)."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ OWNED_FLAGS = {
     "--served-model-name": "model.served_model_name",
     "--api-key": "serving.api_key_secret",
     "--moe-backend": "roles[].deep_gemm",
+    "--profiler-config": "profiler",
 }
 
 OWNED_ENV = {
@@ -164,6 +167,7 @@ OWNED_ENV = {
     "NCCL_SOCKET_IFNAME": "cluster.network.interface",
     "VLLM_API_KEY": "serving.api_key_secret",
     "HF_TOKEN": "serving.hf_token_secret",
+    "VLLM_TORCH_PROFILER_DIR": "profiler.dir",
 }
 
 
@@ -298,11 +302,14 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         # CPU backend: a fixed KV cache per rank, and each rank's OpenMP threads on their own cores
         # (the CPU counterpart of giving each rank its own GPU).
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(rp.memory.kv_cache_gib)))))
+        # One core group per DP rank of this process, separated by '|' as vLLM slices it per local rank.
         gpn = plan.spec.cluster.gpus_per_node
         cores = [rank.node * gpn + g for g in gpus]
         if ctx.cpu_count:
             cores = [c % ctx.cpu_count for c in cores]
-        env.append(("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores))))
+        tp = rp.tp_size
+        groups = [",".join(map(str, cores[i : i + tp])) for i in range(0, len(cores), tp)]
+        env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(groups)))
     if plan.spec.disaggregated:
         env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_addr(plan, ctx, rank.node)))
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))
@@ -312,6 +319,35 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         env.append(("HF_TOKEN", EnvRef(plan.spec.serving.hf_token_secret, "token")))
     env += sorted(s.extra_env.items())
     return env
+
+
+def profile_dir_of(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int) -> str | None:
+    """Where a process's torch traces go, or None when profiling is off."""
+    if not (plan.spec.profiler.enabled or ctx.profile_dir):
+        return None
+    base = (ctx.profile_dir or plan.spec.profiler.dir).rstrip("/")
+    return f"{base}/{role}/rank-{dp_rank}"
+
+
+def _profiler(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int) -> tuple[list[str], list[tuple[str, EnvValue]]]:
+    d = profile_dir_of(plan, ctx, role, dp_rank)
+    if d is None:
+        return [], []
+    pr = plan.spec.profiler
+    if plan.vllm.profiler == "config":
+        cfg = {
+            "profiler": "torch",
+            "torch_profiler_dir": d,
+            "torch_profiler_with_stack": pr.with_stack,
+            "torch_profiler_record_shapes": pr.record_shapes,
+            "torch_profiler_with_memory": pr.with_memory,
+        }
+        return ["--profiler-config", json.dumps(cfg, separators=(",", ":"))], []
+    env: list[tuple[str, EnvValue]] = [("VLLM_TORCH_PROFILER_DIR", d)]
+    env += [("VLLM_TORCH_PROFILER_WITH_STACK", "1" if pr.with_stack else "0"),
+            ("VLLM_TORCH_PROFILER_RECORD_SHAPES", "1" if pr.record_shapes else "0"),
+            ("VLLM_TORCH_PROFILER_WITH_PROFILE_MEMORY", "1" if pr.with_memory else "0")]
+    return [], env
 
 
 def _entry(plan: DeploymentPlan, ctx: RenderContext, model: str) -> list[str]:
@@ -348,9 +384,10 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
                     argv += ["--data-parallel-rank", str(r.dp_rank)] + dp_args
                 if plan.vllm.api_server_count_default_is_dp:
                     argv += ["--api-server-count", "1"]
+                pargs, penv = _profiler(plan, ctx, rp.name, r.dp_rank)
                 out.append(
                     RankCommand(rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank,
-                                tuple(argv + tail), tuple(_env(plan, ctx, rp, r, r.gpus)), r.port, r.port)
+                                tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, r, r.gpus) + penv), r.port, r.port)
                 )
             continue
         # per-node processes
@@ -378,9 +415,10 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
                 else:
                     argv = _entry(plan, ctx, model) + common + base + dp_args + ["--headless"]
                     headless, port, health = True, None, None
+            pargs, penv = _profiler(plan, ctx, rp.name, first.dp_rank)
             out.append(
                 RankCommand(rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank,
-                            tuple(argv + tail), tuple(_env(plan, ctx, rp, first, gpus)), port, health, headless)
+                            tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, first, gpus) + penv), port, health, headless)
             )
     return out
 

@@ -89,9 +89,11 @@ def smoke_completion(p: DeploymentPlan, ctx: RenderContext, prompt: str, max_tok
 @click.option("--backend", type=click.Choice(["bare-metal", "ray"]), default="bare-metal", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--skip-preflight", is_flag=True, help="Start without the port/GPU/entry-point/model checks.")
+@click.option("--profile", is_flag=True, help="Turn vLLM's torch profiler on (traces under <run-dir>/profiles; capture with `widep profile`).")
 def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: str | None, follow: bool, once: bool, prompt: str,
                restart: str, max_restarts: int, backoff: float, ready_timeout: float | None, grace: float, stop_timeout: float,
-               python: str | None, model_path: str | None, backend: str, address: str | None, skip_preflight: bool) -> int:
+               python: str | None, model_path: str | None, backend: str, address: str | None, skip_preflight: bool,
+               profile: bool) -> int:
     """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE)."""
     from rich.console import Console
 
@@ -107,7 +109,12 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
                              policy=RestartPolicy(restart, max_restarts, backoff), ready_timeout=ready_timeout,
                              python=python, model=model_path, run_dir=run_dir)
     me = resolve_node(p, node)
+    rd = Path(run_dir) if run_dir else Path("runs") / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}-n{me}"
     ctx = launch_context(p, python, model_path, build=not dry_run)
+    if profile:
+        from dataclasses import replace
+
+        ctx = replace(ctx, profile_dir=str((rd / "profiles").resolve()))
     cmds = render(p, ctx, node=me)
     if dry_run:
         from widep.plan.cli import print_plan
@@ -121,7 +128,6 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
         preflight(p, cmds, me, model_path_of(p, ctx))
     from widep.run.launcher import LaunchOptions, Launcher
 
-    rd = Path(run_dir) if run_dir else Path("runs") / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}-n{me}"
     opts = LaunchOptions(
         node=me,
         run_dir=rd,

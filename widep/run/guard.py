@@ -22,6 +22,7 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
+ORPHAN_GRACE_S = 3.0
 _stop = False
 
 
@@ -124,7 +125,9 @@ def main(argv: list[str]) -> int:
             code = child.wait(timeout=0.2)
         except subprocess.TimeoutExpired:
             continue
-    stop_group(pgid, grace)
+    # CMD is gone: what is left of its group (vLLM's engine core and workers) is orphaned and serves
+    # nothing, so it gets a short grace rather than the full one.
+    stop_group(pgid, min(grace, ORPHAN_GRACE_S))
     return 128 - code if code < 0 else code
 
 

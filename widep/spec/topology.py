@@ -248,6 +248,29 @@ class VLLMSpec(Strict):
     """How long a rank may take to answer /health before it counts as failed."""
 
 
+class ProfilerSpec(Strict):
+    """vLLM's torch profiler, rendered into every rank's command (captured with `widep profile`)."""
+
+    enabled: bool = False
+    """Render the profiler config (--profiler-config on vLLM >= 0.20, VLLM_TORCH_PROFILER_DIR before)."""
+    dir: str = "/tmp/widep-profiles"
+    """Absolute directory for traces on each node; rank traces go to <dir>/<role>/rank-<n>/.
+    `widep launch` puts them under its run directory instead."""
+    with_stack: bool = True
+    """Record Python stacks (torch_profiler_with_stack)."""
+    record_shapes: bool = False
+    """Record operator input shapes (torch_profiler_record_shapes)."""
+    with_memory: bool = False
+    """Record memory allocations (torch_profiler_with_memory)."""
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"the profiler directory must be absolute (vLLM requires it). Given: {v!r}.")
+        return v
+
+
 class TopologySpec(Strict):
     """A whole deployment: a model on a cluster, split into roles."""
 
@@ -265,6 +288,8 @@ class TopologySpec(Strict):
     """Ports and DP mode."""
     vllm: VLLMSpec = Field(default_factory=VLLMSpec)
     """vLLM version and entry point."""
+    profiler: ProfilerSpec = Field(default_factory=ProfilerSpec)
+    """vLLM's torch profiler (off by default)."""
 
     @model_validator(mode="after")
     def _roles(self) -> TopologySpec:

@@ -1,0 +1,1 @@
+"""``widep profile``: capture vLLM's torch profiler on chosen ranks of a running deployment."""
