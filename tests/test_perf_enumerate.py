@@ -76,7 +76,6 @@ def _agree(budget: Budget) -> Counter:
         assert tuple(role_input_from_plan(rp, p.gpu) for rp in p.roles) == v.roles, c.id
         assert p.total_gpus == c.gpus
         cats["ok"] += 1
-    print(budget.model, budget.gpu, budget.gpus, dict(cats))
     return cats
 
 

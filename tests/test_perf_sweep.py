@@ -67,8 +67,8 @@ def test_sweep_writes_one_directory_per_candidate_and_resumes(tmp_path: Path) ->
     assert ok and bad
     for r in res:
         d = out / r.id
-        assert json.loads((d / "result.json").read_text())["status"] == r.status
-        assert json.loads((d / "candidate.json").read_text())["id"] == r.id
+        stored = json.loads((d / "result.json").read_text())
+        assert stored["status"] == r.status and stored["candidate"]["id"] == r.id
         assert (d / "topology.yaml").exists() == (r.status == "ok")
     # the stored topology of a feasible candidate plans, and predicting it alone gives the same numbers
     r0 = ok[0]
@@ -86,7 +86,7 @@ def test_sweep_writes_one_directory_per_candidate_and_resumes(tmp_path: Path) ->
     ex2 = Counting(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
     res2 = run_sweep(items, ex2, out)
     assert ex2.seen == []
-    assert [r.as_dict() for r in res2] == [json.loads((out / r.id / "result.json").read_text()) for r in res]
+    assert [r.as_dict() for r in res2] == [{k: v for k, v in json.loads((out / r.id / "result.json").read_text()).items() if k != "candidate"} for r in res]
     # a different workload invalidates stored results; a deleted point is recomputed alone
     (out / r0.id / "result.json").unlink()
     ex3 = Counting(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
@@ -117,6 +117,18 @@ class Failing:
             r.key = self.key()
             r.executor = self.name
             yield r
+
+
+def test_large_sweeps_write_topology_files_on_request(tmp_path: Path) -> None:
+    from widep.perf.sweep import write_topologies
+
+    items = small_items()
+    res = run_sweep(items, PredictExecutor(CAL, Workload(), [1, 8]), tmp_path, topology_files_max=0)
+    assert not list(tmp_path.glob("*/topology.yaml"))
+    best = [it for it, r in zip(items, res) if r.status == "ok"][:2]
+    written = write_topologies(best, tmp_path)
+    assert [p.parent.name for p in written] == [it.id for it in best]
+    assert plan(load_topology(written[0])).total_gpus == best[0].gpus
 
 
 def test_failures_are_recorded_and_retried(tmp_path: Path) -> None:

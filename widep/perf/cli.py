@@ -135,7 +135,15 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
     from widep.perf.calibration import load_calibration
     from widep.perf.enumerate import Budget, Grid, enumerate_candidates
     from widep.perf.model import Workload
-    from widep.perf.sweep import PredictExecutor, frontier, items_from_candidates, items_from_topologies, plot_sweep, run_sweep
+    from widep.perf.sweep import (
+        PredictExecutor,
+        frontier,
+        items_from_candidates,
+        items_from_topologies,
+        plot_sweep,
+        run_sweep,
+        write_topologies,
+    )
     from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
 
     del predict  # the analytic model is the only executor of this command so far
@@ -198,6 +206,10 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
             if lv is not None:
                 rows.append((r, lv))
         return sorted(rows, key=lambda x: -x[1]["tps_gpu"])
+
+    if out is not None:  # the topology files worth launching: the frontier and the ranking's head
+        keep = {r.id for r, _ in front} | {r.id for r, _ in ranked()[: max(top, 15)]}
+        write_topologies([by_id[i] for i in keep if i in by_id], out)
 
     if as_json:
         from widep.perf.sweep import summary_rows

@@ -3,9 +3,11 @@
 Layout of ``--out DIR`` (one directory per point, resumable, failures recorded):
 
     DIR/sweep.json                  what was swept: budget or files, workload, levels, executor key
-    DIR/<item-id>/candidate.json    the candidate (roles, flags) and its feasibility verdict
-    DIR/<item-id>/topology.yaml     the topology file of a feasible candidate (widep plan/launch take it)
-    DIR/<item-id>/result.json       status ok | infeasible | failed, reason, one record per concurrency level
+    DIR/<item-id>/result.json       the candidate (roles, flags), status ok | infeasible | failed, the reason
+                                    (the planner's message), one record per concurrency level
+    DIR/<item-id>/topology.yaml     the topology file of a feasible candidate (widep plan/launch take it); for
+                                    sweeps of more than ``topology_files_max`` items only for the ones asked
+                                    for (the CLI: the frontier and the printed ranking), see write_topologies
     DIR/summary.csv, summary.json   one row per item, plus the Pareto frontier
     DIR/sweep-pareto.png/.svg ...   plots (a separate, read-only step: :func:`plot_sweep`)
 
@@ -214,6 +216,7 @@ class ItemResult:
     def from_dict(cls, d: dict[str, Any]) -> ItemResult:
         d = dict(d)
         d.pop("format", None)
+        d.pop("candidate", None)
         return cls(**d)
 
     @property
@@ -343,10 +346,27 @@ class PredictExecutor:
 # The loop
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.write_text(json.dumps(obj, separators=(",", ":"), default=str) if compact else json.dumps(obj, indent=1, default=str))
     tmp.replace(path)
+
+
+def write_topologies(items: Sequence[SweepItem], out: Path) -> list[Path]:
+    """``topology.yaml`` in each item's directory (for items that have a topology)."""
+    import yaml
+
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    written = []
+    for it in items:
+        if it.topology_doc is None:
+            continue
+        d = Path(out) / it.id
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / "topology.yaml"
+        p.write_text(yaml.dump(it.topology_doc(), sort_keys=False, Dumper=dumper))
+        written.append(p)
+    return written
 
 
 def run_sweep(
@@ -357,10 +377,12 @@ def run_sweep(
     resume: bool = True,
     meta: dict[str, Any] | None = None,
     on_result: Callable[[ItemResult], None] | None = None,
+    topology_files_max: int = 2000,
 ) -> list[ItemResult]:
     """Run ``executor`` over ``items``; with ``out``, reuse matching stored results and store new ones.
 
-    Infeasible items get the planner's own message as their reason when written to disk.
+    Infeasible items get the planner's own message as their reason when written to disk. Feasible items
+    get a ``topology.yaml`` when the sweep has at most ``topology_files_max`` items.
     """
     key = executor.key()
     done: dict[str, ItemResult] = {}
@@ -381,6 +403,7 @@ def run_sweep(
     pending = [it for it in items if it.id not in done]
     by_id = {it.id: it for it in items}
     results: dict[str, ItemResult] = dict(done)
+    with_topology = len(items) <= topology_files_max
     for r in executor.run(pending):
         it = by_id[r.id]
         if r.status == "infeasible" and it.planner_message is not None and out is not None:
@@ -391,12 +414,9 @@ def run_sweep(
         if out is not None:
             d = out / r.id
             d.mkdir(exist_ok=True)
-            _write_json(d / "candidate.json", it.candidate_dict())
-            if r.status == "ok" and it.topology_doc is not None:
-                import yaml
-
-                (d / "topology.yaml").write_text(yaml.dump(it.topology_doc(), sort_keys=False, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper)))
-            _write_json(d / "result.json", r.as_dict())
+            if r.status == "ok" and with_topology:
+                write_topologies([it], out)
+            _write_json(d / "result.json", r.as_dict() | {"candidate": it.candidate_dict()}, compact=True)
         if on_result is not None:
             on_result(r)
     ordered = [results[it.id] for it in items if it.id in results]
