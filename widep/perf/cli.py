@@ -148,6 +148,8 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
 
     del predict  # the analytic model is the only executor of this command so far
     paths = ([topologies] if topologies else []) + list(files)
+    if measured and out is None:
+        raise UserError(f"--measured overlays bench runs on the plots that --out writes. Given: --measured {measured[0]} without --out. Valid: add --out DIR.")
     cal = load_calibration(calibration)
     levels = parse_levels(conc_text) if conc_text else None
     t0 = time.perf_counter()

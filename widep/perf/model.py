@@ -489,7 +489,7 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     gap = np.where(~rb.cuda_graphs, cal.kernel_gap_eager_us,
                    np.where((p <= 0) & (T <= cal.graph_max_tokens), cal.kernel_gap_full_graph_us, cal.kernel_gap_piecewise_us))
     t_launch = nmb * A.layers * spec_f * cal.kernels_per_layer * gap * 1e-6
-    seqs = d + np.where(p > 0, np.maximum(p / 2048.0, 1.0), 0.0)
+    seqs = d + np.where(p > 0, np.maximum(p / 2048.0, 1.0), 0.0)  # prefill: one request per ~2K prompt tokens
     t_host = (cal.host_step_us + cal.host_per_seq_us * seqs) * 1e-6
 
     # expert all-to-all per MoE layer and micro-batch
