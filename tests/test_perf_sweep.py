@@ -154,6 +154,10 @@ def test_frontier_matches_the_bench_definition() -> None:
         assert not any(lv["tps_user"] > f["tps_user"] and lv["tps_gpu"] > f["tps_gpu"] for _, lv in pts)
     tight = frontier(res, max_ttft_ms=500)
     assert all(lv["ttft_ms"] <= 500 for _, lv in tight)
+    # results read back from disk (plain dict levels) give the same frontiers as the executor's arrays
+    plain = [ItemResult.from_dict(json.loads(json.dumps(r.as_dict()))) for r in res]
+    assert [(r.id, lv) for r, lv in frontier(plain)] == [(r.id, lv) for r, lv in got]
+    assert [(r.id, lv) for r, lv in frontier(plain, max_ttft_ms=500)] == [(r.id, lv) for r, lv in tight]
 
 
 def test_levels_are_sorted_with_one_saturation_point() -> None:

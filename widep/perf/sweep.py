@@ -166,11 +166,13 @@ class LevelTable(Sequence[dict[str, Any]]):
     A predicted sweep has 10^5 levels: building them all as dicts would cost more than the model.
     """
 
-    __slots__ = ("_cols", "_idx")
+    __slots__ = ("_cols", "_idx", "xy")
 
-    def __init__(self, cols: list[list[Any]], idx: list[int]) -> None:
+    def __init__(self, cols: list[list[Any]], idx: list[int], xy: np.ndarray | None = None) -> None:
         self._cols = cols
         self._idx = idx
+        self.xy = xy
+        """Optional (3, len) float array of tokens/s/user (NaN: none), tokens/s/GPU, TTFT ms, in level order."""
 
     def __len__(self) -> int:
         return len(self._idx)
@@ -337,8 +339,14 @@ class PredictExecutor:
             idx = order.tolist()
             for i in np.flatnonzero(dup.any(axis=1)).tolist():
                 idx[i] = [j for j in idx[i] if not dup[i, j]]
+            xy = np.stack([np.round(perf.tps_user, 4), np.round(perf.tps_gpu, 4), np.round(perf.ttft * 1e3, 4)])
+            xy = np.take_along_axis(xy, np.broadcast_to(order, xy.shape), axis=2)
+            has_dup = dup.any(axis=1)
             for i, it in enumerate(its):
-                out.append((it, LevelTable([c[i] for c in cols], idx[i])))
+                rows_xy = xy[:, i, :]
+                if has_dup[i]:
+                    rows_xy = rows_xy[:, ~dup[i][order[i]]]
+                out.append((it, LevelTable([c[i] for c in cols], idx[i], rows_xy)))
         return out
 
 
@@ -437,6 +445,9 @@ def frontier(results: Iterable[ItemResult], max_ttft_ms: float | None = None) ->
     Same definition as ``widep.bench.plot.pareto_front`` (both maximised, ordered by tokens/s/user);
     computed with numpy because a sweep has 10^5 points.
     """
+    results = list(results)
+    if results and all(r.status != "ok" or (isinstance(r.levels, LevelTable) and r.levels.xy is not None) for r in results):
+        return _frontier_arrays(results, max_ttft_ms)
     owners: list[tuple[ItemResult, int]] = []
     xs: list[Any] = []
     ys: list[Any] = []
@@ -472,6 +483,31 @@ def frontier(results: Iterable[ItemResult], max_ttft_ms: float | None = None) ->
         r, j = owners[i]
         out.append((r, r.levels[j]))
     return out
+
+
+def _frontier_arrays(results: list[ItemResult], max_ttft_ms: float | None) -> list[tuple[ItemResult, dict[str, Any]]]:
+    """:func:`frontier` on the arrays the predict executor keeps (no per-level Python objects)."""
+    ok = [r for r in results if r.status == "ok" and len(r.levels)]
+    if not ok:
+        return []
+    blocks = [r.levels.xy for r in ok]  # type: ignore[union-attr]
+    xy = np.concatenate(blocks, axis=1)
+    owner = np.repeat(np.arange(len(ok)), [b.shape[1] for b in blocks])
+    local = np.concatenate([np.arange(b.shape[1]) for b in blocks])
+    x, y, t = xy
+    good = ~np.isnan(x) & (x > 0) & (y > 0)
+    if max_ttft_ms is not None:
+        good &= ~np.isnan(t) & (t <= max_ttft_ms)
+    valid = np.flatnonzero(good)
+    if valid.size == 0:
+        return []
+    vx, vy = x[valid], y[valid]
+    order = np.lexsort((-vy, -vx))
+    sy = vy[order]
+    prev_best = np.concatenate([[-np.inf], np.maximum.accumulate(sy)[:-1]])
+    idx = order[sy > prev_best]
+    idx = idx[np.argsort(vx[idx], kind="stable")]
+    return [(ok[owner[i]], ok[owner[i]].levels[int(local[i])]) for i in valid[idx]]
 
 
 SUMMARY_FIELDS = (
