@@ -77,7 +77,7 @@ PUBLISHED = {
 }
 
 
-def _batch(topology: dict) -> tuple[RoleBatch, object]:
+def _batch(topology: dict) -> tuple[ArchConst, object]:
     p = plan(parse_topology(topology, topology["name"]))
     arch = ArchConst.of(p.arch, p.weight_dtype, p.kv_dtype)
     return arch, p
