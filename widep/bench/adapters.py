@@ -430,7 +430,7 @@ async def run_inference_perf_level(
         conf = native_dir / f"ep{i}.yaml"
         conf.write_text(yaml.safe_dump(inference_perf_config(cfg, cfg.endpoints[i], share, count, level, out), sort_keys=False))
         cmds.append(([cmd, "--config_file", str(conf)], native_dir / f"ep{i}.log"))
-    wall0, perf0 = time.time(), time.perf_counter()
+    wall0 = time.time()
     codes = await _run_procs(cmds, _default_bound(cfg, parts, level), dict(os.environ))
     records: list[RequestRecord] = []
     problems = []
@@ -442,14 +442,13 @@ async def run_inference_perf_level(
         records.extend(records_from_inference_perf(json.loads(found[-1].read_text()), cfg.endpoints[i], len(records)))
     if problems and not records:
         raise RuntimeError("\n".join(problems))
-    t0 = rebase(records)
+    rebase(records)
     ends = [r.end_s for r in records if r.end_s is not None]
     duration = max(ends) if ends else 0.0
     # inference-perf's clock may be wall time or perf_counter: anchor on our own wall clock
     extra: dict[str, Any] = {"tool_version": _ip_version(), "native_dir": native_dir.name}
     if problems:
         extra["generator_problems"] = problems
-    del perf0, t0
     return records, wall0, wall0 + duration, duration, extra
 
 

@@ -87,10 +87,11 @@ class LoadOptions:
     """Hard bound on a level; None: duration + request timeout (duration mode) or no extra bound."""
     connect_timeout_s: float = 10.0
     seed: int = 0
-    arrival_spin_s: float = 0.001
+    arrival_spin_s: float = 0.0
     """Open loop: the last this-many seconds before an arrival are waited out by yielding to the
-    event loop (``sleep(0)``) instead of a timer, whose resolution is about 1 ms. Costs CPU, cuts the
-    send lag; 0 turns it off."""
+    event loop (``sleep(0)``) instead of a timer, whose resolution is about 1 ms. It cuts the median
+    send lag from ~0.6 to ~0.1 ms but costs CPU; on a small client machine that CPU delays the
+    reading of streams more than it helps (profiling/bench_loadgen_cost.py), so it is off by default."""
 
 
 @dataclass
