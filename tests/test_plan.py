@@ -182,7 +182,7 @@ def test_memory_does_not_fit():
 
 def test_max_model_len_over_kv_capacity():
     with pytest.raises(UserError, match="max_model_len=2048 but each rank's KV cache holds only"):
-        plan(topo([{"name": "d", "nodes": 1, "max_model_len": 2048, "kv_cache_gib": 0.001}], gpu="CPU", gpn=1, nodes=1, model="tiny-moe"))
+        plan(topo([{"name": "d", "nodes": 1, "max_model_len": 2048, "kv_cache_gib": 0.0005}], gpu="CPU", gpn=1, nodes=1, model="tiny-moe"))
 
 
 def test_batched_tokens_at_least_seqs():

@@ -94,7 +94,11 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
                 ports.append((control_host, role.control_port))
             if spec.serving.dp_mode == "multiport" and node in group:
                 ports.append((any_host, spec.serving.supervisor_port))
-    if not ranks:
+    router = getattr(plan, "router", None)
+    if router is not None and router.node == node:
+        rhost = node_host if spec.router.host == "node" else spec.router.host
+        ports.extend([(rhost, router.port), (rhost, router.prometheus_port)])
+    if not ranks and not (router is not None and router.node == node):
         used = sorted({r.node for role in plan.roles for r in role.ranks})
         raise UserError(
             f"--node: Given: {node} ({plan.nodes[node].name}), which runs no rank of topology {plan.name}. "
@@ -113,7 +117,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
         ))
     local_ranks = len(ranks)
     return DoctorRequirements(
-        gpus_needed=max(g for r in ranks for g in r.gpus) + 1 if cuda else 0,
+        gpus_needed=max((g for r in ranks for g in r.gpus), default=-1) + 1 if cuda else 0,
         gpu_kind=plan.gpu.name if cuda else None,
         gpu_memory_bytes=int(plan.gpu.memory_gib * GiB) if cuda else None,
         vllm_version=spec.vllm.version,

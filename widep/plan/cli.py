@@ -107,6 +107,14 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
         )
         for w in rp.warnings:
             con.print(f"[yellow]warning[/yellow] ({rp.name}): {w}")
+    if p.router is not None:
+        from widep.render.vllm import RenderContext, render_router
+
+        rc = render_router(p, RenderContext())
+        con.print()
+        con.print(f"[bold cyan]router[/] on {p.nodes[p.router.node].name}: port {p.router.port}, policy "
+                  f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API server(s)")
+        con.print("  " + " ".join(rc.argv), highlight=False, soft_wrap=True)
     for w in p.warnings:
         con.print(f"[yellow]warning[/yellow]: {w}")
 

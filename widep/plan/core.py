@@ -154,6 +154,20 @@ class RolePlan:
 
 
 @dataclass(frozen=True)
+class RouterPlan:
+    """Where the front door runs and what it fronts."""
+
+    node: int
+    port: int
+    prometheus_port: int
+    pd: bool
+    """P/D hand-off (prefill URLs and decode URLs passed separately)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "port": self.port, "prometheus_port": self.prometheus_port, "pd": self.pd}
+
+
+@dataclass(frozen=True)
 class DeploymentPlan:
     """Everything widep decided about a topology; input to render, lws, perf and bench."""
 
@@ -166,6 +180,8 @@ class DeploymentPlan:
     weight_dtype: str
     kv_dtype: str
     warnings: tuple[str, ...] = field(default=())
+    router: RouterPlan | None = None
+    """The vllm-router front door, when enabled."""
 
     @property
     def name(self) -> str:
@@ -211,6 +227,7 @@ class DeploymentPlan:
             "total_gpus": self.total_gpus,
             "nodes": [{"name": n.name, "address": n.address} for n in self.nodes],
             "roles": [r.as_dict() for r in self.roles],
+            "router": self.router.as_dict() if self.router else None,
             "warnings": list(self.warnings),
         }
 
@@ -556,6 +573,23 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                 warnings=tuple(warnings),
             )
         )
+    router = None
+    rs = spec.router
+    if rs.enabled:
+        if isinstance(rs.node, int):
+            if not 0 <= rs.node < len(nodes):
+                _fail("router.node", f"node index {rs.node} is out of range. Valid: 0..{len(nodes) - 1}.")
+            rnode = rs.node
+        else:
+            if rs.node not in node_index:
+                _fail("router.node", f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: {', '.join(node_index)}.")
+            rnode = node_index[rs.node]
+        pd = rs.pd == "on" or (rs.pd == "auto" and {r.kind for r in roles} >= {"prefill", "decode"})
+        if pd and not {r.kind for r in roles} >= {"prefill", "decode"}:
+            _fail("router.pd", "'on' needs a prefill and a decode role in this topology. Valid: auto, off.")
+        claim_port(rnode, rs.port, "router", "router.port")
+        claim_port(rnode, rs.prometheus_port, "router metrics", "router.prometheus_port")
+        router = RouterPlan(node=rnode, port=rs.port, prometheus_port=rs.prometheus_port, pd=pd)
     kinds = {r.kind for r in roles}
     if spec.disaggregated and kinds != {"prefill", "decode"}:
         lone = next(iter(kinds))
@@ -578,6 +612,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         weight_dtype=weight_dtype,
         kv_dtype=kv_dtype,
         warnings=tuple(plan_warnings),
+        router=router,
     )
 
 

@@ -107,7 +107,17 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
         python=python,
         entry_point=entry_point,
     )
-    cmds = render(p, ctx, node=node, role=role, rank=rank)
+    from widep.render.vllm import render_router
+
+    rc = render_router(p, ctx)
+    if role == "router":
+        if rc is None:
+            raise UserError("--role router: this topology has no router (router.enabled: false; `widep launch --router` turns it on).")
+        cmds = [rc]
+    else:
+        cmds = render(p, ctx, node=node, role=role, rank=rank)
+        if rc is not None and role is None and rank is None and (node is None or node == rc.node):
+            cmds.append(rc)
     fmt = "json" if as_json else fmt
     if fmt == "json":
         click.echo(json.dumps({"name": p.name, "vllm_version": p.spec.vllm.version, "ranks": [c.as_dict() for c in cmds]}, indent=2))
@@ -116,7 +126,7 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     else:
         print_table(p, cmds)
     if check:
-        return judge_commands(p, cmds, python)
+        return judge_commands(p, [c for c in cmds if c.role != "router"], python)
     return 0
 
 

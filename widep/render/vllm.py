@@ -440,3 +440,45 @@ def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int 
         if not out:
             raise UserError(f"--rank: no process runs DP rank {rank} with these filters. Valid ranks: 0..{max(r.dp_size for r in roles) - 1}.")
     return out
+
+
+def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> RankCommand | None:
+    """The vllm-router process of the plan (None when the router is off).
+
+    Regular mode lists every API server with --worker-urls; P/D mode (--vllm-pd-disaggregation) lists
+    the prefill servers with --prefill and the decode servers with --decode, with per-side policies.
+    """
+    if plan.router is None:
+        return None
+    ctx = ctx or RenderContext()
+    rs = plan.spec.router
+    rt = plan.router
+    host = _node_addr(plan, ctx, rt.node) if rs.host == "node" else rs.host
+
+    def urls(kind: str | None) -> list[str]:
+        out = []
+        for rp in plan.roles:
+            if kind is not None and rp.kind != kind:
+                continue
+            for _, h, port in plan.endpoints(rp.name):
+                out.append(f"http://{h}:{port}")
+        return out
+
+    argv = [rs.command, "--host", host, "--port", str(rt.port), "--prometheus-port", str(rt.prometheus_port)]
+    if rt.pd:
+        argv += ["--vllm-pd-disaggregation"]
+        for u in urls("prefill"):
+            argv += ["--prefill", u]
+        for u in urls("decode"):
+            argv += ["--decode", u]
+        argv += ["--prefill-policy", rs.prefill_policy or rs.policy, "--decode-policy", rs.decode_policy or rs.policy]
+    else:
+        argv += ["--worker-urls", *urls(None), "--policy", rs.policy]
+    argv += ["--worker-startup-timeout-secs", str(plan.spec.vllm.ready_timeout_s),
+             "--health-check-interval-secs", str(rs.health_check_interval_s),
+             "--health-failure-threshold", str(rs.health_failure_threshold)]
+    env: list[tuple[str, EnvValue]] = []
+    if plan.spec.serving.api_key_secret:
+        env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
+    n = plan.nodes[rt.node]
+    return RankCommand("router", 0, 0, (0,), rt.node, n.name, 0, tuple(argv + list(rs.extra_args)), tuple(env), rt.port, rt.port)

@@ -49,6 +49,11 @@ def smoke_completion(p: DeploymentPlan, ctx: RenderContext, prompt: str, max_tok
     from widep.run.control import http_json
 
     role, host, port = p.endpoints()[0]
+    if p.router is not None:
+        from widep.render.vllm import render_router
+
+        rc = render_router(p, ctx)
+        role, host, port = "router", (p.nodes[p.router.node].address or p.nodes[p.router.node].name), rc.port
     model = p.spec.model.served_model_name or model_path(p, ctx)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     t = time.perf_counter()
@@ -89,18 +94,23 @@ def smoke_completion(p: DeploymentPlan, ctx: RenderContext, prompt: str, max_tok
 @click.option("--backend", type=click.Choice(["bare-metal", "ray"]), default="bare-metal", show_default=True)
 @click.option("--address", default=None, help="Ray cluster address (with --backend ray).")
 @click.option("--skip-preflight", is_flag=True, help="Start without the port/GPU/entry-point/model checks.")
+@click.option("--router", "with_router", is_flag=True, help="Start vllm-router in front of every API server (router section of the topology).")
+@click.option("--router-policy", default=None, help="vllm-router policy (cache_aware, power_of_two, round_robin, ...).")
 @click.option("--profile", is_flag=True, help="Turn vLLM's torch profiler on (traces under <run-dir>/profiles; capture with `widep profile`).")
 def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: str | None, follow: bool, once: bool, prompt: str,
                restart: str, max_restarts: int, backoff: float, ready_timeout: float | None, grace: float, stop_timeout: float,
                python: str | None, model_path: str | None, backend: str, address: str | None, skip_preflight: bool,
-               profile: bool) -> int:
+               profile: bool, with_router: bool, router_policy: str | None) -> int:
     """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE)."""
     from rich.console import Console
 
     from widep.run.preflight import preflight, resolve_node
 
     path = Path(topology) if topology else default_topology()
-    p = make_plan(load_topology(path))
+    spec = load_topology(path)
+    if with_router or router_policy:
+        spec = with_router_enabled(spec, router_policy, str(path))
+    p = make_plan(spec)
     console = Console(stderr=False)
     if backend == "ray":
         from widep.run.ray_backend import launch_on_ray
@@ -140,6 +150,17 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
     console.print(f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(cmds)} process(es), run dir {rd}")
     launcher = Launcher(p, ctx, opts, console)
     return launcher.run(once=once, on_ready=lambda: smoke_completion(p, ctx, prompt, 16))
+
+
+def with_router_enabled(spec, policy: str | None, source: str):  # noqa: ANN001, ANN201
+    """The spec with router.enabled (and the policy), validated like a file (bad policy -> field error)."""
+    from widep.spec.topology import parse_topology
+
+    d = spec.model_dump(mode="json")
+    d["router"]["enabled"] = True
+    if policy:
+        d["router"]["policy"] = policy
+    return parse_topology(d, source)
 
 
 def model_path_of(p: DeploymentPlan, ctx: RenderContext) -> str:

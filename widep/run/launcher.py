@@ -24,7 +24,7 @@ from widep.plan.core import DeploymentPlan, RolePlan
 from widep.render.vllm import RankCommand, RenderContext, render_role
 from widep.run.control import ControlServer, http_json, probe
 from widep.run.procs import RankProcess, resolve_env, signal_name, start_rank, stop_ranks, tail
-from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy
+from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy, judge_health, note_health
 
 
 @dataclass(frozen=True)
@@ -168,11 +168,7 @@ class GroupRunner:
     def _probe_group(self, now: float) -> None:
         for c, host, port in self.endpoints():
             state, _ = probe(host, port, timeout=min(2.0, self.opts.probe_interval_s * 2))
-            self.health[c.name] = state
-            if state == "healthy":
-                self.unhealthy_since.pop(c.name, None)
-            else:
-                self.unhealthy_since.setdefault(c.name, now)
+            note_health(self.health, self.unhealthy_since, c.name, state, now)
 
     def _step_leader(self, now: float) -> None:
         assert self.control is not None
@@ -200,23 +196,13 @@ class GroupRunner:
             return
         self.next_probe = now + self.opts.probe_interval_s
         self._probe_group(now)
-        eps = self.endpoints()
-        if st == GroupState.STARTING:
-            if eps and all(self.health.get(c.name) == "healthy" for c, _, _ in eps):
-                self.status = self.status.on_all_healthy()
-            elif now - self.attempt_started > self.opts.ready_timeout_s:
-                waiting = [c.name for c, _, _ in eps if self.health.get(c.name) != "healthy"]
-                c0 = next(c for c, _, _ in eps if c.name == waiting[0])
-                self._fail(Failure(waiting[0], self.plan.nodes[c0.node].name,
-                                   f"did not become healthy in {self.opts.ready_timeout_s:.0f} s (still waiting: {', '.join(waiting)})",
-                                   now, self._tail_of(c0)))
-        else:
-            for name, since in sorted(self.unhealthy_since.items(), key=lambda kv: kv[1]):
-                if now - since > self.opts.unhealthy_grace_s:
-                    c0 = next(c for c in self.group_cmds if c.name == name)
-                    self._fail(Failure(name, self.plan.nodes[c0.node].name,
-                                       f"unhealthy ({self.health.get(name)}) for {now - since:.0f} s", since, self._tail_of(c0)))
-                    break
+        v = judge_health(st, [c.name for c, _, _ in self.endpoints()], self.health, self.unhealthy_since,
+                         self.attempt_started, now, self.opts.ready_timeout_s, self.opts.unhealthy_grace_s)
+        if v.all_healthy:
+            self.status = self.status.on_all_healthy()
+        elif v.rank is not None:
+            c0 = next(c for c in self.group_cmds if c.name == v.rank)
+            self._fail(Failure(v.rank, self.plan.nodes[c0.node].name, v.reason, v.at, self._tail_of(c0)))
 
     def _tail_of(self, cmd: RankCommand) -> tuple[str, ...]:
         for p in self.procs:
@@ -277,6 +263,60 @@ def ready_table(runners: list[GroupRunner]) -> Table:
     return t
 
 
+class RouterRunner:
+    """The front door on its node: started once every API server of the plan is healthy, restarted when it
+    dies (it holds no state the ranks need), stopped first on shutdown."""
+
+    def __init__(self, plan: DeploymentPlan, ctx: RenderContext, opts: LaunchOptions, console: Console, run_id: str,
+                 base_env: dict[str, str]) -> None:
+        from widep.render.vllm import render, render_router
+
+        self.plan, self.opts, self.console, self.run_id, self.base_env = plan, opts, console, run_id, base_env
+        cmd = render_router(plan, ctx)
+        assert cmd is not None
+        self.cmd = cmd
+        resolve_env(cmd, base_env)
+        self.fronted = [(c, _node_host(plan, ctx, c.node), c.port) for c in render(plan, ctx) if c.port is not None]
+        self.proc: RankProcess | None = None
+        self.starts = 0
+        self.restart_at = 0.0
+        self.next_probe = 0.0
+        self.ranks_healthy = False
+        self.host = _node_host(plan, ctx, cmd.node)
+        self.healthy = False
+
+    def step(self, now: float) -> None:
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is not None:
+                self.console.print(f"[bold red]\\[router][/] {signal_name(code)}; restarting it in 2 s\n    "
+                                   + "\n    ".join(tail(self.proc.log, 10)), highlight=False)
+                self.proc = None
+                self.healthy = False
+                self.restart_at = now + 2.0
+            elif not self.healthy and now >= self.next_probe:
+                self.next_probe = now + self.opts.probe_interval_s
+                if probe(self.host, self.cmd.port or 0)[0] == "healthy":
+                    self.healthy = True
+                    self.console.print(f"\\[router] ready: http://{self.host}:{self.cmd.port} fronts {len(self.fronted)} API server(s) "
+                                       f"({self.plan.spec.router.policy})", highlight=False)
+            return
+        if now < max(self.restart_at, self.next_probe):
+            return
+        self.next_probe = now + self.opts.probe_interval_s
+        if not all(probe(h, p, timeout=2.0)[0] == "healthy" for _, h, p in self.fronted):
+            return
+        self.proc = start_rank(self.cmd, self.opts.run_dir, self.starts, resolve_env(self.cmd, self.base_env), self.run_id,
+                               min(self.opts.stop_timeout_s, 10.0))
+        self.starts += 1
+        self.console.print(f"\\[router] started (start {self.starts}) on port {self.cmd.port}", highlight=False)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_ranks([self.proc], min(self.opts.stop_timeout_s, 10.0))
+            self.proc = None
+
+
 class Launcher:
     """Runs every group with ranks on this node until stopped, failed, or (``once``) ready."""
 
@@ -292,7 +332,9 @@ class Launcher:
             for g in range(rp.spec.replicas)
             if opts.node in rp.group_nodes[g]
         ]
-        if not self.runners:
+        self.router = (RouterRunner(plan, ctx, opts, self.console, self.run_id, env)
+                       if plan.router is not None and plan.router.node == opts.node else None)
+        if not self.runners and self.router is None:
             raise UserError(f"--node: node {opts.node} ({plan.nodes[opts.node].name}) runs no rank of {plan.name}.")
         self._stop_signal: int | None = None
 
@@ -320,11 +362,14 @@ class Launcher:
                     break
                 for r in self.runners:
                     r.step(now)
+                if self.router is not None:
+                    self.router.step(now)
                 done = [r for r in self.runners if r.exit_code is not None]
                 if done:
                     code = max(r.exit_code or 0 for r in done)
                     break
-                healthy = all(r.status.state == GroupState.HEALTHY for r in self.runners)
+                healthy = all(r.status.state == GroupState.HEALTHY for r in self.runners) and (
+                    self.router is None or self.router.healthy)
                 key = tuple((r.label, r.status.attempt) for r in self.runners)
                 if healthy and key not in announced:
                     announced.add(key)  # type: ignore[arg-type]
@@ -344,6 +389,8 @@ class Launcher:
                                                f"for {', '.join(waiting)} (timeout {self.opts.ready_timeout_s:.0f} s)")
                 time.sleep(0.2)
         finally:
+            if self.router is not None:
+                self.router.stop()  # the front door goes first: no new requests reach ranks being stopped
             for r in self.runners:
                 if r.is_leader:
                     r.status = r.status.on_stop() if r.exit_code is None else r.status

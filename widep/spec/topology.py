@@ -271,6 +271,41 @@ class ProfilerSpec(Strict):
         return v
 
 
+RouterPolicy = Literal["random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash", "sticky_least_loaded"]
+
+
+class RouterSpec(Strict):
+    """One front door for the whole deployment: vllm-router in front of every API server."""
+
+    enabled: bool = False
+    """Start vllm-router on `node` once the ranks it fronts are healthy (also `widep launch --router`)."""
+    node: int | str = 0
+    """Node that hosts the router (index or name in cluster.nodes)."""
+    host: str = "0.0.0.0"
+    """Address the router binds ("node": the node's own address)."""
+    port: int = Field(default=30000, ge=1, le=65535)
+    """Client-facing port of the router."""
+    prometheus_port: int = Field(default=29000, ge=1, le=65535)
+    """The router's Prometheus metrics port."""
+    policy: RouterPolicy = "cache_aware"
+    """Load-balancing policy: cache_aware (prefix-cache aware, load-balanced), power_of_two (load-aware),
+    round_robin, random, kv_aware, consistent_hash, sticky_least_loaded."""
+    prefill_policy: RouterPolicy | None = None
+    """P/D: policy for prefill servers (default: policy)."""
+    decode_policy: RouterPolicy | None = None
+    """P/D: policy for decode servers (default: policy)."""
+    pd: Literal["auto", "on", "off"] = "auto"
+    """P/D hand-off in the router (--vllm-pd-disaggregation): auto = on when the topology has prefill and decode roles."""
+    health_check_interval_s: int = Field(default=5, ge=1)
+    """Seconds between the router's health checks of each server (--health-check-interval-secs)."""
+    health_failure_threshold: int = Field(default=2, ge=1)
+    """Failed checks before the router stops sending to a server (--health-failure-threshold)."""
+    command: str = "vllm-router"
+    """The router executable."""
+    extra_args: list[str] = Field(default_factory=list)
+    """More vllm-router arguments, appended verbatim."""
+
+
 class TopologySpec(Strict):
     """A whole deployment: a model on a cluster, split into roles."""
 
@@ -290,6 +325,8 @@ class TopologySpec(Strict):
     """vLLM version and entry point."""
     profiler: ProfilerSpec = Field(default_factory=ProfilerSpec)
     """vLLM's torch profiler (off by default)."""
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    """vllm-router as one front door (off by default)."""
 
     @model_validator(mode="after")
     def _roles(self) -> TopologySpec:
