@@ -21,13 +21,23 @@ def model_name(p: DeploymentPlan) -> str:
     return str(tinymoe.default_cache_dir() / tinymoe.model_dir_name(p.arch.builtin or "qwen3_moe"))
 
 
-def endpoints_for_topology(path: str | Path, role: str | None = None) -> tuple[list[str], int, str]:
-    """(HTTP base URLs of every API server, GPUs they use, model name) of a topology file.
+def router_url(p: DeploymentPlan) -> str | None:
+    """The front door's URL when the topology has a router."""
+    if p.router is None:
+        return None
+    n = p.nodes[p.router.node]
+    host = n.address or n.name
+    return f"http://{host}:{p.router.port}"
 
-    With P/D, clients talk to the decode role's servers only when a P/D-aware front door is absent;
-    here every API server of the chosen role (all roles by default) is listed in rank order.
+
+def endpoints_for_topology(path: str | Path, role: str | None = None, *, via_router: bool = True) -> tuple[list[str], int, str]:
+    """(HTTP base URLs clients should use, GPUs behind them, model name) of a topology file.
+
+    With a router (and ``via_router``), the one URL is the router's: what clients really get. Otherwise
+    every API server of the chosen role (all roles by default) is listed in rank order.
     """
     p = plan(load_topology(path))
-    urls = [f"http://{host}:{port}" for _, host, port in p.endpoints(role)]
+    front = router_url(p) if via_router and role is None else None
+    urls = [front] if front else [f"http://{host}:{port}" for _, host, port in p.endpoints(role)]
     gpus = sum(rp.gpus for rp in p.roles if role is None or rp.name == role)
     return urls, gpus, model_name(p)
