@@ -109,6 +109,13 @@ def _fmt(x: Any, nd: int = 1) -> str:
 @click.option("--spec-tokens", default=None, type=click.IntRange(min=0), help="Speculative (MTP) draft tokens per step. Default: 0, or what each topology sets.")
 @click.option("--concurrency", "conc_text", default=None, help="Concurrency levels: 1..512 (powers of two), 1,8,64. Default: powers of two up to each sweep's capacity.")
 @click.option("--predict", is_flag=True, help="Score with the analytic model (the default executor).")
+@click.option("--measure", is_flag=True, help="Launch each topology for real, benchmark it, tear it down (needs topology files and --out).")
+@click.option("--launch", "launch_backend", type=click.Choice(["bare-metal", "ray"]), default="bare-metal", show_default=True,
+              help="With --measure: how points are launched.")
+@click.option("--requests-per-level", default=16, show_default=True, type=click.IntRange(min=1), help="With --measure: requests per concurrency level.")
+@click.option("--model-path", default=None, help="With --measure: what vLLM loads, overriding the topologies.")
+@click.option("--python", "vllm_python", default=None, help="With --measure: interpreter with vLLM for module entry points.")
+@click.option("--address", "ray_address", default=None, help="With --measure --launch ray: the Ray cluster address.")
 @click.option("--calibration", default="published", show_default=True, help="'published', 'auto:<GPU>' (newest profiling/results file) or a calibration file.")
 @click.option("--modes", default="mixed,pd", show_default=True, help="Deployment shapes to enumerate: mixed, pd.")
 @click.option("--tp", "tp_text", default=None, help="TP sizes to enumerate (default 1,2,4,8; P/D decode 1,2).")
@@ -129,7 +136,9 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
               isl: int, osl: int, prefix_hit: float, spec_tokens: int | None, conc_text: str | None, predict: bool, calibration: str,
               modes: str, tp_text: str | None, backends: str | None, mns_text: str | None, max_redundant: int, vllm_version: str | None,
               kv_cache_dtype: str, min_tps_user: float | None, max_ttft_ms: float | None, out: Path | None, no_resume: bool,
-              measured: tuple[Path, ...], top: int, show_infeasible: bool, as_json: bool) -> None:
+              measured: tuple[Path, ...], top: int, show_infeasible: bool, as_json: bool, measure: bool = False,
+              launch_backend: str = "bare-metal", requests_per_level: int = 16, model_path: str | None = None,
+              vllm_python: str | None = None, ray_address: str | None = None) -> None:
     """Enumerate the topologies of a GPU budget (--model/--gpu/--gpus), or take topology files, and predict
     tokens/s/GPU, tokens/s/user, TTFT and TPOT at each concurrency; print the Pareto frontier."""
     from widep.perf.calibration import load_calibration
@@ -146,8 +155,13 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
     )
     from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
 
-    del predict  # the analytic model is the only executor of this command so far
     paths = ([topologies] if topologies else []) + list(files)
+    if measure:
+        if predict:
+            raise UserError("give --predict or --measure, not both (measure the short list a --predict sweep wrote: its topology.yaml files).")
+        if not paths or out is None:
+            raise UserError("--measure launches topology files for real: give --topologies FILES and --out DIR. "
+                            f"Given: files {paths or 'none'}, --out {out}.")
     if measured and out is None:
         raise UserError(f"--measured overlays bench runs on the plots that --out writes. Given: --measured {measured[0]} without --out. Valid: add --out DIR.")
     cal = load_calibration(calibration)
@@ -190,7 +204,15 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
         meta["budget"] = {"model": model, "gpu": gpu, "gpus": gpus_text, "gpus_per_node": gpus_per_node, "grid": budget.grid.__dict__}
         title = f"{len(items)} candidates for {model} on {gpus_text} x {gpu}"
     meta["workload"] = workload.as_dict()
-    executor = PredictExecutor(cal, workload, levels)
+    if measure:
+        from widep.perf.measure import MeasureExecutor, MeasureOptions
+
+        assert out is not None
+        executor: Any = MeasureExecutor(MeasureOptions(
+            out=out, launch=launch_backend, concurrency=tuple(int(c) for c in (levels or [1, 4])), isl=isl, osl=osl,
+            requests_per_level=requests_per_level, model_path=model_path, python=vllm_python, ray_address=ray_address))
+    else:
+        executor = PredictExecutor(cal, workload, levels)
     results = run_sweep(items, executor, out, resume=not no_resume, meta=meta)
     elapsed = time.perf_counter() - t0
     plots: list[Path] = []
@@ -247,7 +269,7 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
     cats = Counter(r.category or r.status for r in bad)
     con.print(f"[bold]{title}[/bold]: {len(ok)} feasible, {len(bad)} infeasible"
               + (f" ({', '.join(f'{k} {v}' for k, v in sorted(cats.items()))})" if bad else "")
-              + f"; predicted in {elapsed:.2f} s")
+              + f"; {'measured' if measure else 'predicted'} in {elapsed:.2f} s")
     con.print(f"workload ISL {isl} / OSL {osl}" + (f", prefix hit {prefix_hit:.0%}" if prefix_hit else "")
               + f"; calibration {cal.name} ({cal.fingerprint()})")
     lim = top or None
