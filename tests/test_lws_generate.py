@@ -120,7 +120,7 @@ def test_generated_manifests_validate(crd, name, source, placement):
     assert [pr.format() for pr in problems if pr.failing] == []
     # the only note: the InferencePool, whose CRD (Gateway API Inference Extension) is not here
     assert {(pr.kind, pr.severity) for pr in problems} == {("InferencePool", "note")}
-    assert count == 3 * len(p.roles)
+    assert count == 3 * len(p.roles) + (2 if p.router else 0)  # LWS, Service, pool per role; router Deployment + Service
 
 
 OPTION_SETS = {
@@ -745,3 +745,24 @@ def test_name_length_limit_matches_the_validator(crd, topology, placement, limit
     too_long = variant(topology, name="n" * (limit - len(role)))
     with pytest.raises(UserError, match=f"at most {limit} characters"):
         L.render_lws(plan_of(too_long), placement=placement)
+
+
+def test_router_deployment_and_service_validate_and_reach_every_rank():
+    """With a router, `widep lws` adds a vllm-router Deployment + Service whose worker URLs are the LWS pods' DNS
+    names on the ranks' ports, and the whole file validates."""
+    from widep.k8s.lws import render_lws
+    from widep.k8s.validate import default_crd_path, validate_documents
+    from widep.plan import plan as make_plan
+    from widep.spec.topology import load_topology as load
+
+    p = make_plan(load(Path(__file__).parents[1] / "topologies" / "tiny-moe-cpu-2x.yaml"))
+    docs = render_lws(p, namespace="llm", router_image="example.com/vllm-router:1")
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    svc = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-router")]
+    assert svc and dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example.com/vllm-router:1"
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    i = args.index("--worker-urls")
+    assert args[i + 1 : i + 3] == ["http://tiny-moe-cpu-2x-serve-0.tiny-moe-cpu-2x-serve.llm.svc:8300",
+                                   "http://tiny-moe-cpu-2x-serve-1.tiny-moe-cpu-2x-serve.llm.svc:8300"]
+    problems = [pr for pr in validate_documents(docs, default_crd_path()) if pr.severity != "note"]
+    assert problems == []

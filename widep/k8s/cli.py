@@ -59,6 +59,7 @@ def command_line(topology: str, opts: LWSOptions) -> str:
         ("--placement", opts.placement, d.placement),
         ("--namespace", opts.namespace, d.namespace),
         ("--image", opts.image, d.image),
+        ("--router-image", opts.router_image, d.router_image),
         ("--gpu-resource", opts.gpu_resource, d.gpu_resource),
         ("--rdma-resource", opts.rdma_resource, d.rdma_resource),
         ("--exclusive-topology", opts.exclusive_topology, d.exclusive_topology),
@@ -114,6 +115,7 @@ def generate_text(topology: str, opts: LWSOptions, crd: Path | None = None, *,
               help="pod-per-node: a pod holds a node's GPUs and starts its ranks; pod-per-rank: one API server per pod.")
 @click.option("--namespace", default=None, help="metadata.namespace of every object (default: none, use kubectl -n).")
 @click.option("--image", default=None, help="Container image (default: the topology's vllm.image).")
+@click.option("--router-image", default=None, help="Image of the vllm-router Deployment when the topology has a router (default: --image).")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None, help="Write the YAML here instead of stdout.")
 @click.option("--gpu-resource", default="nvidia.com/gpu", show_default=True, help="Extended resource name of a GPU.")
 @click.option("--rdma-resource", default="rdma/ib", show_default=True,
@@ -152,7 +154,7 @@ def generate_text(topology: str, opts: LWSOptions, crd: Path | None = None, *,
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def lws_cmd(ctx: click.Context, topology: str | None, placement: str, namespace: str | None, image: str | None,
-            output: str | None, gpu_resource: str, rdma_resource: str, exclusive_topology: str | None,
+            router_image: str | None, output: str | None, gpu_resource: str, rdma_resource: str, exclusive_topology: str | None,
             inference_pool: bool, epp_port: int, model_path: str | None, model_cache: str, gpu_product_label: str,
             gpu_products: tuple[str, ...], cpu: str | None, memory: str | None, shm_size: str | None,
             termination_grace_s: int, validate_paths: tuple[str, ...], crd_path: str | None, as_json: bool) -> None:
@@ -169,7 +171,7 @@ def lws_cmd(ctx: click.Context, topology: str | None, placement: str, namespace:
         from widep.k8s.lws import LWSOptions
 
         opts = LWSOptions(
-            image=image, namespace=namespace, placement=placement, gpu_resource=gpu_resource,
+            image=image, router_image=router_image, namespace=namespace, placement=placement, gpu_resource=gpu_resource,
             rdma_resource=rdma_resource or None, exclusive_topology=exclusive_topology, inference_pool=inference_pool,
             epp_port=epp_port, model_path=model_path, model_cache=model_cache,
             gpu_product_label=gpu_product_label or None, gpu_products=tuple(gpu_products), cpu=cpu, memory=memory,

@@ -78,6 +78,8 @@ class LWSOptions:
 
     image: str | None = None
     """Container image; default the topology's vllm.image."""
+    router_image: str | None = None
+    """Image of the vllm-router Deployment (must contain the vllm-router executable); default: image."""
     namespace: str | None = None
     """metadata.namespace of every object; None leaves it to ``kubectl -n``."""
     placement: str = "pod-per-node"
@@ -768,6 +770,12 @@ def render_lws(
                     },
                 },
             })
+    if plan.router is not None:
+        from widep.k8s.router import router_manifests
+
+        base = {k: v for k, v in _labels(plan, plan.roles[0]).items() if k.startswith("app.kubernetes.io/")}
+        docs += router_manifests(plan, {rp.name: lws_name(plan, rp) for rp in plan.roles}, opts.placement, opts.namespace,
+                                 opts.router_image or image, base)
     return docs
 
 

@@ -1,0 +1,106 @@
+"""The vllm-router front door on Kubernetes: a Deployment and a Service, for clusters without the llm-d
+inference scheduler. Pure: plain dicts, stable key order.
+
+The router reaches each API server through the pod DNS names LeaderWorkerSet gives its pods
+(``<lws>-<group>`` for a group's leader, ``<lws>-<group>-<worker>`` for workers, under the LWS's
+headless Service ``<lws>``), on the rank's port.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from widep.plan.core import DeploymentPlan, RolePlan
+
+
+def _pod_host(lws: str, replica: int, pod_index: int, namespace: str | None) -> str:
+    pod = f"{lws}-{replica}" if pod_index == 0 else f"{lws}-{replica}-{pod_index}"
+    return f"{pod}.{lws}" + (f".{namespace}.svc" if namespace else "")
+
+
+def worker_urls(plan: DeploymentPlan, rp: RolePlan, lws: str, placement: str, namespace: str | None) -> list[str]:
+    """The URL of every API server of a role, as the router inside the cluster reaches it."""
+    urls = []
+    seen = set()
+    for r in rp.ranks:
+        if r.port is None:
+            continue
+        pod_index = r.dp_rank if placement == "pod-per-rank" else r.group_node
+        key = (r.replica, pod_index, r.port)
+        if key in seen:
+            continue
+        seen.add(key)
+        urls.append(f"http://{_pod_host(lws, r.replica, pod_index, namespace)}:{r.port}")
+    return urls
+
+
+def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement: str, namespace: str | None,
+                     image: str, labels_base: dict[str, str]) -> list[dict[str, Any]]:
+    """Deployment + Service of the router (empty when the topology has none)."""
+    if plan.router is None:
+        return []
+    rs = plan.spec.router
+    rt = plan.router
+    name = f"{plan.name}-router"
+    argv = [rs.command, "--host", "0.0.0.0", "--port", str(rt.port), "--prometheus-port", str(rt.prometheus_port),
+            "--prometheus-host", "0.0.0.0"]
+    urls = {rp.name: worker_urls(plan, rp, lws_names[rp.name], placement, namespace) for rp in plan.roles}
+    if rt.pd:
+        argv.append("--vllm-pd-disaggregation")
+        for rp in plan.roles:
+            flag = "--prefill" if rp.kind == "prefill" else "--decode"
+            for u in urls[rp.name]:
+                argv += [flag, u]
+        argv += ["--prefill-policy", rs.prefill_policy or rs.policy, "--decode-policy", rs.decode_policy or rs.policy]
+    else:
+        argv += ["--worker-urls", *[u for rp in plan.roles for u in urls[rp.name]], "--policy", rs.policy]
+    argv += ["--worker-startup-timeout-secs", str(plan.spec.vllm.ready_timeout_s),
+             "--health-check-interval-secs", str(rs.health_check_interval_s),
+             "--health-failure-threshold", str(rs.health_failure_threshold), *rs.extra_args]
+    labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}
+    selector = {"app.kubernetes.io/instance": plan.name, "app.kubernetes.io/component": "router"}
+    env = []
+    if plan.spec.serving.api_key_secret:
+        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": plan.spec.serving.api_key_secret, "key": "api-key"}}})
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    container: dict[str, Any] = {
+        "name": "router",
+        "image": image,
+        "command": argv[:1],
+        "args": argv[1:],
+        "ports": [{"name": "http", "containerPort": rt.port, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": rt.prometheus_port, "protocol": "TCP"}],
+        "readinessProbe": probe | {"failureThreshold": 3},
+        "livenessProbe": probe | {"failureThreshold": 6, "initialDelaySeconds": 30},
+        "resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+    }
+    if env:
+        container["env"] = env
+    meta = {"name": name, "labels": labels}
+    if namespace:
+        meta["namespace"] = namespace
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": dict(meta),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": selector},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [container], "terminationGracePeriodSeconds": 30},
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": dict(meta),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector,
+                "ports": [{"name": "http", "port": rt.port, "targetPort": rt.port, "protocol": "TCP"}],
+            },
+        },
+    ]
