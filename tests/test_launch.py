@@ -38,6 +38,12 @@ def test_one_rank_answers_a_completion_and_sigkill_leaves_no_orphans(tmp_path, t
         assert out["usage"]["completion_tokens"] == 8
         assert isinstance(out["choices"][0]["text"], str)
         assert processes_of_run(run_id), "the rank's processes carry the run id"
+        # `widep status` sees the rank and the group's attempt from the leader's control endpoint
+        st = subprocess.run([sys.executable, "-m", "widep", "status", str(topo), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert st.returncode == 0, st.stderr
+        sd = json.loads(st.stdout)
+        assert sd["healthy"] and sd["endpoints"][0]["health"] == "healthy"
+        assert sd["groups"][0]["control"]["attempt"] == 0 and sd["groups"][0]["control"]["state"] == "healthy"
         # logs land where DESIGN.md says
         assert (tmp_path / "run" / "attempt-0" / "serve" / "rank-0" / "vllm.log").is_file()
         # the launcher is SIGKILLed: the guard notices (PR_SET_PDEATHSIG) and takes the rank's whole group down
@@ -119,3 +125,13 @@ def test_unknown_node_refused(tmp_path):
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
     r = _launch([str(topo), "--node", "5", "--dry-run"])
     assert r.returncode == 2 and "--node: 5 is not a node" in r.stderr
+
+
+def test_status_of_a_deployment_that_is_down(tmp_path):
+    topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
+    r = subprocess.run([sys.executable, "-m", "widep", "status", str(topo), "--json", "--timeout", "0.5"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    d = json.loads(r.stdout)
+    assert not d["healthy"] and {e["health"] for e in d["endpoints"]} == {"refused"}
+    assert d["groups"][0]["control"] is None
