@@ -171,3 +171,13 @@ def debug_processes(run_id: str) -> str:
     from launch_helpers import processes_of_run
 
     return "\n".join(f"{p}: {open(f'/proc/{p}/cmdline', 'rb').read().split(bytes(1))[:4]}" for p in processes_of_run(run_id))
+
+
+def test_bench_endpoints_go_through_the_router_unless_bypassed():
+    from widep.plan.api import endpoints_for_topology
+
+    path = ROOT / "topologies/tiny-moe-cpu-2x.yaml"
+    assert endpoints_for_topology(path)[:2] == (["http://127.0.0.1:8380"], 2)
+    assert endpoints_for_topology(path, via_router=False)[:2] == (["http://127.0.0.1:8300", "http://127.0.0.2:8300"], 2)
+    r = subprocess.run([sys.executable, "-m", "widep", "bench", "run", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert "--bypass-router" in r.stdout

@@ -79,7 +79,7 @@ def _has_tokenizer(path: str | None) -> bool:
     return p.is_dir() and any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
-def _endpoints_from_topology(path: str) -> tuple[list[str], int, str]:
+def _endpoints_from_topology(path: str, via_router: bool = True) -> tuple[list[str], int, str]:
     try:
         from widep.plan.api import endpoints_for_topology  # provided by the planner
     except ImportError as err:
@@ -87,13 +87,14 @@ def _endpoints_from_topology(path: str) -> tuple[list[str], int, str]:
             f"--topology needs widep.plan.api.endpoints_for_topology, which this installation does not have ({err}). "
             f"Given: --topology {path}. Valid: --endpoint URL (one per rank) with --gpus N"
         ) from None
-    urls, gpus, model = endpoints_for_topology(path)
+    urls, gpus, model = endpoints_for_topology(path, via_router=via_router)
     return list(urls), int(gpus), str(model)
 
 
 @bench_cmd.command("run", context_settings={"show_default": True})
 @click.option("--endpoint", "endpoints", multiple=True, metavar="URL", help="API server base URL; repeat once per rank.")
-@click.option("--topology", type=click.Path(exists=True, dir_okay=False), help="Topology file: endpoints, GPU count and model from its plan.")
+@click.option("--topology", type=click.Path(exists=True, dir_okay=False), help="Topology file: endpoints, GPU count and model from its plan (through its router, when it has one).")
+@click.option("--bypass-router", is_flag=True, help="With --topology: send load straight to every API server even when the topology has a router.")
 @click.option("--gpus", type=int, help="GPUs serving the endpoints (for tokens/s/GPU). Required with --endpoint.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumed if it exists).")
 @click.option("--concurrency", help="Closed-loop concurrency levels, e.g. 1,8,32.")
@@ -145,7 +146,7 @@ def run_cmd(**kw: Any) -> None:
                 f"give either --topology or --endpoint, not both. Given: --topology {kw['topology']} and "
                 f"--endpoint {' '.join(endpoints)}"
             )
-        endpoints, topo_gpus, topo_model = _endpoints_from_topology(kw["topology"])
+        endpoints, topo_gpus, topo_model = _endpoints_from_topology(kw["topology"], via_router=not kw.get("bypass_router"))
         endpoints = [normalize_endpoint(e) for e in endpoints]
         if gpus is not None and gpus != topo_gpus:
             raise UserError(f"--gpus disagrees with the topology's plan. Given: --gpus {gpus}. Valid: {topo_gpus} (or leave it out)")
