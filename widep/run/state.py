@@ -126,3 +126,42 @@ class GroupStatus:
                 "rank": self.failure.rank, "node": self.failure.node, "reason": self.failure.reason,
                 "log_tail": list(self.failure.log_tail)},
         }
+
+
+@dataclass(frozen=True)
+class HealthVerdict:
+    """What a round of health probes means for a group (see :func:`judge_health`)."""
+
+    all_healthy: bool = False
+    rank: str | None = None
+    """The rank that failed the health rules (None: no failure)."""
+    reason: str = ""
+    at: float = 0.0
+
+
+def note_health(health: dict[str, str], unhealthy_since: dict[str, float], name: str, state: str, now: float) -> None:
+    """Record one probe result of rank ``name`` ('healthy', 'refused', ...) at ``now``."""
+    health[name] = state
+    if state == "healthy":
+        unhealthy_since.pop(name, None)
+    else:
+        unhealthy_since.setdefault(name, now)
+
+
+def judge_health(state: GroupState, names: list[str], health: dict[str, str], unhealthy_since: dict[str, float],
+                 started: float, now: float, ready_timeout_s: float, grace_s: float) -> HealthVerdict:
+    """The readiness rules both backends apply after probing a group's endpoints ``names``:
+    a starting group is healthy once every endpoint is, and fails if one is not healthy ``ready_timeout_s``
+    after the attempt started; a healthy group fails when an endpoint stays unhealthy longer than ``grace_s``."""
+    if state == GroupState.STARTING:
+        if names and all(health.get(n) == "healthy" for n in names):
+            return HealthVerdict(all_healthy=True)
+        waiting = [n for n in names if health.get(n) != "healthy"]
+        if waiting and now - started > ready_timeout_s:
+            return HealthVerdict(rank=waiting[0], at=now,
+                                 reason=f"did not become healthy in {ready_timeout_s:.0f} s (still waiting: {', '.join(waiting)})")
+    elif state == GroupState.HEALTHY:
+        for name, since in sorted(unhealthy_since.items(), key=lambda kv: kv[1]):
+            if now - since > grace_s:
+                return HealthVerdict(rank=name, reason=f"unhealthy ({health.get(name)}) for {now - since:.0f} s", at=since)
+    return HealthVerdict()
