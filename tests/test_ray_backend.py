@@ -182,6 +182,32 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
         drv.stop(signal.SIGKILL)
 
 
+def test_driver_killed_leaves_nothing(ray_cluster, tmp_path, tiny_moe_dir, vllm_python):
+    """SIGKILL on the driver while the ranks start: Ray kills the driver's actors and removes its placement group;
+    the guards get SIGTERM and take their ranks down (Ray's default SIGKILL of a dying worker's children would
+    leave the vLLM processes running: widep turns it off for its agents)."""
+    cluster, _ = ray_cluster
+    from ray.util.placement_group import placement_group_table
+
+    topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
+    drv = LaunchProc([str(topo), "--backend", "ray", "--address", cluster.address, "--model-path", str(tiny_moe_dir),
+                      "--python", vllm_python, "--run-dir", str(tmp_path / "run")])
+    try:
+        drv.wait_for(r"attempt 0: started serve/0", 120)
+        run_id = drv.run_id()
+        time.sleep(2)
+        assert len(api_server_pids(run_id)) == 2
+        drv.stop(signal.SIGKILL)
+        assert wait_gone(run_id, 30) == []
+        end = time.monotonic() + 30
+        while _alive_actors(run_id) and time.monotonic() < end:
+            time.sleep(0.5)
+        assert _alive_actors(run_id) == []
+        assert all(v["state"] == "REMOVED" for v in placement_group_table().values() if run_id in v["name"])
+    finally:
+        drv.stop(signal.SIGKILL)
+
+
 def test_unplaceable_deployment_refused_before_anything_starts(ray_cluster, tmp_path, tiny_moe_dir, vllm_python):
     """More plan nodes than Ray nodes with a widep_slot: a clear refusal, no placement group, no process."""
     cluster, _ = ray_cluster
