@@ -103,6 +103,7 @@ def _alive_actors(run_id: str) -> list:
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith(f"widep-{run_id}")]
 
 
+@pytest.mark.vllm
 def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tmp_path, tiny_moe_dir, vllm_python):
     cluster, nodes = ray_cluster
     from ray.util.placement_group import placement_group_table
@@ -182,6 +183,7 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
         drv.stop(signal.SIGKILL)
 
 
+@pytest.mark.vllm
 def test_driver_killed_leaves_nothing(ray_cluster, tmp_path, tiny_moe_dir, vllm_python):
     """SIGKILL on the driver while the ranks start: Ray kills the driver's actors and removes its placement group;
     the guards get SIGTERM and take their ranks down (Ray's default SIGKILL of a dying worker's children would

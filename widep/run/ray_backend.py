@@ -255,14 +255,12 @@ class RayGroup:
         self.ips: dict[int, str] = {}
         self.health: dict[str, str] = {}
         self.unhealthy_since: dict[str, float] = {}
-        self.tails: dict[str, tuple[str, ...]] = {}
         self.attempt_started = 0.0
         self.last_answer: dict[int, float] = {}
         self.restart_at: float | None = None
         self.exit_code: int | None = None
-        self.is_leader = True  # for launcher.ready_table's duck type
 
-    # what ready_table reads
+    # what launcher.ready_table reads: label, endpoints(), health
     def endpoints(self) -> list[tuple[RankCommand, str, int]]:
         return [(c, self.ips.get(c.node, "?"), c.health_port) for c in self.cmds if c.health_port]
 
@@ -303,7 +301,6 @@ class RayGroup:
         self.last_answer = {n: self.attempt_started for n in self.nodes}
         self.health.clear()
         self.unhealthy_since.clear()
-        self.tails.clear()
         placed = ", ".join(f"{c.name} on {self.node_label(c.node)}" for c in self.cmds)
         dep.console.print(f"{self.tag} attempt {a}: started {placed}; logs in {dep.opts.run_dir / f'attempt-{a}' / self.rp.name} on each node")
         dep.write_placement()
