@@ -117,7 +117,8 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
 
         return launch_on_ray(p, address=address, dry_run=dry_run, console=console, once=once, prompt=prompt,
                              policy=RestartPolicy(restart, max_restarts, backoff), ready_timeout=ready_timeout,
-                             python=python, model=model_path, run_dir=run_dir)
+                             python=python, model=model_path, run_dir=run_dir, follow=follow, grace=grace,
+                             stop_timeout=stop_timeout, skip_preflight=skip_preflight)
     me = resolve_node(p, node)
     rd = Path(run_dir) if run_dir else Path("runs") / f"{p.name}-{time.strftime('%Y%m%d-%H%M%S')}-n{me}"
     ctx = launch_context(p, python, model_path, build=not dry_run)
