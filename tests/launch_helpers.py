@@ -68,8 +68,7 @@ class LaunchProc:
             hits = [line for line in self.lines if rx.search(line)]
             if len(hits) >= count:
                 return hits[count - 1]
-            if self.proc.poll() is not None and self.q.empty():
-                time.sleep(0.2)
+            if self.proc.poll() is not None and not self.t.is_alive():  # exited and its output fully read
                 hits = [line for line in self.lines if rx.search(line)]
                 if len(hits) >= count:
                     return hits[count - 1]
