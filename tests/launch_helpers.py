@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import socket
@@ -45,7 +44,6 @@ class LaunchProc:
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         self.lines: list[str] = []
-        self.q: queue.Queue[str] = queue.Queue()
         e = dict(os.environ)
         e.update(env or {})
         e["COLUMNS"] = "200"
@@ -58,7 +56,6 @@ class LaunchProc:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            self.q.put(line)
 
     def wait_for(self, pattern: str, timeout: float, count: int = 1) -> str:
         """Block until ``pattern`` has appeared ``count`` times in the output; return the last match line."""
