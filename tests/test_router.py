@@ -181,3 +181,11 @@ def test_bench_endpoints_go_through_the_router_unless_bypassed():
     assert endpoints_for_topology(path, via_router=False)[:2] == (["http://127.0.0.1:8300", "http://127.0.0.2:8300"], 2)
     r = subprocess.run([sys.executable, "-m", "widep", "bench", "run", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert "--bypass-router" in r.stdout
+
+
+def test_missing_router_executable_refused_before_anything_starts(tmp_path, tiny_moe_dir, vllm_python):
+    path, _ = two_replicas(tmp_path, command="no-such-router")
+    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(path), "--node", "0", "--model-path", str(tiny_moe_dir),
+                        "--python", vllm_python, "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "router.command: 'no-such-router' is not on PATH" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -263,6 +263,23 @@ def ready_table(runners: list[GroupRunner]) -> Table:
     return t
 
 
+ROUTER_MAX_FAILED_STARTS = 5
+"""Consecutive router starts that end before it is healthy, after which the launch fails."""
+
+
+def router_executable(name: str) -> str:
+    """The router command as a path: on PATH, else beside this interpreter (a venv's bin/, not activated)."""
+    import shutil
+    import sys
+
+    found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
+    if not found:
+        raise UserError(f"router.command: {name!r} is not on PATH nor beside {sys.executable}. "
+                        "Install it (pip install 'widep[router]', i.e. vllm-router) or set router.command to its path. "
+                        "Nothing was started.")
+    return found
+
+
 class RouterRunner:
     """The front door on its node: started once every API server of the plan is healthy, restarted when it
     dies (it holds no state the ranks need), stopped first on shutdown."""
@@ -274,7 +291,7 @@ class RouterRunner:
         self.plan, self.opts, self.console, self.run_id, self.base_env = plan, opts, console, run_id, base_env
         cmd = render_router(plan, ctx)
         assert cmd is not None
-        self.cmd = cmd
+        self.cmd = replace(cmd, argv=(router_executable(cmd.argv[0]),) + cmd.argv[1:])
         resolve_env(cmd, base_env)
         self.fronted = [(c, _node_host(plan, ctx, c.node), c.port) for c in render(plan, ctx) if c.port is not None]
         self.proc: RankProcess | None = None
@@ -284,20 +301,29 @@ class RouterRunner:
         self.ranks_healthy = False
         self.host = _node_host(plan, ctx, cmd.node)
         self.healthy = False
+        self.failures_in_a_row = 0
+        self.exit_code: int | None = None
 
     def step(self, now: float) -> None:
         if self.proc is not None:
             code = self.proc.poll()
             if code is not None:
-                self.console.print(f"[bold red]\\[router][/] {signal_name(code)}; restarting it in 2 s\n    "
-                                   + "\n    ".join(tail(self.proc.log, 10)), highlight=False)
+                self.failures_in_a_row = 0 if self.healthy else self.failures_in_a_row + 1
+                last = "\n    ".join(tail(self.proc.log, 10))
                 self.proc = None
                 self.healthy = False
+                if self.failures_in_a_row >= ROUTER_MAX_FAILED_STARTS:
+                    self.console.print(f"[bold red]\\[router] failed {self.failures_in_a_row} starts in a row without becoming "
+                                       f"healthy[/] ({signal_name(code)}):\n    {last}", highlight=False)
+                    self.exit_code = 1
+                    return
+                self.console.print(f"[bold red]\\[router][/] {signal_name(code)}; restarting it in 2 s\n    {last}", highlight=False)
                 self.restart_at = now + 2.0
             elif not self.healthy and now >= self.next_probe:
                 self.next_probe = now + self.opts.probe_interval_s
                 if probe(self.host, self.cmd.port or 0)[0] == "healthy":
                     self.healthy = True
+                    self.failures_in_a_row = 0
                     self.console.print(f"\\[router] ready: http://{self.host}:{self.cmd.port} fronts {len(self.fronted)} API server(s) "
                                        f"({self.plan.spec.router.policy})", highlight=False)
             return
@@ -367,6 +393,9 @@ class Launcher:
                 done = [r for r in self.runners if r.exit_code is not None]
                 if done:
                     code = max(r.exit_code or 0 for r in done)
+                    break
+                if self.router is not None and self.router.exit_code is not None:
+                    code = self.router.exit_code
                     break
                 healthy = all(r.status.state == GroupState.HEALTHY for r in self.runners) and (
                     self.router is None or self.router.healthy)
