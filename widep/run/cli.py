@@ -14,7 +14,8 @@ import click
 from widep.errors import UserError
 from widep.plan import plan as make_plan
 from widep.plan.core import DeploymentPlan
-from widep.render.vllm import RenderContext, model_path, render
+from widep.render.vllm import RenderContext, render
+from widep.render.vllm import model_path as rendered_model_path  # the CLI's --model-path parameter shadows the bare name
 from widep.run.state import RestartPolicy
 from widep.spec.topology import load_topology
 
@@ -54,7 +55,7 @@ def smoke_completion(p: DeploymentPlan, ctx: RenderContext, prompt: str, max_tok
 
         rc = render_router(p, ctx)
         role, host, port = "router", (p.nodes[p.router.node].address or p.nodes[p.router.node].name), rc.port
-    model = p.spec.model.served_model_name or model_path(p, ctx)
+    model = p.spec.model.served_model_name or rendered_model_path(p, ctx)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
     t = time.perf_counter()
     try:
@@ -136,7 +137,7 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
         print_table(p, cmds)
         return 0
     if not skip_preflight:
-        preflight(p, cmds, me, model_path_of(p, ctx))
+        preflight(p, cmds, me, rendered_model_path(p, ctx))
     from widep.run.launcher import LaunchOptions, Launcher
 
     opts = LaunchOptions(
@@ -162,10 +163,6 @@ def with_router_enabled(spec, policy: str | None, source: str):  # noqa: ANN001,
     if policy:
         d["router"]["policy"] = policy
     return parse_topology(d, source)
-
-
-def model_path_of(p: DeploymentPlan, ctx: RenderContext) -> str:
-    return model_path(p, ctx)
 
 
 @click.command("status")
