@@ -1,7 +1,7 @@
 """LeaderWorkerSet manifests from a plan (pure): one LWS and one Service per role, optionally an
 InferencePool per role for the llm-d inference scheduler.
 
-Everything a pod runs comes from the same :class:`~widep.render.vllm.RankCommand` data as
+Everything a pod runs comes from the same :class:`~widep.render.vllm.ProcessCommand` data as
 ``widep render``: the generator renders the role, takes the commands of the first pod of a group
 and turns the few values that differ between pods into bash built from the environment the LWS
 pod webhook injects (``LWS_LEADER_ADDRESS``, ``LWS_GROUP_SIZE``, ``LWS_WORKER_INDEX``):
@@ -37,7 +37,7 @@ import yaml
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
-from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
+from widep.render.vllm import EnvRef, ProcessCommand, RenderContext, render_role
 
 PLACEMENTS = ("pod-per-node", "pod-per-rank")
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -305,7 +305,7 @@ def _selector(name: str, leader_only: bool) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# From RankCommands to pod scripts
+# From ProcessCommands to pod scripts
 
 
 def k8s_render_context(plan: DeploymentPlan, opts: LWSOptions) -> RenderContext:
@@ -346,7 +346,7 @@ def _bug(msg: str) -> UserError:
     return UserError(f"widep cannot express this role as a LeaderWorkerSet (a widep bug, please report): {msg}", exit_code=1)
 
 
-def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: RankCommand, placement: str, d: int, group_node: int) -> list[str]:
+def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: ProcessCommand, placement: str, d: int, group_node: int) -> list[str]:
     """The argv of a rendered command as bash words with the per-pod values substituted."""
     argv = cmd.argv
     special: dict[int, str] = {}
@@ -387,7 +387,7 @@ def _env_entry(name: str, value: Any, plan: DeploymentPlan) -> dict[str, Any]:
     return {"name": name, "value": str(value)}
 
 
-def _container_env(plan: DeploymentPlan, cmds: list[RankCommand], all_cmds: list[RankCommand]) -> list[dict[str, Any]]:
+def _container_env(plan: DeploymentPlan, cmds: list[ProcessCommand], all_cmds: list[ProcessCommand]) -> list[dict[str, Any]]:
     """Container env: what every process of the role shares (per-process variables excluded)."""
     first = cmds[0]
     out: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
@@ -427,7 +427,7 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
     else:
         placement = "pod-per-node"  # with one rank per node both placements are the same pods
         size, d = rp.nodes_per_group, rp.dp_local
-        by_node: dict[int, list[RankCommand]] = {}
+        by_node: dict[int, list[ProcessCommand]] = {}
         for c in group0:
             by_node.setdefault(node_of_group[c.node], []).append(c)
         if mode == "internal" and size > 1:

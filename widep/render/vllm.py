@@ -61,8 +61,12 @@ class RenderContext:
 
 
 @dataclass(frozen=True)
-class RankCommand:
-    """One process to start: its argv, environment and what it serves."""
+class ProcessCommand:
+    """One process to start: its argv, environment and what it serves.
+
+    A process, not a rank: in external-LB mode it runs one DP rank, in hybrid / multi-port / internal mode all the
+    DP ranks of its node, and the router is one too.
+    """
 
     role: str
     replica: int
@@ -112,6 +116,10 @@ class RankCommand:
             parts.append(f"{k}=" + (f'"{v.shell()}"' if isinstance(v, EnvRef) else shlex.quote(v)))
         parts += [shlex.quote(a) for a in self.argv]
         return " ".join(parts)
+
+
+RankCommand = ProcessCommand
+"""The former name, kept only so branches written against it still merge; new code says ProcessCommand."""
 
 
 # Flags widep owns (spelled with dashes); extra_args may not set them.
@@ -357,7 +365,7 @@ def _entry(plan: DeploymentPlan, ctx: RenderContext, model: str) -> list[str]:
     return ["vllm", "serve", model]
 
 
-def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = None) -> list[RankCommand]:
+def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = None) -> list[ProcessCommand]:
     """Every process of one role (all replicas, all nodes)."""
     ctx = ctx or RenderContext()
     check_extras(plan)
@@ -368,7 +376,7 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
     if plan.spec.model.served_model_name:
         tail += ["--served-model-name", plan.spec.model.served_model_name]
     tail += list(rp.spec.extra_args)
-    out: list[RankCommand] = []
+    out: list[ProcessCommand] = []
     def bind(node: int) -> str:
         host = plan.spec.serving.host
         return _node_addr(plan, ctx, node) if host == "node" else host
@@ -386,7 +394,7 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
                     argv += ["--api-server-count", "1"]
                 pargs, penv = _profiler(plan, ctx, rp.name, r.dp_rank)
                 out.append(
-                    RankCommand(rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank,
+                    ProcessCommand(rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank,
                                 tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, r, r.gpus) + penv), r.port, r.port)
                 )
             continue
@@ -417,20 +425,20 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
                     headless, port, health = True, None, None
             pargs, penv = _profiler(plan, ctx, rp.name, first.dp_rank)
             out.append(
-                RankCommand(rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank,
+                ProcessCommand(rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank,
                             tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, first, gpus) + penv), port, health, headless)
             )
     return out
 
 
 def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int | None = None,
-           role: str | None = None, rank: int | None = None) -> list[RankCommand]:
+           role: str | None = None, rank: int | None = None) -> list[ProcessCommand]:
     """The processes of a plan, optionally only those on ``node`` / of ``role`` / running DP ``rank``."""
     ctx = ctx or RenderContext()
     if node is not None and not 0 <= node < len(plan.nodes):
         raise UserError(f"--node: {node} is not a node of {plan.name}. Valid: 0..{len(plan.nodes) - 1}.")
     roles = [plan.role(role)] if role else list(plan.roles)
-    out: list[RankCommand] = []
+    out: list[ProcessCommand] = []
     for rp in roles:
         out += render_role(plan, rp, ctx)
     if node is not None:
@@ -442,7 +450,7 @@ def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int 
     return out
 
 
-def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> RankCommand | None:
+def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> ProcessCommand | None:
     """The vllm-router process of the plan (None when the router is off).
 
     Regular mode lists every API server with --worker-urls; P/D mode (--vllm-pd-disaggregation) lists
@@ -481,4 +489,4 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Ran
     if plan.spec.serving.api_key_secret:
         env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
     n = plan.nodes[rt.node]
-    return RankCommand("router", 0, 0, (0,), rt.node, n.name, 0, tuple(argv + list(rs.extra_args)), tuple(env), rt.port, rt.port)
+    return ProcessCommand("router", 0, 0, (0,), rt.node, n.name, 0, tuple(argv + list(rs.extra_args)), tuple(env), rt.port, rt.port)
