@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from widep.errors import UserError
+from widep.plan.api import model_path as loaded_model_path
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 
 MODULE_ENTRY = "vllm.entrypoints.openai.api_server"
@@ -200,18 +201,8 @@ def check_extras(plan: DeploymentPlan) -> None:
 
 
 def model_path(plan: DeploymentPlan, ctx: RenderContext) -> str:
-    if ctx.model_path:
-        return ctx.model_path
-    if plan.spec.model.path:
-        return plan.spec.model.path
-    if plan.arch.hf_id:
-        return plan.arch.hf_id
-    if plan.arch.builtin:
-        raise UserError(
-            f"model: {plan.arch.name!r} is built locally by widep; its path is known once built "
-            "(`widep model build`), and `widep launch` builds it on first use. Give --model-path to render it."
-        )
-    raise UserError("model.path: no path for vLLM to load. Give model.path (a hub id or a local directory).")
+    """What the processes load: the context's override, else the topology's (:func:`widep.plan.api.model_path`)."""
+    return loaded_model_path(plan, ctx.model_path)
 
 
 def _node_addr(plan: DeploymentPlan, ctx: RenderContext, node: int) -> str:
