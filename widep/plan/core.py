@@ -212,8 +212,7 @@ class DeploymentPlan:
                 if r.port is None or (r.node, r.port) in seen:
                     continue
                 seen.add((r.node, r.port))
-                node = self.nodes[r.node]
-                out.append((rp.name, node.address or node.name, r.port))
+                out.append((rp.name, self.nodes[r.node].host, r.port))
         return out
 
     def as_dict(self) -> dict[str, Any]:

@@ -289,8 +289,7 @@ def model_path(plan: DeploymentPlan, ctx: RenderContext) -> str:
 def _node_addr(plan: DeploymentPlan, ctx: RenderContext, node: int) -> str:
     if node in ctx.node_addresses:
         return ctx.node_addresses[node]
-    n = plan.nodes[node]
-    return n.address or n.name
+    return plan.nodes[node].host
 
 
 def _leader_addr(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, replica: int) -> str:
