@@ -375,7 +375,7 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
                 env += [("NVSHMEM_REMOTE_TRANSPORT", "ibgda"), ("NVSHMEM_IB_ENABLE_IBGDA", "1")]
         if net.hcas:
             env.append(("NCCL_IB_HCA", ",".join(net.hcas)))
-        if vt.line == "0.3x":
+        if vt.engine_ready_timeout_env:
             env.append(("VLLM_ENGINE_READY_TIMEOUT_S", str(plan.spec.vllm.ready_timeout_s)))
     else:
         # CPU backend: a fixed KV cache per rank, and each rank's OpenMP threads on their own cores
