@@ -26,7 +26,7 @@ from widep.run.backend import BackendBase, DryRun, Endpoint, GroupDriver, Poll, 
 from widep.run.control import ControlServer, http_json, probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
-from widep.run.preflight import preflight, resolve_node
+from widep.run.preflight import check_before_start, resolve_node
 from widep.run.procs import RankProcess, resolve_env, signal_name, start_rank, stop_ranks, tail
 from widep.run.state import Failure, GroupState, GroupStatus
 
@@ -77,7 +77,7 @@ class BareMetal(BackendBase):
         p, req, me = launch.plan, launch.request, self.node
         local = [c for c in launch.processes if c.node == me]
         if not req.skip_preflight:
-            preflight(p, local, me, launch.model)
+            check_before_start(p, local, me, launch.model)
         for c in local:  # secrets now: a missing one is refused before anything starts
             resolve_env(c, self.base_env)
         mine = [g for g in launch.groups if me in g.nodes]

@@ -94,7 +94,7 @@ def check_model(model: str) -> None:
         raise UserError(f"model: {model!r} is not a model directory (no config.json there). Nothing was started.")
 
 
-def preflight(plan: DeploymentPlan, cmds: list[ProcessCommand], node: int, model: str) -> None:
+def check_before_start(plan: DeploymentPlan, cmds: list[ProcessCommand], node: int, model: str) -> None:
     """Model present, entry point runnable, then the doctor's node checks; UserError on the first failing kind."""
     check_model(model)
     check_entry_point(cmds)

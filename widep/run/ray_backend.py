@@ -44,7 +44,7 @@ from widep.run.backend import BackendBase, DryRun, DryRunTable, Endpoint, Poll, 
 from widep.run.control import probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
-from widep.run.preflight import preflight
+from widep.run.preflight import check_before_start
 from widep.run.procs import resolve_env, signal_name, start_rank, stop_ranks, tail
 from widep.run.state import Failure, GroupState, GroupStatus
 
@@ -177,10 +177,10 @@ class NodeAgent:
         return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname(), "pid": os.getpid(), "gpu_ids": gpu_ids}
 
-    def preflight(self, plan: DeploymentPlan, node: int, model: str, cmds: list[ProcessCommand]) -> list[str]:
-        """The bare-metal preflight on this node (model, entry point, the doctor's checks); problems as text."""
+    def problems_before_start(self, plan: DeploymentPlan, node: int, model: str, cmds: list[ProcessCommand]) -> list[str]:
+        """The bare-metal checks on this node (model, entry point, the doctor's checks); problems as text."""
         try:
-            preflight(plan, cmds, node, model)
+            check_before_start(plan, cmds, node, model)
         except UserError as err:
             return [str(err)]
         return []
@@ -322,7 +322,7 @@ class RayBackend(BackendBase):
         self.console.print(placement_table(self))
         self.console.print(f"placed in {time.monotonic() - t0:.1f} s")
         placed = [c.at(node_address=self.agent_info[c.node]["ip"]) for c in launch.processes]
-        problems = [] if req.skip_preflight else self.preflight(list(self.bundles), placed)
+        problems = [] if req.skip_preflight else self.check_nodes(list(self.bundles), placed)
         if problems:
             raise UserError("refusing to start, nothing was started (preflight on the Ray nodes, see `widep doctor`):\n  "
                             + "\n  ".join(problems))
@@ -422,10 +422,11 @@ class RayBackend(BackendBase):
             self.agent_info[n] = info
         return new
 
-    def preflight(self, nodes: list[int], cmds: list[ProcessCommand]) -> list[str]:
+    def check_nodes(self, nodes: list[int], cmds: list[ProcessCommand]) -> list[str]:
+        """Every node agent of ``nodes`` runs the checks on its node; the problems, named by node."""
         addrs = {n: self.agent_info[n]["ip"] for n in self.agent_info}
         plan = readdressed(self.launch.plan, addrs)
-        refs = [self.agents[n].preflight.remote(plan, n, self.launch.model, [c for c in cmds if c.node == n])
+        refs = [self.agents[n].problems_before_start.remote(plan, n, self.launch.model, [c for c in cmds if c.node == n])
                 for n in nodes]
         out = []
         for n, problems in zip(nodes, self.ray.get(refs, timeout=120)):
@@ -481,7 +482,7 @@ class RayBackend(BackendBase):
         cmds = tuple(c.at(node_address=ips[c.node], leader_address=ips[group.leader_node]) for c in group.processes)
         self.cmds[k] = cmds
         if new and not self.launch.request.skip_preflight:
-            problems = self.preflight(new, list(cmds))
+            problems = self.check_nodes(new, list(cmds))
             if problems:
                 raise StartFailed("preflight refused: " + " | ".join(problems))
         refs = [self.agents[n].start.remote(attempt, [c for c in cmds if c.node == n], self.secrets) for n in group.nodes]
