@@ -1,5 +1,5 @@
-"""The shape of widep's code, read from its source with Python's own parser (every import, also those inside
-functions): no import cycle among the modules of ``widep.run``, no module below the CLI importing a CLI module,
+"""The shape of widep's code, read from its source with Python's own parser (every import that runs, also those
+inside functions): no import cycle among the modules of ``widep.run``, no module below the CLI importing a CLI module,
 the commands of a launch rendered in one place, and nothing in ``k8s/`` or ``run/`` searching argv for flags."""
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
 TREES = {name: ast.parse(p.read_text(), str(p)) for name, p in MODULES.items()}
 
 
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks (type-only imports never run)."""
+    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+            for stmt in block.body for n in ast.walk(stmt)}
+    return [n for n in ast.walk(tree) if id(n) not in skip]
+
+
 def imports_of(name: str) -> set[str]:
-    """widep modules ``name`` imports (``from a import b`` counts as a.b when that is a module)."""
+    """widep modules ``name`` imports when it runs (``from a import b`` counts as a.b when that is a module)."""
     out: set[str] = set()
     pkg = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
-    for node in ast.walk(TREES[name]):
+    for node in runtime_nodes(TREES[name]):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
