@@ -54,9 +54,10 @@ class RenderContext:
     entry_point: str | None = None
     """'serve' or 'module', overriding vllm.entry_point."""
     leader_addresses: dict[tuple[str, int], str] = field(default_factory=dict)
-    """(role, replica) -> address of the group leader, overriding the topology (Ray placement, LWS)."""
+    """(role, replica) -> address of the group leader, overriding the topology, when it is known at render time
+    (an executor that learns it later binds it with :meth:`ProcessCommand.at`)."""
     node_addresses: dict[int, str] = field(default_factory=dict)
-    """node index -> address this node is reached by, overriding the topology."""
+    """node index -> address this node is reached by, overriding the topology (known at render time)."""
     profile_dir: str | None = None
     """Turn the torch profiler on with traces under this absolute directory (overrides profiler.dir)."""
 
