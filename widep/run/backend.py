@@ -103,6 +103,8 @@ class DryRun:
     processes: tuple[ProcessCommand, ...]
     """The commands that would start, as they would (before any late-bound address is known)."""
     tables: tuple[DryRunTable, ...] = ()
+    text: str = ""
+    """Verbatim text the backend would submit (Slurm's batch script and srun steps), printed as is."""
 
 
 class GroupDriver(Protocol):
