@@ -10,7 +10,8 @@ has two: unique ``targetPorts`` numbers and ``endpointPickerRef.port`` when the 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
 def _unique_port_numbers(value: Any) -> bool:
