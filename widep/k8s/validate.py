@@ -979,6 +979,12 @@ def _pod_template_problems(
                 container_names.setdefault(cname, cp)
             if not c.get("image"):
                 yield cp + ("image",), "Required value: a container image must be set"
+            crp = c.get("restartPolicy")
+            if crp is not None and (list_name == "containers" or crp != "Always"):
+                yield cp + ("restartPolicy",), (
+                    f"Unsupported value {_show(crp)}: only init containers take a restartPolicy, and only 'Always' "
+                    "(a native sidecar, Kubernetes >= 1.29). Valid: Always on initContainers"
+                )
             policy = c.get("imagePullPolicy")
             if isinstance(policy, str) and policy not in _PULL_POLICIES:
                 yield cp + ("imagePullPolicy",), (
@@ -1382,6 +1388,10 @@ def _validate_core(sink: _Sink, doc: dict[str, Any], kind: str, validator: Any) 
     elif kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet"):
         rules.extend(_workload_problems(doc, kind))
     sink.extend("core-rules", rules)
+    if kind == "Deployment":
+        from widep.k8s.frontdoor import router_container_problems
+
+        sink.extend("front-door", router_container_problems(doc))
 
 
 def _service_lws_problems(service: dict[str, Any], lws_by_name: dict[str, dict[str, Any]]) -> Iterator[tuple]:
@@ -1448,6 +1458,13 @@ def validate_documents(
             head.append((("apiVersion",), f"Required value: apiVersion must be a non-empty string, given {_show(api_version)}"))
         if not kind:
             head.append((("kind",), f"Required value: kind must be a non-empty string, given {_show(doc.get('kind'))}"))
+        if head and api_version is None and doc.get("kind") is None and set(doc) == {"router"}:
+            from widep.k8s.frontdoor import check_router_values
+
+            # llm-d router chart values (widep lws --front-door llm-d --router-values FILE)
+            sink.extend("router-values", [((), m) for m in check_router_values(doc)])
+            problems.extend(sink.problems)
+            continue
         if head:
             sink.extend("object-meta", head)
             problems.extend(sink.problems)
