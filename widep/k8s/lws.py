@@ -958,6 +958,10 @@ def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = No
         prov = providers.provider(opts.provider)
         lines.append(f"provider {prov.name}: {prov.description}")
         lines += sizing.report(docs)
+        for rp in plan.roles:
+            if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
+                lines.append(f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is requested: "
+                             "name your cluster's (cluster.network.rdma_resource or --rdma-resource) or pick --provider")
         kinds = {d["kind"] for d in docs}
         if "Deployment" in kinds:
             lines.append("front door: vllm-router Deployment (P/D mode where the topology is P/D)")
