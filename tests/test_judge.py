@@ -129,7 +129,7 @@ def test_kv_load_failure_policy_is_checked_by_vllm(judged) -> None:
     from widep.spec.vllm_versions import table_for
 
     _, v = judged
-    assert table_for("0.32.0").kv_load_failure_policy
+    assert table_for("0.32.0").has_kv_load_failure_policy
     assert v["kv_fail_policy"].ok, v["kv_fail_policy"].error
     bad = v["kv_bad_policy"]
     assert not bad.ok and "kv_load_failure_policy" in bad.error

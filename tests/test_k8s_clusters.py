@@ -378,3 +378,8 @@ def test_kustomize_overlays_build_with_real_kustomize(tmp_path, capsys, front_do
         _, problems = v.validate_text(built.stdout)
         assert [pr.format() for pr in problems] == [], name
     assert not any((out / "overlays" / "generic").glob("*.patch.yaml"))  # the base is the generic profile
+
+
+def test_llmd_refuses_a_vllm_bound_to_the_pod_ip_only():
+    with pytest.raises(UserError, match="routing sidecar cannot front decode: it reaches vLLM on localhost"):
+        L.render_lws(plan_of(PD, **{"serving.host": "node"}), front_door="llm-d")

@@ -647,12 +647,18 @@ def test_golden_files_are_up_to_date(crd):
     assert regen.stale(REPO / "lws", expected) == [], "run: python -m widep.k8s.regen"
     pd = [t for t in TOPOLOGIES if {rp.kind for rp in plan_of(t).roles} >= {"prefill", "decode"}]
     assert pd, "a curated P/D topology"
+    llmd_variants = [t for t in pd if f"{t.stem}.llm-d.yaml" in expected]
+    assert REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml" in llmd_variants
     assert len(expected) == len(TOPOLOGIES) + sum(
-        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES) + 2 * len(pd)
+        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES) + 2 * len(llmd_variants)
     for t in pd:  # every P/D manifest routes prefill then decode: a vllm-router in P/D mode, or llm-d's stack
         default = list(yaml.safe_load_all(expected[f"{t.stem}.yaml"]))
         router = next(d for d in default if d["kind"] == "Deployment")
         assert "--vllm-pd-disaggregation" in router["spec"]["template"]["spec"]["containers"][0]["args"]
+        if t not in llmd_variants:  # only where llm-d's routing sidecar cannot front decode (ports), and says why
+            with pytest.raises(UserError, match="routing sidecar cannot front decode"):
+                L.render_lws(plan_of(t), front_door="llm-d")
+            continue
         llmd = list(yaml.safe_load_all(expected[f"{t.stem}.llm-d.yaml"]))
         assert [d["metadata"]["name"] for d in llmd if d["kind"] == "InferencePool"] == [t.stem]
         assert yaml.safe_load(expected[f"{regen.VALUES_DIR}/{t.stem}.llm-d.yaml"])["router"]["epp"]

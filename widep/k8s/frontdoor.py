@@ -98,6 +98,9 @@ def pool_ports(plan: DeploymentPlan, served: dict[str, list[int]]) -> tuple[list
         why = f"decode's vLLM already uses port(s) {sorted(set(p) & (set(d) | {plan.spec.serving.supervisor_port}))}"
     if len(p) > 8:
         why = f"{len(p)} ports per pod, but an InferencePool takes at most 8 targetPorts"
+    if plan.spec.serving.host not in ("0.0.0.0", "::"):
+        why = (f"it reaches vLLM on localhost, but serving.host {plan.spec.serving.host!r} binds vLLM to the pod IP "
+               "only (use serving.host 0.0.0.0)")
     if why:
         raise UserError(
             f"--front-door llm-d: the routing sidecar cannot front decode: {why}. Given: prefill ports {p}, decode "

@@ -275,12 +275,17 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
     if plan.spec.model.trust_remote_code:
         args.append("--trust-remote-code")
     if plan.spec.disaggregated:
-        kvt: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
-        if vt.kv_load_failure_policy:
-            # a failed KV pull fails the request instead of silently recomputing the prefill on decode
-            kvt["kv_load_failure_policy"] = "fail"
-        args += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(plan), separators=(",", ":"))]
     return args
+
+
+def kv_transfer_config(plan: DeploymentPlan) -> dict[str, Any]:
+    """vLLM's --kv-transfer-config for a P/D topology: NIXL on every role; a failed KV pull fails the request
+    (llm-d's choice) where the version table says vLLM has kv_load_failure_policy."""
+    kvt: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    if plan.vllm.has_kv_load_failure_policy:
+        kvt["kv_load_failure_policy"] = "fail"
+    return kvt
 
 
 def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]) -> list[tuple[str, EnvValue]]:

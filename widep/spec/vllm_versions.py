@@ -55,10 +55,9 @@ class VLLMVersionTable:
     deep_gemm_warmup_env: str
     has_moe_backend_flag: bool
     dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
-    kv_load_failure_policy: bool = False
-    """True where KVTransferConfig has ``kv_load_failure_policy`` (0.33 wheel: ``config/kv_transfer.py``,
-    ``Literal["recompute", "fail"]``; llm-d sets ``"fail"`` from its v0.4 manifests). Absent in 0.10 and 0.11,
-    and KVTransferConfig forbids unknown keys, so older lines never get it."""
+    has_kv_load_failure_policy: bool = False
+    """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
+    (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
 
 
 TABLES: tuple[VLLMVersionTable, ...] = (
@@ -126,7 +125,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         deep_gemm_default_on=True,
         deep_gemm_warmup_env="VLLM_DEEP_GEMM_WARMUP",
         has_moe_backend_flag=True,
-        kv_load_failure_policy=True,
+        has_kv_load_failure_policy=True,
     ),
 )
 
