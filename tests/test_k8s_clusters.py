@@ -383,3 +383,22 @@ def test_kustomize_overlays_build_with_real_kustomize(tmp_path, capsys, front_do
 def test_llmd_refuses_a_vllm_bound_to_the_pod_ip_only():
     with pytest.raises(UserError, match="routing sidecar cannot front decode: it reaches vLLM on localhost"):
         L.render_lws(plan_of(PD, **{"serving.host": "node"}), front_door="llm-d")
+
+
+def test_readme_kubernetes_examples_run(tmp_path, monkeypatch, capsys):
+    """Every `widep lws topologies/...` line of README's Kubernetes section runs and exits 0 (outputs go to a
+    temporary directory)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Kubernetes: LeaderWorkerSet"):]
+    section = section[: section.index("\n## ", 10)]
+    lines = [line.split("#")[0].split("&&")[0].split(">")[0].strip() for line in section.splitlines()
+             if line.startswith("widep lws topologies/") and "..." not in line]
+    assert len(lines) >= 6
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "topologies").symlink_to(REPO / "topologies")
+    for line in lines:
+        args = shlex.split(line)[1:]
+        assert main(args) == 0, (line, capsys.readouterr().err)
+    assert (tmp_path / "pd.router-values.yaml").is_file() and (tmp_path / "deploy" / "overlays" / "gke").is_dir()
