@@ -133,3 +133,17 @@ def test_kv_load_failure_policy_is_checked_by_vllm(judged) -> None:
     assert v["kv_fail_policy"].ok, v["kv_fail_policy"].error
     bad = v["kv_bad_policy"]
     assert not bad.ok and "kv_load_failure_policy" in bad.error
+
+
+def test_rendered_serving_variables_are_known_to_vllm(vllm_python: str) -> None:
+    """The vLLM variables widep adds for real deployments are ones the installed vLLM reads (vLLM >= 0.2x warns
+    about unknown VLLM_* variables); the NVSHMEM/NVIDIA ones are read by NVSHMEM and the container runtime."""
+    import json
+    import subprocess
+
+    from widep.render.vllm import keep_alive_env
+
+    names = ["VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "VLLM_ENGINE_READY_TIMEOUT_S"] + [k for k, _ in keep_alive_env()]
+    code = "import json, sys, vllm.envs as e; print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))"
+    out = subprocess.run([vllm_python, "-c", code, *names], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -236,6 +236,11 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
         if kustomize_dir:
             from widep.k8s.kustomize import write_kustomize
 
+            if output or provider != "generic":
+                given = "-o " + output if output else "--provider " + provider
+                raise UserError(f"--kustomize writes a base and an overlay for every provider profile into its directory. "
+                                f"Given: --kustomize {kustomize_dir} with {given}. Valid: --kustomize DIR alone")
+
             for line in write_kustomize(topology, opts, Path(kustomize_dir), crd):
                 click.echo(line, err=True)
             return
