@@ -144,6 +144,7 @@ def test_rendered_serving_variables_are_known_to_vllm(vllm_python: str) -> None:
     from widep.render.vllm import keep_alive_env
 
     names = ["VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "VLLM_ENGINE_READY_TIMEOUT_S"] + [k for k, _ in keep_alive_env()]
-    code = "import json, sys, vllm.envs as e; print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))"
+    code = ("import json, sys, vllm.envs as e; "
+            "print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))")
     out = subprocess.run([vllm_python, "-c", code, *names], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

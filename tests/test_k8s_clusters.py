@@ -295,7 +295,8 @@ def test_jit_caches_survive_group_recreation_and_model_cache_can_be_read_only():
     for var in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "FLASHINFER_WORKSPACE_BASE",
                 "DG_JIT_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         assert env[var].startswith(L.JIT_MOUNT + "/")
-    d = next(d for d in L.render_lws(p, model_cache="pvc-ro:models", jit_cache="pvc:jit") if d["kind"] == "LeaderWorkerSet")
+    docs = L.render_lws(p, model_cache="pvc-ro:models", jit_cache="pvc:jit")
+    d = next(d for d in docs if d["kind"] == "LeaderWorkerSet")
     spec = pod(d)
     vols = {vol["name"]: vol for vol in spec["volumes"]}
     assert vols["model-cache"]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
@@ -348,7 +349,8 @@ def test_json_patch_turns_one_document_into_the_other():
     ops = json_patch(old, new)
     assert {"op": "replace", "path": "/a/b~1c", "value": 3} in ops
     assert {"op": "remove", "path": "/a/gone"} in ops
-    assert {"op": "replace", "path": "/m", "value": [1, 2]} in ops and {"op": "replace", "path": "/l/1", "value": 5} in ops
+    assert {"op": "replace", "path": "/m", "value": [1, 2]} in ops
+    assert {"op": "replace", "path": "/l/1", "value": 5} in ops
 
 
 def _kubectl() -> str:

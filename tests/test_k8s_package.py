@@ -60,8 +60,8 @@ def installed(tmp_path_factory) -> Path:
 
 def _run(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("WIDEP_LWS_CRD", "PYTHONPATH")}
-    return subprocess.run([str(venv / "bin" / "widep"), *args], check=False, cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([str(venv / "bin" / "widep"), *args], check=False, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_installed_widep_emits_and_validates_manifests_outside_the_repo(installed, tmp_path):

@@ -219,7 +219,8 @@ def test_one_inference_pool_per_role_outside_pd():
     assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
     assert pool["spec"]["selector"] == {"matchLabels": svc["spec"]["selector"]}
     assert [t["number"] for t in pool["spec"]["targetPorts"]] == [pt["port"] for pt in svc["spec"]["ports"]]
-    assert pool["spec"]["endpointPickerRef"] == {"name": f"{name}-epp", "port": {"number": 9002}, "failureMode": "FailOpen"}
+    assert pool["spec"]["endpointPickerRef"] == {"name": f"{name}-epp", "port": {"number": 9002},
+                                                 "failureMode": "FailOpen"}
     with pytest.raises(UserError, match="--front-door llm-d"):  # per-role pools cannot route P/D
         L.render_lws(plan_of(REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"), inference_pool=True,
                      front_door="router")
@@ -601,7 +602,8 @@ def test_health_check_script_needs_every_rank_healthy():
         ("deepseek-r1-decode-2x8-h200.yaml", {"exclusive_topology": "kubernetes.io/hostname"}, "2 pods x 8 GPUs > 8 per node"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"gpu_resource": "gpu"}, "Given: 'gpu'"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"memory": "512GB"}, "not a Kubernetes quantity. Given: '512GB'"),
-        ("deepseek-r1-decode-2x8-h200.yaml", {"model_cache": "nfs:/x"}, "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, hostpath-ro"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"model_cache": "nfs:/x"},
+         "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, hostpath-ro"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"jit_cache": "pvc-ro:x"}, "--jit-cache: cannot read this volume"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"provider": "aws"}, "--provider: unknown provider profile"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"front_door": "llm-d"}, "needs a prefill and a decode role"),
@@ -731,8 +733,10 @@ def test_cli_output_file_and_options(capsys, crd, tmp_path):
     lwt = docs[0]["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] == 2
     (c,) = lwt["workerTemplate"]["spec"]["containers"]
-    assert c["resources"]["limits"] == {"cpu": "4", "memory": "48Gi", "ephemeral-storage": "16Gi", "nvidia.com/gpu": "1"}
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
+    assert c["resources"]["limits"] == {"cpu": "4", "memory": "48Gi", "ephemeral-storage": "16Gi",
+                                        "nvidia.com/gpu": "1"}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
     assert lwt["workerTemplate"]["spec"]["volumes"][1] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}
     first = target.read_text().splitlines()[0]
     assert "--rdma-resource ''" in first and "--model-cache pvc:models" in first and "--gpu-product NVIDIA-H100-NVL" in first

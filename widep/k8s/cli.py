@@ -128,7 +128,8 @@ def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_
     values_text = None
     if values is not None:
         pool = next(d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == p.name)
-        failing += [v.Problem(0, "router values", "", "", m, "router-values") for m in check_router_values(values, pool)]
+        failing += [v.Problem(0, "router values", "", "", m, "router-values")
+                    for m in check_router_values(values, pool)]
         values_text = router_values_text(p, values, manifests_name)
     if failing:
         lines = "\n  ".join(pr.format("generated") for pr in failing)
@@ -142,7 +143,8 @@ def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_
 @click.command("lws")
 @click.argument("topology", required=False, metavar="[TOPOLOGY]")
 @click.option("--provider", type=click.Choice(list(PROVIDER_NAMES)), default="generic", show_default=True,
-              help="Cluster profile: RDMA resource/annotations, HCA variables, privileges, node selection, cache paths.")
+              help="Cluster profile: RDMA resource/annotations, HCA variables, privileges, node selection, "
+              "cache paths.")
 @click.option("--front-door", type=click.Choice(["auto", "router", "llm-d", "none"]), default="auto", show_default=True,
               help="What routes requests: auto = vllm-router for P/D topologies (and where the topology has a router), "
               "router, llm-d (one InferencePool + routing sidecar + EPP values), none.")
@@ -174,8 +176,8 @@ def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_
 @click.option("--epp-port", type=int, default=9002, show_default=True, help="Service port of each pool's endpoint picker <pool>-epp.")
 @click.option("--model-path", default=None, help="What vLLM loads in the pods (default: the topology's model).")
 @click.option("--model-cache", default=None,
-              help="Model cache volume at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM, pvc-ro:CLAIM "
-              "or emptydir (default: the provider's hostPath).")
+              help="Model cache volume at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM, "
+              "pvc-ro:CLAIM or emptydir (default: the provider's hostPath).")
 @click.option("--gpu-product-label", default=None,
               help="Node label with the GPU product, for node affinity (default: the provider's; '' for none).")
 @click.option("--gpu-product", "gpu_products", multiple=True, metavar="VALUE",
@@ -238,8 +240,9 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
 
             if output or provider != "generic":
                 given = "-o " + output if output else "--provider " + provider
-                raise UserError(f"--kustomize writes a base and an overlay for every provider profile into its directory. "
-                                f"Given: --kustomize {kustomize_dir} with {given}. Valid: --kustomize DIR alone")
+                raise UserError("--kustomize writes a base and an overlay for every provider profile into its "
+                                f"directory. Given: --kustomize {kustomize_dir} with {given}. "
+                                "Valid: --kustomize DIR alone")
 
             for line in write_kustomize(topology, opts, Path(kustomize_dir), crd):
                 click.echo(line, err=True)
@@ -258,7 +261,8 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
         if values is not None:
             if router_values:
                 Path(router_values).write_text(values, encoding="utf-8")
-                click.echo(f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked", err=True)
+                click.echo(f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked",
+                           err=True)
             else:
                 click.echo("note: --front-door llm-d also needs llm-d's router chart values: give --router-values FILE "
                            "(or -o FILE, which writes them beside it)", err=True)

@@ -223,7 +223,8 @@ def check_router_values(values: Any, pool: dict[str, Any] | None = None) -> list
     for prof in cfg.get("schedulingProfiles", []):
         for ref in prof.get("plugins", []):
             if ref.get("pluginRef") not in types:
-                out.append(f"profile {prof.get('name')!r} references plugin {ref.get('pluginRef')!r}, which is not defined")
+                out.append(f"profile {prof.get('name')!r} references plugin {ref.get('pluginRef')!r}, "
+                           "which is not defined")
     if {p.get("name") for p in cfg.get("schedulingProfiles", [])} != {"prefill", "decode"}:
         out.append("the P/D profile handler needs exactly the scheduling profiles 'prefill' and 'decode'")
     if not 1 <= len(ports) <= 8 or len(set(ports)) != len(ports):

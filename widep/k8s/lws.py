@@ -229,7 +229,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     prov = providers.provider(opts.provider)
     _cache_volume(opts.jit_cache or prov.jit_cache, "--jit-cache")
     if opts.start_budget_s is not None and opts.start_budget_s < 60:
-        raise UserError(f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. Valid: seconds >= 60")
+        raise UserError(f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. "
+                        "Valid: seconds >= 60")
     frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     if not 1 <= opts.epp_port <= 65535:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
@@ -960,8 +961,9 @@ def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = No
         lines += sizing.report(docs)
         for rp in plan.roles:
             if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
-                lines.append(f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is requested: "
-                             "name your cluster's (cluster.network.rdma_resource or --rdma-resource) or pick --provider")
+                lines.append(f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is "
+                             "requested: name your cluster's (cluster.network.rdma_resource or --rdma-resource) "
+                             "or pick --provider")
         kinds = {d["kind"] for d in docs}
         if "Deployment" in kinds:
             lines.append("front door: vllm-router Deployment (P/D mode where the topology is P/D)")

@@ -61,7 +61,8 @@ def expected_files(topologies: Path, crd: Path | None = None) -> dict[str, str]:
 def _present(out_dir: Path) -> set[str]:
     if not out_dir.is_dir():
         return set()
-    return {p.name for p in out_dir.glob("*.yaml")} | {f"{VALUES_DIR}/{p.name}" for p in (out_dir / VALUES_DIR).glob("*.yaml")}
+    values = {f"{VALUES_DIR}/{p.name}" for p in (out_dir / VALUES_DIR).glob("*.yaml")}
+    return {p.name for p in out_dir.glob("*.yaml")} | values
 
 
 def stale(out_dir: Path, expected: dict[str, str]) -> list[str]:

@@ -35,7 +35,8 @@ def worker_urls(plan: DeploymentPlan, rp: RolePlan, lws: str, placement: str, na
 
 
 def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement: str, namespace: str | None,
-                     image: str, labels_base: dict[str, str], *, startup_timeout_s: int | None = None) -> list[dict[str, Any]]:
+                     image: str, labels_base: dict[str, str], *,
+                     startup_timeout_s: int | None = None) -> list[dict[str, Any]]:
     """Deployment + Service of the router: the topology's router section, or (a P/D topology without one)
     its defaults in P/D mode. ``startup_timeout_s``: how long the router waits for workers (the start budget)."""
     rs = plan.spec.router
