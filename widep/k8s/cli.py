@@ -1,7 +1,9 @@
 """``widep lws``: LeaderWorkerSet manifests for Kubernetes.
 
-``widep lws TOPOLOGY`` generates one LeaderWorkerSet and one Service per role (and, with
-``--inference-pool``, an InferencePool per role) with :mod:`widep.k8s.lws`, validates them with
+``widep lws TOPOLOGY`` generates one LeaderWorkerSet and one Service per role, the front door
+(:mod:`widep.k8s.frontdoor`; every P/D topology gets one) and, with ``--inference-pool`` outside P/D, an
+InferencePool per role, with :mod:`widep.k8s.lws`; ``--kustomize DIR`` writes them as a base plus one
+overlay per provider profile (:mod:`widep.k8s.kustomize`). It validates them with
 :mod:`widep.k8s.validate` (the real LWS CRD schema, the LWS webhook rules, core Kubernetes schemas)
 and prints YAML; manifests that do not validate are never printed. ``--validate FILE`` (repeatable;
 a directory means its ``*.yaml``/``*.yml`` files; ``-`` reads standard input) checks any manifest.
