@@ -7,7 +7,8 @@ Every curated topology gets ``lws/<topology>.yaml`` (pod-per-node, default optio
 the vllm-router front door) and, where a pod per rank makes other pods and is allowed (external DP mode,
 several ranks per node, no DeepEP), ``lws/<topology>.pod-per-rank.yaml``. A P/D topology also gets
 ``lws/<topology>.llm-d.yaml`` (``--front-door llm-d``) with llm-d's router chart values in
-``lws/router-values/<topology>.llm-d.yaml``. Each file says at its top which ``widep lws`` command made it.
+``lws/router-values/<topology>.llm-d.yaml``, and ``lws/kustomize/<topology>/`` (``widep lws --kustomize``: a
+base plus one overlay per provider profile). Each file says at its top which ``widep lws`` command made it.
 A test regenerates everything in memory and compares it byte for byte with the files.
 """
 
@@ -23,6 +24,8 @@ from widep.errors import UserError
 REGENERATE = "python -m widep.k8s.regen"
 #: Sub-folder of lws/ with llm-d router chart values (not manifests: `widep lws --validate lws/` skips it).
 VALUES_DIR = "router-values"
+#: Sub-folder of lws/ with `widep lws --kustomize` trees of the P/D topologies.
+KUSTOMIZE_DIR = "kustomize"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -45,6 +48,10 @@ def expected_files(topologies: Path, crd: Path | None = None) -> dict[str, str]:
             out[name] = text
         p = plan(load_topology(f))
         if {rp.kind for rp in p.roles} >= {"prefill", "decode"}:
+            from widep.k8s.kustomize import kustomize_files
+
+            for rel, text in kustomize_files(str(f), LWSOptions(), crd, shown_as=shown, regenerate=REGENERATE).items():
+                out[f"{KUSTOMIZE_DIR}/{f.stem}/{rel}"] = text
             name = f"{f.stem}.llm-d.yaml"
             try:
                 text, _, _, values = generate(str(f), LWSOptions(front_door="llm-d"), crd, shown_as=shown,
@@ -62,7 +69,8 @@ def _present(out_dir: Path) -> set[str]:
     if not out_dir.is_dir():
         return set()
     values = {f"{VALUES_DIR}/{p.name}" for p in (out_dir / VALUES_DIR).glob("*.yaml")}
-    return {p.name for p in out_dir.glob("*.yaml")} | values
+    trees = {str(p.relative_to(out_dir)) for p in (out_dir / KUSTOMIZE_DIR).rglob("*.yaml")}
+    return {p.name for p in out_dir.glob("*.yaml")} | values | trees
 
 
 def stale(out_dir: Path, expected: dict[str, str]) -> list[str]:
