@@ -309,7 +309,8 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
             if rp.all2all_backend == "deepep_low_latency" and "NVSHMEM_SYMMETRIC_SIZE" not in s.extra_env:
                 env.append(("NVSHMEM_SYMMETRIC_SIZE", NVSHMEM_SYMMETRIC_SIZE))
         if s.expert_parallel and rp.dp_size > 1 and "VLLM_RANDOMIZE_DP_DUMMY_INPUTS" not in s.extra_env:
-            # dummy batches of idle DP ranks route to random experts instead of all to the same ones
+            # dummy batches of idle DP ranks route to random experts instead of all to the same ones. Every
+            # supported line reads it (0.32 envs.py; llm-d sets it from v0.2, on vLLM 0.10): not a table field.
             env.append(("VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "1"))
         if net.hcas:
             env.append(("NCCL_IB_HCA", ",".join(net.hcas)))
@@ -343,7 +344,9 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
 def keep_alive_env() -> list[tuple[str, EnvValue]]:
     """The API server's HTTP keep-alive when a pooling proxy (vllm-router, llm-d's routing sidecar) sits in
     front: longer than the proxy's idle-connection timeout, so vLLM never closes a connection the proxy is
-    about to reuse (llm-d PR #1564: 5 s default vs the sidecar's 90 s idle timeout gave TCP resets)."""
+    about to reuse (llm-d PR #1564: 5 s default vs the sidecar's 90 s idle timeout gave TCP resets). The variable
+    feeds uvicorn's timeout_keep_alive in 0.32 (envs.py) and earlier lines; older lines ignore unknown variables, so
+    it is not a version-table field."""
     return [("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(HTTP_KEEP_ALIVE_S))]
 
 
