@@ -235,7 +235,23 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
             why = owned_env(key)
             if why:
                 problems.append(f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field.")
+    for i, arg in enumerate(plan.spec.router.extra_args):
+        name = arg.split("=", 1)[0]
+        if name in ROUTER_OWNED_FLAGS:
+            problems.append(f"router.extra_args[{i}]: {arg!r} is set by widep from {ROUTER_OWNED_FLAGS[name]}. "
+                            "Remove it from extra_args and use that field.")
     return problems
+
+
+# vllm-router's parser (clap) takes exact long names only: no abbreviations to judge.
+ROUTER_OWNED_FLAGS = {
+    "--host": "router.host", "--port": "router.port", "--prometheus-port": "router.prometheus_port",
+    "--prometheus-host": "router.host", "--worker-urls": "the roles' API servers", "--policy": "router.policy",
+    "--vllm-pd-disaggregation": "router.pd", "--prefill": "the prefill roles", "--decode": "the decode roles",
+    "--prefill-policy": "router.prefill_policy", "--decode-policy": "router.decode_policy",
+    "--worker-startup-timeout-secs": "vllm.ready_timeout_s", "--health-check-interval-secs": "router.health_check_interval_s",
+    "--health-failure-threshold": "router.health_failure_threshold", "--api-key": "serving.api_key_secret",
+}
 
 
 def check_extras(plan: DeploymentPlan) -> None:
