@@ -565,7 +565,7 @@ def _load_crds_cached(path: str, mtime_ns: int, size: int) -> CrdSet:
     try:
         with open(path, encoding="utf-8") as fh:
             docs = [d for d in yaml.load_all(fh, Loader=loader) if d]
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(f"CRD file {path} could not be read as YAML: {err}") from None
     kinds: dict[tuple[str, str, str], CrdKind] = {}
     for doc in docs:
@@ -1634,10 +1634,9 @@ def validate_file(path: str | os.PathLike[str], crd_path: str | os.PathLike[str]
 
 def validate_file_counted(path: str | os.PathLike[str], crd_path: str | os.PathLike[str] | None = None, *, k8s_version: str = K8S_VERSION) -> tuple[int, list[Problem]]:
     """Like :func:`validate_file`, also returning the number of non-empty documents."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read manifest file {path}: {getattr(err, 'strerror', None) or err}. Given: {path}. Valid: a readable YAML file") from None
+    from widep.spec.safeyaml import read_text
+
+    text = read_text(path, "--validate")
     return validate_text(text, crd_path, k8s_version=k8s_version)
 
 
