@@ -355,7 +355,9 @@ class Pod:
                     "LWS_WORKER_INDEX": str(w)})
         self.leader = env["LWS_LEADER_ADDRESS"]
         argv = [L.kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
-        assert argv == self.container["command"] + self.container["args"], "kubelet would rewrite the script"
+        # widep escapes '$(' and '$$' as '$$(' and '$$$$': the kubelet only undoes that escaping, never substitutes
+        assert argv == [L.kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
+            "kubelet would substitute a variable into the script"
         env["WIDEP_SHM_DIR"] = str(shm)  # sandbox: the script clears this folder (/dev/shm in a pod)
         env.update({"PATH": f"{shims}:/usr/bin:/bin", "SHIM_OUT": str(out)}, **extra_env)
         self.out = out
@@ -435,7 +437,7 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
     gpn = p.spec.cluster.gpus_per_node
     for c in cmds:
         argv = list(c.argv)
-        env = {k: (secret(val.name, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
+        env = {k: (secret(val.secret, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
         gpus = [gid for r in rp.ranks if r.replica == g and r.dp_rank in c.dp_ranks for gid in r.gpus]
         offset = min(gpus) if per_rank else rp.spec.first_gpu
         if per_rank:  # every pod serves the role's port
