@@ -85,6 +85,13 @@ VARIANTS = {
     "cpu-dp2-hybrid": variant("tiny-moe-cpu-dp2.yaml", **{"serving.dp_mode": "hybrid"}),
     "qwen-tp2-4gpu": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.tp": 2}),
     "qwen-gpus-2-3": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.first_gpu": 2, "roles.0.gpus_per_node": 2}),
+    # issue #20: hostile strings reach the pod's processes intact, nothing is executed or substituted by the kubelet
+    "cpu-dp2-hostile-strings": variant(
+        "tiny-moe-cpu-dp2.yaml",
+        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *", "--x=$(HF_TOKEN)"],
+           "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
+           "model.served_model_name": "a b'c", "description": "x\n---\nkind: ConfigMap"},
+    ),
     "qwen-2-replicas-secrets": variant(
         "qwen3-30b-a3b-1x2-h100.yaml",
         **{"cluster.nodes": 2, "roles.0.replicas": 2, "serving.hf_token_secret": "hf-secret", "serving.api_key_secret": "vllm-api-key"},
@@ -331,7 +338,7 @@ def container_env(c: dict, ip: str) -> dict[str, str]:
     env = {}
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = e["value"]
+            env[e["name"]] = L.kubelet_expand(e["value"], env)  # the kubelet expands $(VAR) of earlier entries
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             env[e["name"]] = ip

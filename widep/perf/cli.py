@@ -18,7 +18,6 @@ import click
 
 from widep.errors import UserError
 
-
 MAX_COUNT = 4096 * 72
 """Largest GPU count a topology can have (cluster.nodes <= 4096, gpus_per_node <= 72)."""
 MAX_RANGE = 4096

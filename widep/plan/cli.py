@@ -47,9 +47,8 @@ def _experts_str(experts: tuple[int, ...]) -> str:
 
 def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
     from rich.console import Console
-    from rich.table import Table
-
     from rich.markup import escape
+    from rich.table import Table
 
     con = console or Console()
     a = p.arch

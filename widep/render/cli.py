@@ -72,7 +72,6 @@ def _pairs(argv: tuple[str, ...]) -> list[str]:
 
 def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
     from rich.console import Console
-
     from rich.markup import escape
 
     con = Console()

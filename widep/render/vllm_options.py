@@ -24,7 +24,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -79,7 +79,7 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
     return make(FlexibleArgumentParser()), vllm.__version__
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_table(line: str) -> dict[str, Any]:
     """The shipped table of a vLLM line (the newest shipped one when that line has none)."""
     use = line if line in LINES_WITH_TABLES else LINES_WITH_TABLES[-1]
@@ -101,7 +101,7 @@ class _Record(argparse.Action):
         namespace.seen.append((self.dest, option_string))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _judge(line: str) -> _Judge:
     table = load_table(line)
     p = _Judge(add_help=False, allow_abbrev=table["allow_abbrev"])

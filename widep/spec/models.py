@@ -246,7 +246,8 @@ def _check_config(cfg: dict[str, Any], name: str) -> None:
         v = cfg.get(key)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not (
+                v == v and abs(v) != float("inf") and v.is_integer())):
             problems.append(f"{key}: must be a whole number. Given: {v!r}.")
         elif not lo <= v <= hi:
             problems.append(f"{key}: {v!r} is out of range. Valid: {lo}..{hi} (bounds of any model vLLM serves).")
@@ -384,10 +385,6 @@ def preset_config(name: str) -> dict[str, Any]:
     return cfg
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def load_config_file(path: str | Path) -> MoEArch:
     """Read a local ``config.json`` (or a model directory holding one)."""
     p = Path(path)
@@ -398,7 +395,7 @@ def load_config_file(path: str | Path) -> MoEArch:
     from widep.spec.safeyaml import read_text
 
     try:
-        cfg = json.loads(read_text(p, "model.config"), parse_constant=_no_constant)
+        cfg = json.loads(read_text(p, "model.config"))
     except (json.JSONDecodeError, RecursionError, ValueError) as err:
         raise UserError(f"model.config: {str(p)!r} is not valid JSON ({err}).") from None
     if not isinstance(cfg, dict):

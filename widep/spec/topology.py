@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from widep.errors import UserError, did_you_mean
@@ -484,6 +483,9 @@ def _is_tag(part: Any) -> bool:
     )
 
 
+_PLAIN_KEY = __import__("re").compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+
+
 def _loc(loc: tuple[Any, ...], data: Any) -> str:
     """'roles[0].all2all_backend' from a pydantic location, without pydantic's union-member tags."""
     out = ""
@@ -494,7 +496,10 @@ def _loc(loc: tuple[Any, ...], data: Any) -> str:
         else:
             if _is_tag(part) and not (isinstance(node, dict) and part in node):
                 continue
-            out += f".{part}" if out else str(part)
+            if not _PLAIN_KEY.match(str(part)):
+                out += f"[{str(part)!r}]"  # a key of extra_env etc. that is not a plain name: shown escaped
+            else:
+                out += f".{part}" if out else str(part)
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
