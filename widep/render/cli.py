@@ -10,7 +10,7 @@ import click
 from widep.errors import UserError
 from widep.plan.cli import load_plan
 from widep.plan.core import DeploymentPlan
-from widep.render.quoting import check_env_name, sh_assign, sh_comment, sh_ref, sh_word
+from widep.render.quoting import check_env_name, control_problem, sh_assign, sh_comment, sh_ref, sh_word
 from widep.render.vllm import EnvRef, RankCommand, RenderContext, render
 
 
@@ -79,8 +79,11 @@ def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
         con.rule(f"[bold]{escape(c.name)}[/] on {escape(c.node_name)} (node {c.node})"
                  + ("  headless" if c.headless else f"  :{c.port}"))
         for k, v in c.env:
-            con.print(f"  [cyan]{k}[/]={escape(v.shell() if isinstance(v, EnvRef) else v)}", highlight=False, soft_wrap=True)
-        con.print("  " + " ".join(_pairs(c.argv)), highlight=False, soft_wrap=True, markup=False)
+            shown = v.shell() if isinstance(v, EnvRef) else v if not control_problem(v) else sh_word(v).encode("unicode_escape").decode()
+            con.print(f"  [cyan]{k}[/]={escape(shown)}", highlight=False, soft_wrap=True)
+        line = " ".join(_pairs(c.argv))
+        con.print("  " + (line.encode("unicode_escape").decode() if control_problem(line, allow="\n") else line),
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @click.command("render")
