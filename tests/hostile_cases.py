@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -339,20 +338,41 @@ def _argv(call: list[str], t: Path) -> list[str]:
     return [str(t) if a == "T" else a for a in call]
 
 
-def run_subprocess(case: Case, folder: Path, src: Path) -> Outcome:
-    t = _write(case, folder)
-    results = []
-    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200"}
-    for call in case.calls:
-        code = "import sys; from widep.cli import main; sys.exit(main(sys.argv[1:]))"
-        t0 = time.monotonic()
+CHILD = r"""
+import contextlib, io, json, sys, time, traceback
+from widep.cli import main
+calls, stdin = json.loads(sys.argv[1]), bytes.fromhex(sys.argv[2])
+results = []
+for call in calls:
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
+    t0 = time.monotonic()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            p = subprocess.run([sys.executable, "-c", code, *_argv(call, t)], cwd=folder, env=env, input=case.stdin or b"",
-                               capture_output=True, timeout=case.timeout, check=False)
-            results.append((p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"),
-                            time.monotonic() - t0))
-        except subprocess.TimeoutExpired:
-            results.append((-1, "", "", case.timeout))
+            code = main(call)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            code = 1
+            err.write(traceback.format_exc())
+    results.append([code, out.getvalue(), err.getvalue(), time.monotonic() - t0])
+    print(json.dumps(results[-1]), flush=True)
+"""
+
+
+def run_subprocess(case: Case, folder: Path, src: Path) -> Outcome:
+    """All calls of a case in one child Python importing widep from ``src`` (a hang: no answer in time)."""
+    t = _write(case, folder)
+    env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200"}
+    argvs = [_argv(call, t) for call in case.calls]
+    try:
+        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argvs), (case.stdin or b"").hex()],
+                           cwd=folder, env=env, capture_output=True, timeout=case.timeout + 10 * len(argvs), check=False)
+        lines = [json.loads(x) for x in p.stdout.decode(errors="replace").splitlines() if x.startswith("[")]
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode(errors="replace")
+        lines = [json.loads(x) for x in out.splitlines() if x.startswith("[")]
+    results = [tuple(x) for x in lines] + [(-1, "", "", case.timeout)] * (len(argvs) - len(lines))
     return judge(case, results, folder)
 
 

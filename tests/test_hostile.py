@@ -25,17 +25,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hostile_cases as H
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hostile_cases as H
 from widep.cli import main
 from widep.errors import UserError
 from widep.k8s import lws as L
 from widep.plan.core import plan
-from widep.render.quoting import QuotingError, k8s_escape, sh_assign, sh_comment, sh_word
+from widep.render.quoting import (
+    QuotingError,
+    k8s_escape,
+    sh_assign,
+    sh_comment,
+    sh_word,
+)
 from widep.render.vllm import RenderContext, render, render_router
 from widep.spec.topology import parse_topology
 
@@ -53,7 +59,7 @@ HOSTILE = [
 # the case table, in-process
 
 
-def run_inprocess(case: H.Case, folder: Path, capsys, monkeypatch) -> H.Outcome:  # noqa: ANN001
+def run_inprocess(case: H.Case, folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> H.Outcome:
     t = H._write(case, folder)
     monkeypatch.chdir(folder)
     results = []
@@ -63,9 +69,6 @@ def run_inprocess(case: H.Case, folder: Path, capsys, monkeypatch) -> H.Outcome:
             code = main(H._argv(call, t))
         except SystemExit as err:  # click's own usage errors
             code = err.code if isinstance(err.code, int) else 1
-        except Exception as err:  # noqa: BLE001 - a traceback is exactly what the case table looks for
-            code = 1
-            print(f"Traceback (in-process): {type(err).__name__}: {err}", file=sys.stderr)
         out, err_text = capsys.readouterr()
         results.append((code, out, err_text, 0.0))
     return H.judge(case, results, folder)
