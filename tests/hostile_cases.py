@@ -179,7 +179,7 @@ def cases() -> list[Case]:
     out += [
         Case("bench endpoint", "bench --endpoint not-a-url", "exit2",
              calls=[["bench", "--endpoint", "not-a-url", "--gpus", "1", "--concurrency", "1", "--isl", "1", "--osl", "1",
-                     "--out", "bout"]], no_output_dir="bout"),
+                     "--model", "m", "--out", "bout"]], no_output_dir="bout"),
         Case("lws --validate", "one object over 1.5 MiB", "exit2-or-1", raw=(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: huge}\ndata:\n"
             + "".join(f"  k{i}: {'x' * 100}\n" for i in range(16000))).encode(), calls=[["lws", "--validate", "T"]],
@@ -376,9 +376,11 @@ def run_subprocess(case: Case, folder: Path, src: Path) -> Outcome:
     return judge(case, results, folder)
 
 
-def count(src: Path) -> dict[str, dict[str, int]]:
+def count(src: Path, only: str | None = None) -> dict[str, dict[str, int]]:
     by: dict[str, dict[str, int]] = {}
     for case in cases():
+        if only and only not in f"{case.cls}:{case.id}":
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             o = run_subprocess(case, Path(tmp), src)
         row = by.setdefault(case.cls, {"cases": 0, "handled": 0})
@@ -394,5 +396,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Count how widep handles the hostile-input case table, by class.")
     ap.add_argument("--count", action="store_true")
     ap.add_argument("--src", default=str(ROOT), help="source tree of widep to judge (default: this checkout)")
+    ap.add_argument("--only", default=None, help="only cases whose 'class:id' contains this")
     ns = ap.parse_args()
-    print(json.dumps(count(Path(ns.src)), indent=2))
+    print(json.dumps(count(Path(ns.src), ns.only), indent=2))
