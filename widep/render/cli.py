@@ -104,6 +104,9 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     from widep.spec.topology import load_topology
     from widep.plan import plan as make_plan
 
+    for flag, value in (("--model-path", model_path), ("--python", python), ("--vllm-version", vllm_version), ("--role", role)):
+        if value is not None and (why := control_problem(value)):
+            raise UserError(f"{flag}: {why}. Given: {value!r}.")
     spec = load_topology(topology)
     if vllm_version:
         spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"version": vllm_version})})
