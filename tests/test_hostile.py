@@ -284,3 +284,53 @@ def test_option_table_is_vllms_parser(vllm_python):
         else:
             assert not refused, (args, refused)
             assert {s.dest for s in found} == set(changed), (args, changed, found)
+
+
+# ----------------------------------------------------------------------------------------------
+# secret references: the variable, the Secret and its key, each by its own rules
+
+
+@pytest.mark.parametrize("value", ["sk-proj-AbCdEf0123456789GhIjKl", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+                                   "AKIAIOSFODNN7EXAMPLE", "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8",
+                                   "ghp_16C7e42F292c6912E7710c838347Ae178B4a"])
+def test_pasted_keys_are_refused_and_not_printed(value):
+    for ref in (value, {"env": value}, {"secret": value}, {"env": "X", "key": value}):
+        with pytest.raises(UserError) as err:
+            parse_topology(H.topo(**{"serving.api_key_secret": ref}))
+        assert value not in str(err.value) and "looks like a key" in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["vllm-api-key-production-cluster-01", "VLLM_API_KEY_PRODUCTION_CLUSTER_2025",
+                                   "MyApiKey2025", "hf-token", "sk-team"])
+def test_ordinary_names_are_not_keys(value):
+    parse_topology(H.topo(**{"serving.api_key_secret": {"secret": value.lower().replace("_", "-")}}))
+    if "-" not in value:
+        parse_topology(H.topo(**{"serving.api_key_secret": {"env": value}}))
+
+
+@pytest.mark.parametrize(("given", "env", "secret"), [
+    ("vllm-api-key", "VLLM_API_KEY", "vllm-api-key"),  # a Secret name no shell can expand: the Secret
+    ("MY_KEY", "MY_KEY", None),  # a variable only: lws asks for the Secret
+    ("apikey", "apikey", "apikey"),  # valid as both: both, as before
+    ({"env": "SRC", "secret": "s.example", "key": "k_1"}, "SRC", "s.example"),
+])
+def test_secret_reference_forms(given, env, secret):
+    from widep.render.vllm import secret_ref
+
+    p = plan(parse_topology(H.topo(**{"serving.api_key_secret": given})))
+    ref = secret_ref(p, "api_key_secret", "VLLM_API_KEY", "api-key")
+    assert (ref.name, ref.secret) == (env, secret)
+    cmd = render(p, RenderContext(model_path="/m"))[0]
+    assert f'VLLM_API_KEY="${{{env}}}"' in cmd.shell()
+    if secret is None:
+        with pytest.raises(UserError, match=r"serving.api_key_secret: a LeaderWorkerSet reads it from a Kubernetes Secret"):
+            L.render_lws(p)
+    else:
+        lws_env = L.render_lws(p)[0]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"]
+        assert {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": secret, "key": ref.key}}} in lws_env
+
+
+@pytest.mark.parametrize("given", ["a b", "Bad_Secret-Name", {"secret": "UPPER"}, {"env": "1X"}, {"key": "a b"}, {}])
+def test_secret_references_invalid_for_each_namespace(given):
+    with pytest.raises(UserError, match=r"serving.api_key_secret"):
+        parse_topology(H.topo(**{"serving.api_key_secret": given}))

@@ -8,6 +8,7 @@ values. Nothing here reads the environment, probes the host or touches the netwo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -67,25 +68,22 @@ MAX_NODES = 4096
 """Largest node count widep plans (the biggest published GPU clusters are ~100k GPUs = ~12k 8-GPU nodes,
 but one deployment's DP/EP groups are bounded by the experts they shard: 4096 nodes x 72 GPUs is far past that)."""
 
-_K8S_SECRET = __import__("re").compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-_K8S_SECRET_KEY = __import__("re").compile(r"[-._a-zA-Z0-9]+\Z")
+_K8S_SECRET = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_K8S_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+\Z")
 _KEY_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "github_pat_", "xoxb-", "xoxp-", "AKIA", "eyJ", "glpat-")
 
 
 def looks_like_key(value: str) -> bool:
-    """True for what looks like a pasted credential rather than a name: a known token prefix, or a long
-    string mixing upper case, lower case and digits (names are ALL_CAPS or lower-case-dashed)."""
-    if value.startswith(_KEY_PREFIXES):
+    """True for what looks like a pasted credential rather than a name: a known token prefix followed by a
+    long tail (sk-..., hf_..., ghp_...), or a long run of letters and digits without the separators names
+    have (24+ with digits, or 16+ mixing upper case, lower case and digits: hex, base64 and API keys)."""
+    if any(value.startswith(p) and len(value) >= len(p) + 16 for p in _KEY_PREFIXES):
         return True
-    mixed = any(c.islower() for c in value) and any(c.isupper() for c in value) and any(c.isdigit() for c in value)
-    if len(value) >= 20 and mixed:
-        return True
-    import math
-    from collections import Counter
-
-    n = len(value)
-    entropy = -sum(c / n * math.log2(c / n) for c in Counter(value).values()) if n else 0.0
-    return n >= 32 and entropy >= 4.0 and any(c.isdigit() for c in value)
+    for run in re.findall(r"[A-Za-z0-9+/=]+", value):
+        digit, upper, lower = (any(f(c) for c in run) for f in (str.isdigit, str.isupper, str.islower))
+        if (len(run) >= 24 and digit and (upper or lower)) or (len(run) >= 16 and digit and upper and lower):
+            return True
+    return False
 
 
 def _not_a_key(v: str) -> str:
@@ -483,7 +481,7 @@ def _is_tag(part: Any) -> bool:
     )
 
 
-_PLAIN_KEY = __import__("re").compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 
 
 def _loc(loc: tuple[Any, ...], data: Any) -> str:
