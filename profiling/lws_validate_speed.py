@@ -7,7 +7,8 @@ Three inputs, built in a temporary folder:
 * ``huge``: one ConfigMap of ``--huge-mib`` MiB (over the API server's 1.5 MiB object limit).
 
 Each input is validated in-process with ``widep.k8s.validate.validate_text`` (warm: the CRD and core
-schemas are loaded first), ``--runs`` times; the median is reported. With ``--baseline-src DIR`` (a checkout of
+schemas are loaded first; results memoised by an earlier run are dropped), ``--runs`` times; the median is
+reported, and the peak of Python allocations of one more run. With ``--baseline-src DIR`` (a checkout of
 another commit, e.g. ``git archive bbccae5 | tar -x -C DIR``) the same measurements run in a subprocess
 importing widep from DIR, and the ratio baseline / this tree is printed. Results: JSON on stdout or ``--out``.
 
@@ -56,6 +57,7 @@ def measure(paths: dict[str, str], runs: int, huge_runs: int) -> dict[str, dict[
         text = Path(path).read_text()
         times = []
         for _ in range(huge_runs if name == "huge" else runs):
+            getattr(v, "_SCHEMA_MEMO", {}).clear()  # schemas warm, no results remembered from an earlier run
             t0 = time.perf_counter()
             count, problems = v.validate_text(text, crd)
             times.append(time.perf_counter() - t0)
