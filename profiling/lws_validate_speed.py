@@ -12,7 +12,7 @@ reported, and the peak of Python allocations of one more run. With ``--baseline-
 another commit, e.g. ``git archive bbccae5 | tar -x -C DIR``) the same measurements run in a subprocess
 importing widep from DIR, and the ratio baseline / this tree is printed. Results: JSON on stdout or ``--out``.
 
-    python profiling/lws_validate_speed.py --baseline-src /tmp/widep-base --out profiling/results/lws-validate-speed.json
+    cd profiling && python lws_validate_speed.py --baseline-src /tmp/widep-base --out results/lws-validate-speed.json
 """
 
 from __future__ import annotations
@@ -65,8 +65,14 @@ def measure(paths: dict[str, str], runs: int, huge_runs: int) -> dict[str, dict[
         v.validate_text(text, crd)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        res[name] = {"median_s": statistics.median(times), "runs": len(times), "documents": count,
-                     "problems": len(problems), "bytes": len(text), "peak_mib": round(peak / 2**20, 1)}
+        res[name] = {
+            "median_s": statistics.median(times),
+            "runs": len(times),
+            "documents": count,
+            "problems": len(problems),
+            "bytes": len(text),
+            "peak_mib": round(peak / 2**20, 1),
+        }
     res["source"] = {"widep": str(Path(widep.__file__).parent)}  # which tree was measured
     return res
 
@@ -90,10 +96,19 @@ def main() -> int:
         result: dict[str, object] = {"docs": ns.docs, "huge_mib": ns.huge_mib, "runs": ns.runs, "this": this}
         if ns.baseline_src:
             env = {**os.environ, "PYTHONPATH": ns.baseline_src}
-            cmd = [sys.executable, __file__, "--measure", json.dumps(paths), "--runs", str(ns.runs),
-                   "--huge-runs", str(min(ns.huge_runs, 1))]
-            base = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
-                                             cwd=ns.baseline_src).stdout)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--measure",
+                json.dumps(paths),
+                "--runs",
+                str(ns.runs),
+                "--huge-runs",
+                str(min(ns.huge_runs, 1)),
+            ]
+            base = json.loads(
+                subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, cwd=ns.baseline_src).stdout
+            )
             result["baseline"] = base
             result["speedup"] = {k: round(base[k]["median_s"] / this[k]["median_s"], 2) for k in base if k != "source"}
     text = json.dumps(result, indent=2)

@@ -77,7 +77,9 @@ class Case:
     doc: dict[str, Any] | None = None
     raw: bytes | None = None
     files: dict[str, bytes] = field(default_factory=dict)
-    calls: list[list[str]] = field(default_factory=lambda: [["plan", "T"], ["render", "T", "--format", "json"], ["lws", "T"]])
+    calls: list[list[str]] = field(
+        default_factory=lambda: [["plan", "T"], ["render", "T", "--format", "json"], ["lws", "T"]]
+    )
     blame: str | None = None
     stdin: bytes | None = None
     timeout: float = 30.0
@@ -107,8 +109,10 @@ def cases() -> list[Case]:
         _safe("api_key_secret pasted key", **{"serving.api_key_secret": "sk-proj-AbCdEf0123456789GhIjKl"}),
         _safe("hf_token_secret env-only name", **{"serving.hf_token_secret": "MY_HF_TOKEN"}),
         _safe("model.path with a space", **{"model.path": "/models/my model"}),
-        _safe("served_model_name quotes", **{"model.served_model_name": f"a'b \"c\" $({PWN})"}),
-        _safe("description YAML injection", description="x\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: evil}"),
+        _safe("served_model_name quotes", **{"model.served_model_name": f'a\'b "c" $({PWN})'}),
+        _safe(
+            "description YAML injection", description="x\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: evil}"
+        ),
         _safe("extra_args $(VAR) for kubelet", **{"roles.0.extra_args": ["--chat-template", "$(HF_TOKEN)$(POD_IP)"]}),
         _safe("router.extra_args --x=$(...)", **{"router.enabled": True, "router.extra_args": [f"--x=$({PWN})"]}),
         _safe("rich markup in description", description="[/] [bold]x"),
@@ -117,32 +121,85 @@ def cases() -> list[Case]:
         Case("traceback", "non-UTF-8 file", "exit2", raw=b"name: \xff\xfe\n"),
         Case("traceback", "YAML nested 5000 deep", "exit2", raw=b"[" * 5000 + b"]" * 5000),
         Case("traceback", "binary file", "exit2", raw=bytes(range(256)) * 4),
-        Case("traceback", "binary --topologies", "exit2", raw=bytes(range(256)) * 4, calls=[["sweep", "--topologies", "T"]]),
-        Case("traceback", "binary bench --topology", "exit2", raw=bytes(range(256)) * 4,
-             calls=[["bench", "--topology", "T", "--concurrency", "1", "--isl", "1", "--osl", "1", "--out", "bout"]]),
-        Case("traceback", "binary lws --validate -", "exit2", stdin=bytes(range(256)) * 4, calls=[["lws", "--validate", "-"]]),
-        Case("traceback", "binary --crd", "exit2", raw=bytes(range(256)) * 4,
-             calls=[["lws", "--validate", str(ROOT / "lws" / "tiny-moe-cpu.yaml"), "--crd", "T"]]),
+        Case(
+            "traceback",
+            "binary --topologies",
+            "exit2",
+            raw=bytes(range(256)) * 4,
+            calls=[["sweep", "--topologies", "T"]],
+        ),
+        Case(
+            "traceback",
+            "binary bench --topology",
+            "exit2",
+            raw=bytes(range(256)) * 4,
+            calls=[["bench", "--topology", "T", "--concurrency", "1", "--isl", "1", "--osl", "1", "--out", "bout"]],
+        ),
+        Case(
+            "traceback",
+            "binary lws --validate -",
+            "exit2",
+            stdin=bytes(range(256)) * 4,
+            calls=[["lws", "--validate", "-"]],
+        ),
+        Case(
+            "traceback",
+            "binary --crd",
+            "exit2",
+            raw=bytes(range(256)) * 4,
+            calls=[["lws", "--validate", str(ROOT / "lws" / "tiny-moe-cpu.yaml"), "--crd", "T"]],
+        ),
         Case("traceback", "roles[].nodes: 0", "exit2", doc=topo(**{"roles.0.nodes": 0}), blame="roles[0].nodes"),
         Case("traceback", "roles[].nodes: []", "exit2", doc=topo(**{"roles.0.nodes": []}), blame="roles[0].nodes"),
         Case("traceback", "roles[].nodes: -1", "exit2", doc=topo(**{"roles.0.nodes": -1}), blame="roles[0].nodes"),
         Case("traceback", "first_gpu past the node", "exit2", doc=topo(**{"roles.0.first_gpu": 3}), blame="first_gpu"),
-        Case("traceback", "kv_cache_gib: .inf", "exit2", raw=yaml.safe_dump(topo()).replace("kv_cache_gib: 1", "kv_cache_gib: .inf").encode(),
-             blame="kv_cache_gib"),
-        Case("traceback", "file name over 255 characters", "exit2", calls=[["plan", "a" * 300 + ".yaml"], ["render", "a" * 300]]),
-        Case("traceback", "lws -o into a missing folder", "exit2", doc=topo(), calls=[["lws", "T", "-o", "missing/dir/x.yaml"]]),
-        Case("traceback", "lws flag with trailing newline", "exit2", doc=topo(), calls=[["lws", "T", "--namespace", "ns\n"],
-                                                                                       ["lws", "T", "--image", "img:1\n"]]),
+        Case(
+            "traceback",
+            "kv_cache_gib: .inf",
+            "exit2",
+            raw=yaml.safe_dump(topo()).replace("kv_cache_gib: 1", "kv_cache_gib: .inf").encode(),
+            blame="kv_cache_gib",
+        ),
+        Case(
+            "traceback",
+            "file name over 255 characters",
+            "exit2",
+            calls=[["plan", "a" * 300 + ".yaml"], ["render", "a" * 300]],
+        ),
+        Case(
+            "traceback",
+            "lws -o into a missing folder",
+            "exit2",
+            doc=topo(),
+            calls=[["lws", "T", "-o", "missing/dir/x.yaml"]],
+        ),
+        Case(
+            "traceback",
+            "lws flag with trailing newline",
+            "exit2",
+            doc=topo(),
+            calls=[["lws", "T", "--namespace", "ns\n"], ["lws", "T", "--image", "img:1\n"]],
+        ),
     ]
-    for key, value in (("num_attention_heads", 0), ("num_attention_heads", "2"), ("hidden_size", float("nan")),
-                       ("quantization_config", "fp8"), ("num_hidden_layers", 2.5)):
+    for key, value in (
+        ("num_attention_heads", 0),
+        ("num_attention_heads", "2"),
+        ("hidden_size", float("nan")),
+        ("quantization_config", "fp8"),
+        ("num_hidden_layers", 2.5),
+    ):
         doc, files = config_topo(**{key: value})
         out.append(Case("traceback", f"config.json {key}: {value!r}", "exit2", doc=doc, files=files, blame=key))
     # ---- hangs / blow-ups from one number
     out += [
         Case("hang", "cluster.nodes: 200000000", "exit2", doc=topo(**{"cluster.nodes": 200000000}), timeout=20),
-        Case("hang", "sweep --gpus 1..100000000", "exit2", calls=[["sweep", "--model", "deepseek-r1", "--gpus", "1..100000000"]],
-             timeout=20),
+        Case(
+            "hang",
+            "sweep --gpus 1..100000000",
+            "exit2",
+            calls=[["sweep", "--model", "deepseek-r1", "--gpus", "1..100000000"]],
+            timeout=20,
+        ),
     ]
     for key in ("num_hidden_layers", "num_experts"):
         doc, files = config_topo(**{key: 1e9})
@@ -151,39 +208,115 @@ def cases() -> list[Case]:
     two = {"cluster.gpus_per_node": 2, "roles.0.max_model_len": 512}
     out += [
         Case("accepted invalid", "port past 65535", "exit2", doc=topo(**two, **{"serving.port": 65535}), blame="port"),
-        Case("accepted invalid", "serving.port 70000", "exit2", doc=topo(**{"serving.port": 70000}), blame="serving.port"),
-        Case("accepted invalid", "TP does not divide heads", "exit2",
-             doc=topo(**{"cluster.gpus_per_node": 4, "roles.0.tp": 4}), blame="roles[0].tp"),
-        Case("accepted invalid", "duplicate YAML keys", "exit2",
-             raw=yaml.safe_dump(topo()).encode() + b"name: other\n"),
-        Case("accepted invalid", "kv_cache_gib negative", "exit2", doc=topo(**{"roles.0.kv_cache_gib": -1}), blame="kv_cache_gib"),
+        Case(
+            "accepted invalid", "serving.port 70000", "exit2", doc=topo(**{"serving.port": 70000}), blame="serving.port"
+        ),
+        Case(
+            "accepted invalid",
+            "TP does not divide heads",
+            "exit2",
+            doc=topo(**{"cluster.gpus_per_node": 4, "roles.0.tp": 4}),
+            blame="roles[0].tp",
+        ),
+        Case(
+            "accepted invalid", "duplicate YAML keys", "exit2", raw=yaml.safe_dump(topo()).encode() + b"name: other\n"
+        ),
+        Case(
+            "accepted invalid",
+            "kv_cache_gib negative",
+            "exit2",
+            doc=topo(**{"roles.0.kv_cache_gib": -1}),
+            blame="kv_cache_gib",
+        ),
     ]
     for key, value in (("num_experts_per_tok", 9), ("num_experts", -8)):
         doc, files = config_topo(**{key: value})
         out.append(Case("accepted invalid", f"config.json {key}: {value}", "exit2", doc=doc, files=files, blame=key))
-    for args in (["-tp", "2"], ["-dp", "4"], ["-dpl", "1"], ["-dpa", "10.0.0.1"], ["--max-num-seq", "3"],
-                 ["--tensor-parallel", "8"], ["--max_num_seqs=3"], ["--port=9"], ["--no-enable-expert-parallel"]):
-        out.append(Case("accepted invalid", f"extra_args {' '.join(args)}", "exit2",
-                        doc=topo(**{"roles.0.extra_args": args}), blame="extra_args"))
+    for args in (
+        ["-tp", "2"],
+        ["-dp", "4"],
+        ["-dpl", "1"],
+        ["-dpa", "10.0.0.1"],
+        ["--max-num-seq", "3"],
+        ["--tensor-parallel", "8"],
+        ["--max_num_seqs=3"],
+        ["--port=9"],
+        ["--no-enable-expert-parallel"],
+    ):
+        out.append(
+            Case(
+                "accepted invalid",
+                f"extra_args {' '.join(args)}",
+                "exit2",
+                doc=topo(**{"roles.0.extra_args": args}),
+                blame="extra_args",
+            )
+        )
     for var in ("NVSHMEM_DEBUG", "VLLM_ENGINE_READY_TIMEOUT_S", "POD_IP", "VLLM_CPU_KVCACHE_SPACE"):
-        out.append(Case("accepted invalid", f"extra_env {var}", "exit2", doc=topo(**{"roles.0.extra_env": {var: "1"}}),
-                        blame="extra_env"))
+        out.append(
+            Case(
+                "accepted invalid",
+                f"extra_env {var}",
+                "exit2",
+                doc=topo(**{"roles.0.extra_env": {var: "1"}}),
+                blame="extra_env",
+            )
+        )
     # ---- misleading messages
     out += [
-        Case("misleading message", "first_gpu: 100 blames first_gpu", "exit2", doc=topo(**{"roles.0.first_gpu": 100}),
-             blame="roles[0].first_gpu"),
-        Case("misleading message", "cluster.nodes mistake without pydantic tags", "exit2",
-             doc=topo(**{"cluster.nodes": "three"}), blame="cluster.nodes: "),
+        Case(
+            "misleading message",
+            "first_gpu: 100 blames first_gpu",
+            "exit2",
+            doc=topo(**{"roles.0.first_gpu": 100}),
+            blame="roles[0].first_gpu",
+        ),
+        Case(
+            "misleading message",
+            "cluster.nodes mistake without pydantic tags",
+            "exit2",
+            doc=topo(**{"cluster.nodes": "three"}),
+            blame="cluster.nodes: ",
+        ),
     ]
     # ---- bench and lws --validate
     out += [
-        Case("bench endpoint", "bench --endpoint not-a-url", "exit2",
-             calls=[["bench", "--endpoint", "not-a-url", "--gpus", "1", "--concurrency", "1", "--isl", "1", "--osl", "1",
-                     "--model", "m", "--out", "bout"]], no_output_dir="bout"),
-        Case("lws --validate", "one object over 1.5 MiB", "exit2-or-1", raw=(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: huge}\ndata:\n"
-            + "".join(f"  k{i}: {'x' * 100}\n" for i in range(16000))).encode(), calls=[["lws", "--validate", "T"]],
-             blame="too large"),
+        Case(
+            "bench endpoint",
+            "bench --endpoint not-a-url",
+            "exit2",
+            calls=[
+                [
+                    "bench",
+                    "--endpoint",
+                    "not-a-url",
+                    "--gpus",
+                    "1",
+                    "--concurrency",
+                    "1",
+                    "--isl",
+                    "1",
+                    "--osl",
+                    "1",
+                    "--model",
+                    "m",
+                    "--out",
+                    "bout",
+                ]
+            ],
+            no_output_dir="bout",
+        ),
+        Case(
+            "lws --validate",
+            "one object over 1.5 MiB",
+            "exit2-or-1",
+            raw=(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: huge}\ndata:\n"
+                + "".join(f"  k{i}: {'x' * 100}\n" for i in range(16000))
+            ).encode(),
+            calls=[["lws", "--validate", "T"]],
+            blame="too large",
+        ),
     ]
     return out
 
@@ -222,12 +355,16 @@ def records(out: Path) -> list[tuple[list[str], dict[str, str]]]:
     found = []
     for f in sorted(out.glob("*.argv")):
         argv = f.read_bytes().decode().split("\0")[:-1]
-        env = dict(item.split("=", 1) for item in f.with_suffix(".env").read_bytes().decode().split("\0")[:-1] if "=" in item)
+        env = dict(
+            item.split("=", 1) for item in f.with_suffix(".env").read_bytes().decode().split("\0")[:-1] if "=" in item
+        )
         found.append((argv, env))
     return found
 
 
-def run_shell(script: str, folder: Path, env_extra: dict[str, str] | None = None) -> list[tuple[list[str], dict[str, str]]]:
+def run_shell(
+    script: str, folder: Path, env_extra: dict[str, str] | None = None
+) -> list[tuple[list[str], dict[str, str]]]:
     """Run a script with bash, the stubs first on PATH; the records of what it started."""
     stubs = stub_dir(folder)
     out = folder / "rec"
@@ -239,7 +376,9 @@ def run_shell(script: str, folder: Path, env_extra: dict[str, str] | None = None
     return records(out)
 
 
-def _argv_matches(recorded: list[tuple[list[str], dict[str, str]]], ranks: list[dict[str, Any]], secrets: dict[str, str]) -> str:
+def _argv_matches(
+    recorded: list[tuple[list[str], dict[str, str]]], ranks: list[dict[str, Any]], secrets: dict[str, str]
+) -> str:
     want = sorted([os.path.basename(r["argv"][0])] + r["argv"][1:] for r in ranks)
     got = sorted(a for a, _ in recorded)
     if got != want:
@@ -366,8 +505,14 @@ def run_subprocess(case: Case, folder: Path, src: Path) -> Outcome:
     env = {**os.environ, "PYTHONPATH": str(src), "COLUMNS": "200"}
     argvs = [_argv(call, t) for call in case.calls]
     try:
-        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argvs), (case.stdin or b"").hex()],
-                           cwd=folder, env=env, capture_output=True, timeout=case.timeout + 10 * len(argvs), check=False)
+        p = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(argvs), (case.stdin or b"").hex()],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            timeout=case.timeout + 10 * len(argvs),
+            check=False,
+        )
         lines = [json.loads(x) for x in p.stdout.decode(errors="replace").splitlines() if x.startswith("[")]
     except subprocess.TimeoutExpired as err:
         out = (err.stdout or b"").decode(errors="replace")
@@ -386,7 +531,11 @@ def count(src: Path, only: str | None = None) -> dict[str, dict[str, int]]:
         row = by.setdefault(case.cls, {"cases": 0, "handled": 0})
         row["cases"] += 1
         row["handled"] += o.ok
-        print(f"{'ok  ' if o.ok else 'FAIL'} [{case.cls}] {case.id}{'' if o.ok else ': ' + o.why}", file=sys.stderr, flush=True)
+        print(
+            f"{'ok  ' if o.ok else 'FAIL'} [{case.cls}] {case.id}{'' if o.ok else ': ' + o.why}",
+            file=sys.stderr,
+            flush=True,
+        )
     return by
 
 

@@ -46,12 +46,44 @@ from widep.render.vllm import RenderContext, render, render_router
 from widep.spec.topology import parse_topology
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 
 HOSTILE = [
-    "$(touch PWNED)", "`touch PWNED`", "; touch PWNED", "&& touch PWNED", "| touch PWNED", "> PWNED", "a\nb", "\t",
-    "'", '"', "\\", "$HOME", "${HOME}", "$$", "$(POD_IP)", "$$(x)", "--x=$(touch PWNED)", "a b", "*", "~", "!!", "#x",
-    "[/]", "[bold]x", "{a,b}", "é ✓ 中", "\x1b[31m", "-", "--", "%s", "\u2028", "x" * 300, "",
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "; touch PWNED",
+    "&& touch PWNED",
+    "| touch PWNED",
+    "> PWNED",
+    "a\nb",
+    "\t",
+    "'",
+    '"',
+    "\\",
+    "$HOME",
+    "${HOME}",
+    "$$",
+    "$(POD_IP)",
+    "$$(x)",
+    "--x=$(touch PWNED)",
+    "a b",
+    "*",
+    "~",
+    "!!",
+    "#x",
+    "[/]",
+    "[bold]x",
+    "{a,b}",
+    "é ✓ 中",
+    "\x1b[31m",
+    "-",
+    "--",
+    "%s",
+    "\u2028",
+    "x" * 300,
+    "",
 ]
 
 
@@ -59,7 +91,9 @@ HOSTILE = [
 # the case table, in-process
 
 
-def run_inprocess(case: H.Case, folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> H.Outcome:
+def run_inprocess(
+    case: H.Case, folder: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> H.Outcome:
     t = H._write(case, folder)
     monkeypatch.chdir(folder)
     results = []
@@ -91,7 +125,11 @@ def test_case_table_counts_by_class():
     for c in CASES:
         by[c.cls] = by.get(c.cls, 0) + 1
     recorded = json.loads((ROOT / "tests" / "data" / "hostile" / "counts.json").read_text())
-    assert by == {k: v["cases"] for k, v in recorded["after"].items()} == {k: v["cases"] for k, v in recorded["before_bbccae5"].items()}
+    assert (
+        by
+        == {k: v["cases"] for k, v in recorded["after"].items()}
+        == {k: v["cases"] for k, v in recorded["before_bbccae5"].items()}
+    )
     assert all(v["handled"] == v["cases"] for v in recorded["after"].values())
 
 
@@ -194,21 +232,62 @@ def test_hostile_strings_through_every_renderer(tmp_path_factory, h, place):
 # the topology schema, property-based: exit 0 or field-naming messages; never a traceback or a hang
 
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(min_value=-(2**40), max_value=2**40), st.floats(allow_nan=True),
-    st.sampled_from(HOSTILE), st.text(max_size=8), st.sampled_from([0, 1, 2, -1, 65535, 65536, 200000000, 1e9]),
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**40), max_value=2**40),
+    st.floats(allow_nan=True),
+    st.sampled_from(HOSTILE),
+    st.text(max_size=8),
+    st.sampled_from([0, 1, 2, -1, 65535, 65536, 200000000, 1e9]),
 )
-VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
-                      max_leaves=6)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=6,
+)
 FIELDS = [
-    "name", "description", "model.preset", "model.path", "model.served_model_name", "model.weight_dtype",
-    "cluster.gpu", "cluster.gpus_per_node", "cluster.nodes", "cluster.nodes.0.name", "cluster.nodes.0.address",
-    "cluster.network.interface", "cluster.network.hcas", "roles.0.name", "roles.0.kind", "roles.0.nodes",
-    "roles.0.gpus_per_node", "roles.0.first_gpu", "roles.0.replicas", "roles.0.tp", "roles.0.max_num_seqs",
-    "roles.0.max_num_batched_tokens", "roles.0.max_model_len", "roles.0.kv_cache_gib", "roles.0.port",
-    "roles.0.extra_args", "roles.0.extra_env", "roles.0.eplb", "serving.port", "serving.dp_mode", "serving.host",
-    "serving.api_key_secret", "serving.hf_token_secret", "vllm.version", "vllm.python", "vllm.entry_point",
-    "router.enabled", "router.node", "router.port", "router.extra_args", "profiler.dir", "roles",
+    "name",
+    "description",
+    "model.preset",
+    "model.path",
+    "model.served_model_name",
+    "model.weight_dtype",
+    "cluster.gpu",
+    "cluster.gpus_per_node",
+    "cluster.nodes",
+    "cluster.nodes.0.name",
+    "cluster.nodes.0.address",
+    "cluster.network.interface",
+    "cluster.network.hcas",
+    "roles.0.name",
+    "roles.0.kind",
+    "roles.0.nodes",
+    "roles.0.gpus_per_node",
+    "roles.0.first_gpu",
+    "roles.0.replicas",
+    "roles.0.tp",
+    "roles.0.max_num_seqs",
+    "roles.0.max_num_batched_tokens",
+    "roles.0.max_model_len",
+    "roles.0.kv_cache_gib",
+    "roles.0.port",
+    "roles.0.extra_args",
+    "roles.0.extra_env",
+    "roles.0.eplb",
+    "serving.port",
+    "serving.dp_mode",
+    "serving.host",
+    "serving.api_key_secret",
+    "serving.hf_token_secret",
+    "vllm.version",
+    "vllm.python",
+    "vllm.entry_point",
+    "router.enabled",
+    "router.node",
+    "router.port",
+    "router.extra_args",
+    "profiler.dir",
+    "roles",
 ]
 
 
@@ -260,10 +339,26 @@ for args in json.loads(sys.argv[1]):
     verdicts.append([args, changed])
 print(json.dumps({"line": line, "table": fresh, "verdicts": verdicts}))
 """
-ARGS = [["-tp", "2"], ["-dp", "4"], ["-dpl", "2"], ["-dpa", "10.0.0.1"], ["--max-num-seq", "3"],
-        ["--tensor-parallel", "8"], ["--max_num_seqs=3"], ["--seed", "7"], ["-tp=2"], ["--no-enable-expert-parallel"],
-        ["--enable-eplb"], ["--max-num", "3"], ["--api-key", "k"], ["--data-parallel-rpc", "5"],
-        ["--kv-cache-mem", "1000"], ["--port=9"], ["--enforce-eager=1"], ["--host", "h"]]
+ARGS = [
+    ["-tp", "2"],
+    ["-dp", "4"],
+    ["-dpl", "2"],
+    ["-dpa", "10.0.0.1"],
+    ["--max-num-seq", "3"],
+    ["--tensor-parallel", "8"],
+    ["--max_num_seqs=3"],
+    ["--seed", "7"],
+    ["-tp=2"],
+    ["--no-enable-expert-parallel"],
+    ["--enable-eplb"],
+    ["--max-num", "3"],
+    ["--api-key", "k"],
+    ["--data-parallel-rpc", "5"],
+    ["--kv-cache-mem", "1000"],
+    ["--port=9"],
+    ["--enforce-eager=1"],
+    ["--host", "h"],
+]
 
 
 @pytest.mark.timeout(300)
@@ -272,8 +367,14 @@ def test_option_table_is_vllms_parser(vllm_python):
     the settings vLLM's own parse_args changes are the destinations widep judges from the shipped table."""
     from widep.render import vllm_options as V
 
-    p = subprocess.run([vllm_python, "-c", JUDGE, json.dumps(ARGS)], capture_output=True, text=True, timeout=280,
-                       check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    p = subprocess.run(
+        [vllm_python, "-c", JUDGE, json.dumps(ARGS)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["table"] == V.load_table(got["line"]), "regenerate with: python -m widep.render.vllm_options --write"
@@ -290,9 +391,16 @@ def test_option_table_is_vllms_parser(vllm_python):
 # secret references: the variable, the Secret and its key, each by its own rules
 
 
-@pytest.mark.parametrize("value", ["sk-proj-AbCdEf0123456789GhIjKl", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
-                                   "AKIAIOSFODNN7EXAMPLE", "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8",
-                                   "ghp_16C7e42F292c6912E7710c838347Ae178B4a"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "sk-proj-AbCdEf0123456789GhIjKl",
+        "hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+        "AKIAIOSFODNN7EXAMPLE",
+        "a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f8",
+        "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    ],
+)
 def test_pasted_keys_are_refused_and_not_printed(value):
     for ref in (value, {"env": value}, {"secret": value}, {"env": "X", "key": value}):
         with pytest.raises(UserError) as err:
@@ -300,20 +408,31 @@ def test_pasted_keys_are_refused_and_not_printed(value):
         assert value not in str(err.value) and "looks like a key" in str(err.value)
 
 
-@pytest.mark.parametrize("value", ["vllm-api-key-production-cluster-01", "VLLM_API_KEY_PRODUCTION_CLUSTER_2025",
-                                   "MyApiKey2025", "hf-token", "sk-team"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "vllm-api-key-production-cluster-01",
+        "VLLM_API_KEY_PRODUCTION_CLUSTER_2025",
+        "MyApiKey2025",
+        "hf-token",
+        "sk-team",
+    ],
+)
 def test_ordinary_names_are_not_keys(value):
     parse_topology(H.topo(**{"serving.api_key_secret": {"secret": value.lower().replace("_", "-")}}))
     if "-" not in value:
         parse_topology(H.topo(**{"serving.api_key_secret": {"env": value}}))
 
 
-@pytest.mark.parametrize(("given", "env", "secret"), [
-    ("vllm-api-key", "VLLM_API_KEY", "vllm-api-key"),  # a Secret name no shell can expand: the Secret
-    ("MY_KEY", "MY_KEY", None),  # a variable only: lws asks for the Secret
-    ("apikey", "apikey", "apikey"),  # valid as both: both, as before
-    ({"env": "SRC", "secret": "s.example", "key": "k_1"}, "SRC", "s.example"),
-])
+@pytest.mark.parametrize(
+    ("given", "env", "secret"),
+    [
+        ("vllm-api-key", "VLLM_API_KEY", "vllm-api-key"),  # a Secret name no shell can expand: the Secret
+        ("MY_KEY", "MY_KEY", None),  # a variable only: lws asks for the Secret
+        ("apikey", "apikey", "apikey"),  # valid as both: both, as before
+        ({"env": "SRC", "secret": "s.example", "key": "k_1"}, "SRC", "s.example"),
+    ],
+)
 def test_secret_reference_forms(given, env, secret):
     from widep.render.vllm import secret_ref
 
@@ -323,7 +442,9 @@ def test_secret_reference_forms(given, env, secret):
     cmd = render(p, RenderContext(model_path="/m"))[0]
     assert f'VLLM_API_KEY="${{{env}}}"' in cmd.shell()
     if secret is None:
-        with pytest.raises(UserError, match=r"serving.api_key_secret: a LeaderWorkerSet reads it from a Kubernetes Secret"):
+        with pytest.raises(
+            UserError, match=r"serving.api_key_secret: a LeaderWorkerSet reads it from a Kubernetes Secret"
+        ):
             L.render_lws(p)
     else:
         lws_env = L.render_lws(p)[0]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"]

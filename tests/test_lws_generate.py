@@ -88,7 +88,8 @@ VARIANTS = {
     # issue #20: hostile strings reach the pod's processes intact, nothing is executed or substituted by the kubelet
     "cpu-dp2-hostile-strings": variant(
         "tiny-moe-cpu-dp2.yaml",
-        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *", "--x=$(HF_TOKEN)"],
+        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
+                                  "--x=$(HF_TOKEN)"],
            "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
            "model.served_model_name": "a b'c", "description": "x\n---\nkind: ConfigMap"},
     ),

@@ -101,7 +101,8 @@ def _checked_endpoint(url: str) -> str:
         elif parts.query or parts.fragment:
             why = "a base URL has no query or fragment"
     if why:
-        raise UserError(f"--endpoint: not an API server base URL ({why}). Given: {url!r}. Valid: e.g. http://10.0.0.5:8000")
+        raise UserError(
+            f"--endpoint: not an API server base URL ({why}). Given: {url!r}. Valid: e.g. http://10.0.0.5:8000")
     return url
 
 

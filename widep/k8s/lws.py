@@ -518,7 +518,8 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         "trap stop TERM INT",
     ]
     for p in tpl.processes:
-        lines.append(sh_comment(f"local rank {p.local_rank}: {p.label}" + ("" if not p.ports else f", port {', '.join(map(str, p.ports))}")))
+        ports = "" if not p.ports else f", port {', '.join(map(str, p.ports))}"
+        lines.append(sh_comment(f"local rank {p.local_rank}: {p.label}{ports}"))
         lines.append(_command_text(p, exec_=False) + " &")
         lines.append("pids+=($!)")
     lines += [

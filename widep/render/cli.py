@@ -37,7 +37,8 @@ def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
     """
     lines = [
         "#!/usr/bin/env bash",
-        sh_comment(f"widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, started in the background."),
+        sh_comment(f"widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, "
+                   "started in the background."),
         "set -euo pipefail",
     ]
     refs = sorted({v.name for c in cmds for _, v in c.env if isinstance(v, EnvRef)})
@@ -45,8 +46,10 @@ def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
         lines.append(f': "${{{check_env_name(name)}:?set {name} (a secret widep passes by reference)}}"')
     lines.append("pids=()")
     for c in cmds:
-        lines.append(sh_comment(f"{c.name} on {c.node_name} (node {c.node})" + (" headless" if c.headless else f", port {c.port}")))
-        env = " ".join(f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v) for k, v in c.env)
+        where = " headless" if c.headless else f", port {c.port}"
+        lines.append(sh_comment(f"{c.name} on {c.node_name} (node {c.node}){where}"))
+        env = " ".join(f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v)
+                       for k, v in c.env)
         argv = " \\\n    ".join(_pairs(c.argv))
         lines.append(f"env {env} \\\n    {argv} &")
         lines.append("pids+=($!)")
@@ -79,7 +82,9 @@ def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
         con.rule(f"[bold]{escape(c.name)}[/] on {escape(c.node_name)} (node {c.node})"
                  + ("  headless" if c.headless else f"  :{c.port}"))
         for k, v in c.env:
-            shown = v.shell() if isinstance(v, EnvRef) else v if not control_problem(v) else sh_word(v).encode("unicode_escape").decode()
+            shown = v.shell() if isinstance(v, EnvRef) else v
+            if control_problem(shown):
+                shown = sh_word(shown).encode("unicode_escape").decode()
             con.print(f"  [cyan]{k}[/]={escape(shown)}", highlight=False, soft_wrap=True)
         line = " ".join(_pairs(c.argv))
         con.print("  " + (line.encode("unicode_escape").decode() if control_problem(line, allow="\n") else line),
@@ -104,7 +109,8 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     from widep.spec.topology import load_topology
     from widep.plan import plan as make_plan
 
-    for flag, value in (("--model-path", model_path), ("--python", python), ("--vllm-version", vllm_version), ("--role", role)):
+    flags = (("--model-path", model_path), ("--python", python), ("--vllm-version", vllm_version), ("--role", role))
+    for flag, value in flags:
         if value is not None and (why := control_problem(value)):
             raise UserError(f"{flag}: {why}. Given: {value!r}.")
     spec = load_topology(topology)

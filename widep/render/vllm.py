@@ -163,7 +163,8 @@ OWNED_FLAGS = {
     "--api-key": "serving.api_key_secret",
     "--moe-backend": "roles[].deep_gemm",
     "--profiler-config": "profiler",
-    "--config": "the topology (a vLLM config file could set any of the flags above unseen; put its settings in extra_args)",
+    "--config": "the topology (a vLLM config file could set any of the flags above unseen; "
+                "put its settings in extra_args)",
 }
 
 OWNED_ENV = {
@@ -219,13 +220,14 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
         args = rp.spec.extra_args
         found, refused = settings(args, line)
         for i, why in refused:
-            problems.append(f"roles[{rp.index}].extra_args[{i}]: {args[i]!r} is refused by vLLM {line}'s parser: {why}.")
+            problems.append(
+                f"roles[{rp.index}].extra_args[{i}]: {args[i]!r} is refused by vLLM {line}'s parser: {why}.")
         for st in found:
             if st.dest in owned_dests:
                 flag, why = owned_dests[st.dest]
                 how = "" if st.token.split("=", 1)[0] == flag else f" (vLLM's parser reads it as {flag})"
-                problems.append(f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from {why}{how}. "
-                                "Remove it from extra_args and use that field.")
+                problems.append(f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
+                                f"{why}{how}. Remove it from extra_args and use that field.")
         for i, arg in enumerate(args):  # flags of other lines that the table does not know
             name = arg.split("=", 1)[0].replace("_", "-")
             if name in OWNED_FLAGS and not dest_of(name, line):
@@ -234,7 +236,8 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
         for key in rp.spec.extra_env:
             why = owned_env(key)
             if why:
-                problems.append(f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field.")
+                problems.append(
+                    f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field.")
     for i, arg in enumerate(plan.spec.router.extra_args):
         name = arg.split("=", 1)[0]
         if name in ROUTER_OWNED_FLAGS:
@@ -249,7 +252,8 @@ ROUTER_OWNED_FLAGS = {
     "--prometheus-host": "router.host", "--worker-urls": "the roles' API servers", "--policy": "router.policy",
     "--vllm-pd-disaggregation": "router.pd", "--prefill": "the prefill roles", "--decode": "the decode roles",
     "--prefill-policy": "router.prefill_policy", "--decode-policy": "router.decode_policy",
-    "--worker-startup-timeout-secs": "vllm.ready_timeout_s", "--health-check-interval-secs": "router.health_check_interval_s",
+    "--worker-startup-timeout-secs": "vllm.ready_timeout_s",
+    "--health-check-interval-secs": "router.health_check_interval_s",
     "--health-failure-threshold": "router.health_failure_threshold", "--api-key": "serving.api_key_secret",
 }
 

@@ -44,8 +44,13 @@ def generate_table(parser: argparse.ArgumentParser, vllm_version: str, line: str
         if not action.option_strings:
             continue
         nargs = action.nargs
-        options.append({"strings": sorted(action.option_strings), "dest": action.dest,
-                        "nargs": nargs if nargs is None or isinstance(nargs, (int, str)) else str(nargs)})
+        options.append(
+            {
+                "strings": sorted(action.option_strings),
+                "dest": action.dest,
+                "nargs": nargs if nargs is None or isinstance(nargs, (int, str)) else str(nargs),
+            }
+        )
     options.sort(key=lambda o: o["strings"][0])
     return {
         "vllm_version": vllm_version,
@@ -63,8 +68,10 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
 
     import vllm
 
-    for mod, attr in (("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
-                      ("vllm.entrypoints.openai.cli_args", "make_arg_parser")):
+    for mod, attr in (
+        ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+        ("vllm.entrypoints.openai.cli_args", "make_arg_parser"),
+    ):
         try:
             make = getattr(importlib.import_module(mod), attr)
             break

@@ -11,6 +11,7 @@ Supported families: DeepSeek-V2/V3/R1 and Kimi-K2 (MLA), Qwen3-MoE, Mixtral, gpt
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -247,7 +248,7 @@ def _check_config(cfg: dict[str, Any], name: str) -> None:
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not (
-                v == v and abs(v) != float("inf") and v.is_integer())):
+                math.isfinite(v) and v.is_integer())):
             problems.append(f"{key}: must be a whole number. Given: {v!r}.")
         elif not lo <= v <= hi:
             problems.append(f"{key}: {v!r} is out of range. Valid: {lo}..{hi} (bounds of any model vLLM serves).")
@@ -265,7 +266,8 @@ def _check_config(cfg: dict[str, Any], name: str) -> None:
             problems.append(f"num_experts_per_tok: top-{int(top_k)} of {int(routed)} experts. Valid: 1..{int(routed)}.")
         heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
         if heads and kv and kv > heads:
-            problems.append(f"num_key_value_heads: {int(kv)} > num_attention_heads {int(heads)}. Valid: 1..{int(heads)}.")
+            problems.append(
+                f"num_key_value_heads: {int(kv)} > num_attention_heads {int(heads)}. Valid: 1..{int(heads)}.")
     if problems:
         raise UserError(f"model {name!r}: invalid config.json:\n  " + "\n  ".join(problems))
 

@@ -43,7 +43,9 @@ def decode_text(data: bytes, source: str, *, max_bytes: int = MAX_TEXT_BYTES) ->
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{source} is not UTF-8 text (byte {err.start}: {data[err.start:err.start + 1]!r}).") from None
+        raise UserError(
+            f"{source} is not UTF-8 text (byte {err.start}: {data[err.start : err.start + 1]!r})."
+        ) from None
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -75,11 +77,15 @@ class StrictLoader(yaml.SafeLoader):
                 hash(key)
             except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, "a mapping key must be a scalar", key_node.start_mark) from None
+                    None, None, "a mapping key must be a scalar", key_node.start_mark
+                ) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}); YAML would keep only the last",
-                    key_node.start_mark)
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen[key].line + 1}); YAML would keep only the last",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 

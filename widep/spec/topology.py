@@ -54,7 +54,8 @@ def _free_text(v: str) -> str:
 
 def _env_name(v: str) -> str:
     if not POSIX_NAME.match(v):
-        raise ValueError(f"not an environment variable name. Given: {v!r}. Valid: [A-Za-z_][A-Za-z0-9_]*, e.g. NCCL_DEBUG")
+        raise ValueError(
+            f"not an environment variable name. Given: {v!r}. Valid: [A-Za-z_][A-Za-z0-9_]*, e.g. NCCL_DEBUG")
     return v
 
 
@@ -156,7 +157,8 @@ class ClusterSpec(Strict):
     """GPU kind: H100, H800, H200, B200, GB200, or CPU for the vLLM CPU backend."""
     gpus_per_node: int = Field(default=8, ge=1, le=72)
     """GPUs (for CPU: rank slots, one pinned core group each) per node."""
-    nodes: Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)] = 1
+    nodes: (Annotated[int, Field(ge=1, le=MAX_NODES)]
+            | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)]) = 1
     """Node count, or the nodes themselves (name and address), in rank order (1..4096)."""
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     """Inter-node networking."""
@@ -282,7 +284,8 @@ class SecretRef(Strict):
     """Environment variable holding it where `widep launch` (and `render --format shell`) run. Default: the
     variable widep sets (VLLM_API_KEY, HF_TOKEN), passed through."""
     secret: Annotated[str, AfterValidator(_not_a_key)] | None = None
-    """Kubernetes Secret holding it (a DNS-1123 subdomain: lower-case letters, digits, '-', '.'); `widep lws` needs it."""
+    """Kubernetes Secret holding it (a DNS-1123 subdomain: lower-case letters, digits, '-', '.');
+    `widep lws` needs it."""
     key: Annotated[str, AfterValidator(_not_a_key)] | None = None
     """Key inside the Secret's data ([-._a-zA-Z0-9]+). Default: api-key for the API key, token for the HF token."""
 
@@ -319,7 +322,8 @@ class SecretRef(Strict):
             return {"secret": data}
         raise ValueError(
             f"{data!r} is neither an environment variable name ([A-Za-z_][A-Za-z0-9_]*) nor a Kubernetes Secret name "
-            "(DNS-1123 subdomain). Valid: a mapping naming each, e.g. {env: MY_VLLM_KEY, secret: vllm-api-key, key: api-key}"
+            "(DNS-1123 subdomain). Valid: a mapping naming each, e.g. "
+            "{env: MY_VLLM_KEY, secret: vllm-api-key, key: api-key}"
         )
 
     @model_validator(mode="after")
