@@ -252,7 +252,7 @@ def cases() -> list[Case]:
                 blame="extra_args",
             )
         )
-    for var in ("NVSHMEM_DEBUG", "VLLM_ENGINE_READY_TIMEOUT_S", "POD_IP", "VLLM_CPU_KVCACHE_SPACE"):
+    for var in ("NVSHMEM_REMOTE_TRANSPORT", "VLLM_ENGINE_READY_TIMEOUT_S", "POD_IP", "VLLM_CPU_KVCACHE_SPACE"):
         out.append(
             Case(
                 "accepted invalid",

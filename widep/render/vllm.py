@@ -193,11 +193,14 @@ OWNED_ENV = {
     "POD_IP": "widep lws (the pod's IP)",
     "WIDEP_SHM_DIR": "widep lws (/dev/shm)",
     "WIDEP_RUN_ID": "widep launch",
-    "VLLM_RANDOMIZE_DP_DUMMY_INPUTS": "the planner (EP DP groups)",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "cluster.network.interface",
+    "NVSHMEM_REMOTE_TRANSPORT": "cluster.network.rdma / ibgda",
+    "NVSHMEM_IB_ENABLE_IBGDA": "cluster.network.rdma / ibgda",
 }
+# Defaults widep sets only when extra_env does not (NVSHMEM_SYMMETRIC_SIZE, VLLM_RANDOMIZE_DP_DUMMY_INPUTS,
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE) are tunable, so they are not in OWNED_ENV.
 
 OWNED_ENV_PREFIXES = {
-    "NVSHMEM_": "cluster.network (interface, rdma, ibgda)",
     "LWS_": "the LeaderWorkerSet controller",
 }
 
@@ -413,6 +416,10 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         if ref is not None:
             env.append((var, ref))
     env += sorted(s.extra_env.items())
+    seen = [k for k, _ in env]
+    if len(set(seen)) != len(seen):  # check_extras refuses owned names, so this is widep's own mistake
+        dup = sorted({k for k in seen if seen.count(k) > 1})
+        raise UserError(f"widep would set {dup} twice for role {rp.name!r} (a widep bug, please report)", exit_code=1)
     return env
 
 
