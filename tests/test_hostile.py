@@ -456,3 +456,24 @@ def test_secret_reference_forms(given, env, secret):
 def test_secret_references_invalid_for_each_namespace(given):
     with pytest.raises(UserError, match=r"serving.api_key_secret"):
         parse_topology(H.topo(**{"serving.api_key_secret": given}))
+
+
+# ----------------------------------------------------------------------------------------------
+# lws --validate: documents parsed one by one keep their absolute line numbers; oversized objects refused
+
+
+def test_validate_reports_absolute_lines_and_refuses_oversized_objects():
+    from widep.k8s import validate as V
+
+    svc = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c{}\ndata:\n  a: '1'\n"
+    text = svc.format(1) + "---\n" + svc.format(2) + "---\n" + svc.format(3) + "  a: '2'\n"
+    count, problems = V.validate_text(text)
+    dup = [p for p in problems if "duplicate" in p.message]
+    assert count == 3 and len(dup) == 1 and dup[0].doc == 3
+    line = text.splitlines().index("  a: '2'") + 1
+    assert f"line {line}," in dup[0].message
+    huge = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: h}\ndata:\n" + "".join(
+        f"  k{i}: {'x' * 100}\n" for i in range(16000)
+    )
+    count, problems = V.validate_text(svc.format(1) + "---\n" + huge)
+    assert count == 1 and any(p.doc == 2 and "too large" in p.message and p.failing for p in problems)
