@@ -636,7 +636,7 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             continue
         field = model.model_fields.get(part)
         if field is None:
-            return model if part in ("int", "str") else None
+            return model if _is_tag(part) else None  # a union member's tag: same model
         ann = field.annotation
         inner = _first_model(ann)
         if inner is None:
