@@ -612,41 +612,6 @@ def health_check_script(host: str, ports: tuple[int, ...] | list[int]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Kubelet's $(VAR) expansion of command/args (k8s.io/kubernetes third_party/forked/golang/expansion)
-
-
-def kubelet_expand(text: str, env: dict[str, str]) -> str:
-    """Expand ``$(NAME)`` as the kubelet does in ``command``/``args``: defined names are replaced,
-    ``$$`` becomes ``$``, anything else (``${X}``, ``$((1+2))``, undefined names) stays as written."""
-    out: list[str] = []
-    checkpoint = 0
-    cursor = 0
-    n = len(text)
-    while cursor < n:
-        if text[cursor] == "$" and cursor + 1 < n:
-            out.append(text[checkpoint:cursor])
-            nxt = text[cursor + 1]
-            advance = 1
-            if nxt == "$":
-                out.append("$")
-            elif nxt == "(":
-                close = text.find(")", cursor + 2)
-                if close == -1:
-                    out.append("$(")
-                else:
-                    name = text[cursor + 2 : close]
-                    out.append(env[name] if name in env else f"$({name})")
-                    advance = close - cursor
-            else:
-                out.append("$" + nxt)
-            cursor += advance
-            checkpoint = cursor + 1
-        cursor += 1
-    out.append(text[checkpoint:])
-    return "".join(out)
-
-
-# ----------------------------------------------------------------------------------------------
 # Kubernetes objects
 
 
