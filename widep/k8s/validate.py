@@ -56,6 +56,27 @@ import jsonschema
 import yaml
 
 from widep.errors import UserError, did_you_mean
+from widep.k8s.names import (
+    DNS1035_LABEL,
+    DNS1123_LABEL,
+    DNS1123_LABEL_MAX_LENGTH,
+    DNS1123_SUBDOMAIN,
+    DNS1123_SUBDOMAIN_MAX_LENGTH,
+    EXCLUSIVE_TOPOLOGY,
+    LABEL_VALUE,
+    LABEL_VALUE_MAX_LENGTH,
+    LWS_ENV_VARS,
+    LWS_GROUP,
+    LWS_KIND,
+    LWS_POD_LABELS,
+    LWS_PREFIX,
+    POD_NAME_MAX_LENGTH,
+    QUALIFIED_NAME_MAX_LENGTH,
+    QUALIFIED_NAME_PART,
+    QUANTITY_PATTERN,
+    STATEFULSET_NAME_MAX_LENGTH,
+    SUBGROUP_EXCLUSIVE_TOPOLOGY,
+)
 
 #: The Kubernetes version whose core schemas check pod templates and plain documents. The LWS
 #: v0.10.0 CRD embeds the Kubernetes 1.36 PodSpec, so templates are judged by the same release.
@@ -67,43 +88,11 @@ CRD_FILE_NAME = "lws-crd-v0.10.0.yaml"
 GAIE_CRD_FILE_NAME = "inferencepool-crd-v1.5.0.yaml"
 CRD_ENV = "WIDEP_LWS_CRD"
 
-LWS_GROUP = "leaderworkerset.x-k8s.io"
-LWS_KIND = "LeaderWorkerSet"
-LWS_PREFIX = "leaderworkerset.sigs.k8s.io/"
-EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "exclusive-topology"
-SUBGROUP_EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "subgroup-exclusive-topology"
-#: Environment variables the LWS pod webhook injects into every container (pod_utils.go).
-LWS_ENV_VARS = ("LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX")
-#: Labels the LWS controller and pod webhook put on pods; a Service may select on them.
-LWS_POD_LABELS = tuple(
-    LWS_PREFIX + k
-    for k in (
-        "name",
-        "group-index",
-        "worker-index",
-        "group-key",
-        "template-revision-hash",
-        "subgroup-index",
-        "subgroup-key",
-    )
-)
-
 MAX_INT32 = 2**31 - 1
 SEVERITIES = ("error", "warning", "note")
 
-# The API server's quantity syntax (k8s.io/apimachinery resource.Quantity), as the CRD spells it.
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
 _QUANTITY_EXAMPLES = "e.g. '8', '500m', '16Gi', '1.5', '2e3'"
 
-# k8s.io/apimachinery/pkg/util/validation
-_DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
-_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-_DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?\Z")
-_QUALIFIED_NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?\Z")
 _IANA_SVC_NAME = re.compile(r"[-a-z0-9]+\Z")
 _PERCENT = re.compile(r"[0-9]+%\Z")
 _VAR_REF = re.compile(r"(?<!\$)\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
@@ -704,9 +693,9 @@ def _is_builtin_group(group: str) -> bool:
 
 
 def _dns1123_label_msg(value: str) -> str | None:
-    if len(value) > 63:
-        return f"must be no more than 63 characters (given {len(value)})"
-    if not _DNS1123_LABEL.match(value):
+    if len(value) > DNS1123_LABEL_MAX_LENGTH:
+        return f"must be no more than {DNS1123_LABEL_MAX_LENGTH} characters (given {len(value)})"
+    if not DNS1123_LABEL.match(value):
         return (
             "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
             "and must start and end with an alphanumeric character (e.g. 'my-name', or '123-abc')"
@@ -715,9 +704,9 @@ def _dns1123_label_msg(value: str) -> str | None:
 
 
 def _dns1035_label_msg(value: str) -> str | None:
-    if len(value) > 63:
-        return f"must be no more than 63 characters (given {len(value)})"
-    if not _DNS1035_LABEL.match(value):
+    if len(value) > DNS1123_LABEL_MAX_LENGTH:
+        return f"must be no more than {DNS1123_LABEL_MAX_LENGTH} characters (given {len(value)})"
+    if not DNS1035_LABEL.match(value):
         return (
             "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with "
             "an alphabetic character, and end with an alphanumeric character (e.g. 'my-name', or 'abc-123')"
@@ -726,9 +715,9 @@ def _dns1035_label_msg(value: str) -> str | None:
 
 
 def _dns1123_subdomain_msg(value: str) -> str | None:
-    if len(value) > 253:
-        return f"must be no more than 253 characters (given {len(value)})"
-    if not _DNS1123_SUBDOMAIN.match(value):
+    if len(value) > DNS1123_SUBDOMAIN_MAX_LENGTH:
+        return f"must be no more than {DNS1123_SUBDOMAIN_MAX_LENGTH} characters (given {len(value)})"
+    if not DNS1123_SUBDOMAIN.match(value):
         return (
             "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' "
             "or '.', and must start and end with an alphanumeric character (e.g. 'example.com')"
@@ -745,9 +734,9 @@ def qualified_name_problem(value: str) -> str | None:
         return f"prefix part {msg}"
     if not name:
         return "name part must be non-empty"
-    if len(name) > 63:
-        return f"name part must be no more than 63 characters (given {len(name)})"
-    if not _QUALIFIED_NAME_PART.match(name):
+    if len(name) > QUALIFIED_NAME_MAX_LENGTH:
+        return f"name part must be no more than {QUALIFIED_NAME_MAX_LENGTH} characters (given {len(name)})"
+    if not QUALIFIED_NAME_PART.match(name):
         return (
             "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and "
             "end with an alphanumeric character (e.g. 'MyName', 'my.name', or '123-abc')"
@@ -756,9 +745,9 @@ def qualified_name_problem(value: str) -> str | None:
 
 
 def _label_value_problem(value: str) -> str | None:
-    if len(value) > 63:
-        return f"must be no more than 63 characters (given {len(value)})"
-    if not _LABEL_VALUE.match(value):
+    if len(value) > LABEL_VALUE_MAX_LENGTH:
+        return f"must be no more than {LABEL_VALUE_MAX_LENGTH} characters (given {len(value)})"
+    if not LABEL_VALUE.match(value):
         return (
             "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' "
             "or '.', and must start and end with an alphanumeric character"
@@ -790,7 +779,7 @@ def _annotations_problems(annotations: Any, path: tuple) -> Iterator[tuple]:
 
 #: Kinds whose names must be DNS-1035 labels (used as DNS names); others are DNS-1123 subdomains.
 _DNS1035_NAMED = {"Service", LWS_KIND}
-_DNS1123_LABEL_NAMED = {"Namespace"}
+DNS1123_LABEL_NAMED = {"Namespace"}
 
 
 def _metadata_problems(doc: dict[str, Any], kind: str) -> Iterator[tuple]:
@@ -807,7 +796,7 @@ def _metadata_problems(doc: dict[str, Any], kind: str) -> Iterator[tuple]:
         _dns1035_label_msg
         if kind in _DNS1035_NAMED
         else _dns1123_label_msg
-        if kind in _DNS1123_LABEL_NAMED
+        if kind in DNS1123_LABEL_NAMED
         else _dns1123_subdomain_msg
     )
     if isinstance(name, str) and name and (msg := checker(name)):
@@ -1315,21 +1304,22 @@ def _lws_controller_problems(lws: dict[str, Any]) -> Iterator[tuple]:
     last = replicas - 1
     if size > 1:
         pod = f"{name}-{last}-{size - 1}"
-        if len(pod) > 63:
-            keep = 63 - len(f"-{last}-{size - 1}")
+        if len(pod) > POD_NAME_MAX_LENGTH:
+            keep = POD_NAME_MAX_LENGTH - len(f"-{last}-{size - 1}")
             yield ("metadata", "name"), (
                 f"Too long for this size: worker pod {pod!r} has {len(pod)} characters; StatefulSet pods "
-                f"use their name as hostname and label value (at most 63), so they could not be created. "
+                f"use their name as hostname and label value (at most {POD_NAME_MAX_LENGTH}), "
+                "so they could not be created. "
                 f"Valid: a name of at most {keep} characters for replicas={replicas}, size={size}"
             )
             return
     sts = f"{name}-{last}" if size > 1 else name
-    if len(sts) > 52:
+    if len(sts) > STATEFULSET_NAME_MAX_LENGTH:
         yield ("metadata", "name"), (
-            f"StatefulSet {sts!r} has {len(sts)} characters (more than 52): its pods' "
+            f"StatefulSet {sts!r} has {len(sts)} characters (more than {STATEFULSET_NAME_MAX_LENGTH}): its pods' "
             "controller-revision-hash label '<statefulset>-<hash of up to 10 characters>' can exceed "
-            f"63 characters and the StatefulSet controller then fails to create them. Keep the name at most "
-            f"{52 - (len(sts) - len(name))} characters"
+            f"{LABEL_VALUE_MAX_LENGTH} characters and the StatefulSet controller then fails to create them. Keep the name at most "
+            f"{STATEFULSET_NAME_MAX_LENGTH - (len(sts) - len(name))} characters"
         ), "warning"
 
 
