@@ -564,8 +564,8 @@ def test_wrong_group_size_refuses_to_start(tmp_path, shim_dir):
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802
-        self.send_response(self.server.status if self.path == "/health" else 404)  # type: ignore[attr-defined]
+    def do_GET(self):
+        self.send_response(self.server.status if self.path == "/health" else 404)
         self.end_headers()
 
     def log_message(self, *args):  # quiet
@@ -574,7 +574,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 def _server(status: int) -> tuple[http.server.HTTPServer, int]:
     srv = http.server.HTTPServer(("127.0.0.1", 0), _Health)
-    srv.status = status  # type: ignore[attr-defined]
+    srv.status = status
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, srv.server_address[1]
 

@@ -507,7 +507,7 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
             if c.headless or c.port is None:
                 ports: tuple[int, ...] = ()
             elif mode in ("multiport",):
-                ports = tuple(rank_of[(c.replica, r)].port for r in c.dp_ranks)  # type: ignore[misc]
+                ports = tuple(rank_of[(c.replica, r)].port for r in c.dp_ranks)
             elif placement == "pod-per-rank":
                 ports = (rp.http_port,)
             else:
@@ -910,7 +910,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 
 
 _Dumper.add_representer(str, _str)
-_Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]  # no &id001 anchors
+_Dumper.ignore_aliases = lambda self, data: True  # no &id001 anchors
 
 
 def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) -> str:
