@@ -53,6 +53,8 @@ EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "exclusive-topology"
 #: Annotation: the same for each subgroup (``SubGroupExclusiveKeyAnnotationKey``).
 SUBGROUP_EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "subgroup-exclusive-topology"
 
+#: Prefix of the environment variables LWS injects; a ``$(LWS_...)`` reference to any other is a mistake.
+LWS_ENV_PREFIX = "LWS_"
 #: Env var the LWS pod webhook injects: the leader pod's DNS name (``LwsLeaderAddress``).
 LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"
 #: Env var the LWS pod webhook injects: pods per group (``LwsGroupSize``).

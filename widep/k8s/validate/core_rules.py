@@ -9,9 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from widep.errors import did_you_mean
-from widep.k8s.names import (
-    LWS_ENV_VARS,
-)
+from widep.k8s.names import LWS_ENV_PREFIX, LWS_ENV_VARS
 from widep.k8s.validate.meta import (
     annotations_problems,
     dns1123_label_msg,
@@ -275,7 +273,7 @@ def lws_env_ref_problems(template: Any, path: tuple) -> Iterator[tuple]:
                 if not isinstance(text, str):
                     continue
                 for ref in _VAR_REF.findall(text):
-                    if ref.startswith("LWS_") and ref not in defined:
+                    if ref.startswith(LWS_ENV_PREFIX) and ref not in defined:
                         yield (
                             path + ("spec", list_name, i) + sub,
                             (
