@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubelet import kubelet_expand
 
 from widep.cli import main
 from widep.errors import UserError
@@ -86,6 +87,14 @@ VARIANTS = {
     "cpu-dp2-hybrid": variant("tiny-moe-cpu-dp2.yaml", **{"serving.dp_mode": "hybrid"}),
     "qwen-tp2-4gpu": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.tp": 2}),
     "qwen-gpus-2-3": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.first_gpu": 2, "roles.0.gpus_per_node": 2}),
+    # issue #20: hostile strings reach the pod's processes intact, nothing is executed or substituted by the kubelet
+    "cpu-dp2-hostile-strings": variant(
+        "tiny-moe-cpu-dp2.yaml",
+        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
+                                  "--x=$(HF_TOKEN)"],
+           "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
+           "model.served_model_name": "a b'c", "description": "x\n---\nkind: ConfigMap"},
+    ),
     "qwen-2-replicas-secrets": variant(
         "qwen3-30b-a3b-1x2-h100.yaml",
         **{"cluster.nodes": 2, "roles.0.replicas": 2, "serving.hf_token_secret": "hf-secret", "serving.api_key_secret": "vllm-api-key"},
@@ -304,7 +313,7 @@ def test_secrets_are_references(monkeypatch):
     ],
 )
 def test_kubelet_expand(text, expected):
-    assert L.kubelet_expand(text, {"VAR_A": "A", "VAR_B": "B", "VAR_EMPTY": ""}) == expected
+    assert kubelet_expand(text, {"VAR_A": "A", "VAR_B": "B", "VAR_EMPTY": ""}) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +361,7 @@ def container_env(c: dict, ip: str) -> dict[str, str]:
     env = {}
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = e["value"]
+            env[e["name"]] = kubelet_expand(e["value"], env)  # the kubelet expands $(VAR) of earlier entries
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             env[e["name"]] = ip
@@ -375,8 +384,10 @@ class Pod:
         env.update({"LWS_LEADER_ADDRESS": f"{name}-{g}.{name}.{NAMESPACE}", "LWS_GROUP_SIZE": str(lwt["size"]),
                     "LWS_WORKER_INDEX": str(w)})
         self.leader = env["LWS_LEADER_ADDRESS"]
-        argv = [L.kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
-        assert argv == self.container["command"] + self.container["args"], "kubelet would rewrite the script"
+        argv = [kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
+        # widep escapes '$(' and '$$' as '$$(' and '$$$$': the kubelet only undoes that escaping, never substitutes
+        assert argv == [kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
+            "kubelet would substitute a variable into the script"
         env["WIDEP_SHM_DIR"] = str(shm)  # sandbox: the script clears this folder (/dev/shm in a pod)
         env.update({"PATH": f"{shims}:/usr/bin:/bin", "SHIM_OUT": str(out)}, **extra_env)
         self.out = out
@@ -456,7 +467,7 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
     gpn = p.spec.cluster.gpus_per_node
     for c in cmds:
         argv = list(c.argv)
-        env = {k: (secret(val.name, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
+        env = {k: (secret(val.secret, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
         gpus = [gid for r in rp.ranks if r.replica == g and r.dp_rank in c.dp_ranks for gid in r.gpus]
         offset = min(gpus) if per_rank else rp.spec.first_gpu
         if per_rank:  # every pod serves the role's port
@@ -553,8 +564,8 @@ def test_wrong_group_size_refuses_to_start(tmp_path, shim_dir):
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802
-        self.send_response(self.server.status if self.path == "/health" else 404)  # type: ignore[attr-defined]
+    def do_GET(self):
+        self.send_response(self.server.status if self.path == "/health" else 404)
         self.end_headers()
 
     def log_message(self, *args):  # quiet
@@ -563,7 +574,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 def _server(status: int) -> tuple[http.server.HTTPServer, int]:
     srv = http.server.HTTPServer(("127.0.0.1", 0), _Health)
-    srv.status = status  # type: ignore[attr-defined]
+    srv.status = status
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, srv.server_address[1]
 

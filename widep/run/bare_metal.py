@@ -92,10 +92,10 @@ class BareMetal(BackendBase):
         if not mine and self.router is None:
             raise UserError(f"--node: node {me} ({p.nodes[me].name}) runs no rank of {p.name}.")
         self.console.print(f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(local)} process(es), "
-                           f"run dir {launch.run_dir}")
+                           f"run dir {launch.run_dir}", markup=False)
         launch.run_dir.mkdir(parents=True, exist_ok=True)
         self.console.print(f"run {launch.run_id}: node {me} ({p.nodes[me].name}), groups "
-                           f"{', '.join(g.label for g in mine)}, logs under {launch.run_dir}")
+                           f"{', '.join(g.label for g in mine)}, logs under {launch.run_dir}", markup=False)
         owned = [g for g in mine if g.leader_node == me]
         self.following = [FollowerGroup(self, g) for g in mine if g.leader_node != me]
         for g in owned:

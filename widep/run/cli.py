@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from widep.errors import UserError
@@ -100,7 +101,7 @@ def print_dry_run(launch: Launch, dry: DryRun, console: Console) -> None:
         for row in t.rows:
             table.add_row(*row)
         console.print(table)
-    console.rule(dry.heading)
+    console.rule(escape(dry.heading))  # node names are the topology's text, not markup
     print_table(launch.plan, list(dry.processes))
 
 
