@@ -64,17 +64,20 @@ def main() -> None:
         for k, a in COMMANDS.items():
             cold[k].append(fresh(["-m", "widep", *a]))
             hot[k].append(warm(runner, cli, a))
-        print(f"run {i + 1}: baseline {base[-1]:.3f} s; " + ", ".join(f"{k} {cold[k][-1]:.3f} / {hot[k][-1] * 1000:.0f} ms"
-                                                                       for k in COMMANDS), flush=True)
+        print(
+            f"run {i + 1}: baseline {base[-1]:.3f} s; "
+            + ", ".join(f"{k} {cold[k][-1]:.3f} / {hot[k][-1] * 1000:.0f} ms" for k in COMMANDS),
+            flush=True,
+        )
     med = statistics.median
     out = {
         "runs": args.runs,
         "topology": TOPOLOGY.name,
         "baseline_import_s": med(base),
         "fresh_process_s": {k: med(v) for k, v in cold.items()},
-        "fresh_over_baseline": {k: med(c / b for c, b in zip(v, base)) for k, v in cold.items()},
+        "fresh_over_baseline": {k: med(c / b for c, b in zip(v, base, strict=True)) for k, v in cold.items()},
         "in_process_ms": {k: 1000 * med(v) for k, v in hot.items()},
-        "in_process_over_plan": {k: med(h / p for h, p in zip(v, hot["plan"])) for k, v in hot.items()},
+        "in_process_over_plan": {k: med(h / p for h, p in zip(v, hot["plan"], strict=True)) for k, v in hot.items()},
     }
     print(json.dumps(out, indent=2))
     if args.json:

@@ -21,8 +21,13 @@ TREES = {name: ast.parse(p.read_text(), str(p)) for name, p in MODULES.items()}
 
 def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
     """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks (type-only imports never run)."""
-    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
-            for stmt in block.body for n in ast.walk(stmt)}
+    skip = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for stmt in block.body
+        for n in ast.walk(stmt)
+    }
     return [n for n in ast.walk(tree) if id(n) not in skip]
 
 
@@ -65,7 +70,7 @@ def test_no_import_cycle_in_run():
     def visit(m: str, path: list[str]) -> None:
         for n in sorted(graph[m]):
             if n in path:
-                cycles.append(path[path.index(n):] + [n])
+                cycles.append(path[path.index(n) :] + [n])
             elif len(path) < len(run):
                 visit(n, path + [n])
 
@@ -92,7 +97,8 @@ def test_launch_commands_are_rendered_in_one_place():
     found = [c for m in MODULES if m.startswith("widep.run.") for c in calls_to(m, renders)]
     assert {c.split(":")[0] for c in found} <= {"widep.run.launch", "widep.run.cli"}
     assert [c for c in found if c.startswith("widep.run.cli")] == [
-        c for c in calls_to("widep.run.cli", renders) if c.split(":")[1].split()[0] in status_lines()]
+        c for c in calls_to("widep.run.cli", renders) if c.split(":")[1].split()[0] in status_lines()
+    ]
 
 
 def status_lines() -> set[str]:
@@ -107,10 +113,17 @@ def test_no_argv_parsing_in_k8s_or_run():
         if not m.startswith(("widep.k8s.", "widep.run.")) or m == "widep.run.guard":  # the guard reads its own argv
             continue
         for node in ast.walk(TREES[m]):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "index"
-                    and "argv" in ast.unparse(node.func.value)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "index"
+                and "argv" in ast.unparse(node.func.value)
+            ):
                 bad.append(f"{m}:{node.lineno} {ast.unparse(node)}")
-            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops) and any(
-                    "argv" in ast.unparse(c) for c in node.comparators):
+            if (
+                isinstance(node, ast.Compare)
+                and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)
+                and any("argv" in ast.unparse(c) for c in node.comparators)
+            ):
                 bad.append(f"{m}:{node.lineno} {ast.unparse(node)}")
     assert bad == []

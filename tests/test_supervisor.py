@@ -44,8 +44,12 @@ class EchoBackend(BackendBase):
 
     name = "echo"
 
-    def __init__(self, console: Console, broken: dict[str, tuple[int, ...]] | None = None,
-                 program: tuple[str, ...] = (sys.executable, "-c", "import sys; sys.exit(3)")) -> None:
+    def __init__(
+        self,
+        console: Console,
+        broken: dict[str, tuple[int, ...]] | None = None,
+        program: tuple[str, ...] = (sys.executable, "-c", "import sys; sys.exit(3)"),
+    ) -> None:
         self.console, self.broken, self.program = console, broken or {}, program
         self.procs: dict[str, list[RankProcess]] = {}
         self.started: list[tuple[int, str]] = []
@@ -58,14 +62,23 @@ class EchoBackend(BackendBase):
 
     def prepare(self, launch: Launch) -> list[Group]:
         self.launch = launch
-        self.ports = dict(zip((c.name for c in launch.processes), free_ports(len(launch.processes))))
+        self.ports = dict(zip((c.name for c in launch.processes), free_ports(len(launch.processes)), strict=True))
         return list(launch.groups)
 
     def _argv(self, c: ProcessCommand, attempt: int) -> tuple[str, ...]:
         if attempt in self.broken.get(c.name, ()):
             return self.program
-        return (sys.executable, "-m", "widep.bench.echo_server", "--host", "127.0.0.1", "--port", str(self.ports[c.name]),
-                "--model", MODEL)
+        return (
+            sys.executable,
+            "-m",
+            "widep.bench.echo_server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports[c.name]),
+            "--model",
+            MODEL,
+        )
 
     def start(self, group: Group, attempt: int) -> str:
         procs = []
@@ -77,8 +90,11 @@ class EchoBackend(BackendBase):
         return ", ".join(c.name for c in group.processes)
 
     def poll(self, group: Group, now: float) -> Poll:
-        failures = tuple(Failure(p.name, p.cmd.node_name, signal_name(code), now, tail(p.log))
-                         for p in self.procs.get(group.label, []) if (code := p.poll()) is not None)
+        failures = tuple(
+            Failure(p.name, p.cmd.node_name, signal_name(code), now, tail(p.log))
+            for p in self.procs.get(group.label, [])
+            if (code := p.poll()) is not None
+        )
         health = {e.process.name: probe(e.host, e.port, timeout=1.0)[0] for e in self.endpoints(group)}
         return Poll(failures=failures, health=health)
 
@@ -150,8 +166,10 @@ def test_a_process_that_never_becomes_healthy_times_out_with_its_log(tmp_path):
     t = time.monotonic()
     code, out = supervise(backend, launch)
     assert code == 1 and time.monotonic() - t < 30
-    assert "failure: serve/1 on pretend-1 @ 127.0.0.1: did not become healthy in 3 s (still waiting: serve/1)\n" \
-           "    stuck loading" in out
+    assert (
+        "failure: serve/1 on pretend-1 @ 127.0.0.1: did not become healthy in 3 s (still waiting: serve/1)\n"
+        "    stuck loading" in out
+    )
     assert gone(backend)
 
 
@@ -170,10 +188,31 @@ def test_the_registry_names_every_backend_and_loads_them_lazily():
 def test_every_option_reaches_every_backend(tmp_path, backend):
     """The dry run shows the commands the backend would start: --profile turns the profiler on for both."""
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(topo), "--backend", backend, "--dry-run", "--profile",
-                        "--node", "0", "--model-path", "/m", "--run-dir", str(tmp_path / "run")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="400"),
-                       check=False)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "launch",
+            str(topo),
+            "--backend",
+            backend,
+            "--dry-run",
+            "--profile",
+            "--node",
+            "0",
+            "--model-path",
+            "/m",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="400"),
+        check=False,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("--profiler-config") == (2 if backend == "ray" else 1)
     assert f'"torch_profiler_dir":"{tmp_path / "run" / "profiles"}/serve/rank-0"' in r.stdout
@@ -187,13 +226,32 @@ def test_bare_metal_follows_logs_and_serves_the_group_state(tmp_path):
 
     p = make_plan(load_topology(topology_copy("tiny-moe-cpu.yaml", tmp_path)))
     backend = BareMetal(Console())
-    request = backend.resolve(LaunchRequest(p, run_dir=tmp_path / "run", model_path=MODEL, once=True, follow=True,
-                                            skip_preflight=True))
+    request = backend.resolve(
+        LaunchRequest(p, run_dir=tmp_path / "run", model_path=MODEL, once=True, follow=True, skip_preflight=True)
+    )
     launch = prepare_launch(request)
-    echo = {c.name: replace(c, template=(sys.executable, "-m", "widep.bench.echo_server", "--host", "127.0.0.1",
-                                         "--port", str(c.port), "--model", MODEL)) for c in launch.processes}
-    launch = replace(launch, processes=tuple(echo.values()), groups=tuple(
-        replace(g, processes=tuple(echo[c.name] for c in g.processes)) for g in launch.groups))
+    echo = {
+        c.name: replace(
+            c,
+            template=(
+                sys.executable,
+                "-m",
+                "widep.bench.echo_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(c.port),
+                "--model",
+                MODEL,
+            ),
+        )
+        for c in launch.processes
+    }
+    launch = replace(
+        launch,
+        processes=tuple(echo.values()),
+        groups=tuple(replace(g, processes=tuple(echo[c.name] for c in g.processes)) for g in launch.groups),
+    )
     seen: dict = {}
 
     def on_ready() -> int:

@@ -15,11 +15,19 @@ def model_cmd() -> None:
 
 
 @model_cmd.command("build")
-@click.option("--arch", type=click.Choice(ARCHS), default="qwen3_moe", show_default=True,
-              help="Model architecture of the tiny MoE.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder that holds the built models (default $WIDEP_CACHE/models or "
-                   "~/.cache/widep/models).")
+@click.option(
+    "--arch",
+    type=click.Choice(ARCHS),
+    default="qwen3_moe",
+    show_default=True,
+    help="Model architecture of the tiny MoE.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder that holds the built models (default $WIDEP_CACHE/models or ~/.cache/widep/models).",
+)
 def build_cmd(arch: str, cache_dir: Path | None) -> None:
     """Build (or reuse) the tiny MoE and print its directory."""
     click.echo(str(ensure_tiny_moe(arch, cache_dir)))

@@ -59,7 +59,7 @@ _SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
 # Runs inside the target interpreter (any Python >= 3.8): locates (and optionally imports)
 # modules, reads versions from package metadata, and torch's build CUDA from torch/version.py
 # without importing torch. Prints one line prefixed with the marker; imports may print too.
-_PROBE = r'''
+_PROBE = r"""
 import ast, importlib, importlib.util, json, os, sys
 from importlib.machinery import PathFinder
 names = json.loads(sys.argv[1]); do_import = sys.argv[2] == "1"
@@ -136,10 +136,11 @@ try:
 except Exception:
     pass
 if torch_spec is not None and torch_spec.submodule_search_locations:
-    v = read_assignments(os.path.join(list(torch_spec.submodule_search_locations)[0], "version.py"), ("__version__", "cuda"))
+    version_py = os.path.join(list(torch_spec.submodule_search_locations)[0], "version.py")
+    v = read_assignments(version_py, ("__version__", "cuda"))
     result["torch_version"] = v.get("__version__"); result["torch_cuda"] = v.get("cuda")
 sys.stdout.write("\n" + MARK + json.dumps(result) + "\n"); sys.stdout.flush()
-'''
+"""
 _PROBE_MARK = "WIDEP-DOCTOR-PROBE "
 
 
@@ -173,8 +174,13 @@ def _relevant_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
 def _start(argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[str] | str:
     try:
         return subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=dict(env), start_new_session=True,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env),
+            start_new_session=True,
         )
     except OSError as err:
         return f"{argv[0]} could not be started: {err.strerror or err}"
@@ -210,6 +216,7 @@ def _nvml_facts() -> tuple[GpuFacts | None, str]:
     except Exception as err:
         return None, f"NVML did not initialise: {err}"
     try:
+
         def s(v: object) -> str:
             return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -266,14 +273,10 @@ def _gpu_from_smi(
         gpus, driver, cuda = parse_nvidia_smi_xml(out)
     except ET.ParseError as parse_err:
         return None, f"{nvidia_smi} -q -x output could not be parsed: {parse_err}"
-    return GpuFacts(source="nvidia-smi", gpus=gpus, driver_version=driver, cuda_version=cuda), (
-        f"{nvidia_smi}: ok"
-    )
+    return GpuFacts(source="nvidia-smi", gpus=gpus, driver_version=driver, cuda_version=cuda), (f"{nvidia_smi}: ok")
 
 
-def _python_from_probe(
-    requested: str, started: subprocess.Popen[str] | str | None, timeout_s: float
-) -> PythonFacts:
+def _python_from_probe(requested: str, started: subprocess.Popen[str] | str | None, timeout_s: float) -> PythonFacts:
     if started is None:
         return PythonFacts(requested=requested, error=f"{requested} not found (not a file, not on PATH)")
     if isinstance(started, str):
@@ -288,7 +291,7 @@ def _python_from_probe(
             requested=requested,
             error=f"{requested} exited {rc} without a result: {tail[-1] if tail else 'no output'}",
         )
-    data = json.loads(line[len(_PROBE_MARK):])
+    data = json.loads(line[len(_PROBE_MARK) :])
     modules = tuple(
         ModuleFacts(
             name=m["name"],
@@ -325,6 +328,7 @@ def _gather_rdma(sys_root: Path, proc_root: Path, dev_root: Path) -> RdmaFacts:
         for dev in sorted(ib.iterdir()):
             port_dir = dev / "ports"
             for port in sorted(port_dir.iterdir(), key=lambda p: int(p.name) if p.name.isdigit() else 0):
+
                 def field_(name: str, port: Path = port) -> str | None:
                     text = _read(port / name)
                     if text is None:
@@ -606,12 +610,16 @@ def gather_host_facts(
         attempts.append(nvml_note)
     if gpu is None:
         gpu = GpuFacts(source=None)
-    gpu = GpuFacts(
-        gpu.source, gpu.gpus, gpu.driver_version, gpu.cuda_version, tuple(attempts), round(smi_seconds, 3)
-    )
+    gpu = GpuFacts(gpu.source, gpu.gpus, gpu.driver_version, gpu.cuda_version, tuple(attempts), round(smi_seconds, 3))
     py = _python_from_probe(python_req, probe, import_timeout_s if import_modules else timeout_s)
     py = PythonFacts(
-        py.requested, py.executable, py.version, py.modules, py.torch_version, py.torch_cuda, py.error,
+        py.requested,
+        py.executable,
+        py.version,
+        py.modules,
+        py.torch_version,
+        py.torch_cuda,
+        py.error,
         round(time.perf_counter() - t_py, 3),
     )
     return HostFacts(
@@ -629,5 +637,3 @@ def gather_host_facts(
         env=_relevant_env(env),
         gather_seconds=round(time.perf_counter() - t0, 3),
     )
-
-

@@ -52,15 +52,28 @@ def command_line(topology: str, opts: LWSOptions) -> str:
     return " ".join(parts)
 
 
-def generate_text(topology: str, opts: LWSOptions, crd: Path | None = None, *,
-                  shown_as: str | None = None, regenerate: str | None = None) -> tuple[str, list, int]:
+def generate_text(
+    topology: str,
+    opts: LWSOptions,
+    crd: Path | None = None,
+    *,
+    shown_as: str | None = None,
+    regenerate: str | None = None,
+) -> tuple[str, list, int]:
     """Plan TOPOLOGY, render its manifests and validate them: (YAML text, notes, object count)."""
     text, notes, count, _ = generate(topology, opts, crd, shown_as=shown_as, regenerate=regenerate)
     return text, notes, count
 
 
-def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_as: str | None = None,
-             regenerate: str | None = None, manifests_name: str = "the manifests") -> tuple[str, list, int, str | None]:
+def generate(
+    topology: str,
+    opts: LWSOptions,
+    crd: Path | None = None,
+    *,
+    shown_as: str | None = None,
+    regenerate: str | None = None,
+    manifests_name: str = "the manifests",
+) -> tuple[str, list, int, str | None]:
     """Plan TOPOLOGY, render its manifests and validate them: (YAML text, notes, object count, the llm-d
     router chart values as YAML text or None when the front door is not llm-d's).
 
@@ -80,8 +93,15 @@ def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_
 
     p = make_plan(load_topology(topology))
     docs = render_lws(p, **{f: getattr(opts, f) for f in opts.__dataclass_fields__})
-    header = header_lines(p, command_line(shown_as or topology, opts), regenerate,
-                          image=opts.image, model_path=opts.model_path, docs=docs, opts=opts)
+    header = header_lines(
+        p,
+        command_line(shown_as or topology, opts),
+        regenerate,
+        image=opts.image,
+        model_path=opts.model_path,
+        docs=docs,
+        opts=opts,
+    )
     text = dump_manifests(docs, header)
     _, problems = v.validate_text(text, crd if crd is not None else v.default_crd_path())
     failing = [pr for pr in problems if pr.failing]
@@ -89,13 +109,15 @@ def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_
     values_text = None
     if values is not None:
         pool = next(d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == p.name)
-        failing += [v.Problem(0, "router values", "", "", m, "router-values")
-                    for m in check_router_values(values, pool)]
+        failing += [
+            v.Problem(0, "router values", "", "", m, "router-values") for m in check_router_values(values, pool)
+        ]
         values_text = router_values_text(p, values, manifests_name)
     if failing:
         lines = "\n  ".join(pr.format("generated") for pr in failing)
         raise UserError(
-            f"widep generated manifests for {topology} that its validator rejects (a widep bug; nothing was written):\n  {lines}",
+            f"widep generated manifests for {topology} that its validator rejects (a widep bug; "
+            f"nothing was written):\n  {lines}",
             exit_code=1,
         )
     return text, [pr for pr in problems if not pr.failing], len(docs), values_text

@@ -42,7 +42,9 @@ def router_url(p: DeploymentPlan) -> str | None:
     return f"http://{p.nodes[p.router.node].host}:{p.router.port}"
 
 
-def endpoints_for_topology(path: str | Path, role: str | None = None, *, via_router: bool = True) -> tuple[list[str], int, str]:
+def endpoints_for_topology(
+    path: str | Path, role: str | None = None, *, via_router: bool = True
+) -> tuple[list[str], int, str]:
     """(HTTP base URLs clients should use, GPUs behind them, model name) of a topology file.
 
     With a router (and ``via_router``), the one URL is the router's: what clients really get. Otherwise

@@ -91,11 +91,17 @@ class BareMetal(BackendBase):
             self.router = RouterRunner(self, launch.router)
         if not mine and self.router is None:
             raise UserError(f"--node: node {me} ({p.nodes[me].name}) runs no rank of {p.name}.")
-        self.console.print(f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(local)} process(es), "
-                           f"run dir {launch.run_dir}", markup=False)
+        self.console.print(
+            f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(local)} process(es), "
+            f"run dir {launch.run_dir}",
+            markup=False,
+        )
         launch.run_dir.mkdir(parents=True, exist_ok=True)
-        self.console.print(f"run {launch.run_id}: node {me} ({p.nodes[me].name}), groups "
-                           f"{', '.join(g.label for g in mine)}, logs under {launch.run_dir}", markup=False)
+        self.console.print(
+            f"run {launch.run_id}: node {me} ({p.nodes[me].name}), groups "
+            f"{', '.join(g.label for g in mine)}, logs under {launch.run_dir}",
+            markup=False,
+        )
         owned = [g for g in mine if g.leader_node == me]
         self.following = [FollowerGroup(self, g) for g in mine if g.leader_node != me]
         for g in owned:
@@ -109,6 +115,7 @@ class BareMetal(BackendBase):
         def state() -> dict:
             status = self.statuses.get(key_of(group), GroupStatus())
             return {"group": group.label, "leader": self.launch.plan.nodes[group.leader_node].name} | status.as_dict()
+
         return state
 
     # ------------------------------------------------------------------ attempts
@@ -118,8 +125,12 @@ class BareMetal(BackendBase):
         req = self.launch.request
         local = group.on_node(self.node)
         self.attempt[k] = attempt
-        self.procs[k] = [start_rank(c, self.launch.run_dir, attempt, resolve_env(c, self.base_env), self.launch.run_id,
-                                    req.stop_timeout_s) for c in local]
+        self.procs[k] = [
+            start_rank(
+                c, self.launch.run_dir, attempt, resolve_env(c, self.base_env), self.launch.run_id, req.stop_timeout_s
+            )
+            for c in local
+        ]
         self.next_probe[k] = 0.0
         if not local:
             return ""
@@ -160,7 +171,9 @@ class BareMetal(BackendBase):
             return Poll(complete=False, lines=lines)
         interval = self.launch.request.probe_interval_s
         self.next_probe[k] = now + interval
-        health = {c.name: probe(host, port, timeout=min(2.0, interval * 2))[0] for c, host, port in self.endpoints(group)}
+        health = {
+            c.name: probe(host, port, timeout=min(2.0, interval * 2))[0] for c, host, port in self.endpoints(group)
+        }
         return Poll(health=health, lines=lines)
 
     def endpoints(self, group: Group) -> list[Endpoint]:
@@ -254,11 +267,23 @@ class FollowerGroup:
         if self.status.attempt in self.reported:
             return
         self.reported.add(self.status.attempt)
-        self.console.print(f"[bold red]{self.tag} {escape(f.describe())}[/]; reporting to the group leader", highlight=False)
+        self.console.print(
+            f"[bold red]{self.tag} {escape(f.describe())}[/]; reporting to the group leader", highlight=False
+        )
         try:
-            http_json(self.leader_host, self.group.control_port, "POST", "/fail",
-                      {"attempt": self.status.attempt, "rank": f.rank, "node": f.node, "reason": f.reason,
-                       "log_tail": list(f.log_tail)})
+            http_json(
+                self.leader_host,
+                self.group.control_port,
+                "POST",
+                "/fail",
+                {
+                    "attempt": self.status.attempt,
+                    "rank": f.rank,
+                    "node": f.node,
+                    "reason": f.reason,
+                    "log_tail": list(f.log_tail),
+                },
+            )
         except (OSError, ValueError) as err:
             self.console.print(f"{self.tag} could not reach the leader ({escape(str(err))}); tearing down local ranks")
         self.stop()
@@ -285,12 +310,17 @@ class FollowerGroup:
             s = None
         running = self.backend.running(self.group)
         if s is None:
-            limit = (self.request.leader_wait_s if self.status.state == GroupState.STARTING and not running
-                     else self.request.unhealthy_grace_s)
+            limit = (
+                self.request.leader_wait_s
+                if self.status.state == GroupState.STARTING and not running
+                else self.request.unhealthy_grace_s
+            )
             if now - self.last_leader_ok > limit:
-                self.console.print(f"[bold red]{self.tag} lost the group leader {self.leader_name} "
-                                   f"({self.leader_host}:{self.group.control_port}) for {now - self.last_leader_ok:.0f} s[/]; "
-                                   "stopping local ranks")
+                self.console.print(
+                    f"[bold red]{self.tag} lost the group leader {self.leader_name} "
+                    f"({self.leader_host}:{self.group.control_port}) for {now - self.last_leader_ok:.0f} s[/]; "
+                    "stopping local ranks"
+                )
                 self.stop()
                 self.exit_code = 1
             return False
@@ -299,11 +329,15 @@ class FollowerGroup:
             self.stop()
             if state == GroupState.FAILED:
                 fl = s.get("failure") or {}
-                self.console.print(f"[bold red]{self.tag} the group failed[/]: {fl.get('rank')} on {fl.get('node')}: "
-                                   f"{escape(str(fl.get('reason')))}")
+                self.console.print(
+                    f"[bold red]{self.tag} the group failed[/]: {fl.get('rank')} on {fl.get('node')}: "
+                    f"{escape(str(fl.get('reason')))}"
+                )
             self.exit_code = 1 if state == GroupState.FAILED else 0
             return False
-        if attempt != self.status.attempt or (not running and state == GroupState.STARTING and attempt not in self.reported):
+        if attempt != self.status.attempt or (
+            not running and state == GroupState.STARTING and attempt not in self.reported
+        ):
             if running:
                 self.console.print(f"{self.tag} leader moved to attempt {attempt}: restarting local ranks in step")
                 self.stop()
@@ -329,9 +363,11 @@ def router_executable(name: str) -> str:
     """The router command as a path: on PATH, else beside this interpreter (a venv's bin/, not activated)."""
     found = shutil.which(name) or shutil.which(name, path=os.path.dirname(sys.executable))
     if not found:
-        raise UserError(f"router.command: {name!r} is not on PATH nor beside {sys.executable}. "
-                        "Install it (pip install 'widep[router]', i.e. vllm-router) or set router.command to its path. "
-                        "Nothing was started.")
+        raise UserError(
+            f"router.command: {name!r} is not on PATH nor beside {sys.executable}. "
+            "Install it (pip install 'widep[router]', i.e. vllm-router) or set router.command to its path. "
+            "Nothing was started."
+        )
     return found
 
 
@@ -368,28 +404,42 @@ class RouterRunner:
                 self.proc = None
                 self.healthy = False
                 if self.failures_in_a_row >= ROUTER_MAX_FAILED_STARTS:
-                    self.console.print(f"[bold red]\\[router] failed {self.failures_in_a_row} starts in a row without becoming "
-                                       f"healthy[/] ({signal_name(code)}):\n    {escape(last)}", highlight=False)
+                    self.console.print(
+                        f"[bold red]\\[router] failed {self.failures_in_a_row} starts in a row without becoming "
+                        f"healthy[/] ({signal_name(code)}):\n    {escape(last)}",
+                        highlight=False,
+                    )
                     self.exit_code = 1
                     return
-                self.console.print(f"[bold red]\\[router][/] {signal_name(code)}; restarting it in 2 s\n    {escape(last)}",
-                                   highlight=False)
+                self.console.print(
+                    f"[bold red]\\[router][/] {signal_name(code)}; restarting it in 2 s\n    {escape(last)}",
+                    highlight=False,
+                )
                 self.restart_at = now + 2.0
             elif not self.healthy and now >= self.next_probe:
                 self.next_probe = now + interval
                 if probe(self.host, self.cmd.port or 0)[0] == "healthy":
                     self.healthy = True
                     self.failures_in_a_row = 0
-                    self.console.print(f"\\[router] ready: http://{self.host}:{self.cmd.port} fronts {len(self.fronted)} "
-                                       f"API server(s) ({self.launch.plan.spec.router.policy})", highlight=False)
+                    self.console.print(
+                        f"\\[router] ready: http://{self.host}:{self.cmd.port} fronts {len(self.fronted)} "
+                        f"API server(s) ({self.launch.plan.spec.router.policy})",
+                        highlight=False,
+                    )
             return
         if now < max(self.restart_at, self.next_probe):
             return
         self.next_probe = now + interval
         if not all(probe(h, p, timeout=2.0)[0] == "healthy" for _, h, p in self.fronted):
             return
-        self.proc = start_rank(self.cmd, Path(self.launch.run_dir), self.starts,
-                               resolve_env(self.cmd, self.backend.base_env), self.launch.run_id, self.grace_s)
+        self.proc = start_rank(
+            self.cmd,
+            Path(self.launch.run_dir),
+            self.starts,
+            resolve_env(self.cmd, self.backend.base_env),
+            self.launch.run_id,
+            self.grace_s,
+        )
         self.starts += 1
         self.console.print(f"\\[router] started (start {self.starts}) on port {self.cmd.port}", highlight=False)
 

@@ -68,8 +68,12 @@ def smoke_completion(launch: Launch, door: Endpoint, max_tokens: int = 16) -> in
     """Send one completion to ``door`` and print it (the demo's last step); 0 when it answered."""
     p = launch.plan
     role, host, port = door.process.role, door.host, door.port
-    body = {"model": p.spec.model.served_model_name or launch.model, "prompt": launch.request.prompt,
-            "max_tokens": max_tokens, "temperature": 0}
+    body = {
+        "model": p.spec.model.served_model_name or launch.model,
+        "prompt": launch.request.prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     t = time.perf_counter()
     try:
         r = http_json(host, port, "POST", "/v1/completions", body, timeout=120)
@@ -78,8 +82,10 @@ def smoke_completion(launch: Launch, door: Endpoint, max_tokens: int = 16) -> in
         return 1
     dt = time.perf_counter() - t
     usage = r.get("usage", {})
-    click.echo(f"\ncompletion from {role} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
-               f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):")
+    click.echo(
+        f"\ncompletion from {role} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
+        f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):"
+    )
     click.echo(f"  prompt: {launch.request.prompt!r}")
     click.echo(f"  text:   {r['choices'][0]['text']!r}")
     if p.arch.builtin:

@@ -119,7 +119,23 @@ def render_launch(request: LaunchRequest, context: RenderContext, run_id: str) -
     groups = []
     for rp in p.roles:
         for g in range(rp.spec.replicas):
-            groups.append(Group(rp.name, g, rp.name + (f"#{g}" if rp.spec.replicas > 1 else ""), rp.group_nodes[g],
-                                tuple(c for c in processes if c.role == rp.name and c.replica == g), rp.control_port))
-    return Launch(request, run_id, request.run_dir, context, model_path(p, context.model_path), processes,
-                  render_router(p, context), tuple(groups))
+            groups.append(
+                Group(
+                    rp.name,
+                    g,
+                    rp.name + (f"#{g}" if rp.spec.replicas > 1 else ""),
+                    rp.group_nodes[g],
+                    tuple(c for c in processes if c.role == rp.name and c.replica == g),
+                    rp.control_port,
+                )
+            )
+    return Launch(
+        request,
+        run_id,
+        request.run_dir,
+        context,
+        model_path(p, context.model_path),
+        processes,
+        render_router(p, context),
+        tuple(groups),
+    )

@@ -6,7 +6,8 @@ Placement: one placement group for the deployment, ``STRICT_SPREAD``, with one b
 topologies ``{"widep_slot": gpus_per_node}`` (a custom resource standing in for GPUs: start CPU nodes with
 ``ray start --resources '{"widep_slot": N}'``). Plan node n's ranks run in bundle n, so rank <-> node <-> GPU is the
 plan's; only the addresses come from Ray: where Ray placed each bundle gives the node's IP, which the renderer
-binds into the rendered commands (``--host``, ``--data-parallel-address``, NIXL side channels). On a lost node Ray moves that bundle to another node with the resources, if there is one.
+binds into the rendered commands (``--host``, ``--data-parallel-address``, NIXL side channels). On a lost node Ray
+moves that bundle to another node with the resources, if there is one.
 
 Processes: one :class:`NodeAgent` actor per bundle starts its node's rendered vLLM commands through the guard
 (:func:`widep.run.procs.start_rank`), so when the actor dies, however it dies, the guard takes the rank's whole
@@ -87,7 +88,9 @@ def bundle_resources(plan: DeploymentPlan) -> dict[str, float]:
 def readdressed(plan: DeploymentPlan, addresses: dict[int, str]) -> DeploymentPlan:
     """The plan with node ``i``'s address replaced by ``addresses[i]`` (where Ray placed it); for the doctor's
     port checks and the smoke completion, which read addresses from the plan."""
-    nodes = tuple(n.model_copy(update={"address": addresses[i]}) if i in addresses else n for i, n in enumerate(plan.nodes))
+    nodes = tuple(
+        n.model_copy(update={"address": addresses[i]}) if i in addresses else n for i, n in enumerate(plan.nodes)
+    )
     return replace(plan, nodes=nodes)
 
 
@@ -113,8 +116,10 @@ def secrets_for(cmds: list[ProcessCommand], env: dict[str, str]) -> dict[str, st
         for k, v in c.env:
             if isinstance(v, EnvRef):
                 if v.name not in env:
-                    raise UserError(f"{k}: the topology passes it by reference from ${v.name}, which is not set where "
-                                    "`widep launch --backend ray` runs (the driver passes it to the nodes). Set it and run again.")
+                    raise UserError(
+                        f"{k}: the topology passes it by reference from ${v.name}, which is not set where "
+                        "`widep launch --backend ray` runs (the driver passes it to the nodes). Set it and run again."
+                    )
                 out[v.name] = env[v.name]
     return out
 
@@ -127,15 +132,21 @@ def placement_problem(plan: DeploymentPlan, nodes: list[dict[str, Any]], needed:
         return None
     res = ", ".join(f"{k}: {v:g}" for k, v in want.items())
     alive = [n for n in nodes if n.get("Alive")]
+
     def res_of(n: dict[str, Any]) -> str:
         r = n.get("Resources", {})
         return ", ".join(f"{k}: {r.get(k, 0):g}" for k in want)
 
     have = "; ".join(f"{n.get('NodeManagerAddress')} ({res_of(n)})" for n in alive) or "none"
-    hint = (f"start CPU nodes with `ray start --resources '{{\"{SLOT_RESOURCE}\": {int(want[SLOT_RESOURCE])}}}'`"
-            if SLOT_RESOURCE in want else "add GPU nodes (`ray start --address HEAD:6379 --num-gpus N`)")
-    return (f"{plan.name} needs {needed} Ray node(s) with {{{res}}} each, one per plan node (STRICT_SPREAD), but the "
-            f"cluster has {len(fits)}. Alive nodes: {have}. Valid: at least {needed} such node(s); {hint}.")
+    hint = (
+        f"start CPU nodes with `ray start --resources '{{\"{SLOT_RESOURCE}\": {int(want[SLOT_RESOURCE])}}}'`"
+        if SLOT_RESOURCE in want
+        else "add GPU nodes (`ray start --address HEAD:6379 --num-gpus N`)"
+    )
+    return (
+        f"{plan.name} needs {needed} Ray node(s) with {{{res}}} each, one per plan node (STRICT_SPREAD), but the "
+        f"cluster has {len(fits)}. Alive nodes: {have}. Valid: at least {needed} such node(s); {hint}."
+    )
 
 
 # --------------------------------------------------------------------------------------------- the node agent
@@ -174,10 +185,17 @@ class NodeAgent:
             gpu_ids = [str(i) for i in ray.get_gpu_ids()]
         except Exception:  # noqa: BLE001 - no accelerator manager on this node
             gpu_ids = []
-        return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
-                "hostname": socket.gethostname(), "pid": os.getpid(), "gpu_ids": gpu_ids}
+        return {
+            "ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": gpu_ids,
+        }
 
-    def problems_before_start(self, plan: DeploymentPlan, node: int, model: str, cmds: list[ProcessCommand]) -> list[str]:
+    def problems_before_start(
+        self, plan: DeploymentPlan, node: int, model: str, cmds: list[ProcessCommand]
+    ) -> list[str]:
         """The bare-metal checks on this node (model, entry point, the doctor's checks); problems as text."""
         try:
             check_before_start(plan, cmds, node, model)
@@ -196,7 +214,9 @@ class NodeAgent:
         for c in cmds:
             if gpu_ids:
                 c = c.at(devices=tuple(map_visible_devices(",".join(map(str, c.gpus)), gpu_ids).split(",")))
-            self.procs.append(start_rank(c, self.run_dir, attempt, resolve_env(c, base), self.run_id, self.stop_timeout_s))
+            self.procs.append(
+                start_rank(c, self.run_dir, attempt, resolve_env(c, base), self.run_id, self.stop_timeout_s)
+            )
             if c.health_port:
                 self.probes[c.name] = (c.host or "127.0.0.1", c.health_port)
         return [p.proc.pid for p in self.procs]
@@ -206,8 +226,13 @@ class NodeAgent:
         out = []
         for p in self.procs:
             code = p.poll()
-            row: dict[str, Any] = {"name": p.name, "exit": code, "tail": list(tail(p.log)) if code is not None else [],
-                                   "health": None, "lines": p.new_lines() if follow else []}
+            row: dict[str, Any] = {
+                "name": p.name,
+                "exit": code,
+                "tail": list(tail(p.log)) if code is not None else [],
+                "health": None,
+                "lines": p.new_lines() if follow else [],
+            }
             if code is None and p.name in self.probes:
                 host, port = self.probes[p.name]
                 row["health"] = probe("127.0.0.1" if host == "0.0.0.0" else host, port, timeout=2.0)[0]
@@ -265,9 +290,11 @@ class RayBackend(BackendBase):
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
         p = request.plan
         if p.router is not None:
-            raise UserError(f"router: the Ray backend does not start the router of {p.name} yet. Given: router enabled. "
-                            "Valid with --backend ray: router disabled (start the router with `widep launch --node N` "
-                            "on its node).")
+            raise UserError(
+                f"router: the Ray backend does not start the router of {p.name} yet. Given: router enabled. "
+                "Valid with --backend ray: router disabled (start the router with `widep launch --node N` "
+                "on its node)."
+            )
         return replace(request, run_dir=(request.run_dir or default_run_dir(p, "ray")).resolve())
 
     def dry_run(self, launch: Launch) -> DryRun:
@@ -275,12 +302,24 @@ class RayBackend(BackendBase):
         rows = []
         for i, n in enumerate(bundle_nodes(p)):
             ranks = [r for rp in p.roles for r in rp.ranks if r.node == n]
-            rows.append((str(i), json.dumps(bundle_resources(p)), p.nodes[n].name,
-                         ", ".join(f"{r.role}/{r.dp_rank} (gpus {','.join(map(str, r.gpus))})" for r in ranks)))
-        table = DryRunTable("Ray placement: one placement group, STRICT_SPREAD, one whole-node bundle per plan node",
-                            ("bundle", "resources", "plan node", "ranks"), tuple(rows))
-        return DryRun("commands (addresses shown are the topology's; Ray's placement replaces them at launch)",
-                      launch.processes, (table,))
+            rows.append(
+                (
+                    str(i),
+                    json.dumps(bundle_resources(p)),
+                    p.nodes[n].name,
+                    ", ".join(f"{r.role}/{r.dp_rank} (gpus {','.join(map(str, r.gpus))})" for r in ranks),
+                )
+            )
+        table = DryRunTable(
+            "Ray placement: one placement group, STRICT_SPREAD, one whole-node bundle per plan node",
+            ("bundle", "resources", "plan node", "ranks"),
+            tuple(rows),
+        )
+        return DryRun(
+            "commands (addresses shown are the topology's; Ray's placement replaces them at launch)",
+            launch.processes,
+            (table,),
+        )
 
     def prepare(self, launch: Launch) -> list[Group]:
         self.launch = launch
@@ -292,40 +331,50 @@ class RayBackend(BackendBase):
         try:
             info = ray.init(address=addr, log_to_driver=False, logging_level=logging.WARNING, namespace="widep")
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"--address: cannot connect to a Ray cluster at {addr!r} ({_short(err)}). Start one "
-                            "(`ray start --head` on the head node, `ray start --address HEAD:6379` on the others) and give "
-                            "--address auto or HOST:PORT.") from None
+            raise UserError(
+                f"--address: cannot connect to a Ray cluster at {addr!r} ({_short(err)}). Start one "
+                "(`ray start --head` on the head node, `ray start --address HEAD:6379` on the others) and give "
+                "--address auto or HOST:PORT."
+            ) from None
         from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
         self.ray, self.ray_errors = ray, (RayActorError, RayError, GetTimeoutError)
         gcs = getattr(info, "address_info", {}).get("gcs_address", addr)
-        self.console.print(f"widep launch {p.name} on Ray {ray.__version__} at {gcs} "
-                           f"(connected in {time.monotonic() - t:.1f} s), run dir {launch.run_dir}")
+        self.console.print(
+            f"widep launch {p.name} on Ray {ray.__version__} at {gcs} "
+            f"(connected in {time.monotonic() - t:.1f} s), run dir {launch.run_dir}"
+        )
         self.bundles = bundle_nodes(p)
         self.bundle_of = {n: i for i, n in enumerate(self.bundles)}
         self.agent_cls = ray.remote(NodeAgent)
         t0 = time.monotonic()
         self.create_placement_group()
         launch.run_dir.mkdir(parents=True, exist_ok=True)
-        self.console.print(f"run {launch.run_id}: {p.name} on Ray, {len(self.bundles)} bundle(s) of {bundle_resources(p)} "
-                           f"(STRICT_SPREAD), groups {', '.join(g.label for g in launch.groups)}, "
-                           f"logs under {launch.run_dir} on each node")
+        self.console.print(
+            f"run {launch.run_id}: {p.name} on Ray, {len(self.bundles)} bundle(s) of {bundle_resources(p)} "
+            f"(STRICT_SPREAD), groups {', '.join(g.label for g in launch.groups)}, "
+            f"logs under {launch.run_dir} on each node"
+        )
         problem = self.wait_placed(tuple(self.bundles))
         if problem:
             raise UserError(f"--backend ray: {problem}. Nothing was started.", exit_code=1)
         try:
             self.ensure_agents(tuple(self.bundles))
         except self.ray_errors as err:
-            raise UserError(f"--backend ray: the node agents did not start ({_short(err)}). Every Ray node needs widep "
-                            f"installed for the Python that runs `ray start` ({INSTALL_HINT}). Nothing was started.",
-                            exit_code=1) from None
+            raise UserError(
+                f"--backend ray: the node agents did not start ({_short(err)}). Every Ray node needs widep "
+                f"installed for the Python that runs `ray start` ({INSTALL_HINT}). Nothing was started.",
+                exit_code=1,
+            ) from None
         self.console.print(placement_table(self))
         self.console.print(f"placed in {time.monotonic() - t0:.1f} s")
         placed = [c.at(node_address=self.agent_info[c.node]["ip"]) for c in launch.processes]
         problems = [] if req.skip_preflight else self.check_nodes(list(self.bundles), placed)
         if problems:
-            raise UserError("refusing to start, nothing was started (preflight on the Ray nodes, see `widep doctor`):\n  "
-                            + "\n  ".join(problems))
+            raise UserError(
+                "refusing to start, nothing was started (preflight on the Ray nodes, see `widep doctor`):\n  "
+                + "\n  ".join(problems)
+            )
         return list(launch.groups)
 
     # ------------------------------------------------------------------ placement
@@ -336,8 +385,11 @@ class RayBackend(BackendBase):
         problem = placement_problem(p, self.ray.nodes(), len(self.bundles))
         if problem:
             raise UserError(f"--backend ray: cannot place {problem} Nothing was started.")
-        self.pg = placement_group([bundle_resources(p)] * len(self.bundles), strategy="STRICT_SPREAD",
-                                  name=f"widep-{p.name}-{self.launch.run_id}")
+        self.pg = placement_group(
+            [bundle_resources(p)] * len(self.bundles),
+            strategy="STRICT_SPREAD",
+            name=f"widep-{p.name}-{self.launch.run_id}",
+        )
 
     def _bundle_node_ids(self) -> tuple[str, dict[int, str]]:
         from ray.util.placement_group import placement_group_table
@@ -362,12 +414,15 @@ class RayBackend(BackendBase):
             if problem and waited > 5:  # a few seconds for Ray to notice nodes that just (re)joined
                 return f"cannot place the deployment again: {problem}"
             if waited > self.launch.request.placement_timeout_s or self.stop_requested():
-                return (f"placement group not placed in {waited:.0f} s (state {state}): {len(self.bundles)} bundle(s) of "
-                        f"{bundle_resources(p)} on distinct nodes; the cluster's free resources do not fit them")
+                return (
+                    f"placement group not placed in {waited:.0f} s (state {state}): {len(self.bundles)} bundle(s) of "
+                    f"{bundle_resources(p)} on distinct nodes; the cluster's free resources do not fit them"
+                )
             if not announced and waited > 2:
                 announced = True
-                self.console.print(f"waiting for Ray to place {len(self.bundles)} bundle(s) of {bundle_resources(p)} "
-                                   f"(state {state})")
+                self.console.print(
+                    f"waiting for Ray to place {len(self.bundles)} bundle(s) of {bundle_resources(p)} (state {state})"
+                )
             time.sleep(0.2)
 
     def node_lost(self, node: int, wait_s: float = 5.0) -> str | None:
@@ -403,22 +458,27 @@ class RayBackend(BackendBase):
                     self._kill(n)
             res = bundle_resources(self.launch.plan)
             opts: dict[str, Any] = {
-                "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0,
+                "num_cpus": 0,
+                "max_restarts": 0,
+                "max_task_retries": 0,
                 "name": f"widep-{self.launch.run_id}-{self.bundle_of[n]}",
                 # Ray SIGKILLs a dying worker's children by default: the guard would die
                 # without stopping its rank. Off, the guard gets SIGTERM (PDEATHSIG) instead.
                 "runtime_env": {"env_vars": {"RAY_kill_child_processes_on_worker_exit": "false"}},
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg,
-                                                                        placement_group_bundle_index=self.bundle_of[n])}
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=self.bundle_of[n]
+                ),
+            }
             if "GPU" in res:
                 opts["num_gpus"] = res["GPU"]
             else:
                 opts["resources"] = res
-            self.agents[n] = self.agent_cls.options(**opts).remote(self.launch.run_id, str(self.launch.run_dir),
-                                                                   req.stop_timeout_s)
+            self.agents[n] = self.agent_cls.options(**opts).remote(
+                self.launch.run_id, str(self.launch.run_dir), req.stop_timeout_s
+            )
             new.append(n)
         infos = self.ray.get([self.agents[n].info.remote() for n in new], timeout=req.placement_timeout_s)
-        for n, info in zip(new, infos):
+        for n, info in zip(new, infos, strict=True):
             self.agent_info[n] = info
         return new
 
@@ -426,10 +486,12 @@ class RayBackend(BackendBase):
         """Every node agent of ``nodes`` runs the checks on its node; the problems, named by node."""
         addrs = {n: self.agent_info[n]["ip"] for n in self.agent_info}
         plan = readdressed(self.launch.plan, addrs)
-        refs = [self.agents[n].problems_before_start.remote(plan, n, self.launch.model, [c for c in cmds if c.node == n])
-                for n in nodes]
+        refs = [
+            self.agents[n].problems_before_start.remote(plan, n, self.launch.model, [c for c in cmds if c.node == n])
+            for n in nodes
+        ]
         out = []
-        for n, problems in zip(nodes, self.ray.get(refs, timeout=120)):
+        for n, problems in zip(nodes, self.ray.get(refs, timeout=120), strict=True):
             out += [f"{self.launch.plan.nodes[n].name} @ {addrs[n]}: {p}" for p in problems]
         return out
 
@@ -441,8 +503,9 @@ class RayBackend(BackendBase):
                 refs[self.agents[n].stop.remote()] = n
         if not refs:
             return
-        ready, not_ready = self.ray.wait(list(refs), num_returns=len(refs),
-                                         timeout=self.launch.request.stop_timeout_s + 15)
+        ready, not_ready = self.ray.wait(
+            list(refs), num_returns=len(refs), timeout=self.launch.request.stop_timeout_s + 15
+        )
         for r in ready:
             try:
                 self.ray.get(r)
@@ -485,7 +548,9 @@ class RayBackend(BackendBase):
             problems = self.check_nodes(new, list(cmds))
             if problems:
                 raise StartFailed("preflight refused: " + " | ".join(problems))
-        refs = [self.agents[n].start.remote(attempt, [c for c in cmds if c.node == n], self.secrets) for n in group.nodes]
+        refs = [
+            self.agents[n].start.remote(attempt, [c for c in cmds if c.node == n], self.secrets) for n in group.nodes
+        ]
         try:
             self.ray.get(refs, timeout=60)
         except self.ray_errors as err:
@@ -527,19 +592,32 @@ class RayBackend(BackendBase):
             if res is None:
                 silent = now - self.last_answer.get(k, {}).get(node, now)
                 if silent > req.unhealthy_grace_s:
-                    failures.append(Failure(group.label, self.node_label(group, node),
-                                            f"node agent did not answer for {silent:.0f} s", now))
+                    failures.append(
+                        Failure(
+                            group.label,
+                            self.node_label(group, node),
+                            f"node agent did not answer for {silent:.0f} s",
+                            now,
+                        )
+                    )
                 continue
             self.last_answer.setdefault(k, {})[node] = now
             for row in res:
                 lines += [(row["name"], line) for line in row["lines"]]
                 if row["exit"] is not None:
-                    failures.append(Failure(row["name"], self.node_label(group, node), signal_name(row["exit"]), now,
-                                            tuple(row["tail"])))
+                    failures.append(
+                        Failure(
+                            row["name"], self.node_label(group, node), signal_name(row["exit"]), now, tuple(row["tail"])
+                        )
+                    )
                 elif row["health"] is not None:
                     health[row["name"]] = row["health"]
-        return Poll(failures=tuple(failures), health=health, complete=all(r is not None for r in results.values()),
-                    lines=tuple(lines))
+        return Poll(
+            failures=tuple(failures),
+            health=health,
+            complete=all(r is not None for r in results.values()),
+            lines=tuple(lines),
+        )
 
     def endpoints(self, group: Group) -> list[Endpoint]:
         return [Endpoint(c, c.node_address, c.health_port) for c in self.cmds.get(key_of(group), ()) if c.health_port]
@@ -554,16 +632,36 @@ class RayBackend(BackendBase):
 
     def write_placement(self) -> None:
         p = self.launch.plan
-        doc = {"run_id": self.launch.run_id, "plan": p.name, "bundles": [
-            {"bundle": i, "plan_node": n, "plan_node_name": p.nodes[n].name, "resources": bundle_resources(p),
-             **({k: self.agent_info[n][k] for k in ("ip", "node_id", "hostname", "pid", "gpu_ids")}
-                if n in self.agent_info else {})}
-            for i, n in enumerate(self.bundles)],
-            "groups": [{"group": g.label, "attempt": self.statuses.get(key_of(g), GroupStatus()).attempt,
-                        "state": self.statuses.get(key_of(g), GroupStatus()).state.value,
-                        "ranks": [{"name": c.name, "node": c.node, "ip": c.node_address, "port": c.port}
-                                  for c in self.cmds.get(key_of(g), ())]}
-                       for g in self.launch.groups]}
+        doc = {
+            "run_id": self.launch.run_id,
+            "plan": p.name,
+            "bundles": [
+                {
+                    "bundle": i,
+                    "plan_node": n,
+                    "plan_node_name": p.nodes[n].name,
+                    "resources": bundle_resources(p),
+                    **(
+                        {k: self.agent_info[n][k] for k in ("ip", "node_id", "hostname", "pid", "gpu_ids")}
+                        if n in self.agent_info
+                        else {}
+                    ),
+                }
+                for i, n in enumerate(self.bundles)
+            ],
+            "groups": [
+                {
+                    "group": g.label,
+                    "attempt": self.statuses.get(key_of(g), GroupStatus()).attempt,
+                    "state": self.statuses.get(key_of(g), GroupStatus()).state.value,
+                    "ranks": [
+                        {"name": c.name, "node": c.node, "ip": c.node_address, "port": c.port}
+                        for c in self.cmds.get(key_of(g), ())
+                    ],
+                }
+                for g in self.launch.groups
+            ],
+        }
         self.launch.run_dir.mkdir(parents=True, exist_ok=True)
         (self.launch.run_dir / "placement.json").write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -598,8 +696,13 @@ def placement_table(backend: RayBackend) -> Table:
         info = backend.agent_info.get(n, {})
         grp = next((g for g in backend.launch.groups if n in g.nodes), None)
         ranks = [r for rp in p.roles for r in rp.ranks if r.node == n]
-        t.add_row(str(i), p.nodes[n].name, grp.label if grp else "-",
-                  ",".join(f"{r.role}/{r.dp_rank}" for r in ranks),
-                  f"{info.get('hostname', '?')} ({str(info.get('node_id', '?'))[:8]})",
-                  info.get("ip", "?"), ",".join(info.get("gpu_ids", [])) or "-")
+        t.add_row(
+            str(i),
+            p.nodes[n].name,
+            grp.label if grp else "-",
+            ",".join(f"{r.role}/{r.dp_rank}" for r in ranks),
+            f"{info.get('hostname', '?')} ({str(info.get('node_id', '?'))[:8]})",
+            info.get("ip", "?"),
+            ",".join(info.get("gpu_ids", [])) or "-",
+        )
     return t

@@ -80,10 +80,13 @@ class SupervisedGroup:
         status, d = self.status.on_failure(f, self.status.attempt, self.request.policy)
         self.set_status(status)
         if d.action == "restart":
-            self.console.print(f"[bold red]{self.tag} attempt {self.status.attempt} failed[/]: {escape(f.describe())}",
-                               highlight=False)
-            self.console.print(f"{self.tag} tearing the group down on every node; restart in {d.backoff_s:.0f} s "
-                               f"({self.request.policy.max_restarts - self.status.restarts} restart(s) left)")
+            self.console.print(
+                f"[bold red]{self.tag} attempt {self.status.attempt} failed[/]: {escape(f.describe())}", highlight=False
+            )
+            self.console.print(
+                f"{self.tag} tearing the group down on every node; restart in {d.backoff_s:.0f} s "
+                f"({self.request.policy.max_restarts - self.status.restarts} restart(s) left)"
+            )
             self.stop()
             self.restart_at = time.monotonic() + d.backoff_s
         elif d.action == "fail":
@@ -117,8 +120,16 @@ class SupervisedGroup:
         if not poll.complete:
             return
         endpoints = self.endpoints()
-        v = judge_health(st, [e.process.name for e in endpoints], self.health, self.unhealthy_since,
-                         self.attempt_started, now, self.request.ready_timeout, self.request.unhealthy_grace_s)
+        v = judge_health(
+            st,
+            [e.process.name for e in endpoints],
+            self.health,
+            self.unhealthy_since,
+            self.attempt_started,
+            now,
+            self.request.ready_timeout,
+            self.request.unhealthy_grace_s,
+        )
         if v.all_healthy:
             self.set_status(self.status.on_all_healthy())
         elif v.rank is not None:
@@ -209,16 +220,20 @@ class Supervisor:
                 if self.owned:
                     since = now - max(g.attempt_started for g in self.owned)
                     self.console.print(ready_table(list(self.owned)))
-                    self.console.print(f"[bold green]ready[/]: {self.launch.plan.name} (run {self.launch.run_id}, "
-                                       f"healthy {since:.1f} s after the last start, logs under {self.launch.run_dir})")
+                    self.console.print(
+                        f"[bold green]ready[/]: {self.launch.plan.name} (run {self.launch.run_id}, "
+                        f"healthy {since:.1f} s after the last start, logs under {self.launch.run_dir})"
+                    )
                 if req.once:
                     return on_ready() if on_ready else smoke_completion(self.launch, self.backend.front_door())
             elif not healthy and now - last_report > REPORT_EVERY_S:
                 last_report = now
                 for g in self.owned:
                     if g.status.state == GroupState.STARTING:
-                        self.console.print(f"{g.tag} attempt {g.status.attempt}: waiting {now - g.attempt_started:.0f} s "
-                                           f"for {', '.join(g.waiting())} (timeout {req.ready_timeout:.0f} s)")
+                        self.console.print(
+                            f"{g.tag} attempt {g.status.attempt}: waiting {now - g.attempt_started:.0f} s "
+                            f"for {', '.join(g.waiting())} (timeout {req.ready_timeout:.0f} s)"
+                        )
             time.sleep(ROUND_S)
 
     def _teardown(self) -> None:
