@@ -1,7 +1,7 @@
 """Kubernetes output of widep: LeaderWorkerSet manifests and their validation.
 
 :mod:`widep.k8s.lws` turns a plan into LeaderWorkerSet / Service / InferencePool dicts (pure; the
-pods' scripts are built from the same RankCommands as ``widep render``);
+pods' scripts are built from the same ProcessCommands as ``widep render``);
 :mod:`widep.k8s.validate` checks LeaderWorkerSet (and plain Service / Deployment / ConfigMap / ...)
 manifests the way a real API server plus the LWS admission webhook would, without a cluster;
 :mod:`widep.k8s.cli` is the ``widep lws`` command (generated manifests are validated before they

@@ -1,7 +1,7 @@
 """LeaderWorkerSet manifests from a plan (pure): one LWS and one Service per role, optionally an
 InferencePool per role for the llm-d inference scheduler.
 
-Everything a pod runs comes from the same :class:`~widep.render.vllm.RankCommand` data as
+Everything a pod runs comes from the same :class:`~widep.render.vllm.ProcessCommand` data as
 ``widep render``: the generator renders the role, takes the commands of the first pod of a group
 and turns the few values that differ between pods into bash built from the environment the LWS
 pod webhook injects (``LWS_LEADER_ADDRESS``, ``LWS_GROUP_SIZE``, ``LWS_WORKER_INDEX``):
@@ -36,8 +36,21 @@ from typing import Any
 import yaml
 
 from widep.errors import UserError
+from widep.plan import api as plan_api
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
-from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
+from widep.render.vllm import (
+    DP_RANK,
+    HOST,
+    LEADER_ADDRESS,
+    NODE_ADDRESS,
+    PORT,
+    START_RANK,
+    EnvRef,
+    ProcessCommand,
+    RenderContext,
+    Slot,
+    render_role,
+)
 
 PLACEMENTS = ("pod-per-node", "pod-per-rank")
 LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
@@ -305,7 +318,7 @@ def _selector(name: str, leader_only: bool) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# From RankCommands to pod scripts
+# From ProcessCommands to pod scripts
 
 
 def k8s_render_context(plan: DeploymentPlan, opts: LWSOptions) -> RenderContext:
@@ -313,23 +326,9 @@ def k8s_render_context(plan: DeploymentPlan, opts: LWSOptions) -> RenderContext:
     return RenderContext(model_path=pod_model_path(plan, opts))
 
 
-def pod_model_path(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
-    if opts.model_path:
-        return opts.model_path
-    if plan.spec.model.path or plan.arch.hf_id:
-        return None
-    if plan.arch.builtin:
-        from widep.tinymoe import model_dir_name
-
-        return f"{CACHE_MOUNT}/widep/{model_dir_name(plan.arch.builtin)}"
-    return None
-
-
-def _arg_index(argv: tuple[str, ...], flag: str) -> int | None:
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            return i + 1
-    return None
+def pod_model_path(plan: DeploymentPlan, opts: LWSOptions) -> str:
+    """What the pods' vLLM loads: --model-path, the topology's, or the tiny MoE in the pods' cache mount."""
+    return plan_api.model_path(plan, opts.model_path, builtin_dir=f"{CACHE_MOUNT}/widep")
 
 
 def _arith(d: int, offset: int) -> str:
@@ -346,31 +345,23 @@ def _bug(msg: str) -> UserError:
     return UserError(f"widep cannot express this role as a LeaderWorkerSet (a widep bug, please report): {msg}", exit_code=1)
 
 
-def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: RankCommand, placement: str, d: int, group_node: int) -> list[str]:
-    """The argv of a rendered command as bash words with the per-pod values substituted."""
-    argv = cmd.argv
-    special: dict[int, str] = {}
-    i = _arg_index(argv, "--data-parallel-address")
-    if i is not None:
-        special[i] = '"${LWS_LEADER_ADDRESS}"'
-    i = _arg_index(argv, "--data-parallel-rank")
-    if i is not None:
-        lr = int(argv[i]) - group_node * d
-        if placement == "pod-per-node" and lr != cmd.local_rank:
-            raise _bug(f"rank {argv[i]} of {cmd.name} is not worker {group_node} x {d} + local rank {cmd.local_rank}")
-        special[i] = _arith(d, lr)
-    i = _arg_index(argv, "--data-parallel-start-rank")
-    if i is not None:
-        if int(argv[i]) != group_node * d:
-            raise _bug(f"start rank {argv[i]} of {cmd.name} is not worker {group_node} x {d}")
-        special[i] = _arith(d, 0)
-    i = _arg_index(argv, "--host")
-    if i is not None and plan.spec.serving.host == "node":
-        special[i] = '"${POD_IP}"'
-    i = _arg_index(argv, "--port")
-    if i is not None and placement == "pod-per-rank":
-        special[i] = str(rp.http_port)
-    return [special.get(j, shlex.quote(a)) for j, a in enumerate(argv)]
+def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: ProcessCommand, placement: str, d: int, group_node: int) -> list[str]:
+    """The process's argv as bash words, its per-pod slots filled with the pod's values (from the command's
+    structured fields, never from its argv)."""
+    per_pod: dict[Slot, str] = {LEADER_ADDRESS: '"${LWS_LEADER_ADDRESS}"'}
+    lr = cmd.dp_rank - group_node * d
+    if DP_RANK in cmd.template and placement == "pod-per-node" and lr != cmd.local_rank:
+        raise _bug(f"rank {cmd.dp_rank} of {cmd.name} is not worker {group_node} x {d} + local rank {cmd.local_rank}")
+    per_pod[DP_RANK] = _arith(d, lr)
+    if START_RANK in cmd.template and cmd.dp_rank != group_node * d:
+        raise _bug(f"start rank {cmd.dp_rank} of {cmd.name} is not worker {group_node} x {d}")
+    per_pod[START_RANK] = _arith(d, 0)
+    if cmd.bind == "node":
+        per_pod[HOST] = '"${POD_IP}"'
+    if placement == "pod-per-rank":
+        per_pod[PORT] = str(rp.http_port)
+    return [per_pod[w] if isinstance(w, Slot) and w in per_pod else shlex.quote(cmd.value(w) if isinstance(w, Slot) else w)
+            for w in cmd.template]
 
 
 def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]:
@@ -382,22 +373,22 @@ def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]
 def _env_entry(name: str, value: Any, plan: DeploymentPlan) -> dict[str, Any]:
     if isinstance(value, EnvRef):
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": value.name, "key": value.key}}}
-    if name == "VLLM_NIXL_SIDE_CHANNEL_HOST":
+    if value == NODE_ADDRESS:  # the pod's own address
         return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
     return {"name": name, "value": str(value)}
 
 
-def _container_env(plan: DeploymentPlan, cmds: list[RankCommand], all_cmds: list[RankCommand]) -> list[dict[str, Any]]:
+def _container_env(plan: DeploymentPlan, cmds: list[ProcessCommand], all_cmds: list[ProcessCommand]) -> list[dict[str, Any]]:
     """Container env: what every process of the role shares (per-process variables excluded)."""
     first = cmds[0]
     out: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     names = set()
-    for key, value in first.env:
+    for key, value in first.env_template:
         if key in PER_PROCESS_ENV:
             continue
         for other in all_cmds:
-            ov = other.env_dict.get(key)
-            if ov != value and key != "VLLM_NIXL_SIDE_CHANNEL_HOST":
+            ov = dict(other.env_template).get(key)
+            if ov != value:
                 raise _bug(f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ per node")
         out.append(_env_entry(key, value, plan))
         names.add(key)
@@ -427,7 +418,7 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
     else:
         placement = "pod-per-node"  # with one rank per node both placements are the same pods
         size, d = rp.nodes_per_group, rp.dp_local
-        by_node: dict[int, list[RankCommand]] = {}
+        by_node: dict[int, list[ProcessCommand]] = {}
         for c in group0:
             by_node.setdefault(node_of_group[c.node], []).append(c)
         if mode == "internal" and size > 1:

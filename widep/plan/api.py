@@ -4,21 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from widep import tinymoe
+from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, plan
 from widep.spec.topology import load_topology
 
 
-def model_name(p: DeploymentPlan) -> str:
-    """The name clients send in requests: served_model_name, else the path vLLM loads (as vLLM does)."""
-    if p.spec.model.served_model_name:
-        return p.spec.model.served_model_name
+def model_path(p: DeploymentPlan, override: str | None = None, *, builtin_dir: str | Path | None = None) -> str:
+    """What vLLM loads (the one home of that fact): ``override`` (--model-path), else model.path, else the hub id,
+    else the tiny MoE widep builds, as ``builtin_dir/<its directory>`` (the local cache, a pod's cache mount).
+    Pure: the tiny MoE is not built here (``widep model build``, or the launch, builds it)."""
+    if override:
+        return override
     if p.spec.model.path:
         return p.spec.model.path
     if p.arch.hf_id:
         return p.arch.hf_id
-    from widep import tinymoe
+    if p.arch.builtin and builtin_dir is not None:
+        return f"{str(builtin_dir).rstrip('/')}/{tinymoe.model_dir_name(p.arch.builtin)}"
+    if p.arch.builtin:
+        raise UserError(
+            f"model: {p.arch.name!r} is built locally by widep; its path is known once built "
+            "(`widep model build`), and `widep launch` builds it on first use. Give --model-path to render it."
+        )
+    raise UserError("model.path: no path for vLLM to load. Give model.path (a hub id or a local directory).")
 
-    return str(tinymoe.default_cache_dir() / tinymoe.model_dir_name(p.arch.builtin or "qwen3_moe"))
+
+def model_name(p: DeploymentPlan) -> str:
+    """The name clients send in requests: served_model_name, else the path vLLM loads (as vLLM does)."""
+    return p.spec.model.served_model_name or model_path(p, builtin_dir=tinymoe.default_cache_dir())
 
 
 def router_url(p: DeploymentPlan) -> str | None:

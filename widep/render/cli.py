@@ -11,7 +11,7 @@ import click
 from widep.errors import UserError
 from widep.plan.cli import load_plan
 from widep.plan.core import DeploymentPlan
-from widep.render.vllm import EnvRef, RankCommand, RenderContext, render
+from widep.render.vllm import EnvRef, ProcessCommand, RenderContext, render
 
 
 def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -> str | None:
@@ -29,7 +29,7 @@ def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -
     return None
 
 
-def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
+def shell_script(p: DeploymentPlan, cmds: list[ProcessCommand]) -> str:
     """A copy-pasteable bash script starting the given processes and waiting for them."""
     lines = [
         "#!/usr/bin/env bash",
@@ -68,7 +68,7 @@ def _pairs(argv: tuple[str, ...]) -> list[str]:
     return out
 
 
-def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
+def print_table(p: DeploymentPlan, cmds: list[ProcessCommand]) -> None:
     from rich.console import Console
 
     con = Console()
@@ -130,7 +130,7 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     return 0
 
 
-def judge_commands(p: DeploymentPlan, cmds: list[RankCommand], python: str | None, model_override: str | None = None) -> int:
+def judge_commands(p: DeploymentPlan, cmds: list[ProcessCommand], python: str | None, model_override: str | None = None) -> int:
     """Feed every argv to vLLM's own parser; print one verdict per process; 1 if any is refused.
 
     vLLM's config creation reads the model's config.json, so a model that is not on this machine

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from widep.errors import UserError
+from widep.plan.api import model_path as loaded_model_path
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 
 MODULE_ENTRY = "vllm.entrypoints.openai.api_server"
@@ -61,25 +62,110 @@ class RenderContext:
 
 
 @dataclass(frozen=True)
-class RankCommand:
-    """One process to start: its argv, environment and what it serves."""
+class Slot:
+    """A per-process value left open in a command template (torchx's macros): filled from the process's
+    structured fields for ``argv``, or by an executor that knows it later or spells it differently (a pod's
+    ``${LWS_LEADER_ADDRESS}``, the address Ray placed a node at)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return "${" + self.name + "}"
+
+
+HOST = Slot("host")
+"""``--host``: the node's address when serving.host is 'node', else that bind address."""
+PORT = Slot("port")
+"""``--port``: the HTTP port of the process."""
+DP_RANK = Slot("dp_rank")
+"""``--data-parallel-rank`` (one DP rank per process)."""
+START_RANK = Slot("start_rank")
+"""``--data-parallel-start-rank`` (the first of the node's DP ranks)."""
+LEADER_ADDRESS = Slot("leader_address")
+"""``--data-parallel-address``: the group leader's address."""
+NODE_ADDRESS = Slot("node_address")
+"""The address the process's node is reached by (NIXL side channel)."""
+DEVICES = Slot("devices")
+"""``CUDA_VISIBLE_DEVICES``: the process's GPUs as the executor numbers them."""
+
+Word = str | Slot
+EnvTemplate = str | EnvRef | Slot
+
+
+@dataclass(frozen=True)
+class ProcessCommand:
+    """One process to start: structured fields, and the argv / environment derived from them.
+
+    A process, not a rank: in external-LB mode it runs one DP rank, in hybrid / multi-port / internal mode all the
+    DP ranks of its node, and the router is one too. ``template`` and ``env_template`` hold :class:`Slot` where a
+    value depends on where the process runs; ``argv`` and ``env`` fill them from the fields below, and
+    :meth:`at` re-binds the addresses and devices an executor learns late (nobody parses argv back).
+    """
 
     role: str
     replica: int
     dp_rank: int
-    """First DP rank this process runs (the only one in external mode)."""
+    """First DP rank this process runs (the only one in external mode; the start rank otherwise)."""
     dp_ranks: tuple[int, ...]
     """All DP ranks whose engines this process starts."""
     node: int
     node_name: str
     local_rank: int
-    argv: tuple[str, ...]
-    env: tuple[tuple[str, EnvValue], ...]
     port: int | None
     """HTTP port it serves (None: headless)."""
     health_port: int | None = None
     """Port to probe for health (the supervisor port in multi-port mode)."""
     headless: bool = False
+    template: tuple[Word, ...] = ()
+    """The argv with its per-process values as slots."""
+    env_template: tuple[tuple[str, EnvTemplate], ...] = ()
+    """The environment, secrets as :class:`EnvRef`, per-process values as slots."""
+    node_address: str = ""
+    """The address this process's node is reached by."""
+    bind: str | None = None
+    """serving.host: 'node' (bind to ``node_address``) or a bind address such as 0.0.0.0; None: no --host."""
+    leader_address: str | None = None
+    """The group leader's address (``--data-parallel-address``); None when the process has no DP peers."""
+    gpus: tuple[int, ...] = ()
+    """Plan GPU ids of the node this process uses."""
+    devices: tuple[str, ...] | None = None
+    """GPU ids as the executor numbers them (Ray's); None: ``gpus``."""
+
+    @property
+    def host(self) -> str | None:
+        """What ``--host`` is: the node's address when binding to the node, else the bind address."""
+        return self.node_address if self.bind == "node" else self.bind
+
+    def value(self, slot: Slot) -> str:
+        """The value of ``slot`` for this process."""
+        values = {HOST: self.host, PORT: None if self.port is None else str(self.port), DP_RANK: str(self.dp_rank),
+                  START_RANK: str(self.dp_rank), LEADER_ADDRESS: self.leader_address, NODE_ADDRESS: self.node_address,
+                  DEVICES: ",".join(self.devices if self.devices is not None else map(str, self.gpus))}
+        v = values.get(slot)
+        if v is None:
+            raise ValueError(f"{self.name}: no value for {slot} (a widep bug: the renderer used a slot it did not fill)")
+        return v
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return tuple(self.value(w) if isinstance(w, Slot) else w for w in self.template)
+
+    @property
+    def env(self) -> tuple[tuple[str, EnvValue], ...]:
+        return tuple((k, self.value(v) if isinstance(v, Slot) else v) for k, v in self.env_template)
+
+    def at(self, node_address: str | None = None, leader_address: str | None = None,
+           devices: tuple[str, ...] | None = None) -> ProcessCommand:
+        """This process with the values an executor learned late: where its node and its group leader are
+        reached, the GPU ids it was given."""
+        return replace(self, node_address=self.node_address if node_address is None else node_address,
+                       leader_address=self.leader_address if leader_address is None or self.leader_address is None
+                       else leader_address,
+                       devices=self.devices if devices is None else devices)
+
+    def with_executable(self, path: str) -> ProcessCommand:
+        """This process with its program (argv[0]) given as ``path``."""
+        return replace(self, template=(path,) + self.template[1:])
 
     @property
     def env_dict(self) -> dict[str, EnvValue]:
@@ -112,6 +198,10 @@ class RankCommand:
             parts.append(f"{k}=" + (f'"{v.shell()}"' if isinstance(v, EnvRef) else shlex.quote(v)))
         parts += [shlex.quote(a) for a in self.argv]
         return " ".join(parts)
+
+
+RankCommand = ProcessCommand
+"""The former name, kept only so branches written against it still merge; new code says ProcessCommand."""
 
 
 # Flags widep owns (spelled with dashes); extra_args may not set them.
@@ -192,18 +282,8 @@ def check_extras(plan: DeploymentPlan) -> None:
 
 
 def model_path(plan: DeploymentPlan, ctx: RenderContext) -> str:
-    if ctx.model_path:
-        return ctx.model_path
-    if plan.spec.model.path:
-        return plan.spec.model.path
-    if plan.arch.hf_id:
-        return plan.arch.hf_id
-    if plan.arch.builtin:
-        raise UserError(
-            f"model: {plan.arch.name!r} is built locally by widep; its path is known once built "
-            "(`widep model build`), and `widep launch` builds it on first use. Give --model-path to render it."
-        )
-    raise UserError("model.path: no path for vLLM to load. Give model.path (a hub id or a local directory).")
+    """What the processes load: the context's override, else the topology's (:func:`widep.plan.api.model_path`)."""
+    return loaded_model_path(plan, ctx.model_path)
 
 
 def _node_addr(plan: DeploymentPlan, ctx: RenderContext, node: int) -> str:
@@ -276,13 +356,13 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
     return args
 
 
-def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]) -> list[tuple[str, EnvValue]]:
+def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]) -> list[tuple[str, EnvTemplate]]:
     vt = plan.vllm
     s = rp.spec
     net = plan.spec.cluster.network
-    env: list[tuple[str, EnvValue]] = []
+    env: list[tuple[str, EnvTemplate]] = []
     if plan.device == "cuda":
-        env.append(("CUDA_VISIBLE_DEVICES", ",".join(map(str, gpus))))
+        env.append(("CUDA_VISIBLE_DEVICES", DEVICES))
         if s.expert_parallel and vt.all2all_via == "env":
             env.append(("VLLM_ALL2ALL_BACKEND", rp.all2all_backend))
         env.append(("VLLM_USE_DEEP_GEMM", "1" if s.deep_gemm else "0"))
@@ -311,7 +391,7 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         groups = [",".join(map(str, cores[i : i + tp])) for i in range(0, len(cores), tp)]
         env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(groups)))
     if plan.spec.disaggregated:
-        env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_addr(plan, ctx, rank.node)))
+        env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", NODE_ADDRESS))
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))
     if plan.spec.serving.api_key_secret:
         env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
@@ -357,7 +437,7 @@ def _entry(plan: DeploymentPlan, ctx: RenderContext, model: str) -> list[str]:
     return ["vllm", "serve", model]
 
 
-def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = None) -> list[RankCommand]:
+def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = None) -> list[ProcessCommand]:
     """Every process of one role (all replicas, all nodes)."""
     ctx = ctx or RenderContext()
     check_extras(plan)
@@ -368,27 +448,25 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
     if plan.spec.model.served_model_name:
         tail += ["--served-model-name", plan.spec.model.served_model_name]
     tail += list(rp.spec.extra_args)
-    out: list[RankCommand] = []
-    def bind(node: int) -> str:
-        host = plan.spec.serving.host
-        return _node_addr(plan, ctx, node) if host == "node" else host
-
+    bind = plan.spec.serving.host
+    serve: list[Word] = ["--host", HOST, "--port", PORT]
+    out: list[ProcessCommand] = []
     for g in range(rp.spec.replicas):
-        leader = _leader_addr(plan, ctx, rp, g)
+        leader = _leader_addr(plan, ctx, rp, g) if rp.dp_size > 1 else None
         group = [r for r in rp.ranks if r.replica == g]
-        dp_args = ["--data-parallel-address", leader, "--data-parallel-rpc-port", str(rp.rpc_port)]
+        dp_args: list[Word] = ["--data-parallel-address", LEADER_ADDRESS, "--data-parallel-rpc-port", str(rp.rpc_port)]
         if mode == "external" or rp.dp_size == 1:
             for r in group:
-                argv = _entry(plan, ctx, model) + ["--host", bind(r.node), "--port", str(r.port)] + common
+                argv: list[Word] = [*_entry(plan, ctx, model), *serve, *common]
                 if rp.dp_size > 1:  # one engine: vLLM refuses DP rank/LB flags when DP size is 1
-                    argv += ["--data-parallel-rank", str(r.dp_rank)] + dp_args
+                    argv += ["--data-parallel-rank", DP_RANK, *dp_args]
                 if plan.vllm.api_server_count_default_is_dp:
                     argv += ["--api-server-count", "1"]
                 pargs, penv = _profiler(plan, ctx, rp.name, r.dp_rank)
-                out.append(
-                    RankCommand(rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank,
-                                tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, r, r.gpus) + penv), r.port, r.port)
-                )
+                out.append(ProcessCommand(
+                    rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank, r.port, r.port,
+                    template=tuple(argv + pargs + tail), env_template=tuple(_env(plan, ctx, rp, r, r.gpus) + penv),
+                    node_address=_node_addr(plan, ctx, r.node), bind=bind, leader_address=leader, gpus=r.gpus))
             continue
         # per-node processes
         nodes = sorted({r.node for r in group}, key=lambda n: next(r.group_node for r in group if r.node == n))
@@ -397,40 +475,41 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
             first = local[0]
             gpus = tuple(gid for r in local for gid in r.gpus)
             ranks = tuple(r.dp_rank for r in local)
-            base = ["--data-parallel-size-local", str(len(local)), "--data-parallel-start-rank", str(first.dp_rank)]
+            base: list[Word] = ["--data-parallel-size-local", str(len(local)), "--data-parallel-start-rank", START_RANK]
             headless = False
             port: int | None = first.port
             health = first.port
+            proc_bind: str | None = bind
             if mode == "hybrid":
-                argv = _entry(plan, ctx, model) + ["--host", bind(node), "--port", str(first.port)] + common + base + dp_args + [
-                    "--data-parallel-hybrid-lb", "--api-server-count", str(len(local))]
+                argv = [*_entry(plan, ctx, model), *serve, *common, *base, *dp_args,
+                        "--data-parallel-hybrid-lb", "--api-server-count", str(len(local))]
             elif mode == "multiport":
-                argv = _entry(plan, ctx, model) + ["--host", bind(node), "--port", str(first.port)] + common + base + dp_args + [
-                    "--data-parallel-multi-port-external-lb", "--data-parallel-supervisor-port", str(plan.spec.serving.supervisor_port)]
+                argv = [*_entry(plan, ctx, model), *serve, *common, *base, *dp_args,
+                        "--data-parallel-multi-port-external-lb",
+                        "--data-parallel-supervisor-port", str(plan.spec.serving.supervisor_port)]
                 health = plan.spec.serving.supervisor_port
-            else:  # internal
-                if first.group_node == 0:
-                    argv = _entry(plan, ctx, model) + ["--host", bind(node), "--port", str(first.port)] + common + [
-                        "--data-parallel-size-local", str(len(local))] + dp_args + ["--api-server-count", str(len(local))]
-                else:
-                    argv = _entry(plan, ctx, model) + common + base + dp_args + ["--headless"]
-                    headless, port, health = True, None, None
+            elif first.group_node == 0:  # internal: one API server on the leader node
+                argv = [*_entry(plan, ctx, model), *serve, *common, "--data-parallel-size-local", str(len(local)),
+                        *dp_args, "--api-server-count", str(len(local))]
+            else:  # internal: headless engines on the other nodes
+                argv = [*_entry(plan, ctx, model), *common, *base, *dp_args, "--headless"]
+                headless, port, health, proc_bind = True, None, None, None
             pargs, penv = _profiler(plan, ctx, rp.name, first.dp_rank)
-            out.append(
-                RankCommand(rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank,
-                            tuple(argv + pargs + tail), tuple(_env(plan, ctx, rp, first, gpus) + penv), port, health, headless)
-            )
+            out.append(ProcessCommand(
+                rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank, port, health, headless,
+                template=tuple(argv + pargs + tail), env_template=tuple(_env(plan, ctx, rp, first, gpus) + penv),
+                node_address=_node_addr(plan, ctx, node), bind=proc_bind, leader_address=leader, gpus=gpus))
     return out
 
 
 def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int | None = None,
-           role: str | None = None, rank: int | None = None) -> list[RankCommand]:
+           role: str | None = None, rank: int | None = None) -> list[ProcessCommand]:
     """The processes of a plan, optionally only those on ``node`` / of ``role`` / running DP ``rank``."""
     ctx = ctx or RenderContext()
     if node is not None and not 0 <= node < len(plan.nodes):
         raise UserError(f"--node: {node} is not a node of {plan.name}. Valid: 0..{len(plan.nodes) - 1}.")
     roles = [plan.role(role)] if role else list(plan.roles)
-    out: list[RankCommand] = []
+    out: list[ProcessCommand] = []
     for rp in roles:
         out += render_role(plan, rp, ctx)
     if node is not None:
@@ -442,7 +521,7 @@ def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int 
     return out
 
 
-def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> RankCommand | None:
+def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> ProcessCommand | None:
     """The vllm-router process of the plan (None when the router is off).
 
     Regular mode lists every API server with --worker-urls; P/D mode (--vllm-pd-disaggregation) lists
@@ -453,7 +532,6 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Ran
     ctx = ctx or RenderContext()
     rs = plan.spec.router
     rt = plan.router
-    host = _node_addr(plan, ctx, rt.node) if rs.host == "node" else rs.host
 
     def urls(kind: str | None) -> list[str]:
         out = []
@@ -464,7 +542,7 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Ran
                 out.append(f"http://{h}:{port}")
         return out
 
-    argv = [rs.command, "--host", host, "--port", str(rt.port), "--prometheus-port", str(rt.prometheus_port)]
+    argv: list[Word] = [rs.command, "--host", HOST, "--port", PORT, "--prometheus-port", str(rt.prometheus_port)]
     if rt.pd:
         argv += ["--vllm-pd-disaggregation"]
         for u in urls("prefill"):
@@ -477,8 +555,10 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Ran
     argv += ["--worker-startup-timeout-secs", str(plan.spec.vllm.ready_timeout_s),
              "--health-check-interval-secs", str(rs.health_check_interval_s),
              "--health-failure-threshold", str(rs.health_failure_threshold)]
-    env: list[tuple[str, EnvValue]] = []
+    env: list[tuple[str, EnvTemplate]] = []
     if plan.spec.serving.api_key_secret:
         env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
     n = plan.nodes[rt.node]
-    return RankCommand("router", 0, 0, (0,), rt.node, n.name, 0, tuple(argv + list(rs.extra_args)), tuple(env), rt.port, rt.port)
+    return ProcessCommand("router", 0, 0, (0,), rt.node, n.name, 0, rt.port, rt.port,
+                          template=tuple(argv + list(rs.extra_args)), env_template=tuple(env),
+                          node_address=_node_addr(plan, ctx, rt.node), bind=rs.host)

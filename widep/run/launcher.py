@@ -21,7 +21,7 @@ from rich.table import Table
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, RolePlan
-from widep.render.vllm import RankCommand, RenderContext, render_role
+from widep.render.vllm import ProcessCommand, RenderContext, render_role
 from widep.run.control import ControlServer, http_json, probe
 from widep.run.procs import RankProcess, resolve_env, signal_name, start_rank, stop_ranks, tail
 from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy, judge_health, note_health
@@ -56,7 +56,7 @@ class GroupRunner:
         self.plan, self.rp, self.replica, self.ctx, self.opts = plan, rp, replica, ctx, opts
         self.console, self.run_id, self.base_env = console, run_id, base_env
         cmds = [c for c in render_role(plan, rp, ctx) if c.replica == replica]
-        self.group_cmds: list[RankCommand] = cmds
+        self.group_cmds: list[ProcessCommand] = cmds
         self.local_cmds = [c for c in cmds if c.node == opts.node]
         self.leader_node = rp.group_nodes[replica][0]
         self.is_leader = self.leader_node == opts.node
@@ -79,7 +79,7 @@ class GroupRunner:
             resolve_env(c, base_env)
 
     # ---------------------------------------------------------------- lifecycle
-    def endpoints(self) -> list[tuple[RankCommand, str, int]]:
+    def endpoints(self) -> list[tuple[ProcessCommand, str, int]]:
         return [(c, _node_host(self.plan, self.ctx, c.node), c.health_port) for c in self.group_cmds if c.health_port]
 
     def begin(self) -> None:
@@ -204,7 +204,7 @@ class GroupRunner:
             c0 = next(c for c in self.group_cmds if c.name == v.rank)
             self._fail(Failure(v.rank, self.plan.nodes[c0.node].name, v.reason, v.at, self._tail_of(c0)))
 
-    def _tail_of(self, cmd: RankCommand) -> tuple[str, ...]:
+    def _tail_of(self, cmd: ProcessCommand) -> tuple[str, ...]:
         for p in self.procs:
             if p.cmd.name == cmd.name:
                 return tail(p.log)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan
-from widep.render.vllm import RankCommand
+from widep.render.vllm import ProcessCommand
 
 
 def local_identities() -> set[str]:
@@ -65,7 +65,7 @@ def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | Non
         raise UserError("refusing to start, nothing was started (preflight, see `widep doctor`):\n  " + "\n  ".join(lines))
 
 
-def check_entry_point(cmds: list[RankCommand]) -> None:
+def check_entry_point(cmds: list[ProcessCommand]) -> None:
     if not cmds:
         return
     argv = cmds[0].argv
@@ -94,7 +94,7 @@ def check_model(model: str) -> None:
         raise UserError(f"model: {model!r} is not a model directory (no config.json there). Nothing was started.")
 
 
-def preflight(plan: DeploymentPlan, cmds: list[RankCommand], node: int, model: str) -> None:
+def preflight(plan: DeploymentPlan, cmds: list[ProcessCommand], node: int, model: str) -> None:
     """Model present, entry point runnable, then the doctor's node checks; UserError on the first failing kind."""
     check_model(model)
     check_entry_point(cmds)

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from widep.errors import UserError
-from widep.render.vllm import EnvRef, RankCommand
+from widep.render.vllm import EnvRef, ProcessCommand
 
 RUN_ID_ENV = "WIDEP_RUN_ID"
 """Every process widep starts carries this variable, so tests (and `ps e`) can find them."""
 
 
-def resolve_env(cmd: RankCommand, base: dict[str, str]) -> dict[str, str]:
+def resolve_env(cmd: ProcessCommand, base: dict[str, str]) -> dict[str, str]:
     """The rank's full environment: the launcher's, plus the rank's; secrets resolved from the launcher's."""
     env = dict(base)
     for k, v in cmd.env:
@@ -57,7 +57,7 @@ def tail(path: Path, n: int = 20) -> tuple[str, ...]:
 class RankProcess:
     """One started rank (its guard process and what it runs)."""
 
-    cmd: RankCommand
+    cmd: ProcessCommand
     log: Path
     proc: subprocess.Popen
     started: float
@@ -88,7 +88,7 @@ class RankProcess:
         return [line.replace("\r", "") for line in data[: cut + 1].decode(errors="replace").splitlines()]
 
 
-def start_rank(cmd: RankCommand, run_dir: Path, attempt: int, env: dict[str, str], run_id: str, grace_s: float) -> RankProcess:
+def start_rank(cmd: ProcessCommand, run_dir: Path, attempt: int, env: dict[str, str], run_id: str, grace_s: float) -> RankProcess:
     """Start one rank through the guard, in its own session; logs under <run>/attempt-<k>/<role>/rank-<n>/."""
     d = run_dir / f"attempt-{attempt}" / cmd.role / f"rank-{cmd.dp_rank}"
     d.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ from rich.table import Table
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, RolePlan
-from widep.render.vllm import EnvRef, RankCommand, RenderContext, render, render_role
+from widep.render.vllm import EnvRef, ProcessCommand, RenderContext, render, render_role
 from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy, judge_health, note_health
 
 SLOT_RESOURCE = "widep_slot"
@@ -102,7 +102,7 @@ def map_visible_devices(value: str, ray_gpu_ids: list[Any]) -> str:
     return ",".join(out)
 
 
-def secrets_for(cmds: list[RankCommand], env: dict[str, str]) -> dict[str, str]:
+def secrets_for(cmds: list[ProcessCommand], env: dict[str, str]) -> dict[str, str]:
     """Values of the variables the commands take by reference (EnvRef), from the driver's environment."""
     out: dict[str, str] = {}
     for c in cmds:
@@ -173,7 +173,7 @@ class NodeAgent:
         return {"ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
                 "hostname": socket.gethostname(), "pid": os.getpid(), "gpu_ids": gpu_ids}
 
-    def preflight(self, plan: DeploymentPlan, node: int, model: str, cmds: list[RankCommand]) -> list[str]:
+    def preflight(self, plan: DeploymentPlan, node: int, model: str, cmds: list[ProcessCommand]) -> list[str]:
         """The bare-metal preflight on this node (model, entry point, the doctor's checks); problems as text."""
         from widep.run.preflight import preflight
 
@@ -183,7 +183,7 @@ class NodeAgent:
             return [str(err)]
         return []
 
-    def start(self, attempt: int, cmds: list[RankCommand], secrets: dict[str, str]) -> list[int]:
+    def start(self, attempt: int, cmds: list[ProcessCommand], secrets: dict[str, str]) -> list[int]:
         """Start ``cmds`` through the guard; returns the guards' pids."""
         import ray
 
@@ -251,7 +251,7 @@ class RayGroup:
         self.label = f"{rp.name}" + (f"#{replica}" if rp.spec.replicas > 1 else "")
         self.tag = escape(f"[{self.label}]")
         self.status = GroupStatus()
-        self.cmds: list[RankCommand] = []
+        self.cmds: list[ProcessCommand] = []
         self.ips: dict[int, str] = {}
         self.health: dict[str, str] = {}
         self.unhealthy_since: dict[str, float] = {}
@@ -261,7 +261,7 @@ class RayGroup:
         self.exit_code: int | None = None
 
     # what launcher.ready_table reads: label, endpoints(), health
-    def endpoints(self) -> list[tuple[RankCommand, str, int]]:
+    def endpoints(self) -> list[tuple[ProcessCommand, str, int]]:
         return [(c, self.ips.get(c.node, "?"), c.health_port) for c in self.cmds if c.health_port]
 
     def node_label(self, node: int) -> str:
@@ -492,7 +492,7 @@ class RayDeployment:
             self.agent_info[n] = info
         return new
 
-    def preflight(self, nodes: list[int], cmds: list[RankCommand]) -> list[str]:
+    def preflight(self, nodes: list[int], cmds: list[ProcessCommand]) -> list[str]:
         from widep.render.vllm import model_path
 
         addrs = {n: self.agent_info[n]["ip"] for n in self.agent_info}
