@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "bare-metal": "widep.run.bare_metal",
     "ray": "widep.run.ray_backend",
+    "slurm": "widep.run.slurm",
 }
 """``--backend`` name -> module exposing ``create_backend(console)``; imported on first use."""
 
@@ -103,6 +104,8 @@ class DryRun:
     processes: tuple[ProcessCommand, ...]
     """The commands that would start, as they would (before any late-bound address is known)."""
     tables: tuple[DryRunTable, ...] = ()
+    text: str = ""
+    """Verbatim text the backend would submit (Slurm's batch script and srun steps), printed as is."""
 
 
 class GroupDriver(Protocol):

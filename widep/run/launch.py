@@ -14,6 +14,7 @@ from pathlib import Path
 from widep.plan.api import model_path
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import ProcessCommand, RenderContext, render, render_router
+from widep.run.slurm import SlurmOptions
 from widep.run.state import RestartPolicy
 
 
@@ -55,6 +56,10 @@ class LaunchRequest:
     """How long to wait for a cluster to place the deployment (Ray)."""
     leader_wait_s: float = 120.0
     """How long a follower waits for its group leader's control endpoint (bare metal)."""
+    topology: Path | None = None
+    """The topology file, for a backend that runs `widep launch` again elsewhere (Slurm --detach)."""
+    slurm: SlurmOptions | None = None
+    """Partition, account, time, container, ... of the job (Slurm); None: the cluster's defaults."""
 
     @property
     def ready_timeout(self) -> float:
