@@ -195,7 +195,8 @@ def sbatch_script(plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: 
     None: the script only holds the allocation while the driver on the submitting host starts steps in it."""
     n = plan_nodes(plan)
     lines = ["#!/bin/bash",
-             f"# widep: one Slurm allocation for {plan.name} ({n} node(s)){made_by}.",
+             f"# widep: one Slurm allocation for {plan.name} ({n} node(s)).",
+             *([f"# {made_by}"] if made_by else []),
              "# Plan node i runs on the i-th host of the allocation (scontrol show hostnames \"$SLURM_JOB_NODELIST\"):"]
     for i, node in enumerate(plan.nodes):
         roles = sorted({f"{rp.name}#{g}" if rp.spec.replicas > 1 else rp.name
@@ -218,7 +219,9 @@ def sbatch_script(plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: 
                   "# DP group and attempt in this allocation, and cancels the job when it stops",
                   "exec sleep infinity"]
     else:
-        lines += ["# the supervisor runs here (--detach); it starts one srun step per DP group and attempt",
+        lines += ["# the supervisor runs here (--detach): it starts one srun step per DP group and attempt in this",
+                  "# allocation, and the job ends when it stops (scancel, or the group failed for good)",
+                  f"export {INSIDE_ENV}=1",
                   "exec " + " ".join(sh_quote(a) for a in body)]
     return "\n".join(lines) + "\n"
 
@@ -260,7 +263,8 @@ def detach_command(launch: Launch, opts: SlurmOptions, python: str) -> tuple[str
     r = launch.request
     topo = str(r.topology.resolve()) if r.topology else "TOPOLOGY"
     argv = [python, "-m", "widep", "launch", topo, "--backend", "slurm", "--run-dir", str(launch.run_dir),
-            "--restart", r.policy.mode, "--max-restarts", str(r.policy.max_restarts), "--backoff", str(r.policy.backoff_s),
+            "--restart", r.policy.mode, "--max-restarts", str(r.policy.max_restarts),
+            "--backoff", str(r.policy.backoff_s),
             "--grace", str(r.unhealthy_grace_s), "--stop-timeout", str(r.stop_timeout_s),
             "--ready-timeout", str(r.ready_timeout)]
     if r.python:
@@ -320,8 +324,8 @@ def parse_sinfo(text: str) -> list[PartitionFacts]:
         name, avail, count, cpus, gres, state, nodelist = f
         default = name.endswith("*")
         name = name.rstrip("*")
-        d = acc.setdefault(name, {"default": default, "available": avail, "nodes": 0, "usable": 0, "cpus": [], "gpus": [],
-                                  "states": []})
+        d = acc.setdefault(name, {"default": default, "available": avail, "nodes": 0, "usable": 0,
+                                  "cpus": [], "gpus": [], "states": []})
         k = int(count)
         d["nodes"] += k
         if not any(state.lower().startswith(u) for u in _UNUSABLE) and avail == "up":
@@ -380,7 +384,8 @@ class Slurm:
         try:
             p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise UserError(f"`{' '.join(argv)}` did not answer in {timeout:.0f} s (is slurmctld up?)", exit_code=1) from None
+            raise UserError(f"`{' '.join(argv)}` did not answer in {timeout:.0f} s (is slurmctld up?)",
+                            exit_code=1) from None
         if check and p.returncode != 0:
             raise UserError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()}", exit_code=1)
         return p
