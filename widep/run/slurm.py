@@ -481,14 +481,14 @@ class SlurmBackend(BackendBase):
         run_dir.mkdir(parents=True, exist_ok=True)
         if inside:
             self.job = inside
-            self.console.print(f"[slurm] supervising inside job {inside}")
+            self.console.print(f"\\[slurm] supervising inside job {inside}")
         else:
             part = check_fit(plan, self.options, self.slurm.partitions())
             script = run_dir / "widep.sbatch"
             script.write_text(sbatch_script(plan, self.options, str(run_dir)))
             self.job = self.slurm.submit(script)
             self.submitted = True
-            self.console.print(f"[slurm] submitted job {self.job} ({plan_nodes(plan)} node(s), partition "
+            self.console.print(f"\\[slurm] submitted job {self.job} ({plan_nodes(plan)} node(s), partition "
                                f"{part.name}); batch script {script}, output {run_dir}/slurm-{self.job}.out")
         info = self._wait_running()
         hosts = self.slurm.hostnames(info["NodeList"])
@@ -500,7 +500,7 @@ class SlurmBackend(BackendBase):
         (run_dir / "slurm.json").write_text(json.dumps(
             {"job": self.job, "hosts": hosts, "addresses": [self.addresses[i] for i in range(len(hosts))]}, indent=2))
         for i, n in enumerate(plan.nodes):
-            self.console.print(f"[slurm] plan node {i} ({n.name}) -> {self.hosts[i]} ({self.addresses[i]})",
+            self.console.print(f"\\[slurm] plan node {i} ({n.name}) -> {self.hosts[i]} ({self.addresses[i]})",
                                highlight=False)
         self.launch = bind_addresses(launch, self.addresses)
         return list(self.launch.groups)
@@ -520,7 +520,7 @@ class SlurmBackend(BackendBase):
                 raise UserError(f"stopped while job {self.job} was {state.lower()}; it is cancelled", exit_code=1)
             now = f"{state} ({info.get('Reason', '?')})"
             if now != last:
-                self.console.print(f"[slurm] job {self.job} {now}")
+                self.console.print(f"\\[slurm] job {self.job} {now}")
                 last = now
             time.sleep(1.0)
 
@@ -652,7 +652,7 @@ class SlurmBackend(BackendBase):
             while self.slurm.job(self.job).get("JobState", "GONE") in ("RUNNING", "PENDING", "COMPLETING",
                                                                          "CONFIGURING") and time.monotonic() < end:
                 time.sleep(0.5)
-            self.console.print(f"[slurm] job {self.job} cancelled")
+            self.console.print(f"\\[slurm] job {self.job} cancelled")
             self.submitted = False
 
 
