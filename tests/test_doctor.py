@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from widep.cli import main
-from widep.doctor import preflight, requirements_from_plan
-from widep.doctor.checks import (
+from widep.doctor import check_host, requirements_from_plan
+from widep.doctor.checks import ifname_matches, run_checks, summarize
+from widep.doctor.cli import interpreter_of_script, pick_node
+from widep.doctor.facts import (
     CheckResult,
     DoctorRequirements,
     GpuFacts,
@@ -34,17 +36,13 @@ from widep.doctor.checks import (
     PythonFacts,
     RdmaFacts,
     RdmaPort,
-    gather_host_facts,
     gpu_kind_matches,
-    ifname_matches,
     parse_nvidia_smi_xml,
     parse_nvshmem_size,
     parse_port_spec,
     parse_size,
-    run_checks,
-    summarize,
 )
-from widep.doctor.cli import interpreter_of_script, pick_node
+from widep.doctor.gather import gather_host_facts
 from widep.errors import UserError
 from widep.plan import plan
 from widep.spec.topology import load_topology, parse_topology
@@ -467,7 +465,7 @@ def test_torch_cuda_against_driver(host_facts: HostFacts, torch_cuda: str, drive
      ("0.32.1", "0.32.0", "warn"), ("0.31.0", "0.32.0", "fail"), ("0.10.2", "0.32.0", "fail")],
 )
 def test_vllm_version_against_topology(host_facts: HostFacts, have: str, want: str, status: str) -> None:
-    from widep.doctor.checks import ModuleFacts
+    from widep.doctor.facts import ModuleFacts
 
     py = PythonFacts(requested="python", executable="/x/python", version="3.12.3",
                      modules=(ModuleFacts("vllm", True, "/x/vllm/__init__.py", have, "vllm"),))
@@ -626,9 +624,9 @@ def test_a_node_without_ranks_is_refused() -> None:
         requirements_from_plan(plan(spec), 1)
 
 
-def test_preflight_runs_the_same_checks() -> None:
+def test_check_host_runs_the_same_checks() -> None:
     req = _req("tiny-moe-cpu-dp2", 1)
-    results, facts = preflight(req, python=sys.executable)
+    results, facts = check_host(req, python=sys.executable)
     assert {r.name for r in results} == ALL_CHECKS
     assert facts.ports and facts.ports[0].host == "127.0.0.2"
 

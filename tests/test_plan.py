@@ -69,7 +69,7 @@ def test_multiport_ports_and_supervisor():
 
 
 def test_multiport_needs_new_vllm():
-    with pytest.raises(UserError, match="serving.dp_mode: 'multiport' needs vLLM >= 0.26"):
+    with pytest.raises(UserError, match="serving.dp_mode: 'multiport' needs vLLM >= 0.20"):
         plan(topo([{"name": "d", "nodes": 2}], mode="multiport", version="0.10.2"))
 
 

@@ -25,7 +25,7 @@ COMMANDS: dict[str, str] = {
     "bench": "widep.bench.cli:bench_cmd",
     "doctor": "widep.doctor.cli:doctor_cmd",
     "profile": "widep.profile.cli:profile_cmd",
-    "model": "widep.tinymoe:model_cmd",
+    "model": "widep.model_cli:model_cmd",
 }
 
 HELP: dict[str, str] = {

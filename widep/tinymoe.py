@@ -24,8 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import click
-
 from widep.errors import UserError, did_you_mean
 
 #: Bump when the files a build writes change for the same parameters.
@@ -264,19 +262,3 @@ def _build(arch: str, out: Path, modules: dict[str, Any]) -> None:
     missing = [name for name in REQUIRED_FILES if not (out / name).is_file()]
     if missing:
         raise RuntimeError(f"build of the tiny {arch} model did not write {missing}")
-
-
-@click.group("model")
-def model_cmd() -> None:
-    """Build the tiny random-weight MoE used by the CPU demo and the tests."""
-
-
-@model_cmd.command("build")
-@click.option("--arch", type=click.Choice(ARCHS), default="qwen3_moe", show_default=True,
-              help="Model architecture of the tiny MoE.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder that holds the built models (default $WIDEP_CACHE/models or "
-                   "~/.cache/widep/models).")
-def build_cmd(arch: str, cache_dir: Path | None) -> None:
-    """Build (or reuse) the tiny MoE and print its directory."""
-    click.echo(str(ensure_tiny_moe(arch, cache_dir)))

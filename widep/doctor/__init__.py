@@ -3,27 +3,28 @@
 :func:`gather_host_facts` looks at the host once (the only side effects); :func:`run_checks` judges
 the facts against :class:`DoctorRequirements` with pure functions; :func:`summarize` turns the rows
 into an exit code. :func:`requirements_from_plan` says what one node of a planned topology needs,
-and ``widep launch`` can call :func:`preflight` to run the same checks first.
+and ``widep launch`` calls :func:`check_host` to run the same checks first. The package is split along its seams:
+:mod:`~widep.doctor.facts` (plain data, pure parsers), :mod:`~widep.doctor.gather` (the only side effects),
+:mod:`~widep.doctor.checks` (pure judgements).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from widep.doctor.checks import (
+from widep.doctor.checks import run_checks, summarize
+from widep.doctor.facts import (
     ALL2ALL_BACKEND_MODULES,
     DEEP_GEMM_MODULE,
-    GiB,
-    MiB,
     NIXL_CONNECTOR_MODULE,
     NVSHMEM_BACKENDS,
     CheckResult,
     DoctorRequirements,
+    GiB,
     HostFacts,
-    gather_host_facts,
-    run_checks,
-    summarize,
+    MiB,
 )
+from widep.doctor.gather import gather_host_facts
 from widep.errors import UserError
 
 if TYPE_CHECKING:
@@ -137,7 +138,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
     )
 
 
-def preflight(req: DoctorRequirements, **gather_kwargs: object) -> tuple[list[CheckResult], HostFacts]:
+def check_host(req: DoctorRequirements, **gather_kwargs: object) -> tuple[list[CheckResult], HostFacts]:
     """Gather this host's facts and check them: ``(results, facts)``; ``summarize(results)`` is the verdict."""
     facts = gather_host_facts(req, **gather_kwargs)  # type: ignore[arg-type]
     return run_checks(req, facts), facts
@@ -148,7 +149,7 @@ __all__ = [
     "DoctorRequirements",
     "HostFacts",
     "gather_host_facts",
-    "preflight",
+    "check_host",
     "requirements_from_plan",
     "run_checks",
     "summarize",

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import click
 
-from widep.doctor.checks import (
-    CheckResult,
-    InterfaceFacts,
-    DoctorRequirements,
-    HostFacts,
-    counts,
-    gather_host_facts,
-    parse_port_spec,
-    parse_size,
-    run_checks,
-    summarize,
-)
+from widep.doctor.checks import counts, run_checks, summarize
+from widep.doctor.facts import CheckResult, DoctorRequirements, HostFacts, InterfaceFacts, parse_port_spec, parse_size
+from widep.doctor.gather import gather_host_facts, gather_interfaces
 from widep.errors import UserError
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
@@ -248,9 +239,7 @@ def doctor_cmd(
     base = None
     python = python_
     if topology is not None:
-        from widep.doctor.checks import _gather_interfaces
-
-        base, topo_python = requirements_for_topology(topology, node, _gather_interfaces(Path("/sys"), Path("/proc")))
+        base, topo_python = requirements_for_topology(topology, node, gather_interfaces(Path("/sys"), Path("/proc")))
         python = python or topo_python
     elif node is not None:
         raise UserError(f"--node: Given: {node} without a topology. Valid: --node with a TOPOLOGY file.")

@@ -39,9 +39,7 @@ def router_url(p: DeploymentPlan) -> str | None:
     """The front door's URL when the topology has a router."""
     if p.router is None:
         return None
-    n = p.nodes[p.router.node]
-    host = n.address or n.name
-    return f"http://{host}:{p.router.port}"
+    return f"http://{p.nodes[p.router.node].host}:{p.router.port}"
 
 
 def endpoints_for_topology(path: str | Path, role: str | None = None, *, via_router: bool = True) -> tuple[list[str], int, str]:

@@ -15,7 +15,7 @@ from widep.plan.memory import MemoryBudget, memory_budget
 from widep.spec.hardware import GPUSpec, get_gpu
 from widep.spec.models import MoEArch, load_config_file, load_preset
 from widep.spec.topology import NodeSpec, RoleSpec, TopologySpec
-from widep.spec.vllm_versions import VLLMVersionTable, check_backend, table_for
+from widep.spec.vllm_versions import VLLMVersionTable, check_backend, first_version_with, table_for
 
 
 @dataclass(frozen=True)
@@ -212,8 +212,7 @@ class DeploymentPlan:
                 if r.port is None or (r.node, r.port) in seen:
                     continue
                 seen.add((r.node, r.port))
-                node = self.nodes[r.node]
-                out.append((rp.name, node.address or node.name, r.port))
+                out.append((rp.name, self.nodes[r.node].host, r.port))
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -285,7 +284,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     is_cpu = gpu.device == "cpu"
     mode = spec.serving.dp_mode
     if mode == "multiport" and not vt.has_multi_port_lb:
-        _fail("serving.dp_mode", f"'multiport' needs vLLM >= 0.26 (the DP supervisor); vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.")
+        _fail("serving.dp_mode", f"'multiport' needs vLLM >= {first_version_with('has_multi_port_lb')} (the DP supervisor); "
+              f"vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.")
 
     used_nodes: set[int] = set()
     gpu_owner: dict[tuple[int, int], str] = {}
@@ -400,7 +400,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         if role.expert_parallel and physical % ep_size:
             divisors = [d for d in range(1, E + 1) if E % d == 0 and d <= len(nodes) * spec.cluster.gpus_per_node]
             hint = f"an EP size (DP x TP) that divides {E} experts: {divisors}"
-            if vt.line != "0.10" and not is_cpu:
+            if vt.redundant_experts_even_the_split and not is_cpu:
                 hint += f"; or eplb.enabled with redundant_experts in {_valid_redundant(E, ep_size)} for EP={ep_size}"
             _fail(
                 f"{fp}.eplb.redundant_experts" if R else f"{fp}.nodes",

@@ -70,7 +70,7 @@ def profile_cmd(topology: str, ranks: tuple[str, ...], run_dir: str, seconds: fl
     base = str((Path(run_dir) / "profiles").resolve())
     ctx = RenderContext(profile_dir=base)
     started = time.time()
-    hosts = [(c, p.nodes[c.node].address or p.nodes[c.node].name) for c in targets]
+    hosts = [(c, c.node_address) for c in targets]
     for c, h in hosts:
         err = _post(h, c.port, "/start_profile", 30)
         if err:

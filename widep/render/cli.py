@@ -8,25 +8,12 @@ import shlex
 
 import click
 
+from widep import tinymoe
 from widep.errors import UserError
+from widep.plan import api as plan_api
 from widep.plan.cli import load_plan
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import EnvRef, ProcessCommand, RenderContext, render
-
-
-def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -> str | None:
-    """The model path to render: the flag, the topology's, or the tiny MoE's cache path (built if asked)."""
-    if model_path:
-        return model_path
-    if p.spec.model.path or p.arch.hf_id:
-        return None
-    if p.arch.builtin:
-        from widep import tinymoe
-
-        if build:
-            return str(tinymoe.ensure_tiny_moe(p.arch.builtin))
-        return str(tinymoe.default_cache_dir() / tinymoe.model_dir_name(p.arch.builtin))
-    return None
 
 
 def shell_script(p: DeploymentPlan, cmds: list[ProcessCommand]) -> str:
@@ -102,7 +89,7 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
         spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"version": vllm_version})})
     p = make_plan(spec)
     ctx = RenderContext(
-        model_path=resolve_model_path(p, model_path, build=False),
+        model_path=plan_api.model_path(p, model_path, builtin_dir=tinymoe.default_cache_dir()),
         cpu_count=os.cpu_count() if p.device == "cpu" else None,
         python=python,
         entry_point=entry_point,

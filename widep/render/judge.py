@@ -10,7 +10,7 @@ the positional model is accepted too) it:
 3. converts the namespace with ``AsyncEngineArgs.from_cli_args``;
 4. calls ``create_engine_config()``, which adds vLLM's cross-field checks. On a machine without the
    GPU a feature needs (EPLB on CPU, for instance) vLLM refuses there; the refusal is recorded in
-   :attr:`Verdict.refused_on_platform` rather than reported as an error of the argv, and where the
+   :attr:`ParserVerdict.refused_on_platform` rather than reported as an error of the argv, and where the
    feature can be switched off (see ``_PLATFORM_RETRIES``) the remaining checks are run without it.
 
 Every verdict also carries the ``ParallelConfig`` fields that vLLM hashes and compares between the
@@ -37,7 +37,7 @@ from widep.errors import UserError
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ParserVerdict:
     """What vLLM's own argument handling said about one argv."""
 
     ok: bool
@@ -70,7 +70,7 @@ class Judgement:
     platform: str
     modules: dict[str, str]
     """Where each piece was found, e.g. ``{"make_arg_parser": "vllm.entrypoints.…cli_args"}``."""
-    verdicts: list[Verdict]
+    verdicts: list[ParserVerdict]
 
 
 def judge_argvs(
@@ -80,7 +80,7 @@ def judge_argvs(
     envs: Sequence[Mapping[str, str] | None] | None = None,
     model_override: str | os.PathLike[str] | None = None,
     timeout: float = 600.0,
-) -> list[Verdict]:
+) -> list[ParserVerdict]:
     """Judge every argv with the vLLM installed for ``python``; see :func:`judge`."""
     return judge(argvs, python, envs=envs, model_override=model_override, timeout=timeout).verdicts
 
@@ -148,7 +148,7 @@ def judge(
         raise UserError(f"vLLM's argument judge could not run with python {python}: "
                         f"{result['fatal']}", exit_code=1)
     verdicts = [
-        Verdict(
+        ParserVerdict(
             ok=v["ok"], error=v["error"], checks_ran=list(v["checks_ran"]), parallel=v["parallel"],
             refused_on_platform=v.get("refused_on_platform"), parallel_hash=v.get("parallel_hash"),
             rewritten=v.get("rewritten", {}),
@@ -159,7 +159,7 @@ def judge(
                      modules=result["modules"], verdicts=verdicts)
 
 
-def parallel_mismatches(verdicts: Sequence[Verdict]) -> dict[str, list[Any]]:
+def parallel_mismatches(verdicts: Sequence[ParserVerdict]) -> dict[str, list[Any]]:
     """Parallel fields whose values differ between the verdicts (ranks of one DP group).
 
     Returns ``{field: [value of rank 0, value of rank 1, …]}`` for each differing field; empty

@@ -54,9 +54,10 @@ class RenderContext:
     entry_point: str | None = None
     """'serve' or 'module', overriding vllm.entry_point."""
     leader_addresses: dict[tuple[str, int], str] = field(default_factory=dict)
-    """(role, replica) -> address of the group leader, overriding the topology (Ray placement, LWS)."""
+    """(role, replica) -> address of the group leader, overriding the topology, when it is known at render time
+    (an executor that learns it later binds it with :meth:`ProcessCommand.at`)."""
     node_addresses: dict[int, str] = field(default_factory=dict)
-    """node index -> address this node is reached by, overriding the topology."""
+    """node index -> address this node is reached by, overriding the topology (known at render time)."""
     profile_dir: str | None = None
     """Turn the torch profiler on with traces under this absolute directory (overrides profiler.dir)."""
 
@@ -289,8 +290,7 @@ def model_path(plan: DeploymentPlan, ctx: RenderContext) -> str:
 def _node_addr(plan: DeploymentPlan, ctx: RenderContext, node: int) -> str:
     if node in ctx.node_addresses:
         return ctx.node_addresses[node]
-    n = plan.nodes[node]
-    return n.address or n.name
+    return plan.nodes[node].host
 
 
 def _leader_addr(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, replica: int) -> str:
@@ -376,7 +376,7 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
                 env += [("NVSHMEM_REMOTE_TRANSPORT", "ibgda"), ("NVSHMEM_IB_ENABLE_IBGDA", "1")]
         if net.hcas:
             env.append(("NCCL_IB_HCA", ",".join(net.hcas)))
-        if vt.line == "0.3x":
+        if vt.engine_ready_timeout_env:
             env.append(("VLLM_ENGINE_READY_TIMEOUT_S", str(plan.spec.vllm.ready_timeout_s)))
     else:
         # CPU backend: a fixed KV cache per rank, and each rank's OpenMP threads on their own cores

@@ -28,7 +28,7 @@ Nothing here or in a backend imports a CLI module; the CLI turns flags into a :c
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -129,6 +129,8 @@ class Backend(Protocol):
     """Runs the processes of a launch somewhere (this node, a Ray cluster, a Slurm allocation, ...)."""
 
     name: str
+    stop_requested: Callable[[], bool]
+    """Set by the supervisor before ``prepare``: True once a stop was asked for (long waits give up early)."""
 
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
         """The request with the defaults this backend owns filled in (``node``, ``run_dir``); no side effects
@@ -200,6 +202,10 @@ class BackendBase:
 
     name = "base"
     launch: Launch
+
+    @staticmethod
+    def stop_requested() -> bool:
+        return False
 
     def publish(self, group: Group, status: GroupStatus) -> None:
         return None

@@ -52,13 +52,13 @@ def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | Non
     any failing one refuses the launch, listing each failure with what to do."""
     from dataclasses import replace
 
-    from widep.doctor import preflight as doctor_preflight
+    from widep.doctor import check_host
     from widep.doctor import requirements_from_plan, summarize
 
     req = requirements_from_plan(plan, node)
     if os.path.isdir(model):
         req = replace(req, model_path=model, model_bytes=None)
-    results, _ = doctor_preflight(req, python=python)
+    results, _ = check_host(req, python=python)
     if summarize(results):
         bad = [r for r in results if r.status == "fail"]
         lines = [f"{r.name}: {r.detail}" + (f" -> {r.fix}" if r.fix else "") for r in bad]
@@ -94,7 +94,7 @@ def check_model(model: str) -> None:
         raise UserError(f"model: {model!r} is not a model directory (no config.json there). Nothing was started.")
 
 
-def preflight(plan: DeploymentPlan, cmds: list[ProcessCommand], node: int, model: str) -> None:
+def check_before_start(plan: DeploymentPlan, cmds: list[ProcessCommand], node: int, model: str) -> None:
     """Model present, entry point runnable, then the doctor's node checks; UserError on the first failing kind."""
     check_model(model)
     check_entry_point(cmds)

@@ -69,6 +69,11 @@ class NodeSpec(Strict):
     address: str | None = None
     """IP address or DNS name other nodes reach it by. Needed to launch on several nodes."""
 
+    @property
+    def host(self) -> str:
+        """What other machines connect to: the address, else the name (the one home of that rule)."""
+        return self.address or self.name
+
 
 class NetworkSpec(Strict):
     """How ranks on different nodes talk."""

@@ -46,14 +46,17 @@ class VLLMVersionTable:
     """'flags': --num-redundant-experts etc. (0.10); 'config': --eplb-config JSON (0.11+)."""
     has_dbo: bool
     has_multi_port_lb: bool
-    has_external_lb_flag: bool
-    has_hybrid_lb: bool
+    """--data-parallel-multi-port-external-lb and the DP supervisor (serving.dp_mode: multiport)."""
     api_server_count_default_is_dp: bool
     """True where internal LB starts DP-size API servers unless --api-server-count is given."""
     profiler: Literal["env", "config"]
-    deep_gemm_default_on: bool
-    deep_gemm_warmup_env: str
+    """'env': VLLM_TORCH_PROFILER_*; 'config': --profiler-config JSON."""
     has_moe_backend_flag: bool
+    """--moe-backend (deep_gemm for FP8 experts)."""
+    engine_ready_timeout_env: bool
+    """The API server waits VLLM_ENGINE_READY_TIMEOUT_S for its engines: widep sets it from vllm.ready_timeout_s."""
+    redundant_experts_even_the_split: bool
+    """Whether the planner offers EPLB's redundant experts as a fix for experts that do not divide over EP."""
     dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
 
 
@@ -67,13 +70,11 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         eplb_style="flags",
         has_dbo=False,
         has_multi_port_lb=False,
-        has_external_lb_flag=False,
-        has_hybrid_lb=True,
         api_server_count_default_is_dp=False,
         profiler="env",
-        deep_gemm_default_on=False,
-        deep_gemm_warmup_env="",
         has_moe_backend_flag=False,
+        engine_ready_timeout_env=False,
+        redundant_experts_even_the_split=False,
     ),
     VLLMVersionTable(
         line="0.11",
@@ -84,13 +85,11 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         eplb_style="config",
         has_dbo=True,
         has_multi_port_lb=False,
-        has_external_lb_flag=True,
-        has_hybrid_lb=True,
         api_server_count_default_is_dp=False,
         profiler="env",
-        deep_gemm_default_on=False,
-        deep_gemm_warmup_env="VLLM_SKIP_DEEP_GEMM_WARMUP",
         has_moe_backend_flag=False,
+        engine_ready_timeout_env=False,
+        redundant_experts_even_the_split=True,
     ),
     VLLMVersionTable(
         line="0.3x",
@@ -115,13 +114,11 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         eplb_style="config",
         has_dbo=True,
         has_multi_port_lb=True,
-        has_external_lb_flag=True,
-        has_hybrid_lb=True,
         api_server_count_default_is_dp=True,
         profiler="config",
-        deep_gemm_default_on=True,
-        deep_gemm_warmup_env="VLLM_DEEP_GEMM_WARMUP",
         has_moe_backend_flag=True,
+        engine_ready_timeout_env=True,
+        redundant_experts_even_the_split=True,
     ),
 )
 
@@ -148,6 +145,11 @@ def table_for(version: str) -> VLLMVersionTable:
             return t
     lines = ", ".join(f"{t.versions[0]}-{t.versions[1]}" for t in TABLES)
     raise UserError(f"vllm.version: vLLM {version} is not supported. Valid: {lines}.")
+
+
+def first_version_with(feature: str) -> str:
+    """The oldest version whose table has ``feature`` (a boolean field), for "needs vLLM >= ..." messages."""
+    return next(t.versions[0] for t in TABLES if getattr(t, feature))
 
 
 def check_backend(version: str, backend: str, field: str) -> None:
