@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from widep.plan.api import model_path
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import ProcessCommand, RenderContext, render, render_router
-from widep.run.slurm import SlurmOptions
 from widep.run.state import RestartPolicy
+
+if TYPE_CHECKING:
+    from widep.run.slurm import SlurmOptions
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,6 @@ from widep.run.state import Failure, GroupStatus
 from widep.spec.topology import Strict
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from widep.run.launch import Group, Launch, LaunchRequest
 
 
@@ -446,7 +444,6 @@ class SlurmBackend(BackendBase):
         self.steps: dict[str, _Step] = {}
         self.log_pos: dict[Path, int] = {}
         self.next_check = 0.0
-        self.stop_requested: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ pure
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
@@ -694,6 +691,37 @@ def _exit_words(code: int) -> str:
     from widep.run.procs import signal_name
 
     return signal_name(code)
+
+
+def submit_detached(launch: Launch, console: Console, slurm: Slurm | None = None) -> int:
+    """``--detach``: submit a batch script that runs the supervisor inside the allocation; return at once."""
+    s = slurm or Slurm()
+    opts = launch.request.slurm or SlurmOptions()
+    part = check_fit(launch.plan, opts, s.partitions())
+    launch.run_dir.mkdir(parents=True, exist_ok=True)
+    script = launch.run_dir / "widep.sbatch"
+    python = launch.request.python or sys.executable
+    script.write_text(sbatch_script(launch.plan, opts, str(launch.run_dir), detach_command(launch, opts, python)))
+    job = s.submit(script)
+    console.print(f"\\[slurm] submitted job {job} ({plan_nodes(launch.plan)} node(s), partition {part.name}); the "
+                  f"supervisor runs inside it. Output: {launch.run_dir}/slurm-{job}.out", highlight=False)
+    console.print(f"  readiness: widep status {launch.request.topology} --slurm-job {job}    stop: scancel {job}",
+                  highlight=False)
+    return 0
+
+
+def job_view(job: str, slurm: Slurm | None = None) -> tuple[list[str], dict[int, str], Path | None]:
+    """A running job's hosts (allocation order), their addresses, and the run directory (its output's folder)."""
+    s = slurm or Slurm()
+    info = s.job(job)
+    if not info:
+        raise UserError(f"--slurm-job: Slurm does not know job {job} (finished a while ago, or a typo). Given: {job}.")
+    if info.get("JobState") != "RUNNING":
+        raise UserError(f"--slurm-job: job {job} is {info.get('JobState', '?')}, not running; its hosts are not "
+                        "known.", exit_code=1)
+    hosts = s.hostnames(info["NodeList"])
+    out = info.get("StdOut")
+    return hosts, {i: s.node_address(h) for i, h in enumerate(hosts)}, Path(out).parent if out else None
 
 
 def create_backend(console: Console, options: SlurmOptions | None = None) -> SlurmBackend:
