@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_helpers import ROOT, LaunchProc, topology_copy
+from launch_helpers import ROOT, LaunchProc, free_ports, topology_copy
 from slurm_cluster import SlurmCluster, missing
 
 pytestmark = pytest.mark.slurm
@@ -163,3 +163,27 @@ def test_restart_never_exits_non_zero_with_the_first_failure_and_its_log(slurm: 
     assert re.search(r"failure: serve/0 on n0: exited with code 1\n", out), out
     assert "no-such-model" in out.split("failure: serve/0 on n0")[-1], "the failure shows the rank's last log lines"
     assert slurm.jobs() == []
+
+
+def test_two_nodes_and_the_router_answer_through_one_url(slurm: SlurmCluster, tmp_path: Path, tiny_moe_dir: Path,
+                                                         vllm_python: str) -> None:
+    """tiny-moe-cpu-2x: two one-rank groups on Slurm nodes n0 and n1 (127.0.0.1, 127.0.0.2), vllm-router in front;
+    --once sends a completion through the router, then the job is cancelled and nothing is left."""
+    topo = topology_copy("tiny-moe-cpu-2x.yaml", tmp_path)
+    doc = yaml.safe_load(topo.read_text())
+    doc["router"]["port"], doc["router"]["prometheus_port"] = free_ports(2)
+    topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(topo), "--backend", "slurm", "--once",
+                        "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=400, env=dict(os.environ) | _slurm_env(slurm),
+                       check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "plan node 0 (pretend-0) -> n0 (127.0.0.1)" in out and "plan node 1 (pretend-1) -> n1 (127.0.0.2)" in out
+    assert f"[router] ready: http://127.0.0.1:{doc['router']['port']} on n0" in out
+    assert f"completion from router at http://127.0.0.1:{doc['router']['port']}/v1/completions" in out
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    assert processes_of_job(job) == [] and slurm.jobs() == []
+    logs = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("vllm.log")}
+    assert logs == {"replica-0/attempt-0/serve/rank-0/vllm.log", "replica-1/attempt-0/serve/rank-0/vllm.log",
+                    "attempt-0/router/rank-0/vllm.log"}

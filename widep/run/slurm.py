@@ -444,6 +444,12 @@ class SlurmBackend(BackendBase):
         self.steps: dict[str, _Step] = {}
         self.log_pos: dict[Path, int] = {}
         self.next_check = 0.0
+        self.router: Group | None = None
+        """The vllm-router as a one-process group of its own srun step (started once every API server is healthy)."""
+        self.router_starts = 0
+        self.router_healthy = False
+        self.router_failed_starts = 0
+        self.router_next = 0.0
 
     # ------------------------------------------------------------------ pure
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
@@ -471,8 +477,9 @@ class SlurmBackend(BackendBase):
         self.launch = launch
         plan = launch.plan
         if launch.router is not None:
-            raise UserError("router.enabled: --backend slurm does not start vllm-router yet; launch without --router "
-                            "and front the API servers yourself, or use --backend bare-metal.")
+            from widep.run.bare_metal import router_executable
+
+            router_executable(launch.router.argv[0])  # a missing router is refused before anything is submitted
         inside = os.environ.get("SLURM_JOB_ID") if os.environ.get(INSIDE_ENV) == "1" else None
         run_dir = launch.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -500,6 +507,15 @@ class SlurmBackend(BackendBase):
             self.console.print(f"\\[slurm] plan node {i} ({n.name}) -> {self.hosts[i]} ({self.addresses[i]})",
                                highlight=False)
         self.launch = bind_addresses(launch, self.addresses)
+        if launch.router is not None:
+            from widep.render.vllm import render_router
+            from widep.run.bare_metal import router_executable
+            from widep.run.launch import Group
+
+            cmd = render_router(plan_at(plan, self.addresses), launch.context)
+            assert cmd is not None
+            cmd = cmd.with_executable(router_executable(cmd.argv[0]))
+            self.router = Group("router", 0, "router", (cmd.node,), (cmd,), 0)
         return list(self.launch.groups)
 
     def _wait_running(self) -> dict[str, str]:
@@ -577,7 +593,7 @@ class SlurmBackend(BackendBase):
         return out
 
     def _log(self, c: ProcessCommand, attempt: int) -> Path:
-        return self.launch.run_dir / f"attempt-{attempt}" / c.role / f"rank-{c.dp_rank}" / "vllm.log"
+        return log_root(self.launch, c) / f"attempt-{attempt}" / c.role / f"rank-{c.dp_rank}" / "vllm.log"
 
     def _new_lines(self, path: Path) -> list[str]:
         try:
@@ -623,6 +639,10 @@ class SlurmBackend(BackendBase):
                 step.proc.wait()
 
     def tick(self, now: float) -> int | None:
+        if self.router is not None:
+            code = self._router_tick(now)
+            if code is not None:
+                return code
         if self.job is None or now < self.next_check:
             return None
         self.next_check = now + 2.0
@@ -633,6 +653,58 @@ class SlurmBackend(BackendBase):
                            + (" (time limit: --time)" if state == "TIMEOUT" else ""))
         return 0 if state == "CANCELLED" else 1
 
+    def _router_tick(self, now: float) -> int | None:
+        """Start the router once every API server answers, restart it when its step ends, fail after 5 starts in a
+        row that never became healthy (the bare-metal router's rules)."""
+        from widep.run.bare_metal import ROUTER_MAX_FAILED_STARTS
+        from widep.run.control import probe
+
+        assert self.router is not None
+        if now < self.router_next:
+            return None
+        self.router_next = now + self.launch.request.probe_interval_s
+        step = self.steps.get("router")
+        (door,) = self.endpoints(self.router)
+        if step is not None:
+            code = step.proc.poll()
+            if code is None:
+                if not self.router_healthy and probe(door.host, door.port)[0] == "healthy":
+                    self.router_healthy, self.router_failed_starts = True, 0
+                    self.console.print(f"\\[router] ready: http://{door.host}:{door.port} on "
+                                       f"{self.hosts[door.process.node]}", highlight=False)
+                return None
+            self.router_failed_starts = 0 if self.router_healthy else self.router_failed_starts + 1
+            self.router_healthy = False
+            last = "\n    ".join(_tail(self._log(door.process, step.attempt), 10))
+            self.steps.pop("router")
+            if self.router_failed_starts >= ROUTER_MAX_FAILED_STARTS:
+                self.console.print(f"[bold red]\\[router] failed {self.router_failed_starts} starts in a row[/]:\n"
+                                   f"    {last}", highlight=False)
+                return 1
+            self.console.print(f"\\[router] step ended ({_exit_words(code)}); restarting it\n    {last}",
+                               highlight=False)
+            return None
+        fronted = [e for g in self.launch.groups for e in self.endpoints(g) if e.process.port]
+        if all(probe(e.host, e.port, timeout=2.0)[0] == "healthy" for e in fronted):
+            self.start(self.router, self.router_starts)
+            self.router_starts += 1
+            self.console.print(f"\\[router] started on {self.hosts[door.process.node]} port {door.port}",
+                               highlight=False)
+        return None
+
+    def ready(self) -> bool:
+        return self.router is None or self.router_healthy
+
+    def drain(self) -> None:
+        if self.router is not None:
+            self.stop(self.router)
+            self.router_healthy = False
+
+    def front_door(self) -> Endpoint:
+        if self.router is not None:
+            return self.endpoints(self.router)[0]
+        return super().front_door()
+
     def publish(self, group: Group, status: GroupStatus) -> None:
         d = self.launch.run_dir / "groups"
         d.mkdir(parents=True, exist_ok=True)
@@ -640,7 +712,7 @@ class SlurmBackend(BackendBase):
 
     def shutdown(self) -> None:
         for label in list(self.steps):
-            g = next((g for g in self.launch.groups if g.label == label), None)
+            g = next((g for g in (*self.launch.groups, self.router) if g is not None and g.label == label), None)
             if g is not None:
                 self.stop(g)
         if self.job and self.submitted:
@@ -667,13 +739,25 @@ def bind_addresses(launch: Launch, addresses: dict[int, str]) -> Launch:
     return replace(launch, processes=procs, groups=groups)
 
 
+def plan_at(plan: DeploymentPlan, addresses: dict[int, str]) -> DeploymentPlan:
+    """The plan with node i reached at ``addresses[i]`` (what the router's worker URLs are rendered from)."""
+    return replace(plan, nodes=tuple(n.model_copy(update={"address": addresses[i]}) for i, n in enumerate(plan.nodes)))
+
+
+def log_root(launch: Launch, c: ProcessCommand) -> Path:
+    """Where a process's ``attempt-<k>/<role>/rank-<n>/`` lives: the run directory, or ``replica-<g>/`` in it when
+    its role has several replicas (each numbers its DP ranks from 0, and every node writes to the same folder)."""
+    rp = next((r for r in launch.plan.roles if r.name == c.role), None)
+    return launch.run_dir / f"replica-{c.replica}" if rp is not None and rp.spec.replicas > 1 else launch.run_dir
+
+
 def step_spec(launch: Launch, group: Group, attempt: int, hosts: dict[int, str]) -> dict:
     """What the node agents of one step read: each host's processes, argv and environment (secrets by name)."""
     return {
         "run_id": launch.run_id, "run_dir": str(launch.run_dir), "attempt": attempt, "group": group.label,
         "grace_s": launch.request.stop_timeout_s,
         "processes": [{
-            "host": hosts[c.node], "role": c.role, "replica": c.replica, "dp_rank": c.dp_rank,
+            "host": hosts[c.node], "run_dir": str(log_root(launch, c)), "role": c.role, "replica": c.replica, "dp_rank": c.dp_rank,
             "dp_ranks": list(c.dp_ranks), "node": c.node, "node_name": c.node_name, "local_rank": c.local_rank,
             "port": c.port, "health_port": c.health_port, "headless": c.headless, "argv": list(c.argv),
             "env": [[k, {"ref": v.name, "what": v.what} if isinstance(v, EnvRef) else v] for k, v in c.env],
@@ -746,8 +830,8 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     spec = json.loads(Path(step_file).read_text())
     host = host or os.environ.get("SLURMD_NODENAME") or ""
-    run_dir, attempt, grace = Path(spec["run_dir"]), int(spec["attempt"]), float(spec["grace_s"])
-    cmds = []
+    attempt, grace = int(spec["attempt"]), float(spec["grace_s"])
+    cmds, roots = [], []
     for p in spec["processes"]:
         if p["host"] != host:
             continue
@@ -755,6 +839,7 @@ def node_agent(step_file: str, host: str | None = None) -> int:
         cmds.append(ProcessCommand(p["role"], p["replica"], p["dp_rank"], tuple(p["dp_ranks"]), p["node"],
                                    p["node_name"], p["local_rank"], p["port"], p["health_port"], p["headless"],
                                    template=tuple(p["argv"]), env_template=env))
+        roots.append(Path(p["run_dir"]))
     if not cmds:
         print(f"widep node agent: no process of {spec['group']} runs on {host!r}", file=sys.stderr)
         return 2
@@ -763,7 +848,7 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     except UserError as err:
         print(f"widep node agent on {host}: {err}", file=sys.stderr)
         return 2
-    procs = [start_rank(c, run_dir, attempt, e, spec["run_id"], grace) for c, e in zip(cmds, envs)]
+    procs = [start_rank(c, root, attempt, e, spec["run_id"], grace) for c, root, e in zip(cmds, roots, envs)]
     print(f"[{host}] attempt {attempt}: started {', '.join(c.name for c in cmds)}", flush=True)
     code = 0
     while not _stop:
