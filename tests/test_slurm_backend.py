@@ -165,25 +165,62 @@ def test_restart_never_exits_non_zero_with_the_first_failure_and_its_log(slurm: 
     assert slurm.jobs() == []
 
 
-def test_two_nodes_and_the_router_answer_through_one_url(slurm: SlurmCluster, tmp_path: Path, tiny_moe_dir: Path,
-                                                         vllm_python: str) -> None:
+def test_two_nodes_and_the_router_answer_through_one_url_and_ctrl_c_leaves_nothing(
+        slurm: SlurmCluster, tmp_path: Path, tiny_moe_dir: Path, vllm_python: str) -> None:
     """tiny-moe-cpu-2x: two one-rank groups on Slurm nodes n0 and n1 (127.0.0.1, 127.0.0.2), vllm-router in front;
-    --once sends a completion through the router, then the job is cancelled and nothing is left."""
+    a completion goes through the router; Ctrl-C (SIGINT) then stops every step and cancels the job."""
     topo = topology_copy("tiny-moe-cpu-2x.yaml", tmp_path)
     doc = yaml.safe_load(topo.read_text())
     doc["router"]["port"], doc["router"]["prometheus_port"] = free_ports(2)
     topo.write_text(yaml.safe_dump(doc, sort_keys=False))
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(topo), "--backend", "slurm", "--once",
-                        "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=400, env=dict(os.environ) | _slurm_env(slurm),
-                       check=False)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out
-    assert "plan node 0 (pretend-0) -> n0 (127.0.0.1)" in out and "plan node 1 (pretend-1) -> n1 (127.0.0.2)" in out
-    assert f"[router] ready: http://127.0.0.1:{doc['router']['port']} on n0" in out
-    assert f"completion from router at http://127.0.0.1:{doc['router']['port']}/v1/completions" in out
-    job = re.search(r"submitted job (\d+)", out).group(1)
+    router = doc["router"]["port"]
+    lp = LaunchProc([str(topo), "--backend", "slurm", "--model-path", str(tiny_moe_dir), "--python", vllm_python,
+                     "--run-dir", str(tmp_path / "run")], env=_slurm_env(slurm))
+    try:
+        job = re.search(r"submitted job (\d+)", lp.wait_for(r"submitted job \d+", 60)).group(1)
+        lp.wait_for(r"plan node 0 \(pretend-0\) -> n0 \(127\.0\.0\.1\)", 60)
+        lp.wait_for(r"plan node 1 \(pretend-1\) -> n1 \(127\.0\.0\.2\)", 5)
+        lp.wait_for(rf"\[router\] ready: http://127\.0\.0\.1:{router} on n0", 300)
+        lp.wait_for(r"ready: tiny-moe-cpu-2x", 30)
+        body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hi", "max_tokens": 4, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{router}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
+        assert lp.stop(signal.SIGINT) == 0, lp.output()
+        assert f"job {job} cancelled" in lp.output()
+        assert processes_of_job(job) == [] and slurm.jobs() == []
+        logs = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("vllm.log")}
+        assert logs == {"replica-0/attempt-0/serve/rank-0/vllm.log", "replica-1/attempt-0/serve/rank-0/vllm.log",
+                        "attempt-0/router/rank-0/vllm.log"}
+    finally:
+        lp.stop(signal.SIGKILL)
+
+
+def test_detach_runs_the_supervisor_inside_the_job(slurm: SlurmCluster, tmp_path: Path, tiny_moe_dir: Path,
+                                                   vllm_python: str) -> None:
+    """--detach submits and returns; the batch script runs `widep launch --backend slurm` inside the allocation,
+    `widep status --slurm-job` shows it healthy, scancel ends it with nothing left."""
+    topo = topology_copy("tiny-moe-cpu.yaml", tmp_path)
+    r = _widep(slurm, "launch", str(topo), "--backend", "slurm", "--detach", "--model-path", str(tiny_moe_dir),
+               "--python", vllm_python, "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = re.search(r"submitted job (\d+)", r.stdout).group(1)
+    try:
+        end = time.monotonic() + 240
+        st = None
+        while time.monotonic() < end:
+            st = _widep(slurm, "status", str(topo), "--slurm-job", job, "--json", timeout=60)
+            if st.returncode == 0:
+                break
+            time.sleep(3)
+        assert st is not None and st.returncode == 0, (st.stdout + st.stderr if st else "") + \
+            (tmp_path / "run" / f"slurm-{job}.out").read_text()
+        out = (tmp_path / "run" / f"slurm-{job}.out").read_text()
+        assert f"supervising inside job {job}" in out and "ready: tiny-moe-cpu" in out
+    finally:
+        slurm.run("scancel", job)
+    end = time.monotonic() + 60
+    while (processes_of_job(job) or slurm.jobs()) and time.monotonic() < end:
+        time.sleep(0.5)
     assert processes_of_job(job) == [] and slurm.jobs() == []
-    logs = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("vllm.log")}
-    assert logs == {"replica-0/attempt-0/serve/rank-0/vllm.log", "replica-1/attempt-0/serve/rank-0/vllm.log",
-                    "attempt-0/router/rank-0/vllm.log"}

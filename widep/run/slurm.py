@@ -457,10 +457,10 @@ class SlurmBackend(BackendBase):
         if self.options.detach and request.topology is None:
             raise UserError("--detach: the batch script runs `widep launch TOPOLOGY` again inside the job, so the "
                             "topology must be a file. Given: the built-in default. Valid: a topology file path.")
-        if request.run_dir is not None:
-            return replace(request, run_dir=request.run_dir.resolve())
-        return replace(request, run_dir=(Path("runs") / f"{request.plan.name}-{time.strftime('%Y%m%d-%H%M%S')}-slurm")
-                       .resolve())
+        from widep.run.host import default_run_dir
+
+        # absolute: the nodes read their step files and write their logs there (a file system they all see)
+        return replace(request, run_dir=(request.run_dir or default_run_dir(request.plan, "slurm")).resolve())
 
     def python(self, launch: Launch) -> str:
         return launch.request.python or sys.executable
