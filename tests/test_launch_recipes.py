@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from widep.render.cli import render_cmd
-from widep.run.recipes import REGENERATE, expected_files, stale
+from widep.render.recipes import REGENERATE, expected_files, stale
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,10 +22,10 @@ def test_launch_dir_is_up_to_date() -> None:
 
 def test_check_flags_an_edited_and_an_extra_file(tmp_path: Path) -> None:
     out = tmp_path / "launch"
-    subprocess.run([sys.executable, "-m", "widep.run.recipes", "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "widep.render.recipes", "--out", str(out)], check=True, capture_output=True)
     (out / "tiny-moe-cpu" / "node-0.sh").write_text("edited\n")
     (out / "tiny-moe-cpu" / "node-7.sh").write_text("stray\n")
-    r = subprocess.run([sys.executable, "-m", "widep.run.recipes", "--out", str(out), "--check"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "widep.render.recipes", "--out", str(out), "--check"], capture_output=True,
                        text=True, check=False)
     assert r.returncode == 1
     assert f"{out}/tiny-moe-cpu/node-0.sh: differs from what widep generates now" in r.stdout

@@ -508,13 +508,15 @@ class SlurmBackend(BackendBase):
                                highlight=False)
         self.launch = bind_addresses(launch, self.addresses)
         if launch.router is not None:
-            from widep.render.vllm import render_router
             from widep.run.bare_metal import router_executable
-            from widep.run.launch import Group
+            from widep.run.launch import Group, render_launch
 
-            cmd = render_router(plan_at(plan, self.addresses), launch.context)
-            assert cmd is not None
-            cmd = cmd.with_executable(router_executable(cmd.argv[0]))
+            # the router's worker URLs are rendered from the plan's node addresses (they are no slots ProcessCommand.at
+            # could bind), so its command is rendered with the allocation's addresses standing in the plan
+            routed = render_launch(replace(launch.request, plan=plan_at(plan, self.addresses)), launch.context,
+                                   launch.run_id)
+            assert routed.router is not None
+            cmd = routed.router.with_executable(router_executable(routed.router.argv[0]))
             self.router = Group("router", 0, "router", (cmd.node,), (cmd,), 0)
         return list(self.launch.groups)
 

@@ -58,6 +58,9 @@ class VLLMVersionTable:
     redundant_experts_even_the_split: bool
     """Whether the planner offers EPLB's redundant experts as a fix for experts that do not divide over EP."""
     dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
+    has_kv_load_failure_policy: bool = False
+    """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
+    (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
 
 
 TABLES: tuple[VLLMVersionTable, ...] = (
@@ -119,6 +122,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         has_moe_backend_flag=True,
         engine_ready_timeout_env=True,
         redundant_experts_even_the_split=True,
+        has_kv_load_failure_policy=True,
     ),
 )
 

@@ -1,7 +1,7 @@
 """Regenerate the checked-in bare-metal recipes in ``launch/`` from ``topologies/``.
 
-    python -m widep.run.recipes            # rewrite launch/ (the only way these files change)
-    python -m widep.run.recipes --check    # exit 1 and list the files that are stale, missing or extra
+    python -m widep.render.recipes            # rewrite launch/ (the only way these files change)
+    python -m widep.render.recipes --check    # exit 1 and list the files that are stale, missing or extra
 
 Every curated topology gets a folder ``launch/<topology>/`` with
 
@@ -24,7 +24,7 @@ import click
 
 from widep.errors import UserError
 
-REGENERATE = "python -m widep.run.recipes"
+REGENERATE = "python -m widep.render.recipes"
 REPO = Path(__file__).resolve().parents[2]
 MODEL_DIR = "models"
 """Where the recipes expect widep's tiny MoE (built with `widep model build --cache-dir models`)."""
