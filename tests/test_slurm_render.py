@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,14 @@ def test_dry_run_quotes_every_value_for_the_shell(tmp_path: Path) -> None:
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
     assert shlex.split(srun)[-5:] == ["/opt/my env/bin/python", "-m", "widep.run.slurm", "node",
                                       "/shared/run/attempt-0/serve/step.json"]
+
+
+def test_names_from_the_topology_cannot_add_lines_to_the_batch_script() -> None:
+    """A topology name or node name with a newline stays inside its comment; the job name keeps Slurm's charset."""
+    p = plan_of(TINY)
+    node = p.nodes[0].model_copy(update={"name": "n0\n#SBATCH --nodes=99\nrm -rf /"})
+    p = replace(p, nodes=(node,), spec=p.spec.model_copy(update={"name": "x y\nexec evil"}))
+    script = sbatch_script(p, SlurmOptions(), "/r")
+    assert "\nrm -rf /" not in script and "\n#SBATCH --nodes=99" not in script and "\nexec evil" not in script
+    assert "#SBATCH --job-name=widep-x-y-exec-evil\n" in script
+    assert "#   host 0: plan node 0 (n0\\n#SBATCH --nodes=99\\nrm -rf /): serve" in script

@@ -63,6 +63,14 @@ def sh_quote(value: str) -> str:
     return shlex.quote(value)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def sh_comment(text: str) -> str:
+    """``# text`` on one line of the script: control characters (newlines included) shown escaped, never obeyed."""
+    return "# " + _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
 # --------------------------------------------------------------------------------------------- options
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
 _TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
@@ -184,7 +192,8 @@ def plan_nodes(plan: DeploymentPlan) -> int:
 
 
 def job_name(plan: DeploymentPlan, opts: SlurmOptions) -> str:
-    return opts.job_name or f"widep-{plan.name}"
+    """--job-name, else widep-<topology name> with anything outside Slurm's name characters as '-'."""
+    return opts.job_name or "widep-" + re.sub(r"[^A-Za-z0-9_.+-]", "-", plan.name)
 
 
 def sbatch_script(plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: tuple[str, ...] | None = None,
@@ -193,13 +202,13 @@ def sbatch_script(plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: 
     None: the script only holds the allocation while the driver on the submitting host starts steps in it."""
     n = plan_nodes(plan)
     lines = ["#!/bin/bash",
-             f"# widep: one Slurm allocation for {plan.name} ({n} node(s)).",
-             *([f"# {made_by}"] if made_by else []),
+             sh_comment(f"widep: one Slurm allocation for {plan.name} ({n} node(s))."),
+             *([sh_comment(made_by)] if made_by else []),
              "# Plan node i runs on the i-th host of the allocation (scontrol show hostnames \"$SLURM_JOB_NODELIST\"):"]
     for i, node in enumerate(plan.nodes):
         roles = sorted({f"{rp.name}#{g}" if rp.spec.replicas > 1 else rp.name
                         for rp in plan.roles for g, ns in enumerate(rp.group_nodes) if i in ns})
-        lines.append(f"#   host {i}: plan node {i} ({node.name}): {', '.join(roles) or 'no ranks'}")
+        lines.append(sh_comment(f"  host {i}: plan node {i} ({node.name}): {', '.join(roles) or 'no ranks'}"))
     sb = [f"--job-name={job_name(plan, opts)}", f"--nodes={n}", "--ntasks-per-node=1", "--exclusive"]
     if plan.device == "cuda":
         sb.append(f"--gpus-per-node={plan.spec.cluster.gpus_per_node}")
