@@ -33,7 +33,8 @@ def missing() -> str | None:
     """Why a local cluster cannot run here (None when it can)."""
     absent = [b for b in BINARIES if not shutil.which(b) and not Path(f"/usr/sbin/{b}").exists()]
     if absent:
-        return f"Slurm/munge binaries missing: {', '.join(absent)} (apt-get install slurmctld slurmd slurm-client munge)"
+        return (f"Slurm/munge binaries missing: {', '.join(absent)} "
+                "(apt-get install slurmctld slurmd slurm-client munge)")
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd runs jobs as their owner)"
     return None
@@ -119,7 +120,8 @@ class SlurmCluster:
         env = dict(os.environ) | self.env
         m = self.root / "munge"
         self._spawn("munged", [_exe("munged"), "-F", f"--key-file={key}", f"--socket={m}/socket",
-                               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/seed"], env)
+                               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
+                               f"--seed-file={m}/seed"], env)
         self._wait(lambda: (m / "socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", [_exe("slurmctld"), "-D", "-f", str(conf)], env)
         self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout, "slurmctld ping")

@@ -69,9 +69,11 @@ def test_gpu_plan_asks_for_whole_gpu_nodes_and_steps_per_group() -> None:
     script = sbatch_script(p, SlurmOptions(), "/r")
     assert "#SBATCH --nodes=3\n" in script and "#SBATCH --gpus-per-node=8\n" in script
     assert "#SBATCH --exclusive\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
-    assert "#   host 0: plan node 0 (h200-0): prefill" in script and "#   host 2: plan node 2 (h200-2): decode" in script
+    assert "#   host 0: plan node 0 (h200-0): prefill" in script
+    assert "#   host 2: plan node 2 (h200-2): decode" in script
     argv = srun_argv(p, SlurmOptions(), "77", ["a", "b"], "decode", 2, "/r/attempt-2/decode/step.json", "/py", "/r")
-    assert argv == ("srun", "--jobid=77", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--nodelist=a,b",
+    assert argv == ("srun", "--jobid=77", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
+                    "--nodelist=a,b",
                     "--kill-on-bad-exit=1", "--job-name=widep-decode-a2", "--gpus-per-node=8",
                     "/py", "-m", "widep.run.slurm", "node", "/r/attempt-2/decode/step.json")
 
@@ -88,7 +90,8 @@ def test_container_options_reach_every_step_with_the_run_dir_mounted() -> None:
     ({"partition": "gpu part"}, "--partition: 'gpu part' is not a Slurm name."),
     ({"account": "a;rm -rf /"}, "--account: 'a;rm -rf /' is not a Slurm name."),
     ({"constraint": "a b"}, "--constraint: 'a b' is not a Slurm constraint."),
-    ({"sbatch_lines": ("--nodes=4",)}, "--sbatch: '--nodes=4' sets --nodes, which widep sets from the plan's node count"),
+    ({"sbatch_lines": ("--nodes=4",)},
+     "--sbatch: '--nodes=4' sets --nodes, which widep sets from the plan's node count"),
     ({"sbatch_lines": ("-p gpu",)}, "--sbatch: '-p gpu' sets -p, which widep sets from --partition"),
     ({"sbatch_lines": ("mail-type=END",)}, "--sbatch: 'mail-type=END' is not one sbatch option."),
     ({"sbatch_lines": ("--comment=a\n#SBATCH --nodes=9",)}, "is not one sbatch option"),

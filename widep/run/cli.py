@@ -76,9 +76,12 @@ def default_topology() -> Path:
 @click.option("--reservation", default=None, help="Slurm reservation (with --backend slurm).")
 @click.option("--constraint", default=None, help="Slurm node features, e.g. 'h200&ib' (with --backend slurm).")
 @click.option("--job-name", default=None, help="Slurm job name (default widep-<topology name>).")
-@click.option("--sbatch", "sbatch_lines", multiple=True, help="Extra #SBATCH option, e.g. --sbatch=--mail-type=END (repeatable).")
-@click.option("--container-image", default=None, help="pyxis/enroot image every srun step runs in (with --backend slurm).")
-@click.option("--container-mounts", multiple=True, help="pyxis mount SRC:DST[:FLAGS] (repeatable; the run dir is always mounted).")
+@click.option("--sbatch", "sbatch_lines", multiple=True,
+              help="Extra #SBATCH option, e.g. --sbatch=--mail-type=END (repeatable).")
+@click.option("--container-image", default=None,
+              help="pyxis/enroot image every srun step runs in (with --backend slurm).")
+@click.option("--container-mounts", multiple=True,
+              help="pyxis mount SRC:DST[:FLAGS] (repeatable; the run dir is always mounted).")
 @click.option("--detach", is_flag=True, help="Slurm: submit and return; the supervisor runs inside the batch script.")
 def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: str | None, follow: bool, once: bool,
                prompt: str, restart: str, max_restarts: int, backoff: float, ready_timeout: float | None, grace: float,
@@ -159,7 +162,8 @@ def with_router_enabled(spec: TopologySpec, policy: str | None, source: str) -> 
 @click.argument("topology", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @click.option("--timeout", type=float, default=2.0, show_default=True, help="Per-probe timeout (s).")
-@click.option("--slurm-job", default=None, help="The Slurm job running TOPOLOGY (--backend slurm): nodes are its hosts.")
+@click.option("--slurm-job", default=None,
+              help="The Slurm job running TOPOLOGY (--backend slurm): nodes are its hosts.")
 def status_cmd(topology: str, as_json: bool, timeout: float, slurm_job: str | None) -> int:
     """Which ranks of TOPOLOGY answer /health (and each group's attempt), from any machine."""
     p = make_plan(load_topology(topology))

@@ -768,7 +768,8 @@ def step_spec(launch: Launch, group: Group, attempt: int, hosts: dict[int, str])
         "run_id": launch.run_id, "run_dir": str(launch.run_dir), "attempt": attempt, "group": group.label,
         "grace_s": launch.request.stop_timeout_s,
         "processes": [{
-            "host": hosts[c.node], "run_dir": str(log_root(launch, c)), "role": c.role, "replica": c.replica, "dp_rank": c.dp_rank,
+            "host": hosts[c.node], "run_dir": str(log_root(launch, c)), "role": c.role, "replica": c.replica,
+            "dp_rank": c.dp_rank,
             "dp_ranks": list(c.dp_ranks), "node": c.node, "node_name": c.node_name, "local_rank": c.local_rank,
             "port": c.port, "health_port": c.health_port, "headless": c.headless, "argv": list(c.argv),
             "env": [[k, {"ref": v.name, "what": v.what} if isinstance(v, EnvRef) else v] for k, v in c.env],
