@@ -274,7 +274,7 @@ def test_placement_of_a_gpu_topology_and_dry_run():
 
 
 def test_health_rules_shared_by_both_backends():
-    """judge_health / note_health (widep.run.state), which the bare-metal GroupRunner and RayGroup both apply."""
+    """judge_health / note_health (widep.run.state), which the one supervisor applies for every backend."""
     from widep.run.state import GroupState, judge_health, note_health
 
     h, since = {}, {}

@@ -177,3 +177,35 @@ def test_every_option_reaches_every_backend(tmp_path, backend):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("--profiler-config") == (2 if backend == "ray" else 1)
     assert f'"torch_profiler_dir":"{tmp_path / "run" / "profiles"}/serve/rank-0"' in r.stdout
+
+
+def test_bare_metal_follows_logs_and_serves_the_group_state(tmp_path):
+    """The bare-metal backend itself (guard, control endpoint, --follow) with its process's program swapped for the
+    echo server (the launch tests run it with vLLM)."""
+    from widep.run.bare_metal import BareMetal
+    from widep.run.control import http_json
+
+    p = make_plan(load_topology(topology_copy("tiny-moe-cpu.yaml", tmp_path)))
+    backend = BareMetal(Console())
+    request = backend.resolve(LaunchRequest(p, run_dir=tmp_path / "run", model_path=MODEL, once=True, follow=True,
+                                            skip_preflight=True))
+    launch = prepare_launch(request)
+    echo = {c.name: replace(c, template=(sys.executable, "-m", "widep.bench.echo_server", "--host", "127.0.0.1",
+                                         "--port", str(c.port), "--model", MODEL)) for c in launch.processes}
+    launch = replace(launch, processes=tuple(echo.values()), groups=tuple(
+        replace(g, processes=tuple(echo[c.name] for c in g.processes)) for g in launch.groups))
+    seen: dict = {}
+
+    def on_ready() -> int:
+        g = launch.groups[0]
+        seen.update(http_json("127.0.0.1", g.control_port, "GET", "/state"))
+        return 0
+
+    out = io.StringIO()
+    backend.console = Console(file=out, width=200)
+    assert Supervisor(backend, launch, backend.console).run(on_ready=on_ready) == 0
+    assert seen["group"] == "serve" and seen["state"] == "healthy" and seen["attempt"] == 0
+    text = out.getvalue()
+    assert f"[serve/0] PORT={launch.processes[0].port}" in text  # --follow: the process's own output, prefixed
+    assert (tmp_path / "run" / "attempt-0" / "serve" / "rank-0" / "vllm.log").is_file()
+    assert not backend.procs

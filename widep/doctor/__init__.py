@@ -60,7 +60,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
     any_host = "0.0.0.0"
     node_host = plan.nodes[node].address or any_host
     http_host = node_host if spec.serving.host == "node" else spec.serving.host
-    # widep's group-control endpoint (run/launcher.py) binds all addresses only with host 0.0.0.0.
+    # widep's group-control endpoint (run/bare_metal.py) binds all addresses only with host 0.0.0.0.
     control_host = any_host if spec.serving.host == "0.0.0.0" else node_host
     ranks = []
     ports: list[tuple[str, int]] = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from widep.errors import UserError
@@ -143,19 +144,29 @@ class ProcessCommand:
 
     def value(self, slot: Slot) -> str:
         """The value of ``slot`` for this process."""
-        values = {HOST: self.host, PORT: None if self.port is None else str(self.port), DP_RANK: str(self.dp_rank),
-                  START_RANK: str(self.dp_rank), LEADER_ADDRESS: self.leader_address, NODE_ADDRESS: self.node_address,
-                  DEVICES: ",".join(self.devices if self.devices is not None else map(str, self.gpus))}
-        v = values.get(slot)
+        if slot == HOST:
+            v = self.host
+        elif slot == PORT:
+            v = None if self.port is None else str(self.port)
+        elif slot in (DP_RANK, START_RANK):
+            v = str(self.dp_rank)
+        elif slot == LEADER_ADDRESS:
+            v = self.leader_address
+        elif slot == NODE_ADDRESS:
+            v = self.node_address
+        elif slot == DEVICES:
+            v = ",".join(self.devices if self.devices is not None else map(str, self.gpus))
+        else:
+            v = None
         if v is None:
             raise ValueError(f"{self.name}: no value for {slot} (a widep bug: the renderer used a slot it did not fill)")
         return v
 
-    @property
+    @cached_property
     def argv(self) -> tuple[str, ...]:
         return tuple(self.value(w) if isinstance(w, Slot) else w for w in self.template)
 
-    @property
+    @cached_property
     def env(self) -> tuple[tuple[str, EnvValue], ...]:
         return tuple((k, self.value(v) if isinstance(v, Slot) else v) for k, v in self.env_template)
 

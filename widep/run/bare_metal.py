@@ -37,6 +37,13 @@ def key_of(group: Group) -> GroupKey:
     return (group.role, group.replica)
 
 
+def node_of(request: LaunchRequest) -> int:
+    """This machine's plan node, which :meth:`BareMetal.resolve` put in the request."""
+    if request.node is None:
+        raise ValueError("bare metal: the request's node is set by BareMetal.resolve before anything else")
+    return request.node
+
+
 def create_backend(console: Console) -> BareMetal:
     return BareMetal(console)
 
@@ -59,8 +66,7 @@ class BareMetal(BackendBase):
 
     @property
     def node(self) -> int:
-        assert self.launch.request.node is not None  # resolve() set it
-        return self.launch.request.node
+        return node_of(self.launch.request)
 
     # ------------------------------------------------------------------ before anything starts
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
@@ -68,9 +74,9 @@ class BareMetal(BackendBase):
         return replace(request, node=me, run_dir=request.run_dir or default_run_dir(request.plan, f"n{me}"))
 
     def dry_run(self, launch: Launch) -> DryRun:
-        me = launch.request.node
+        me = node_of(launch.request)
         procs = tuple(c for c in launch.processes if c.node == me)
-        return DryRun(f"node {me} ({launch.plan.nodes[me or 0].name}): {len(procs)} process(es) would start", procs)
+        return DryRun(f"node {me} ({launch.plan.nodes[me].name}): {len(procs)} process(es) would start", procs)
 
     def prepare(self, launch: Launch) -> list[Group]:
         self.launch = launch

@@ -1,4 +1,4 @@
-"""The DP group's state machine: one implementation shared by the bare-metal and Ray backends.
+"""The DP group's state machine: one implementation, driven by the supervisor for every backend.
 
 A DP group is only useful whole (LeaderWorkerSet's RecreateGroupOnPodRestart): when any rank dies or
 stays unhealthy past the grace period, the whole group is torn down and restarted in step, with an
