@@ -77,7 +77,8 @@ def processes_of_job(job: str) -> list[int]:
 
 
 def test_bad_partition_and_too_large_plan_are_refused_before_submitting(slurm: SlurmCluster, tmp_path: Path) -> None:
-    r = _widep(slurm, "launch", str(TINY), "--backend", "slurm", "--partition", "gpu", "--model-path", "/m")
+    r = _widep(slurm, "launch", str(TINY), "--backend", "slurm", "--partition", "gpu", "--model-path", "/m",
+               "--run-dir", str(tmp_path / "run1"))
     assert r.returncode == 2, r.stdout + r.stderr
     out = " ".join((r.stdout + r.stderr).split())
     assert "--partition: 'gpu' is not a partition of this cluster." in out
@@ -88,12 +89,13 @@ def test_bad_partition_and_too_large_plan_are_refused_before_submitting(slurm: S
     doc["roles"][0]["replicas"] = 3
     big = tmp_path / "big.yaml"
     big.write_text(yaml.safe_dump(doc))
-    r = _widep(slurm, "launch", str(big), "--backend", "slurm", "--model-path", "/m")
+    r = _widep(slurm, "launch", str(big), "--backend", "slurm", "--model-path", "/m",
+               "--run-dir", str(tmp_path / "run2"))
     assert r.returncode == 2, r.stdout + r.stderr
     out = " ".join((r.stdout + r.stderr).split())
     assert "tiny-3-nodes: the plan needs 3 node(s) (one job, --nodes=3) but partition 'debug' has 2 node(s)" in out
     assert "2 idle (n[0-1])" in out
-    assert slurm.jobs() == []
+    assert slurm.jobs() == [] and not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()
 
 
 def test_dry_run_prints_the_batch_script_and_submits_nothing(slurm: SlurmCluster, tmp_path: Path) -> None:

@@ -491,12 +491,12 @@ class SlurmBackend(BackendBase):
             router_executable(launch.router.argv[0])  # a missing router is refused before anything is submitted
         inside = os.environ.get("SLURM_JOB_ID") if os.environ.get(INSIDE_ENV) == "1" else None
         run_dir = launch.run_dir
+        part = None if inside else check_fit(plan, self.options, self.slurm.partitions())  # refused: nothing written
         run_dir.mkdir(parents=True, exist_ok=True)
-        if inside:
+        if inside or part is None:
             self.job = inside
             self.console.print(f"\\[slurm] supervising inside job {inside}")
         else:
-            part = check_fit(plan, self.options, self.slurm.partitions())
             script = run_dir / "widep.sbatch"
             script.write_text(sbatch_script(plan, self.options, str(run_dir)))
             self.job = self.slurm.submit(script)
