@@ -66,7 +66,7 @@ def _dump(data: Any) -> str:
 def kustomize_files(topology: str, opts: Any, crd: Path | None = None, *, shown_as: str | None = None,
                     regenerate: str | None = None) -> dict[str, str]:
     """Relative path -> content of the base and the overlays for ``topology`` (every manifest validated)."""
-    from widep.k8s.cli import generate
+    from widep.k8s.generate import generate
 
     files: dict[str, str] = {}
     texts: dict[str, str] = {}

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def expected_files(topologies: Path, crd: Path | None = None) -> dict[str, str]:
     """File name in lws/ -> its content, for every topology file in ``topologies``."""
-    from widep.k8s.cli import generate, generate_text
+    from widep.k8s.generate import generate, generate_text
     from widep.k8s.lws import LWSOptions, sensible_placements
     from widep.plan import plan
     from widep.spec.topology import load_topology

@@ -11,7 +11,6 @@ import click
 from widep import tinymoe
 from widep.errors import UserError
 from widep.plan import api as plan_api
-from widep.plan.cli import load_plan
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import EnvRef, ProcessCommand, RenderContext, render
 
