@@ -94,7 +94,7 @@ class SlurmCluster:
             "InactiveLimit=0",
             "MinJobAge=300",
         ]
-        for i, (name, port) in enumerate(zip(self.node_names(), node_ports)):
+        for i, (name, port) in enumerate(zip(self.node_names(), node_ports, strict=True)):
             lines.append(f"NodeName={name} NodeHostname={host} NodeAddr={self.node_address(i)} Port={port} "
                          f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN")
         lines.append(f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
@@ -175,7 +175,7 @@ class SlurmCluster:
             end = time.monotonic() + 30
             while self.jobs() and time.monotonic() < end:
                 time.sleep(0.5)
-        for name, p in reversed(self.procs):  # node daemons, then the controller, then munged
+        for _name, p in reversed(self.procs):  # node daemons, then the controller, then munged
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
             try:

@@ -156,7 +156,7 @@ def test_allocation_binding_keeps_rank_node_gpu_of_render() -> None:
         assert argv[argv.index("--data-parallel-address") + 1] == "10.1.0.8"  # the group leader: plan node 1
     spec = step_spec(bound, decode, 3, {0: "g0", 1: "g1", 2: "g2"})
     assert spec["attempt"] == 3 and {p["host"] for p in spec["processes"]} == {"g1", "g2"}
-    assert all(p["argv"] == list(c.argv) for p, c in zip(spec["processes"], decode.processes))
+    assert all(p["argv"] == list(c.argv) for p, c in zip(spec["processes"], decode.processes, strict=True))
 
 
 def test_dry_run_quotes_every_value_for_the_shell(tmp_path: Path) -> None:

@@ -860,7 +860,8 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     except UserError as err:
         print(f"widep node agent on {host}: {err}", file=sys.stderr)
         return 2
-    procs = [start_rank(c, root, attempt, e, spec["run_id"], grace) for c, root, e in zip(cmds, roots, envs)]
+    procs = [start_rank(c, root, attempt, e, spec["run_id"], grace)
+             for c, root, e in zip(cmds, roots, envs, strict=True)]
     print(f"[{host}] attempt {attempt}: started {', '.join(c.name for c in cmds)}", flush=True)
     code = 0
     while not _stop:
