@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "bare-metal": "widep.run.bare_metal",
     "ray": "widep.run.ray_backend",
+    "slurm": "widep.run.slurm",
 }
 """``--backend`` name -> module exposing ``create_backend(console)``; imported on first use."""
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from widep.plan.api import model_path
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import ProcessCommand, RenderContext, render, render_router
 from widep.run.state import RestartPolicy
+
+if TYPE_CHECKING:
+    from widep.run.slurm import SlurmOptions
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,10 @@ class LaunchRequest:
     """How long to wait for a cluster to place the deployment (Ray)."""
     leader_wait_s: float = 120.0
     """How long a follower waits for its group leader's control endpoint (bare metal)."""
+    topology: Path | None = None
+    """The topology file, for a backend that runs `widep launch` again elsewhere (Slurm --detach)."""
+    slurm: SlurmOptions | None = None
+    """Partition, account, time, container, ... of the job (Slurm); None: the cluster's defaults."""
 
     @property
     def ready_timeout(self) -> float:
