@@ -174,13 +174,13 @@ def test_a_process_that_never_becomes_healthy_times_out_with_its_log(tmp_path):
 
 
 def test_the_registry_names_every_backend_and_loads_them_lazily():
-    assert list(BACKENDS) == ["bare-metal", "ray"]
+    assert list(BACKENDS) == ["bare-metal", "ray", "slurm"]
     for name in BACKENDS:
         b = load_backend(name, Console())
         assert b.name == name
         for method in [m for m in vars(Backend) if not m.startswith("_") and callable(getattr(Backend, m))]:
             assert callable(getattr(b, method)), f"{name} lacks {method}"
-    with pytest.raises(UserError, match=r"--backend: 'slurmish' is not a backend. Valid: bare-metal, ray."):
+    with pytest.raises(UserError, match=r"--backend: 'slurmish' is not a backend. Valid: bare-metal, ray, slurm."):
         load_backend("slurmish", Console())
 
 
