@@ -56,6 +56,9 @@ ALL2ALL_BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "flashinfer_nvlink_two_sided": ("flashinfer",),
     "flashinfer_nvlink_one_sided": ("flashinfer",),
 }
+# widep's vLLM plugin (entry point vllm.general_plugins): expert parallelism on vLLM's CPU backend needs it in the
+# environment that runs vLLM (widep/vllm_cpu_ep.py).
+CPU_EP_PLUGIN_MODULE = "widep.vllm_cpu_ep"
 # vLLM prefers an installed deep_gemm and falls back to the copy vendored in its wheel.
 DEEP_GEMM_MODULE = "deep_gemm|vllm.third_party.deep_gemm"
 NIXL_CONNECTOR_MODULE = "nixl"
@@ -1327,6 +1330,11 @@ def check_modules(req: DoctorRequirements, facts: HostFacts) -> list[CheckResult
             out.append(_r(name, "fail", f"{broken.name} found at {broken.origin} but failed to import: {broken.error}",
                           f"Rebuild {broken.name} against this torch/CUDA (vLLM's tools/ep_kernels scripts build "
                           "DeepEP and friends)."))
+            continue
+        if alts[0] == CPU_EP_PLUGIN_MODULE:
+            out.append(_r(name, "fail", f"widep's vLLM plugin ({alts[0]}) not found in {py.executable}: vLLM 0.32 "
+                          "cannot answer on an expert-parallel group on CPU without it",
+                          "pip install widep into that environment (vLLM loads the plugin from its entry point)."))
             continue
         out.append(_r(name, "fail", f"{' or '.join(alts)} not found in {py.executable}",
                       f"Install {alts[0]} into that environment (the chosen backend imports it); vLLM's "
