@@ -19,11 +19,11 @@ from widep.render.vllm import model_path as rendered_model_path  # the CLI's --m
 from widep.run.state import RestartPolicy
 from widep.spec.topology import load_topology
 
-DEFAULT_TOPOLOGY = "tiny-moe-cpu.yaml"
+DEFAULT_TOPOLOGY = "tiny-moe-cpu-ep2.yaml"
 
 
 def default_topology() -> Path:
-    """topologies/tiny-moe-cpu.yaml: in the working directory, else beside the package's source tree."""
+    """topologies/tiny-moe-cpu-ep2.yaml (DP2/EP2): in the working directory, else beside the package's source tree."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         p = base / "topologies" / DEFAULT_TOPOLOGY
         if p.is_file():
@@ -46,33 +46,42 @@ def launch_context(p: DeploymentPlan, python: str | None, model: str | None, bui
 
 
 def smoke_completion(p: DeploymentPlan, ctx: RenderContext, prompt: str, max_tokens: int) -> int:
-    """Send one completion to the first endpoint and print it (the demo's last step)."""
+    """Send one completion to the router (when there is one) and to every rank's API server, and print them.
+
+    The demo's last step: with DP >= 2 every rank answering shows the whole group (MoE dispatch/combine across
+    ranks) carries tokens. A P/D topology keeps one completion (its ranks are not meant to be asked one by one).
+    """
     from widep.run.control import http_json
 
-    role, host, port = p.endpoints()[0]
+    targets = [(f"{role}/{i}", host, port) for i, (role, host, port) in enumerate(p.endpoints())]
+    if p.spec.disaggregated:
+        targets = targets[:1]
     if p.router is not None:
         from widep.render.vllm import render_router
 
         rc = render_router(p, ctx)
-        role, host, port = "router", (p.nodes[p.router.node].address or p.nodes[p.router.node].name), rc.port
+        router = ("router", (p.nodes[p.router.node].address or p.nodes[p.router.node].name), rc.port)
+        targets = [router] if p.spec.disaggregated else [router, *targets]
     model = p.spec.model.served_model_name or rendered_model_path(p, ctx)
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    t = time.perf_counter()
-    try:
-        r = http_json(host, port, "POST", "/v1/completions", body, timeout=120)
-    except (OSError, ValueError) as err:
-        click.echo(f"completion from http://{host}:{port} failed: {err}", err=True)
-        return 1
-    dt = time.perf_counter() - t
-    text = r["choices"][0]["text"]
-    usage = r.get("usage", {})
-    click.echo(f"\ncompletion from {role} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
-               f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):")
-    click.echo(f"  prompt: {prompt!r}")
-    click.echo(f"  text:   {text!r}")
+    code = 0
+    for name, host, port in targets:
+        t = time.perf_counter()
+        try:
+            r = http_json(host, port, "POST", "/v1/completions", body, timeout=120)
+        except (OSError, ValueError) as err:
+            click.echo(f"completion from {name} at http://{host}:{port} failed: {err}", err=True)
+            code = 1
+            continue
+        dt = time.perf_counter() - t
+        usage = r.get("usage", {})
+        click.echo(f"\ncompletion from {name} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
+                   f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):")
+        click.echo(f"  prompt: {prompt!r}")
+        click.echo(f"  text:   {r['choices'][0]['text']!r}")
     if p.arch.builtin:
         click.echo("  (the tiny MoE has random weights: the text is noise, the serving path is real)")
-    return 0
+    return code
 
 
 @click.command("launch")
@@ -102,7 +111,7 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
                restart: str, max_restarts: int, backoff: float, ready_timeout: float | None, grace: float, stop_timeout: float,
                python: str | None, model_path: str | None, backend: str, address: str | None, skip_preflight: bool,
                profile: bool, with_router: bool, router_policy: str | None) -> int:
-    """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE)."""
+    """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE, DP2/EP2)."""
     from rich.console import Console
 
     from widep.run.preflight import preflight, resolve_node
