@@ -51,8 +51,14 @@ def ep2_topology(tmp: Path, name: str, router: bool, dtype: str | None = None) -
     doc["name"] = name
     doc["serving"].update({"port": port, "rpc_port": rpc, "control_port": control})
     if router:
-        doc["router"] = {"enabled": True, "node": 0, "host": "node", "port": rport, "prometheus_port": prom,
-                         "policy": "round_robin"}
+        doc["router"] = {
+            "enabled": True,
+            "node": 0,
+            "host": "node",
+            "port": rport,
+            "prometheus_port": prom,
+            "policy": "round_robin",
+        }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path, doc
@@ -63,15 +69,50 @@ def rank_urls(doc: dict) -> list[str]:
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
+NEAR_TIE = 0.01
+"""Largest gap (in logprob) between DP1's two best tokens at which a batched EP2 run may pick the other one."""
+
+
+def greedy(url: str, model: str, prompt: str) -> tuple[list[int], list[dict[str, float]]]:
+    """Greedy token ids and, per step, the two best tokens (``token_id:N``) with their logprobs."""
+    out = post(
+        url,
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "return_token_ids": True,
+            "ignore_eos": True,
+            "logprobs": 2,
+            "return_tokens_as_token_ids": True,
+        },
+    )
+    choice = out["choices"][0]
+    return list(choice["token_ids"]), list(choice["logprobs"]["top_logprobs"])
+
+
 def greedy_ids(url: str, model: str, prompt: str) -> list[int]:
-    out = post(url, {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                     "return_token_ids": True, "ignore_eos": True})
-    return list(out["choices"][0]["token_ids"])
+    return greedy(url, model, prompt)[0]
+
+
+def near_tie(ref: tuple[list[int], list[dict[str, float]]], got: list[int]) -> bool:
+    """``got`` equals the reference ids, or first leaves them where DP1's two best tokens were within NEAR_TIE and
+    ``got`` took the other one (a rounding-level difference, after which the continuations legitimately differ)."""
+    ids, tops = ref
+    if got == ids:
+        return True
+    i = next(k for k in range(min(len(ids), len(got))) if ids[k] != got[k])
+    top = tops[i]
+    a, b = f"token_id:{ids[i]}", f"token_id:{got[i]}"
+    return a in top and b in top and abs(top[a] - top[b]) <= NEAR_TIE
 
 
 def all_at_once(urls: list[str], model: str) -> dict[tuple[str, str], list[int]]:
@@ -101,26 +142,58 @@ def generation_tokens(url: str) -> float:
     return sum(float(v) for v in vals)
 
 
-def dp1_reference(model_dir: Path, python: str, dtype: str | None = None) -> dict[str, list[int]]:
+def dp1_reference(model_dir: Path, python: str, dtype: str | None = None) -> dict[str, tuple[list[int], list]]:
     """Greedy ids of every prompt from one rank without EP (tiny-moe-cpu.yaml's engine settings)."""
-    argv = ["--model", str(model_dir), "--enforce-eager", "--max-model-len", "1024", "--max-num-seqs", "16",
-            "--max-num-batched-tokens", "2048"] + (["--dtype", dtype] if dtype else [])
-    with start_vllm(argv, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}, python=python,
-                    timeout=300) as srv:
-        return {p: greedy_ids(srv.url, str(model_dir), p) for p in PROMPTS}
+    argv = [
+        "--model",
+        str(model_dir),
+        "--enforce-eager",
+        "--max-model-len",
+        "1024",
+        "--max-num-seqs",
+        "16",
+        "--max-num-batched-tokens",
+        "2048",
+    ] + (["--dtype", dtype] if dtype else [])
+    with start_vllm(
+        argv, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}, python=python, timeout=300
+    ) as srv:
+        return {p: greedy(srv.url, str(model_dir), p) for p in PROMPTS}
 
 
 def launch(topo: Path, model_dir: Path, python: str, run_dir: Path, *extra: str) -> LaunchProc:
-    return LaunchProc([str(topo), "--model-path", str(model_dir), "--python", python, "--run-dir", str(run_dir),
-                       "--backoff", "1", "--grace", "5", *extra])
+    return LaunchProc(
+        [
+            str(topo),
+            "--model-path",
+            str(model_dir),
+            "--python",
+            python,
+            "--run-dir",
+            str(run_dir),
+            "--backoff",
+            "1",
+            "--grace",
+            "5",
+            *extra,
+        ]
+    )
 
 
-def assert_equivalent(ref: dict[str, list[int]], urls: list[str], model: str) -> None:
+def assert_equivalent(ref: dict[str, tuple[list[int], list]], urls: list[str], model: str) -> int:
+    """One request at a time: every rank's greedy ids equal DP1's. All at once on both ranks (uneven batches, so
+    other GEMM shapes on every rank, as in DP1 with a batch): equal, or first apart at a near tie of DP1's. Returns
+    how many of the batched requests left DP1's ids at such a tie."""
     for u in urls:
         for p in PROMPTS:
-            assert greedy_ids(u, model, p) == ref[p], f"{u} differs from DP1 on {p!r}"
+            assert greedy_ids(u, model, p) == ref[p][0], f"{u} differs from DP1 on {p!r}"
+    ties = 0
     for (u, p), ids in all_at_once(urls, model).items():
-        assert ids == ref[p], f"{u} (all prompts at once on both ranks) differs from DP1 on {p!r}"
+        assert near_tie(ref[p], ids), (
+            f"{u} (all prompts at once on both ranks) differs from DP1 on {p!r}: {ids} vs {ref[p]}"
+        )
+        ties += ids != ref[p][0]
+    return ties
 
 
 # ------------------------------------------------------------------------------------------- the shared deployment
@@ -135,36 +208,53 @@ def qwen(tmp_path_factory, tiny_moe_dir, vllm_python):
     lp = launch(topo, tiny_moe_dir, vllm_python, tmp / "run")
     try:
         lp.wait_for(r"ready: ep2-qwen", 300)
-        yield {"ref": ref, "topo": topo, "doc": doc, "lp": lp, "tmp": tmp, "model": str(tiny_moe_dir),
-               "urls": rank_urls(doc), "run_id": lp.run_id()}
+        yield {
+            "ref": ref,
+            "topo": topo,
+            "doc": doc,
+            "lp": lp,
+            "tmp": tmp,
+            "model": str(tiny_moe_dir),
+            "urls": rank_urls(doc),
+            "run_id": lp.run_id(),
+        }
     finally:
         lp.stop(signal.SIGKILL)
 
 
 def test_qwen3_moe_every_rank_of_dp2_ep2_equals_dp1(qwen):
-    assert_equivalent(qwen["ref"], qwen["urls"], qwen["model"])
+    ties = assert_equivalent(qwen["ref"], qwen["urls"], qwen["model"])
+    print(f"\nqwen3_moe bf16: DP2/EP2 == DP1 one at a time; all at once, {ties} of 12 left DP1 at a near tie")
 
 
 def test_deepseek_v3_every_rank_of_dp2_ep2_equals_dp1(tiny_moe, vllm_python, tmp_path):
     """In float32. In bfloat16 (the model's dtype) 2 of 6 prompts differ from DP1 at one step, each where the top two
     logprobs of the random-weight model are within one bfloat16 step (DP1 -5.61181 vs -5.61572; EP2 an exact tie),
     from rounding each rank's partial expert sum before the combine (then x2.5, routed_scaling_factor): measured,
-    see the closing note of issue 14. float32 removes that rounding and leaves the EP logic to be compared."""
+    see the closing note of issue 14. float32 removes that rounding and leaves the EP logic to be compared (batched
+    requests may still leave DP1 at a near tie: see assert_equivalent)."""
     model_dir = tiny_moe("deepseek_v3")
     ref = dp1_reference(model_dir, vllm_python, dtype="float32")
     topo, doc = ep2_topology(tmp_path, "ep2-dsv3", router=False, dtype="float32")
     lp = launch(topo, model_dir, vllm_python, tmp_path / "run")
     try:
         lp.wait_for(r"ready: ep2-dsv3", 300)
-        assert_equivalent(ref, rank_urls(doc), str(model_dir))
+        ties = assert_equivalent(ref, rank_urls(doc), str(model_dir))
+        print(f"\ndeepseek_v3 fp32: DP2/EP2 == DP1 one at a time; all at once, {ties} of 12 left DP1 at a near tie")
     finally:
         lp.stop(signal.SIGTERM)
     assert wait_gone(lp.run_id(), 60) == []
 
 
 def _bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "widep", "bench", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "widep", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _records(out: Path, level: str) -> list[dict]:
@@ -183,8 +273,26 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
     # ---- one rank only: the other idles (vLLM keeps it in step with dummy batches) and generates nothing
     before = [generation_tokens(u) for u in urls]
     out = tmp / "uneven"
-    r = _bench("--endpoint", urls[0], "--gpus", "2", "--concurrency", "2", "--isl", "24", "--osl", "16",
-               "--num-requests", "6", "--warmup", "0", "--out", str(out), "--accelerator", "cpu")
+    r = _bench(
+        "--endpoint",
+        urls[0],
+        "--gpus",
+        "2",
+        "--concurrency",
+        "2",
+        "--isl",
+        "24",
+        "--osl",
+        "16",
+        "--num-requests",
+        "6",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+        "--accelerator",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(out, "c2")
     assert len(recs) == 6 and all(x["ok"] for x in recs), [x.get("error") for x in recs]
@@ -196,8 +304,24 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
     # ---- concurrent load over both ranks through the router (`widep bench --topology`)
     before = after
     out = tmp / "router"
-    r = _bench("--topology", str(topo), "--concurrency", "4", "--isl", "24", "--osl", "16", "--num-requests", "12",
-               "--warmup", "0", "--out", str(out), "--accelerator", "cpu")
+    r = _bench(
+        "--topology",
+        str(topo),
+        "--concurrency",
+        "4",
+        "--isl",
+        "24",
+        "--osl",
+        "16",
+        "--num-requests",
+        "12",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+        "--accelerator",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(out, "c4")
     assert len(recs) == 12 and all(x["ok"] for x in recs), [x.get("error") for x in recs]
@@ -207,14 +331,33 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
     assert sum(deltas) == sum(x["completion_tokens"] for x in recs) == 12 * 16
     assert all(d > 0 for d in deltas), f"the router left a rank idle: {deltas}"
     summary = json.loads((out / "level-c4.summary.json").read_text())["summary"]
-    print(f"router (both ranks, c4): {summary['output_tps']:.1f} output tok/s per deployment "
-          f"({summary['output_tps_per_gpu']:.1f} per rank)")
+    print(
+        f"router (both ranks, c4): {summary['output_tps']:.1f} output tok/s per deployment "
+        f"({summary['output_tps_per_gpu']:.1f} per rank)"
+    )
 
     # ---- the same, straight to every API server: tok/s per rank
     before = after
     out = tmp / "bypass"
-    r = _bench("--topology", str(topo), "--bypass-router", "--concurrency", "4", "--isl", "24", "--osl", "16",
-               "--num-requests", "12", "--warmup", "0", "--out", str(out), "--accelerator", "cpu")
+    r = _bench(
+        "--topology",
+        str(topo),
+        "--bypass-router",
+        "--concurrency",
+        "4",
+        "--isl",
+        "24",
+        "--osl",
+        "16",
+        "--num-requests",
+        "12",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+        "--accelerator",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     recs = _records(out, "c4")
     assert all(x["ok"] for x in recs) and {x["endpoint"] for x in recs} == set(urls)
@@ -236,8 +379,13 @@ def _engine_pid(run_id: str, dp_rank: int) -> int:
         except OSError:
             continue
         procs[pid] = (cmd, int(stat[stat.rindex(")") + 2 :].split()[1]))
-    api = [pid for pid, (cmd, _) in procs.items() if b"vllm.entrypoints.openai.api_server" in cmd
-           and b"widep.run.guard" not in cmd and cmd[cmd.index(b"--data-parallel-rank") + 1] == str(dp_rank).encode()]
+    api = [
+        pid
+        for pid, (cmd, _) in procs.items()
+        if b"vllm.entrypoints.openai.api_server" in cmd
+        and b"widep.run.guard" not in cmd
+        and cmd[cmd.index(b"--data-parallel-rank") + 1] == str(dp_rank).encode()
+    ]
     assert len(api) == 1, f"rank {dp_rank}'s API server: {api}"
     engines = [pid for pid, (cmd, ppid) in procs.items() if ppid == api[0] and cmd[0].startswith(b"VLLM::EngineCore")]
     assert len(engines) == 1, f"rank {dp_rank}'s engine core: {engines}"
@@ -248,10 +396,35 @@ def test_engine_sigkill_mid_stream_fails_in_flight_requests_group_restarts_next_
     urls, topo, tmp, lp, run_id = qwen["urls"], qwen["topo"], qwen["tmp"], qwen["lp"], qwen["run_id"]
     out = tmp / "fault"
     before = generation_tokens(urls[1])
-    bench = subprocess.Popen([sys.executable, "-m", "widep", "bench", "--topology", str(topo), "--bypass-router",
-                              "--concurrency", "4", "--isl", "16", "--osl", "400", "--num-requests", "8", "--warmup",
-                              "0", "--request-timeout", "240", "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    bench = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "bench",
+            "--topology",
+            str(topo),
+            "--bypass-router",
+            "--concurrency",
+            "4",
+            "--isl",
+            "16",
+            "--osl",
+            "400",
+            "--num-requests",
+            "8",
+            "--warmup",
+            "0",
+            "--request-timeout",
+            "240",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while generation_tokens(urls[1]) - before < 20:  # mid-stream: rank 1 has streamed some tokens
@@ -273,13 +446,29 @@ def test_engine_sigkill_mid_stream_fails_in_flight_requests_group_restarts_next_
     lp.wait_for(r"attempt 1: started serve/0, serve/1", 120)
     lp.wait_for(r"ready: ep2-qwen", 300, count=2)
     t_ready = time.monotonic()
-    print(f"\nengine SIGKILL -> group healthy again: {t_ready - t_kill:.1f} s; "
-          f"{len(failed)} of {len(recs)} requests failed, e.g. {failed[0]['error'][:120]!r}")
+    print(
+        f"\nengine SIGKILL -> group healthy again: {t_ready - t_kill:.1f} s; "
+        f"{len(failed)} of {len(recs)} requests failed, e.g. {failed[0]['error'][:120]!r}"
+    )
     assert _engine_pid(run_id, 1) != engine
     # the next load level passes on the restarted group
     out2 = tmp / "after-restart"
-    r = _bench("--topology", str(topo), "--concurrency", "2", "--isl", "16", "--osl", "8", "--num-requests", "4",
-               "--warmup", "0", "--out", str(out2))
+    r = _bench(
+        "--topology",
+        str(topo),
+        "--concurrency",
+        "2",
+        "--isl",
+        "16",
+        "--osl",
+        "8",
+        "--num-requests",
+        "4",
+        "--warmup",
+        "0",
+        "--out",
+        str(out2),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(x["ok"] for x in _records(out2, "c2"))
 
