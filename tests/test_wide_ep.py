@@ -370,24 +370,31 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
 
 
 def _engine_pid(run_id: str, dp_rank: int) -> int:
-    """The engine-core process (title VLLM::EngineCore) that rank ``dp_rank``'s API server started."""
-    procs = {}
+    """The engine-core process (title VLLM::EngineCore) that rank ``dp_rank``'s API server started.
+
+    Found by parent pid: the engine's title (setproctitle) overwrites its environment block, so WIDEP_RUN_ID
+    cannot be read from it."""
+    api = []
     for pid in processes_of_run(run_id):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        procs[pid] = (cmd, int(stat[stat.rindex(")") + 2 :].split()[1]))
-    api = [
-        pid
-        for pid, (cmd, _) in procs.items()
-        if b"vllm.entrypoints.openai.api_server" in cmd
-        and b"widep.run.guard" not in cmd
-        and cmd[cmd.index(b"--data-parallel-rank") + 1] == str(dp_rank).encode()
-    ]
+        server = b"vllm.entrypoints.openai.api_server" in cmd and b"widep.run.guard" not in cmd
+        if server and cmd[cmd.index(b"--data-parallel-rank") + 1] == str(dp_rank).encode():
+            api.append(pid)
     assert len(api) == 1, f"rank {dp_rank}'s API server: {api}"
-    engines = [pid for pid, (cmd, ppid) in procs.items() if ppid == api[0] and cmd[0].startswith(b"VLLM::EngineCore")]
+    engines = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2 :].split()[1]) == api[0] and cmd.startswith(b"VLLM::EngineCore"):
+            engines.append(int(entry.name))
     assert len(engines) == 1, f"rank {dp_rank}'s engine core: {engines}"
     return engines[0]
 
