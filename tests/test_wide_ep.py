@@ -444,11 +444,16 @@ def test_engine_sigkill_mid_stream_fails_in_flight_requests_group_restarts_next_
     finally:
         if bench.poll() is None:
             bench.kill()
-    assert bench.returncode == 0, out_text[-3000:]
+    # no hang: every request of the level is recorded; the killed engine's group fails them all in a few seconds
+    # (rank 0's engine follows its dead peer), so bench usually marks the whole level failed (exit 1)
+    assert bench.returncode in (0, 1), out_text[-3000:]
     recs = _records(out, "c4")
+    assert len(recs) == 8
     failed = [x for x in recs if not x["ok"]]
     assert failed, "killing an engine mid-stream failed no request"
     assert all(x["error"] for x in failed)
+    if bench.returncode == 1:
+        assert "no request of the level succeeded" in (out / "level-c4.failure.json").read_text()
     lp.wait_for(r"attempt 0 failed", 120)
     lp.wait_for(r"attempt 1: started serve/0, serve/1", 120)
     lp.wait_for(r"ready: ep2-qwen", 300, count=2)
