@@ -1,14 +1,16 @@
 """Wide EP carrying tokens: DP2/EP2 of the tiny MoE on real CPU vLLM (with widep's vLLM plugin), one launcher.
 
 * equivalence, both tiny architectures (Qwen3-MoE and DeepSeek-V3/MLA): greedy token ids from every rank of DP2/EP2,
-  asked one at a time and all at once (uneven batches across ranks), equal those of DP1 without EP;
+  asked one at a time, equal those of DP1 without EP; asked all at once (uneven batches across ranks) they equal them
+  or leave them only at a near tie of DP1's two best tokens;
 * the Qwen3-MoE deployment (``widep launch`` of the built-in default topology, with vllm-router in front) is then
   shared, in file order, by: uneven load (one rank only, the other idles on dummy batches), concurrent load through
   the router with ``widep bench --topology`` (token counts equal to vLLM's counters), per-rank tok/s with
   ``--bypass-router``, SIGKILL of one rank's engine mid-stream (errors recorded, no hang, group restarts in step, the
-  next level passes) and SIGTERM (no process left).
+  next level passes) and SIGTERM (no process left);
+* TP=2 + EP on one rank equals DP1.
 
-Cost: 4 deployments started (DP1 + DP2 per architecture, 6 vLLM processes), about 6-8 minutes on 2 cores.
+Cost: 5 deployments (DP1 + DP2/EP2 per architecture, TP2+EP; 8 vLLM processes), about 8-10 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -490,3 +492,21 @@ def test_sigterm_leaves_no_process(qwen):
     assert processes_of_run(run_id)
     assert lp.stop(signal.SIGTERM) == 0
     assert wait_gone(run_id, 60) == []
+
+
+def test_tp2_with_expert_parallel_equals_dp1(qwen, vllm_python):
+    """TP=2 + EP on one rank (two CPU workers, experts split over them, expert_map through the plugin): the greedy
+    ids equal DP1's. Runs after the shared DP2/EP2 deployment is stopped (file order)."""
+    tmp = qwen["tmp"]
+    topo, doc = ep2_topology(tmp, "tp2-ep", router=False)
+    doc["roles"][0]["tp"] = 2
+    topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+    lp = launch(topo, Path(qwen["model"]), vllm_python, tmp / "tp2-run")
+    try:
+        lp.wait_for(r"ready: tp2-ep", 300)
+        url = f"http://127.0.0.1:{doc['serving']['port']}"
+        for p in PROMPTS:
+            assert greedy_ids(url, qwen["model"], p) == qwen["ref"][p][0], f"TP2+EP differs from DP1 on {p!r}"
+    finally:
+        lp.stop(signal.SIGTERM)
+    assert wait_gone(lp.run_id(), 60) == []
