@@ -307,6 +307,19 @@ def test_python_probe_import_mode_reports_import_errors(tmp_path: Path) -> None:
     assert rows["module:json"].status == "pass" and " imported at " in rows["module:json"].detail
 
 
+def test_cpu_ep_needs_widep_plugin_where_vllm_runs(tmp_path: Path) -> None:
+    """An interpreter without widep (this one with -S, from a directory without the source tree): the CPU EP
+    topology's plugin row fails and says what to install."""
+    python = tmp_path / "python-nosite"
+    python.write_text(f"#!/bin/sh\ncd '{tmp_path}' && exec '{sys.executable}' -S \"$@\"\n")
+    python.chmod(0o755)
+    req = _req("tiny-moe-cpu-dp2", 0)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    row = by_name(run_checks(req, gather_host_facts(req, python=str(python), env=env)))["module:widep.vllm_cpu_ep"]
+    assert row.status == "fail" and "widep's vLLM plugin (widep.vllm_cpu_ep) not found" in row.detail
+    assert "pip install widep" in row.fix
+
+
 def test_python_that_is_missing_or_hangs(tmp_path: Path) -> None:
     req = DoctorRequirements(needed_modules=("deep_ep",))
     facts = gather_host_facts(req, python=str(tmp_path / "bin" / "python3"))
@@ -598,7 +611,9 @@ def test_requirements_from_cpu_and_single_node_topologies() -> None:
     dp2 = _req("tiny-moe-cpu-dp2", 1)
     assert (dp2.device, dp2.gpus_needed, dp2.cpu_ranks) == ("cpu", 0, 1)
     assert dp2.ports == (("127.0.0.2", 8100),)  # host: node → the pretend node's own address
-    assert dp2.model_path is None and not dp2.rdma and not dp2.needed_modules
+    assert dp2.model_path is None and not dp2.rdma
+    assert dp2.needed_modules == ("widep.vllm_cpu_ep",)  # EP on CPU answers only through widep's vLLM plugin
+    assert _req("tiny-moe-cpu", 0).needed_modules == ()  # one rank, no EP: no plugin needed
     assert dp2.memory_bytes_min is not None and dp2.memory_bytes_min > GiB  # weights + 1 GiB KV
     leader = _req("tiny-moe-cpu-dp2", 0)
     control = plan(load_topology(TOPOLOGIES / "tiny-moe-cpu-dp2.yaml")).roles[0].control_port
@@ -627,7 +642,8 @@ def test_a_node_without_ranks_is_refused() -> None:
 def test_check_host_runs_the_same_checks() -> None:
     req = _req("tiny-moe-cpu-dp2", 1)
     results, facts = check_host(req, python=sys.executable)
-    assert {r.name for r in results} == ALL_CHECKS
+    assert {r.name for r in results} == ALL_CHECKS | {"module:widep.vllm_cpu_ep"}
+    assert by_name(results)["module:widep.vllm_cpu_ep"].status == "pass"  # this interpreter has widep
     assert facts.ports and facts.ports[0].host == "127.0.0.2"
 
 
@@ -692,7 +708,7 @@ def test_whole_doctor_run_takes_under_two_seconds() -> None:
     wall = time.perf_counter() - t0
     doc = json.loads(proc.stdout)
     assert proc.returncode == doc["summary"]["exit_code"], proc.stderr
-    assert {r["name"] for r in doc["results"]} == ALL_CHECKS
+    assert {r["name"] for r in doc["results"]} == ALL_CHECKS | {"module:widep.vllm_cpu_ep"}
     print(f"\nwhole doctor run: {wall:.2f} s wall (facts {doc['summary']['gather_seconds']:.2f} s, "
           f"in-process total {doc['summary']['total_seconds']:.2f} s)")
     assert wall < 2.0, f"doctor took {wall:.2f} s"

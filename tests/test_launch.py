@@ -1,8 +1,9 @@
-"""`widep launch` with real CPU vLLM ranks of the tiny MoE (DESIGN.md's measured limits apply).
+"""`widep launch` with real CPU vLLM ranks of the tiny MoE.
 
-vLLM 0.32 on CPU cannot answer completions on a DP >= 2 MoE group (no all_gatherv for MoE dispatch),
-so the completion is asserted on one rank; the DP=2 group (two launchers pretending to be two nodes on
-127.0.0.1 and 127.0.0.2) asserts coordination, readiness, restart in step and clean shutdown.
+One rank: completion, status, logs, SIGKILL of the launcher. The DP2/EP2 group (two launchers pretending to be two
+nodes on 127.0.0.1 and 127.0.0.2) answers completions on both ranks (CPU vLLM through widep's vLLM plugin) and
+asserts coordination across launchers, readiness, restart in step and clean shutdown. Wide EP under load, faults
+under load, the router and equivalence with DP1 are in tests/test_wide_ep.py (one launcher).
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ def test_dp2_group_two_launchers_restart_in_step_and_stop_cleanly(tmp_path, tiny
         leader.wait_for(r"ready: tiny-moe-cpu-dp2", 300)
         run0, run1 = leader.run_id(), follower.run_id()
         follower.wait_for(r"attempt 0: started serve/1", 30)
+        import yaml
+
+        port = yaml.safe_load(topo.read_text())["serving"]["port"]
+        for host in ("127.0.0.1", "127.0.0.2"):  # every rank answers: MoE dispatch/combine across the launchers
+            body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://{host}:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                assert json.loads(r.read())["usage"]["completion_tokens"] == 4
         fpids = api_server_pids(run1)
         assert len(fpids) == 1, "the follower runs one rank"
         os.kill(fpids[0], signal.SIGKILL)  # kill rank 1 on "node 1"

@@ -475,8 +475,8 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
         if "CUDA_VISIBLE_DEVICES" in env:  # a pod numbers its GPUs from 0
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(x) - offset) for x in env["CUDA_VISIBLE_DEVICES"].split(","))
         if "VLLM_CPU_OMP_THREADS_BIND" in env:  # and its CPU slots from 0
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(
-                str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split(","))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+                str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split("|"))
         if "VLLM_ENGINE_READY_TIMEOUT_S" in env:  # the engine may take the pod's whole start budget
             env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(start_budget_s(p, rp))
         out.append((argv, env))

@@ -2,11 +2,10 @@
 nodes on one machine, each worker on its own loopback address, 127.0.0.2-4, with one ``widep_slot`` standing in for
 a GPU) running real CPU vLLM ranks of the tiny MoE.
 
-DESIGN.md's limit applies: a DP=2 MoE group on CPU vLLM handshakes and reports healthy but cannot answer a
-completion, so the DP=2 group here asserts placement, readiness, restart in step and clean shutdown (the
-completion path is the bare-metal launcher's, tests/test_launch.py). One test drives one deployment through its
-whole life to keep vLLM starts few: healthy; a rank's process killed -> the group restarts; the Ray node of a rank
-lost during the restart -> the group restarts on the spare node; SIGINT -> no process, actor or placement group left.
+The DP2/EP2 group (CPU vLLM through widep's vLLM plugin) serves completions on both ranks and asserts placement,
+readiness, restart in step and clean shutdown. One test drives one deployment through its whole life to keep vLLM
+starts few: healthy and answering; a rank's process killed -> the group restarts; the Ray node of a rank lost during
+the restart -> the group restarts on the spare node; SIGINT -> no process, actor or placement group left.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -146,6 +146,14 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
             written = (run / "attempt-0" / c.role / f"rank-{c.dp_rank}" / "command.sh").read_text().strip()
             assert written == c.shell()
         assert "group" in drv.output() and f"http://{bundles[1]['ip']}:" in drv.output()  # the readiness table
+        # ---- both ranks of the DP2/EP2 group answer a completion (the MoE dispatch/combine crosses Ray nodes)
+        port = yaml.safe_load(topo.read_text())["serving"]["port"]
+        for r in (0, 1):
+            body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+            req = urllib.request.Request(f"http://{bundles[r]['ip']}:{port}/v1/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
 
         # ---- a rank's process dies: the whole group restarts in step (attempt 1, both ranks new)
         os.kill(ranks[1][0], signal.SIGKILL)

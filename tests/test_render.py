@@ -98,6 +98,19 @@ def test_cpu_pretend_nodes_bind_their_own_address_and_core():
     assert (a.env_dict["VLLM_CPU_OMP_THREADS_BIND"], b.env_dict["VLLM_CPU_OMP_THREADS_BIND"]) == ("0", "1")
 
 
+def test_cpu_binding_has_one_entry_per_worker():
+    """vLLM 0.32 takes TP x PP '|'-separated entries per local DP rank (vllm/utils/ompmultiprocessing.py): a TP=2
+    rank on two slots is "0|1" (with "0,1" its engine refuses to start), two local DP ranks of TP=1 are "0|1"."""
+    doc = yaml.safe_load((ROOT / "topologies/tiny-moe-cpu-ep2.yaml").read_text())
+    doc["roles"][0]["tp"] = 2
+    (c,) = render(plan(parse_topology(doc, "tp2")), CTX)
+    assert flags(c.argv, "--tensor-parallel-size") == "2" and c.env_dict["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    doc = yaml.safe_load((ROOT / "topologies/tiny-moe-cpu-ep2.yaml").read_text())
+    doc["serving"]["dp_mode"] = "internal"
+    (c,) = render(plan(parse_topology(doc, "internal")), CTX)
+    assert c.env_dict["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
 # ---------------------------------------------------------------- versions
 
 

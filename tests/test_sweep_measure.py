@@ -1,5 +1,6 @@
-"""A measured mini-sweep, end to end: two tiny CPU topologies launched for real (CPU vLLM, tiny MoE),
-benchmarked with the built-in generator, torn down; results land beside predicted ones, resumable."""
+"""A measured mini-sweep, end to end: two tiny CPU topologies launched for real (CPU vLLM, tiny MoE), DP1 and
+DP2/EP2 behind vllm-router, benchmarked with the built-in generator, torn down; results land beside predicted ones,
+resumable."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from launch_helpers import ROOT, free_ports, processes_of_run
 pytestmark = pytest.mark.vllm
 
 
-def tiny(tmp_path, name, replicas_file):
+def tiny(tmp_path, name, replicas_file, router=False):
     doc = yaml.safe_load((ROOT / "topologies" / replicas_file).read_text())
+    if router:
+        doc["router"] = {"enabled": True, "node": 0, "host": "node", "policy": "round_robin"}
     port, rpc, control, rport, prom = free_ports(5)
     doc["name"] = name
     doc["serving"].update({"port": port, "rpc_port": rpc, "control_port": control})
@@ -29,7 +32,7 @@ def tiny(tmp_path, name, replicas_file):
 
 def test_measured_mini_sweep(tmp_path, tiny_moe_dir, vllm_python):
     a = tiny(tmp_path, "one-rank", "tiny-moe-cpu.yaml")
-    b = tiny(tmp_path, "two-replicas-router", "tiny-moe-cpu-2x.yaml")
+    b = tiny(tmp_path, "dp2-ep2-router", "tiny-moe-cpu-ep2.yaml", router=True)
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "widep", "sweep", str(a), str(b), "--measure", "--out", str(out), "--concurrency", "1,2",
            "--isl", "32", "--osl", "8", "--requests-per-level", "4", "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--json"]
@@ -37,7 +40,7 @@ def test_measured_mini_sweep(tmp_path, tiny_moe_dir, vllm_python):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads(r.stdout)
     rows = {c["id"]: c for c in doc["candidates"]}
-    assert set(rows) == {"one-rank", "two-replicas-router"}
+    assert set(rows) == {"one-rank", "dp2-ep2-router"}
     for ident in rows:
         res = json.loads((out / ident / "result.json").read_text())
         assert res["status"] == "ok", res.get("reason")

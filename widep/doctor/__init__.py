@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from widep.doctor.checks import run_checks, summarize
 from widep.doctor.facts import (
     ALL2ALL_BACKEND_MODULES,
+    CPU_EP_PLUGIN_MODULE,
     DEEP_GEMM_MODULE,
     NIXL_CONNECTOR_MODULE,
     NVSHMEM_BACKENDS,
@@ -72,6 +73,8 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
             continue
         ranks.extend(here)
         backend = role.all2all_backend
+        if not cuda and role.spec.expert_parallel and role.ep_size > 1:
+            modules.append(CPU_EP_PLUGIN_MODULE)
         if cuda:
             modules.extend(ALL2ALL_BACKEND_MODULES.get(backend, ()))
             if role.spec.deep_gemm and plan.weight_dtype == "fp8":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 from widep.doctor.facts import (
+    CPU_EP_PLUGIN_MODULE,
     NVSHMEM_DEFAULT_SYMMETRIC_SIZE,
     STATUSES,
     CheckResult,
@@ -330,6 +331,17 @@ def check_modules(req: DoctorRequirements, facts: HostFacts) -> list[CheckResult
                     f"{broken.name} found at {broken.origin} but failed to import: {broken.error}",
                     f"Rebuild {broken.name} against this torch/CUDA (vLLM's tools/ep_kernels scripts build "
                     "DeepEP and friends).",
+                )
+            )
+            continue
+        if alts[0] == CPU_EP_PLUGIN_MODULE:
+            out.append(
+                _r(
+                    name,
+                    "fail",
+                    f"widep's vLLM plugin ({alts[0]}) not found in {py.executable}: vLLM 0.32 cannot answer on an "
+                    "expert-parallel group on CPU without it",
+                    "pip install widep into that environment (vLLM loads the plugin from its entry point).",
                 )
             )
             continue

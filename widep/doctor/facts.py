@@ -35,6 +35,9 @@ ALL2ALL_BACKEND_MODULES: dict[str, tuple[str, ...]] = {
     "flashinfer_nvlink_one_sided": ("flashinfer",),
 }
 # vLLM prefers an installed deep_gemm and falls back to the copy vendored in its wheel.
+# widep's vLLM plugin (entry point vllm.general_plugins): expert parallelism on vLLM's CPU backend needs it in the
+# environment that runs vLLM (widep/vllm_cpu_ep.py).
+CPU_EP_PLUGIN_MODULE = "widep.vllm_cpu_ep"
 DEEP_GEMM_MODULE = "deep_gemm|vllm.third_party.deep_gemm"
 NIXL_CONNECTOR_MODULE = "nixl"
 # all2all backends whose kernels run on NVSHMEM (and so read NVSHMEM_* settings).

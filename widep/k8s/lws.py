@@ -492,8 +492,8 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
             for key, value in c.env:
                 if key == "CUDA_VISIBLE_DEVICES":
                     penv.append((key, ",".join(map(str, local))))
-                elif key == "VLLM_CPU_OMP_THREADS_BIND":
-                    penv.append((key, ",".join(map(str, local))))
+                elif key == "VLLM_CPU_OMP_THREADS_BIND":  # one entry per worker, as widep render gives it
+                    penv.append((key, "|".join(map(str, local))))
             words = _process_words(plan, rp, c, placement, d, gn)
             if c.headless or c.port is None:
                 ports: tuple[int, ...] = ()

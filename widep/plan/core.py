@@ -617,8 +617,10 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         )
     if is_cpu and any(r.dp_size > 1 and r.spec.expert_parallel for r in roles):
         plan_warnings.append(
-            "vLLM's CPU backend starts DP >= 2 MoE groups but cannot answer completions on them (no all_gatherv for "
-            "MoE dispatch on the CPU communicator); use DP=1 replicas for CPU serving."
+            "DP >= 2 expert parallel on vLLM's CPU backend answers through widep's vLLM plugin (widep_cpu_ep: MoE "
+            "all_gatherv/reduce_scatterv and expert_map that vLLM 0.32 lacks on CPU); it must be installed where vLLM "
+            "runs and not switched off (WIDEP_CPU_EP_PLUGIN, VLLM_PLUGINS). Unquantized experts only; no EPLB, DBO, "
+            "DeepEP or DeepGEMM on CPU."
         )
     result = DeploymentPlan(
         spec=spec,

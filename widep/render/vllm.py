@@ -489,14 +489,13 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         # CPU backend: a fixed KV cache per rank, and each rank's OpenMP threads on their own cores
         # (the CPU counterpart of giving each rank its own GPU).
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(rp.memory.kv_cache_gib)))))
-        # One core group per DP rank of this process, separated by '|' as vLLM slices it per local rank.
+        # One entry per worker of this process (its slot's core), separated by '|': vLLM 0.32 takes TP x PP entries
+        # per local DP rank, in [DP, PP, TP] order (vllm/utils/ompmultiprocessing.py), so TP=2 is "0|1", not "0,1".
         gpn = plan.spec.cluster.gpus_per_node
         cores = [rank.node * gpn + g for g in gpus]
         if ctx.cpu_count:
             cores = [c % ctx.cpu_count for c in cores]
-        tp = rp.tp_size
-        groups = [",".join(map(str, cores[i : i + tp])) for i in range(0, len(cores), tp)]
-        env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(groups)))
+        env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores))))
     if plan.spec.disaggregated:
         env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", NODE_ADDRESS))
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))

@@ -34,11 +34,11 @@ from widep.spec.topology import TopologySpec, load_topology, parse_topology
 if TYPE_CHECKING:
     from widep.run.slurm import SlurmOptions
 
-DEFAULT_TOPOLOGY = "tiny-moe-cpu.yaml"
+DEFAULT_TOPOLOGY = "tiny-moe-cpu-ep2.yaml"
 
 
 def default_topology() -> Path:
-    """topologies/tiny-moe-cpu.yaml: in the working directory, else beside the package's source tree."""
+    """topologies/tiny-moe-cpu-ep2.yaml (DP2/EP2): in the working directory, else beside the package's source tree."""
     for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         p = base / "topologies" / DEFAULT_TOPOLOGY
         if p.is_file():
@@ -89,7 +89,7 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
                stop_timeout: float, python: str | None, model_path: str | None, backend: str, address: str | None,
                skip_preflight: bool, profile: bool, with_router: bool, router_policy: str | None,
                **slurm_flags: object) -> int:
-    """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE)."""
+    """Start and supervise this node's vLLM ranks of TOPOLOGY (default: the built-in tiny CPU MoE, DP2/EP2)."""
     path = Path(topology) if topology else default_topology()
     spec = load_topology(path)
     if with_router or router_policy:

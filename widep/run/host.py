@@ -7,6 +7,8 @@ default directory, and the smoke completion of ``--once``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import importlib.util
 import os
 import sys
@@ -64,30 +66,38 @@ def prepare_launch(request: LaunchRequest) -> Launch:
     return render_launch(request, render_context(request.plan, request.python, request.model_path), new_run_id())
 
 
-def smoke_completion(launch: Launch, door: Endpoint, max_tokens: int = 16) -> int:
-    """Send one completion to ``door`` and print it (the demo's last step); 0 when it answered."""
+def smoke_completion(launch: Launch, doors: Sequence[Endpoint], max_tokens: int = 16) -> int:
+    """Send one completion to each of ``doors`` and print them (the demo's last step); 0 when every one answered.
+
+    The supervisor passes the front door and, unless the topology is P/D, every rank's API server: with DP >= 2 every
+    rank answering shows the whole group (MoE dispatch/combine across ranks) carries tokens.
+    """
     p = launch.plan
-    role, host, port = door.process.role, door.host, door.port
     body = {
         "model": p.spec.model.served_model_name or launch.model,
         "prompt": launch.request.prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
     }
-    t = time.perf_counter()
-    try:
-        r = http_json(host, port, "POST", "/v1/completions", body, timeout=120)
-    except (OSError, ValueError) as err:
-        click.echo(f"completion from http://{host}:{port} failed: {err}", err=True)
-        return 1
-    dt = time.perf_counter() - t
-    usage = r.get("usage", {})
-    click.echo(
-        f"\ncompletion from {role} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
-        f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):"
-    )
-    click.echo(f"  prompt: {launch.request.prompt!r}")
-    click.echo(f"  text:   {r['choices'][0]['text']!r}")
+    code = 0
+    for door in doors:
+        name = door.process.role if door.process.role == "router" else f"{door.process.role}/{door.process.dp_rank}"
+        host, port = door.host, door.port
+        t = time.perf_counter()
+        try:
+            r = http_json(host, port, "POST", "/v1/completions", body, timeout=120)
+        except (OSError, ValueError) as err:
+            click.echo(f"completion from {name} at http://{host}:{port} failed: {err}", err=True)
+            code = 1
+            continue
+        dt = time.perf_counter() - t
+        usage = r.get("usage", {})
+        click.echo(
+            f"\ncompletion from {name} at http://{host}:{port}/v1/completions ({dt:.2f} s, "
+            f"{usage.get('prompt_tokens')} prompt + {usage.get('completion_tokens')} completion tokens):"
+        )
+        click.echo(f"  prompt: {launch.request.prompt!r}")
+        click.echo(f"  text:   {r['choices'][0]['text']!r}")
     if p.arch.builtin:
         click.echo("  (the tiny MoE has random weights: the text is noise, the serving path is real)")
-    return 0
+    return code

@@ -225,7 +225,7 @@ class Supervisor:
                         f"healthy {since:.1f} s after the last start, logs under {self.launch.run_dir})"
                     )
                 if req.once:
-                    return on_ready() if on_ready else smoke_completion(self.launch, self.backend.front_door())
+                    return on_ready() if on_ready else smoke_completion(self.launch, self.smoke_doors())
             elif not healthy and now - last_report > REPORT_EVERY_S:
                 last_report = now
                 for g in self.owned:
@@ -235,6 +235,14 @@ class Supervisor:
                             f"for {', '.join(g.waiting())} (timeout {req.ready_timeout:.0f} s)"
                         )
             time.sleep(ROUND_S)
+
+    def smoke_doors(self) -> list[Endpoint]:
+        """Where ``--once`` sends its completion: the front door, and every API server unless the topology is P/D."""
+        doors = [self.backend.front_door()]
+        if not self.launch.plan.spec.disaggregated:
+            for group in self.launch.groups:
+                doors += [e for e in self.backend.endpoints(group) if e not in doors]
+        return doors
 
     def _teardown(self) -> None:
         """Front door first (no new requests reach ranks being stopped), then every group, then the backend."""
