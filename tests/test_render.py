@@ -126,7 +126,8 @@ def test_pd_kv_transfer_and_side_channels():
     p = plan(load_topology(ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml"))
     cmds = render(p, CTX)
     dec = [c for c in cmds if c.role == "decode"]
-    assert json.loads(flags(dec[0].argv, "--kv-transfer-config")) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert json.loads(flags(dec[0].argv, "--kv-transfer-config")) == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_load_failure_policy": "fail"}
     assert dec[8].env_dict["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.12"
     assert {c.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in cmds} == {"5600"}  # vLLM adds the DP rank itself
     assert flags(dec[0].argv, "--data-parallel-address") == "10.0.0.11"

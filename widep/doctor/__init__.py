@@ -71,12 +71,12 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
             continue
         ranks.extend(here)
         backend = role.all2all_backend
+        if spec.disaggregated:
+            modules.append(NIXL_CONNECTOR_MODULE)  # NixlConnector, on GPUs and on the CPU backend alike
         if cuda:
             modules.extend(ALL2ALL_BACKEND_MODULES.get(backend, ()))
             if role.spec.deep_gemm and plan.weight_dtype == "fp8":
                 modules.append(DEEP_GEMM_MODULE)
-            if spec.disaggregated:
-                modules.append(NIXL_CONNECTOR_MODULE)
             if backend in NVSHMEM_BACKENDS:
                 nvshmem = True
                 if role.nodes_per_group > 1:
@@ -87,7 +87,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
             if r.port is not None:
                 ports.append((http_host, r.port))
             if r.side_channel_port is not None:
-                ports.extend((node_host, r.side_channel_port + t) for t in range(len(r.gpus)))
+                ports.append((node_host, r.side_channel_port))  # one per engine, all its TP workers
         for group in role.group_nodes:
             if group[0] == node:
                 ports.append((node_host, role.rpc_port))
