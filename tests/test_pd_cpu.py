@@ -47,8 +47,12 @@ MAX_TOKENS = 8
 def _post(port: int, body: dict, timeout: float = 120.0) -> dict:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        err.msg = f"{err.msg}: {err.read()[:500]!r}"
+        raise
 
 
 def _greedy(port: int, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:
@@ -120,6 +124,7 @@ def pd(tiny_moe_dir, vllm_python, mixed_reference, tmp_path_factory):
     finally:
         run_id = launch.run_id() if launch.proc.poll() is None or launch.lines else None
         launch.stop(signal.SIGTERM)
+        print("--- widep launch output (tail) ---\n" + launch.output())
         if run_id:
             left = wait_gone(run_id, 60)
             launch.stop(signal.SIGKILL)

@@ -128,3 +128,15 @@ def test_every_command_refuses_disagreeing_roles_before_starting(tmp_path, cmd):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "roles[1].block_size: decode role 'decode' has block_size 64" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_cpu_pd_with_dp2_ep2_decode_group():
+    p = plan(load_topology(ROOT / "topologies" / "tiny-moe-cpu-pd-dp2.yaml"))
+    dec = p.role("decode")
+    assert (dec.dp_size, dec.ep_size, dec.experts_per_gpu) == (2, 2, 4)
+    assert [r.side_channel_port for r in dec.ranks] == [5710, 5711] and [r.port for r in dec.ranks] == [8410, 8411]
+    cmds = render(p, CTX, role="decode")
+    assert {c.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in cmds} == {"5710"}  # vLLM adds the DP rank
+    assert [c.env_dict["VLLM_CPU_OMP_THREADS_BIND"] for c in cmds] == ["1", "0"]  # slot 2 wraps onto core 0
+    a = list(render_router(p, CTX).argv)
+    assert [a[i + 1] for i, x in enumerate(a) if x == "--decode"] == ["http://127.0.0.1:8410", "http://127.0.0.1:8411"]
