@@ -71,18 +71,20 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
             continue
         ranks.extend(here)
         backend = role.all2all_backend
-        if spec.disaggregated:
-            modules.append(NIXL_CONNECTOR_MODULE)  # NixlConnector, on GPUs and on the CPU backend alike
         if cuda:
             modules.extend(ALL2ALL_BACKEND_MODULES.get(backend, ()))
             if role.spec.deep_gemm and plan.weight_dtype == "fp8":
                 modules.append(DEEP_GEMM_MODULE)
+            if spec.disaggregated:
+                modules.append(NIXL_CONNECTOR_MODULE)
             if backend in NVSHMEM_BACKENDS:
                 nvshmem = True
                 if role.nodes_per_group > 1:
                     rdma_needed = True
             if spec.disaggregated:
                 rdma_needed = True  # KV moves between P/D groups on different nodes (NIXL)
+        elif spec.disaggregated:
+            modules.append(NIXL_CONNECTOR_MODULE)  # NixlConnector on the CPU backend too (DRAM over UCX)
         for r in here:
             if r.port is not None:
                 ports.append((http_host, r.port))
