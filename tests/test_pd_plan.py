@@ -39,7 +39,8 @@ def test_cpu_pd_renders_nixl_on_dram_per_role_side_channels_and_pd_router():
             "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
             "kv_load_failure_policy": "fail"}
         assert c.env_dict["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
-    assert (pre.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"], dec.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"]) == ("5700", "5710")
+    side = "VLLM_NIXL_SIDE_CHANNEL_PORT"
+    assert (pre.env_dict[side], dec.env_dict[side]) == ("5700", "5710")
     assert (pre.env_dict["VLLM_CPU_OMP_THREADS_BIND"], dec.env_dict["VLLM_CPU_OMP_THREADS_BIND"]) == ("0", "1")
     assert [r.side_channel_port for rp in p.roles for r in rp.ranks] == [5700, 5710]
     a = list(render_router(p, CTX).argv)
@@ -70,24 +71,24 @@ def test_kv_load_failure_policy_recompute_rendered_and_refused_where_unknown():
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d["roles"][1].update(block_size=32),
-     r"roles\[1\].block_size: decode role 'decode' has block_size 32 but prefill role 'prefill' \(roles\[0\]"
-     r".block_size\) has \(vLLM default\).*Valid: the same block_size"),
+     (r"roles\[1\].block_size: decode role 'decode' has block_size 32 but prefill role 'prefill' \(roles\[0\]"
+     r".block_size\) has \(vLLM default\).*Valid: the same block_size")),
     (lambda d: d["roles"][0].update(kv_cache_dtype="fp8"),
-     r"roles\[1\].kv_cache_dtype: decode role 'decode' stores KV as bf16 but prefill role 'prefill' "
-     r"\(roles\[0\].kv_cache_dtype, default model.kv_cache_dtype\) as fp8"),
+     (r"roles\[1\].kv_cache_dtype: decode role 'decode' stores KV as bf16 but prefill role 'prefill' "
+     r"\(roles\[0\].kv_cache_dtype, default model.kv_cache_dtype\) as fp8")),
     (lambda d: d["roles"][1].update(extra_args=["--revision", "v2"]),
-     r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role 'prefill' "
-     r"\(roles\[0\].extra_args\) with --revision \(vLLM default\)"),
+     (r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role 'prefill' "
+     r"\(roles\[0\].extra_args\) with --revision \(vLLM default\)")),
     (lambda d: d["roles"][0].update(extra_args=["--dtype=float16"]),
-     r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but prefill role "
-     r"'prefill' \(roles\[0\].extra_args\) with --dtype float16"),
+     (r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but prefill role "
+     r"'prefill' \(roles\[0\].extra_args\) with --dtype float16")),
     (lambda d: d["roles"][1].update(nixl_side_channel_port=5700),
-     r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side channel "
+     (r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side channel "
      r"rank 0 \(roles\[0\].nixl_side_channel_port\) and by decode NIXL side channel rank 0 "
-     r"\(roles\[1\].nixl_side_channel_port\)"),
+     r"\(roles\[1\].nixl_side_channel_port\)")),
     (lambda d: [r.pop("nixl_side_channel_port") for r in d["roles"]],
-     r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side channel "
-     r"rank 0 \(serving.nixl_side_channel_port\) and by decode"),
+     (r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side channel "
+     r"rank 0 \(serving.nixl_side_channel_port\) and by decode")),
     (lambda d: d["roles"][0].update(nixl_side_channel_port=8410),
      r"roles\[1\].port: port 8410 on node localhost is used twice: by prefill NIXL side channel rank 0"),
 ], ids=["block-size", "kv-dtype", "model-revision", "model-dtype", "side-channel-override", "side-channel-default",
