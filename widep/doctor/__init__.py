@@ -87,11 +87,13 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
                     rdma_needed = True
             if spec.disaggregated:
                 rdma_needed = True  # KV moves between P/D groups on different nodes (NIXL)
+        elif spec.disaggregated:
+            modules.append(NIXL_CONNECTOR_MODULE)  # NixlConnector on the CPU backend too (DRAM over UCX)
         for r in here:
             if r.port is not None:
                 ports.append((http_host, r.port))
             if r.side_channel_port is not None:
-                ports.extend((node_host, r.side_channel_port + t) for t in range(len(r.gpus)))
+                ports.append((node_host, r.side_channel_port))  # one per engine, all its TP workers
         for group in role.group_nodes:
             if group[0] == node:
                 ports.append((node_host, role.rpc_port))

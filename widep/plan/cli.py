@@ -108,6 +108,15 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
         )
         for w in rp.warnings:
             con.print(f"[yellow]warning[/yellow] ({rp.name}): {w}")
+    if p.spec.disaggregated:
+        from widep.render.vllm import kv_transfer_config
+
+        kvt = kv_transfer_config(p)
+        con.print()
+        con.print(f"[bold cyan]KV hand-off[/] prefill -> decode: {kvt['kv_connector']}"
+                  + (" (KV in host memory: NIXL DRAM over UCX)" if kvt.get("kv_buffer_device") == "cpu" else "")
+                  + f"; on a failed KV load: {kvt.get('kv_load_failure_policy', 'vLLM default')}; side channels "
+                  + ", ".join(f"{rp.name} {rp.nixl_side_channel_port}+rank" for rp in p.roles), highlight=False)
     if p.router is not None:
         from widep.render.vllm import RenderContext, render_router
 

@@ -89,6 +89,10 @@ class RolePlan:
     control_port: int
     """widep's group-control port on each replica's leader node."""
     warnings: tuple[str, ...] = ()
+    kv_dtype: str = "bf16"
+    """KV cache precision of this role (model.kv_cache_dtype unless the role overrides it)."""
+    nixl_side_channel_port: int | None = None
+    """P/D: base NIXL side-channel port of this role (VLLM_NIXL_SIDE_CHANNEL_PORT); rank r uses base + r."""
 
     @property
     def name(self) -> str:
@@ -129,6 +133,9 @@ class RolePlan:
             "http_port": self.http_port,
             "rpc_port": self.rpc_port,
             "control_port": self.control_port,
+            "kv_cache_dtype": self.kv_dtype,
+            "block_size": self.spec.block_size,
+            "nixl_side_channel_port": self.nixl_side_channel_port,
             "ranks": [r.as_dict() for r in self.ranks],
             "memory": {
                 "total_gib": round(m.total_gib, 3),
@@ -255,6 +262,88 @@ def _fail(field_path: str, msg: str) -> None:
     raise UserError(f"{field_path}: {msg}")
 
 
+def kv_dtype_of(spec: TopologySpec, role: RoleSpec) -> str:
+    """The KV cache precision a role runs: its own kv_cache_dtype, else the model's ('auto' is the 16-bit default)."""
+    given = role.kv_cache_dtype or spec.model.kv_cache_dtype
+    return "bf16" if given in ("auto", "bf16", "fp16") else given
+
+
+# vLLM arguments that change which weights, tokenizer or activation dtype a role loads: P/D roles must agree on them,
+# or the decode rank reads KV that another model (or another tokenisation of the prompt) wrote.
+MODEL_IDENTITY_FLAGS = ("--revision", "--code-revision", "--tokenizer", "--tokenizer-revision", "--hf-overrides",
+                        "--quantization", "--dtype")
+
+
+def _extra_flag_values(args: list[str], flags: tuple[str, ...]) -> dict[str, str]:
+    """flag -> value for the given flags found in a role's extra_args (``--flag v`` or ``--flag=v``; _ or -)."""
+    out: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        name, eq, value = arg.partition("=")
+        name = name.replace("_", "-")
+        if name in flags:
+            out[name] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    return out
+
+
+def check_pd_model_agreement(spec: TopologySpec) -> None:
+    """P/D: prefill and decode roles load the same model (weights, tokenizer, dtype): the KV they hand over is
+    only meaningful to the same model. UserError naming the roles' fields that differ."""
+    pd = [(i, r) for i, r in enumerate(spec.roles) if r.kind in ("prefill", "decode")]
+    if len(pd) < 2:
+        return
+    (i0, r0), values0 = pd[0], _extra_flag_values(pd[0][1].extra_args, MODEL_IDENTITY_FLAGS)
+    for i, r in pd[1:]:
+        values = _extra_flag_values(r.extra_args, MODEL_IDENTITY_FLAGS)
+        for flag in MODEL_IDENTITY_FLAGS:
+            a, b = values0.get(flag), values.get(flag)
+            if a != b:
+                _fail(
+                    f"roles[{i}].extra_args",
+                    f"{r.kind} role {r.name!r} loads the model with {flag} {b if b is not None else '(vLLM default)'} but "
+                    f"{r0.kind} role {r0.name!r} (roles[{i0}].extra_args) with {flag} {a if a is not None else '(vLLM default)'}; "
+                    "KV handed from prefill to decode is only valid for the same model. "
+                    f"Valid: the same {flag} on every prefill and decode role (or none).",
+                )
+
+
+def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
+    """P/D: prefill and decode roles agree on KV block size and KV precision, which fix the layout of every block
+    NIXL moves. (vLLM 0.32 pulls between unequal block sizes only when decode's is a multiple of prefill's, on
+    GPUs without a host buffer, and asserts inside the engine otherwise; widep requires equal ones.)"""
+    pd = [(i, r) for i, r in enumerate(spec.roles) if r.kind in ("prefill", "decode")]
+    if len(pd) < 2:
+        return
+    i0, r0 = pd[0]
+    for i, r in pd[1:]:
+        if r.block_size != r0.block_size:
+            _fail(
+                f"roles[{i}].block_size",
+                f"{r.kind} role {r.name!r} has block_size {r.block_size or '(vLLM default)'} but {r0.kind} role "
+                f"{r0.name!r} (roles[{i0}].block_size) has {r0.block_size or '(vLLM default)'}; NIXL moves whole KV "
+                f"blocks between them. Valid: the same block_size on every prefill and decode role.",
+            )
+        a, b = kv_dtype_of(spec, r0), kv_dtype_of(spec, r)
+        if a != b:
+            _fail(
+                f"roles[{i}].kv_cache_dtype",
+                f"{r.kind} role {r.name!r} stores KV as {b} but {r0.kind} role {r0.name!r} "
+                f"(roles[{i0}].kv_cache_dtype, default model.kv_cache_dtype) as {a}; the decode rank would read "
+                f"prefill's bytes as another precision. Valid: the same kv_cache_dtype on every prefill and decode role.",
+            )
+
+
+def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
+    """'recompute' needs a vLLM that takes kv_load_failure_policy (0.32 does)."""
+    if spec.disaggregated and spec.serving.kv_load_failure_policy != "fail" and not vt.has_kv_load_failure_policy:
+        _fail(
+            "serving.kv_load_failure_policy",
+            f"{spec.serving.kv_load_failure_policy!r} with vLLM {spec.vllm.version}: widep renders "
+            "kv_load_failure_policy only for vLLM 0.20-0.39. Valid: fail (vLLM's own behaviour there).",
+        )
+
+
 def _valid_redundant(E: int, ep: int, limit: int = 4) -> list[int]:
     out, r = [], 0
     while len(out) < limit and r <= 1023:
@@ -291,6 +380,9 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         _fail("model.weight_dtype", f"{weight_dtype!r} on the CPU backend: widep's CPU topologies serve 16-bit weights. Valid: bf16, fp16.")
     is_cpu = gpu.device == "cpu"
     mode = spec.serving.dp_mode
+    check_pd_model_agreement(spec)
+    check_pd_kv_layout_agreement(spec)
+    check_kv_load_failure_policy(spec, vt)
     if mode == "multiport" and not vt.has_multi_port_lb:
         _fail("serving.dp_mode", f"'multiport' needs vLLM >= {first_version_with('has_multi_port_lb')} (the DP supervisor); "
               f"vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.")
@@ -310,7 +402,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             _fail(
                 field_path,
                 f"port {port} on node {nodes[node].name} is used twice: by {port_owner[key]} and by {what}. "
-                "Give the roles different ports (roles[i].port / rpc_port, serving.*_port).",
+                "Give the roles different ports (roles[i].port / rpc_port / nixl_side_channel_port, serving.*_port).",
             )
         port_owner[key] = what
 
@@ -444,13 +536,14 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         context_len = role.context_len or max_model_len
 
         # ---- memory ----
+        role_kv_dtype = kv_dtype_of(spec, role)
         cuda_graphs = not role.enforce_eager and not (backend == "deepep_high_throughput" and dp_size > 1)
         fixed_kv = role.kv_cache_gib if role.kv_cache_gib is not None else (1.0 if is_cpu else None)
         mem = memory_budget(
             arch=arch,
             gpu=gpu,
             weight_dtype=weight_dtype,
-            kv_dtype=kv_dtype,
+            kv_dtype=role_kv_dtype,
             tp=role.tp,
             dp_size=dp_size,
             ep_size=ep_size,
@@ -515,6 +608,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         http_port = role.port or spec.serving.port
         rpc_port = role.rpc_port or spec.serving.rpc_port
         control_port = spec.serving.control_port + ri
+        side_base = (role.nixl_side_channel_port or spec.serving.nixl_side_channel_port) if spec.disaggregated else None
+        side_field = f"{fp}.nixl_side_channel_port" if role.nixl_side_channel_port else "serving.nixl_side_channel_port"
         ranks: list[Rank] = []
         for g, group in enumerate(groups):
             claim_port(group[0], rpc_port, f"{role.name} DP handshake (rpc_port)", f"{fp}.rpc_port")
@@ -544,10 +639,14 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                     if port is not None:
                         claim_port(node, port, f"{role.name} HTTP" + (f" rank {dp_rank}" if mode in ("external", "multiport") else ""), f"{fp}.port")
                     side = None
-                    if spec.disaggregated:
-                        side = spec.serving.nixl_side_channel_port + dp_rank * role.tp
-                        for t in range(role.tp):
-                            claim_port(node, side + t, f"{role.name} NIXL side channel rank {dp_rank}", "serving.nixl_side_channel_port")
+                    if side_base is not None:
+                        # one side channel per engine (all its TP workers), on base + DP rank (vLLM 0.32
+                        # nixl/base_scheduler.py: VLLM_NIXL_SIDE_CHANNEL_PORT + data_parallel_index)
+                        side = side_base + dp_rank
+                        if side > 65535:
+                            _fail(side_field, f"{side_base} + DP rank {dp_rank} = {side} is above 65535. "
+                                              f"Valid: at most {65535 - dp_size + 1}.")
+                        claim_port(node, side, f"{role.name} NIXL side channel rank {dp_rank} ({side_field})", side_field)
                     if role.expert_parallel:
                         base = dp_rank * role.tp * experts_per_gpu
                         experts = tuple(slots[base : base + role.tp * experts_per_gpu])
@@ -589,6 +688,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                 http_port=http_port,
                 control_port=control_port,
                 warnings=tuple(warnings),
+                kv_dtype=role_kv_dtype,
+                nixl_side_channel_port=side_base,
             )
         )
     router = None

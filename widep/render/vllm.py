@@ -262,8 +262,9 @@ OWNED_FLAGS = {
     "--max-model-len": "roles[].max_model_len",
     "--gpu-memory-utilization": "roles[].gpu_memory_utilization",
     "--kv-cache-memory-bytes": "roles[].kv_cache_gib",
-    "--kv-transfer-config": "the roles' kinds (P/D)",
-    "--kv-cache-dtype": "model.kv_cache_dtype",
+    "--kv-transfer-config": "the roles' kinds (P/D) and serving.kv_load_failure_policy",
+    "--kv-cache-dtype": "model.kv_cache_dtype / roles[].kv_cache_dtype",
+    "--block-size": "roles[].block_size",
     "--enforce-eager": "roles[].enforce_eager",
     "--served-model-name": "model.served_model_name",
     "--api-key": "serving.api_key_secret",
@@ -279,7 +280,7 @@ OWNED_ENV = {
     "VLLM_USE_DEEP_GEMM": "roles[].deep_gemm",
     "VLLM_MOE_USE_DEEP_GEMM": "roles[].deep_gemm",
     "VLLM_NIXL_SIDE_CHANNEL_HOST": "cluster.nodes[].address",
-    "VLLM_NIXL_SIDE_CHANNEL_PORT": "serving.nixl_side_channel_port",
+    "VLLM_NIXL_SIDE_CHANNEL_PORT": "serving.nixl_side_channel_port / roles[].nixl_side_channel_port",
     "VLLM_CPU_KVCACHE_SPACE": "roles[].kv_cache_gib",
     "VLLM_CPU_OMP_THREADS_BIND": "the planner (CPU slots)",
     "GLOO_SOCKET_IFNAME": "cluster.network.interface",
@@ -437,8 +438,10 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
         args += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
         if s.kv_cache_gib is not None:
             args += ["--kv-cache-memory-bytes", str(int(s.kv_cache_gib * 2**30))]
-    if plan.kv_dtype == "fp8":
+    if rp.kv_dtype == "fp8":
         args += ["--kv-cache-dtype", "fp8"]
+    if s.block_size is not None:
+        args += ["--block-size", str(s.block_size)]
     if s.enforce_eager:
         args.append("--enforce-eager")
     if plan.spec.model.trust_remote_code:
@@ -449,11 +452,17 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
 
 
 def kv_transfer_config(plan: DeploymentPlan) -> dict[str, Any]:
-    """vLLM's --kv-transfer-config for a P/D topology: NIXL on every role; a failed KV pull fails the request
-    (llm-d's choice) where the version table says vLLM has kv_load_failure_policy."""
+    """vLLM's --kv-transfer-config for a P/D topology: NIXL on every role.
+
+    On the CPU backend the KV cache lives in host memory, so NIXL registers it as DRAM
+    (``kv_buffer_device: cpu``, the only buffer vLLM 0.32 accepts there) and moves it with UCX's
+    shared-memory/TCP transports; on GPUs the cache is registered in place (VRAM, RDMA).
+    """
     kvt: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    if plan.device == "cpu":
+        kvt["kv_buffer_device"] = "cpu"
     if plan.vllm.has_kv_load_failure_policy:
-        kvt["kv_load_failure_policy"] = "fail"
+        kvt["kv_load_failure_policy"] = plan.spec.serving.kv_load_failure_policy
     return kvt
 
 
@@ -498,7 +507,7 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores))))
     if plan.spec.disaggregated:
         env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", NODE_ADDRESS))
-        env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))
+        env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(rp.nixl_side_channel_port)))
     if plan.router is not None:
         env += [kv for kv in keep_alive_env() if kv[0] not in s.extra_env]
     for var, ref in (("VLLM_API_KEY", secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")),

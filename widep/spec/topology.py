@@ -266,6 +266,14 @@ class RoleSpec(Strict):
     GPUs: what is left under gpu_memory_utilization; on CPU: 1 GiB."""
     enforce_eager: bool = False
     """Disable CUDA graphs (--enforce-eager)."""
+    block_size: int | None = Field(default=None, ge=1, le=4096)
+    """KV cache block size in tokens (--block-size). Default: vLLM's for the backend. P/D: prefill and decode
+    roles must agree (NIXL moves whole blocks)."""
+    kv_cache_dtype: KVDType | None = None
+    """KV cache precision of this role, overriding model.kv_cache_dtype. P/D: prefill and decode must agree."""
+    nixl_side_channel_port: int | None = Field(default=None, ge=1, le=65535)
+    """P/D: base NIXL side-channel port of this role on each node (VLLM_NIXL_SIDE_CHANNEL_PORT; DP rank r
+    listens on base + r). Default: serving.nixl_side_channel_port. Roles sharing a node need disjoint ranges."""
     port: int | None = Field(default=None, ge=1, le=65535)
     """First HTTP port of this role on each node. Default: serving.port."""
     rpc_port: int | None = Field(default=None, ge=1, le=65535)
@@ -352,7 +360,11 @@ class ServingSpec(Strict):
     supervisor_port: int = Field(default=9256, ge=1, le=65535)
     """multiport mode: the DP supervisor's aggregated health port."""
     nixl_side_channel_port: int = Field(default=5600, ge=1, le=65535)
-    """P/D: base of NIXL side-channel ports (VLLM_NIXL_SIDE_CHANNEL_PORT); one per rank."""
+    """P/D: base of NIXL side-channel ports (VLLM_NIXL_SIDE_CHANNEL_PORT); DP rank r listens on base + r."""
+    kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
+    """P/D: what a decode rank does when pulling a request's KV from prefill fails (kv_transfer_config):
+    'fail' ends that request with an error (llm-d's choice; the client or router retries the whole request),
+    'recompute' prefills the missing blocks on the decode rank itself."""
     api_key_secret: SecretRef | None = None
     """Where the API key is: {env: VARIABLE} on bare metal, {secret: NAME, key: KEY} for Kubernetes (or both);
     a plain name is read as the variable and/or Secret it can be. Passed by reference, never printed."""

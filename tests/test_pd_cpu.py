@@ -1,0 +1,243 @@
+"""P/D disaggregation with a real KV hand-off on the CPU: prefill and decode vLLM ranks started by `widep launch`
+behind vllm-router in P/D mode (topologies/tiny-moe-cpu-pd.yaml), one deployment shared by every assertion.
+
+The connector is vLLM's own NixlConnector with NIXL 1.5.1 from PyPI (the `nixl` extra): its UCX backend registers
+the CPU KV cache as DRAM (`kv_buffer_device: cpu`, the only buffer vLLM 0.32 allows on the CPU backend) and moves
+blocks between the two processes over UCX's shared-memory/TCP transports, with no CUDA on the machine. It is the
+connector real deployments use; what this machine cannot exercise is the GPU side (VRAM registration, RDMA).
+
+The hand-off is proved from vLLM's own Prometheus counters, not from timing: the prefill rank computes the prompt
+tokens (prompt_tokens_by_source{source="local_compute"}); the decode rank reports them as
+source="external_kv_transfer" and runs NIXL transfers (nixl_xfer_time_seconds_count, nixl_bytes_transferred),
+computing at most the last prompt token itself. Greedy token ids through the router equal those of an aggregated
+(mixed) vLLM of the same model. Faults: each role's API server is SIGKILLed under load; requests fail with an HTTP
+error (kv_load_failure_policy: fail) rather than hang or answer wrongly, the launcher restarts that group, service
+resumes through the router, and no process of the run is left at the end.
+
+Cost: about 4-8 minutes on 2 cores (one mixed reference server, the P/D pair started once and each role restarted
+once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_helpers import ROOT, LaunchProc, free_ports, processes_of_run, wait_gone
+from vllm_helpers import start_vllm
+
+pytestmark = pytest.mark.vllm
+
+TOPOLOGY = "tiny-moe-cpu-pd.yaml"
+SENTENCE = "Prefill computes the prompt once and hands its KV blocks to decode over NIXL. "
+# distinct from their first token on: no prompt shares a prefix-cache block with another
+PROMPTS = [f"Case {n}. " + SENTENCE * n for n in (1, 3, 6, 12)]
+MAX_TOKENS = 8
+
+
+def _post(port: int, body: dict, timeout: float = 120.0) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        err.msg = f"{err.msg}: {err.read()[:500]!r}"
+        raise
+
+
+def _greedy(port: int, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:
+    return _post(port, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "return_token_ids": True})
+
+
+def metrics(port: int) -> dict[tuple[str, str], float]:
+    """vLLM's /metrics as {(name, source label or ''): value}, summed over engines."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out: dict[tuple[str, str], float] = {}
+    for m in re.finditer(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([0-9.e+-]+)$", text, re.MULTILINE):
+        src = re.search(r'source="([a-z_]+)"', m.group(2) or "")
+        key = (m.group(1), src.group(1) if src else "")
+        out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def delta(after: dict, before: dict, name: str, source: str = "") -> float:
+    return after.get((name, source), 0.0) - before.get((name, source), 0.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_reference(tiny_moe_dir, vllm_python):
+    """Greedy token ids of an aggregated (mixed) vLLM of the same model and flags, no KV connector."""
+    argv = ["--model", str(tiny_moe_dir), "--host", "127.0.0.1", "--max-num-seqs", "16", "--max-num-batched-tokens",
+            "2048", "--max-model-len", "1024", "--enforce-eager"]
+    with start_vllm(argv, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, timeout=400, python=vllm_python) as srv:
+        return [_greedy(srv.port, str(tiny_moe_dir), p) for p in PROMPTS]
+
+
+class PD:
+    def __init__(self, launch: LaunchProc, doc: dict, path: Path, model: str) -> None:
+        self.launch, self.doc, self.path, self.model = launch, doc, path, model
+        self.prefill_port = doc["roles"][0]["port"]
+        self.decode_port = doc["roles"][1]["port"]
+        self.router_port = doc["router"]["port"]
+        self.run_dir = path.parent / "run"
+
+    def server_pid(self, port: int) -> int:
+        """The API server of the rank serving ``port`` (not its guard)."""
+        for pid in processes_of_run(self.launch.run_id()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"vllm.entrypoints.openai.api_server" in cmd and b"widep.run.guard" not in cmd \
+                    and cmd[cmd.index(b"--port") + 1] == str(port).encode():
+                return pid
+        raise AssertionError(f"no API server on port {port}:\n{self.launch.output()}")
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_moe_dir, vllm_python, mixed_reference, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pd")
+    doc = yaml.safe_load((ROOT / "topologies" / TOPOLOGY).read_text())
+    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
+    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
+    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
+    doc["serving"].update({"port": p_http, "control_port": control})
+    doc["router"].update({"port": rport, "prometheus_port": prom})
+    path = tmp / TOPOLOGY
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    launch = LaunchProc([str(path), "--node", "0", "--run-dir", str(tmp / "run"), "--model-path", str(tiny_moe_dir),
+                         "--python", vllm_python, "--backoff", "1"], env=env)
+    try:
+        launch.wait_for(r"ready: tiny-moe-cpu-pd", 600)
+        yield PD(launch, doc, path, str(tiny_moe_dir))
+    finally:
+        run_id = launch.run_id() if launch.proc.poll() is None or launch.lines else None
+        launch.stop(signal.SIGTERM)
+        print("--- widep launch output (tail) ---\n" + launch.output())
+        if run_id:
+            left = wait_gone(run_id, 60)
+            launch.stop(signal.SIGKILL)
+            assert left == [], f"processes of run {run_id} outlived the launcher: {left}"
+
+
+def test_handoff_proved_by_vllm_counters_and_greedy_ids_match_mixed(pd, mixed_reference):
+    before_p, before_d = metrics(pd.prefill_port), metrics(pd.decode_port)
+    outs = [_greedy(pd.router_port, pd.model, p) for p in PROMPTS]  # one at a time: batch shapes as in the reference
+    after_p, after_d = metrics(pd.prefill_port), metrics(pd.decode_port)
+    n_prompt = sum(o["usage"]["prompt_tokens"] for o in outs)
+    n = len(PROMPTS)
+    print(f"prompt tokens {n_prompt}; prefill local_compute "
+          f"{delta(after_p, before_p, 'vllm:prompt_tokens_by_source_total', 'local_compute')}; decode "
+          + ", ".join(f"{s} {delta(after_d, before_d, 'vllm:prompt_tokens_by_source_total', s)}"
+                      for s in ("local_compute", "local_cache_hit", "external_kv_transfer"))
+          + f"; decode NIXL transfers {delta(after_d, before_d, 'vllm:nixl_xfer_time_seconds_count')}, bytes "
+          f"{delta(after_d, before_d, 'vllm:nixl_bytes_transferred_sum')}")
+    # the prefill rank computed every prompt token and generated only the first token of each request
+    assert delta(after_p, before_p, "vllm:prompt_tokens_by_source_total", "local_compute") == n_prompt
+    assert delta(after_p, before_p, "vllm:generation_tokens_total") == n
+    assert delta(after_p, before_p, "vllm:nixl_xfer_time_seconds_count") == 0  # decode pulls; prefill serves
+    # the decode rank received the prompt's KV from the connector and computed at most the last token per request
+    received = delta(after_d, before_d, "vllm:prompt_tokens_by_source_total", "external_kv_transfer")
+    computed = delta(after_d, before_d, "vllm:prompt_tokens_by_source_total", "local_compute")
+    assert computed <= n and received >= n_prompt - n and received + computed == n_prompt
+    assert delta(after_d, before_d, "vllm:prompt_tokens_by_source_total", "local_cache_hit") == 0
+    assert delta(after_d, before_d, "vllm:nixl_xfer_time_seconds_count") >= n
+    assert delta(after_d, before_d, "vllm:nixl_bytes_transferred_sum") > 0
+    assert delta(after_d, before_d, "vllm:nixl_num_failed_transfers_total") == 0
+    assert delta(after_d, before_d, "vllm:generation_tokens_total") == n * MAX_TOKENS
+    # and its log shows the NIXL handshake with the prefill engine (vLLM checks the peer's compatibility hash)
+    logs = list(pd.run_dir.glob("attempt-*/decode/rank-0/vllm.log"))
+    assert any("NIXL compatibility check passed" in p.read_text(errors="replace") for p in logs), logs
+    # same greedy tokens as the aggregated deployment
+    for prompt, got, ref in zip(PROMPTS, outs, mixed_reference, strict=True):
+        assert got["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+        assert got["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"], prompt
+
+
+def test_bench_topology_over_pd_writes_reports_with_ttft_itl(pd, tmp_path, capsys):
+    from widep.bench.report import read_records
+    from widep.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "--topology", str(pd.path), "--concurrency", "1,2,4", "--isl", "64", "--osl", "8",
+               "--num-requests", "4", "--warmup", "1", "--out", str(out), "--scrape-interval", "0",
+               "--accelerator", "cpu", "--model", pd.model, "--tokenizer", pd.model])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    for level in ("c1", "c2", "c4"):
+        recs = read_records(out / f"level-{level}.requests.jsonl")
+        assert len(recs) == 4 and all(r.ok for r in recs), [r.error for r in recs]
+        assert all(r.completion_tokens == 8 and r.ttft_s > 0 and len(r.itls_s) >= 1 for r in recs)
+        assert (out / f"level-{level}.report.yaml").is_file()
+
+
+class Load:
+    """Completions through the router from one thread until stopped: (time, ok, what) per request."""
+
+    def __init__(self, pd: PD) -> None:
+        self.pd, self.results, self.stop_ev = pd, [], threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop_ev.is_set():
+            i += 1
+            t0 = time.monotonic()
+            try:
+                o = _greedy(self.pd.router_port, self.pd.model, f"{SENTENCE * 4} request {i}", 16)
+                good = o["usage"]["completion_tokens"] == 16 and len(o["choices"][0]["token_ids"]) == 16
+                self.results.append((t0, time.monotonic() - t0, good, "ok" if good else f"short answer {o}"))
+            except urllib.error.HTTPError as err:
+                self.results.append((t0, time.monotonic() - t0, False, f"HTTP {err.code}"))
+                time.sleep(0.2)  # a client backing off, not a loop hammering the router on 2 cores
+            except OSError as err:
+                self.results.append((t0, time.monotonic() - t0, False, f"{type(err).__name__}: {err}"))
+                time.sleep(0.2)
+
+    def finish(self) -> list:
+        self.stop_ev.set()
+        self.t.join(150)
+        return self.results
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_rank_killed_under_load_fails_cleanly_restarts_and_resumes(pd, role):
+    port = pd.prefill_port if role == "prefill" else pd.decode_port
+    ready_before = sum(1 for line in pd.launch.lines if re.search(r"ready: tiny-moe-cpu-pd", line))
+    load = Load(pd)
+    time.sleep(3)
+    os.kill(pd.server_pid(port), signal.SIGKILL)
+    killed_at = time.monotonic()
+    pd.launch.wait_for(rf"\[{role}\] attempt 0 failed", 120)
+    pd.launch.wait_for(r"ready: tiny-moe-cpu-pd", 600, count=ready_before + 1)
+    # the router re-admits the restarted server after its health checks; then every request must succeed
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        tail = [r for r in load.results if r[0] > time.monotonic() - 20]
+        if len(tail) >= 3 and all(r[2] for r in tail[-3:]):
+            break
+        time.sleep(1)
+    results = load.finish()
+    during = [r for r in results if r[0] + r[1] >= killed_at]
+    failed = [r for r in during if not r[2]]
+    print(f"{role} killed: {len(results)} requests, {len(during)} after the kill, {len(failed)} failed: "
+          f"{sorted({r[3] for r in failed})}; slowest {max(r[1] for r in results):.1f} s")
+    assert all(r[2] for r in results[-3:]), f"service did not resume after {role} restart: {results[-5:]}"
+    # failures are clean errors (HTTP status or refused connection), never a wrong or truncated answer, never a hang
+    assert not [r for r in results if r[3].startswith("short answer")]
+    assert all(r[1] < 120 for r in results)
+    assert len(during) >= 3, "the load stopped at the kill"
