@@ -983,7 +983,8 @@ def with_saturation(levels: np.ndarray, cap: float, saturation: bool) -> tuple[n
     return merged, int(np.searchsorted(merged, cap))
 
 
-def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *, saturation: bool = True) -> tuple[str, list[LevelPrediction]]:
+def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *, saturation: bool = True,
+                 engine: str = "vllm") -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in
@@ -991,7 +992,9 @@ def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], ca
     (flagged ``saturation``): the concurrency at which every rank runs its largest batch.
     """
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
-    roles = [role_input_from_plan(rp, plan.gpu) for rp in plan.roles]
+    from dataclasses import replace as _replace
+
+    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine) for rp in plan.roles]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:
