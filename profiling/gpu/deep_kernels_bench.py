@@ -31,6 +31,7 @@ per-iteration time is the maximum over ranks. Output: one JSON (rank 0 writes it
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -75,7 +76,8 @@ def part(res: dict, name: str, fn, out: str) -> None:
     t0 = time.time()
     try:
         res[name] = fn()
-    except Exception as exc:  # recorded, the other parts still run
+    except (RuntimeError, ValueError, TypeError, AssertionError, ImportError, AttributeError, KeyError, OSError) as exc:
+        # recorded, the other parts still run
         res[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     res.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -140,9 +142,7 @@ def gemm_masked(args) -> dict:
             masked_m.fill_(m)
             em = int(m * 1.2) + 1
 
-            def fn():
-                deep_gemm.m_grouped_fp8_gemm_nt_masked(a, b, d, masked_m, em)
-
+            fn = functools.partial(deep_gemm.m_grouped_fp8_gemm_nt_masked, a, b, d, masked_m, em)
             us = med(timed(fn, args.iters))
             flops = 2.0 * g * m * n * k
             byts = g * n * k + g * m * (k + 2 * n)
@@ -166,9 +166,7 @@ def gemm_contiguous(args) -> dict:
             g = 8
             mm, a, b, layout, d, _ = _contiguous(g, m, n, k)
 
-            def fn():
-                deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, layout)
-
+            fn = functools.partial(deep_gemm.m_grouped_fp8_gemm_nt_contiguous, a, b, d, layout)
             us = med(timed(fn, args.iters))
             flops = 2.0 * mm * n * k
             rows.append({"groups": g, "rows_per_expert": m, "total_rows": mm, "n": n, "k": k, "median_us": us,
@@ -185,9 +183,7 @@ def gemm_sm_limit(args) -> dict:
     for sms in (full, full - 24):
         deep_gemm.set_num_sms(sms)
 
-        def fn():
-            deep_gemm.m_grouped_fp8_gemm_nt_contiguous(a, b, d, layout)
-
+        fn = functools.partial(deep_gemm.m_grouped_fp8_gemm_nt_contiguous, a, b, d, layout)
         us = med(timed(fn, args.iters))
         rows.append({"sms": sms, "median_us": us, "tflops": 2.0 * mm * 2 * INTER * HIDDEN / us / 1e6})
     deep_gemm.set_num_sms(full)
@@ -222,61 +218,7 @@ def ll_bench(args, group) -> dict:
         buf = ll_buffer(group, args.ll_max, experts)
         try:
             for t in args.ll_tokens:
-                x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
-                idx, w = _routing(t, experts, 7 + rank)
-                state = {}
-
-                def disp():
-                    rx, cnt, h, ev, hk = buf.low_latency_dispatch(x, idx, args.ll_max, experts, use_fp8=True)
-                    state["h"] = h
-                    state["rx"] = rx
-
-                disp()
-                torch.cuda.synchronize()
-                gx = torch.randn(state["rx"][0].shape, device="cuda", dtype=torch.bfloat16)
-
-                def comb():
-                    buf.low_latency_combine(gx, idx, w, state["h"])
-
-                def both():
-                    disp()
-                    comb()
-
-                def send_only():
-                    rx, cnt, h, ev, hk = buf.low_latency_dispatch(x, idx, args.ll_max, experts, use_fp8=True,
-                                                                  return_recv_hook=True)
-                    state["hk"] = hk
-                    state["h"] = h
-
-                d_us = med(timed(disp, args.iters, barrier=True))
-                c_us = med(timed(comb, args.iters, barrier=True))
-                b_us = med(timed(both, args.iters, barrier=True))
-                s_us = med(timed(lambda: (send_only(), state["hk"]()), args.iters, barrier=True))
-                # send phase alone: issue, then time until the hook is called later (recv part separately)
-                sends = []
-                recvs = []
-                for _ in range(args.iters):
-                    dist.barrier()
-                    torch.cuda.synchronize()
-                    e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-                    e0.record()
-                    send_only()
-                    e1.record()
-                    torch.cuda._sleep(20000)  # let the data land
-                    e3 = torch.cuda.Event(enable_timing=True)
-                    e3.record()
-                    state["hk"]()
-                    e2.record()
-                    e2.synchronize()
-                    sends.append(e0.elapsed_time(e1) * 1e3)
-                    recvs.append(e3.elapsed_time(e2) * 1e3)
-                disp()
-                torch.cuda.synchronize()
-                rows.append({"experts": experts, "local_experts": experts // group.size(), "tokens_per_rank": t,
-                             "dispatch_us": d_us, "combine_us": c_us, "dispatch_combine_us": b_us,
-                             "dispatch_hooked_us": s_us, "dispatch_send_us": med(sends), "dispatch_recv_us": med(recvs),
-                             "dispatch_bytes_per_rank": t * TOPK * (HIDDEN + HIDDEN / 128 * 4),
-                             "combine_bytes_per_rank": t * TOPK * HIDDEN * 2})
+                rows.append(_ll_case(args, buf, experts, t, rank, group.size()))
         finally:
             dist.barrier()
             buf.destroy()
@@ -295,35 +237,7 @@ def normal_bench(args, group) -> dict:
             dcfg = deep_ep.Buffer.get_dispatch_config(group.size())
             ccfg = deep_ep.Buffer.get_combine_config(group.size())
             for t in args.normal_tokens:
-                x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
-                xq = quant_rows(x)
-                idx, w = _routing(t, 256, 11 + rank)
-                ntr, _, nte, itr, _ = buf.get_dispatch_layout(idx, 256)
-                st = {}
-
-                def layout():
-                    buf.get_dispatch_layout(idx, 256)
-
-                def disp():
-                    rx, ri, rw, lst, h, ev = buf.dispatch(xq, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                                          num_tokens_per_expert=nte, topk_idx=idx, topk_weights=w,
-                                                          config=dcfg)
-                    st["h"], st["rx"], st["rw"] = h, rx, rw
-
-                disp()
-                torch.cuda.synchronize()
-                rx_bf = torch.randn((st["rx"][0].shape[0], HIDDEN), device="cuda", dtype=torch.bfloat16)
-
-                def comb():
-                    buf.combine(rx_bf, st["h"], topk_weights=st["rw"], config=ccfg)
-
-                l_us = med(timed(layout, args.iters, barrier=True))
-                d_us = med(timed(disp, args.iters, barrier=True))
-                c_us = med(timed(comb, args.iters, barrier=True))
-                recv = int(st["rx"][0].shape[0])
-                rows.append({"sms": sms, "tokens_per_rank": t, "layout_us": l_us, "dispatch_us": d_us, "combine_us": c_us,
-                             "recv_tokens": recv, "dispatch_gbps": recv * (HIDDEN + HIDDEN / 32) / d_us / 1e3,
-                             "combine_gbps": recv * HIDDEN * 2 / c_us / 1e3})
+                rows.append(_normal_case(args, buf, dcfg, ccfg, sms, t, rank))
     finally:
         dist.barrier()
         buf.destroy()
@@ -333,9 +247,9 @@ def normal_bench(args, group) -> dict:
 class MoELayer:
     """Route -> LL dispatch -> masked fc1 -> act+quant -> masked fc2 -> LL combine, on one DeepEP buffer."""
 
-    def __init__(self, buf, experts: int, ranks: int, max_tokens: int) -> None:
+    def __init__(self, buf, experts: int, ranks: int, max_tokens: int, ex: Experts | None = None) -> None:
         self.buf, self.experts, self.max = buf, experts, max_tokens
-        self.ex = Experts(experts // ranks)
+        self.ex = ex or Experts(experts // ranks)
         self.gate = torch.randn((experts, HIDDEN), device="cuda", dtype=torch.bfloat16) * 0.02
 
     def expected_m(self, tokens: int, ranks: int) -> int:
@@ -349,7 +263,7 @@ class MoELayer:
         return idx.to(deep_ep.topk_idx_t), w
 
     def dispatch(self, x, idx, hook: bool):
-        rx, cnt, h, ev, hk = self.buf.low_latency_dispatch(x, idx, self.max, self.experts, use_fp8=True,
+        rx, cnt, h, _ev, hk = self.buf.low_latency_dispatch(x, idx, self.max, self.experts, use_fp8=True,
                                                            return_recv_hook=hook)
         return rx, cnt, h, hk
 
@@ -357,7 +271,7 @@ class MoELayer:
         return expert_gemms_masked(self.ex, rx, cnt, em)
 
     def combine(self, y, idx, w, h, hook: bool):
-        out, ev, hk = self.buf.low_latency_combine(y, idx, w, h, return_recv_hook=hook)
+        out, _ev, hk = self.buf.low_latency_combine(y, idx, w, h, return_recv_hook=hook)
         return out, hk
 
     def forward(self, x, em):
@@ -376,23 +290,7 @@ def moe_layer(args, group) -> dict:
         try:
             layer = MoELayer(buf, experts, ranks, args.ll_max)
             for t in args.moe_tokens:
-                x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
-                em = layer.expected_m(t, ranks)
-                idx, w = layer.route(x)
-                rx, cnt, h, _ = layer.dispatch(x, idx, False)
-                torch.cuda.synchronize()
-                y = layer.gemms(rx, cnt, em)
-                torch.cuda.synchronize()
-                rows.append({
-                    "experts": experts, "local_experts": experts // ranks, "tokens_per_rank": t, "expected_m": em,
-                    "rows_per_local_expert": float(cnt.float().mean()),
-                    "layer_us": med(timed(lambda: layer.forward(x, em), args.iters, barrier=True)),
-                    "route_us": med(timed(lambda: layer.route(x), args.iters)),
-                    "dispatch_us": med(timed(lambda: layer.dispatch(x, idx, False), args.iters, barrier=True)),
-                    "gemms_us": med(timed(lambda: layer.gemms(rx, cnt, em), args.iters)),
-                    "combine_us": med(timed(lambda: layer.combine(y, idx, w, h, False), args.iters, barrier=True)),
-                })
-                rows[-1]["sum_of_parts_us"] = sum(rows[-1][k] for k in ("route_us", "dispatch_us", "gemms_us", "combine_us"))
+                rows.append(_moe_case(args, layer, experts, t, ranks))
         finally:
             dist.barrier()
             buf.destroy()
@@ -402,76 +300,197 @@ def moe_layer(args, group) -> dict:
 def dbo(args, group) -> dict:
     """Two micro-batches x L layers: serial (blocking) vs receive-hook overlap."""
     ranks = group.size()
-    L = args.dbo_layers
     dense_w = torch.randn((HIDDEN, 16384), device="cuda", dtype=torch.bfloat16) * 0.01  # ~235 MB read per call
     rows = []
     for experts in (256, 16):
-        buf = ll_buffer(group, args.ll_max, experts)
+        # one low-latency buffer per micro-batch (as vLLM's DBO keeps one all-to-all handle per micro-batch):
+        # DeepEP allows one op in flight per buffer with the receive hook
+        bufs = [ll_buffer(group, args.ll_max, experts) for _ in range(2)]
         try:
-            layer = MoELayer(buf, experts, ranks, args.ll_max)
+            ex = Experts(experts // ranks)
+            mbl = [MoELayer(b, experts, ranks, args.ll_max, ex) for b in bufs]
             for t in args.dbo_tokens:
-                half = t // 2
-                xs = [torch.randn((half, HIDDEN), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-                em = layer.expected_m(half, ranks)
-
-                def dense(x):
-                    return (x @ dense_w)[:, :HIDDEN].contiguous()
-
-                def serial():
-                    for _ in range(L):
-                        for i in range(2):
-                            h = dense(xs[i])
-                            layer.forward(h, em)
-
-                def overlapped():
-                    # per layer: dense(0); send d0; dense(1); recv d0; send d1; gemm(0); send c0; recv d1;
-                    # gemm(1); send c1; recv c0; recv c1 (vLLM DBO / SGLang TBO ordering with LL hooks)
-                    for _ in range(L):
-                        h0 = dense(xs[0])
-                        i0, w0 = layer.route(h0)
-                        rx0, c0, hd0, hk0 = layer.dispatch(h0, i0, True)
-                        h1 = dense(xs[1])
-                        i1, w1 = layer.route(h1)
-                        hk0()
-                        rx1, c1, hd1, hk1 = layer.dispatch(h1, i1, True)
-                        y0 = layer.gemms(rx0, c0, em)
-                        _, hc0 = layer.combine(y0, i0, w0, hd0, True)
-                        hk1()
-                        y1 = layer.gemms(rx1, c1, em)
-                        hc0()
-                        _, hc1 = layer.combine(y1, i1, w1, hd1, True)
-                        hc1()
-
-                def dense_only():
-                    for _ in range(L):
-                        for i in range(2):
-                            dense(xs[i])
-
-                def moe_gemm_only():
-                    for _ in range(L):
-                        for i in range(2):
-                            i0, _ = layer.route(xs[i])
-                            rx, c, _, _ = layer.dispatch(xs[i], i0, False)
-                            layer.gemms(rx, c, em)
-
-                s_us = med(timed(serial, args.iters, barrier=True))
-                o_us = med(timed(overlapped, args.iters, barrier=True))
-                d_us = med(timed(dense_only, args.iters))
-                idx, w = layer.route(xs[0])
-                rx, c, h, _ = layer.dispatch(xs[0], idx, False)
-                y = layer.gemms(rx, c, em)
-                comm_us = med(timed(lambda: (layer.dispatch(xs[0], idx, False), layer.combine(y, idx, w, h, False)),
-                                    args.iters, barrier=True)) * 2 * L
-                g_us = med(timed(lambda: layer.gemms(rx, c, em), args.iters)) * 2 * L
-                compute = d_us + g_us
-                saved = s_us - o_us
-                rows.append({"experts": experts, "tokens_per_rank": t, "layers": L, "serial_us": s_us,
-                             "overlapped_us": o_us, "speedup": s_us / o_us, "dense_us": d_us, "expert_gemms_us": g_us,
-                             "comm_us": comm_us, "hidden_fraction_of_min": saved / min(compute, comm_us)})
+                rows.append(_dbo_case(args, mbl, dense_w, experts, t, ranks))
         finally:
             dist.barrier()
-            buf.destroy()
+            for b in bufs:
+                b.destroy()
     return {"ranks": ranks, "rows": rows}
+
+
+def _ll_case(args, buf, experts: int, t: int, rank: int, ranks: int) -> dict:
+    x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
+    idx, w = _routing(t, experts, 7 + rank)
+    state = {}
+
+    def disp():
+        rx, _cnt, h, _ev, _hk = buf.low_latency_dispatch(x, idx, args.ll_max, experts, use_fp8=True)
+        state["h"] = h
+        state["rx"] = rx
+
+    disp()
+    torch.cuda.synchronize()
+    gx = torch.randn(state["rx"][0].shape, device="cuda", dtype=torch.bfloat16)
+
+    def comb():
+        buf.low_latency_combine(gx, idx, w, state["h"])
+
+    def both():
+        disp()
+        comb()
+
+    def send_only():
+        _rx, _cnt, h, _ev, hk = buf.low_latency_dispatch(x, idx, args.ll_max, experts, use_fp8=True,
+                                                      return_recv_hook=True)
+        state["hk"] = hk
+        state["h"] = h
+
+    d_us = med(timed(disp, args.iters, barrier=True))
+    c_us = med(timed(comb, args.iters, barrier=True))
+    b_us = med(timed(both, args.iters, barrier=True))
+    s_us = med(timed(lambda: (send_only(), state["hk"]()), args.iters, barrier=True))
+    # send phase alone: issue, then time until the hook is called later (recv part separately)
+    sends = []
+    recvs = []
+    for _ in range(args.iters):
+        dist.barrier()
+        torch.cuda.synchronize()
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        send_only()
+        e1.record()
+        torch.cuda._sleep(20000)  # let the data land
+        e3 = torch.cuda.Event(enable_timing=True)
+        e3.record()
+        state["hk"]()
+        e2.record()
+        e2.synchronize()
+        sends.append(e0.elapsed_time(e1) * 1e3)
+        recvs.append(e3.elapsed_time(e2) * 1e3)
+    disp()
+    torch.cuda.synchronize()
+    return {"experts": experts, "local_experts": experts // ranks, "tokens_per_rank": t,
+                 "dispatch_us": d_us, "combine_us": c_us, "dispatch_combine_us": b_us,
+                 "dispatch_hooked_us": s_us, "dispatch_send_us": med(sends), "dispatch_recv_us": med(recvs),
+                 "dispatch_bytes_per_rank": t * TOPK * (HIDDEN + HIDDEN / 128 * 4),
+                 "combine_bytes_per_rank": t * TOPK * HIDDEN * 2}
+
+
+def _normal_case(args, buf, dcfg, ccfg, sms: int, t: int, rank: int) -> dict:
+    x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
+    xq = quant_rows(x)
+    idx, w = _routing(t, 256, 11 + rank)
+    ntr, _, nte, itr, _ = buf.get_dispatch_layout(idx, 256)
+    st = {}
+
+    def layout():
+        buf.get_dispatch_layout(idx, 256)
+
+    def disp():
+        rx, _ri, rw, _lst, h, _ev = buf.dispatch(xq, num_tokens_per_rank=ntr, is_token_in_rank=itr,
+                                              num_tokens_per_expert=nte, topk_idx=idx, topk_weights=w,
+                                              config=dcfg)
+        st["h"], st["rx"], st["rw"] = h, rx, rw
+
+    disp()
+    torch.cuda.synchronize()
+    rx_bf = torch.randn((st["rx"][0].shape[0], HIDDEN), device="cuda", dtype=torch.bfloat16)
+
+    def comb():
+        buf.combine(rx_bf, st["h"], topk_weights=st["rw"], config=ccfg)
+
+    l_us = med(timed(layout, args.iters, barrier=True))
+    d_us = med(timed(disp, args.iters, barrier=True))
+    c_us = med(timed(comb, args.iters, barrier=True))
+    recv = int(st["rx"][0].shape[0])
+    return {"sms": sms, "tokens_per_rank": t, "layout_us": l_us, "dispatch_us": d_us, "combine_us": c_us,
+                 "recv_tokens": recv, "dispatch_gbps": recv * (HIDDEN + HIDDEN / 32) / d_us / 1e3,
+                 "combine_gbps": recv * HIDDEN * 2 / c_us / 1e3}
+
+
+def _moe_case(args, layer, experts: int, t: int, ranks: int) -> dict:
+    x = torch.randn((t, HIDDEN), device="cuda", dtype=torch.bfloat16)
+    em = layer.expected_m(t, ranks)
+    idx, w = layer.route(x)
+    rx, cnt, h, _ = layer.dispatch(x, idx, False)
+    torch.cuda.synchronize()
+    y = layer.gemms(rx, cnt, em)
+    torch.cuda.synchronize()
+    row = {
+        "experts": experts, "local_experts": experts // ranks, "tokens_per_rank": t, "expected_m": em,
+        "rows_per_local_expert": float(cnt.float().mean()),
+        "layer_us": med(timed(lambda: layer.forward(x, em), args.iters, barrier=True)),
+        "route_us": med(timed(lambda: layer.route(x), args.iters)),
+        "dispatch_us": med(timed(lambda: layer.dispatch(x, idx, False), args.iters, barrier=True)),
+        "gemms_us": med(timed(lambda: layer.gemms(rx, cnt, em), args.iters)),
+        "combine_us": med(timed(lambda: layer.combine(y, idx, w, h, False), args.iters, barrier=True)),
+    }
+    row["sum_of_parts_us"] = sum(row[k] for k in ("route_us", "dispatch_us", "gemms_us", "combine_us"))
+    return row
+
+
+def _dbo_case(args, mbl, dense_w, experts: int, t: int, ranks: int) -> dict:
+    L = args.dbo_layers
+    layer = mbl[0]
+    half = t // 2
+    xs = [torch.randn((half, HIDDEN), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    em = layer.expected_m(half, ranks)
+
+    def dense(x):
+        return (x @ dense_w)[:, :HIDDEN].contiguous()
+
+    def serial():
+        for _ in range(L):
+            for i in range(2):
+                h = dense(xs[i])
+                mbl[i].forward(h, em)
+
+    def overlapped():
+        # per layer: dense(0); send d0; dense(1); recv d0; send d1; gemm(0); send c0; recv d1;
+        # gemm(1); send c1; recv c0; recv c1 (vLLM DBO / SGLang TBO ordering with LL hooks)
+        for _ in range(L):
+            m0, m1 = mbl
+            h0 = dense(xs[0])
+            i0, w0 = m0.route(h0)
+            rx0, c0, hd0, hk0 = m0.dispatch(h0, i0, True)
+            h1 = dense(xs[1])
+            i1, w1 = m1.route(h1)
+            hk0()
+            rx1, c1, hd1, hk1 = m1.dispatch(h1, i1, True)
+            y0 = m0.gemms(rx0, c0, em)
+            _, hc0 = m0.combine(y0, i0, w0, hd0, True)
+            hk1()
+            y1 = m1.gemms(rx1, c1, em)
+            hc0()
+            _, hc1 = m1.combine(y1, i1, w1, hd1, True)
+            hc1()
+
+    def dense_only():
+        for _ in range(L):
+            for i in range(2):
+                dense(xs[i])
+
+    def moe_gemm_only():
+        for _ in range(L):
+            for i in range(2):
+                i0, _ = layer.route(xs[i])
+                rx, c, _, _ = layer.dispatch(xs[i], i0, False)
+                layer.gemms(rx, c, em)
+
+    s_us = med(timed(serial, args.iters, barrier=True))
+    o_us = med(timed(overlapped, args.iters, barrier=True))
+    d_us = med(timed(dense_only, args.iters))
+    idx, w = layer.route(xs[0])
+    rx, c, h, _ = layer.dispatch(xs[0], idx, False)
+    y = layer.gemms(rx, c, em)
+    comm_us = med(timed(lambda: (layer.dispatch(xs[0], idx, False), layer.combine(y, idx, w, h, False)),
+                        args.iters, barrier=True)) * 2 * L
+    g_us = med(timed(lambda: layer.gemms(rx, c, em), args.iters)) * 2 * L
+    compute = d_us + g_us
+    saved = s_us - o_us
+    return {"experts": experts, "tokens_per_rank": t, "layers": L, "serial_us": s_us,
+                 "overlapped_us": o_us, "speedup": s_us / o_us, "dense_us": d_us, "expert_gemms_us": g_us,
+                 "comm_us": comm_us, "hidden_fraction_of_min": saved / min(compute, comm_us)}
 
 
 def main() -> int:
