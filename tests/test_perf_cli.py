@@ -46,9 +46,12 @@ def test_budget_sweep_table_and_out_dir(tmp_path: Path) -> None:
     assert "Pareto frontier" in p.stdout
     assert (out / "summary.csv").is_file() and (out / "summary.json").is_file() and (out / "sweep.json").is_file()
     assert (out / "sweep-pareto.png").is_file()
+    # predicted sweeps: one columnar results file, directories only for the launchable short list
+    assert (out / "results.jsonl").is_file()
     dirs = [d for d in out.iterdir() if d.is_dir()]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(dirs) == len(summary["candidates"])
+    assert 0 < len(dirs) < len(summary["candidates"]) + 1
+    assert all((d / "topology.yaml").is_file() and not (d / "result.json").exists() for d in dirs)
     # a second run reuses every stored point (same key) and prints the same numbers
     p2 = widep("sweep", "--model", "deepseek-r1", "--gpu", "H200", "--gpus", "16", "--modes", "mixed", "--tp", "1",
                "--max-num-seqs", "128", "--min-tps-user", "20", "--out", str(out), "--show-infeasible")

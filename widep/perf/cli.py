@@ -126,7 +126,7 @@ def _fmt(x: Any, nd: int = 1) -> str:
 @click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp8"]))
 @click.option("--min-tps-user", type=float, default=None, help="SLO: rank candidates by tokens/s/GPU at >= this tokens/s/user.")
 @click.option("--max-ttft-ms", type=float, default=None, help="SLO: and TTFT <= this many ms.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one directory per candidate, summary.csv/json and plots here.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write results here: results.jsonl (predicted, columnar, resumable by chunk) or one directory per measured point; summary.csv/json, plots, and topology.yaml of the frontier and the ranking's head.")
 @click.option("--no-resume", is_flag=True, help="Recompute points already stored in --out.")
 @click.option("--measured", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="widep bench --out directories to overlay on the Pareto plot.")
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=0), help="Rows per table (0: all).")
@@ -316,7 +316,7 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
             step = len(front) / lim
             shown = [front[int(i * step)] for i in range(lim)]
         con.print()
-        con.print(level_table(f"Pareto frontier: tokens/s/user vs tokens/s/GPU" + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points" + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")", shown, False))
+        con.print(level_table("Pareto frontier: tokens/s/user vs tokens/s/GPU" + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points" + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")", shown, False))
     if show_infeasible and bad:
         con.print()
         t = Table(title=f"infeasible ({len(bad)})", title_justify="left", box=None, header_style="bold", pad_edge=False)
@@ -335,7 +335,8 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
     elif bad:
         con.print(f"[dim]{len(bad)} infeasible candidate(s): --show-infeasible lists them with the planner's reason.[/dim]")
     if out is not None:
-        con.print(f"results: {out}/<candidate>/result.json, {out}/summary.csv, {out}/summary.json" + (f"; plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}" if plots else ""))
+        store = f"{out}/<point>/result.json" if measure else f"{out}/results.jsonl"
+        con.print(f"results: {store}, {out}/summary.csv, {out}/summary.json; topologies: {out}/<candidate>/topology.yaml" + (f"; plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}" if plots else ""))
 
 
 def _band() -> dict[str, Any]:
