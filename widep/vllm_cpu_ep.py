@@ -1,0 +1,323 @@
+"""vLLM general plugin: wide expert parallelism on vLLM's CPU backend.
+
+vLLM loads this in every process it starts (entry point ``vllm.general_plugins``, name ``widep_cpu_ep``).
+On the CPU platform, and only where the installed vLLM still lacks them, it fills two gaps that stop a
+DP >= 2 expert-parallel group from answering (DESIGN.md, "vLLM 0.32 on CPU and wide EP"):
+
+1. ``CpuCommunicator.all_gatherv`` / ``reduce_scatterv`` (inherited from ``DeviceCommunicatorBase``, where they
+   raise ``NotImplementedError``); the allgather/reduce-scatter all2all manager that MoE dispatch/combine uses
+   with DP > 1 needs them. Filled as ``torch.distributed`` collectives over the communicator's CPU (gloo) group,
+   with per-rank sizes that may differ (rows padded to the largest rank, then sliced).
+2. ``CPUUnquantizedExperts.apply`` ignores ``expert_map``: under EP the router's global expert ids index the rank's
+   local weights (wrong experts, or an out-of-range read that segfaults in ``cpu_fused_moe``). Filled by mapping
+   global ids to local slots through ``expert_map``; non-local experts get weight 0 (and a valid slot), so each
+   rank returns only its own experts' share and the EP combine (a sum over ranks) is the whole MoE output.
+
+Each gap is detected by behaviour, not by version: the collective is called on a bare communicator and must
+raise ``NotImplementedError``; the experts are run on a two-expert problem whose only routed expert is non-local
+and must return non-zero. A vLLM that already behaves is left alone (logged once per process). On any other
+platform nothing is imported or changed. Switch it off with ``WIDEP_CPU_EP_PLUGIN=0`` or by leaving
+``widep_cpu_ep`` out of ``VLLM_PLUGINS`` (vLLM's own filter).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+ENV_SWITCH = "WIDEP_CPU_EP_PLUGIN"
+PLUGIN_NAME = "widep_cpu_ep"
+COMM_MODULE = "vllm.distributed.device_communicators.cpu_communicator"
+EXPERTS_MODULE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe"
+
+# under vLLM's logger namespace so that vLLM's handler prints it
+log = logging.getLogger("vllm.plugins.widep_cpu_ep")
+
+_registered = False
+_done: dict[str, str] = {}
+"""What the plugin did in this process, per gap: 'filled' or 'left alone' (read by tests and the log)."""
+
+
+def switched_off(environ: dict[str, str] | os._Environ[str] | None = None) -> bool:
+    """True when ``WIDEP_CPU_EP_PLUGIN`` is 0/false/no/off."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    """The entry point vLLM calls (possibly several times per process; only the first acts)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    if switched_off():
+        log.info(
+            "widep CPU EP plugin: switched off (%s=%s)",
+            ENV_SWITCH,
+            os.environ.get(ENV_SWITCH),
+        )
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # GPU and other platforms: nothing is imported or changed
+    # The communicator module is cheap to import; the experts module pulls in the MoE kernels (seconds), so it is
+    # patched when vLLM itself imports it (in the process that runs the model), never imported here.
+    _patch_comm(importlib.import_module(COMM_MODULE))
+    _when_imported(EXPERTS_MODULE, _patch_experts)
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def _collective_missing(cls: type, name: str) -> bool:
+    """Whether ``cls.name`` is still the base class's ``NotImplementedError`` stub (called on a bare instance)."""
+    import torch
+
+    bare = object.__new__(cls)
+    try:
+        getattr(cls, name)(bare, torch.zeros(2, 1), 0, [1, 1])
+    except NotImplementedError:
+        return True
+    except (
+        AttributeError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ):  # an implementation that needs a real group
+        return False
+    return False
+
+
+def _sizes_of(n_local: int, sizes: list[int] | None, world: int, rank: int) -> list[int]:
+    if sizes is None:
+        return [n_local] * world
+    if len(sizes) != world:
+        raise ValueError(f"sizes has {len(sizes)} entries for a group of {world}")
+    if sizes[rank] != n_local:
+        raise ValueError(f"rank {rank} holds {n_local} rows but sizes says {sizes[rank]}")
+    return list(sizes)
+
+
+def gatherv(tensor: Any, sizes: list[int] | None, group: Any) -> Any:
+    """Concatenate every rank's rows (dim 0) in rank order; ranks may hold different row counts (``sizes``)."""
+    import torch
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    n = _sizes_of(tensor.shape[0], sizes, world, rank)
+    width = max(n)
+    rows = tensor.contiguous()
+    if rows.shape[0] != width:
+        rows = torch.cat([rows, rows.new_zeros((width - rows.shape[0], *rows.shape[1:]))])
+    out = rows.new_empty((world * width, *rows.shape[1:]))
+    dist.all_gather_into_tensor(out, rows, group=group)
+    if all(s == width for s in n):
+        return out
+    return torch.cat([out[i * width : i * width + s] for i, s in enumerate(n)])
+
+
+def scatterv(tensor: Any, sizes: list[int] | None, group: Any) -> Any:
+    """Sum ``tensor`` over the group and return this rank's rows: rank i gets rows sum(sizes[:i]) .. + sizes[i]."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    total = tensor.shape[0]
+    if sizes is None:
+        if total % world:
+            raise ValueError(f"{total} rows do not split evenly over {world} ranks and no sizes were given")
+        sizes = [total // world] * world
+    if len(sizes) != world or sum(sizes) != total:
+        raise ValueError(f"sizes {sizes} do not split {total} rows over {world} ranks")
+    width = max(sizes)
+    x = tensor.contiguous()
+    if any(s != width for s in sizes):
+        padded = x.new_zeros((world * width, *x.shape[1:]))
+        start = 0
+        for i, s in enumerate(sizes):
+            padded[i * width : i * width + s] = x[start : start + s]
+            start += s
+        x = padded
+    out = x.new_empty((width, *x.shape[1:]))
+    dist.reduce_scatter_tensor(out, x, group=group)
+    return out[: sizes[rank]] if sizes[rank] != width else out
+
+
+def _all_gatherv(self: Any, input_: Any, dim: int = 0, sizes: list[int] | None = None) -> Any:
+    if dim != 0:
+        raise NotImplementedError("only dim 0 all_gatherv is supported (as in vLLM's CUDA communicator)")
+    if isinstance(input_, (list, tuple)):
+        return [gatherv(t, sizes, self.cpu_group) for t in input_]
+    return gatherv(input_, sizes, self.cpu_group)
+
+
+def _reduce_scatterv(self: Any, input_: Any, dim: int = -1, sizes: list[int] | None = None) -> Any:
+    if dim < 0:
+        dim += input_.dim()
+    x = input_.movedim(dim, 0)
+    return scatterv(x, sizes, self.cpu_group).movedim(0, dim).contiguous()
+
+
+def _patch_comm(mod: ModuleType) -> None:
+    cls = mod.CpuCommunicator
+    fills = {"all_gatherv": _all_gatherv, "reduce_scatterv": _reduce_scatterv}
+    missing = [name for name in fills if _collective_missing(cls, name)]
+    for name in missing:
+        setattr(cls, name, fills[name])
+    left = [n for n in fills if n not in missing]
+    if missing:
+        _done["collectives"] = "filled"
+        log.info(
+            "widep CPU EP plugin: filled CpuCommunicator.%s (uneven sizes over the gloo CPU group)",
+            "/".join(missing),
+        )
+    if left:
+        _done.setdefault("collectives", "left alone")
+        log.info(
+            "widep CPU EP plugin: this vLLM already implements CpuCommunicator.%s; left alone",
+            "/".join(left),
+        )
+
+
+# --------------------------------------------------------------------------- experts
+
+
+def localize(topk_ids: Any, topk_weights: Any, expert_map: Any) -> tuple[Any, Any, Any]:
+    """Global expert ids -> this rank's weight slots; weight 0 (slot 0) for experts another rank holds.
+
+    Returns ``(local_ids, weights, remote)`` with ``remote`` a bool mask of the non-local (token, k) entries.
+    """
+    import torch
+
+    local = expert_map[topk_ids.long()]
+    remote = local < 0
+    ids = torch.where(remote, torch.zeros_like(local), local).to(topk_ids.dtype)
+    return ids, topk_weights.masked_fill(remote, 0), remote
+
+
+def _wrap_apply(original: Callable[..., None]) -> Callable[..., None]:
+    sig = inspect.signature(original)
+
+    def apply(*args: Any, **kwargs: Any) -> None:
+        call = sig.bind(*args, **kwargs)
+        a = call.arguments
+        if a.get("expert_map") is None:
+            return original(*call.args, **call.kwargs)
+        a["topk_ids"], a["topk_weights"], remote = localize(a["topk_ids"], a["topk_weights"], a["expert_map"])
+        original(*call.args, **call.kwargs)
+        if a.get("apply_router_weight_on_input"):  # top-1, weight already on the input: the kernel skips weights
+            a["output"].masked_fill_(remote.any(dim=1, keepdim=True), 0)
+        return None
+
+    apply.widep_original = original  # the unpatched method, for tests and to never wrap twice
+    apply.__doc__ = "CPUUnquantizedExperts.apply honouring expert_map (widep CPU EP plugin)."
+    return apply
+
+
+def expert_map_ignored(cls: type) -> bool:
+    """Run ``cls.apply`` on two experts, one local (slot 0); route one token to the remote one; non-zero = ignored."""
+    import torch
+    from vllm._custom_ops import cpu_prepack_moe_weight
+    from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+    from vllm.model_executor.layers.fused_moe.config import FUSED_MOE_UNQUANTIZED_CONFIG
+
+    experts = object.__new__(cls)
+    experts.quant_config = FUSED_MOE_UNQUANTIZED_CONFIG
+    experts._use_zentorch = False
+    experts.isa = "vec"
+    n, k = 32, 32
+    gen = torch.Generator().manual_seed(0)
+    f32 = torch.float32  # explicit: vLLM loads models under another default dtype (bfloat16)
+    w13 = cpu_prepack_moe_weight(torch.rand(2, 2 * n, k, generator=gen, dtype=f32) + 0.5, "vec")
+    w2 = cpu_prepack_moe_weight(torch.rand(2, k, n, generator=gen, dtype=f32) + 0.5, "vec")
+    x = torch.rand(1, k, generator=gen, dtype=f32) + 0.5
+    out = torch.zeros(1, k, dtype=f32)
+    cls.apply(
+        experts,
+        out,
+        x,
+        w13,
+        w2,
+        torch.ones(1, 1, dtype=f32),
+        torch.zeros(1, 1, dtype=torch.int32),
+        MoEActivation.SILU,
+        2,
+        torch.tensor([-1, 0], dtype=torch.int32),
+        None,
+        None,
+        torch.empty(0, dtype=f32),
+        torch.empty(0, dtype=f32),
+        None,
+        False,
+    )
+    return bool(out.abs().sum() > 0)
+
+
+def _patch_experts(mod: ModuleType) -> None:
+    cls = mod.CPUUnquantizedExperts
+    if hasattr(cls.apply, "widep_original"):
+        return
+    try:
+        ignored = expert_map_ignored(cls)
+    except (
+        ImportError,
+        AttributeError,
+        TypeError,
+        ValueError,
+        RuntimeError,
+    ) as err:  # the probe no longer fits
+        _done["experts"] = "left alone"
+        log.warning(
+            "widep CPU EP plugin: could not check CPUUnquantizedExperts.apply against expert_map (%s: %s); left alone",
+            type(err).__name__,
+            err,
+        )
+        return
+    if not ignored:
+        _done["experts"] = "left alone"
+        log.info("widep CPU EP plugin: this vLLM's CPUUnquantizedExperts.apply already honours expert_map; left alone")
+        return
+    cls.apply = _wrap_apply(cls.apply)
+    _done["experts"] = "filled"
+    log.info("widep CPU EP plugin: CPUUnquantizedExperts.apply now maps global expert ids through expert_map")
+
+
+# --------------------------------------------------------------------------- import hook
+
+
+class _AfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Runs ``then(module)`` right after ``name`` is first imported (by whoever imports it)."""
+
+    def __init__(self, name: str, then: Callable[[ModuleType], None]) -> None:
+        self.name, self.then, self.loader = name, then, None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.then(module)
+
+
+def _when_imported(name: str, then: Callable[[ModuleType], None]) -> None:
+    if name in sys.modules:
+        then(sys.modules[name])
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, then))
