@@ -33,6 +33,7 @@ from widep.errors import UserError
 FORMAT = "widep-perf-calibration/1"
 MEASURED_FORMAT = "widep-calibration/1"
 BytesModel = Literal["expert_copy", "rank_copy", "node_copy", "gather"]
+HARDWARE_FIELDS = ("hbm_tbps", "bf16_tflops", "fp8_tflops", "fp4_tflops", "nvlink_gbps", "nic_gbps")
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,17 @@ class Calibration:
     """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
     spec_draft_us: float = 400.0
     """Host and launch time of one MTP draft pass (a separate forward of the draft layer) per step."""
+    hardware: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
+    """Measured figures that replace a hardware kind's datasheet ones: {kind: {hbm_tbps, bf16_tflops, ...}}."""
     measured: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """What a GPU calibration file replaced, and on which card (empty for the published one)."""
+
+    def gpu_for(self, gpu: Any) -> Any:
+        """``gpu`` with this calibration's measured figures for its kind (unchanged when it has none)."""
+        over = self.hardware.get(gpu.name)
+        if not over:
+            return gpu
+        return replace(gpu, **{k: float(v) for k, v in over.items() if k in HARDWARE_FIELDS})
 
     def a2a_for(self, backend: str) -> A2ATable:
         for t in self.a2a:
@@ -266,7 +276,27 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
         dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
+        hardware=_hardware(doc.get("hardware"), s),
     )
+
+
+def _hardware(d: Any, src: str) -> dict[str, dict[str, float]]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise UserError(f"calibration {src}: hardware must map hardware kinds to figures. Given: {d!r}.")
+    out: dict[str, dict[str, float]] = {}
+    for kind, figs in d.items():
+        if not isinstance(figs, dict):
+            raise UserError(f"calibration {src}: hardware.{kind} must be a mapping. Given: {figs!r}.")
+        out[str(kind)] = {}
+        for k, v in figs.items():
+            if k not in HARDWARE_FIELDS:
+                continue  # notes such as threads or fp32_tflops ride along
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise UserError(f"calibration {src}: hardware.{kind}.{k} must be a positive number. Given: {v!r}.")
+            out[str(kind)][k] = float(v)
+    return out
 
 
 def _opt(doc: dict[str, Any], path: str, src: str, default: float, lo: float = 0.0, hi: float = math.inf) -> float:

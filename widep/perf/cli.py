@@ -452,3 +452,84 @@ def predict_cmd(topology: str, concurrency: float, isl: int, osl: int, decode_co
     click.echo("  step (ms): " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in d["step_ms"].items() if k.endswith("_ms")))
     if u["rms_log"] is not None:
         click.echo(f"  band: leave-one-out log RMS {u['rms_log']:.3f} over {u['points']} public points")
+
+
+@click.command("calibrate")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--topology", "topologies", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="The topology each run measured: once for all runs, or once per run in order.")
+@click.option("--calibration", default="published", show_default=True, help="Starting calibration.")
+@click.option("--terms", default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency", show_default=True,
+              help="Free terms to fit (those that move no prediction are left alone).")
+@click.option("--measure-host", "measure_host_threads", type=click.IntRange(min=1), default=None,
+              help="Measure this machine's memory bandwidth and FLOP rate with N threads and record them as the "
+                   "topology's hardware kind (CPU runs).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the fitted calibration here (YAML); widep sweep/predict --calibration FILE use it.")
+@click.option("--json", "as_json", is_flag=True, help="Print fitted terms and residuals as JSON.")
+def calibrate_cmd(run_dirs: tuple[str, ...], topologies: tuple[str, ...], calibration: str, terms: str,
+                  measure_host_threads: int | None, out: Path | None, as_json: bool) -> None:
+    """Fit the model's free terms (host time per step, kernel gap, all-to-all per-op latency, overlap
+    efficiency) to measured `widep bench` runs of a deployment; print the residuals per point."""
+    from dataclasses import replace as dc_replace
+
+    import yaml
+
+    from widep.perf.calibrate import (
+        TERMS,
+        calibration_document,
+        fit_runs,
+        measure_host,
+        read_run,
+        residual_rows,
+    )
+    from widep.perf.calibration import load_calibration
+    from widep.plan.core import plan
+    from widep.spec.topology import load_topology
+
+    if len(topologies) not in (1, len(run_dirs)):
+        raise UserError(f"--topology: give one for all runs or one per run. Given: {len(topologies)} for {len(run_dirs)} runs.")
+    plans = [plan(load_topology(t)) for t in topologies]
+    if len(plans) == 1:
+        plans = plans * len(run_dirs)
+    cal = load_calibration(calibration)
+    host: dict[str, float] | None = None
+    if measure_host_threads:
+        host = measure_host(measure_host_threads)
+        kinds = {p.gpu.name for p in plans}
+        cal = dc_replace(cal, hardware={**cal.hardware, **{k: {f: host[f] for f in ("hbm_tbps", "bf16_tflops", "fp8_tflops")}
+                                                            for k in kinds}})
+    runs = [(p, read_run(d)) for p, d in zip(plans, run_dirs, strict=True)]
+    wanted = tuple(t.strip() for t in terms.split(",") if t.strip())
+    bad = [t for t in wanted if t not in TERMS]
+    if bad:
+        raise UserError(f"--terms: {', '.join(bad)} not a free term. Valid: {', '.join(TERMS)}.")
+    fitted, live = fit_runs(runs, cal, wanted)
+    rows = residual_rows(runs, cal, fitted)
+    terms_out = {t: round(float(getattr(fitted, t)), 4) for t in live if t != "a2a_latency_us"}
+    if "a2a_latency_us" in live:
+        terms_out["a2a_latency_us"] = {t.backend: t.latency_us for t in fitted.a2a}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(calibration_document(fitted), sort_keys=False))
+    if as_json:
+        click.echo(json.dumps({"fitted": terms_out, "hardware": fitted.hardware, "host_measured": host, "points": rows,
+                               "calibration": str(out) if out else None}, indent=1))
+        return
+    click.echo(f"fitted {', '.join(live) or 'nothing (no term moves these predictions)'} to "
+               f"{len(rows)} measured levels of {len(run_dirs)} run(s): {terms_out}")
+    if host:
+        click.echo(f"host: memory {host['hbm_tbps'] * 1e3:.1f} GB/s, matmul {host['bf16_tflops'] * 1e3:.1f} GFLOP/s "
+                   f"({int(host['threads'])} thread(s))")
+    click.echo(f"{'run':24s} {'level':6s} {'conc':>5s} {'tok/s/GPU meas':>14s} {'pred':>9s} {'err':>7s} {'(before)':>9s} "
+               f"{'TPOT ms meas':>12s} {'pred':>8s} {'err':>7s} {'(before)':>9s}")
+    for r in rows:
+        def pc(x: Any) -> str:
+            return "-" if x is None else f"{x:+.0f}%"
+
+        click.echo(f"{r['run'][:24]:24s} {r['level']:6s} {r['concurrency']:5.0f} {r['measured_tps_gpu']:14.2f} "
+                   f"{r['predicted_tps_gpu']:9.2f} {pc(r['error_tps_pct']):>7s} {pc(r['error_tps_pct_before']):>9s} "
+                   f"{_fmt(r['measured_tpot_ms'], 2):>12s} {_fmt(r['predicted_tpot_ms'], 2):>8s} "
+                   f"{pc(r['error_tpot_pct']):>7s} {pc(r['error_tpot_pct_before']):>9s}")
+    if out is not None:
+        click.echo(f"calibration: {out} (widep sweep --calibration {out})")

@@ -314,6 +314,10 @@ class RoleBatch:
     @classmethod
     def build(cls, arch: ArchConst, roles: Sequence[RoleInput], cal: Calibration) -> RoleBatch:
         n = len(roles)
+        if cal.hardware:  # measured figures of a hardware kind replace its datasheet ones
+            from dataclasses import replace as _replace
+
+            roles = [_replace(r, gpu=cal.gpu_for(r.gpu)) for r in roles]
 
         def col(values: Any, dtype: Any = float) -> np.ndarray:
             return np.asarray(values, dtype=dtype).reshape(n, 1)
