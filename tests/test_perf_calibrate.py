@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import yaml
-
 from launch_helpers import ROOT, free_ports
 
 pytestmark = pytest.mark.vllm
