@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from widep.perf.calibration import load_calibration  # noqa: E402
-from widep.perf.fit import FREE_TERMS, fit, leave_one_out, operating_points  # noqa: E402
+from widep.perf.calibration import load_calibration
+from widep.perf.fit import FREE_TERMS, fit, leave_one_out, operating_points
 
 RESIDUALS = Path(__file__).resolve().parents[1] / "widep" / "perf" / "data" / "fit-residuals.json"
 
