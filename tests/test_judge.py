@@ -30,6 +30,10 @@ CASES: dict[str, tuple[list[str], dict[str, str] | None]] = {
     "rank_out_of_range": (["--model", R1, *EP, "--data-parallel-rank", "5"], None),
     "serve_positional": ([R1, "--enforce-eager"], None),
     "bad_env": (["--model", R1], {"VLLM_CPU_KVCACHE_SPACE": "lots"}),
+    "kv_fail_policy": (["--model", R1, "--kv-transfer-config",
+                        '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"fail"}'], None),
+    "kv_bad_policy": (["--model", R1, "--kv-transfer-config",
+                       '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"retry"}'], None),
     "after_bad_env": (["--model", R1], None),
 }
 
@@ -117,3 +121,30 @@ def test_bad_inputs_are_user_errors(tmp_path) -> None:
         judge([["--model", "x"]], "python3", envs=[{}, {}])
     with pytest.raises(UserError, match="does not exist"):
         judge([["--model", "x"]], str(tmp_path / "no-python"))
+
+
+def test_kv_load_failure_policy_is_checked_by_vllm(judged) -> None:
+    """widep renders ``"kv_load_failure_policy":"fail"`` for vLLM lines whose table says the field exists:
+    vLLM 0.32 accepts it and refuses a value it does not know."""
+    from widep.spec.vllm_versions import table_for
+
+    _, v = judged
+    assert table_for("0.32.0").has_kv_load_failure_policy
+    assert v["kv_fail_policy"].ok, v["kv_fail_policy"].error
+    bad = v["kv_bad_policy"]
+    assert not bad.ok and "kv_load_failure_policy" in bad.error
+
+
+def test_rendered_serving_variables_are_known_to_vllm(vllm_python: str) -> None:
+    """The vLLM variables widep adds for real deployments are ones the installed vLLM reads (vLLM >= 0.2x warns
+    about unknown VLLM_* variables); the NVSHMEM/NVIDIA ones are read by NVSHMEM and the container runtime."""
+    import json
+    import subprocess
+
+    from widep.render.vllm import keep_alive_env
+
+    names = ["VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "VLLM_ENGINE_READY_TIMEOUT_S"] + [k for k, _ in keep_alive_env()]
+    code = ("import json, sys, vllm.envs as e; "
+            "print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))")
+    out = subprocess.run([vllm_python, "-c", code, *names], capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

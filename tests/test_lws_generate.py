@@ -33,6 +33,7 @@ from widep.errors import UserError
 from widep.k8s import lws as L
 from widep.k8s import regen
 from widep.k8s import validate as v
+from widep.k8s.resources import start_budget_s
 from widep.plan import plan as make_plan
 from widep.render.vllm import EnvRef, RenderContext, render_role
 from widep.spec.topology import load_topology, parse_topology
@@ -118,9 +119,13 @@ def test_generated_manifests_validate(crd, name, source, placement):
     docs = L.render_lws(p, namespace=NAMESPACE, placement=placement, inference_pool=True)
     count, problems = v.validate_text(L.dump_manifests(docs), crd)
     assert [pr.format() for pr in problems if pr.failing] == []
-    # the only note: the InferencePool, whose CRD (Gateway API Inference Extension) is not here
-    assert {(pr.kind, pr.severity) for pr in problems} == {("InferencePool", "note")}
-    assert count == 3 * len(p.roles) + (2 if p.router else 0)  # LWS, Service, pool per role; router Deployment + Service
+    # every object is checked: InferencePools against the shipped GAIE CRD, none is "not checked"
+    assert problems == []
+    if {rp.kind for rp in p.roles} >= {"prefill", "decode"}:  # --inference-pool on P/D: llm-d's one pool
+        assert count == 2 * len(p.roles) + 1
+        assert [d["metadata"]["name"] for d in docs if d["kind"] == "InferencePool"] == [p.name]
+    else:  # LWS, Service, pool per role; router Deployment + Service
+        assert count == 3 * len(p.roles) + (2 if p.router else 0)
 
 
 OPTION_SETS = {
@@ -155,14 +160,14 @@ def templates(doc: dict) -> list[dict]:
 
 def test_pod_spec_for_gpu_clusters():
     p = plan_of(REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml")
-    docs = L.render_lws(p, exclusive_topology="cloud.google.com/gce-topology-block", inference_pool=True)
+    docs = L.render_lws(p, exclusive_topology="cloud.google.com/gce-topology-block", provider="coreweave")
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
         ("LeaderWorkerSet", "deepseek-r1-pd-3x8-h200-prefill"),
         ("Service", "deepseek-r1-pd-3x8-h200-prefill-api"),
-        ("InferencePool", "deepseek-r1-pd-3x8-h200-prefill"),
         ("LeaderWorkerSet", "deepseek-r1-pd-3x8-h200-decode"),
         ("Service", "deepseek-r1-pd-3x8-h200-decode-api"),
-        ("InferencePool", "deepseek-r1-pd-3x8-h200-decode"),
+        ("Deployment", "deepseek-r1-pd-3x8-h200-router"),  # P/D: a front door by default
+        ("Service", "deepseek-r1-pd-3x8-h200-router"),
     ]
     for doc, rp in zip(lws_docs(docs), p.roles):
         spec = doc["spec"]
@@ -173,38 +178,52 @@ def test_pod_spec_for_gpu_clusters():
         (tpl,) = templates(doc)
         pod = tpl["spec"]
         (c,) = pod["containers"]
-        assert c["resources"]["limits"] == {"nvidia.com/gpu": "8", "rdma/ib": "1"} == c["resources"]["requests"]
-        assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK", "SYS_RAWIO"]}}
+        limits = c["resources"]["limits"]
+        assert {k: limits[k] for k in ("nvidia.com/gpu", "rdma/ib")} == {"nvidia.com/gpu": "8", "rdma/ib": "1"}
+        assert limits == c["resources"]["requests"]  # Guaranteed
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                        "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK", "SYS_RAWIO"]}}
         assert "privileged" not in yaml.safe_dump(doc)
         vols = {vol["name"]: vol for vol in pod["volumes"]}
         assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
         assert vols["model-cache"]["hostPath"]["path"] == "/mnt/local/hf-cache"
-        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/var/cache/huggingface"}
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {"/dev/shm", "/var/cache/huggingface", "/var/cache/vllm"}
         env = {e["name"]: e for e in c["env"]}
         assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert env["NVSHMEM_REMOTE_TRANSPORT"]["value"] == "ibgda"
         assert env["GLOO_SOCKET_IFNAME"]["value"] == env["NCCL_SOCKET_IFNAME"]["value"] == "eth0"
         ports = [(cp["name"], cp["containerPort"]) for cp in c["ports"]]
         assert ports == [(f"rank-{i}", rp.http_port + i) for i in range(8)]
-        # long starts: the startup probe waits as long as vllm.ready_timeout_s
+        # long starts: the startup probe waits the role's start budget (DeepSeek-R1: ~45 min)
         startup = c["startupProbe"]
-        assert startup["periodSeconds"] * startup["failureThreshold"] == p.spec.vllm.ready_timeout_s
+        assert startup["periodSeconds"] * startup["failureThreshold"] == start_budget_s(p, rp) >= 2400
         assert c["readinessProbe"]["exec"] == c["livenessProbe"]["exec"] == startup["exec"]
         assert startup["exec"]["command"][2] == L.health_check_script("127.0.0.1", [rp.http_port + i for i in range(8)])
         terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        assert terms == [{"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H200"]}]}]
+        assert terms == [{"matchExpressions": [{"key": "gpu.nvidia.com/model", "operator": "In", "values": ["H200"]}]}]
         assert pod["terminationGracePeriodSeconds"] == 120 and pod["enableServiceLinks"] is False
         assert tpl["metadata"]["labels"]["llm-d.ai/role"] == rp.kind
     services = [d for d in docs if d["kind"] == "Service"]
-    pools = [d for d in docs if d["kind"] == "InferencePool"]
-    for svc, pool, rp in zip(services, pools, p.roles):
+    for svc, rp in zip(services, p.roles):
         name = f"deepseek-r1-pd-3x8-h200-{rp.name}"
         assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": name}
         assert [pt["port"] for pt in svc["spec"]["ports"]] == [rp.http_port + i for i in range(8)]
-        assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
-        assert pool["spec"]["selector"] == {"matchLabels": svc["spec"]["selector"]}
-        assert [t["number"] for t in pool["spec"]["targetPorts"]] == [pt["port"] for pt in svc["spec"]["ports"]]
-        assert pool["spec"]["endpointPickerRef"] == {"name": f"{name}-epp", "port": {"number": 9002}, "failureMode": "FailOpen"}
+
+
+def test_one_inference_pool_per_role_outside_pd():
+    p = plan_of(REPO / "topologies" / "deepseek-r1-decode-2x8-h200.yaml")
+    docs = L.render_lws(p, inference_pool=True)
+    (svc,) = [d for d in docs if d["kind"] == "Service"]
+    (pool,) = [d for d in docs if d["kind"] == "InferencePool"]
+    name = "deepseek-r1-decode-2x8-h200-decode"
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"]["selector"] == {"matchLabels": svc["spec"]["selector"]}
+    assert [t["number"] for t in pool["spec"]["targetPorts"]] == [pt["port"] for pt in svc["spec"]["ports"]]
+    assert pool["spec"]["endpointPickerRef"] == {"name": f"{name}-epp", "port": {"number": 9002},
+                                                 "failureMode": "FailOpen"}
+    with pytest.raises(UserError, match="--front-door llm-d"):  # per-role pools cannot route P/D
+        L.render_lws(plan_of(REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"), inference_pool=True,
+                     front_door="router")
 
 
 def test_cpu_topology_has_no_gpu_resources():
@@ -213,10 +232,12 @@ def test_cpu_topology_has_no_gpu_resources():
     (tpl,) = templates(doc)
     pod = tpl["spec"]
     (c,) = pod["containers"]
-    assert c["resources"] == {"requests": {"cpu": "1"}}
-    assert "affinity" not in pod and "tolerations" not in pod and "securityContext" not in c
+    assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "1", "memory": "6Gi",
+                                                                      "ephemeral-storage": "16Gi"}
+    assert "affinity" not in pod and "tolerations" not in pod
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    assert c["startupProbe"]["failureThreshold"] * 10 == p.spec.vllm.ready_timeout_s
+    assert c["startupProbe"]["failureThreshold"] * 10 == p.spec.vllm.ready_timeout_s  # the topology sets it
 
 
 def test_internal_mode_serves_from_the_leader_only():
@@ -445,6 +466,8 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
         if "VLLM_CPU_OMP_THREADS_BIND" in env:  # and its CPU slots from 0
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(
                 str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split(","))
+        if "VLLM_ENGINE_READY_TIMEOUT_S" in env:  # the engine may take the pod's whole start budget
+            env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(start_budget_s(p, rp))
         out.append((argv, env))
     return out
 
@@ -579,7 +602,13 @@ def test_health_check_script_needs_every_rank_healthy():
         ("deepseek-r1-decode-2x8-h200.yaml", {"exclusive_topology": "kubernetes.io/hostname"}, "2 pods x 8 GPUs > 8 per node"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"gpu_resource": "gpu"}, "Given: 'gpu'"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"memory": "512GB"}, "not a Kubernetes quantity. Given: '512GB'"),
-        ("deepseek-r1-decode-2x8-h200.yaml", {"model_cache": "nfs:/x"}, "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, or emptydir"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"model_cache": "nfs:/x"},
+         "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, hostpath-ro"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"jit_cache": "pvc-ro:x"}, "--jit-cache: cannot read this volume"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"provider": "aws"}, "--provider: unknown provider profile"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"front_door": "llm-d"}, "needs a prefill and a decode role"),
+        ("deepseek-r1-decode-2x8-h200.yaml", {"ephemeral_storage": "1TB"}, "--ephemeral-storage"),
+        ("deepseek-r1-pd-3x8-h200.yaml", {"front_door": "gateway"}, "Valid: auto, router, llm-d, none"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"namespace": "LLM"}, "--namespace"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"gpu_products": ("NVIDIA H200",)}, "--gpu-product"),
     ],
@@ -618,9 +647,28 @@ def test_too_many_ports_for_an_inference_pool():
 def test_golden_files_are_up_to_date(crd):
     expected = regen.expected_files(REPO / "topologies", crd)
     assert regen.stale(REPO / "lws", expected) == [], "run: python -m widep.k8s.regen"
-    assert len(expected) == len(TOPOLOGIES) + sum(
-        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES)
+    pd = [t for t in TOPOLOGIES if {rp.kind for rp in plan_of(t).roles} >= {"prefill", "decode"}]
+    assert pd, "a curated P/D topology"
+    llmd_variants = [t for t in pd if f"{t.stem}.llm-d.yaml" in expected]
+    assert REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml" in llmd_variants
+    trees = {name.split("/")[1] for name in expected if name.startswith(regen.KUSTOMIZE_DIR + "/")}
+    assert trees == {t.stem for t in pd}  # a kustomize tree per P/D topology (built by kustomize in test_k8s_clusters)
+    assert len([n for n in expected if not n.startswith(regen.KUSTOMIZE_DIR + "/")]) == len(TOPOLOGIES) + sum(
+        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES) + 2 * len(llmd_variants)
+    for t in pd:  # every P/D manifest routes prefill then decode: a vllm-router in P/D mode, or llm-d's stack
+        default = list(yaml.safe_load_all(expected[f"{t.stem}.yaml"]))
+        router = next(d for d in default if d["kind"] == "Deployment")
+        assert "--vllm-pd-disaggregation" in router["spec"]["template"]["spec"]["containers"][0]["args"]
+        if t not in llmd_variants:  # only where llm-d's routing sidecar cannot front decode (ports), and says why
+            with pytest.raises(UserError, match="routing sidecar cannot front decode"):
+                L.render_lws(plan_of(t), front_door="llm-d")
+            continue
+        llmd = list(yaml.safe_load_all(expected[f"{t.stem}.llm-d.yaml"]))
+        assert [d["metadata"]["name"] for d in llmd if d["kind"] == "InferencePool"] == [t.stem]
+        assert yaml.safe_load(expected[f"{regen.VALUES_DIR}/{t.stem}.llm-d.yaml"])["router"]["epp"]
     for name, text in expected.items():
+        if name.startswith((regen.VALUES_DIR + "/", regen.KUSTOMIZE_DIR + "/")):
+            continue
         first, second = text.splitlines()[:2]
         assert first.startswith("# Generated by `widep lws topologies/") and first.endswith("- do not edit.")
         assert second == "# Regenerate every file in lws/ with: python -m widep.k8s.regen"
@@ -667,7 +715,8 @@ def test_cli_prints_validated_yaml(capsys, crd):
     assert code == 0, err
     assert out.startswith(f"# Generated by `widep lws {topo} --namespace llm --image ghcr.io/x/vllm:1` - do not edit.")
     docs = list(yaml.safe_load_all(out))
-    assert [d["kind"] for d in docs] == ["LeaderWorkerSet", "Service", "LeaderWorkerSet", "Service"]
+    assert [d["kind"] for d in docs] == ["LeaderWorkerSet", "Service", "LeaderWorkerSet", "Service", "Deployment",
+                                         "Service"]
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in docs)
     assert err == ""
 
@@ -681,13 +730,15 @@ def test_cli_output_file_and_options(capsys, crd, tmp_path):
     assert code == 0, err
     assert out == ""
     assert "wrote " + str(target) + ": 3 objects, validated" in err
-    assert "InferencePool" in err and "not checked" in err
+    assert "not checked" not in err  # the InferencePool is checked against the shipped GAIE CRD
     docs = list(yaml.safe_load_all(target.read_text()))
     lwt = docs[0]["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] == 2
     (c,) = lwt["workerTemplate"]["spec"]["containers"]
-    assert c["resources"]["limits"] == {"nvidia.com/gpu": "1"}
-    assert c["securityContext"] == {"capabilities": {"add": ["IPC_LOCK"]}}
+    assert c["resources"]["limits"] == {"cpu": "4", "memory": "48Gi", "ephemeral-storage": "16Gi",
+                                        "nvidia.com/gpu": "1"}
+    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
     assert lwt["workerTemplate"]["spec"]["volumes"][1] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}
     first = target.read_text().splitlines()[0]
     assert "--rdma-resource ''" in first and "--model-cache pvc:models" in first and "--gpu-product NVIDIA-H100-NVL" in first

@@ -365,15 +365,15 @@ def test_default_crd_path_env(monkeypatch, tmp_path, crd):
         v.default_crd_path()
 
 
-def test_default_crd_path_from_repo(monkeypatch, tmp_path, crd):
+def test_default_crd_path_is_the_shipped_copy(monkeypatch, tmp_path, crd):
     monkeypatch.delenv(v.CRD_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    assert v.default_crd_path().resolve() == crd.resolve()
+    path = v.default_crd_path()
+    assert path == v.packaged_crd() and path.parent.name == "data" and path.read_bytes() == crd.read_bytes()
 
 
-def test_default_crd_path_not_found(monkeypatch, tmp_path):
+def test_default_crd_path_missing_from_the_installation(monkeypatch, tmp_path):
     monkeypatch.delenv(v.CRD_ENV, raising=False)
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(v, "CRD_FILE_NAME", "no-such-crd.yaml")
     with pytest.raises(UserError, match="--crd"):
         v.default_crd_path()

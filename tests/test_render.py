@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from widep.errors import UserError
 from widep.plan import plan
@@ -126,7 +127,16 @@ def test_pd_kv_transfer_and_side_channels():
     p = plan(load_topology(ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml"))
     cmds = render(p, CTX)
     dec = [c for c in cmds if c.role == "decode"]
-    assert json.loads(flags(dec[0].argv, "--kv-transfer-config")) == {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    assert json.loads(flags(dec[0].argv, "--kv-transfer-config")) == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_load_failure_policy": "fail"}
+    assert dec[0].env_dict["NVSHMEM_SYMMETRIC_SIZE"] == "16G"  # DeepEP low-latency decode
+    pre = [c for c in cmds if c.role == "prefill"]
+    assert "NVSHMEM_SYMMETRIC_SIZE" not in pre[0].env_dict  # high-throughput prefill: llm-d sets none
+    assert {c.env_dict["VLLM_RANDOMIZE_DP_DUMMY_INPUTS"] for c in cmds} == {"1"}
+    old = plan(parse_topology({**yaml.safe_load((ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml").read_text()),
+                               "vllm": {"version": "0.11.0"}}, "(test)"))
+    assert json.loads(flags(render(old, CTX)[0].argv, "--kv-transfer-config")) == {
+        "kv_connector": "NixlConnector", "kv_role": "kv_both"}  # 0.11 has no kv_load_failure_policy
     assert dec[8].env_dict["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.12"
     assert {c.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in cmds} == {"5600"}  # vLLM adds the DP rank itself
     assert flags(dec[0].argv, "--data-parallel-address") == "10.0.0.11"

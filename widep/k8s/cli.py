@@ -1,7 +1,9 @@
 """``widep lws``: LeaderWorkerSet manifests for Kubernetes.
 
-``widep lws TOPOLOGY`` generates one LeaderWorkerSet and one Service per role (and, with
-``--inference-pool``, an InferencePool per role) with :mod:`widep.k8s.lws`, validates them with
+``widep lws TOPOLOGY`` generates one LeaderWorkerSet and one Service per role, the front door
+(:mod:`widep.k8s.frontdoor`; every P/D topology gets one) and, with ``--inference-pool`` outside P/D, an
+InferencePool per role, with :mod:`widep.k8s.lws`; ``--kustomize DIR`` writes them as a base plus one
+overlay per provider profile (:mod:`widep.k8s.kustomize`). It validates them with
 :mod:`widep.k8s.validate` (the real LWS CRD schema, the LWS webhook rules, core Kubernetes schemas)
 and prints YAML; manifests that do not validate are never printed. ``--validate FILE`` (repeatable;
 a directory means its ``*.yaml``/``*.yml`` files; ``-`` reads standard input) checks any manifest.
@@ -20,9 +22,13 @@ from typing import TYPE_CHECKING
 import click
 
 from widep.errors import UserError
+from widep.k8s.frontdoor import ROUTER_IMAGE, ROUTING_SIDECAR_IMAGE
+from widep.k8s.providers import PROVIDERS
 
 if TYPE_CHECKING:
     from widep.k8s.lws import LWSOptions
+
+PROVIDER_NAMES = tuple(PROVIDERS)
 
 
 def _expand(paths: tuple[str, ...]) -> list[str]:
@@ -56,6 +62,8 @@ def command_line(topology: str, opts: LWSOptions) -> str:
     d = LWSOptions()
     parts = ["widep lws", topology]
     flags = [
+        ("--provider", opts.provider, d.provider),
+        ("--front-door", opts.front_door, d.front_door),
         ("--placement", opts.placement, d.placement),
         ("--namespace", opts.namespace, d.namespace),
         ("--image", opts.image, d.image),
@@ -71,6 +79,10 @@ def command_line(topology: str, opts: LWSOptions) -> str:
         ("--shm-size", opts.shm_size, d.shm_size),
         ("--termination-grace", opts.termination_grace_s, d.termination_grace_s),
         ("--epp-port", opts.epp_port, d.epp_port),
+        ("--routing-sidecar-image", opts.routing_sidecar_image, d.routing_sidecar_image),
+        ("--jit-cache", opts.jit_cache, d.jit_cache),
+        ("--ephemeral-storage", opts.ephemeral_storage, d.ephemeral_storage),
+        ("--start-budget", opts.start_budget_s, d.start_budget_s),
     ]
     for flag, value, default in flags:
         if value != default:
@@ -83,56 +95,98 @@ def command_line(topology: str, opts: LWSOptions) -> str:
 
 def generate_text(topology: str, opts: LWSOptions, crd: Path | None = None, *,
                   shown_as: str | None = None, regenerate: str | None = None) -> tuple[str, list, int]:
-    """Plan TOPOLOGY, render its manifests and validate them: (YAML text, notes, object count).
+    """Plan TOPOLOGY, render its manifests and validate them: (YAML text, notes, object count)."""
+    text, notes, count, _ = generate(topology, opts, crd, shown_as=shown_as, regenerate=regenerate)
+    return text, notes, count
+
+
+def generate(topology: str, opts: LWSOptions, crd: Path | None = None, *, shown_as: str | None = None,
+             regenerate: str | None = None, manifests_name: str = "the manifests") -> tuple[str, list, int, str | None]:
+    """Plan TOPOLOGY, render its manifests and validate them: (YAML text, notes, object count, the llm-d
+    router chart values as YAML text or None when the front door is not llm-d's).
 
     Raises UserError (exit status 1) listing every problem when the generated manifests do not
     validate: widep never hands out manifests its own validator rejects.
     """
     from widep.k8s import validate as v
-    from widep.k8s.lws import dump_manifests, header_lines, render_lws
+    from widep.k8s.frontdoor import check_router_values, router_values_text
+    from widep.k8s.lws import (
+        dump_manifests,
+        header_lines,
+        render_lws,
+        router_values_for,
+    )
     from widep.plan import plan as make_plan
     from widep.spec.topology import load_topology
 
     p = make_plan(load_topology(topology))
     docs = render_lws(p, **{f: getattr(opts, f) for f in opts.__dataclass_fields__})
     header = header_lines(p, command_line(shown_as or topology, opts), regenerate,
-                          image=opts.image, model_path=opts.model_path)
+                          image=opts.image, model_path=opts.model_path, docs=docs, opts=opts)
     text = dump_manifests(docs, header)
     _, problems = v.validate_text(text, crd if crd is not None else v.default_crd_path())
     failing = [pr for pr in problems if pr.failing]
+    values = router_values_for(p, docs)
+    values_text = None
+    if values is not None:
+        pool = next(d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == p.name)
+        failing += [v.Problem(0, "router values", "", "", m, "router-values")
+                    for m in check_router_values(values, pool)]
+        values_text = router_values_text(p, values, manifests_name)
     if failing:
         lines = "\n  ".join(pr.format("generated") for pr in failing)
         raise UserError(
             f"widep generated manifests for {topology} that its validator rejects (a widep bug; nothing was written):\n  {lines}",
             exit_code=1,
         )
-    return text, [pr for pr in problems if not pr.failing], len(docs)
+    return text, [pr for pr in problems if not pr.failing], len(docs), values_text
 
 
 @click.command("lws")
 @click.argument("topology", required=False, metavar="[TOPOLOGY]")
+@click.option("--provider", type=click.Choice(list(PROVIDER_NAMES)), default="generic", show_default=True,
+              help="Cluster profile: RDMA resource/annotations, HCA variables, privileges, node selection, "
+              "cache paths.")
+@click.option("--front-door", type=click.Choice(["auto", "router", "llm-d", "none"]), default="auto", show_default=True,
+              help="What routes requests: auto = vllm-router for P/D topologies (and where the topology has a router), "
+              "router, llm-d (one InferencePool + routing sidecar + EPP values), none.")
+@click.option("--router-values", type=click.Path(dir_okay=False), default=None,
+              help="With --front-door llm-d: write llm-d's router chart values here (default: beside -o FILE).")
+@click.option("--routing-sidecar-image", default=ROUTING_SIDECAR_IMAGE, show_default=True,
+              help="llm-d routing sidecar image (--front-door llm-d).")
+@click.option("--jit-cache", default=None, help="Compile/JIT cache volume at /var/cache/vllm: hostpath:PATH, pvc:CLAIM "
+              "or emptydir (default: the provider's hostPath, which survives group recreation).")
+@click.option("--ephemeral-storage", default=None, help="Ephemeral-storage request and limit per pod (default: sized).")
+@click.option("--start-budget", "start_budget_s", type=int, default=None,
+              help="Seconds a pod may take to start (default: from model size and role, or vllm.ready_timeout_s).")
+@click.option("--kustomize", "kustomize_dir", type=click.Path(file_okay=False), default=None,
+              help="Write a kustomize base plus one overlay per provider profile into this directory.")
 @click.option("--placement", type=click.Choice(["pod-per-node", "pod-per-rank"]), default="pod-per-node", show_default=True,
               help="pod-per-node: a pod holds a node's GPUs and starts its ranks; pod-per-rank: one API server per pod.")
 @click.option("--namespace", default=None, help="metadata.namespace of every object (default: none, use kubectl -n).")
 @click.option("--image", default=None, help="Container image (default: the topology's vllm.image).")
-@click.option("--router-image", default=None, help="Image of the vllm-router Deployment when the topology has a router (default: --image).")
+@click.option("--router-image", default=ROUTER_IMAGE, show_default=True,
+              help="Image of the vllm-router Deployment; it must contain vllm-router (pip install vllm-router).")
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None, help="Write the YAML here instead of stdout.")
 @click.option("--gpu-resource", default="nvidia.com/gpu", show_default=True, help="Extended resource name of a GPU.")
-@click.option("--rdma-resource", default="rdma/ib", show_default=True,
-              help="RDMA device-plugin resource, one per pod when cluster.network.rdma ('' for none).")
+@click.option("--rdma-resource", default=None,
+              help="RDMA device-plugin resource, one per pod of roles that use RDMA (default: "
+              "cluster.network.rdma_resource, else the provider's; '' for none).")
 @click.option("--exclusive-topology", default=None, metavar="KEY",
               help="Node label key for the LWS exclusive-topology annotation (one group per domain).")
 @click.option("--inference-pool", is_flag=True, help="Also emit an InferencePool (inference.networking.k8s.io/v1) per role.")
 @click.option("--epp-port", type=int, default=9002, show_default=True, help="Service port of each pool's endpoint picker <pool>-epp.")
 @click.option("--model-path", default=None, help="What vLLM loads in the pods (default: the topology's model).")
-@click.option("--model-cache", default="hostpath:/mnt/local/hf-cache", show_default=True,
-              help="Model cache volume at /var/cache/huggingface: hostpath:PATH, pvc:CLAIM or emptydir.")
-@click.option("--gpu-product-label", default="nvidia.com/gpu.product", show_default=True,
-              help="Node label with the GPU product, for required node affinity ('' for none).")
+@click.option("--model-cache", default=None,
+              help="Model cache volume at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM, "
+              "pvc-ro:CLAIM or emptydir (default: the provider's hostPath).")
+@click.option("--gpu-product-label", default=None,
+              help="Node label with the GPU product, for node affinity (default: the provider's; '' for none).")
 @click.option("--gpu-product", "gpu_products", multiple=True, metavar="VALUE",
               help="Accepted values of that label (repeatable; default from cluster.gpu, e.g. NVIDIA-H200).")
-@click.option("--cpu", default=None, help="CPU request per pod (default: none on GPUs, the rank slots on CPU).")
-@click.option("--memory", default=None, help="Memory request and limit per pod (default: none).")
+@click.option("--cpu", default=None, help="CPU request and limit per pod (default: 4 per GPU, 1 per CPU slot).")
+@click.option("--memory", default=None, help="Memory request and limit per pod (default: the ranks' weights + 8 GiB "
+              "per rank + /dev/shm).")
 @click.option("--shm-size", default=None, help="sizeLimit of the memory-backed /dev/shm (default: 1Gi per rank, at least 2Gi).")
 @click.option("--termination-grace", "termination_grace_s", type=int, default=120, show_default=True,
               help="terminationGracePeriodSeconds.")
@@ -149,15 +203,18 @@ def generate_text(topology: str, opts: LWSOptions, crd: Path | None = None, *,
     "crd_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="The LWS CRD YAML (default: $WIDEP_LWS_CRD, else ../shared/schemas/lws-crd-v0.10.0.yaml).",
+    help="The LWS CRD YAML (default: $WIDEP_LWS_CRD, else the copy shipped inside widep).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def lws_cmd(ctx: click.Context, topology: str | None, placement: str, namespace: str | None, image: str | None,
-            router_image: str | None, output: str | None, gpu_resource: str, rdma_resource: str, exclusive_topology: str | None,
-            inference_pool: bool, epp_port: int, model_path: str | None, model_cache: str, gpu_product_label: str,
-            gpu_products: tuple[str, ...], cpu: str | None, memory: str | None, shm_size: str | None,
-            termination_grace_s: int, validate_paths: tuple[str, ...], crd_path: str | None, as_json: bool) -> None:
+def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door: str, router_values: str | None,
+            routing_sidecar_image: str, jit_cache: str | None, ephemeral_storage: str | None,
+            start_budget_s: int | None, kustomize_dir: str | None, placement: str, namespace: str | None,
+            image: str | None, router_image: str, output: str | None, gpu_resource: str, rdma_resource: str | None,
+            exclusive_topology: str | None, inference_pool: bool, epp_port: int, model_path: str | None,
+            model_cache: str | None, gpu_product_label: str | None, gpu_products: tuple[str, ...], cpu: str | None,
+            memory: str | None, shm_size: str | None, termination_grace_s: int, validate_paths: tuple[str, ...],
+            crd_path: str | None, as_json: bool) -> None:
     """LeaderWorkerSet manifests: generate them from TOPOLOGY, or validate any (--validate).
 
     Generated manifests are validated before they are printed. Each validation problem is printed
@@ -172,12 +229,30 @@ def lws_cmd(ctx: click.Context, topology: str | None, placement: str, namespace:
 
         opts = LWSOptions(
             image=image, router_image=router_image, namespace=namespace, placement=placement, gpu_resource=gpu_resource,
-            rdma_resource=rdma_resource or None, exclusive_topology=exclusive_topology, inference_pool=inference_pool,
+            rdma_resource=rdma_resource, exclusive_topology=exclusive_topology, inference_pool=inference_pool,
             epp_port=epp_port, model_path=model_path, model_cache=model_cache,
-            gpu_product_label=gpu_product_label or None, gpu_products=tuple(gpu_products), cpu=cpu, memory=memory,
-            shm_size=shm_size, termination_grace_s=termination_grace_s,
+            gpu_product_label=gpu_product_label, gpu_products=tuple(gpu_products), cpu=cpu, memory=memory,
+            shm_size=shm_size, termination_grace_s=termination_grace_s, provider=provider, front_door=front_door,
+            routing_sidecar_image=routing_sidecar_image, jit_cache=jit_cache, ephemeral_storage=ephemeral_storage,
+            start_budget_s=start_budget_s,
         )
-        text, notes, count = generate_text(topology, opts, Path(crd_path) if crd_path else None)
+        crd = Path(crd_path) if crd_path else None
+        if kustomize_dir:
+            from widep.k8s.kustomize import write_kustomize
+
+            if output or provider != "generic":
+                given = "-o " + output if output else "--provider " + provider
+                raise UserError("--kustomize writes a base and an overlay for every provider profile into its "
+                                f"directory. Given: --kustomize {kustomize_dir} with {given}. "
+                                "Valid: --kustomize DIR alone")
+
+            for line in write_kustomize(topology, opts, Path(kustomize_dir), crd):
+                click.echo(line, err=True)
+            return
+        if router_values is None and output:
+            router_values = str(Path(output).with_suffix("")) + ".router-values.yaml"
+        text, notes, count, values = generate(topology, opts, crd, manifests_name=Path(output).name if output else
+                                              "the manifests")
         for note in notes:
             click.echo(note.format(output or "stdout"), err=True)
         if output:
@@ -185,6 +260,14 @@ def lws_cmd(ctx: click.Context, topology: str | None, placement: str, namespace:
             click.echo(f"wrote {output}: {_plural(count, 'object')}, validated", err=True)
         else:
             click.echo(text, nl=False)
+        if values is not None:
+            if router_values:
+                Path(router_values).write_text(values, encoding="utf-8")
+                click.echo(f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked",
+                           err=True)
+            else:
+                click.echo("note: --front-door llm-d also needs llm-d's router chart values: give --router-values FILE "
+                           "(or -o FILE, which writes them beside it)", err=True)
         return
     if not validate_paths:
         raise UserError("nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws --validate FILE [--validate FILE ...] [--crd PATH] [--json]")

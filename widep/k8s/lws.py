@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 
 from widep.errors import UserError
+from widep.k8s import frontdoor, providers
+from widep.k8s import resources as sizing
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
 
@@ -50,8 +52,21 @@ INFERENCE_POOL_MAX_PORTS = 8  # InferencePoolSpec.targetPorts: MaxItems=8
 CONTAINER = "vllm"
 CACHE_MOUNT = "/var/cache/huggingface"
 SHM_MOUNT = "/dev/shm"
+#: Compile/JIT caches on a volume that outlives the pod (LWS recreates a whole group on any restart).
+JIT_MOUNT = "/var/cache/vllm"
+JIT_ENV = (
+    ("VLLM_CACHE_ROOT", f"{JIT_MOUNT}/vllm"),  # torch.compile artifacts and vLLM's own caches
+    ("TORCHINDUCTOR_CACHE_DIR", f"{JIT_MOUNT}/inductor"),
+    ("TRITON_CACHE_DIR", f"{JIT_MOUNT}/triton"),
+    ("CUDA_CACHE_PATH", f"{JIT_MOUNT}/cuda"),
+    ("FLASHINFER_WORKSPACE_BASE", f"{JIT_MOUNT}/flashinfer"),
+    ("DG_JIT_CACHE_DIR", f"{JIT_MOUNT}/deep_gemm"),
+)
 #: Variables the manifests set beyond what ``widep render`` gives (besides the LWS ones).
-K8S_ONLY_ENV = ("POD_IP", "HF_HUB_CACHE", "WIDEP_SHM_DIR")
+K8S_ONLY_ENV = ("POD_IP", "HF_HUB_CACHE", "WIDEP_SHM_DIR", "HF_HUB_OFFLINE", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE") + tuple(
+    k for k, _ in JIT_ENV) + tuple(sorted({k for pr in providers.PROVIDERS.values() for k, _ in pr.rdma_env}))
+#: Rendered variables whose value the manifests replace: the engine-ready timeout follows the start budget.
+K8S_REPLACED_ENV = ("VLLM_ENGINE_READY_TIMEOUT_S",)
 #: Render variables that differ between the processes of one pod: set per process in the script.
 PER_PROCESS_ENV = ("CUDA_VISIBLE_DEVICES", "VLLM_CPU_OMP_THREADS_BIND")
 
@@ -78,16 +93,29 @@ class LWSOptions:
 
     image: str | None = None
     """Container image; default the topology's vllm.image."""
-    router_image: str | None = None
-    """Image of the vllm-router Deployment (must contain the vllm-router executable); default: image."""
+    router_image: str = frontdoor.ROUTER_IMAGE
+    """Image of the vllm-router Deployment (must contain the vllm-router executable)."""
+    provider: str = "generic"
+    """Provider profile (widep.k8s.providers): RDMA, HCA variables, privileges, node selection, cache paths."""
+    front_door: str = "auto"
+    """auto (P/D: router; otherwise the topology's router), router, llm-d or none."""
+    routing_sidecar_image: str = frontdoor.ROUTING_SIDECAR_IMAGE
+    """Image of llm-d's routing sidecar on decode pods (--front-door llm-d)."""
+    jit_cache: str | None = None
+    """Compile/JIT cache volume at /var/cache/vllm (hostpath:PATH, pvc:CLAIM, emptydir); default: the provider's."""
+    ephemeral_storage: str | None = None
+    """Ephemeral-storage request and limit per pod; default sized from the plan."""
+    start_budget_s: int | None = None
+    """Seconds a pod may take to start (startup probe, engine-ready timeout); default from model size and role."""
     namespace: str | None = None
     """metadata.namespace of every object; None leaves it to ``kubectl -n``."""
     placement: str = "pod-per-node"
     """pod-per-node or pod-per-rank."""
     gpu_resource: str = "nvidia.com/gpu"
     """Extended resource name of a GPU."""
-    rdma_resource: str | None = "rdma/ib"
-    """Extended resource of the RDMA device plugin (one per pod); None or '' for none."""
+    rdma_resource: str | None = None
+    """Extended resource of the RDMA device plugin (one per pod); None: the topology's, else the provider's;
+    '' for none."""
     exclusive_topology: str | None = None
     """Node label key for the LWS exclusive-topology annotation (one group per topology domain)."""
     inference_pool: bool = False
@@ -97,16 +125,17 @@ class LWSOptions:
     model_path: str | None = None
     """What vLLM loads in the pod; default the topology's model (hub id), or for widep's built-in
     tiny models their directory under the model cache volume."""
-    model_cache: str = "hostpath:/mnt/local/hf-cache"
-    """Model cache volume mounted at /var/cache/huggingface: hostpath:PATH, pvc:CLAIM or emptydir."""
-    gpu_product_label: str | None = "nvidia.com/gpu.product"
-    """Node label holding the GPU product (required node affinity); None or '' for none."""
+    model_cache: str | None = None
+    """Model cache volume mounted at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM,
+    pvc-ro:CLAIM or emptydir; default: the provider's."""
+    gpu_product_label: str | None = None
+    """Node label holding the GPU product (node affinity); None: the provider's; '' for none."""
     gpu_products: tuple[str, ...] = ()
     """Accepted values of that label; default from the GPU kind (GPU_PRODUCTS)."""
     cpu: str | None = None
-    """CPU request per pod (a quantity); default none on GPUs, the rank slots on CPU topologies."""
+    """CPU request and limit per pod (a quantity); default sized from the plan (4 per GPU, 1 per CPU slot)."""
     memory: str | None = None
-    """Memory request and limit per pod (a quantity); default none."""
+    """Memory request and limit per pod (a quantity); default sized from the plan (weights, overhead, /dev/shm)."""
     shm_size: str | None = None
     """sizeLimit of the memory-backed /dev/shm; default 1Gi per vLLM rank in the pod, at least 2Gi."""
     termination_grace_s: int = 120
@@ -194,15 +223,22 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     for v in opts.gpu_products:
         if len(v) > 63 or not _QUALIFIED_PART.match(v):
             raise UserError(f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200")
-    for flag, v in (("--cpu", opts.cpu), ("--memory", opts.memory), ("--shm-size", opts.shm_size)):
+    for flag, v in (("--cpu", opts.cpu), ("--memory", opts.memory), ("--shm-size", opts.shm_size),
+                    ("--ephemeral-storage", opts.ephemeral_storage)):
         _quantity(flag, v)
+    prov = providers.provider(opts.provider)
+    _cache_volume(opts.jit_cache or prov.jit_cache, "--jit-cache")
+    if opts.start_budget_s is not None and opts.start_budget_s < 60:
+        raise UserError(f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. "
+                        "Valid: seconds >= 60")
+    frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     if not 1 <= opts.epp_port <= 65535:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
     if opts.termination_grace_s < 0:
         raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
     if opts.namespace is not None and (len(opts.namespace) > 63 or not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", opts.namespace)):
         raise UserError(f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63")
-    _cache_volume(opts.model_cache)
+    _cache_volume(opts.model_cache or prov.model_cache)
     host = plan.spec.serving.host
     if host not in ("0.0.0.0", "::", "node"):
         raise UserError(
@@ -260,17 +296,21 @@ def lws_size(rp: RolePlan, placement: str) -> int:
     return rp.nodes_per_group
 
 
-def _cache_volume(spec: str) -> dict[str, Any]:
+def _cache_volume(spec: str, flag: str = "--model-cache") -> dict[str, Any]:
     kind, _, arg = spec.partition(":")
     if kind == "hostpath" and arg.startswith("/"):
         return {"hostPath": {"path": arg, "type": "DirectoryOrCreate"}}
-    if kind == "pvc" and arg and _DNS1123_SUBDOMAIN.match(arg) and len(arg) <= 253:
-        return {"persistentVolumeClaim": {"claimName": arg}}
+    if kind == "hostpath-ro" and arg.startswith("/") and flag == "--model-cache":
+        return {"hostPath": {"path": arg, "type": "Directory"}}
+    if kind in ("pvc", "pvc-ro") and arg and _DNS1123_SUBDOMAIN.match(arg) and len(arg) <= 253 and (
+            kind == "pvc" or flag == "--model-cache"):
+        return {"persistentVolumeClaim": {"claimName": arg, **({"readOnly": True} if kind == "pvc-ro" else {})}}
     if kind == "emptydir" and not arg:
         return {"emptyDir": {}}
+    ro = ", hostpath-ro:/ABSOLUTE/PATH, pvc-ro:CLAIM-NAME (read-only, pre-filled)" if flag == "--model-cache" else ""
     raise UserError(
-        f"--model-cache: cannot read this volume. Given: {spec!r}. "
-        "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, or emptydir"
+        f"{flag}: cannot read this volume. Given: {spec!r}. "
+        f"Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME{ro}, or emptydir"
     )
 
 
@@ -598,8 +638,9 @@ def kubelet_expand(text: str, env: dict[str, str]) -> str:
 # Kubernetes objects
 
 
-def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str]) -> dict[str, Any]:
-    """startup / readiness / liveness probes on /health of every rank port of the pod."""
+def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str], budget_s: int) -> dict[str, Any]:
+    """startup / readiness / liveness probes on /health of every rank port of the pod; the startup probe
+    allows ``budget_s`` seconds."""
     health = sorted({proc.health_port for proc in tpl.processes if proc.health_port is not None})
     if not health:
         return {}
@@ -612,15 +653,86 @@ def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str
         action = {"exec": {"command": ["/bin/bash", "-c", health_check_script(host, health)]}}
     period = 10
     startup = {**action, "periodSeconds": period, "timeoutSeconds": timeout,
-               "failureThreshold": max(1, math.ceil(plan.spec.vllm.ready_timeout_s / period))}
+               "failureThreshold": max(1, math.ceil(budget_s / period))}
     readiness = {**action, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": 3}
     liveness = {**action, "periodSeconds": 30, "timeoutSeconds": timeout + 5, "failureThreshold": 3}
     return {"startupProbe": startup, "readinessProbe": readiness, "livenessProbe": liveness}
 
 
-def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, opts: LWSOptions, image: str) -> dict[str, Any]:
+def role_uses_rdma(plan: DeploymentPlan, rp: RolePlan) -> bool:
+    """Pods of this role talk RDMA: DeepEP/NCCL across the nodes of a group, or NIXL moving KV (P/D)."""
+    return plan.device == "cuda" and plan.spec.cluster.network.rdma and (
+        rp.nodes_per_group > 1 or plan.spec.disaggregated)
+
+
+def rdma_resource(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
+    """The RDMA extended resource a pod requests: --rdma-resource, else the topology's, else the provider's."""
+    if opts.rdma_resource is not None:
+        return opts.rdma_resource or None
+    return plan.spec.cluster.network.rdma_resource or providers.provider(opts.provider).rdma_resource
+
+
+def gpu_rdma_privileged(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> bool:
+    """A privileged container, where the provider needs one for DeepEP's GPU-initiated RDMA (IBGDA)."""
+    net = plan.spec.cluster.network
+    return (providers.provider(opts.provider).gpu_rdma_privileged and role_uses_rdma(plan, rp)
+            and rp.all2all_backend.startswith("deepep") and net.ibgda)
+
+
+def _node_affinity(plan: DeploymentPlan, opts: LWSOptions) -> dict[str, Any] | None:
+    prov = providers.provider(opts.provider)
+    label = prov.gpu_label if opts.gpu_product_label is None else opts.gpu_product_label
+    products = opts.gpu_products or prov.gpu_values.get(plan.gpu.name, ())
+    if not (label and products):
+        return None
+    term = {"matchExpressions": [{"key": label, "operator": "In", "values": list(products)}]}
+    if prov.gpu_affinity == "required":
+        return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}}
+    return {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": term}]}}
+
+
+def _security_context(cuda: bool, rdma: bool, privileged: bool) -> dict[str, Any]:
+    """Drop every capability, add back IPC_LOCK (pinned memory for RDMA/NCCL) and SYS_RAWIO where RDMA needs
+    it; no privilege escalation, unless the provider needs a privileged container."""
+    if privileged:
+        return {"privileged": True}
+    add = (["IPC_LOCK"] + (["SYS_RAWIO"] if rdma else [])) if cuda else []
+    caps: dict[str, Any] = {"drop": ["ALL"]}
+    if add:
+        caps["add"] = add
+    return {"allowPrivilegeEscalation": False, "capabilities": caps}
+
+
+def _extra_env(plan: DeploymentPlan, rp: RolePlan, tpl: PodSpecPlan, opts: LWSOptions, budget_s: int,
+               front: str) -> list[dict[str, Any]]:
+    """The container env: the rendered one (engine-ready timeout = the start budget), then the caches, the
+    provider's RDMA variables, offline mode for a read-only model cache and the keep-alive behind a proxy."""
+    env = [dict(e) for e in tpl.env]
+    have = {e["name"] for e in env}
+    for e in env:
+        if e["name"] in K8S_REPLACED_ENV:
+            e["value"] = str(budget_s)
+    add: list[tuple[str, str]] = list(JIT_ENV)
+    if role_uses_rdma(plan, rp):
+        add += list(providers.provider(opts.provider).rdma_env)
+    if (opts.model_cache or "").partition(":")[0].endswith("-ro"):
+        add.append(("HF_HUB_OFFLINE", "1"))
+    if front in ("router", "llm-d"):
+        from widep.render.vllm import keep_alive_env
+
+        add += [(k, str(v)) for k, v in keep_alive_env()]
+    for k, v in add:
+        if k not in have:
+            env.append({"name": k, "value": v})
+            have.add(k)
+    return env
+
+
+def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, opts: LWSOptions, image: str,
+                  front: str = "none", sidecar: dict[str, Any] | None = None) -> dict[str, Any]:
     rp = layout.rp
     cuda = plan.device == "cuda"
+    prov = providers.provider(opts.provider)
     port_names = {p: n for n, p in layout.service_ports}
     if plan.spec.serving.dp_mode == "multiport":
         port_names[plan.spec.serving.supervisor_port] = "supervisor"
@@ -630,69 +742,65 @@ def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, op
             container_ports.append({"name": port_names[p], "containerPort": p, "protocol": "TCP"})
         if proc.health_port is not None and proc.health_port not in proc.ports:
             container_ports.append({"name": port_names.get(proc.health_port, "health"), "containerPort": proc.health_port, "protocol": "TCP"})
-    resources: dict[str, Any] = {}
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
-    cpu = opts.cpu or (None if cuda else str(tpl.devices))
-    if cpu:
-        requests["cpu"] = cpu
-    if opts.memory:
-        requests["memory"] = opts.memory
-        limits["memory"] = opts.memory
-    rdma = cuda and plan.spec.cluster.network.rdma and bool(opts.rdma_resource)
+    model_cache = opts.model_cache or prov.model_cache
+    jit_cache = opts.jit_cache or prov.jit_cache
+    shm = opts.shm_size or f"{max(2, tpl.ranks_per_pod)}Gi"
+    shm_gib = sizing.parse_gib(shm)
+    size = sizing.size_pod(plan, rp, tpl.ranks_per_pod, tpl.devices, model_on_emptydir=model_cache == "emptydir",
+                           jit_on_emptydir=jit_cache == "emptydir", shm_gib=shm_gib, cpu=opts.cpu,
+                           memory=opts.memory, ephemeral_storage=opts.ephemeral_storage)
+    requests: dict[str, str] = {"cpu": size.cpu, "memory": size.memory, "ephemeral-storage": size.ephemeral_storage}
+    limits: dict[str, str] = dict(requests)
+    uses_rdma = role_uses_rdma(plan, rp)
+    rdma_res = rdma_resource(plan, opts) if uses_rdma else None
     if cuda:
-        limits[opts.gpu_resource] = str(tpl.devices)
-        requests[opts.gpu_resource] = str(tpl.devices)
-        if rdma:
-            limits[opts.rdma_resource] = "1"  # type: ignore[index]
-            requests[opts.rdma_resource] = "1"  # type: ignore[index]
-    if limits:
-        resources["limits"] = limits
-    if requests:
-        resources["requests"] = requests
+        limits[opts.gpu_resource] = requests[opts.gpu_resource] = str(tpl.devices)
+        if rdma_res:
+            limits[rdma_res] = requests[rdma_res] = "1"
+    budget = sizing.start_budget_s(plan, rp, opts.start_budget_s)
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["/bin/bash", "-c"],
         "args": [pod_script(plan, layout, tpl)],
-        "env": [dict(e) for e in tpl.env],
+        "env": _extra_env(plan, rp, tpl, opts, budget, front),
     }
     if container_ports:
         container["ports"] = container_ports
-    container["resources"] = resources
-    if cuda:
-        caps = ["IPC_LOCK"] + (["SYS_RAWIO"] if rdma else [])
-        container["securityContext"] = {"capabilities": {"add": caps}}
+    container["resources"] = {"limits": limits, "requests": requests}
+    container["securityContext"] = _security_context(cuda, bool(uses_rdma and (rdma_res or prov.rdma_annotations)),
+                                                     gpu_rdma_privileged(plan, rp, opts))
+    ro = model_cache.partition(":")[0].endswith("-ro")
     container["volumeMounts"] = [
         {"name": "dshm", "mountPath": SHM_MOUNT},
-        {"name": "model-cache", "mountPath": CACHE_MOUNT},
+        {"name": "model-cache", "mountPath": CACHE_MOUNT, **({"readOnly": True} if ro else {})},
+        {"name": "jit-cache", "mountPath": JIT_MOUNT},
     ]
-    container.update(_probe_set(plan, tpl, port_names))
-    shm = opts.shm_size or f"{max(2, tpl.ranks_per_pod)}Gi"
+    container.update(_probe_set(plan, tpl, port_names, budget))
     spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": opts.termination_grace_s,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     }
     if cuda:
-        products = opts.gpu_products or GPU_PRODUCTS.get(plan.gpu.name, ())
-        if opts.gpu_product_label and products:
-            spec["affinity"] = {
-                "nodeAffinity": {
-                    "requiredDuringSchedulingIgnoredDuringExecution": {
-                        "nodeSelectorTerms": [
-                            {"matchExpressions": [{"key": opts.gpu_product_label, "operator": "In", "values": list(products)}]}
-                        ]
-                    }
-                }
-            }
+        affinity = _node_affinity(plan, opts)
+        if affinity:
+            spec["affinity"] = affinity
         spec["tolerations"] = [{"key": opts.gpu_resource, "operator": "Exists", "effect": "NoSchedule"}]
+    if sidecar is not None:
+        spec["initContainers"] = [sidecar]
     spec["containers"] = [container]
     spec["volumes"] = [
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}},
-        {"name": "model-cache", **_cache_volume(opts.model_cache)},
+        {"name": "model-cache", **_cache_volume(model_cache)},
+        {"name": "jit-cache", **_cache_volume(jit_cache, "--jit-cache")},
     ]
-    return {"metadata": {"labels": _labels(plan, rp)}, "spec": spec}
+    meta: dict[str, Any] = {"labels": _labels(plan, rp)}
+    if uses_rdma and prov.rdma_annotations:
+        meta["annotations"] = dict(prov.rdma_annotations)
+    return {"metadata": meta, "spec": spec}
 
 
 def _metadata(name: str, labels: dict[str, str], namespace: str | None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -712,23 +820,35 @@ def render_lws(
     placement: str = "pod-per-node",
     **options: Any,
 ) -> list[dict[str, Any]]:
-    """The manifests of a plan: per role a LeaderWorkerSet and a Service (and an InferencePool
-    when ``inference_pool=True``), in role order. Other keyword arguments: :class:`LWSOptions`."""
+    """The manifests of a plan: per role a LeaderWorkerSet and a Service, then the front door
+    (:mod:`widep.k8s.frontdoor`): the vllm-router Deployment + Service, or llm-d's InferencePool spanning
+    both P/D roles (with the routing sidecar on decode pods), or one InferencePool per role. Other keyword
+    arguments: :class:`LWSOptions`."""
     opts = LWSOptions(image=image, namespace=namespace, placement=placement, **options)
     check_options(plan, opts)
     image = opts.image or plan.spec.vllm.image
+    front = frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
+    layouts = [role_layout(plan, rp, opts) for rp in plan.roles]
+    sidecar_for: dict[str, dict[str, Any]] = {}
+    pool_ports: list[int] = []
+    if front == "llm-d":
+        served = {lay.rp.name: [port for _, port in lay.service_ports] for lay in layouts}
+        pool_ports, vllm_ports = frontdoor.pool_ports(plan, served)
+        decode = next(rp for rp in plan.roles if rp.kind == "decode")
+        sidecar_for[decode.name] = frontdoor.routing_sidecar(pool_ports, vllm_ports, opts.routing_sidecar_image)
     docs: list[dict[str, Any]] = []
-    for rp in plan.roles:
-        layout = role_layout(plan, rp, opts)
+    for layout in layouts:
+        rp = layout.rp
         labels = _labels(plan, rp)
         annotations = {EXCLUSIVE_TOPOLOGY: opts.exclusive_topology} if opts.exclusive_topology else None
         lwt: dict[str, Any] = {"size": layout.size, "restartPolicy": "RecreateGroupOnPodRestart"}
         by_which = {t.which: t for t in layout.templates}
+        side = sidecar_for.get(rp.name)
         if "leader" in by_which:
-            lwt["leaderTemplate"] = _pod_template(plan, layout, by_which["leader"], opts, image)
-            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["worker"], opts, image)
+            lwt["leaderTemplate"] = _pod_template(plan, layout, by_which["leader"], opts, image, front, side)
+            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["worker"], opts, image, front)
         else:
-            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["all"], opts, image)
+            lwt["workerTemplate"] = _pod_template(plan, layout, by_which["all"], opts, image, front, side)
         docs.append({
             "apiVersion": LWS_API_VERSION,
             "kind": "LeaderWorkerSet",
@@ -749,7 +869,7 @@ def render_lws(
                 "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in layout.service_ports],
             },
         })
-        if opts.inference_pool:
+        if opts.inference_pool and front != "llm-d":
             if len(layout.service_ports) > INFERENCE_POOL_MAX_PORTS:
                 raise UserError(
                     f"--inference-pool: role {rp.name!r} serves {len(layout.service_ports)} ports per pod but an "
@@ -770,13 +890,27 @@ def render_lws(
                     },
                 },
             })
-    if plan.router is not None:
+    base = {k: v for k, v in _labels(plan, plan.roles[0]).items() if k.startswith("app.kubernetes.io/")}
+    if front == "llm-d":
+        selector = frontdoor.pool_selector(plan, any(lay.leader_only for lay in layouts))
+        docs.append(frontdoor.inference_pool(plan, {**base, "app.kubernetes.io/component": "inference-pool"},
+                                             selector, pool_ports, opts.namespace, opts.epp_port))
+    elif front == "router":
         from widep.k8s.router import router_manifests
 
-        base = {k: v for k, v in _labels(plan, plan.roles[0]).items() if k.startswith("app.kubernetes.io/")}
-        docs += router_manifests(plan, {rp.name: lws_name(plan, rp) for rp in plan.roles}, opts.placement, opts.namespace,
-                                 opts.router_image or image, base)
+        budget = max(sizing.start_budget_s(plan, rp, opts.start_budget_s) for rp in plan.roles)
+        docs += router_manifests(plan, {rp.name: lws_name(plan, rp) for rp in plan.roles}, opts.placement,
+                                 opts.namespace, opts.router_image, base, startup_timeout_s=budget)
     return docs
+
+
+def router_values_for(plan: DeploymentPlan, docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """llm-d's router chart values matching the InferencePool in ``docs`` (None when there is none)."""
+    pool = next((d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == plan.name), None)
+    if pool is None:
+        return None
+    spec = pool["spec"]
+    return frontdoor.router_values(plan, spec["selector"]["matchLabels"], [p["number"] for p in spec["targetPorts"]])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -805,7 +939,8 @@ def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) 
 
 
 def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = None, *,
-                 image: str | None = None, model_path: str | None = None) -> list[str]:
+                 image: str | None = None, model_path: str | None = None,
+                 docs: list[dict[str, Any]] | None = None, opts: LWSOptions | None = None) -> list[str]:
     """What a generated file says about itself: its source, how to regenerate it, the plan."""
     lines = [f"Generated by `{command}` - do not edit."]
     if regenerate:
@@ -820,6 +955,27 @@ def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = No
         )
     for w in plan.warnings + tuple(w for rp in plan.roles for w in rp.warnings):
         lines.append(f"plan warning: {w}")
+    if opts is not None and docs is not None:
+        prov = providers.provider(opts.provider)
+        lines.append(f"provider {prov.name}: {prov.description}")
+        lines += sizing.report(docs)
+        for rp in plan.roles:
+            if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
+                lines.append(f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is "
+                             "requested: name your cluster's (cluster.network.rdma_resource or --rdma-resource) "
+                             "or pick --provider")
+        kinds = {d["kind"] for d in docs}
+        if "Deployment" in kinds:
+            lines.append("front door: vllm-router Deployment (P/D mode where the topology is P/D)")
+            lines.append(f"note: {frontdoor.ROUTER_IMAGE_HOWTO}")
+        if {rp.kind for rp in plan.roles} >= {"prefill", "decode"} and not (
+                kinds & {"Deployment", "InferencePool"}):
+            lines.append("warning: no front door (--front-door none): clients of the decode Service get local "
+                         "prefill and the prefill group idles")
+        if any(d["kind"] == "InferencePool" and d["metadata"]["name"] == plan.name for d in docs):
+            lines.append("front door: llm-d (one InferencePool over both roles, routing sidecar on decode pods); "
+                         f"install its endpoint picker with llm-d's router chart ({frontdoor.ROUTER_CHART} "
+                         f"{frontdoor.ROUTER_CHART_VERSION}) and the values file widep writes (--router-values)")
     if plan.device == "cpu":
         lines.append(f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image}).")
     builtin = pod_model_path(plan, LWSOptions(model_path=model_path)) if plan.arch.builtin and not model_path else None

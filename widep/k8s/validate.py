@@ -60,8 +60,11 @@ from widep.errors import UserError, did_you_mean
 #: The Kubernetes version whose core schemas check pod templates and plain documents. The LWS
 #: v0.10.0 CRD embeds the Kubernetes 1.36 PodSpec, so templates are judged by the same release.
 K8S_VERSION = "1.36"
-#: File name of the CRD the project is built against (found under ``../shared/schemas``).
+#: File name of the CRD the project is built against (shipped in ``widep/k8s/data``, a byte-identical
+#: copy of ``../shared/schemas``).
 CRD_FILE_NAME = "lws-crd-v0.10.0.yaml"
+#: The Gateway API Inference Extension CRD (InferencePool, v1.5.0), shipped beside it; always loaded.
+GAIE_CRD_FILE_NAME = "inferencepool-crd-v1.5.0.yaml"
 CRD_ENV = "WIDEP_LWS_CRD"
 
 LWS_GROUP = "leaderworkerset.x-k8s.io"
@@ -976,6 +979,12 @@ def _pod_template_problems(
                 container_names.setdefault(cname, cp)
             if not c.get("image"):
                 yield cp + ("image",), "Required value: a container image must be set"
+            crp = c.get("restartPolicy")
+            if crp is not None and (list_name == "containers" or crp != "Always"):
+                yield cp + ("restartPolicy",), (
+                    f"Unsupported value {_show(crp)}: only init containers take a restartPolicy, and only 'Always' "
+                    "(a native sidecar, Kubernetes >= 1.29). Valid: Always on initContainers"
+                )
             policy = c.get("imagePullPolicy")
             if isinstance(policy, str) and policy not in _PULL_POLICIES:
                 yield cp + ("imagePullPolicy",), (
@@ -1330,6 +1339,10 @@ def _validate_lws(sink: _Sink, doc: dict[str, Any], crd: CrdKind, core: CoreSche
     lists: list[tuple] = []
     _list_type_problems(crd.schema, obj, (), lists)
     sink.extend("crd-schema", found + lists + notes)
+    if not found:
+        from widep.k8s.cel import cel_problems
+
+        sink.extend("crd-cel", list(cel_problems(crd.schema, obj)))
     if isinstance(doc.get("metadata"), dict):
         meta = [(("metadata",) + p, m) for p, m in _schema_problems(core.definition_validator(_OBJECT_META_DEF), doc["metadata"])]
     else:
@@ -1375,6 +1388,10 @@ def _validate_core(sink: _Sink, doc: dict[str, Any], kind: str, validator: Any) 
     elif kind in ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet"):
         rules.extend(_workload_problems(doc, kind))
     sink.extend("core-rules", rules)
+    if kind == "Deployment":
+        from widep.k8s.frontdoor import router_container_problems
+
+        sink.extend("front-door", router_container_problems(doc))
 
 
 def _service_lws_problems(service: dict[str, Any], lws_by_name: dict[str, dict[str, Any]]) -> Iterator[tuple]:
@@ -1405,6 +1422,12 @@ def _service_lws_problems(service: dict[str, Any], lws_by_name: dict[str, dict[s
         ), "warning"
 
 
+def _with_shipped_crds(crds: CrdSet) -> CrdSet:
+    """``crds`` plus the kinds of the InferencePool CRD shipped in widep (``crds`` wins on overlap)."""
+    gaie = load_crds(packaged_crd(GAIE_CRD_FILE_NAME))
+    return CrdSet(crds.source, {**gaie.kinds, **crds.kinds})
+
+
 def validate_documents(
     docs: list[Any], crd_path: str | os.PathLike[str] | None = None, *, k8s_version: str = K8S_VERSION
 ) -> list[Problem]:
@@ -1414,7 +1437,7 @@ def validate_documents(
     ``crd_path`` defaults to :func:`default_crd_path`. Raises :class:`UserError` only for a
     missing/unusable CRD or schema version; everything about the documents is a :class:`Problem`.
     """
-    crds = load_crds(crd_path if crd_path is not None else default_crd_path())
+    crds = _with_shipped_crds(load_crds(crd_path if crd_path is not None else default_crd_path()))
     core = core_schemas(k8s_version)
     problems: list[Problem] = []
     services: list[tuple[int, dict[str, Any]]] = []
@@ -1435,6 +1458,13 @@ def validate_documents(
             head.append((("apiVersion",), f"Required value: apiVersion must be a non-empty string, given {_show(api_version)}"))
         if not kind:
             head.append((("kind",), f"Required value: kind must be a non-empty string, given {_show(doc.get('kind'))}"))
+        if head and api_version is None and doc.get("kind") is None and set(doc) == {"router"}:
+            from widep.k8s.frontdoor import check_router_values
+
+            # llm-d router chart values (widep lws --front-door llm-d --router-values FILE)
+            sink.extend("router-values", [((), m) for m in check_router_values(doc)])
+            problems.extend(sink.problems)
+            continue
         if head:
             sink.extend("object-meta", head)
             problems.extend(sink.problems)
@@ -1575,28 +1605,27 @@ def validate_file_counted(path: str | os.PathLike[str], crd_path: str | os.PathL
     return validate_text(text, crd_path, k8s_version=k8s_version)
 
 
+def packaged_crd(file_name: str = CRD_FILE_NAME) -> Path:
+    """A CRD shipped inside widep (``widep/k8s/data``, byte-identical to ``../shared/schemas``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("widep.k8s").joinpath("data", file_name)))
+
+
 def default_crd_path() -> Path:
-    """Where the LWS CRD is: ``$WIDEP_LWS_CRD``, else ``../shared/schemas/lws-crd-v0.10.0.yaml``
-    relative to the repository root or to the current directory or one of its parents."""
+    """Where the LWS CRD is: ``$WIDEP_LWS_CRD`` if set, else the copy shipped inside widep
+    (``--crd PATH`` overrides both)."""
     env = os.environ.get(CRD_ENV)
     if env:
         p = Path(env).expanduser()
         if not p.is_file():
             raise UserError(f"{CRD_ENV} points to a missing file. Given: {CRD_ENV}={env}. Valid: the path of {CRD_FILE_NAME} (or pass --crd PATH)")
         return p
-    repo = Path(__file__).resolve().parents[2]
-    cwd = Path.cwd().resolve()
-    tried: list[Path] = []
-    for base in [repo, cwd, *cwd.parents]:
-        for candidate in (base.parent / "shared" / "schemas" / CRD_FILE_NAME, base / "shared" / "schemas" / CRD_FILE_NAME):
-            if candidate in tried:
-                continue
-            tried.append(candidate)
-            if candidate.is_file():
-                return candidate
-    raise UserError(
-        f"cannot find the LWS CRD {CRD_FILE_NAME}: not in ../shared/schemas/ next to the repository "
-        f"or the current directory, and {CRD_ENV} is not set. Pass --crd PATH (the CRD from "
-        "kubernetes-sigs/lws config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml, v0.10.0) "
-        f"or set {CRD_ENV}"
-    )
+    p = packaged_crd(CRD_FILE_NAME)
+    if not p.is_file():
+        raise UserError(
+            f"the LWS CRD {CRD_FILE_NAME} is missing from this widep installation ({p}). Pass --crd PATH (the CRD "
+            "from kubernetes-sigs/lws config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml, v0.10.0) "
+            f"or set {CRD_ENV}, and reinstall widep"
+        )
+    return p

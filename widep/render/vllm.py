@@ -19,6 +19,10 @@ from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 
 MODULE_ENTRY = "vllm.entrypoints.openai.api_server"
+#: NVSHMEM's symmetric heap for DeepEP low-latency buffers (llm-d wide-EP decode, v0.7+: "Prevent NVSHMEM OOM").
+NVSHMEM_SYMMETRIC_SIZE = "16G"
+#: VLLM_HTTP_TIMEOUT_KEEP_ALIVE behind a pooling proxy (llm-d: 120; vLLM's default is 5 s).
+HTTP_KEEP_ALIVE_S = 120
 
 
 @dataclass(frozen=True)
@@ -271,9 +275,17 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
     if plan.spec.model.trust_remote_code:
         args.append("--trust-remote-code")
     if plan.spec.disaggregated:
-        kvt: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
-        args += ["--kv-transfer-config", json.dumps(kvt, separators=(",", ":"))]
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config(plan), separators=(",", ":"))]
     return args
+
+
+def kv_transfer_config(plan: DeploymentPlan) -> dict[str, Any]:
+    """vLLM's --kv-transfer-config for a P/D topology: NIXL on every role; a failed KV pull fails the request
+    (llm-d's choice) where the version table says vLLM has kv_load_failure_policy."""
+    kvt: dict[str, Any] = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
+    if plan.vllm.has_kv_load_failure_policy:
+        kvt["kv_load_failure_policy"] = "fail"
+    return kvt
 
 
 def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]) -> list[tuple[str, EnvValue]]:
@@ -294,6 +306,12 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
                 env.append(("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", net.interface))
             if net.rdma and net.ibgda:
                 env += [("NVSHMEM_REMOTE_TRANSPORT", "ibgda"), ("NVSHMEM_IB_ENABLE_IBGDA", "1")]
+            if rp.all2all_backend == "deepep_low_latency" and "NVSHMEM_SYMMETRIC_SIZE" not in s.extra_env:
+                env.append(("NVSHMEM_SYMMETRIC_SIZE", NVSHMEM_SYMMETRIC_SIZE))
+        if s.expert_parallel and rp.dp_size > 1 and "VLLM_RANDOMIZE_DP_DUMMY_INPUTS" not in s.extra_env:
+            # dummy batches of idle DP ranks route to random experts instead of all to the same ones. Every
+            # supported line reads it (0.32 envs.py; llm-d sets it from v0.2, on vLLM 0.10): not a table field.
+            env.append(("VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "1"))
         if net.hcas:
             env.append(("NCCL_IB_HCA", ",".join(net.hcas)))
         if vt.line == "0.3x":
@@ -313,12 +331,23 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
     if plan.spec.disaggregated:
         env.append(("VLLM_NIXL_SIDE_CHANNEL_HOST", _node_addr(plan, ctx, rank.node)))
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))
+    if plan.router is not None:
+        env += [kv for kv in keep_alive_env() if kv[0] not in s.extra_env]
     if plan.spec.serving.api_key_secret:
         env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
     if plan.spec.serving.hf_token_secret:
         env.append(("HF_TOKEN", EnvRef(plan.spec.serving.hf_token_secret, "token")))
     env += sorted(s.extra_env.items())
     return env
+
+
+def keep_alive_env() -> list[tuple[str, EnvValue]]:
+    """The API server's HTTP keep-alive when a pooling proxy (vllm-router, llm-d's routing sidecar) sits in
+    front: longer than the proxy's idle-connection timeout, so vLLM never closes a connection the proxy is
+    about to reuse (llm-d PR #1564: 5 s default vs the sidecar's 90 s idle timeout gave TCP resets). The variable
+    feeds uvicorn's timeout_keep_alive in 0.32 (envs.py) and earlier lines; older lines ignore unknown variables, so
+    it is not a version-table field."""
+    return [("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(HTTP_KEEP_ALIVE_S))]
 
 
 def profile_dir_of(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int) -> str | None:

@@ -81,6 +81,9 @@ class NetworkSpec(Strict):
     """RDMA devices to use (NCCL_IB_HCA), e.g. [mlx5_0, mlx5_1]. Empty: the libraries choose."""
     ibgda: bool = True
     """Use NVSHMEM's IBGDA transport (GPU-initiated RDMA; DeepEP low-latency kernels want it)."""
+    rdma_resource: str | None = None
+    """Extended resource of the cluster's RDMA device plugin (e.g. rdma/ib, rdma/roce_gdr) that `widep lws`
+    requests once per pod; None: the provider profile decides (generic requests none)."""
 
 
 class ClusterSpec(Strict):

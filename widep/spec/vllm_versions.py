@@ -55,6 +55,9 @@ class VLLMVersionTable:
     deep_gemm_warmup_env: str
     has_moe_backend_flag: bool
     dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
+    has_kv_load_failure_policy: bool = False
+    """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
+    (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
 
 
 TABLES: tuple[VLLMVersionTable, ...] = (
@@ -122,6 +125,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         deep_gemm_default_on=True,
         deep_gemm_warmup_env="VLLM_DEEP_GEMM_WARMUP",
         has_moe_backend_flag=True,
+        has_kv_load_failure_policy=True,
     ),
 )
 
