@@ -1,7 +1,7 @@
 """widep calibrate on measured CPU runs: the tiny MoE served by real CPU vLLM (DP1, and DP2/EP2 through the
 vLLM CPU EP plugin), benchmarked by a measured widep sweep; the free terms are fitted to the measured levels,
 with this machine's memory bandwidth and FLOP rate as the CPU hardware entry, and widep sweep/predict use the
-fitted calibration. One short bench per deployment (3 levels x 6 requests)."""
+fitted calibration. One short bench per deployment (3 levels x 8 requests)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from launch_helpers import ROOT, free_ports
 
 pytestmark = pytest.mark.vllm
 
-LEVELS = "1,4,12"
+LEVELS = "1,2,4"
 
 
 def _topology(tmp_path, name, src):
@@ -39,7 +39,7 @@ def measured(tmp_path_factory, tiny_moe_dir, vllm_python):
     topos = {"dp1": _topology(tmp, "cal-dp1", "tiny-moe-cpu.yaml"), "dp2": _topology(tmp, "cal-dp2", "tiny-moe-cpu-dp2.yaml")}
     out = tmp / "sweep"
     r = _widep("sweep", *topos.values(), "--measure", "--out", out, "--concurrency", LEVELS, "--isl", "64", "--osl", "32",
-               "--requests-per-level", "6", "--model-path", tiny_moe_dir, "--python", vllm_python, "--json")
+               "--requests-per-level", "8", "--model-path", tiny_moe_dir, "--python", vllm_python, "--json")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("cal-dp1", "cal-dp2"):
         res = json.loads((out / name / "result.json").read_text())
