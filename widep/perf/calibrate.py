@@ -5,7 +5,7 @@ A run directory is what ``widep bench --out`` writes: one llm-d Benchmark Report
 topology it measured. :func:`fit_runs` adjusts the terms of :data:`TERMS` that move the predictions
 (host time per step, per-kernel launch gap, the all-to-all's per-op latency, overlap efficiency) by a
 bounded coordinate search in log space, minimising the squared log errors of tokens/s per GPU and TPOT
-(and, at half weight, TTFT) over every measured level; it returns the fitted calibration and the residuals per point before and
+over every measured level; it returns the fitted calibration and the residuals per point before and
 after. The hardware the runs used can be described by measured figures (:func:`measure_host`: memory
 bandwidth and FLOP rate of this machine), which the calibration carries under ``hardware``.
 """
@@ -116,8 +116,6 @@ def _residuals(runs: list[tuple[Any, list[MeasuredLevel]]], cal: Calibration) ->
             res.append(math.log(max(p["tps_gpu"], 1e-12) / lv.tps_gpu))
             if lv.tpot_ms and p["tpot_ms"]:
                 res.append(math.log(p["tpot_ms"] / lv.tpot_ms))
-            if lv.ttft_ms and p["ttft_ms"]:  # the wave's TTFT sets closed-loop throughput too (half weight)
-                res.append(0.5 * math.log(p["ttft_ms"] / lv.ttft_ms))
     return np.asarray(res)
 
 
