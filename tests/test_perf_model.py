@@ -329,3 +329,21 @@ def test_dp_imbalance_random_spreading_costs_more() -> None:
     rb = RoleBatch.build(A_R1, [base, dc_replace(base, balancer="random")], CAL)
     perf = serve_decode_only(rb, CAL, Workload(isl=2000, osl=1000), np.asarray([[32.0 * base.dp]]))
     assert perf.tpot[1, 0] > perf.tpot[0, 0]
+
+
+def test_router_policy_sets_the_dp_balancer() -> None:
+    """A router that spreads requests blindly (random) leaves DP ranks less even than a load-aware one."""
+    import yaml
+
+    from widep.perf.model import balancer_of, predict_plan
+    from widep.plan.core import plan
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-decode-4x8-h200-eplb.yaml").read_text())
+    out = {}
+    for policy in ("random", "power_of_two"):
+        d = dict(doc) | {"router": {"enabled": True, "policy": policy}}
+        p = plan(parse_topology(d, "t"))
+        out[policy] = (balancer_of(p), predict_plan(p, Workload(isl=1000, osl=1000), [512.0], CAL, saturation=False)[1][0])
+    assert out["random"][0] == "random" and out["power_of_two"][0] == "balanced"
+    assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms

@@ -164,6 +164,17 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
     return 0
 
 
+RANDOM_POLICIES = ("random", "consistent_hash")
+
+
+def balancer_of(plan: Any) -> str:
+    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash),
+    else 'balanced' (vLLM's own DP coordinator, or a load-aware router policy)."""
+    router = getattr(getattr(plan, "spec", None), "router", None)
+    policy = getattr(router, "policy", None) if router is not None and getattr(router, "enabled", True) else None
+    return "random" if policy in RANDOM_POLICIES else "balanced"
+
+
 def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
     """A :class:`RoleInput` from a planner ``RolePlan``."""
     s = rp.spec
@@ -998,7 +1009,8 @@ def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], ca
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
     from dataclasses import replace as _replace
 
-    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine) for rp in plan.roles]
+    balancer = balancer_of(plan)
+    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer) for rp in plan.roles]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:
