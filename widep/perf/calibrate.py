@@ -29,6 +29,7 @@ TERMS: dict[str, tuple[float, float]] = {
     "kernel_gap_eager_us": (0.1, 5_000.0),
     "a2a_latency_us": (1.0, 100_000.0),
     "overlap_efficiency": (0.01, 1.0),
+    "request_overhead_us": (10.0, 1_000_000.0),
 }
 
 
@@ -57,6 +58,7 @@ def read_run(run_dir: str | Path) -> list[MeasuredLevel]:
     from widep.bench.report import read_report
 
     run = Path(run_dir)
+    label = f"{run.parent.name}/{run.name}" if run.name == "bench" else run.name  # measured sweeps: <point>/bench
     files = sorted(run.glob("level-*.report.yaml"))
     if not files:
         raise UserError(f"calibrate: {run_dir} holds no level-*.report.yaml. Valid: directories written by widep bench --out.")
@@ -73,7 +75,7 @@ def read_run(run_dir: str | Path) -> list[MeasuredLevel]:
         isl = _get(load, "input_seq_len", "value") or _get(agg, "requests", "input_length", "mean")
         osl = _get(load, "output_seq_len", "value") or _get(agg, "requests", "output_length", "mean")
         out.append(MeasuredLevel(
-            run=run.name, level=f.name[len("level-"):-len(".report.yaml")], concurrency=float(conc),
+            run=label, level=f.name[len("level-"):-len(".report.yaml")], concurrency=float(conc),
             isl=max(1, round(float(isl))), osl=max(1, round(float(osl))), tps_gpu=float(tps) / max(gpus, 1),
             tpot_ms=_get(agg, "latency", "time_per_output_token", "mean"),
             ttft_ms=_get(agg, "latency", "time_to_first_token", "mean")))
@@ -96,6 +98,7 @@ def _term_value(cal: Calibration, term: str, backends: set[str]) -> float:
     return float(getattr(cal, term))
 
 
+
 def predict_levels(plan_obj: Any, levels: list[MeasuredLevel], cal: Calibration) -> list[dict[str, float | None]]:
     """The model at each measured level (fixed-length closed loop: wave arrivals)."""
     from widep.perf.model import Workload, predict_plan
@@ -116,6 +119,8 @@ def _residuals(runs: list[tuple[Any, list[MeasuredLevel]]], cal: Calibration) ->
             res.append(math.log(max(p["tps_gpu"], 1e-12) / lv.tps_gpu))
             if lv.tpot_ms and p["tpot_ms"]:
                 res.append(math.log(p["tpot_ms"] / lv.tpot_ms))
+            if lv.ttft_ms and p["ttft_ms"]:  # the wave's TTFT sets closed-loop throughput too (half weight)
+                res.append(0.5 * math.log(p["ttft_ms"] / lv.ttft_ms))
     return np.asarray(res)
 
 
@@ -227,6 +232,7 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
                       "kernel_gap_us": {"full_graph": cal.kernel_gap_full_graph_us, "piecewise": cal.kernel_gap_piecewise_us,
                                         "eager": cal.kernel_gap_eager_us},
                       "host_step_us": cal.host_step_us, "host_per_seq_us": cal.host_per_seq_us,
+                      "request_us": cal.request_overhead_us,
                       "graph_max_tokens": cal.graph_max_tokens},
         "tp_allreduce": {"per_layer": cal.tp_allreduce_per_layer, "latency_us": cal.tp_allreduce_latency_us,
                          "nvlink_efficiency": cal.tp_allreduce_nvlink_efficiency},

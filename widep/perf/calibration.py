@@ -116,6 +116,8 @@ class Calibration:
     """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
     spec_draft_us: float = 400.0
     """Host and launch time of one MTP draft pass (a separate forward of the draft layer) per step."""
+    request_overhead_us: float = 0.0
+    """API-server time per request before its first step, serialised per server (widep calibrate fits it)."""
     hardware: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
     """Measured figures that replace a hardware kind's datasheet ones: {kind: {hbm_tbps, bf16_tflops, ...}}."""
     measured: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -276,6 +278,7 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
         dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
+        request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),
         hardware=_hardware(doc.get("hardware"), s),
     )
 

@@ -459,7 +459,8 @@ def predict_cmd(topology: str, concurrency: float, isl: int, osl: int, decode_co
 @click.option("--topology", "topologies", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="The topology each run measured: once for all runs, or once per run in order.")
 @click.option("--calibration", default="published", show_default=True, help="Starting calibration.")
-@click.option("--terms", default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency", show_default=True,
+@click.option("--terms", default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency,request_overhead_us",
+              show_default=True,
               help="Free terms to fit (those that move no prediction are left alone).")
 @click.option("--measure-host", "measure_host_threads", type=click.IntRange(min=1), default=None,
               help="Measure this machine's memory bandwidth and FLOP rate with N threads and record them as the "

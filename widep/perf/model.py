@@ -659,6 +659,12 @@ class Perf:
     """The step breakdowns behind the numbers: 'decode' (or 'mixed'), 'prefill'."""
 
 
+def front_end(cal: Calibration, per_server: Any) -> np.ndarray:
+    """Time a request spends in the API server before its first step (HTTP, tokenisation, scheduling), when the
+    server handles the requests that arrive together one after another: mean (n + 1) / 2 of them."""
+    return cal.request_overhead_us * 1e-6 * (np.maximum(np.asarray(per_server, float), 1.0) + 1.0) / 2.0
+
+
 def dp_busiest(rb: RoleBatch, n: np.ndarray) -> np.ndarray:
     """Busiest DP rank's share over the mean when each rank holds ``n`` requests on average.
 
@@ -710,7 +716,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         n_pf = np.ceil(pf_tokens / B - 1e-9)
         st = step_time(rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill)
         S_pf = st.total
-        ttft = S_pf * (n_pf + 1.0) / 2.0
+        ttft = S_pf * (n_pf + 1.0) / 2.0 + front_end(cal, dmax)
         dec_steps = np.maximum((w.osl - 1.0) / qa, 1e-9)
         slow = np.minimum(n_pf / 2.0, dec_steps)  # decode steps a request spends beside others' prefill
         S = (slow * S_pf + (dec_steps - slow) * st_dec.total) / dec_steps
@@ -725,7 +731,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         st = step_time(rb, cal, dmax, q, w.ctx_decode, chunk, w.ctx_prefill)
         S_chunk = st.total
         S = p_any * S_chunk + (1.0 - p_any) * st_dec.total
-        ttft_service = n_chunks * S_chunk + 0.5 * S
+        ttft_service = n_chunks * S_chunk + 0.5 * S + front_end(cal, d)
         X = G * b * qa / (w.osl * S)
         E = ttft_service + (w.osl - 1.0) / qa * S
         ttft = ttft_service + _wait(C, X, E)
@@ -822,7 +828,8 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         p_load = pb
         S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
         held = Gd * b
-        ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
+        ttft = (held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
+                + front_end(cal, b0))
         E = ttft + (w.osl - 1.0) / qa * S
         X = held / E
         ttft = ttft + _wait(C, X, E)
@@ -835,7 +842,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         rho = np.clip(X / Xp, 0.0, 1.0)
         p_load = np.clip(rho * pb, isl_c, pb)
         S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
-        ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
+        ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
         E = ttft_service + (w.osl - 1.0) / qa * S
         ttft = ttft_service + _wait(C, X, E)
     gpus = rp.gpus + rd.gpus
@@ -875,7 +882,7 @@ def serve_decode_only(rd: RoleBatch, cal: Calibration, w: Workload, C: np.ndarra
     S = st.total
     X = G * b * qa / (w.osl * S)
     xfer = cal.kv_transfer_latency_us * 1e-6 + w.isl * rd.kv_bytes_tok / (rd.nic * cal.kv_transfer_nic_efficiency)
-    ttft_service = xfer + S
+    ttft_service = xfer + S + front_end(cal, b)
     ttft = ttft_service + _wait(C, X, ttft_service + (w.osl - 1.0) / qa * S)
     ok = cap >= 1
     nan = np.nan
