@@ -86,6 +86,14 @@ VARIANTS = {
     "cpu-dp2-hybrid": variant("tiny-moe-cpu-dp2.yaml", **{"serving.dp_mode": "hybrid"}),
     "qwen-tp2-4gpu": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.tp": 2}),
     "qwen-gpus-2-3": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.first_gpu": 2, "roles.0.gpus_per_node": 2}),
+    # issue #20: hostile strings reach the pod's processes intact, nothing is executed or substituted by the kubelet
+    "cpu-dp2-hostile-strings": variant(
+        "tiny-moe-cpu-dp2.yaml",
+        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
+                                  "--x=$(HF_TOKEN)"],
+           "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
+           "model.served_model_name": "a b'c", "description": "x\n---\nkind: ConfigMap"},
+    ),
     "qwen-2-replicas-secrets": variant(
         "qwen3-30b-a3b-1x2-h100.yaml",
         **{"cluster.nodes": 2, "roles.0.replicas": 2, "serving.hf_token_secret": "hf-secret", "serving.api_key_secret": "vllm-api-key"},
@@ -352,7 +360,7 @@ def container_env(c: dict, ip: str) -> dict[str, str]:
     env = {}
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = e["value"]
+            env[e["name"]] = L.kubelet_expand(e["value"], env)  # the kubelet expands $(VAR) of earlier entries
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             env[e["name"]] = ip
@@ -376,7 +384,9 @@ class Pod:
                     "LWS_WORKER_INDEX": str(w)})
         self.leader = env["LWS_LEADER_ADDRESS"]
         argv = [L.kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
-        assert argv == self.container["command"] + self.container["args"], "kubelet would rewrite the script"
+        # widep escapes '$(' and '$$' as '$$(' and '$$$$': the kubelet only undoes that escaping, never substitutes
+        assert argv == [L.kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
+            "kubelet would substitute a variable into the script"
         env["WIDEP_SHM_DIR"] = str(shm)  # sandbox: the script clears this folder (/dev/shm in a pod)
         env.update({"PATH": f"{shims}:/usr/bin:/bin", "SHIM_OUT": str(out)}, **extra_env)
         self.out = out
@@ -456,7 +466,7 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
     gpn = p.spec.cluster.gpus_per_node
     for c in cmds:
         argv = list(c.argv)
-        env = {k: (secret(val.name, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
+        env = {k: (secret(val.secret, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
         gpus = [gid for r in rp.ranks if r.replica == g and r.dp_rank in c.dp_ranks for gid in r.gpus]
         offset = min(gpus) if per_rank else rp.spec.first_gpu
         if per_rank:  # every pod serves the role's port

@@ -105,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
+    except OSError as err:
+        # A path the system refuses (a name over 255 bytes, a folder given as a file, no permission): the
+        # person's input, not a widep bug. Other exceptions keep their traceback.
+        if debug or err.filename is None:
+            raise
+        name = str(err.filename)
+        shown = name if len(name) <= 120 else name[:120] + "..."
+        click.echo(f"error: {shown!r}: {err.strerror or err}.", err=True)
+        return 2
     return rv if isinstance(rv, int) else 0
 
 

@@ -79,6 +79,33 @@ def _has_tokenizer(path: str | None) -> bool:
     return p.is_dir() and any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
+def _checked_endpoint(url: str) -> str:
+    """``url`` when it is an http(s) base URL with a host and a valid port; UserError before anything runs."""
+    from urllib.parse import urlsplit
+
+    from widep.render.quoting import control_problem
+
+    why = control_problem(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        parts, port, why = None, None, why or str(err)
+    if why is None and parts is not None:
+        if parts.scheme not in ("http", "https"):
+            why = f"the scheme must be http or https, not {parts.scheme or 'missing'!r}"
+        elif not parts.hostname:
+            why = "there is no host"
+        elif port is not None and not 1 <= port <= 65535:
+            why = f"port {port} is out of range"
+        elif parts.query or parts.fragment:
+            why = "a base URL has no query or fragment"
+    if why:
+        raise UserError(
+            f"--endpoint: not an API server base URL ({why}). Given: {url!r}. Valid: e.g. http://10.0.0.5:8000")
+    return url
+
+
 def _endpoints_from_topology(path: str, via_router: bool = True) -> tuple[list[str], int, str]:
     try:
         from widep.plan.api import endpoints_for_topology  # provided by the planner
@@ -136,7 +163,7 @@ def run_cmd(**kw: Any) -> None:
     from widep.bench.workload import PRESETS, WorkloadSpec, parse_length, preset
 
     notes: list[str] = []
-    endpoints = [normalize_endpoint(e) for e in kw["endpoints"]]
+    endpoints = [_checked_endpoint(normalize_endpoint(e)) for e in kw["endpoints"]]
     gpus = kw["gpus"]
     model = kw["model"]
     topo_model: str | None = None

@@ -236,6 +236,15 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
             routing_sidecar_image=routing_sidecar_image, jit_cache=jit_cache, ephemeral_storage=ephemeral_storage,
             start_budget_s=start_budget_s,
         )
+        _check_flags(opts)
+        from widep.render.quoting import control_problem
+
+        for flag, path in (("-o/--output", output), ("--router-values", router_values), ("--kustomize", kustomize_dir)):
+            if path and (why := control_problem(path)):
+                raise UserError(f"{flag}: {why}. Given: {path!r}.")
+        if output and not Path(output).parent.is_dir():
+            raise UserError(f"-o/--output: the folder {str(Path(output).parent)!r} does not exist. Given: -o {output}. "
+                            "Valid: a file in an existing folder")
         crd = Path(crd_path) if crd_path else None
         if kustomize_dir:
             from widep.k8s.kustomize import write_kustomize
@@ -274,6 +283,18 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
     _validate(ctx, validate_paths, crd_path, as_json)
 
 
+def _check_flags(opts: LWSOptions) -> None:
+    """Control characters in any string flag (a trailing newline pasted with a value) are refused up front."""
+    from widep.render.quoting import control_problem
+
+    for name in opts.__dataclass_fields__:
+        value = getattr(opts, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, str) and (why := control_problem(v)):
+                flag = "--gpu-product" if name == "gpu_products" else "--" + name.replace("_", "-")
+                raise UserError(f"{flag}: {why}. Given: {v!r}.")
+
+
 def _validate(ctx: click.Context, paths: tuple[str, ...], crd_path: str | None, as_json: bool) -> None:
     from widep.k8s import validate as v
 
@@ -283,7 +304,9 @@ def _validate(ctx: click.Context, paths: tuple[str, ...], crd_path: str | None, 
     results = []
     for name in files:
         if name == "-":
-            count, problems = v.validate_text(sys.stdin.read(), crd)
+            from widep.spec.safeyaml import decode_text
+
+            count, problems = v.validate_text(decode_text(sys.stdin.buffer.read(), "--validate -: standard input"), crd)
         else:
             count, problems = v.validate_file_counted(name, crd)
         results.append((name, count, problems))

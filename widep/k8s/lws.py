@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import re
-import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from widep.errors import UserError
 from widep.k8s import frontdoor, providers
 from widep.k8s import resources as sizing
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
+from widep.render.quoting import k8s_escape, sh_assign, sh_comment, sh_word
 from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
 
 PLACEMENTS = ("pod-per-node", "pod-per-rank")
@@ -81,10 +81,10 @@ GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
     "GB200": ("NVIDIA-GB200",),
 }
 
-_QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_QUALIFIED_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?\Z")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
+_QUALIFIED_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
     if opts.termination_grace_s < 0:
         raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
-    if opts.namespace is not None and (len(opts.namespace) > 63 or not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", opts.namespace)):
+    if opts.namespace is not None and (len(opts.namespace) > 63 or not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z", opts.namespace)):
         raise UserError(f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63")
     _cache_volume(opts.model_cache or prov.model_cache)
     host = plan.spec.serving.host
@@ -410,7 +410,7 @@ def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: RankCommand, placeme
     i = _arg_index(argv, "--port")
     if i is not None and placement == "pod-per-rank":
         special[i] = str(rp.http_port)
-    return [special.get(j, shlex.quote(a)) for j, a in enumerate(argv)]
+    return [special.get(j, sh_word(a)) for j, a in enumerate(argv)]
 
 
 def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]:
@@ -419,12 +419,23 @@ def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]
     return [g - offset for g in gpus]
 
 
+def secret_key_ref(ref: EnvRef) -> dict[str, Any]:
+    """``valueFrom.secretKeyRef`` of a secret reference; UserError when the topology names no Secret."""
+    if ref.secret is None:
+        raise UserError(
+            f"{ref.source or 'secret'}: a LeaderWorkerSet reads it from a Kubernetes Secret, and the topology names "
+            f"only the environment variable {ref.name!r} (not a valid Secret name). Given: {ref.name!r}. "
+            f"Valid: {{env: {ref.name}, secret: <secret-name>, key: {ref.key}}}"
+        )
+    return {"secretKeyRef": {"name": ref.secret, "key": ref.key}}
+
+
 def _env_entry(name: str, value: Any, plan: DeploymentPlan) -> dict[str, Any]:
     if isinstance(value, EnvRef):
-        return {"name": name, "valueFrom": {"secretKeyRef": {"name": value.name, "key": value.key}}}
+        return {"name": name, "valueFrom": secret_key_ref(value)}
     if name == "VLLM_NIXL_SIDE_CHANNEL_HOST":
         return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
-    return {"name": name, "value": str(value)}
+    return {"name": name, "value": k8s_escape(str(value))}
 
 
 def _container_env(plan: DeploymentPlan, cmds: list[RankCommand], all_cmds: list[RankCommand]) -> list[dict[str, Any]]:
@@ -522,8 +533,8 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
     else:
         ranks_desc = f"DP ranks W*{d} .. W*{d}+{d - 1}"
     lines = [
-        f"# widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
-        f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = LWS_WORKER_INDEX).",
+        sh_comment(f"widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
+                   f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = LWS_WORKER_INDEX)."),
         "set -euo pipefail",
         ': "${LWS_WORKER_INDEX:?is not set: this pod must be created by a LeaderWorkerSet}"',
         ': "${LWS_LEADER_ADDRESS:?is not set: this pod must be created by a LeaderWorkerSet}"',
@@ -538,7 +549,7 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
     ]
     if len(tpl.processes) == 1:
         p = tpl.processes[0]
-        lines.append(f"# {p.label}" + (" (headless)" if not p.ports else f", port {', '.join(map(str, p.ports))}"))
+        lines.append(sh_comment(p.label + (" (headless)" if not p.ports else f", port {', '.join(map(str, p.ports))}")))
         lines.append(_command_text(p, exec_=True))
         return "\n".join(lines) + "\n"
     lines += [
@@ -547,7 +558,8 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         "trap stop TERM INT",
     ]
     for p in tpl.processes:
-        lines.append(f"# local rank {p.local_rank}: {p.label}" + ("" if not p.ports else f", port {', '.join(map(str, p.ports))}"))
+        ports = "" if not p.ports else f", port {', '.join(map(str, p.ports))}"
+        lines.append(sh_comment(f"local rank {p.local_rank}: {p.label}{ports}"))
         lines.append(_command_text(p, exec_=False) + " &")
         lines.append("pids+=($!)")
     lines += [
@@ -566,7 +578,7 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
 def _command_text(p: PodProcess, exec_: bool) -> str:
     head = ["exec"] if exec_ else []
     if p.env:
-        head += ["env"] + [f"{k}={shlex.quote(v)}" for k, v in p.env]
+        head += ["env"] + [sh_assign(k, v) for k, v in p.env]
     words = list(p.words)
     # "vllm serve MODEL" / "python -m module --model MODEL" on the first line, then one flag per line
     first_flag = next((i for i, w in enumerate(words) if w.startswith("--") and i > 0), len(words))
@@ -650,7 +662,7 @@ def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str
         action: dict[str, Any] = {"httpGet": {"path": "/health", "port": port_names.get(hp, hp)}}
     else:
         host = "${POD_IP}" if plan.spec.serving.host == "node" else "127.0.0.1"
-        action = {"exec": {"command": ["/bin/bash", "-c", health_check_script(host, health)]}}
+        action = {"exec": {"command": ["/bin/bash", "-c", k8s_escape(health_check_script(host, health))]}}
     period = 10
     startup = {**action, "periodSeconds": period, "timeoutSeconds": timeout,
                "failureThreshold": max(1, math.ceil(budget_s / period))}
@@ -763,7 +775,7 @@ def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, op
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["/bin/bash", "-c"],
-        "args": [pod_script(plan, layout, tpl)],
+        "args": [k8s_escape(pod_script(plan, layout, tpl))],
         "env": _extra_env(plan, rp, tpl, opts, budget, front),
     }
     if container_ports:
@@ -933,7 +945,7 @@ _Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign] 
 
 def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) -> str:
     """Multi-document YAML in the dicts' own key order; ``header`` lines become leading comments."""
-    head = "".join(f"# {line}".rstrip() + "\n" for line in header or [])
+    head = "".join(sh_comment(line) + "\n" for line in header or [])
     body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120) for d in docs)
     return head + body
 

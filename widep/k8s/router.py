@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from widep.plan.core import DeploymentPlan, RolePlan
+from widep.render.quoting import k8s_escape
+from widep.render.vllm import secret_ref
 
 
 def _pod_host(lws: str, replica: int, pod_index: int, namespace: str | None) -> str:
@@ -64,14 +66,17 @@ def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement:
     labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}
     selector = {"app.kubernetes.io/instance": plan.name, "app.kubernetes.io/component": "router"}
     env = []
-    if plan.spec.serving.api_key_secret:
-        env.append({"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": plan.spec.serving.api_key_secret, "key": "api-key"}}})
+    ref = secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")
+    if ref is not None:
+        from widep.k8s.lws import secret_key_ref
+
+        env.append({"name": "VLLM_API_KEY", "valueFrom": secret_key_ref(ref)})
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     container: dict[str, Any] = {
         "name": "router",
         "image": image,
-        "command": argv[:1],
-        "args": argv[1:],
+        "command": [k8s_escape(a) for a in argv[:1]],
+        "args": [k8s_escape(a) for a in argv[1:]],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"},
                   {"name": "metrics", "containerPort": prometheus_port, "protocol": "TCP"}],
         "readinessProbe": probe | {"failureThreshold": 3},

@@ -378,7 +378,26 @@ def _describe(err: jsonschema.ValidationError) -> Iterator[tuple[tuple, str]]:
     yield path, err.message
 
 
+_SCHEMA_MEMO: dict[tuple[int, str], list[tuple[tuple, str]]] = {}
+_SCHEMA_MEMO_MAX = 4096
+
+
 def _schema_problems(validator: jsonschema.protocols.Validator, instance: Any) -> list[tuple[tuple, str]]:
+    """Schema problems of ``instance``; memoised on its canonical JSON, so a stream repeating the same
+    objects (thousands of near-identical Services) validates each distinct one once."""
+    try:
+        key = (id(validator), json.dumps(instance, sort_keys=True, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return _schema_problems_uncached(validator, instance)
+    hit = _SCHEMA_MEMO.get(key)
+    if hit is None:
+        if len(_SCHEMA_MEMO) >= _SCHEMA_MEMO_MAX:
+            _SCHEMA_MEMO.clear()
+        hit = _SCHEMA_MEMO[key] = _schema_problems_uncached(validator, instance)
+    return list(hit)
+
+
+def _schema_problems_uncached(validator: jsonschema.protocols.Validator, instance: Any) -> list[tuple[tuple, str]]:
     out: list[tuple[tuple, str]] = []
     for err in validator.iter_errors(instance):
         out.extend(_describe(err))
@@ -549,7 +568,7 @@ def _load_crds_cached(path: str, mtime_ns: int, size: int) -> CrdSet:
     try:
         with open(path, encoding="utf-8") as fh:
             docs = [d for d in yaml.load_all(fh, Loader=loader) if d]
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(f"CRD file {path} could not be read as YAML: {err}") from None
     kinds: dict[tuple[str, str, str], CrdKind] = {}
     for doc in docs:
@@ -1514,9 +1533,31 @@ def validate_documents(
 # Files
 
 
-class _K8sYamlLoader(yaml.SafeLoader):
+class _K8sYamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml's parser when PyYAML has it
     """YAML as ``sigs.k8s.io/yaml`` reads it: YAML 1.1 scalars, but timestamps stay strings and
     a bare ``=`` is a string."""
+
+
+MAX_OBJECT_BYTES = 3 * 2**19
+"""1.5 MiB: the largest request the Kubernetes API server accepts for one object (etcd's default
+``--max-request-bytes``); bigger documents are refused without being parsed."""
+
+_DOC_START = re.compile(r"^---(?=[ \t\r\n]|$)", re.MULTILINE)
+
+
+def _document_chunks(text: str) -> list[tuple[str, int]]:
+    """The stream cut at its ``---`` lines (a document marker at column 0 ends any scalar, so this is
+    where YAML cuts too): (text, line offset) per piece, each parsed on its own."""
+    starts = [m.start() for m in _DOC_START.finditer(text)]
+    bounds = [0, *starts] if not starts or starts[0] != 0 else starts
+    out = []
+    line = 0
+    for i, b in enumerate(bounds):
+        e = bounds[i + 1] if i + 1 < len(bounds) else len(text)
+        chunk = text[b:e]
+        out.append((chunk, line))
+        line += chunk.count("\n")
+    return out
 
 
 _K8sYamlLoader.yaml_implicit_resolvers = {
@@ -1553,10 +1594,27 @@ def parse_manifests(text: str) -> tuple[list[Any], list[Problem]]:
 
     A syntax error stops parsing (later documents are not read) and becomes a problem of the
     document it is in; duplicate keys are problems too (kubectl's strict decoding rejects them).
+    A document larger than the API server accepts (:data:`MAX_OBJECT_BYTES`) is a problem and is
+    not parsed (its position holds None).
     """
-    loader = _K8sYamlLoader(text)
     docs: list[Any] = []
     problems: list[Problem] = []
+    for chunk, line0 in _document_chunks(text):
+        size = len(chunk.encode("utf-8", "surrogatepass"))
+        if size > MAX_OBJECT_BYTES:
+            docs.append(None)
+            problems.append(Problem(len(docs), "", "", "", (
+                f"object too large: {size} bytes (from line {line0 + 1}); the Kubernetes API server refuses objects "
+                f"over {MAX_OBJECT_BYTES} bytes (1.5 MiB, etcd's request limit), so it was not validated"), "yaml"))
+            continue
+        if not _parse_chunk(chunk, line0, docs, problems):
+            break
+    return docs, problems
+
+
+def _parse_chunk(chunk: str, line0: int, docs: list[Any], problems: list[Problem]) -> bool:
+    """Parse one piece of the stream into ``docs``; False after a syntax error (parsing stops)."""
+    loader = _K8sYamlLoader(chunk)
     try:
         while loader.check_node():
             node = loader.get_node()
@@ -1568,17 +1626,25 @@ def parse_manifests(text: str) -> tuple[list[Any], list[Problem]]:
                 meta = data.get("metadata") if isinstance(data, dict) and isinstance(data.get("metadata"), dict) else {}
                 kind = data.get("kind", "") if isinstance(data, dict) else ""
                 sink = _Sink(len(docs), str(kind or ""), str(meta.get("name") or ""))
-                sink.extend("yaml", dups)
+                sink.extend("yaml", [(path, _shift_lines(msg, line0)) for path, msg in dups])
                 problems.extend(sink.problems)
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, RecursionError) as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        what = getattr(err, "problem", None) or str(err)
+        where = f"line {mark.line + 1 + line0}, column {mark.column + 1}: " if mark is not None else ""
+        what = getattr(err, "problem", None) or str(err) or "nested too deeply"
         context = getattr(err, "context", None)
         problems.append(Problem(len(docs) + 1, "", "", "", f"invalid YAML at {where}{what}{f' ({context})' if context else ''}", "yaml"))
+        return False
     finally:
         loader.dispose()
-    return docs, problems
+    return True
+
+
+_LINE = re.compile(r"line (\d+)")
+
+
+def _shift_lines(msg: str, offset: int) -> str:
+    return _LINE.sub(lambda m: f"line {int(m.group(1)) + offset}", msg) if offset else msg
 
 
 def validate_text(text: str, crd_path: str | os.PathLike[str] | None = None, *, k8s_version: str = K8S_VERSION) -> tuple[int, list[Problem]]:
@@ -1598,10 +1664,9 @@ def validate_file(path: str | os.PathLike[str], crd_path: str | os.PathLike[str]
 
 def validate_file_counted(path: str | os.PathLike[str], crd_path: str | os.PathLike[str] | None = None, *, k8s_version: str = K8S_VERSION) -> tuple[int, list[Problem]]:
     """Like :func:`validate_file`, also returning the number of non-empty documents."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read manifest file {path}: {getattr(err, 'strerror', None) or err}. Given: {path}. Valid: a readable YAML file") from None
+    from widep.spec.safeyaml import read_text
+
+    text = read_text(path, "--validate")
     return validate_text(text, crd_path, k8s_version=k8s_version)
 
 

@@ -18,6 +18,11 @@ import click
 
 from widep.errors import UserError
 
+MAX_COUNT = 4096 * 72
+"""Largest GPU count a topology can have (cluster.nodes <= 4096, gpus_per_node <= 72)."""
+MAX_RANGE = 4096
+"""Most counts one A..B range may list (each one is enumerated and planned)."""
+
 
 def parse_int_set(text: str, what: str) -> list[int]:
     """'16..64' (every integer), '16,32,64' or '32'."""
@@ -28,10 +33,17 @@ def parse_int_set(text: str, what: str) -> list[int]:
             lo, hi = int(lo_s), int(hi_s)
             if lo < 1 or hi < lo:
                 raise ValueError
-            return list(range(lo, hi + 1))
-        vals = [int(x) for x in t.split(",") if x.strip()]
+            vals = list(range(lo, min(hi, MAX_COUNT + 1) + 1)) if hi - lo < MAX_RANGE else [MAX_COUNT + 1]
+            if hi - lo >= MAX_RANGE:
+                raise UserError(f"{what}: {text!r} spans {hi - lo + 1} counts. Valid: a range of at most {MAX_RANGE} "
+                                f"counts (each is planned), values 1..{MAX_COUNT}.")
+        else:
+            vals = [int(x) for x in t.split(",") if x.strip()]
         if not vals or min(vals) < 1:
             raise ValueError
+        if max(vals) > MAX_COUNT:
+            raise UserError(f"{what}: {max(vals)} is more than widep plans. Valid: 1..{MAX_COUNT} "
+                            "(4096 nodes x 72 GPUs, the topology's limits).")
         return sorted(set(vals))
     except ValueError:
         raise UserError(f"{what}: {text!r} is not a count list. Valid: A..B (e.g. 16..64), a comma list (16,32,64) or one number >= 1.") from None

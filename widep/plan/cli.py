@@ -47,17 +47,18 @@ def _experts_str(experts: tuple[int, ...]) -> str:
 
 def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     con = console or Console()
     a = p.arch
     s = a.summary()
-    con.print(f"[bold]{p.name}[/bold]  {p.spec.description}")
+    con.print(f"[bold]{p.name}[/bold]  {escape(p.spec.description)}")
     con.print(
         f"model {s['name']}: {s['total_params_b']}B total / {s['active_params_b']}B active, {s['routed_experts']} routed"
         f" + {s['shared_experts']} shared experts, top-{s['top_k']}, {s['attention']}; weights {p.weight_dtype}, KV {p.kv_dtype}"
     )
-    con.print(f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {p.spec.vllm.version}; DP mode {p.spec.serving.dp_mode}")
+    con.print(f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {escape(p.spec.vllm.version)}; DP mode {p.spec.serving.dp_mode}")
     for rp in p.roles:
         con.print()
         con.print(
@@ -76,7 +77,7 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
             row = [
                 str(r.replica),
                 str(r.dp_rank),
-                r.node_name,
+                escape(r.node_name),
                 str(r.local_rank),
                 ",".join(map(str, r.gpus)),
                 str(r.port) if r.port is not None else "headless",
@@ -112,9 +113,9 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
 
         rc = render_router(p, RenderContext())
         con.print()
-        con.print(f"[bold cyan]router[/] on {p.nodes[p.router.node].name}: port {p.router.port}, policy "
+        con.print(f"[bold cyan]router[/] on {escape(p.nodes[p.router.node].name)}: port {p.router.port}, policy "
                   f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API server(s)")
-        con.print("  " + " ".join(rc.argv), highlight=False, soft_wrap=True)
+        con.print("  " + " ".join(rc.argv), highlight=False, soft_wrap=True, markup=False)
     for w in p.warnings:
         con.print(f"[yellow]warning[/yellow]: {w}")
 

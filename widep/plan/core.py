@@ -268,6 +268,17 @@ def _valid_redundant(E: int, ep: int, limit: int = 4) -> list[int]:
     return out
 
 
+def _check_tp_heads(arch: MoEArch, tp: int, gpn: int, field_path: str) -> None:
+    """vLLM shards attention heads over TP: the heads must split evenly (and KV heads split or replicate evenly)."""
+    kv = arch.num_kv_heads
+    kv_ok = arch.mla or (kv % tp == 0 if tp <= kv else tp % kv == 0)
+    if arch.num_heads % tp or not kv_ok:
+        valid = [t for t in range(1, gpn + 1) if gpn % t == 0 and arch.num_heads % t == 0
+                 and (arch.mla or (kv % t == 0 if t <= kv else t % kv == 0))]
+        _fail(field_path, f"tp={tp} does not split {arch.name}'s {arch.num_heads} attention heads "
+                          f"({kv} KV heads) evenly; vLLM refuses it. Valid: {valid}.")
+
+
 def plan(spec: TopologySpec) -> DeploymentPlan:
     """Plan a topology. Pure: no files, processes, sockets or environment are touched.
 
@@ -294,6 +305,9 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     plan_warnings: list[str] = []
 
     def claim_port(node: int, port: int, what: str, field_path: str) -> None:
+        if port > 65535:
+            _fail(field_path, f"{what} would use port {port} on node {nodes[node].name}, past the last TCP port 65535. "
+                              "Valid: a lower base port (ports count up per local rank / role).")
         key = (node, port)
         if key in port_owner and port_owner[key] != what:
             _fail(
@@ -305,6 +319,12 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
 
     for ri, role in enumerate(spec.roles):
         fp = f"roles[{ri}]"
+        if role.first_gpu >= spec.cluster.gpus_per_node:
+            _fail(
+                f"{fp}.first_gpu",
+                f"GPU index {role.first_gpu} does not exist: nodes have {spec.cluster.gpus_per_node} GPUs "
+                f"(cluster.gpus_per_node). Valid: 0..{spec.cluster.gpus_per_node - 1}.",
+            )
         gpn = role.gpus_per_node or (spec.cluster.gpus_per_node - role.first_gpu)
         if role.first_gpu + gpn > spec.cluster.gpus_per_node:
             _fail(
@@ -315,6 +335,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         if gpn % role.tp:
             valid = [t for t in range(1, gpn + 1) if gpn % t == 0]
             _fail(f"{fp}.tp", f"tp={role.tp} does not divide the {gpn} GPUs per node of this role. Valid: {valid}.")
+        _check_tp_heads(arch, role.tp, gpn, f"{fp}.tp")
         # nodes of each replica
         if isinstance(role.nodes, int):
             per_group = role.nodes
@@ -602,7 +623,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             "vLLM's CPU backend starts DP >= 2 MoE groups but cannot answer completions on them (no all_gatherv for "
             "MoE dispatch on the CPU communicator); use DP=1 replicas for CPU serving."
         )
-    return DeploymentPlan(
+    result = DeploymentPlan(
         spec=spec,
         arch=arch,
         gpu=gpu,
@@ -614,6 +635,12 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         warnings=tuple(plan_warnings),
         router=router,
     )
+    # The renderer's checks (extra_args / extra_env against what widep sets), so that `plan` refuses what
+    # `render`, `lws` and `launch` refuse.
+    from widep.render.vllm import check_extras
+
+    check_extras(result)
+    return result
 
 
 def _min_nodes_that_fit(spec: TopologySpec, role: RoleSpec, arch: MoEArch, gpu: GPUSpec, dtype: str) -> str:

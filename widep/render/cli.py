@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 
 import click
 
 from widep.errors import UserError
 from widep.plan.cli import load_plan
 from widep.plan.core import DeploymentPlan
+from widep.render.quoting import check_env_name, control_problem, sh_assign, sh_comment, sh_ref, sh_word
 from widep.render.vllm import EnvRef, RankCommand, RenderContext, render
 
 
@@ -30,22 +30,27 @@ def resolve_model_path(p: DeploymentPlan, model_path: str | None, build: bool) -
 
 
 def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
-    """A copy-pasteable bash script starting the given processes and waiting for them."""
+    """A copy-pasteable bash script starting the given processes and waiting for them.
+
+    Every word is quoted once by :mod:`widep.render.quoting` (flags included), comments are one line, and
+    secrets are expanded from variables that the script first checks are set.
+    """
     lines = [
         "#!/usr/bin/env bash",
-        f"# widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, started in the background.",
+        sh_comment(f"widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, "
+                   "started in the background."),
         "set -euo pipefail",
     ]
     refs = sorted({v.name for c in cmds for _, v in c.env if isinstance(v, EnvRef)})
     for name in refs:
-        lines.append(f': "${{{name}:?set {name} (a secret widep passes by reference)}}"')
+        lines.append(f': "${{{check_env_name(name)}:?set {name} (a secret widep passes by reference)}}"')
     lines.append("pids=()")
     for c in cmds:
-        lines.append(f"# {c.name} on {c.node_name} (node {c.node})" + (" headless" if c.headless else f", port {c.port}"))
-        env = " ".join(
-            f"{k}=" + (f'"{v.shell()}"' if isinstance(v, EnvRef) else shlex.quote(v)) for k, v in c.env
-        )
-        argv = " \\\n    ".join(shlex.quote(a) if not a.startswith("--") else a for a in _pairs(c.argv))
+        where = " headless" if c.headless else f", port {c.port}"
+        lines.append(sh_comment(f"{c.name} on {c.node_name} (node {c.node}){where}"))
+        env = " ".join(f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v)
+                       for k, v in c.env)
+        argv = " \\\n    ".join(_pairs(c.argv))
         lines.append(f"env {env} \\\n    {argv} &")
         lines.append("pids+=($!)")
     lines.append('trap \'kill -TERM "${pids[@]}" 2>/dev/null\' INT TERM')
@@ -54,29 +59,36 @@ def shell_script(p: DeploymentPlan, cmds: list[RankCommand]) -> str:
 
 
 def _pairs(argv: tuple[str, ...]) -> list[str]:
-    """Group '--flag value' so each shows on its own line."""
+    """Quoted words, '--flag value' grouped so each pair shows on its own line."""
     out: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
         if a.startswith("--") and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            out.append(f"{a} {shlex.quote(argv[i + 1])}")
+            out.append(f"{sh_word(a)} {sh_word(argv[i + 1])}")
             i += 2
         else:
-            out.append(shlex.quote(a) if not a.startswith("--") else a)
+            out.append(sh_word(a))
             i += 1
     return out
 
 
 def print_table(p: DeploymentPlan, cmds: list[RankCommand]) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     con = Console()
     for c in cmds:
-        con.rule(f"[bold]{c.name}[/] on {c.node_name} (node {c.node})" + ("  headless" if c.headless else f"  :{c.port}"))
+        con.rule(f"[bold]{escape(c.name)}[/] on {escape(c.node_name)} (node {c.node})"
+                 + ("  headless" if c.headless else f"  :{c.port}"))
         for k, v in c.env:
-            con.print(f"  [cyan]{k}[/]={v.shell() if isinstance(v, EnvRef) else v}", highlight=False, soft_wrap=True)
-        con.print("  " + " ".join(_pairs(c.argv)), highlight=False, soft_wrap=True)
+            shown = v.shell() if isinstance(v, EnvRef) else v
+            if control_problem(shown):
+                shown = sh_word(shown).encode("unicode_escape").decode()
+            con.print(f"  [cyan]{k}[/]={escape(shown)}", highlight=False, soft_wrap=True)
+        line = " ".join(_pairs(c.argv))
+        con.print("  " + (line.encode("unicode_escape").decode() if control_problem(line, allow="\n") else line),
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @click.command("render")
@@ -97,6 +109,10 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     from widep.spec.topology import load_topology
     from widep.plan import plan as make_plan
 
+    flags = (("--model-path", model_path), ("--python", python), ("--vllm-version", vllm_version), ("--role", role))
+    for flag, value in flags:
+        if value is not None and (why := control_problem(value)):
+            raise UserError(f"{flag}: {why}. Given: {value!r}.")
     spec = load_topology(topology)
     if vllm_version:
         spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"version": vllm_version})})

@@ -11,12 +11,12 @@ Secrets are never rendered as values: an :class:`EnvRef` names the variable (bar
 from __future__ import annotations
 
 import json
-import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
+from widep.render.quoting import check_env_name, sh_assign, sh_ref, sh_word
 
 MODULE_ENTRY = "vllm.entrypoints.openai.api_server"
 #: NVSHMEM's symmetric heap for DeepEP low-latency buffers (llm-d wide-EP decode, v0.7+: "Prevent NVSHMEM OOM").
@@ -30,15 +30,28 @@ class EnvRef:
     """An environment value taken, at start time, from another variable or a Kubernetes Secret."""
 
     name: str
-    """Variable (bare metal) or Secret name (Kubernetes) holding the value."""
+    """Environment variable holding the value where widep starts processes (bare metal, Ray)."""
     key: str = "token"
     """Key inside the Secret (Kubernetes only)."""
+    secret: str | None = None
+    """Kubernetes Secret holding the value (None: the topology names none; `widep lws` refuses it)."""
+    source: str = field(default="", compare=False)
+    """The topology field it comes from (for messages)."""
 
     def shell(self) -> str:
+        """``${NAME}`` as shown in JSON and tables (scripts use :func:`widep.render.quoting.sh_ref`)."""
         return "${" + self.name + "}"
 
     def __str__(self) -> str:
         return self.shell()
+
+
+def secret_ref(plan: DeploymentPlan, field_name: str, target: str, default_key: str) -> EnvRef | None:
+    """The EnvRef of serving.<field_name> (a SecretRef), for the variable ``target`` widep sets."""
+    ref = getattr(plan.spec.serving, field_name)
+    if ref is None:
+        return None
+    return EnvRef(ref.env or target, ref.key or default_key, ref.secret, source=f"serving.{field_name}")
 
 
 EnvValue = str | EnvRef
@@ -110,12 +123,10 @@ class RankCommand:
         }
 
     def shell(self) -> str:
-        """A copy-pasteable command: ``VAR=value ... argv``; secrets stay as ${VAR} references."""
-        parts = []
-        for k, v in self.env:
-            parts.append(f"{k}=" + (f'"{v.shell()}"' if isinstance(v, EnvRef) else shlex.quote(v)))
-        parts += [shlex.quote(a) for a in self.argv]
-        return " ".join(parts)
+        """A copy-pasteable command: ``VAR=value ... argv``, every word quoted once; secrets stay references."""
+        parts = [f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v)
+                 for k, v in self.env]
+        return " ".join(parts + [sh_word(a) for a in self.argv])
 
 
 # Flags widep owns (spelled with dashes); extra_args may not set them.
@@ -156,6 +167,8 @@ OWNED_FLAGS = {
     "--api-key": "serving.api_key_secret",
     "--moe-backend": "roles[].deep_gemm",
     "--profiler-config": "profiler",
+    "--config": "the topology (a vLLM config file could set any of the flags above unseen; "
+                "put its settings in extra_args)",
 }
 
 OWNED_ENV = {
@@ -172,27 +185,92 @@ OWNED_ENV = {
     "VLLM_API_KEY": "serving.api_key_secret",
     "HF_TOKEN": "serving.hf_token_secret",
     "VLLM_TORCH_PROFILER_DIR": "profiler.dir",
+    "VLLM_TORCH_PROFILER_WITH_STACK": "profiler.with_stack",
+    "VLLM_TORCH_PROFILER_RECORD_SHAPES": "profiler.record_shapes",
+    "VLLM_TORCH_PROFILER_WITH_PROFILE_MEMORY": "profiler.with_memory",
+    "VLLM_ENGINE_READY_TIMEOUT_S": "vllm.ready_timeout_s",
+    "NCCL_IB_HCA": "cluster.network.hcas",
+    "POD_IP": "widep lws (the pod's IP)",
+    "WIDEP_SHM_DIR": "widep lws (/dev/shm)",
+    "WIDEP_RUN_ID": "widep launch",
+    "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "cluster.network.interface",
+    "NVSHMEM_REMOTE_TRANSPORT": "cluster.network.rdma / ibgda",
+    "NVSHMEM_IB_ENABLE_IBGDA": "cluster.network.rdma / ibgda",
+}
+# Defaults widep sets only when extra_env does not (NVSHMEM_SYMMETRIC_SIZE, VLLM_RANDOMIZE_DP_DUMMY_INPUTS,
+# VLLM_HTTP_TIMEOUT_KEEP_ALIVE) are tunable, so they are not in OWNED_ENV.
+
+OWNED_ENV_PREFIXES = {
+    "LWS_": "the LeaderWorkerSet controller",
 }
 
 
-def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0].replace("_", "-")
+def owned_env(key: str) -> str | None:
+    """The field widep sets ``key`` from, or None when extra_env may set it."""
+    if key in OWNED_ENV:
+        return OWNED_ENV[key]
+    for prefix, why in OWNED_ENV_PREFIXES.items():
+        if key.startswith(prefix):
+            return why
+    return None
+
+
+def extras_problems(plan: DeploymentPlan) -> list[str]:
+    """Every extra_args token that sets a flag widep owns (judged as vLLM's parser judges it: short aliases,
+    prefix abbreviations, '_' for '-', dotted sub-keys) or that vLLM's parser refuses; every extra_env key
+    widep sets."""
+    from widep.render.vllm_options import dest_of, settings
+
+    line = plan.vllm.line
+    owned_dests = {d: (flag, why) for flag, why in OWNED_FLAGS.items() if (d := dest_of(flag, line))}
+    problems: list[str] = []
+    for rp in plan.roles:
+        args = rp.spec.extra_args
+        found, refused = settings(args, line)
+        for i, why in refused:
+            problems.append(
+                f"roles[{rp.index}].extra_args[{i}]: {args[i]!r} is refused by vLLM {line}'s parser: {why}.")
+        for st in found:
+            if st.dest in owned_dests:
+                flag, why = owned_dests[st.dest]
+                how = "" if st.token.split("=", 1)[0] == flag else f" (vLLM's parser reads it as {flag})"
+                problems.append(f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
+                                f"{why}{how}. Remove it from extra_args and use that field.")
+        for i, arg in enumerate(args):  # flags of other lines that the table does not know
+            name = arg.split("=", 1)[0].replace("_", "-")
+            if name in OWNED_FLAGS and not dest_of(name, line):
+                problems.append(f"roles[{rp.index}].extra_args[{i}]: {arg!r} is set by widep from {OWNED_FLAGS[name]}. "
+                                "Remove it from extra_args and use that field.")
+        for key in rp.spec.extra_env:
+            why = owned_env(key)
+            if why:
+                problems.append(
+                    f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field.")
+    for i, arg in enumerate(plan.spec.router.extra_args):
+        name = arg.split("=", 1)[0]
+        if name in ROUTER_OWNED_FLAGS:
+            problems.append(f"router.extra_args[{i}]: {arg!r} is set by widep from {ROUTER_OWNED_FLAGS[name]}. "
+                            "Remove it from extra_args and use that field.")
+    return problems
+
+
+# vllm-router's parser (clap) takes exact long names only: no abbreviations to judge.
+ROUTER_OWNED_FLAGS = {
+    "--host": "router.host", "--port": "router.port", "--prometheus-port": "router.prometheus_port",
+    "--prometheus-host": "router.host", "--worker-urls": "the roles' API servers", "--policy": "router.policy",
+    "--vllm-pd-disaggregation": "router.pd", "--prefill": "the prefill roles", "--decode": "the decode roles",
+    "--prefill-policy": "router.prefill_policy", "--decode-policy": "router.decode_policy",
+    "--worker-startup-timeout-secs": "vllm.ready_timeout_s",
+    "--health-check-interval-secs": "router.health_check_interval_s",
+    "--health-failure-threshold": "router.health_failure_threshold", "--api-key": "serving.api_key_secret",
+}
 
 
 def check_extras(plan: DeploymentPlan) -> None:
-    """UserError when a role's extra_args / extra_env set something widep owns."""
-    for rp in plan.roles:
-        for i, arg in enumerate(rp.spec.extra_args):
-            if arg.startswith("--") and _flag_name(arg) in OWNED_FLAGS:
-                raise UserError(
-                    f"roles[{rp.index}].extra_args[{i}]: {arg!r} is set by widep from {OWNED_FLAGS[_flag_name(arg)]}. "
-                    "Remove it from extra_args and use that field."
-                )
-        for key in rp.spec.extra_env:
-            if key in OWNED_ENV:
-                raise UserError(
-                    f"roles[{rp.index}].extra_env.{key}: set by widep from {OWNED_ENV[key]}. Remove it and use that field."
-                )
+    """UserError (one line per problem) when a role's extra_args / extra_env set something widep owns."""
+    problems = extras_problems(plan)
+    if problems:
+        raise UserError(problems[0] if len(problems) == 1 else "\n  ".join(["extra_args / extra_env:"] + problems))
 
 
 def model_path(plan: DeploymentPlan, ctx: RenderContext) -> str:
@@ -333,11 +411,15 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(plan.spec.serving.nixl_side_channel_port)))
     if plan.router is not None:
         env += [kv for kv in keep_alive_env() if kv[0] not in s.extra_env]
-    if plan.spec.serving.api_key_secret:
-        env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
-    if plan.spec.serving.hf_token_secret:
-        env.append(("HF_TOKEN", EnvRef(plan.spec.serving.hf_token_secret, "token")))
+    for var, ref in (("VLLM_API_KEY", secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")),
+                     ("HF_TOKEN", secret_ref(plan, "hf_token_secret", "HF_TOKEN", "token"))):
+        if ref is not None:
+            env.append((var, ref))
     env += sorted(s.extra_env.items())
+    seen = [k for k, _ in env]
+    if len(set(seen)) != len(seen):  # check_extras refuses owned names, so this is widep's own mistake
+        dup = sorted({k for k in seen if seen.count(k) > 1})
+        raise UserError(f"widep would set {dup} twice for role {rp.name!r} (a widep bug, please report)", exit_code=1)
     return env
 
 
@@ -507,7 +589,8 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Ran
              "--health-check-interval-secs", str(rs.health_check_interval_s),
              "--health-failure-threshold", str(rs.health_failure_threshold)]
     env: list[tuple[str, EnvValue]] = []
-    if plan.spec.serving.api_key_secret:
-        env.append(("VLLM_API_KEY", EnvRef(plan.spec.serving.api_key_secret, "api-key")))
+    ref = secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")
+    if ref is not None:
+        env.append(("VLLM_API_KEY", ref))
     n = plan.nodes[rt.node]
     return RankCommand("router", 0, 0, (0,), rt.node, n.name, 0, tuple(argv + list(rs.extra_args)), tuple(env), rt.port, rt.port)

@@ -133,7 +133,9 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
         from widep.render.cli import print_table
 
         print_plan(p, console)
-        console.rule(f"node {me} ({p.nodes[me].name}): {len(cmds)} process(es) would start")
+        from rich.markup import escape
+
+        console.rule(f"node {me} ({escape(p.nodes[me].name)}): {len(cmds)} process(es) would start")
         print_table(p, cmds)
         return 0
     if not skip_preflight:
@@ -149,7 +151,8 @@ def launch_cmd(topology: str | None, node: int | None, dry_run: bool, run_dir: s
         policy=RestartPolicy(restart, max_restarts, backoff),
         follow=follow,
     )
-    console.print(f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(cmds)} process(es), run dir {rd}")
+    console.print(f"widep launch {p.name}: node {me} ({p.nodes[me].name}), {len(cmds)} process(es), run dir {rd}",
+                  markup=False)
     launcher = Launcher(p, ctx, opts, console)
     return launcher.run(once=once, on_ready=lambda: smoke_completion(p, ctx, prompt, 16))
 

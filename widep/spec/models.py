@@ -11,6 +11,7 @@ Supported families: DeepSeek-V2/V3/R1 and Kimi-K2 (MLA), Qwen3-MoE, Mixtral, gpt
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -208,10 +209,74 @@ def _count_params(a: MoEArch) -> ParamCounts:
 _ROUTER_BIAS = {"deepseek_v3", "kimi_k2", "gpt_oss"}
 
 
+# Bounds on config.json numbers: what any model vLLM serves has, with a wide margin (the largest today:
+# 7168 hidden, 94 layers, 128 heads, 512 routed experts, top-10, 262144 positions, 256k vocabulary).
+CONFIG_BOUNDS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 131072),
+    "num_hidden_layers": (1, 1024),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "n_routed_experts": (0, 4096),
+    "num_experts": (0, 4096),
+    "num_local_experts": (0, 4096),
+    "num_experts_per_tok": (1, 4096),
+    "experts_per_token": (1, 4096),
+    "moe_intermediate_size": (1, 1 << 20),
+    "intermediate_size": (1, 1 << 20),
+    "shared_expert_intermediate_size": (0, 1 << 20),
+    "n_shared_experts": (0, 64),
+    "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": (1, 1 << 24),
+    "head_dim": (1, 4096),
+    "first_k_dense_replace": (0, 1024),
+    "moe_layer_freq": (1, 1024),
+    "decoder_sparse_step": (1, 1024),
+    "kv_lora_rank": (1, 65536),
+    "q_lora_rank": (1, 65536),
+    "qk_nope_head_dim": (0, 4096),
+    "qk_rope_head_dim": (0, 4096),
+    "v_head_dim": (0, 4096),
+    "sliding_window": (1, 1 << 24),
+}
+
+
+def _check_config(cfg: dict[str, Any], name: str) -> None:
+    """UserError listing every config.json value of the wrong type or out of bounds (before any arithmetic)."""
+    problems = []
+    for key, (lo, hi) in CONFIG_BOUNDS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not (
+                math.isfinite(v) and v.is_integer())):
+            problems.append(f"{key}: must be a whole number. Given: {v!r}.")
+        elif not lo <= v <= hi:
+            problems.append(f"{key}: {v!r} is out of range. Valid: {lo}..{hi} (bounds of any model vLLM serves).")
+    for key, kind in (("quantization_config", dict), ("mlp_only_layers", list), ("layer_types", list),
+                      ("text_config", dict), ("_widep", dict), ("model_type", str)):
+        if cfg.get(key) is not None and not isinstance(cfg[key], kind):
+            problems.append(f"{key}: must be a {kind.__name__}. Given: {type(cfg[key]).__name__}.")
+    if isinstance(cfg.get("mlp_only_layers"), list) and not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in cfg["mlp_only_layers"]):
+        problems.append("mlp_only_layers: must be a list of layer indices (whole numbers).")
+    if not problems:
+        routed = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
+        top_k = cfg.get("num_experts_per_tok") or cfg.get("experts_per_token")
+        if routed and top_k and top_k > routed:
+            problems.append(f"num_experts_per_tok: top-{int(top_k)} of {int(routed)} experts. Valid: 1..{int(routed)}.")
+        heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
+        if heads and kv and kv > heads:
+            problems.append(
+                f"num_key_value_heads: {int(kv)} > num_attention_heads {int(heads)}. Valid: 1..{int(heads)}.")
+    if problems:
+        raise UserError(f"model {name!r}: invalid config.json:\n  " + "\n  ".join(problems))
+
+
 def arch_from_config(cfg: dict[str, Any], name: str) -> MoEArch:
     """Normalise a Hugging Face config dict into :class:`MoEArch`; UserError if it is not MoE."""
-    if "text_config" in cfg and "hidden_size" not in cfg:
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" not in cfg:
         cfg = {**cfg["text_config"], "_widep": cfg.get("_widep", {})}
+    _check_config(cfg, name)
     meta = cfg.get("_widep", {})
     mt = str(cfg.get("model_type", "")).lower()
     routed = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts") or 0
@@ -247,7 +312,7 @@ def arch_from_config(cfg: dict[str, Any], name: str) -> MoEArch:
     moe_inter = int(cfg.get("moe_intermediate_size") or cfg.get("intermediate_size") or 0)
     dense_inter = int(cfg.get("intermediate_size") or moe_inter)
     shared = int(cfg.get("n_shared_experts") or 0)
-    if mt == "qwen2_moe" and cfg.get("shared_expert_intermediate_size"):
+    if mt == "qwen2_moe" and cfg.get("shared_expert_intermediate_size") and moe_inter:
         shared = max(1, round(cfg["shared_expert_intermediate_size"] / moe_inter))
     layer_types = cfg.get("layer_types")
     full_layers = layers
@@ -329,9 +394,11 @@ def load_config_file(path: str | Path) -> MoEArch:
         p = p / "config.json"
     if not p.is_file():
         raise UserError(f"model.config: no such file {str(p)!r}. Give a Hugging Face config.json or a model directory.")
+    from widep.spec.safeyaml import read_text
+
     try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
+        cfg = json.loads(read_text(p, "model.config"))
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
         raise UserError(f"model.config: {str(p)!r} is not valid JSON ({err}).") from None
     if not isinstance(cfg, dict):
         raise UserError(f"model.config: {str(p)!r} must hold a JSON object, got {type(cfg).__name__}.")

@@ -8,13 +8,14 @@ values. Nothing here reads the environment, probes the host or touches the netwo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from widep.errors import UserError, did_you_mean
+from widep.render.quoting import POSIX_NAME, control_problem
 from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
 
 All2AllBackend = Literal[ALL2ALL_ALL]  # type: ignore[valid-type]
@@ -25,24 +26,90 @@ KVDType = Literal["auto", "bf16", "fp16", "fp8"]
 
 
 class Strict(BaseModel):
-    """Base: unknown fields rejected, values immutable, docstrings used as descriptions."""
+    """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True,
+                              allow_inf_nan=False)
+
+
+def _one_line(v: str) -> str:
+    problem = control_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+def _no_nul(v: str) -> str:
+    if "\x00" in v:
+        raise ValueError("contains a NUL byte, which no command line or environment can carry")
+    return v
+
+
+def _free_text(v: str) -> str:
+    problem = control_problem(v, allow="\n\t")
+    if problem:
+        raise ValueError(problem)
+    return v
+
+
+def _env_name(v: str) -> str:
+    if not POSIX_NAME.match(v):
+        raise ValueError(
+            f"not an environment variable name. Given: {v!r}. Valid: [A-Za-z_][A-Za-z0-9_]*, e.g. NCCL_DEBUG")
+    return v
+
+
+Name = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_one_line)]
+"""A name, path, address or flag value: one line of printable text."""
+Arg = Annotated[str, Field(max_length=65536), AfterValidator(_no_nul)]
+"""An argument passed verbatim (quoted once for the shell, escaped for Kubernetes)."""
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+MAX_NODES = 4096
+"""Largest node count widep plans (the biggest published GPU clusters are ~100k GPUs = ~12k 8-GPU nodes,
+but one deployment's DP/EP groups are bounded by the experts they shard: 4096 nodes x 72 GPUs is far past that)."""
+
+_K8S_SECRET = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_K8S_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]+\Z")
+_KEY_PREFIXES = ("sk-", "sk_", "hf_", "ghp_", "gho_", "github_pat_", "xoxb-", "xoxp-", "AKIA", "eyJ", "glpat-")
+
+
+def looks_like_key(value: str) -> bool:
+    """True for what looks like a pasted credential rather than a name: a known token prefix followed by a
+    long tail (sk-..., hf_..., ghp_...), or a long run of letters and digits without the separators names
+    have (24+ with digits, or 16+ mixing upper case, lower case and digits: hex, base64 and API keys)."""
+    if any(value.startswith(p) and len(value) >= len(p) + 16 for p in _KEY_PREFIXES):
+        return True
+    for run in re.findall(r"[A-Za-z0-9+/=]+", value):
+        digit, upper, lower = (any(f(c) for c in run) for f in (str.isdigit, str.isupper, str.islower))
+        if (len(run) >= 24 and digit and (upper or lower)) or (len(run) >= 16 and digit and upper and lower):
+            return True
+    return False
+
+
+def _not_a_key(v: str) -> str:
+    if looks_like_key(v):
+        raise ValueError(
+            "this looks like a key or token, not the name of one. Given: (not shown). Valid: the name of an "
+            "environment variable or Kubernetes Secret that holds it; never put the value in a topology file, "
+            "and rotate the key if this file was shared"
+        )
+    return v
 
 
 class ModelSpec(Strict):
     """Which MoE model to serve."""
 
-    preset: str | None = None
+    preset: Name | None = None
     """A built-in model preset (deepseek-r1, deepseek-v3, kimi-k2, qwen3-235b-a22b, qwen3-30b-a3b,
     deepseek-v2-lite, gpt-oss-120b, mixtral-8x7b, tiny-moe)."""
-    config: str | None = None
+    config: Name | None = None
     """Path to a local Hugging Face config.json (or a model directory) of any MoE model; relative paths
     are resolved against the topology file's directory."""
-    path: str | None = None
+    path: Name | None = None
     """What vLLM loads: a hub id or a local directory. Default: the preset's hub id, or for tiny-moe the
     model widep builds into its cache on first use."""
-    served_model_name: str | None = None
+    served_model_name: Name | None = None
     """Name clients use in requests (--served-model-name). Default: vLLM's (the path)."""
     weight_dtype: WeightDType | None = None
     """Weight precision of linear layers. Default: the checkpoint's (FP8 block-quantised for R1/V3)."""
@@ -64,20 +131,20 @@ class ModelSpec(Strict):
 class NodeSpec(Strict):
     """One machine of the cluster."""
 
-    name: str = Field(min_length=1, max_length=253)
+    name: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line)]
     """Host name (what `hostname` prints there); used to find 'this node' at launch."""
-    address: str | None = None
+    address: Name | None = None
     """IP address or DNS name other nodes reach it by. Needed to launch on several nodes."""
 
 
 class NetworkSpec(Strict):
     """How ranks on different nodes talk."""
 
-    interface: str | None = None
+    interface: Name | None = None
     """Socket interface for GLOO/NCCL bootstrap and NVSHMEM (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME, ...)."""
     rdma: bool = True
     """InfiniBand/RoCE with GPUDirect RDMA between nodes (DeepEP internode kernels need it)."""
-    hcas: list[str] = Field(default_factory=list)
+    hcas: list[Name] = Field(default_factory=list, max_length=64)
     """RDMA devices to use (NCCL_IB_HCA), e.g. [mlx5_0, mlx5_1]. Empty: the libraries choose."""
     ibgda: bool = True
     """Use NVSHMEM's IBGDA transport (GPU-initiated RDMA; DeepEP low-latency kernels want it)."""
@@ -89,12 +156,13 @@ class NetworkSpec(Strict):
 class ClusterSpec(Strict):
     """The machines a deployment may use."""
 
-    gpu: str = "H200"
+    gpu: Name = "H200"
     """GPU kind: H100, H800, H200, B200, GB200, or CPU for the vLLM CPU backend."""
     gpus_per_node: int = Field(default=8, ge=1, le=72)
     """GPUs (for CPU: rank slots, one pinned core group each) per node."""
-    nodes: int | list[NodeSpec] = 1
-    """Node count, or the nodes themselves (name and address), in rank order."""
+    nodes: (Annotated[int, Field(ge=1, le=MAX_NODES)]
+            | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)]) = 1
+    """Node count, or the nodes themselves (name and address), in rank order (1..4096)."""
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     """Inter-node networking."""
 
@@ -132,9 +200,9 @@ class EPLBSpec(Strict):
     """Turn on EPLB (CUDA only; needs expert parallel with EP > 1)."""
     redundant_experts: int = Field(default=0, ge=0, le=1023)
     """Extra physical expert replicas; (routed + redundant) must divide by EP."""
-    window_size: int = Field(default=1000, gt=0)
+    window_size: int = Field(default=1000, gt=0, le=1_000_000_000)
     """Steps of expert load statistics EPLB looks back over."""
-    step_interval: int = Field(default=3000, gt=0)
+    step_interval: int = Field(default=3000, gt=0, le=1_000_000_000)
     """Steps between rebalances."""
     log_balancedness: bool = False
     """Log the balancedness metric."""
@@ -145,9 +213,9 @@ class DBOSpec(Strict):
 
     enabled: bool = False
     """--enable-dbo (needs a DeepEP or nixl_ep all2all backend on CUDA)."""
-    decode_token_threshold: int = Field(default=32, ge=2)
+    decode_token_threshold: int = Field(default=32, ge=2, le=16_777_216)
     """Decode-only batches above this many tokens are split (--dbo-decode-token-threshold)."""
-    prefill_token_threshold: int = Field(default=512, ge=2)
+    prefill_token_threshold: int = Field(default=512, ge=2, le=16_777_216)
     """Batches with a prefill above this many tokens are split (--dbo-prefill-token-threshold)."""
 
 
@@ -158,15 +226,17 @@ class RoleSpec(Strict):
     """Role name (lower-case DNS label): used in logs, ports table and manifest names."""
     kind: RoleKind = "mixed"
     """prefill, decode, or mixed (serves whole requests)."""
-    nodes: int | list[str | int] = 1
+    nodes: (Annotated[int, Field(ge=1, le=MAX_NODES)]
+            | Annotated[list[Annotated[str, AfterValidator(_one_line)] | Annotated[int, Field(ge=0)]],
+                        Field(min_length=1, max_length=MAX_NODES)]) = 1
     """Nodes per DP group: a count (taken in order from the nodes no earlier role uses), or node names/indices."""
-    gpus_per_node: int | None = Field(default=None, ge=1)
+    gpus_per_node: int | None = Field(default=None, ge=1, le=72)
     """GPUs this role uses on each of its nodes. Default: all of cluster.gpus_per_node."""
-    first_gpu: int = Field(default=0, ge=0)
+    first_gpu: int = Field(default=0, ge=0, le=71)
     """Index of the first GPU this role uses on each node (to share a node between roles)."""
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, le=MAX_NODES)
     """Independent copies of this DP group (each on its own nodes)."""
-    tp: int = Field(default=1, ge=1)
+    tp: int = Field(default=1, ge=1, le=72)
     """Tensor-parallel size inside each DP rank (attention); EP = DP x TP."""
     expert_parallel: bool = True
     """Shard experts over the EP group (--enable-expert-parallel). Off: experts are TP-sharded like dense layers."""
@@ -180,17 +250,17 @@ class RoleSpec(Strict):
     """Dual batch overlap."""
     deep_gemm: bool = True
     """Use DeepGEMM FP8 kernels (VLLM_USE_DEEP_GEMM; --moe-backend deep_gemm where available)."""
-    max_num_seqs: int = Field(default=256, ge=1)
+    max_num_seqs: int = Field(default=256, ge=1, le=1_048_576)
     """Max concurrent sequences per DP rank."""
-    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, le=16_777_216)
     """Max tokens per step per DP rank. Default: vLLM's (8192 for prefill-capable roles here)."""
-    max_model_len: int | None = Field(default=None, ge=16)
+    max_model_len: int | None = Field(default=None, ge=16, le=16_777_216)
     """Max context length. Default: the model's max_position_embeddings capped at 32768."""
-    context_len: int | None = Field(default=None, ge=1)
+    context_len: int | None = Field(default=None, ge=1, le=16_777_216)
     """Context length used for the 'concurrent sequences' capacity figure. Default: max_model_len."""
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=0.99)
     """Fraction of each GPU's memory vLLM may use (--gpu-memory-utilization)."""
-    kv_cache_gib: float | None = Field(default=None, gt=0.0)
+    kv_cache_gib: float | None = Field(default=None, gt=0.0, le=65536.0)
     """Fixed KV cache per rank in GiB (--kv-cache-memory-bytes; VLLM_CPU_KVCACHE_SPACE on CPU). Default on
     GPUs: what is left under gpu_memory_utilization; on CPU: 1 GiB."""
     enforce_eager: bool = False
@@ -199,14 +269,71 @@ class RoleSpec(Strict):
     """First HTTP port of this role on each node. Default: serving.port."""
     rpc_port: int | None = Field(default=None, ge=1, le=65535)
     """DP handshake port on this group's leader (--data-parallel-rpc-port). Default: serving.rpc_port."""
-    extra_args: list[str] = Field(default_factory=list)
+    extra_args: list[Arg] = Field(default_factory=list, max_length=1024)
     """More vLLM arguments, appended verbatim (flags widep owns are refused)."""
-    extra_env: dict[str, str] = Field(default_factory=dict)
+    extra_env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=1024)
     """More environment variables for every rank (variables widep owns are refused)."""
 
     @property
     def uses_expert_parallel(self) -> bool:
         return self.expert_parallel
+
+
+class SecretRef(Strict):
+    """Where a secret comes from, per target: an environment variable on bare metal / Ray, a key of a
+    Kubernetes Secret in manifests. Never the secret itself."""
+
+    env: Annotated[str, AfterValidator(_not_a_key), AfterValidator(_env_name)] | None = None
+    """Environment variable holding it where `widep launch` (and `render --format shell`) run. Default: the
+    variable widep sets (VLLM_API_KEY, HF_TOKEN), passed through."""
+    secret: Annotated[str, AfterValidator(_not_a_key)] | None = None
+    """Kubernetes Secret holding it (a DNS-1123 subdomain: lower-case letters, digits, '-', '.');
+    `widep lws` needs it."""
+    key: Annotated[str, AfterValidator(_not_a_key)] | None = None
+    """Key inside the Secret's data ([-._a-zA-Z0-9]+). Default: api-key for the API key, token for the HF token."""
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_name(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 253 or not _K8S_SECRET.match(v)):
+            raise ValueError(
+                f"not a Kubernetes Secret name. Given: {v!r}. Valid: a DNS-1123 subdomain (lower-case letters, digits, "
+                "'-' and '.', at most 253), e.g. vllm-api-key"
+            )
+        return v
+
+    @field_validator("key")
+    @classmethod
+    def _secret_key(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) > 253 or not _K8S_SECRET_KEY.match(v)):
+            raise ValueError(f"not a Secret data key. Given: {v!r}. Valid: [-._a-zA-Z0-9]+ (at most 253), e.g. api-key")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_string(cls, data: Any) -> Any:
+        """The old form: one name. A valid variable name is the variable (and, when it is also a valid Secret
+        name, the Secret too); a valid Secret name that no shell can expand is the Secret; anything else fails."""
+        if not isinstance(data, str):
+            return data
+        _not_a_key(data)
+        is_env = POSIX_NAME.match(data) is not None
+        is_secret = len(data) <= 253 and _K8S_SECRET.match(data) is not None
+        if is_env:
+            return {"env": data, "secret": data if is_secret else None}
+        if is_secret:
+            return {"secret": data}
+        raise ValueError(
+            f"{data!r} is neither an environment variable name ([A-Za-z_][A-Za-z0-9_]*) nor a Kubernetes Secret name "
+            "(DNS-1123 subdomain). Valid: a mapping naming each, e.g. "
+            "{env: MY_VLLM_KEY, secret: vllm-api-key, key: api-key}"
+        )
+
+    @model_validator(mode="after")
+    def _some_source(self) -> SecretRef:
+        if self.env is None and self.secret is None and self.key is None:
+            raise ValueError("give env (a variable name), secret (a Kubernetes Secret name), or both.")
+        return self
 
 
 class ServingSpec(Strict):
@@ -215,7 +342,7 @@ class ServingSpec(Strict):
     dp_mode: DPMode = "external"
     """external: one API server per DP rank (default); hybrid: one per node; internal: one for the group
     (headless workers); multiport: vLLM's DP supervisor per node starts one API server per local rank."""
-    host: str = "0.0.0.0"
+    host: Name = "0.0.0.0"
     """Address API servers bind: an IP, or "node" for each node's own address (cluster.nodes[].address),
     which lets pretend nodes share one machine on distinct loopback addresses."""
     port: int = Field(default=8000, ge=1, le=65535)
@@ -229,25 +356,25 @@ class ServingSpec(Strict):
     """multiport mode: the DP supervisor's aggregated health port."""
     nixl_side_channel_port: int = Field(default=5600, ge=1, le=65535)
     """P/D: base of NIXL side-channel ports (VLLM_NIXL_SIDE_CHANNEL_PORT); one per rank."""
-    api_key_secret: str | None = None
-    """Name of an environment variable (bare metal) or Kubernetes Secret (LWS) holding the API key;
-    passed by reference, never printed."""
-    hf_token_secret: str | None = None
-    """Name of the variable / Secret holding the Hugging Face token; passed by reference."""
+    api_key_secret: SecretRef | None = None
+    """Where the API key is: {env: VARIABLE} on bare metal, {secret: NAME, key: KEY} for Kubernetes (or both);
+    a plain name is read as the variable and/or Secret it can be. Passed by reference, never printed."""
+    hf_token_secret: SecretRef | None = None
+    """Where the Hugging Face token is ({env, secret, key} as for api_key_secret); passed by reference."""
 
 
 class VLLMSpec(Strict):
     """Which vLLM runs the ranks and how it is started."""
 
-    version: str = DEFAULT_VLLM_VERSION
+    version: Name = DEFAULT_VLLM_VERSION
     """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39)."""
     entry_point: Literal["serve", "module"] = "serve"
     """'serve': `vllm serve MODEL ...`; 'module': `python -m vllm.entrypoints.openai.api_server --model MODEL`."""
-    python: str = "python"
+    python: Name = "python"
     """Interpreter for the module entry point."""
-    image: str = "vllm/vllm-openai:v0.32.0"
+    image: Name = "vllm/vllm-openai:v0.32.0"
     """Container image for Kubernetes manifests."""
-    ready_timeout_s: int = Field(default=1800, ge=10)
+    ready_timeout_s: int = Field(default=1800, ge=10, le=604800)
     """How long a rank may take to answer /health before it counts as failed."""
 
 
@@ -256,7 +383,7 @@ class ProfilerSpec(Strict):
 
     enabled: bool = False
     """Render the profiler config (--profiler-config on vLLM >= 0.20, VLLM_TORCH_PROFILER_DIR before)."""
-    dir: str = "/tmp/widep-profiles"
+    dir: Name = "/tmp/widep-profiles"
     """Absolute directory for traces on each node; rank traces go to <dir>/<role>/rank-<n>/.
     `widep launch` puts them under its run directory instead."""
     with_stack: bool = True
@@ -282,9 +409,9 @@ class RouterSpec(Strict):
 
     enabled: bool = False
     """Start vllm-router on `node` once the ranks it fronts are healthy (also `widep launch --router`)."""
-    node: int | str = 0
+    node: Annotated[int, Field(ge=0)] | Name = 0
     """Node that hosts the router (index or name in cluster.nodes)."""
-    host: str = "0.0.0.0"
+    host: Name = "0.0.0.0"
     """Address the router binds ("node": the node's own address)."""
     port: int = Field(default=30000, ge=1, le=65535)
     """Client-facing port of the router."""
@@ -299,13 +426,13 @@ class RouterSpec(Strict):
     """P/D: policy for decode servers (default: policy)."""
     pd: Literal["auto", "on", "off"] = "auto"
     """P/D hand-off in the router (--vllm-pd-disaggregation): auto = on when the topology has prefill and decode roles."""
-    health_check_interval_s: int = Field(default=5, ge=1)
+    health_check_interval_s: int = Field(default=5, ge=1, le=86400)
     """Seconds between the router's health checks of each server (--health-check-interval-secs)."""
-    health_failure_threshold: int = Field(default=2, ge=1)
+    health_failure_threshold: int = Field(default=2, ge=1, le=1000)
     """Failed checks before the router stops sending to a server (--health-failure-threshold)."""
-    command: str = "vllm-router"
+    command: Name = "vllm-router"
     """The router executable."""
-    extra_args: list[str] = Field(default_factory=list)
+    extra_args: list[Arg] = Field(default_factory=list, max_length=1024)
     """More vllm-router arguments, appended verbatim."""
 
 
@@ -314,7 +441,7 @@ class TopologySpec(Strict):
 
     name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
     """Deployment name (DNS-1123 label): used in run directories and manifest names."""
-    description: str = ""
+    description: Annotated[str, Field(max_length=4096), AfterValidator(_free_text)] = ""
     """Free text shown by `widep plan`."""
     model: ModelSpec
     """The MoE model."""
@@ -354,18 +481,30 @@ class TopologySpec(Strict):
 # Loading, with errors for people
 
 
+def _is_tag(part: Any) -> bool:
+    """A pydantic union-member tag ('constrained-int', 'list[NodeSpec]', 'function-after[...]'), not a field."""
+    return isinstance(part, str) and (
+        "[" in part or "-" in part or part in ("int", "str", "bool", "float", "list", "dict", "none")
+    )
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
+
+
 def _loc(loc: tuple[Any, ...], data: Any) -> str:
-    """'roles[0].all2all_backend' from a pydantic location, using role names where known."""
+    """'roles[0].all2all_backend' from a pydantic location, without pydantic's union-member tags."""
     out = ""
     node = data
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            # pydantic adds union-member tags like 'int' / 'list[...]' / 'function-after[...]'
-            if isinstance(node, dict) and part not in node and ("[" in part or part in ("int", "str", "bool", "float")):
+            if _is_tag(part) and not (isinstance(node, dict) and part in node):
                 continue
-            out += f".{part}" if out else str(part)
+            if not _PLAIN_KEY.match(str(part)):
+                out += f"[{str(part)!r}]"  # a key of extra_env etc. that is not a plain name: shown escaped
+            else:
+                out += f".{part}" if out else str(part)
         try:
             node = node[part]
         except (KeyError, IndexError, TypeError):
@@ -373,10 +512,89 @@ def _loc(loc: tuple[Any, ...], data: Any) -> str:
     return out or "(top level)"
 
 
+def _branch_fits(tag: str, value: Any) -> bool:
+    """Whether a union member (by its tag) is the one meant for ``value``'s YAML type."""
+    if isinstance(value, bool):
+        return tag == "bool"
+    if isinstance(value, list):
+        return tag.startswith("list")
+    if isinstance(value, dict):
+        return not (tag.startswith(("list", "constrained-int", "int", "str", "function-after")))
+    if isinstance(value, int):
+        return tag in ("int", "constrained-int")
+    if isinstance(value, str):
+        return tag == "str" or tag.startswith(("function-after", "constrained-str"))
+    return False
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
+    node = data
+    for part in loc:
+        if _is_tag(part) and not (isinstance(node, dict) and part in node):
+            continue
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def _union_errors(errors: list[Any], data: Any) -> list[Any]:
+    """One error per problem: of the errors a union produced, those of the member meant for the value's type;
+    when no member is meant for it, one 'wrong type' error at the union's own location."""
+    out: list[Any] = []
+    wrong: set[tuple[Any, ...]] = set()
+    for e in errors:
+        loc = e["loc"]
+        keep = True
+        for i, part in enumerate(loc):
+            value = _value_at(data, loc[:i])
+            if not _is_tag(part) or (isinstance(value, dict) and part in value):
+                continue
+            siblings = {str(x["loc"][i]) for x in errors if len(x["loc"]) > i and x["loc"][:i] == loc[:i]}
+            if any(_branch_fits(t, value) for t in siblings):
+                if not _branch_fits(str(part), value):
+                    keep = False
+                    break
+            else:
+                keep = False
+                if loc[:i] not in wrong:
+                    wrong.add(loc[:i])
+                    out.append({"loc": loc[:i], "type": "union_type", "input": value,
+                                "msg": f"has the wrong type ({type(value).__name__})"})
+                break
+        if keep:
+            out.append(e)
+    return out
+
+
+LIMITS = {
+    "nodes": "widep plans at most 4096 nodes per deployment (a DP/EP group cannot usefully span more: EP is bounded "
+             "by the model's experts)",
+    "gpus_per_node": "the largest GPU node / NVLink domain (GB200 NVL72) has 72 GPUs",
+    "first_gpu": "a node has at most 72 GPUs",
+    "tp": "tensor parallelism stays inside one node (at most 72 GPUs)",
+    "replicas": "each replica needs its own nodes (at most 4096)",
+    "kv_cache_gib": "no accelerator has more than 64 TiB of memory",
+    "redundant_experts": "vLLM's EPLB bounds redundant experts",
+}
+
+
+def _range_message(e: Any, field: str) -> str | None:
+    ctx = e.get("ctx") or {}
+    bound = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+             "less_than": ("lt", "<")}.get(e["type"])
+    if bound is None:
+        return None
+    limit = ctx.get(bound[0])
+    why = f" ({LIMITS[field]})" if field in LIMITS and bound[1].startswith("<") else ""
+    return f"{e.get('input')!r} is out of range. Valid: {bound[1]} {limit}{why}."
+
+
 def _format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = []
     seen = set()
-    for e in err.errors():
+    for e in _union_errors(err.errors(), data):
         path = _loc(e["loc"], data)
         key = (path, e["type"])
         if key in seen:
@@ -396,6 +614,8 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
             msg = f"{given!r} is not valid.{did_you_mean(str(given), opts)} Valid: {choices}."
         elif e["type"] == "missing":
             msg = "required field is missing."
+        elif _range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]):
+            msg = str(_range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]))
         else:
             m = e["msg"]
             m = m[len("Value error, "):] if m.startswith("Value error, ") else m
@@ -416,7 +636,7 @@ def _parent_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             continue
         field = model.model_fields.get(part)
         if field is None:
-            return model if part in ("int", "str") else None
+            return model if _is_tag(part) else None  # a union member's tag: same model
         ann = field.annotation
         inner = _first_model(ann)
         if inner is None:
@@ -445,17 +665,16 @@ def parse_topology(data: Any, source: str = "") -> TopologySpec:
         return TopologySpec.model_validate(data)
     except ValidationError as err:
         raise UserError(_format_validation_error(err, data, source)) from None
+    except RecursionError:
+        raise UserError(f"invalid topology {source}: nested too deeply.") from None
 
 
 def load_topology(path: str | Path) -> TopologySpec:
     """Read and validate a topology YAML file. Relative model.config paths resolve against its folder."""
+    from widep.spec.safeyaml import load_yaml, read_text
+
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"topology file {str(p)!r} not found.")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"topology {str(p)!r} is not valid YAML: {err}") from None
+    data = load_yaml(read_text(p, "topology"), f"topology {str(p)[:200]!r}")
     spec = parse_topology(data, str(p))
     if spec.model.config and not Path(spec.model.config).is_absolute():
         resolved = str((p.parent / spec.model.config).resolve())
