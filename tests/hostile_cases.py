@@ -416,7 +416,7 @@ def check_safe_outputs(case: Case, folder: Path, outputs: dict[int, tuple[int, s
         kinds = [d.get("kind") for d in docs]
         if kinds.count("ConfigMap"):
             return f"lws output holds objects widep did not render: {kinds}"
-        from widep.k8s.lws import kubelet_expand
+        from kubelet import kubelet_expand
 
         refs = [r for d in docs for r in _secret_refs(d)]
         bad = [r for r in refs if not DNS1123.fullmatch(r.get("name", ""))]

@@ -30,6 +30,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kubelet import kubelet_expand
 
 from widep.cli import main
 from widep.errors import UserError
@@ -147,7 +148,7 @@ def test_sh_word_is_one_word_that_expands_to_itself(word):
 @given(st.text(max_size=60))
 def test_kubelet_undoes_exactly_the_escaping(text):
     env = {"POD_IP": "1.2.3.4", "HF_TOKEN": "secret", "A": "x", "": "empty"}
-    assert L.kubelet_expand(k8s_escape(text), env) == text
+    assert kubelet_expand(k8s_escape(text), env) == text
 
 
 @FAST
@@ -225,7 +226,7 @@ def test_hostile_strings_through_every_renderer(tmp_path_factory, h, place):
                 c = tpl["spec"]["containers"][0]
                 names = {e["name"]: "SUBST" for e in c["env"]}
                 for s in c["command"] + c["args"] + [e["value"] for e in c["env"] if "value" in e]:
-                    assert L.kubelet_expand(s, names) == L.kubelet_expand(s, {})
+                    assert kubelet_expand(s, names) == kubelet_expand(s, {})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubelet import kubelet_expand
 
 from widep.cli import main
 from widep.errors import UserError
@@ -312,7 +313,7 @@ def test_secrets_are_references(monkeypatch):
     ],
 )
 def test_kubelet_expand(text, expected):
-    assert L.kubelet_expand(text, {"VAR_A": "A", "VAR_B": "B", "VAR_EMPTY": ""}) == expected
+    assert kubelet_expand(text, {"VAR_A": "A", "VAR_B": "B", "VAR_EMPTY": ""}) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +361,7 @@ def container_env(c: dict, ip: str) -> dict[str, str]:
     env = {}
     for e in c.get("env", []):
         if "value" in e:
-            env[e["name"]] = L.kubelet_expand(e["value"], env)  # the kubelet expands $(VAR) of earlier entries
+            env[e["name"]] = kubelet_expand(e["value"], env)  # the kubelet expands $(VAR) of earlier entries
         elif "fieldRef" in e["valueFrom"]:
             assert e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             env[e["name"]] = ip
@@ -383,9 +384,9 @@ class Pod:
         env.update({"LWS_LEADER_ADDRESS": f"{name}-{g}.{name}.{NAMESPACE}", "LWS_GROUP_SIZE": str(lwt["size"]),
                     "LWS_WORKER_INDEX": str(w)})
         self.leader = env["LWS_LEADER_ADDRESS"]
-        argv = [L.kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
+        argv = [kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
         # widep escapes '$(' and '$$' as '$$(' and '$$$$': the kubelet only undoes that escaping, never substitutes
-        assert argv == [L.kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
+        assert argv == [kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
             "kubelet would substitute a variable into the script"
         env["WIDEP_SHM_DIR"] = str(shm)  # sandbox: the script clears this folder (/dev/shm in a pod)
         env.update({"PATH": f"{shims}:/usr/bin:/bin", "SHIM_OUT": str(out)}, **extra_env)
@@ -563,8 +564,8 @@ def test_wrong_group_size_refuses_to_start(tmp_path, shim_dir):
 class _Health(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802
-        self.send_response(self.server.status if self.path == "/health" else 404)  # type: ignore[attr-defined]
+    def do_GET(self):
+        self.send_response(self.server.status if self.path == "/health" else 404)
         self.end_headers()
 
     def log_message(self, *args):  # quiet
@@ -573,7 +574,7 @@ class _Health(http.server.BaseHTTPRequestHandler):
 
 def _server(status: int) -> tuple[http.server.HTTPServer, int]:
     srv = http.server.HTTPServer(("127.0.0.1", 0), _Health)
-    srv.status = status  # type: ignore[attr-defined]
+    srv.status = status
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, srv.server_address[1]
 

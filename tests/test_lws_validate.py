@@ -13,6 +13,7 @@ import copy
 import json
 import re
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ import yaml
 
 from widep.cli import main
 from widep.errors import UserError
+from widep.k8s import names
 from widep.k8s import validate as v
+from widep.k8s.validate import crd as crd_module
 
 SHARED = Path(__file__).parents[1].parent / "shared/schemas"
 CRD = SHARED / "lws-crd-v0.10.0.yaml"
@@ -157,7 +160,7 @@ def test_negative_case_caught(crd, path):
         {"spec.replicas": 1000000, "spec.leaderWorkerTemplate.size": 2147},
         {"metadata.name": "a" * 52, "spec.replicas": 1, "spec.leaderWorkerTemplate.size": 1},
         {"metadata.name": "a" * 50, "spec.replicas": 10, "spec.leaderWorkerTemplate.size": 10},
-        {"metadata.annotations": {v.EXCLUSIVE_TOPOLOGY: "kubernetes.io/hostname"}},
+        {"metadata.annotations": {names.EXCLUSIVE_TOPOLOGY: "kubernetes.io/hostname"}},
         {"metadata.creationTimestamp": None, "metadata.labels": {"app.kubernetes.io/name": "vllm"}},
     ],
     ids=lambda c: ",".join(f"{k.split('.')[-1]}" for k in c),
@@ -223,7 +226,7 @@ def test_core_schema_layer_checks_wrapped_templates():
     """Layer (c) alone: a template wrapped as PodTemplate against kubernetes-validate's schema."""
     validator = v.core_schemas().validator("v1", "PodTemplate")
     template = {"spec": {"containers": [{"name": "x", "image": "y", "ports": [{"containerPort": "80"}], "gpu": 1}]}}
-    found = v._schema_problems(validator, v._wrap_pod_template(template))
+    found = v.schema_problems(validator, v.wrap_pod_template(template))
     assert {v.format_path(p) for p, _ in found} == {
         "template.spec.containers[0].gpu",
         "template.spec.containers[0].ports[0].containerPort",
@@ -236,13 +239,13 @@ def test_core_layer_agrees_with_kubernetes_validate():
     import kubernetes_validate
 
     good = {"spec": {"containers": [{"name": "x", "image": "y", "ports": [{"containerPort": 80}]}]}}
-    kubernetes_validate.validate(v._wrap_pod_template(good), v.K8S_VERSION, strict=True)
-    assert v._schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v._wrap_pod_template(good)) == []
+    kubernetes_validate.validate(v.wrap_pod_template(good), v.K8S_VERSION, strict=True)
+    assert v.schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v.wrap_pod_template(good)) == []
     bad = copy.deepcopy(good)
     bad["spec"]["containers"][0]["ports"][0]["containerPort"] = "80"
     with pytest.raises(kubernetes_validate.ValidationError) as caught:
-        kubernetes_validate.validate(v._wrap_pod_template(bad), v.K8S_VERSION, strict=True)
-    ours = v._schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v._wrap_pod_template(bad))
+        kubernetes_validate.validate(v.wrap_pod_template(bad), v.K8S_VERSION, strict=True)
+    ours = v.schema_problems(v.core_schemas().validator("v1", "PodTemplate"), v.wrap_pod_template(bad))
     assert [path for path, _ in ours] == [tuple(caught.value.path)]
 
 
@@ -330,10 +333,10 @@ def test_any_shape_gives_problems_not_exceptions(crd):
 
 
 def test_go_regex_anchors():
-    assert v._go_regex(v.QUANTITY_PATTERN).search("8Gi")
-    assert not v._go_regex(v.QUANTITY_PATTERN).search("8Gi\n")
-    assert re.search(v.QUANTITY_PATTERN, "8Gi\n")  # why the translation exists
-    assert v._go_regex(r"^a[$]b$").search("a$b")
+    assert v.go_regex(names.QUANTITY_PATTERN).search("8Gi")
+    assert not v.go_regex(names.QUANTITY_PATTERN).search("8Gi\n")
+    assert re.search(names.QUANTITY_PATTERN, "8Gi\n")  # why the translation exists
+    assert v.go_regex(r"^a[$]b$").search("a$b")
 
 
 @pytest.mark.parametrize(
@@ -342,7 +345,7 @@ def test_go_regex_anchors():
 )
 def test_parse_quantity(text, value):
     q = v.parse_quantity(text)
-    assert (q if q is None else q.normalize()) == (None if value is None else v.Decimal(value).normalize())
+    assert (q if q is None else q.normalize()) == (None if value is None else Decimal(value).normalize())
 
 
 def test_problem_format():
@@ -374,7 +377,7 @@ def test_default_crd_path_is_the_shipped_copy(monkeypatch, tmp_path, crd):
 
 def test_default_crd_path_missing_from_the_installation(monkeypatch, tmp_path):
     monkeypatch.delenv(v.CRD_ENV, raising=False)
-    monkeypatch.setattr(v, "CRD_FILE_NAME", "no-such-crd.yaml")
+    monkeypatch.setattr(crd_module, "CRD_FILE_NAME", "no-such-crd.yaml")
     with pytest.raises(UserError, match="--crd"):
         v.default_crd_path()
 

@@ -24,7 +24,7 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol
 
 from widep import __version__
 from widep.bench import report as rpt
@@ -177,7 +177,7 @@ async def _fetch_engine_version(endpoint: str) -> str | None:
             async with s.get(endpoint + "/version", timeout=aiohttp.ClientTimeout(total=3)) as r:
                 if r.status == 200:
                     return str((await r.json(content_type=None)).get("version"))
-    except Exception:  # noqa: BLE001 - optional information
+    except Exception:  # optional information
         return None
     return None
 
@@ -318,14 +318,14 @@ class _Sweep:
                 tool_version = extra.get("tool_version", "unknown")
         except UserError:
             raise
-        except Exception as err:  # noqa: BLE001 - a failed level is recorded, the sweep goes on
+        except Exception as err:  # a failed level is recorded, the sweep goes on
             return self._fail(level, paths, f"{type(err).__name__}: {err}", traceback.format_exc())
         finally:
             stop.set()
             if scrape_task is not None:
                 try:
                     await asyncio.wait_for(scrape_task, timeout=10)
-                except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                except (asyncio.TimeoutError, Exception):
                     scrape_task.cancel()
         samples: list[Sample] = scraper.samples if scraper else []
         if samples:
@@ -351,7 +351,7 @@ class _Sweep:
                 samples=samples,
                 description=cfg.description,
             )
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             return self._fail(level, paths, f"report not valid: {err}", traceback.format_exc(), summary.to_json())
         level_meta = {
             "id": level.id,
@@ -391,31 +391,3 @@ def run_sweep(cfg: SweepConfig, out: Path, progress: Progress | None = None) -> 
     meta = _prepare_dir(cfg, out)
     sweep = _Sweep(cfg, out, progress)
     return run_sync(sweep.run(meta), use_uvloop=cfg.use_uvloop)
-
-
-async def run_sweep_async(cfg: SweepConfig, out: Path, progress: Progress | None = None) -> list[LevelOutcome]:
-    """:func:`run_sweep` for callers that already run an event loop."""
-    out = Path(out)
-    meta = _prepare_dir(cfg, out)
-    return await _Sweep(cfg, out, progress).run(meta)
-
-
-def outcomes_table(outcomes: Sequence[LevelOutcome]) -> list[dict[str, Any]]:
-    """Rows for printing a sweep's result."""
-    rows = []
-    for o in outcomes:
-        s = o.summary or {}
-        rows.append(
-            {
-                "level": o.level.id,
-                "status": o.status,
-                "ok": s.get("completed"),
-                "failed": s.get("failed"),
-                "output_tps": s.get("output_tps"),
-                "tps_per_gpu": s.get("output_tps_per_gpu"),
-                "tps_per_user": s.get("tps_per_user"),
-                "ttft_p50_ms": (s.get("ttft_ms") or {}).get("p50"),
-                "error": o.error,
-            }
-        )
-    return rows

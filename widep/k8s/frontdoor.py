@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from widep.errors import UserError
+from widep.k8s.names import WORKER_INDEX_LABEL
 from widep.plan.core import DeploymentPlan
 
 FRONT_DOORS = ("auto", "router", "llm-d", "none")
@@ -129,7 +130,7 @@ def routing_sidecar(pool: list[int], vllm: list[int], image: str) -> dict[str, A
 def pool_selector(plan: DeploymentPlan, leader_only: bool) -> dict[str, str]:
     sel = {"app.kubernetes.io/instance": plan.name, "llm-d.ai/inference-serving": "true"}
     if leader_only:
-        sel["leaderworkerset.sigs.k8s.io/worker-index"] = "0"
+        sel[WORKER_INDEX_LABEL] = "0"
     return sel
 
 

@@ -28,7 +28,6 @@ files, the environment or the network.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,14 +36,30 @@ import yaml
 from widep.errors import UserError
 from widep.k8s import frontdoor, providers
 from widep.k8s import resources as sizing
+from widep.k8s.names import (
+    DNS1035_LABEL,
+    DNS1123_LABEL,
+    DNS1123_LABEL_MAX_LENGTH,
+    DNS1123_SUBDOMAIN,
+    DNS1123_SUBDOMAIN_MAX_LENGTH,
+    EXCLUSIVE_TOPOLOGY,
+    LABEL_VALUE_MAX_LENGTH,
+    LWS_API_VERSION,
+    LWS_GROUP_SIZE,
+    LWS_LEADER_ADDRESS,
+    LWS_WORKER_INDEX,
+    QUALIFIED_NAME_MAX_LENGTH,
+    QUALIFIED_NAME_PART,
+    QUANTITY,
+    SET_NAME_LABEL,
+    WORKER_INDEX_LABEL,
+    lws_name_max_length,
+)
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 from widep.render.quoting import k8s_escape, sh_assign, sh_comment, sh_word
 from widep.render.vllm import EnvRef, RankCommand, RenderContext, render_role
 
 PLACEMENTS = ("pod-per-node", "pod-per-rank")
-LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
-LWS_PREFIX = "leaderworkerset.sigs.k8s.io/"
-EXCLUSIVE_TOPOLOGY = LWS_PREFIX + "exclusive-topology"
 #: Gateway API Inference Extension v1 (llm-d's guides install GAIE v1.x, ``v1-manifests.yaml``).
 INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
 INFERENCE_POOL_MAX_PORTS = 8  # InferencePoolSpec.targetPorts: MaxItems=8
@@ -80,12 +95,6 @@ GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
     "B200": ("NVIDIA-B200",),
     "GB200": ("NVIDIA-GB200",),
 }
-
-_QUANTITY = re.compile(r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?\Z")
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?\Z")
-_QUALIFIED_PART = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]\Z")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-
 
 @dataclass(frozen=True)
 class LWSOptions:
@@ -193,16 +202,16 @@ def _quantity(flag: str, value: str | None) -> str | None:
     if value is None:
         return None
     value = str(value)
-    if not _QUANTITY.match(value):
+    if not QUANTITY.match(value):
         raise UserError(f"{flag}: not a Kubernetes quantity. Given: {value!r}. Valid: e.g. '32', '500m', '512Gi', '16G'")
     return value
 
 
 def _qualified_name(flag: str, value: str, what: str) -> None:
     prefix, _, name = value.rpartition("/")
-    ok = bool(name) and len(name) <= 63 and _QUALIFIED_PART.match(name) is not None
+    ok = bool(name) and len(name) <= QUALIFIED_NAME_MAX_LENGTH and QUALIFIED_NAME_PART.match(name) is not None
     if prefix:
-        ok = ok and len(prefix) <= 253 and _DNS1123_SUBDOMAIN.match(prefix) is not None
+        ok = ok and len(prefix) <= DNS1123_SUBDOMAIN_MAX_LENGTH and DNS1123_SUBDOMAIN.match(prefix) is not None
     if not ok:
         raise UserError(f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', 'kubernetes.io/hostname'")
 
@@ -221,7 +230,7 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     if opts.gpu_product_label:
         _qualified_name("--gpu-product-label", opts.gpu_product_label, "node label key")
     for v in opts.gpu_products:
-        if len(v) > 63 or not _QUALIFIED_PART.match(v):
+        if len(v) > LABEL_VALUE_MAX_LENGTH or not QUALIFIED_NAME_PART.match(v):
             raise UserError(f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200")
     for flag, v in (("--cpu", opts.cpu), ("--memory", opts.memory), ("--shm-size", opts.shm_size),
                     ("--ephemeral-storage", opts.ephemeral_storage)):
@@ -236,7 +245,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
     if opts.termination_grace_s < 0:
         raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
-    if opts.namespace is not None and (len(opts.namespace) > 63 or not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z", opts.namespace)):
+    if opts.namespace is not None and (
+            len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)):
         raise UserError(f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63")
     _cache_volume(opts.model_cache or prov.model_cache)
     host = plan.spec.serving.host
@@ -273,14 +283,9 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
                     "(a rack or network block, e.g. cloud.google.com/gce-topology-block)"
                 )
         size = lws_size(rp, opts.placement)
-        last = rp.spec.replicas - 1
-        limit = 59  # the Service adds "-api"
-        if size > 1:
-            # StatefulSet "<name>-<group>" at most 52 (controller-revision-hash label), pod "<name>-<group>-<worker>" at most 63
-            limit = min(limit, 52 - len(f"-{last}"), 63 - len(f"-{last}-{size - 1}"))
-        else:
-            limit = min(limit, 52)
-        if len(name) > limit or not _DNS1035.match(name):
+        # the Service adds "-api"; the controller derives StatefulSet and pod names from it
+        limit = min(DNS1123_LABEL_MAX_LENGTH - len("-api"), lws_name_max_length(rp.spec.replicas, size))
+        if len(name) > limit or not DNS1035_LABEL.match(name):
             raise UserError(
                 f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label (a letter first) of "
                 f"at most {limit} characters here ({rp.spec.replicas} group(s) of {size} pods: the controller derives "
@@ -302,7 +307,7 @@ def _cache_volume(spec: str, flag: str = "--model-cache") -> dict[str, Any]:
         return {"hostPath": {"path": arg, "type": "DirectoryOrCreate"}}
     if kind == "hostpath-ro" and arg.startswith("/") and flag == "--model-cache":
         return {"hostPath": {"path": arg, "type": "Directory"}}
-    if kind in ("pvc", "pvc-ro") and arg and _DNS1123_SUBDOMAIN.match(arg) and len(arg) <= 253 and (
+    if kind in ("pvc", "pvc-ro") and arg and DNS1123_SUBDOMAIN.match(arg) and len(arg) <= DNS1123_SUBDOMAIN_MAX_LENGTH and (
             kind == "pvc" or flag == "--model-cache"):
         return {"persistentVolumeClaim": {"claimName": arg, **({"readOnly": True} if kind == "pvc-ro" else {})}}
     if kind == "emptydir" and not arg:
@@ -338,9 +343,9 @@ def _labels(plan: DeploymentPlan, rp: RolePlan) -> dict[str, str]:
 
 
 def _selector(name: str, leader_only: bool) -> dict[str, str]:
-    sel = {LWS_PREFIX + "name": name}
+    sel = {SET_NAME_LABEL: name}
     if leader_only:
-        sel[LWS_PREFIX + "worker-index"] = "0"
+        sel[WORKER_INDEX_LABEL] = "0"
     return sel
 
 
@@ -502,7 +507,7 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
             if c.headless or c.port is None:
                 ports: tuple[int, ...] = ()
             elif mode in ("multiport",):
-                ports = tuple(rank_of[(c.replica, r)].port for r in c.dp_ranks)  # type: ignore[misc]
+                ports = tuple(rank_of[(c.replica, r)].port for r in c.dp_ranks)
             elif placement == "pod-per-rank":
                 ports = (rp.http_port,)
             else:
@@ -534,16 +539,16 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         ranks_desc = f"DP ranks W*{d} .. W*{d}+{d - 1}"
     lines = [
         sh_comment(f"widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
-                   f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = LWS_WORKER_INDEX)."),
+                   f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = {LWS_WORKER_INDEX})."),
         "set -euo pipefail",
-        ': "${LWS_WORKER_INDEX:?is not set: this pod must be created by a LeaderWorkerSet}"',
-        ': "${LWS_LEADER_ADDRESS:?is not set: this pod must be created by a LeaderWorkerSet}"',
-        f'if [ "${{LWS_GROUP_SIZE:-}}" != "{layout.size}" ]; then',
-        f'  echo "widep: this group has ${{LWS_GROUP_SIZE:-?}} pods but the ranks below are computed for {layout.size}; '
+        f': "${{{LWS_WORKER_INDEX}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
+        f': "${{{LWS_LEADER_ADDRESS}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
+        f'if [ "${{{LWS_GROUP_SIZE}:-}}" != "{layout.size}" ]; then',
+        f'  echo "widep: this group has ${{{LWS_GROUP_SIZE}:-?}} pods but the ranks below are computed for {layout.size}; '
         f'regenerate with widep lws instead of editing size" >&2',
         "  exit 1",
         "fi",
-        'W="${LWS_WORKER_INDEX}"',
+        f'W="${{{LWS_WORKER_INDEX}}}"',
         "# Shared memory left by an earlier crash of this pod fills /dev/shm (llm-d issue #352).",
         'find "${WIDEP_SHM_DIR}" -mindepth 1 -delete 2>/dev/null || true',
     ]
@@ -609,41 +614,6 @@ def health_check_script(host: str, ports: tuple[int, ...] | list[int]) -> str:
         '  [ "${code}" = 200 ] || exit 1\n'
         "done\n"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Kubelet's $(VAR) expansion of command/args (k8s.io/kubernetes third_party/forked/golang/expansion)
-
-
-def kubelet_expand(text: str, env: dict[str, str]) -> str:
-    """Expand ``$(NAME)`` as the kubelet does in ``command``/``args``: defined names are replaced,
-    ``$$`` becomes ``$``, anything else (``${X}``, ``$((1+2))``, undefined names) stays as written."""
-    out: list[str] = []
-    checkpoint = 0
-    cursor = 0
-    n = len(text)
-    while cursor < n:
-        if text[cursor] == "$" and cursor + 1 < n:
-            out.append(text[checkpoint:cursor])
-            nxt = text[cursor + 1]
-            advance = 1
-            if nxt == "$":
-                out.append("$")
-            elif nxt == "(":
-                close = text.find(")", cursor + 2)
-                if close == -1:
-                    out.append("$(")
-                else:
-                    name = text[cursor + 2 : close]
-                    out.append(env[name] if name in env else f"$({name})")
-                    advance = close - cursor
-            else:
-                out.append("$" + nxt)
-            cursor += advance
-            checkpoint = cursor + 1
-        cursor += 1
-    out.append(text[checkpoint:])
-    return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -940,7 +910,7 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 
 
 _Dumper.add_representer(str, _str)
-_Dumper.ignore_aliases = lambda self, data: True  # type: ignore[method-assign]  # no &id001 anchors
+_Dumper.ignore_aliases = lambda self, data: True  # no &id001 anchors
 
 
 def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) -> str:

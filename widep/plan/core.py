@@ -102,9 +102,6 @@ class RolePlan:
     def gpus(self) -> int:
         return self.dp_size * self.tp_size * self.spec.replicas
 
-    def ranks_of(self, replica: int) -> tuple[Rank, ...]:
-        return tuple(r for r in self.ranks if r.replica == replica)
-
     def as_dict(self) -> dict[str, Any]:
         m = self.memory
         return {

@@ -81,6 +81,6 @@ def k8s_escape(text: str) -> str:
     """Text for a container's ``command``/``args``/``env[].value`` that the kubelet leaves as written.
 
     The kubelet replaces ``$(NAME)`` with a variable's value and ``$$`` with ``$``; doubling each ``$``
-    that starts either makes its expansion the identity (see ``widep.k8s.lws.kubelet_expand``).
+    that starts either makes its expansion the identity (see ``tests/kubelet.py``).
     """
     return _K8S_DOLLAR.sub("$$", text)

@@ -110,10 +110,6 @@ class MoEArch:
         return _count_params(self)
 
     @property
-    def expert_params_per_layer(self) -> int:
-        return self.params.routed_expert
-
-    @property
     def active_params(self) -> int:
         """Parameters touched per token: non-expert weights plus top-k routed experts per MoE layer."""
         p = self.params
@@ -376,15 +372,6 @@ def load_preset(name: str) -> MoEArch:
         raise UserError(f"model.preset: unknown model preset {name!r}.{did_you_mean(name, names)} Valid: {', '.join(names)}.")
     path = resources.files("widep.spec") / PRESET_DIR / f"{name}.json"
     return arch_from_config(json.loads(path.read_text()), name)
-
-
-def preset_config(name: str) -> dict[str, Any]:
-    """The raw config.json dict of a preset (without the ``_widep`` key)."""
-    load_preset(name)  # validates the name
-    path = resources.files("widep.spec") / PRESET_DIR / f"{name}.json"
-    cfg = json.loads(path.read_text())
-    cfg.pop("_widep", None)
-    return cfg
 
 
 def load_config_file(path: str | Path) -> MoEArch:

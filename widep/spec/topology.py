@@ -18,7 +18,7 @@ from widep.errors import UserError, did_you_mean
 from widep.render.quoting import POSIX_NAME, control_problem
 from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
 
-All2AllBackend = Literal[ALL2ALL_ALL]  # type: ignore[valid-type]
+All2AllBackend = Literal[ALL2ALL_ALL]
 DPMode = Literal["external", "hybrid", "internal", "multiport"]
 RoleKind = Literal["prefill", "decode", "mixed"]
 WeightDType = Literal["bf16", "fp16", "fp8", "mxfp4", "int4"]
@@ -188,10 +188,6 @@ class ClusterSpec(Strict):
             return [NodeSpec(name=f"node-{i}") for i in range(self.nodes)]
         return list(self.nodes)
 
-    @property
-    def node_count(self) -> int:
-        return self.nodes if isinstance(self.nodes, int) else len(self.nodes)
-
 
 class EPLBSpec(Strict):
     """Expert-parallel load balancing (vLLM --enable-eplb / --eplb-config)."""
@@ -273,10 +269,6 @@ class RoleSpec(Strict):
     """More vLLM arguments, appended verbatim (flags widep owns are refused)."""
     extra_env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=1024)
     """More environment variables for every rank (variables widep owns are refused)."""
-
-    @property
-    def uses_expert_parallel(self) -> bool:
-        return self.expert_parallel
 
 
 class SecretRef(Strict):
