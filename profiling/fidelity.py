@@ -53,24 +53,40 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = run(args.calibration)
     if args.write:
-        RESIDUALS.write_text(json.dumps({
-            "format": "widep-fit-residuals/1",
-            "note": "leave-one-out residuals of widep/perf/data/operating-points.yaml (profiling/fidelity.py --write)",
-            "rms_log": round(res["rms_log_loo"], 4), "points": len(res["rows"]),
-            "residuals_pct": {r["id"]: round(r["error_loo_pct"], 1) for r in res["rows"]},
-            "fitted_terms": res["fitted_terms"],
-        }, indent=1) + "\n")
+        RESIDUALS.write_text(
+            json.dumps(
+                {
+                    "format": "widep-fit-residuals/1",
+                    "note": "leave-one-out residuals of widep/perf/data/operating-points.yaml "
+                    "(profiling/fidelity.py --write)",
+                    "rms_log": round(res["rms_log_loo"], 4),
+                    "points": len(res["rows"]),
+                    "residuals_pct": {r["id"]: round(r["error_loo_pct"], 1) for r in res["rows"]},
+                    "fitted_terms": res["fitted_terms"],
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"calibration {res['calibration']['name']} ({res['calibration']['fingerprint']}); "
-          f"fitted terms (all points): {res['fitted_terms']}")
-    print(f"{'point':24s} {'engine':9s} {'metric':20s} {'published':>10s} {'fit':>9s} {'err':>6s} {'LOO':>9s} {'err':>6s}")
+    print(
+        f"calibration {res['calibration']['name']} ({res['calibration']['fingerprint']}); "
+        f"fitted terms (all points): {res['fitted_terms']}"
+    )
+    print(
+        f"{'point':24s} {'engine':9s} {'metric':20s} {'published':>10s} {'fit':>9s} {'err':>6s} {'LOO':>9s} {'err':>6s}"
+    )
     for r in res["rows"]:
-        print(f"{r['id']:24s} {r['engine']:9s} {r['metric']:20s} {r['published']:10,.0f} {r['predicted_fit']:9,.0f} "
-              f"{r['error_fit_pct']:+5.0f}% {r['predicted_loo']:9,.0f} {r['error_loo_pct']:+5.0f}%")
-    print(f"LOO: log RMS {res['rms_log_loo']:.3f}, max |error| {res['max_abs_loo_pct']:.0f}%; "
-          f"in-sample max |error| {res['max_abs_fit_pct']:.0f}% ({res['seconds']} s)")
+        print(
+            f"{r['id']:24s} {r['engine']:9s} {r['metric']:20s} {r['published']:10,.0f} {r['predicted_fit']:9,.0f} "
+            f"{r['error_fit_pct']:+5.0f}% {r['predicted_loo']:9,.0f} {r['error_loo_pct']:+5.0f}%"
+        )
+    print(
+        f"LOO: log RMS {res['rms_log_loo']:.3f}, max |error| {res['max_abs_loo_pct']:.0f}%; "
+        f"in-sample max |error| {res['max_abs_fit_pct']:.0f}% ({res['seconds']} s)"
+    )
     return 0
 
 

@@ -29,17 +29,44 @@ def _topology(tmp_path, name, src):
 
 
 def _widep(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "widep", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "widep", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, tiny_moe_dir, vllm_python):
     tmp = tmp_path_factory.mktemp("calibrate")
-    topos = {"dp1": _topology(tmp, "cal-dp1", "tiny-moe-cpu.yaml"), "dp2": _topology(tmp, "cal-dp2", "tiny-moe-cpu-dp2.yaml")}
+    topos = {
+        "dp1": _topology(tmp, "cal-dp1", "tiny-moe-cpu.yaml"),
+        "dp2": _topology(tmp, "cal-dp2", "tiny-moe-cpu-dp2.yaml"),
+    }
     out = tmp / "sweep"
-    r = _widep("sweep", *topos.values(), "--measure", "--out", out, "--concurrency", LEVELS, "--isl", "64", "--osl", "32",
-               "--requests-per-level", "8", "--model-path", tiny_moe_dir, "--python", vllm_python, "--json")
+    r = _widep(
+        "sweep",
+        *topos.values(),
+        "--measure",
+        "--out",
+        out,
+        "--concurrency",
+        LEVELS,
+        "--isl",
+        "64",
+        "--osl",
+        "32",
+        "--requests-per-level",
+        "8",
+        "--model-path",
+        tiny_moe_dir,
+        "--python",
+        vllm_python,
+        "--json",
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for name in ("cal-dp1", "cal-dp2"):
         res = json.loads((out / name / "result.json").read_text())
@@ -50,8 +77,21 @@ def measured(tmp_path_factory, tiny_moe_dir, vllm_python):
 def test_calibrate_fits_measured_cpu_runs_and_sweep_uses_it(measured):
     tmp, topos, runs = measured
     cal = tmp / "cpu-calibration.yaml"
-    r = _widep("calibrate", runs["dp1"], runs["dp2"], "--topology", topos["dp1"], "--topology", topos["dp2"],
-               "--measure-host", "1", "--out", cal, "--json", timeout=300)
+    r = _widep(
+        "calibrate",
+        runs["dp1"],
+        runs["dp2"],
+        "--topology",
+        topos["dp1"],
+        "--topology",
+        topos["dp2"],
+        "--measure-host",
+        "1",
+        "--out",
+        cal,
+        "--json",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     doc = json.loads(r.stdout)
     pts = doc["points"]
@@ -71,16 +111,40 @@ def test_calibrate_fits_measured_cpu_runs_and_sweep_uses_it(measured):
     errs = sorted(abs(p["error_tps_pct"]) for p in pts)
     assert (errs[2] + errs[3]) / 2 <= 30, errs
     # sweep and predict use the fitted calibration: the same numbers as calibrate's predictions
-    s = _widep("sweep", topos["dp1"], "--calibration", cal, "--concurrency", LEVELS, "--isl", "64", "--osl", "32", "--json",
-               timeout=120)
+    s = _widep(
+        "sweep",
+        topos["dp1"],
+        "--calibration",
+        cal,
+        "--concurrency",
+        LEVELS,
+        "--isl",
+        "64",
+        "--osl",
+        "32",
+        "--json",
+        timeout=120,
+    )
     assert s.returncode == 0, s.stderr[-2000:]
     sw = json.loads(s.stdout)
     assert sw["calibration"]["source"] == str(cal)
     lv = {x["concurrency"]: x["tps_gpu"] for x in sw["candidates"][0]["levels"]}
     dp1 = {p["concurrency"]: p["predicted_tps_gpu"] for p in pts if p["run"] == "cal-dp1/bench"}
     assert all(lv[c] == pytest.approx(v, rel=1e-3) for c, v in dp1.items())
-    p = _widep("predict", topos["dp1"], "--concurrency", "4", "--isl", "64", "--osl", "32", "--calibration", cal, "--json",
-               timeout=120)
+    p = _widep(
+        "predict",
+        topos["dp1"],
+        "--concurrency",
+        "4",
+        "--isl",
+        "64",
+        "--osl",
+        "32",
+        "--calibration",
+        cal,
+        "--json",
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads(p.stdout)["tps_per_gpu"] == pytest.approx(lv[4.0], rel=1e-3)
     # errors for people

@@ -187,8 +187,8 @@ def test_calibration_document_round_trips_and_hardware_overrides(tmp_path) -> No
     arch = ArchConst.of(load_preset("deepseek-r1"), "fp8", "bf16")
     r = RoleInput(kind="decode", gpu=get_gpu("H200"), tp=1, dp=16, ep=16, replicas=1, nodes=2, expert_parallel=True,
                   physical_experts=256, redundant=0, eplb=False, dbo=False, dbo_decode_threshold=32,
-                  dbo_prefill_threshold=512, backend="deepep_low_latency", cuda_graphs=True, max_num_batched_tokens=8192,
-                  max_num_seqs=256, kv_tokens=1_000_000)
+                  dbo_prefill_threshold=512, backend="deepep_low_latency", cuda_graphs=True,
+                  max_num_batched_tokens=8192, max_num_seqs=256, kv_tokens=1_000_000)
     fast = step_time(RoleBatch.build(arch, [r], cal), cal, 64, 1, 2000, 0, 0).total[0, 0]
     slowed = step_time(RoleBatch.build(arch, [r], slow), slow, 64, 1, 2000, 0, 0).total[0, 0]
     assert slowed > 2 * fast  # 1 TB/s instead of 4.8: the memory-bound decode step slows accordingly

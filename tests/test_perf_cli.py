@@ -120,7 +120,8 @@ def test_predict_json_contract_and_bad_input() -> None:
         assert p.returncode == 0, p.stderr
         out[c] = json.loads(p.stdout)
     d = out["64"]
-    for key in ("tps_per_gpu", "tps_per_decode_gpu", "tps_per_user", "ttft_ms", "tpot_ms", "step_ms", "overlap", "uncertainty"):
+    for key in ("tps_per_gpu", "tps_per_decode_gpu", "tps_per_user", "ttft_ms", "tpot_ms", "step_ms", "overlap",
+                "uncertainty"):
         assert key in d
     assert d["mode"] == "pd" and d["decode_gpus"] < d["gpus"]
     assert d["tps_per_decode_gpu"] > d["tps_per_gpu"] > 0

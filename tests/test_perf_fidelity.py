@@ -19,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fidelity_table_and_leave_one_out() -> None:
-    p = subprocess.run([sys.executable, str(ROOT / "profiling" / "fidelity.py"), "--json"], capture_output=True, text=True, check=False,
-                       timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "profiling" / "fidelity.py"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     listed = yaml.safe_load((ROOT / "widep" / "perf" / "data" / "operating-points.yaml").read_text())["points"]
@@ -33,6 +38,11 @@ def test_fidelity_table_and_leave_one_out() -> None:
     band = json.loads((ROOT / "widep" / "perf" / "data" / "fit-residuals.json").read_text())
     assert band["points"] == len(doc["rows"])
     assert abs(band["rms_log"] - doc["rms_log_loo"]) < 0.01, "refresh the band: python profiling/fidelity.py --write"
-    t = subprocess.run([sys.executable, str(ROOT / "profiling" / "fidelity.py")], capture_output=True, text=True, timeout=300,
-                       check=False)
+    t = subprocess.run(
+        [sys.executable, str(ROOT / "profiling" / "fidelity.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert t.returncode == 0 and "deepseek-decode-h800" in t.stdout and "LOO" in t.stdout

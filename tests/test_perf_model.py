@@ -344,6 +344,7 @@ def test_router_policy_sets_the_dp_balancer() -> None:
     for policy in ("random", "power_of_two"):
         d = dict(doc) | {"router": {"enabled": True, "policy": policy}}
         p = plan(parse_topology(d, "t"))
-        out[policy] = (balancer_of(p), predict_plan(p, Workload(isl=1000, osl=1000), [512.0], CAL, saturation=False)[1][0])
+        level = predict_plan(p, Workload(isl=1000, osl=1000), [512.0], CAL, saturation=False)[1][0]
+        out[policy] = (balancer_of(p), level)
     assert out["random"][0] == "random" and out["power_of_two"][0] == "balanced"
     assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms

@@ -81,8 +81,8 @@ def part(res: dict, name: str, fn, out: str) -> None:
         res[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-2000:]}
     res.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"== part {name}: {res['seconds'][name]} s {'ERROR ' + res[name]['error'] if 'error' in res[name] else 'ok'}",
-              flush=True)
+        state = "ERROR " + res[name]["error"] if "error" in res[name] else "ok"
+        print(f"== part {name}: {res['seconds'][name]} s {state}", flush=True)
         with open(out, "w") as f:  # after every part: a run cut short keeps what it measured
             json.dump(res, f, indent=1)
 
@@ -98,7 +98,9 @@ class Experts:
 
         def w(n: int, k: int):
             b = torch.randn((groups, n, k), device="cuda", dtype=torch.bfloat16)
-            return grouped_cast_fp8_fp4_with_major(b, MajorTypeAB.KMajor, 128, False, False, use_block_cast_for_fp8=True)
+            return grouped_cast_fp8_fp4_with_major(
+                b, MajorTypeAB.KMajor, 128, False, False, use_block_cast_for_fp8=True
+            )
 
         self.groups = groups
         self.w1 = w(2 * INTER, HIDDEN)
@@ -146,8 +148,17 @@ def gemm_masked(args) -> dict:
             us = med(timed(fn, args.iters))
             flops = 2.0 * g * m * n * k
             byts = g * n * k + g * m * (k + 2 * n)
-            rows.append({"groups": g, "rows_per_expert": m, "n": n, "k": k, "median_us": us,
-                         "tflops": flops / us / 1e6, "gbps": byts / us / 1e3})
+            rows.append(
+                {
+                    "groups": g,
+                    "rows_per_expert": m,
+                    "n": n,
+                    "k": k,
+                    "median_us": us,
+                    "tflops": flops / us / 1e6,
+                    "gbps": byts / us / 1e3,
+                }
+            )
     return {"rows": rows}
 
 
@@ -169,8 +180,17 @@ def gemm_contiguous(args) -> dict:
             fn = functools.partial(deep_gemm.m_grouped_fp8_gemm_nt_contiguous, a, b, d, layout)
             us = med(timed(fn, args.iters))
             flops = 2.0 * mm * n * k
-            rows.append({"groups": g, "rows_per_expert": m, "total_rows": mm, "n": n, "k": k, "median_us": us,
-                         "tflops": flops / us / 1e6})
+            rows.append(
+                {
+                    "groups": g,
+                    "rows_per_expert": m,
+                    "total_rows": mm,
+                    "n": n,
+                    "k": k,
+                    "median_us": us,
+                    "tflops": flops / us / 1e6,
+                }
+            )
     return {"rows": rows}
 
 
@@ -207,8 +227,14 @@ def ll_buffer(group, max_tokens: int, experts: int):
 
     ranks = group.size()
     nbytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(max_tokens, HIDDEN, ranks, experts)
-    return deep_ep.Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True, num_qps_per_rank=max(1, experts // ranks),
-                          allow_nvlink_for_low_latency_mode=True, explicitly_destroy=True)
+    return deep_ep.Buffer(
+        group,
+        num_rdma_bytes=nbytes,
+        low_latency_mode=True,
+        num_qps_per_rank=max(1, experts // ranks),
+        allow_nvlink_for_low_latency_mode=True,
+        explicitly_destroy=True,
+    )
 
 
 def ll_bench(args, group) -> dict:
@@ -263,8 +289,9 @@ class MoELayer:
         return idx.to(deep_ep.topk_idx_t), w
 
     def dispatch(self, x, idx, hook: bool):
-        rx, cnt, h, _ev, hk = self.buf.low_latency_dispatch(x, idx, self.max, self.experts, use_fp8=True,
-                                                           return_recv_hook=hook)
+        rx, cnt, h, _ev, hk = self.buf.low_latency_dispatch(
+            x, idx, self.max, self.experts, use_fp8=True, return_recv_hook=hook
+        )
         return rx, cnt, h, hk
 
     def gemms(self, rx, cnt, em):
@@ -340,8 +367,9 @@ def _ll_case(args, buf, experts: int, t: int, rank: int, ranks: int) -> dict:
         comb()
 
     def send_only():
-        _rx, _cnt, h, _ev, hk = buf.low_latency_dispatch(x, idx, args.ll_max, experts, use_fp8=True,
-                                                      return_recv_hook=True)
+        _rx, _cnt, h, _ev, hk = buf.low_latency_dispatch(
+            x, idx, args.ll_max, experts, use_fp8=True, return_recv_hook=True
+        )
         state["hk"] = hk
         state["h"] = h
 
@@ -369,11 +397,19 @@ def _ll_case(args, buf, experts: int, t: int, rank: int, ranks: int) -> dict:
         recvs.append(e3.elapsed_time(e2) * 1e3)
     disp()
     torch.cuda.synchronize()
-    return {"experts": experts, "local_experts": experts // ranks, "tokens_per_rank": t,
-                 "dispatch_us": d_us, "combine_us": c_us, "dispatch_combine_us": b_us,
-                 "dispatch_hooked_us": s_us, "dispatch_send_us": med(sends), "dispatch_recv_us": med(recvs),
-                 "dispatch_bytes_per_rank": t * TOPK * (HIDDEN + HIDDEN / 128 * 4),
-                 "combine_bytes_per_rank": t * TOPK * HIDDEN * 2}
+    return {
+        "experts": experts,
+        "local_experts": experts // ranks,
+        "tokens_per_rank": t,
+        "dispatch_us": d_us,
+        "combine_us": c_us,
+        "dispatch_combine_us": b_us,
+        "dispatch_hooked_us": s_us,
+        "dispatch_send_us": med(sends),
+        "dispatch_recv_us": med(recvs),
+        "dispatch_bytes_per_rank": t * TOPK * (HIDDEN + HIDDEN / 128 * 4),
+        "combine_bytes_per_rank": t * TOPK * HIDDEN * 2,
+    }
 
 
 def _normal_case(args, buf, dcfg, ccfg, sms: int, t: int, rank: int) -> dict:
@@ -387,9 +423,15 @@ def _normal_case(args, buf, dcfg, ccfg, sms: int, t: int, rank: int) -> dict:
         buf.get_dispatch_layout(idx, 256)
 
     def disp():
-        rx, _ri, rw, _lst, h, _ev = buf.dispatch(xq, num_tokens_per_rank=ntr, is_token_in_rank=itr,
-                                              num_tokens_per_expert=nte, topk_idx=idx, topk_weights=w,
-                                              config=dcfg)
+        rx, _ri, rw, _lst, h, _ev = buf.dispatch(
+            xq,
+            num_tokens_per_rank=ntr,
+            is_token_in_rank=itr,
+            num_tokens_per_expert=nte,
+            topk_idx=idx,
+            topk_weights=w,
+            config=dcfg,
+        )
         st["h"], st["rx"], st["rw"] = h, rx, rw
 
     disp()
@@ -403,9 +445,16 @@ def _normal_case(args, buf, dcfg, ccfg, sms: int, t: int, rank: int) -> dict:
     d_us = med(timed(disp, args.iters, barrier=True))
     c_us = med(timed(comb, args.iters, barrier=True))
     recv = int(st["rx"][0].shape[0])
-    return {"sms": sms, "tokens_per_rank": t, "layout_us": l_us, "dispatch_us": d_us, "combine_us": c_us,
-                 "recv_tokens": recv, "dispatch_gbps": recv * (HIDDEN + HIDDEN / 32) / d_us / 1e3,
-                 "combine_gbps": recv * HIDDEN * 2 / c_us / 1e3}
+    return {
+        "sms": sms,
+        "tokens_per_rank": t,
+        "layout_us": l_us,
+        "dispatch_us": d_us,
+        "combine_us": c_us,
+        "recv_tokens": recv,
+        "dispatch_gbps": recv * (HIDDEN + HIDDEN / 32) / d_us / 1e3,
+        "combine_gbps": recv * HIDDEN * 2 / c_us / 1e3,
+    }
 
 
 def _moe_case(args, layer, experts: int, t: int, ranks: int) -> dict:
@@ -417,7 +466,10 @@ def _moe_case(args, layer, experts: int, t: int, ranks: int) -> dict:
     y = layer.gemms(rx, cnt, em)
     torch.cuda.synchronize()
     row = {
-        "experts": experts, "local_experts": experts // ranks, "tokens_per_rank": t, "expected_m": em,
+        "experts": experts,
+        "local_experts": experts // ranks,
+        "tokens_per_rank": t,
+        "expected_m": em,
         "rows_per_local_expert": float(cnt.float().mean()),
         "layer_us": med(timed(lambda: layer.forward(x, em), args.iters, barrier=True)),
         "route_us": med(timed(lambda: layer.route(x), args.iters)),
@@ -483,14 +535,32 @@ def _dbo_case(args, mbl, dense_w, experts: int, t: int, ranks: int) -> dict:
     idx, w = layer.route(xs[0])
     rx, c, h, _ = layer.dispatch(xs[0], idx, False)
     y = layer.gemms(rx, c, em)
-    comm_us = med(timed(lambda: (layer.dispatch(xs[0], idx, False), layer.combine(y, idx, w, h, False)),
-                        args.iters, barrier=True)) * 2 * L
+    comm_us = (
+        med(
+            timed(
+                lambda: (layer.dispatch(xs[0], idx, False), layer.combine(y, idx, w, h, False)),
+                args.iters,
+                barrier=True,
+            )
+        )
+        * 2
+        * L
+    )
     g_us = med(timed(lambda: layer.gemms(rx, c, em), args.iters)) * 2 * L
     compute = d_us + g_us
     saved = s_us - o_us
-    return {"experts": experts, "tokens_per_rank": t, "layers": L, "serial_us": s_us,
-                 "overlapped_us": o_us, "speedup": s_us / o_us, "dense_us": d_us, "expert_gemms_us": g_us,
-                 "comm_us": comm_us, "hidden_fraction_of_min": saved / min(compute, comm_us)}
+    return {
+        "experts": experts,
+        "tokens_per_rank": t,
+        "layers": L,
+        "serial_us": s_us,
+        "overlapped_us": o_us,
+        "speedup": s_us / o_us,
+        "dense_us": d_us,
+        "expert_gemms_us": g_us,
+        "comm_us": comm_us,
+        "hidden_fraction_of_min": saved / min(compute, comm_us),
+    }
 
 
 def main() -> int:
@@ -517,9 +587,16 @@ def main() -> int:
     group = dist.new_group(list(range(dist.get_world_size())))
     rank = dist.get_rank()
     p = torch.cuda.get_device_properties(local)
-    res: dict = {"format": "widep-deep-kernels/1", "device_name": p.name, "sms": p.multi_processor_count,
-                 "gpus": dist.get_world_size(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                 "nccl": ".".join(map(str, torch.cuda.nccl.version())), "args": {k: v for k, v in vars(args).items()}}
+    res: dict = {
+        "format": "widep-deep-kernels/1",
+        "device_name": p.name,
+        "sms": p.multi_processor_count,
+        "gpus": dist.get_world_size(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "args": {k: v for k, v in vars(args).items()},
+    }
     parts = args.parts.split(",")
     single = {"gemm_masked": gemm_masked, "gemm_contiguous": gemm_contiguous, "gemm_sm_limit": gemm_sm_limit}
     multi = {"ll": ll_bench, "normal": normal_bench, "moe_layer": moe_layer, "dbo": dbo}

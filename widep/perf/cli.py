@@ -138,7 +138,9 @@ def _fmt(x: Any, nd: int = 1) -> str:
 @click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp8"]))
 @click.option("--min-tps-user", type=float, default=None, help="SLO: rank candidates by tokens/s/GPU at >= this tokens/s/user.")
 @click.option("--max-ttft-ms", type=float, default=None, help="SLO: and TTFT <= this many ms.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write results here: results.jsonl (predicted, columnar, resumable by chunk) or one directory per measured point; summary.csv/json, plots, and topology.yaml of the frontier and the ranking's head.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write results here: results.jsonl (predicted, columnar, resumable by chunk) or one directory per "
+                   "measured point; summary.csv/json, plots, and topology.yaml of the frontier and the ranking's head.")
 @click.option("--no-resume", is_flag=True, help="Recompute points already stored in --out.")
 @click.option("--measured", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="widep bench --out directories to overlay on the Pareto plot.")
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=0), help="Rows per table (0: all).")
@@ -328,7 +330,10 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
             step = len(front) / lim
             shown = [front[int(i * step)] for i in range(lim)]
         con.print()
-        con.print(level_table("Pareto frontier: tokens/s/user vs tokens/s/GPU" + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points" + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")", shown, False))
+        title = ("Pareto frontier: tokens/s/user vs tokens/s/GPU"
+                 + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points"
+                 + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")")
+        con.print(level_table(title, shown, False))
     if show_infeasible and bad:
         con.print()
         t = Table(title=f"infeasible ({len(bad)})", title_justify="left", box=None, header_style="bold", pad_edge=False)
@@ -348,7 +353,9 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
         con.print(f"[dim]{len(bad)} infeasible candidate(s): --show-infeasible lists them with the planner's reason.[/dim]")
     if out is not None:
         store = f"{out}/<point>/result.json" if measure else f"{out}/results.jsonl"
-        con.print(f"results: {store}, {out}/summary.csv, {out}/summary.json; topologies: {out}/<candidate>/topology.yaml" + (f"; plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}" if plots else ""))
+        pngs = ", ".join(str(p) for p in plots if p.suffix == ".png") if plots else ""
+        con.print(f"results: {store}, {out}/summary.csv, {out}/summary.json; "
+                  f"topologies: {out}/<candidate>/topology.yaml" + (f"; plots: {pngs}" if plots else ""))
 
 
 def _band() -> dict[str, Any]:
@@ -362,14 +369,16 @@ def _band() -> dict[str, Any]:
     return doc
 
 
-def predict_point_dict(plan_obj: Any, workload: Any, concurrency: float, cal: Any, engine: str = "vllm") -> dict[str, Any]:
+def predict_point_dict(plan_obj: Any, workload: Any, concurrency: float, cal: Any,
+                       engine: str = "vllm") -> dict[str, Any]:
     """One deployment at one concurrency: the JSON contract of ``widep predict`` (also what sweep rows hold)."""
     from widep.perf.model import SCHEDULE_NAMES, predict_plan
 
     mode, levels = predict_plan(plan_obj, workload, [concurrency], cal, saturation=False, engine=engine)
     lv = levels[0]
     gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles)
-    dec_gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles if rp.kind in ("decode", "mixed"))
+    dec_gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles
+                   if rp.kind in ("decode", "mixed"))
     bd = dict(lv.breakdown)
     mb = round(bd.get("micro_batches", 1.0))
     sched = SCHEDULE_NAMES[("vllm", "sglang", "deepseek").index(engine)] if mb > 1 else "none (one micro-batch)"
@@ -419,13 +428,16 @@ def predict_point_dict(plan_obj: Any, workload: Any, concurrency: float, cal: An
               help="Mean KV length of decoding sequences (default isl + osl/2).")
 @click.option("--mtp-acceptance", type=click.FloatRange(0.0, 1.0), default=None,
               help="Chance each further MTP draft token is accepted (default: the calibration's).")
-@click.option("--spec-tokens", default=None, type=click.IntRange(min=0), help="Draft tokens per step (default: the topology's).")
+@click.option("--spec-tokens", default=None, type=click.IntRange(min=0),
+              help="Draft tokens per step (default: the topology's).")
 @click.option("--prefix-hit", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.99))
 @click.option("--arrival", type=click.Choice(["wave", "steady"]), default="wave", show_default=True,
-              help="wave: fixed-length closed loop, every user starts together (vllm bench, widep bench); steady: spread out.")
+              help="wave: fixed-length closed loop, every user starts together (vllm bench, widep bench); "
+                   "steady: spread out.")
 @click.option("--engine", type=click.Choice(["vllm", "sglang", "deepseek"]), default="vllm", show_default=True,
               help="Whose overlap schedule to model.")
-@click.option("--calibration", default="published", show_default=True, help="'published', 'auto:<GPU>' or a calibration file.")
+@click.option("--calibration", default="published", show_default=True,
+              help="'published', 'auto:<GPU>' or a calibration file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def predict_cmd(topology: str, concurrency: float, isl: int, osl: int, decode_context: float | None,
                 mtp_acceptance: float | None, spec_tokens: int | None, prefix_hit: float, arrival: str, engine: str,
@@ -471,7 +483,8 @@ def predict_cmd(topology: str, concurrency: float, isl: int, osl: int, decode_co
 @click.option("--topology", "topologies", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="The topology each run measured: once for all runs, or once per run in order.")
 @click.option("--calibration", default="published", show_default=True, help="Starting calibration.")
-@click.option("--terms", default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency,request_overhead_us",
+@click.option("--terms",
+              default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency,request_overhead_us",
               show_default=True,
               help="Free terms to fit (those that move no prediction are left alone).")
 @click.option("--measure-host", "measure_host_threads", type=click.IntRange(min=1), default=None,
@@ -501,7 +514,8 @@ def calibrate_cmd(run_dirs: tuple[str, ...], topologies: tuple[str, ...], calibr
     from widep.spec.topology import load_topology
 
     if len(topologies) not in (1, len(run_dirs)):
-        raise UserError(f"--topology: give one for all runs or one per run. Given: {len(topologies)} for {len(run_dirs)} runs.")
+        raise UserError(f"--topology: give one for all runs or one per run. "
+                        f"Given: {len(topologies)} for {len(run_dirs)} runs.")
     plans = [plan(load_topology(t)) for t in topologies]
     if len(plans) == 1:
         plans = plans * len(run_dirs)
@@ -510,8 +524,8 @@ def calibrate_cmd(run_dirs: tuple[str, ...], topologies: tuple[str, ...], calibr
     if measure_host_threads:
         host = measure_host(measure_host_threads)
         kinds = {p.gpu.name for p in plans}
-        cal = dc_replace(cal, hardware={**cal.hardware, **{k: {f: host[f] for f in ("hbm_tbps", "bf16_tflops", "fp8_tflops")}
-                                                            for k in kinds}})
+        figs = {f: host[f] for f in ("hbm_tbps", "bf16_tflops", "fp8_tflops")}
+        cal = dc_replace(cal, hardware={**cal.hardware, **{k: dict(figs) for k in kinds}})
     runs = [(p, read_run(d)) for p, d in zip(plans, run_dirs, strict=True)]
     wanted = tuple(t.strip() for t in terms.split(",") if t.strip())
     bad = [t for t in wanted if t not in TERMS]
@@ -534,7 +548,8 @@ def calibrate_cmd(run_dirs: tuple[str, ...], topologies: tuple[str, ...], calibr
     if host:
         click.echo(f"host: memory {host['hbm_tbps'] * 1e3:.1f} GB/s, matmul {host['bf16_tflops'] * 1e3:.1f} GFLOP/s "
                    f"({int(host['threads'])} thread(s))")
-    click.echo(f"{'run':24s} {'level':6s} {'conc':>5s} {'tok/s/GPU meas':>14s} {'pred':>9s} {'err':>7s} {'(before)':>9s} "
+    click.echo(f"{'run':24s} {'level':6s} {'conc':>5s} {'tok/s/GPU meas':>14s} {'pred':>9s} {'err':>7s} "
+               f"{'(before)':>9s} "
                f"{'TPOT ms meas':>12s} {'pred':>8s} {'err':>7s} {'(before)':>9s}")
     for r in rows:
         def pc(x: Any) -> str:

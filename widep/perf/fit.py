@@ -51,9 +51,19 @@ def operating_points() -> tuple[OperatingPoint, ...]:
     for d in doc["points"]:
         topo = dict(d["topology"])
         topo.setdefault("name", d["id"])
-        out.append(OperatingPoint(id=d["id"], source=d["source"], engine=d["engine"], metric=d["metric"],
-                                  published=float(d["published"]), workload=dict(d["workload"]), topology=topo,
-                                  tps_user=d.get("tps_user"), use=d.get("use", "fit")))
+        out.append(
+            OperatingPoint(
+                id=d["id"],
+                source=d["source"],
+                engine=d["engine"],
+                metric=d["metric"],
+                published=float(d["published"]),
+                workload=dict(d["workload"]),
+                topology=topo,
+                tps_user=d.get("tps_user"),
+                use=d.get("use", "fit"),
+            )
+        )
     return tuple(out)
 
 
@@ -88,8 +98,11 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
     if pt.metric == "prefill_tps_gpu":
         per_rank = float(roles[0].max_num_batched_tokens) / max(w.isl_computed, 1.0)
         perf = serve_prefill_only(rb, cal, w, np.asarray([[per_rank * ranks]]))
-        return {"predicted": float(perf.tps_gpu[0, 0]), "batch": float(perf.batch[0, 0]),
-                "breakdown": perf.steps["prefill"].row(0, 0)}
+        return {
+            "predicted": float(perf.tps_gpu[0, 0]),
+            "batch": float(perf.batch[0, 0]),
+            "breakdown": perf.steps["prefill"].row(0, 0),
+        }
     batches = np.unique(np.concatenate([np.arange(1.0, 64.0), np.geomspace(64.0, 4096.0, 120)]))
     perf = serve_decode_only(rb, cal, w, (batches * ranks)[None, :])
     b = perf.batch[0]
@@ -100,8 +113,11 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
     tg, tu = perf.tps_gpu[0, idx], perf.tps_user[0, idx]
     if pt.metric == "tps_gpu_saturated":
         j = int(idx[-1])
-        return {"predicted": float(perf.tps_gpu[0, j]), "batch": float(b[j]),
-                "breakdown": perf.steps["decode"].row(0, j)}
+        return {
+            "predicted": float(perf.tps_gpu[0, j]),
+            "batch": float(b[j]),
+            "breakdown": perf.steps["decode"].row(0, j),
+        }
     if pt.metric == "tps_gpu_at_tps_user":
         target = float(pt.tps_user or 0.0)
         if tu[-1] <= target <= tu[0]:
@@ -111,8 +127,10 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
             val, bat = float(tg[-1]), float(b[idx][-1])
         j = int(idx[int(np.argmin(np.abs(b[idx] - bat)))])
         return {"predicted": val, "batch": bat, "breakdown": perf.steps["decode"].row(0, j)}
-    raise UserError(f"operating point {pt.id}: metric {pt.metric!r} is not known. "
-                    "Valid: tps_gpu_at_tps_user, tps_gpu_saturated, prefill_tps_gpu.")
+    raise UserError(
+        f"operating point {pt.id}: metric {pt.metric!r} is not known. "
+        "Valid: tps_gpu_at_tps_user, tps_gpu_saturated, prefill_tps_gpu."
+    )
 
 
 def errors(points: Sequence[OperatingPoint], cal: Calibration) -> np.ndarray:
@@ -120,8 +138,13 @@ def errors(points: Sequence[OperatingPoint], cal: Calibration) -> np.ndarray:
     return np.asarray([math.log(predict_point(p, cal)["predicted"] / p.published) for p in points])
 
 
-def fit(points: Sequence[OperatingPoint], cal: Calibration, terms: Sequence[str] = tuple(FREE_TERMS),
-        rounds: int = 3, grid: int = 9) -> Calibration:
+def fit(
+    points: Sequence[OperatingPoint],
+    cal: Calibration,
+    terms: Sequence[str] = tuple(FREE_TERMS),
+    rounds: int = 3,
+    grid: int = 9,
+) -> Calibration:
     """Coordinate search over the free terms (bounded grids that shrink each round) minimising sum of log errors²."""
     best = cal
     best_loss = float(np.sum(errors(points, best) ** 2))
@@ -138,7 +161,9 @@ def fit(points: Sequence[OperatingPoint], cal: Calibration, terms: Sequence[str]
             half = (hi - lo) / 4.0
             blo, bhi = FREE_TERMS[t]
             spans[t] = (max(blo, cur - half), min(bhi, cur + half))
-    return replace(best, name=f"{cal.name}+fit", description=f"{cal.description}; free terms fitted to {len(points)} public points")
+    return replace(
+        best, name=f"{cal.name}+fit", description=f"{cal.description}; free terms fitted to {len(points)} public points"
+    )
 
 
 def leave_one_out(cal: Calibration, points: Sequence[OperatingPoint] | None = None) -> list[dict[str, Any]]:
@@ -152,12 +177,19 @@ def leave_one_out(cal: Calibration, points: Sequence[OperatingPoint] | None = No
         held = fit(others, cal) if others else cal
         pred = predict_point(p, held)["predicted"]
         ins = predict_point(p, full)
-        rows.append({
-            "id": p.id, "engine": p.engine, "metric": p.metric, "published": p.published,
-            "predicted_fit": ins["predicted"], "predicted_loo": pred,
-            "error_fit_pct": 100.0 * (ins["predicted"] / p.published - 1.0),
-            "error_loo_pct": 100.0 * (pred / p.published - 1.0),
-            "batch": ins["batch"], "source": p.source,
-            "terms_loo": {t: round(getattr(held, t), 4) for t in FREE_TERMS},
-        })
+        rows.append(
+            {
+                "id": p.id,
+                "engine": p.engine,
+                "metric": p.metric,
+                "published": p.published,
+                "predicted_fit": ins["predicted"],
+                "predicted_loo": pred,
+                "error_fit_pct": 100.0 * (ins["predicted"] / p.published - 1.0),
+                "error_loo_pct": 100.0 * (pred / p.published - 1.0),
+                "batch": ins["batch"],
+                "source": p.source,
+                "terms_loo": {t: round(getattr(held, t), 4) for t in FREE_TERMS},
+            }
+        )
     return rows

@@ -1005,8 +1005,8 @@ def with_saturation(levels: np.ndarray, cap: float, saturation: bool) -> tuple[n
     return merged, int(np.searchsorted(merged, cap))
 
 
-def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *, saturation: bool = True,
-                 engine: str = "vllm") -> tuple[str, list[LevelPrediction]]:
+def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *,
+                 saturation: bool = True, engine: str = "vllm") -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in

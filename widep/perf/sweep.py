@@ -472,7 +472,7 @@ def _level_arrays(results: Sequence[ItemResult]) -> dict[str, np.ndarray]:
         m = next(iter(blk.mats.values())).shape[1]
         flat = np.concatenate([lt.row * m + np.asarray(lt.idx) for lt in run]) if run else np.zeros(0, int)
         for f in LEVEL_FIELDS:
-            a = blk.mats[f].reshape(-1)[flat] if blk.mats[f].flags.c_contiguous else np.ascontiguousarray(blk.mats[f]).reshape(-1)[flat]
+            a = np.ascontiguousarray(blk.mats[f]).reshape(-1)[flat]
             if f in blk.names:
                 a = np.asarray(blk.names[f], object)[a]
             parts[f].append(a)
@@ -566,7 +566,8 @@ def run_sweep(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}), "items": len(items),
+        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}),
+                                         "items": len(items),
                                          "results": RESULTS_FILE if columnar else "<item-id>/result.json"})
         store = out / RESULTS_FILE
         wanted = {it.id for it in items}
