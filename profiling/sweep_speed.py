@@ -10,6 +10,12 @@ Times, per run (wall clock and this process's CPU time, since the machine may be
   frontier   - the Pareto frontier over every (candidate, level) point
   total      - all of the above: what ``widep sweep`` spends before printing/writing files
 Prints the median of ``--runs`` runs (the first run also pays for imports and caches; it is reported apart).
+
+The whole command (``--command``): ``widep sweep --model M --gpu G --gpus A..B --out DIR`` run ``--runs`` times
+as a child process (a fresh DIR each time, then once more resuming from the last DIR); CPU time is the
+child's user + system time (resource.getrusage), so interpreter start, imports, the columnar results file,
+the summary and the plots all count. Reports candidates per CPU-second (median), the load average before
+and after, and the target of issue 17 (>= 5,000 candidates per CPU-second).
 """
 
 from __future__ import annotations
@@ -55,6 +61,46 @@ def one_run(budget: Budget, cal_name: str) -> dict:
             "frontier": len(front), "times": t}
 
 
+def command_runs(args: argparse.Namespace) -> dict:
+    import resource
+    import shutil
+    import subprocess
+    import tempfile
+
+    widep = str(Path(sys.executable).with_name("widep"))
+    cmd = [widep, "sweep", "--model", args.model, "--gpu", args.gpu, "--gpus", args.gpus]
+    tmp = Path(tempfile.mkdtemp(prefix="widep-sweep-speed-"))
+    load0 = os.getloadavg()[0]
+    rows = []
+    try:
+        for i in range(args.runs + 1):
+            out = tmp / f"run{min(i, args.runs - 1)}"
+            if i < args.runs and out.exists():
+                shutil.rmtree(out)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            w0 = time.perf_counter()
+            p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - w0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if p.returncode != 0:
+                raise SystemExit(f"widep sweep failed: {p.stderr[-2000:]}")
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            rows.append({"resume": i == args.runs, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)})
+        m = next(ln for ln in p.stdout.splitlines() if "candidates for" in ln)
+        n = int(m.split()[0])
+        files = {f.name: f.stat().st_size for f in (tmp / f"run{args.runs - 1}").iterdir() if f.is_file()}
+        dirs = sum(1 for f in (tmp / f"run{args.runs - 1}").iterdir() if f.is_dir())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fresh = [r for r in rows if not r["resume"]]
+    cpu = statistics.median(r["cpu_s"] for r in fresh)
+    return {"command": " ".join(cmd[1:]) + " --out DIR", "candidates": n, "runs": rows,
+            "median_cpu_s": round(cpu, 3), "median_wall_s": round(statistics.median(r["wall_s"] for r in fresh), 3),
+            "candidates_per_cpu_s": round(n / cpu), "resume_cpu_s": rows[-1]["cpu_s"], "target_per_cpu_s": 5000,
+            "files": files, "point_dirs": dirs, "cpus": os.cpu_count(),
+            "load_avg_1m": {"before": round(load0, 2), "after": round(os.getloadavg()[0], 2)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="deepseek-r1")
@@ -63,7 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--calibration", default="published")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--command", action="store_true", help="time the whole widep sweep command (see above)")
     args = ap.parse_args(argv)
+    if args.command:
+        res = command_runs(args)
+        if args.json:
+            print(json.dumps(res, indent=1))
+            return 0
+        print(f"{res['command']}: {res['candidates']} candidates; {len(res['runs']) - 1} fresh runs + 1 resumed on "
+              f"{res['cpus']} CPUs (load {res['load_avg_1m']['before']} -> {res['load_avg_1m']['after']})")
+        for r in res["runs"]:
+            print(f"  {'resume' if r['resume'] else 'fresh '}  {r['cpu_s']:6.2f} s cpu  {r['wall_s']:6.2f} s wall")
+        print(f"  => median {res['median_cpu_s']:.2f} CPU-s: {res['candidates_per_cpu_s']:,} candidates per CPU-second "
+              f"(target {res['target_per_cpu_s']:,}); files {res['files']}; {res['point_dirs']} topology dirs")
+        return 0
     lo, _, hi = args.gpus.partition("..")
     gpus = tuple(range(int(lo), int(hi or lo) + 1))
     budget = Budget(model=args.model, gpu=args.gpu, gpus=gpus)

@@ -162,3 +162,37 @@ def test_grouped_curve_drives_expert_time() -> None:
 
 def test_format_constant() -> None:
     assert _doc()["format"] == FORMAT
+
+
+def test_calibration_document_round_trips_and_hardware_overrides(tmp_path) -> None:
+    """What widep calibrate writes reads back to the same figures; measured hardware replaces the datasheet's."""
+    import dataclasses
+
+    import yaml
+
+    from widep.perf.calibrate import calibration_document
+    from widep.perf.calibration import load_calibration, published
+    from widep.perf.model import ArchConst, RoleBatch, RoleInput, step_time
+    from widep.spec.hardware import get_gpu
+    from widep.spec.models import load_preset
+
+    cal = published()
+    path = tmp_path / "cal.yaml"
+    path.write_text(yaml.safe_dump(calibration_document(cal), sort_keys=False))
+    back = load_calibration(path)
+    assert back.fingerprint() == cal.fingerprint()
+    slow = dataclasses.replace(cal, hardware={"H200": {"hbm_tbps": 1.0}})
+    path.write_text(yaml.safe_dump(calibration_document(slow), sort_keys=False))
+    assert load_calibration(path).hardware == {"H200": {"hbm_tbps": 1.0}}
+    arch = ArchConst.of(load_preset("deepseek-r1"), "fp8", "bf16")
+    r = RoleInput(kind="decode", gpu=get_gpu("H200"), tp=1, dp=16, ep=16, replicas=1, nodes=2, expert_parallel=True,
+                  physical_experts=256, redundant=0, eplb=False, dbo=False, dbo_decode_threshold=32,
+                  dbo_prefill_threshold=512, backend="deepep_low_latency", cuda_graphs=True,
+                  max_num_batched_tokens=8192, max_num_seqs=256, kv_tokens=1_000_000)
+    fast = step_time(RoleBatch.build(arch, [r], cal), cal, 64, 1, 2000, 0, 0).total[0, 0]
+    slowed = step_time(RoleBatch.build(arch, [r], slow), slow, 64, 1, 2000, 0, 0).total[0, 0]
+    assert slowed > 2 * fast  # 1 TB/s instead of 4.8: the memory-bound decode step slows accordingly
+    bad = calibration_document(cal) | {"hardware": {"H200": {"hbm_tbps": -1}}}
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(UserError, match="hardware.H200.hbm_tbps"):
+        load_calibration(path)

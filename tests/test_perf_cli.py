@@ -46,9 +46,12 @@ def test_budget_sweep_table_and_out_dir(tmp_path: Path) -> None:
     assert "Pareto frontier" in p.stdout
     assert (out / "summary.csv").is_file() and (out / "summary.json").is_file() and (out / "sweep.json").is_file()
     assert (out / "sweep-pareto.png").is_file()
+    # predicted sweeps: one columnar results file, directories only for the launchable short list
+    assert (out / "results.jsonl").is_file()
     dirs = [d for d in out.iterdir() if d.is_dir()]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(dirs) == len(summary["candidates"])
+    assert 0 < len(dirs) < len(summary["candidates"]) + 1
+    assert all((d / "topology.yaml").is_file() and not (d / "result.json").exists() for d in dirs)
     # a second run reuses every stored point (same key) and prints the same numbers
     p2 = widep("sweep", "--model", "deepseek-r1", "--gpu", "H200", "--gpus", "16", "--modes", "mixed", "--tp", "1",
                "--max-num-seqs", "128", "--min-tps-user", "20", "--out", str(out), "--show-infeasible")
@@ -104,3 +107,30 @@ def test_measured_calibration_from_profiling_results() -> None:
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["calibration"]["name"].startswith("measured-")
+
+
+def test_predict_json_contract_and_bad_input() -> None:
+    """widep predict: one point with throughput per GPU / decode GPU, per-user speed, TTFT, TPOT, step
+    breakdown, overlap schedule and a band from the leave-one-out residuals; the wave TTFT grows with load."""
+    topo = str(ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml")
+    out = {}
+    for c in ("64", "1024"):
+        p = widep("predict", topo, "--concurrency", c, "--isl", "2000", "--osl", "1000", "--decode-context", "2500",
+                  "--mtp-acceptance", "0.7", "--json")
+        assert p.returncode == 0, p.stderr
+        out[c] = json.loads(p.stdout)
+    d = out["64"]
+    for key in ("tps_per_gpu", "tps_per_decode_gpu", "tps_per_user", "ttft_ms", "tpot_ms", "step_ms", "overlap",
+                "uncertainty"):
+        assert key in d
+    assert d["mode"] == "pd" and d["decode_gpus"] < d["gpus"]
+    assert d["tps_per_decode_gpu"] > d["tps_per_gpu"] > 0
+    assert d["workload"]["decode_context"] == 2500 and d["workload"]["spec_acceptance"] == 0.7
+    lo, hi = d["uncertainty"]["tps_per_gpu"]
+    assert lo < d["tps_per_gpu"] < hi
+    assert d["step_ms"]["step_ms"] > 0 and d["overlap"]["schedule"]
+    assert out["1024"]["ttft_ms"] > out["64"]["ttft_ms"]
+    text = widep("predict", topo, "--concurrency", "64")
+    assert text.returncode == 0 and "tokens/s per decode GPU" in text.stdout and "overlap:" in text.stdout
+    bad = widep("predict", topo, "--concurrency", "0")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

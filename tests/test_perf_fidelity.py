@@ -1,8 +1,9 @@
-"""profiling/fidelity.py: the model against DeepSeek's published production figures (a guard, not a fit).
+"""profiling/fidelity.py: the model against every public operating point, fitted and leave-one-out.
 
-The bounds are wide on purpose: they catch unit and wiring mistakes (a factor of 10), and record the
-state of the model: decode within 2x, prefill within 3.5x of the 24-hour production averages (the model
-predicts full-load capacity; see the script's docstring for why prefill sits further off).
+Records the state of the model honestly: the goal of issue 17 is every point within +-20% leave-one-out;
+today the in-sample fit is within 35% and leave-one-out within 50% (the closing note lists each point).
+The packaged uncertainty band (widep/perf/data/fit-residuals.json, what `widep predict` reports) must be
+the one this run produces, so a model change that moves the residuals must refresh it (--write).
 """
 
 from __future__ import annotations
@@ -12,23 +13,36 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fidelity_table() -> None:
-    p = subprocess.run([sys.executable, str(ROOT / "profiling" / "fidelity.py"), "--json"], capture_output=True, text=True, timeout=300)
+def test_fidelity_table_and_leave_one_out() -> None:
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "profiling" / "fidelity.py"), "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    cases = {c["case"].split(" (")[0]: c for c in doc["cases"]}
-    assert len(doc["cases"]) == 4
-    for c in doc["cases"]:
-        assert c["predicted"] > 0 and c["published"] > 0
-        bound = 2.0 if c["case"].startswith("decode") else 3.5
-        assert 1 / bound <= c["ratio"] <= bound, c
-    d = doc["decode"]
-    # the operating point is a real batch: between 1 and what the KV cache holds
-    assert 1 <= d["batch_at_published_user_speed"] <= d["kv_cap_batch"]
-    assert cases["decode tok/s/GPU at 21 tok/s/user"]["published"] == 1850
-    # the same tables through the text output
-    t = subprocess.run([sys.executable, str(ROOT / "profiling" / "fidelity.py")], capture_output=True, text=True, timeout=300)
-    assert t.returncode == 0 and "decode tok/s/GPU at 21 tok/s/user" in t.stdout
+    listed = yaml.safe_load((ROOT / "widep" / "perf" / "data" / "operating-points.yaml").read_text())["points"]
+    assert [r["id"] for r in doc["rows"]] == [pt["id"] for pt in listed]
+    for r in doc["rows"]:
+        assert r["source"] and r["published"] > 0 and r["predicted_loo"] > 0
+        assert abs(r["error_fit_pct"]) <= 35.0, r
+        assert abs(r["error_loo_pct"]) <= 50.0, r
+    assert doc["rms_log_loo"] < 0.35
+    band = json.loads((ROOT / "widep" / "perf" / "data" / "fit-residuals.json").read_text())
+    assert band["points"] == len(doc["rows"])
+    assert abs(band["rms_log"] - doc["rms_log_loo"]) < 0.01, "refresh the band: python profiling/fidelity.py --write"
+    t = subprocess.run(
+        [sys.executable, str(ROOT / "profiling" / "fidelity.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert t.returncode == 0 and "deepseek-decode-h800" in t.stdout and "LOO" in t.stdout

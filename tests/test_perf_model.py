@@ -188,7 +188,7 @@ def test_serving_curve_and_caps() -> None:
     only the queue (TTFT) grows, and closed-loop Little's law holds."""
     r = role(kind="mixed", mns=64, kv_tokens=10_000_000)
     rb = RoleBatch.build(A_R1, [r], CAL)
-    w = Workload(isl=1000, osl=1000)
+    w = Workload(isl=1000, osl=1000, arrival="steady")
     C = np.asarray([[1, 4, 16, 64, 256, 1024, 4096, 16384]], float)
     perf = serve_mixed(rb, CAL, w, C)
     cap = float(perf.capacity[0, 0])
@@ -220,7 +220,7 @@ def test_mixed_pays_for_prefill_and_pd_for_kv_transfer() -> None:
 
 def test_pd_is_limited_by_a_small_prefill_group() -> None:
     """With one slow prefill rank for a big decode group, decode runs at the prefill group's request rate."""
-    w = Workload(isl=8000, osl=200)
+    w = Workload(isl=8000, osl=200, arrival="steady")
     rp = RoleBatch.build(A_R1, [role(kind="prefill", nodes=1, backend="deepep_high_throughput", mnbt=8192, mns=8)], CAL)
     rd = RoleBatch.build(A_R1, [role(kind="decode", nodes=4)], CAL)
     perf = serve_pd(rp, rd, CAL, w, np.asarray([[64.0, 4096.0]]))
@@ -285,3 +285,66 @@ def test_vectorised_equals_one_by_one() -> None:
         alone = serve_mixed(RoleBatch.build(A_R1, [r], CAL), CAL, Workload(), C)
         for f in ("tps_gpu", "tps_user", "ttft", "tpot"):
             np.testing.assert_allclose(getattr(together, f)[i], getattr(alone, f)[0], rtol=1e-12)
+
+
+def test_wave_mode_ttft_and_littles_law() -> None:
+    """Fixed-length closed-loop waves: TTFT at full load is the wave's prefill (seconds, growing with the
+    wave), and throughput = concurrency x OSL / (TTFT + OSL x TPOT) holds up to the batch cap."""
+    r = role(kind="mixed", mns=256, kv_tokens=10_000_000)
+    rb = RoleBatch.build(A_R1, [r], CAL)
+    w = Workload(isl=2000, osl=1000)
+    C = np.asarray([[16.0, 256.0, 1024.0]]) * r.dp
+    perf = serve_mixed(rb, CAL, w, C)
+    assert np.all(np.diff(perf.ttft[0]) > 0)
+    assert perf.ttft[0, -1] > 1.0
+    steady = serve_mixed(rb, CAL, Workload(isl=2000, osl=1000, arrival="steady"), C)
+    assert perf.ttft[0, 1] > 3 * steady.ttft[0, 1]
+    tps = perf.tps_gpu * rb.gpus[0, 0]
+    little = C * w.osl / (perf.ttft + (w.osl - 1.0) * perf.tpot)
+    assert tps[0] == pytest.approx(little[0], rel=0.02)
+
+
+def test_overlap_schedule_hides_at_most_each_phase() -> None:
+    """DBO hides each op behind one compute phase of the other micro-batch: never more than the all-to-all,
+    never more than the DeepSeek 5-stage packing; no overlap without DBO; normal kernels cost SMs."""
+    from dataclasses import replace as dc_replace
+
+    base = role(kind="decode", nodes=4, dbo=True)
+    rows = [base, dc_replace(base, engine="deepseek"), dc_replace(base, dbo=False)]
+    rb = RoleBatch.build(A_R1, rows, CAL)
+    st = step_time(rb, CAL, 128, 1, 2000, 0, 0)
+    hid = st.overlap_hidden[:, 0]
+    assert np.all(hid <= st.all2all[:, 0] + 1e-12)
+    assert hid[0] <= hid[1] + 1e-12 and hid[2] == 0.0
+    pf = RoleBatch.build(A_R1, [role(kind="prefill", nodes=4, backend="deepep_high_throughput", dbo=True)], CAL)
+    sp = step_time(pf, CAL, 0, 1, 0, 8192, 2000)
+    assert sp.contention[0, 0] > 0.0
+
+
+def test_dp_imbalance_random_spreading_costs_more() -> None:
+    """Random request spreading leaves the busiest DP rank fuller than a DP-aware balancer does."""
+    from dataclasses import replace as dc_replace
+
+    base = role(kind="decode", nodes=4)
+    rb = RoleBatch.build(A_R1, [base, dc_replace(base, balancer="random")], CAL)
+    perf = serve_decode_only(rb, CAL, Workload(isl=2000, osl=1000), np.asarray([[32.0 * base.dp]]))
+    assert perf.tpot[1, 0] > perf.tpot[0, 0]
+
+
+def test_router_policy_sets_the_dp_balancer() -> None:
+    """A router that spreads requests blindly (random) leaves DP ranks less even than a load-aware one."""
+    import yaml
+
+    from widep.perf.model import balancer_of, predict_plan
+    from widep.plan.core import plan
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-decode-4x8-h200-eplb.yaml").read_text())
+    out = {}
+    for policy in ("random", "power_of_two"):
+        d = dict(doc) | {"router": {"enabled": True, "policy": policy}}
+        p = plan(parse_topology(d, "t"))
+        level = predict_plan(p, Workload(isl=1000, osl=1000), [512.0], CAL, saturation=False)[1][0]
+        out[policy] = (balancer_of(p), level)
+    assert out["random"][0] == "random" and out["power_of_two"][0] == "balanced"
+    assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms

@@ -223,3 +223,35 @@ def test_plots_overlay_predicted_and_measured(tmp_path: Path, echo_run: Path) ->
     files = plot_sweep(many, tmp_path / "q" / "sweep")
     assert (tmp_path / "q" / "sweep-pareto.png").stat().st_size > 10_000
     assert "frontier (predicted)" in (tmp_path / "q" / "sweep-pareto.svg").read_text()
+
+
+def test_predicted_sweep_is_one_columnar_file_resumable_by_chunk(tmp_path: Path) -> None:
+    """The predict executor stores results.jsonl (one line per chunk), reused on resume; a chunk cut short
+    (a killed run) is recomputed alone; another workload starts the file afresh; results round-trip."""
+    items = small_items()
+    out = tmp_path / "sw"
+
+    class Columnar(Counting):
+        columnar = True
+
+    ex = Columnar(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
+    res = run_sweep(items, ex, out, chunk=7)
+    assert not [d for d in out.iterdir() if d.is_dir() and (d / "result.json").exists()]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == -(-len(items) // 7)
+    back = {r.id: r for r in load_results(out)}
+    assert [back[r.id].as_dict() for r in res] == [r.as_dict() for r in res]
+    assert [back[r.id].saturation for r in res] == [r.saturation for r in res]
+    ex2 = Columnar(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
+    run_sweep(items, ex2, out, chunk=7)
+    assert ex2.seen == []
+    # a run killed while writing its last chunk: that chunk's items (only) are recomputed
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    ex3 = Columnar(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
+    run_sweep(items, ex3, out, chunk=7)
+    lost = set(json.loads(lines[-1])["items"]["id"])
+    assert sorted(ex3.seen) == sorted(lost)
+    ex4 = Columnar(PredictExecutor(CAL, Workload(isl=2000, osl=1000), [1, 16, 256]))
+    run_sweep(items, ex4, out, chunk=7)
+    assert len(ex4.seen) == len(items)
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(lines)

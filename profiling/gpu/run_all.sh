@@ -5,6 +5,7 @@
 #
 #   OUT=/some/dir bash profiling/gpu/run_all.sh            # on the GPU node
 #   QUICK=1 ...                                            # fewer points (a fast look)
+#   DEEP_SRC=/dir/with/DeepEP+DeepGEMM ...                 # also build and run DeepEP/DeepGEMM (deep_run.sh)
 #
 # Steps run one after another, except the two single-GPU benchmarks (gemm on GPU 0, hbm on GPU 1), which
 # run side by side on different GPUs when there are two or more. Each step has its own time limit, so one
@@ -72,6 +73,9 @@ if [ "$N" -ge 2 ]; then
 fi
 if [ "$N" -gt 2 ]; then
   step "moe-ep$N" "${MOE_SECS:-90}" "${TR[@]}" --nproc-per-node="$N" "$HERE/moe_layer_bench.py" --out-dir "$OUT" "${MOE_ARGS[@]}" "${SMOKE_ARG[@]}"
+fi
+if [ -n "${DEEP_SRC:-}" ] && [ "$N" -ge 2 ]; then  # DeepEP V1 + DeepGEMM built from carried sources (deep_run.sh)
+  step deep "${DEEP_SECS:-600}" env OUT="$OUT" bash "$HERE/deep_run.sh" "$DEEP_SRC"
 fi
 step calibration 30 "$PY" "$HERE/make_calibration.py" --results "$OUT"
 ls -la "$OUT"

@@ -33,6 +33,7 @@ from widep.errors import UserError
 FORMAT = "widep-perf-calibration/1"
 MEASURED_FORMAT = "widep-calibration/1"
 BytesModel = Literal["expert_copy", "rank_copy", "node_copy", "gather"]
+HARDWARE_FIELDS = ("hbm_tbps", "bf16_tflops", "fp8_tflops", "fp4_tflops", "nvlink_gbps", "nic_gbps")
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,6 @@ class Calibration:
     tp_allreduce_per_layer: int
     tp_allreduce_latency_us: float
     tp_allreduce_nvlink_efficiency: float
-    dbo_overlap: float
     routing_stat_coef: float
     routing_skew_no_eplb: float
     routing_skew_eplb: float
@@ -102,8 +102,33 @@ class Calibration:
     kv_transfer_nic_efficiency: float
     kv_transfer_latency_us: float
     a2a: tuple[A2ATable, ...]
+    overlap_efficiency: float = 0.9
+    """Fraction of the all-to-all wire time a compute phase of the other micro-batch can hide."""
+    a2a_sm_fraction_nvlink: float = 0.75
+    """Share of an intranode (NVLink) all-to-all that is SM copy work, never hidden by overlap."""
+    a2a_sm_fraction_rdma: float = 0.15
+    """Share of an internode (RDMA) all-to-all that is SM work (send/receive kernels)."""
+    comm_sms_normal: float = 24.0
+    """SMs DeepEP's normal (high-throughput) kernels hold while they run (DeepEP default Buffer.num_sms)."""
+    dp_imbalance_random: float = 1.0
+    """Busiest DP rank over the mean: 1 + coef * sqrt(2 ln(ranks) / requests per rank), random spreading."""
+    dp_imbalance_balanced: float = 0.3
+    """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
+    spec_draft_us: float = 400.0
+    """Host and launch time of one MTP draft pass (a separate forward of the draft layer) per step."""
+    request_overhead_us: float = 0.0
+    """API-server time per request before its first step, serialised per server (widep calibrate fits it)."""
+    hardware: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
+    """Measured figures that replace a hardware kind's datasheet ones: {kind: {hbm_tbps, bf16_tflops, ...}}."""
     measured: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     """What a GPU calibration file replaced, and on which card (empty for the published one)."""
+
+    def gpu_for(self, gpu: Any) -> Any:
+        """``gpu`` with this calibration's measured figures for its kind (unchanged when it has none)."""
+        over = self.hardware.get(gpu.name)
+        if not over:
+            return gpu
+        return replace(gpu, **{k: float(v) for k, v in over.items() if k in HARDWARE_FIELDS})
 
     def a2a_for(self, backend: str) -> A2ATable:
         for t in self.a2a:
@@ -238,7 +263,6 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         tp_allreduce_per_layer=int(_num(doc, "tp_allreduce.per_layer", s)),
         tp_allreduce_latency_us=_num(doc, "tp_allreduce.latency_us", s),
         tp_allreduce_nvlink_efficiency=_num(doc, "tp_allreduce.nvlink_efficiency", s, 1e-3, 1.0),
-        dbo_overlap=_num(doc, "dbo.overlap", s, 0.0, 1.0),
         routing_stat_coef=_num(doc, "routing.stat_coef", s),
         routing_skew_no_eplb=_num(doc, "routing.skew_no_eplb", s),
         routing_skew_eplb=_num(doc, "routing.skew_eplb", s),
@@ -247,7 +271,45 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         kv_transfer_nic_efficiency=_num(doc, "kv_transfer.nic_efficiency", s, 1e-3, 1.0),
         kv_transfer_latency_us=_num(doc, "kv_transfer.latency_us", s),
         a2a=tuple(_a2a_table(k, v, s) for k, v in a2a.items()),
+        overlap_efficiency=_opt(doc, "dbo.efficiency", s, 0.9, 0.0, 1.0),
+        a2a_sm_fraction_nvlink=_opt(doc, "dbo.a2a_sm_fraction_nvlink", s, 0.75, 0.0, 1.0),
+        a2a_sm_fraction_rdma=_opt(doc, "dbo.a2a_sm_fraction_rdma", s, 0.15, 0.0, 1.0),
+        comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),
+        dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
+        dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
+        spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
+        request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),
+        hardware=_hardware(doc.get("hardware"), s),
     )
+
+
+def _hardware(d: Any, src: str) -> dict[str, dict[str, float]]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise UserError(f"calibration {src}: hardware must map hardware kinds to figures. Given: {d!r}.")
+    out: dict[str, dict[str, float]] = {}
+    for kind, figs in d.items():
+        if not isinstance(figs, dict):
+            raise UserError(f"calibration {src}: hardware.{kind} must be a mapping. Given: {figs!r}.")
+        out[str(kind)] = {}
+        for k, v in figs.items():
+            if k not in HARDWARE_FIELDS:
+                continue  # notes such as threads or fp32_tflops ride along
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise UserError(f"calibration {src}: hardware.{kind}.{k} must be a positive number. Given: {v!r}.")
+            out[str(kind)][k] = float(v)
+    return out
+
+
+def _opt(doc: dict[str, Any], path: str, src: str, default: float, lo: float = 0.0, hi: float = math.inf) -> float:
+    """An optional number (older calibration files lack the newer terms)."""
+    node: Any = doc
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return _num(doc, path, src, lo, hi)
 
 
 @lru_cache(maxsize=1)

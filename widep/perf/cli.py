@@ -138,7 +138,9 @@ def _fmt(x: Any, nd: int = 1) -> str:
 @click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp8"]))
 @click.option("--min-tps-user", type=float, default=None, help="SLO: rank candidates by tokens/s/GPU at >= this tokens/s/user.")
 @click.option("--max-ttft-ms", type=float, default=None, help="SLO: and TTFT <= this many ms.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Write one directory per candidate, summary.csv/json and plots here.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write results here: results.jsonl (predicted, columnar, resumable by chunk) or one directory per "
+                   "measured point; summary.csv/json, plots, and topology.yaml of the frontier and the ranking's head.")
 @click.option("--no-resume", is_flag=True, help="Recompute points already stored in --out.")
 @click.option("--measured", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="widep bench --out directories to overlay on the Pareto plot.")
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=0), help="Rows per table (0: all).")
@@ -328,7 +330,10 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
             step = len(front) / lim
             shown = [front[int(i * step)] for i in range(lim)]
         con.print()
-        con.print(level_table(f"Pareto frontier: tokens/s/user vs tokens/s/GPU" + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points" + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")", shown, False))
+        title = ("Pareto frontier: tokens/s/user vs tokens/s/GPU"
+                 + (f", TTFT <= {max_ttft_ms:g} ms" if max_ttft_ms else "") + f" ({len(front)} points"
+                 + (f", {len(shown)} shown" if len(shown) < len(front) else "") + ")")
+        con.print(level_table(title, shown, False))
     if show_infeasible and bad:
         con.print()
         t = Table(title=f"infeasible ({len(bad)})", title_justify="left", box=None, header_style="bold", pad_edge=False)
@@ -347,4 +352,212 @@ def sweep_cmd(files: tuple[str, ...], topologies: str | None, model: str | None,
     elif bad:
         con.print(f"[dim]{len(bad)} infeasible candidate(s): --show-infeasible lists them with the planner's reason.[/dim]")
     if out is not None:
-        con.print(f"results: {out}/<candidate>/result.json, {out}/summary.csv, {out}/summary.json" + (f"; plots: {', '.join(str(p) for p in plots if p.suffix == '.png')}" if plots else ""))
+        store = f"{out}/<point>/result.json" if measure else f"{out}/results.jsonl"
+        pngs = ", ".join(str(p) for p in plots if p.suffix == ".png") if plots else ""
+        con.print(f"results: {store}, {out}/summary.csv, {out}/summary.json; "
+                  f"topologies: {out}/<candidate>/topology.yaml" + (f"; plots: {pngs}" if plots else ""))
+
+
+def _band() -> dict[str, Any]:
+    """Leave-one-out residuals of the public operating points (written by profiling/fidelity.py --write)."""
+    from importlib import resources
+
+    try:
+        doc = json.loads((resources.files("widep.perf") / "data" / "fit-residuals.json").read_text())
+    except FileNotFoundError:
+        return {"rms_log": None, "points": 0}
+    return doc
+
+
+def predict_point_dict(plan_obj: Any, workload: Any, concurrency: float, cal: Any,
+                       engine: str = "vllm") -> dict[str, Any]:
+    """One deployment at one concurrency: the JSON contract of ``widep predict`` (also what sweep rows hold)."""
+    from widep.perf.model import SCHEDULE_NAMES, predict_plan
+
+    mode, levels = predict_plan(plan_obj, workload, [concurrency], cal, saturation=False, engine=engine)
+    lv = levels[0]
+    gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles)
+    dec_gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles
+                   if rp.kind in ("decode", "mixed"))
+    bd = dict(lv.breakdown)
+    mb = round(bd.get("micro_batches", 1.0))
+    sched = SCHEDULE_NAMES[("vllm", "sglang", "deepseek").index(engine)] if mb > 1 else "none (one micro-batch)"
+    band = _band()
+    rms = band.get("rms_log")
+
+    def rng(x: float | None) -> list[float] | None:
+        if x is None or rms is None:
+            return None
+        return [round(x * math.exp(-rms), 3), round(x * math.exp(rms), 3)]
+
+    per_decode = lv.tps_gpu * gpus / dec_gpus if dec_gpus else None
+    return {
+        "topology": plan_obj.spec.name if hasattr(plan_obj, "spec") else None,
+        "mode": mode,
+        "engine": engine,
+        "workload": workload.as_dict(),
+        "concurrency": concurrency,
+        "gpus": gpus,
+        "decode_gpus": dec_gpus,
+        "batch_per_rank": round(lv.batch_per_rank, 3),
+        "tps_per_gpu": round(lv.tps_gpu, 3),
+        "tps_per_decode_gpu": None if per_decode is None else round(per_decode, 3),
+        "tps_per_user": None if lv.tps_user is None else round(lv.tps_user, 3),
+        "ttft_ms": None if lv.ttft_ms is None else round(lv.ttft_ms, 3),
+        "tpot_ms": None if lv.tpot_ms is None else round(lv.tpot_ms, 3),
+        "requests_per_s": round(lv.requests_per_s, 4),
+        "bound": lv.bound,
+        "limit": lv.limit,
+        "step_ms": bd,
+        "overlap": {"schedule": sched, "micro_batches": mb, "hidden_ms": bd.get("overlap_hidden_ms"),
+                    "exposed_all2all_ms": bd.get("all2all_exposed_ms"), "sm_contention_ms": bd.get("sm_contention_ms")},
+        "uncertainty": {"method": "leave-one-out residuals of the public operating points (log RMS)",
+                        "rms_log": rms, "points": band.get("points", 0),
+                        "tps_per_gpu": rng(lv.tps_gpu), "tps_per_user": rng(lv.tps_user),
+                        "tpot_ms": rng(lv.tpot_ms), "ttft_ms": rng(lv.ttft_ms)},
+        "calibration": cal.summary(),
+    }
+
+
+@click.command("predict")
+@click.argument("topology", type=click.Path(dir_okay=False))
+@click.option("--concurrency", required=True, type=click.FloatRange(min=1.0), help="Concurrent users (closed loop).")
+@click.option("--isl", default=2000, show_default=True, type=click.IntRange(min=1), help="Input tokens per request.")
+@click.option("--osl", default=2000, show_default=True, type=click.IntRange(min=1), help="Output tokens per request.")
+@click.option("--decode-context", type=click.FloatRange(min=1.0), default=None,
+              help="Mean KV length of decoding sequences (default isl + osl/2).")
+@click.option("--mtp-acceptance", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Chance each further MTP draft token is accepted (default: the calibration's).")
+@click.option("--spec-tokens", default=None, type=click.IntRange(min=0),
+              help="Draft tokens per step (default: the topology's).")
+@click.option("--prefix-hit", default=0.0, show_default=True, type=click.FloatRange(0.0, 0.99))
+@click.option("--arrival", type=click.Choice(["wave", "steady"]), default="wave", show_default=True,
+              help="wave: fixed-length closed loop, every user starts together (vllm bench, widep bench); "
+                   "steady: spread out.")
+@click.option("--engine", type=click.Choice(["vllm", "sglang", "deepseek"]), default="vllm", show_default=True,
+              help="Whose overlap schedule to model.")
+@click.option("--calibration", default="published", show_default=True,
+              help="'published', 'auto:<GPU>' or a calibration file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def predict_cmd(topology: str, concurrency: float, isl: int, osl: int, decode_context: float | None,
+                mtp_acceptance: float | None, spec_tokens: int | None, prefix_hit: float, arrival: str, engine: str,
+                calibration: str, as_json: bool) -> None:
+    """Predict one deployment at one concurrency: tokens/s per GPU and per decode GPU, tokens/s/user, TTFT,
+    TPOT, the step-time breakdown, the overlap schedule and an uncertainty band."""
+    from widep.perf.calibration import load_calibration
+    from widep.perf.model import Workload
+    from widep.plan.core import plan
+    from widep.spec.topology import load_topology
+
+    cal = load_calibration(calibration)
+    w = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=spec_tokens, decode_context=decode_context,
+                 arrival=arrival, spec_acceptance=mtp_acceptance)
+    d = predict_point_dict(plan(load_topology(topology)), w, concurrency, cal, engine)
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+        return
+    u = d["uncertainty"]
+
+    def band(key: str) -> str:
+        r = u.get(key)
+        return f"  [{_fmt(r[0])} .. {_fmt(r[1])}]" if r else ""
+
+    click.echo(f"{d['topology']}: {d['mode']}, {d['gpus']} GPUs ({d['decode_gpus']} decode), engine {engine}, "
+               f"concurrency {_fmt(concurrency, 0)}, isl {isl} osl {osl}, arrival {arrival}")
+    click.echo(f"  tokens/s per GPU        {_fmt(d['tps_per_gpu'])}{band('tps_per_gpu')}")
+    click.echo(f"  tokens/s per decode GPU {_fmt(d['tps_per_decode_gpu'])}")
+    click.echo(f"  tokens/s per user       {_fmt(d['tps_per_user'])}{band('tps_per_user')}")
+    click.echo(f"  TTFT ms                 {_fmt(d['ttft_ms'])}{band('ttft_ms')}")
+    click.echo(f"  TPOT ms                 {_fmt(d['tpot_ms'], 2)}{band('tpot_ms')}")
+    click.echo(f"  batch per rank {_fmt(d['batch_per_rank'])}, bound by {d['bound']}, limited by {d['limit']}")
+    ov = d["overlap"]
+    click.echo(f"  overlap: {ov['schedule']}; hidden {_fmt(ov['hidden_ms'], 2)} ms, exposed all-to-all "
+               f"{_fmt(ov['exposed_all2all_ms'], 2)} ms, SM contention {_fmt(ov['sm_contention_ms'], 2)} ms")
+    click.echo("  step (ms): " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in d["step_ms"].items() if k.endswith("_ms")))
+    if u["rms_log"] is not None:
+        click.echo(f"  band: leave-one-out log RMS {u['rms_log']:.3f} over {u['points']} public points")
+
+
+@click.command("calibrate")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--topology", "topologies", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="The topology each run measured: once for all runs, or once per run in order.")
+@click.option("--calibration", default="published", show_default=True, help="Starting calibration.")
+@click.option("--terms",
+              default="host_step_us,kernel_gap_eager_us,a2a_latency_us,overlap_efficiency,request_overhead_us",
+              show_default=True,
+              help="Free terms to fit (those that move no prediction are left alone).")
+@click.option("--measure-host", "measure_host_threads", type=click.IntRange(min=1), default=None,
+              help="Measure this machine's memory bandwidth and FLOP rate with N threads and record them as the "
+                   "topology's hardware kind (CPU runs).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the fitted calibration here (YAML); widep sweep/predict --calibration FILE use it.")
+@click.option("--json", "as_json", is_flag=True, help="Print fitted terms and residuals as JSON.")
+def calibrate_cmd(run_dirs: tuple[str, ...], topologies: tuple[str, ...], calibration: str, terms: str,
+                  measure_host_threads: int | None, out: Path | None, as_json: bool) -> None:
+    """Fit the model's free terms (host time per step, kernel gap, all-to-all per-op latency, overlap
+    efficiency) to measured `widep bench` runs of a deployment; print the residuals per point."""
+    from dataclasses import replace as dc_replace
+
+    import yaml
+
+    from widep.perf.calibrate import (
+        TERMS,
+        calibration_document,
+        fit_runs,
+        measure_host,
+        read_run,
+        residual_rows,
+    )
+    from widep.perf.calibration import load_calibration
+    from widep.plan.core import plan
+    from widep.spec.topology import load_topology
+
+    if len(topologies) not in (1, len(run_dirs)):
+        raise UserError(f"--topology: give one for all runs or one per run. "
+                        f"Given: {len(topologies)} for {len(run_dirs)} runs.")
+    plans = [plan(load_topology(t)) for t in topologies]
+    if len(plans) == 1:
+        plans = plans * len(run_dirs)
+    cal = load_calibration(calibration)
+    host: dict[str, float] | None = None
+    if measure_host_threads:
+        host = measure_host(measure_host_threads)
+        kinds = {p.gpu.name for p in plans}
+        figs = {f: host[f] for f in ("hbm_tbps", "bf16_tflops", "fp8_tflops")}
+        cal = dc_replace(cal, hardware={**cal.hardware, **{k: dict(figs) for k in kinds}})
+    runs = [(p, read_run(d)) for p, d in zip(plans, run_dirs, strict=True)]
+    wanted = tuple(t.strip() for t in terms.split(",") if t.strip())
+    bad = [t for t in wanted if t not in TERMS]
+    if bad:
+        raise UserError(f"--terms: {', '.join(bad)} not a free term. Valid: {', '.join(TERMS)}.")
+    fitted, live = fit_runs(runs, cal, wanted)
+    rows = residual_rows(runs, cal, fitted)
+    terms_out = {t: round(float(getattr(fitted, t)), 4) for t in live if t != "a2a_latency_us"}
+    if "a2a_latency_us" in live:
+        terms_out["a2a_latency_us"] = {t.backend: t.latency_us for t in fitted.a2a}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(calibration_document(fitted), sort_keys=False))
+    if as_json:
+        click.echo(json.dumps({"fitted": terms_out, "hardware": fitted.hardware, "host_measured": host, "points": rows,
+                               "calibration": str(out) if out else None}, indent=1))
+        return
+    click.echo(f"fitted {', '.join(live) or 'nothing (no term moves these predictions)'} to "
+               f"{len(rows)} measured levels of {len(run_dirs)} run(s): {terms_out}")
+    if host:
+        click.echo(f"host: memory {host['hbm_tbps'] * 1e3:.1f} GB/s, matmul {host['bf16_tflops'] * 1e3:.1f} GFLOP/s "
+                   f"({int(host['threads'])} thread(s))")
+    click.echo(f"{'run':24s} {'level':6s} {'conc':>5s} {'tok/s/GPU meas':>14s} {'pred':>9s} {'err':>7s} "
+               f"{'(before)':>9s} "
+               f"{'TPOT ms meas':>12s} {'pred':>8s} {'err':>7s} {'(before)':>9s}")
+    for r in rows:
+        def pc(x: Any) -> str:
+            return "-" if x is None else f"{x:+.0f}%"
+
+        click.echo(f"{r['run'][:24]:24s} {r['level']:6s} {r['concurrency']:5.0f} {r['measured_tps_gpu']:14.2f} "
+                   f"{r['predicted_tps_gpu']:9.2f} {pc(r['error_tps_pct']):>7s} {pc(r['error_tps_pct_before']):>9s} "
+                   f"{_fmt(r['measured_tpot_ms'], 2):>12s} {_fmt(r['predicted_tpot_ms'], 2):>8s} "
+                   f"{pc(r['error_tpot_pct']):>7s} {pc(r['error_tpot_pct_before']):>9s}")
+    if out is not None:
+        click.echo(f"calibration: {out} (widep sweep --calibration {out})")

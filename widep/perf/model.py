@@ -41,6 +41,13 @@ from widep.spec.models import MoEArch
 
 GB = 1e9
 
+# Overlap schedules per engine (see step_time): 0 vLLM DBO (two micro-batches above the rendered token
+# thresholds), 1 SGLang two-batch overlap (splits every batch of two or more sequences), 2 DeepSeek's
+# decode five-stage pipeline (attention split in two: communication packs against all compute).
+ENGINES = {"vllm": 0, "sglang": 1, "deepseek": 2}
+SCHEDULE_NAMES = ("vllm-dbo", "sglang-tbo", "deepseek-5stage")
+HOPPER_SMS = 132.0
+
 # Codes of what dominates a step and what caps the batch (arrays hold the index).
 BOUND_NAMES = ("hbm", "compute", "all2all", "overhead")
 LIMIT_NAMES = ("concurrency", "max_num_seqs", "kv_cache", "token_budget", "prefill")
@@ -60,8 +67,19 @@ class Workload:
     """Draft tokens per step (MTP / speculative decoding); None: what each topology configures."""
     decode_context: float | None = None
     """Mean KV length of decoding sequences; default isl + osl / 2."""
+    arrival: str = "wave"
+    """Closed-loop traffic shape: 'wave' (fixed lengths, every user starts together: vllm bench / llm-d /
+    widep bench) or 'steady' (arrivals spread out: a production mix)."""
+    spec_acceptance: float | None = None
+    """Chance that each further MTP draft token is accepted; None: the calibration's."""
 
     def __post_init__(self) -> None:
+        if self.arrival not in ("wave", "steady"):
+            raise UserError(f"arrival: {self.arrival!r} is not valid. Valid: wave, steady.")
+        if self.spec_acceptance is not None and not 0.0 <= self.spec_acceptance <= 1.0:
+            raise UserError(f"--mtp-acceptance must be in [0, 1]. Given: {self.spec_acceptance}.")
+        if self.decode_context is not None and self.decode_context < 1:
+            raise UserError(f"--decode-context must be >= 1. Given: {self.decode_context}.")
         if self.isl < 1 or self.osl < 1:
             raise UserError(f"--isl/--osl must be >= 1. Given: isl={self.isl}, osl={self.osl}.")
         if not 0.0 <= self.prefix_hit < 1.0:
@@ -82,7 +100,10 @@ class Workload:
 
     def as_dict(self) -> dict[str, Any]:
         return {"isl": self.isl, "osl": self.osl, "prefix_hit": self.prefix_hit, "spec_tokens": self.spec_tokens,
-                "decode_context": self.ctx_decode}
+                "decode_context": self.ctx_decode, "arrival": self.arrival, "spec_acceptance": self.spec_acceptance}
+
+    def acceptance(self, cal: Calibration) -> float:
+        return cal.spec_acceptance if self.spec_acceptance is None else float(self.spec_acceptance)
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,10 @@ class RoleInput:
     max_num_seqs: int
     kv_tokens: int
     spec_tokens: int = 0
+    engine: str = "vllm"
+    """Whose overlap schedule: 'vllm' (DBO), 'sglang' (two-batch overlap) or 'deepseek' (decode 5-stage pipeline)."""
+    balancer: str = "balanced"
+    """How requests reach DP ranks: 'balanced' (vLLM's DP coordinator / a DP-aware router) or 'random'."""
 
     @property
     def gpus(self) -> int:
@@ -137,6 +162,17 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
             except (ValueError, AttributeError):
                 raise UserError(f"roles[].extra_args: --speculative-config must be JSON with num_speculative_tokens. Given: {val!r}.") from None
     return 0
+
+
+RANDOM_POLICIES = ("random", "consistent_hash")
+
+
+def balancer_of(plan: Any) -> str:
+    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash),
+    else 'balanced' (vLLM's own DP coordinator, or a load-aware router policy)."""
+    router = getattr(getattr(plan, "spec", None), "router", None)
+    policy = getattr(router, "policy", None) if router is not None and getattr(router, "enabled", True) else None
+    return "random" if policy in RANDOM_POLICIES else "balanced"
 
 
 def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
@@ -289,6 +325,10 @@ class RoleBatch:
     @classmethod
     def build(cls, arch: ArchConst, roles: Sequence[RoleInput], cal: Calibration) -> RoleBatch:
         n = len(roles)
+        if cal.hardware:  # measured figures of a hardware kind replace its datasheet ones
+            from dataclasses import replace as _replace
+
+            roles = [_replace(r, gpu=cal.gpu_for(r.gpu)) for r in roles]
 
         def col(values: Any, dtype: Any = float) -> np.ndarray:
             return np.asarray(values, dtype=dtype).reshape(n, 1)
@@ -309,6 +349,14 @@ class RoleBatch:
         a["ranks"] = a["dp"] * a["replicas"]
         a["gpus"] = a["ranks"] * a["tp"]
         a["use_a2a"] = a["expert_parallel"] & (a["ep"] > 1)
+        for r in roles:
+            if r.engine not in ENGINES:
+                raise UserError(f"engine: {r.engine!r} is not known. Valid: {', '.join(ENGINES)}.")
+            if r.balancer not in ("balanced", "random"):
+                raise UserError(f"balancer: {r.balancer!r} is not known. Valid: balanced, random.")
+        a["schedule"] = col([ENGINES[r.engine] for r in roles])
+        a["dp_coef"] = col([cal.dp_imbalance_random if r.balancer == "random" else cal.dp_imbalance_balanced
+                            for r in roles])
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
@@ -367,6 +415,11 @@ class Step:
     all2all: np.ndarray
     """All-to-all time over the step (before overlap)."""
     all2all_exposed: np.ndarray
+    contention: np.ndarray
+    """Compute slowed by the SMs that overlapping communication kernels hold."""
+    overlap_hidden: np.ndarray
+    schedule: np.ndarray
+    """Overlap schedule index into SCHEDULE_NAMES, -1 where the step runs as one micro-batch."""
     hbm_bytes: np.ndarray
     flops: np.ndarray
     hbm_roofline: np.ndarray
@@ -403,6 +456,8 @@ class Step:
             "host_ms": v(self.host) * 1e3,
             "all2all_ms": v(self.all2all) * 1e3,
             "all2all_exposed_ms": v(self.all2all_exposed) * 1e3,
+            "overlap_hidden_ms": v(self.overlap_hidden) * 1e3,
+            "sm_contention_ms": v(self.contention) * 1e3,
             "hbm_gb": v(self.hbm_bytes) / GB,
             "tflop": v(self.flops) / 1e12,
             "hbm_roofline_ms": v(self.hbm_roofline) * 1e3,
@@ -431,7 +486,8 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     ctx_p = np.asarray(ctx_p, float)
     tp = rb.tp
     T = d * q + p
-    split = rb.dbo & np.where(p > 0, T > rb.dbo_prefill_threshold, T > rb.dbo_decode_threshold)
+    thr = np.where(p > 0, T > rb.dbo_prefill_threshold, T > rb.dbo_decode_threshold)
+    split = rb.dbo & np.where(rb.schedule == 0, thr, T >= 2)
     nmb = np.where(split, 2.0, 1.0)
     Tm = T / nmb
     hbm = rb.hbm
@@ -510,9 +566,30 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     t_a2a = np.where(rb.use_a2a & (T > 0), nmb * spec_f * A.moe_layers * t_layer, 0.0)
 
     t_comp = t_dense + t_exp + t_att + t_act + t_ar + t_launch
-    hidden = np.where(nmb > 1, cal.dbo_overlap, 0.0) * np.minimum(t_comp, t_a2a)
+    # Overlap, per MoE layer and micro-batch: A = attention + dense work, M = routed-expert GEMMs,
+    # D / C = dispatch / combine. Only their wire part can hide (the SM part of an NVLink all-to-all is
+    # copy work; over RDMA the send/receive kernels are short); a hidden op hides behind one compute
+    # phase of the other micro-batch. DBO / TBO order per layer: d0|A1, d1|M0, c0|M1, c1|A0(next layer),
+    # so each op meets one phase: hidden = min(D,A) + min(D,M) + min(C,M) + min(C,A). DeepSeek's decode
+    # pipeline splits attention in two and packs communication against all compute: min(2(D+C), 2(A+M)).
+    per = np.maximum(nmb * spec_f * A.moe_layers, 1.0)
+    A_l = (t_dense + t_att + t_act + t_ar + t_launch) * (A.moe_layers / A.layers) / per
+    M_l = t_exp / per
+    sm_frac = np.where(rb.intranode, cal.a2a_sm_fraction_nvlink, cal.a2a_sm_fraction_rdma)
+    D_w = (rb.a2a_lat + skew_io * disp_b / bw_d) * (1.0 - sm_frac)
+    C_w = (rb.a2a_lat + skew_io * comb_b / bw_c) * (1.0 - sm_frac)
+    pair = np.minimum(D_w, A_l) + np.minimum(D_w, M_l) + np.minimum(C_w, M_l) + np.minimum(C_w, A_l)
+    packed = np.minimum(2.0 * (D_w + C_w), 2.0 * (A_l + M_l))
+    hid_layer = np.where(rb.schedule == 2, packed, pair) / 2.0  # per micro-batch
+    hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), cal.overlap_efficiency * hid_layer * per, 0.0)
+    hidden = np.minimum(hidden, t_a2a)
     exposed = t_a2a - hidden
-    total = t_comp + exposed + t_host
+    # SM contention: while DeepEP's normal kernels are in flight they hold comm_sms SMs, so the compute
+    # that overlaps them runs on the rest (low-latency kernels hold none while data is on the wire).
+    sms_frac = np.where(rb.a2a_model == 3, cal.comm_sms_normal / HOPPER_SMS, 0.0)
+    contention = hidden * sms_frac / np.maximum(1.0 - sms_frac, 0.05)
+    draft = rb.spec_tokens * cal.spec_draft_us * 1e-6
+    total = t_comp + exposed + contention + t_host + draft
 
     hbm_bytes = (nmb * spec_f * (rb.dense_bytes + A.moe_layers * exp_bytes) + kv_read + kv_write + act_bytes) * (T > 0)
     flops = nmb * spec_f * (2.0 * (A.dense_params * Tm + A.lm_params * logit_rows) / tp
@@ -528,6 +605,9 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
         host=np.broadcast_to(t_host, total.shape),
         all2all=t_a2a,
         all2all_exposed=exposed,
+        contention=contention,
+        overlap_hidden=hidden,
+        schedule=np.broadcast_to(np.where(nmb > 1, rb.schedule, -1.0), total.shape),
         hbm_bytes=hbm_bytes,
         flops=flops,
         hbm_roofline=hbm_bytes / hbm,
@@ -579,6 +659,23 @@ class Perf:
     """The step breakdowns behind the numbers: 'decode' (or 'mixed'), 'prefill'."""
 
 
+def front_end(cal: Calibration, per_server: Any) -> np.ndarray:
+    """Time a request spends in the API server before its first step (HTTP, tokenisation, scheduling), when the
+    server handles the requests that arrive together one after another: mean (n + 1) / 2 of them."""
+    return cal.request_overhead_us * 1e-6 * (np.maximum(np.asarray(per_server, float), 1.0) + 1.0) / 2.0
+
+
+def dp_busiest(rb: RoleBatch, n: np.ndarray) -> np.ndarray:
+    """Busiest DP rank's share over the mean when each rank holds ``n`` requests on average.
+
+    Requests land on ranks like balls in bins: the maximum of G Poisson(n) loads is about
+    n + sqrt(2 n ln G) [derived]; a DP-aware balancer cuts the excess (calibrated coefficient). Every rank
+    waits for the busiest at each MoE layer (the all-to-all synchronises them), so it sets the step.
+    """
+    G = np.maximum(rb.ranks, 1.0)
+    return 1.0 + rb.dp_coef * np.sqrt(2.0 * np.log(G) / np.maximum(n, 1.0)) * (G > 1)
+
+
 def _kv_cap(rb: RoleBatch, per_seq_tokens: float) -> np.ndarray:
     block = rb.arch.block_tokens
     per = math.ceil(per_seq_tokens / block) * block
@@ -596,7 +693,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
     C = np.asarray(C, float)
     spec = rb.spec_tokens if w.spec_tokens is None else np.full_like(rb.spec_tokens, w.spec_tokens)
     q = 1.0 + spec
-    qa = accepted_per_step(spec, cal.spec_acceptance)
+    qa = accepted_per_step(spec, w.acceptance(cal))
     isl_c = w.isl_computed
     G = rb.ranks
     cap_kv = _kv_cap(rb, w.isl + w.osl / 2.0)
@@ -606,17 +703,38 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
     b = np.minimum(c, cap)
     limit = np.where(c <= cap, 0, np.where(cap == rb.max_num_seqs, 1, np.where(cap == cap_kv, 2, 3)))
     d = np.maximum(b, 1.0)
-    p = d * qa * isl_c / w.osl
-    st = step_time(rb, cal, d, q, w.ctx_decode, p, w.ctx_prefill)
-    S = st.total
-    budget = np.maximum(rb.max_num_batched_tokens - d * q, 1.0)
+    dmax = np.minimum(d * dp_busiest(rb, d), np.maximum(cap, d))  # the busiest rank sets every step
+    B = rb.max_num_batched_tokens
+    budget = np.maximum(B - dmax * q, 1.0)
     chunk = np.minimum(isl_c, budget)
     n_chunks = np.ceil(isl_c / budget - 1e-9)
-    S_chunk = step_time(rb, cal, d, q, w.ctx_decode, chunk, w.ctx_prefill).total
-    ttft_service = n_chunks * S_chunk + 0.5 * S
-    X = G * b * qa / (w.osl * S)
-    E = ttft_service + (w.osl - 1.0) / qa * S
-    ttft = ttft_service + _wait(C, X, E)
+    st_dec = step_time(rb, cal, dmax, q, w.ctx_decode, 0.0, w.ctx_prefill)
+    if w.arrival == "wave":
+        # every user starts together: the busiest rank prefills its whole wave in token-budget chunks
+        # (decoding the already-prefilled half alongside), then the wave decodes
+        pf_tokens = dmax * isl_c
+        n_pf = np.ceil(pf_tokens / B - 1e-9)
+        st = step_time(rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill)
+        S_pf = st.total
+        ttft = S_pf * (n_pf + 1.0) / 2.0 + front_end(cal, dmax)
+        dec_steps = np.maximum((w.osl - 1.0) / qa, 1e-9)
+        slow = np.minimum(n_pf / 2.0, dec_steps)  # decode steps a request spends beside others' prefill
+        S = (slow * S_pf + (dec_steps - slow) * st_dec.total) / dec_steps
+        st = st_dec
+        E = ttft + dec_steps * S
+        X = G * b / E  # Little's law over the users the ranks hold; the rest wait for a later wave
+        ttft = ttft + _wait(C, X, E)
+    else:
+        p = d * qa * isl_c / w.osl  # mean prompt tokens per rank per step
+        share = np.clip(p / chunk, 0.0, 1.0)  # steps in which a rank carries a prefill chunk
+        p_any = 1.0 - (1.0 - share) ** G  # ... and some rank does: every rank waits for it
+        st = step_time(rb, cal, dmax, q, w.ctx_decode, chunk, w.ctx_prefill)
+        S_chunk = st.total
+        S = p_any * S_chunk + (1.0 - p_any) * st_dec.total
+        ttft_service = n_chunks * S_chunk + 0.5 * S + front_end(cal, d)
+        X = G * b * qa / (w.osl * S)
+        E = ttft_service + (w.osl - 1.0) / qa * S
+        ttft = ttft_service + _wait(C, X, E)
     ok = cap >= 1
     nan = np.nan
     return Perf(
@@ -641,12 +759,20 @@ def _prefill_capacity(rp: RoleBatch, cal: Calibration, w: Workload) -> tuple[np.
     isl_c = max(w.isl_computed, 1.0)
     pb = np.minimum(rp.max_num_batched_tokens, np.maximum(rp.max_num_seqs, 1.0) * isl_c)
     st = step_time(rp, cal, 0.0, 1.0, 0.0, pb, w.ctx_prefill)
-    X = rp.ranks * pb / (isl_c * st.total)
+    # the busiest rank runs full steps; the others hold fewer prompts (whole prompts land on ranks)
+    mean_tokens = pb / dp_busiest(rp, pb / isl_c)
+    X = rp.ranks * mean_tokens / (isl_c * st.total)
     return X, pb, st
 
 
+def busiest_load(rb: RoleBatch, b: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Decode sequences on the busiest DP rank when ranks hold ``b`` on average (never above ``cap``)."""
+    bb = np.maximum(b, 1.0)
+    return np.minimum(bb * dp_busiest(rb, bb), np.maximum(cap, bb))
+
+
 def _prefill_limited(rd: RoleBatch, cal: Calibration, w: Workload, b0: np.ndarray, Xp: np.ndarray, q: np.ndarray,
-                     qa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                     qa: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Decode batch per rank when the prefill group completes only Xp requests/s (and which rows are starved).
 
     Solves b = Xp * osl * S(b) / (ranks * qa) from above (a contraction: b / S(b) grows with b), on the
@@ -654,7 +780,8 @@ def _prefill_limited(rd: RoleBatch, cal: Calibration, w: Workload, b0: np.ndarra
     """
     b0 = np.broadcast_to(b0, np.broadcast_shapes(b0.shape, (rd.n, 1))).astype(float)
     Gd = rd.ranks
-    S0 = step_time(rd, cal, np.maximum(b0, 1.0), q, w.ctx_decode, 0.0, 0.0).total
+    cap = np.broadcast_to(cap, b0.shape)
+    S0 = step_time(rd, cal, busiest_load(rd, b0, cap), q, w.ctx_decode, 0.0, 0.0).total
     starved = Gd * b0 * qa / (w.osl * S0) > Xp
     rows = np.flatnonzero(starved.any(axis=1))
     if rows.size == 0:
@@ -662,8 +789,9 @@ def _prefill_limited(rd: RoleBatch, cal: Calibration, w: Workload, b0: np.ndarra
     sub = rd.take(rows)
     bb = b0[rows]
     xp, qq, qqa = (np.broadcast_to(a, (rd.n, 1))[rows] for a in (Xp, q, qa))
+    cc = cap[rows]
     for _ in range(12):
-        S = step_time(sub, cal, np.maximum(bb, 1.0), qq, w.ctx_decode, 0.0, 0.0).total
+        S = step_time(sub, cal, busiest_load(sub, bb, cc), qq, w.ctx_decode, 0.0, 0.0).total
         bb = np.minimum(b0[rows], xp * w.osl * S / (sub.ranks * qqa))
     b = b0.copy()
     b[rows] = np.where(starved[rows], bb, b0[rows])
@@ -675,7 +803,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
     C = np.asarray(C, float)
     spec = rd.spec_tokens if w.spec_tokens is None else np.full_like(rd.spec_tokens, w.spec_tokens)
     q = 1.0 + spec
-    qa = accepted_per_step(spec, cal.spec_acceptance)
+    qa = accepted_per_step(spec, w.acceptance(cal))
     Gd = rd.ranks
     kv_req = w.isl * rp.kv_bytes_tok
     xfer = cal.kv_transfer_latency_us * 1e-6 + kv_req / (np.minimum(rp.nic, rd.nic) * cal.kv_transfer_nic_efficiency)
@@ -688,20 +816,35 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
     b0 = np.minimum(c, cap)
 
     def decode_step(b: np.ndarray) -> Step:
-        return step_time(rd, cal, np.maximum(b, 1.0), q, w.ctx_decode, 0.0, 0.0)
+        return step_time(rd, cal, busiest_load(rd, b, cap), q, w.ctx_decode, 0.0, 0.0)
 
-    b, starved = _prefill_limited(rd, cal, w, b0, Xp, q, qa)
-    b_cap, _ = _prefill_limited(rd, cal, w, cap, Xp, q, qa)
-    st = decode_step(b)
-    S = st.total
-    X = Gd * b * qa / (w.osl * S)
-    rho = np.clip(X / Xp, 0.0, 1.0)
     isl_c = max(w.isl_computed, 1.0)
-    p_load = np.clip(rho * pb, isl_c, pb)
-    S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
-    ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
-    E = ttft_service + (w.osl - 1.0) / qa * S
-    ttft = ttft_service + _wait(C, X, E)
+    if w.arrival == "wave":
+        # the whole wave queues at the prefill group; decode then runs the full batch
+        b, starved = b0, np.zeros_like(b0, dtype=bool)
+        b_cap = cap
+        st = decode_step(b)
+        S = st.total
+        p_load = pb
+        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
+        held = Gd * b
+        ttft = (held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
+                + front_end(cal, b0))
+        E = ttft + (w.osl - 1.0) / qa * S
+        X = held / E
+        ttft = ttft + _wait(C, X, E)
+    else:
+        b, starved = _prefill_limited(rd, cal, w, b0, Xp, q, qa, cap)
+        b_cap, _ = _prefill_limited(rd, cal, w, cap, Xp, q, qa, cap)
+        st = decode_step(b)
+        S = st.total
+        X = Gd * b * qa / (w.osl * S)
+        rho = np.clip(X / Xp, 0.0, 1.0)
+        p_load = np.clip(rho * pb, isl_c, pb)
+        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
+        ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
+        E = ttft_service + (w.osl - 1.0) / qa * S
+        ttft = ttft_service + _wait(C, X, E)
     gpus = rp.gpus + rd.gpus
     limit = np.where(starved, 4, np.where(c <= cap, 0, np.where(cap == rd.max_num_seqs, 1, 2)))
     ok = cap >= 1
@@ -729,17 +872,17 @@ def serve_decode_only(rd: RoleBatch, cal: Calibration, w: Workload, C: np.ndarra
     C = np.asarray(C, float)
     spec = rd.spec_tokens if w.spec_tokens is None else np.full_like(rd.spec_tokens, w.spec_tokens)
     q = 1.0 + spec
-    qa = accepted_per_step(spec, cal.spec_acceptance)
+    qa = accepted_per_step(spec, w.acceptance(cal))
     G = rd.ranks
     cap_kv = _kv_cap(rd, w.isl + w.osl / 2.0)
     cap = np.maximum(np.minimum(rd.max_num_seqs, cap_kv), 0.0)
     c = C / G
     b = np.minimum(c, cap)
-    st = step_time(rd, cal, np.maximum(b, 1.0), q, w.ctx_decode, 0.0, 0.0)
+    st = step_time(rd, cal, busiest_load(rd, b, cap), q, w.ctx_decode, 0.0, 0.0)
     S = st.total
     X = G * b * qa / (w.osl * S)
     xfer = cal.kv_transfer_latency_us * 1e-6 + w.isl * rd.kv_bytes_tok / (rd.nic * cal.kv_transfer_nic_efficiency)
-    ttft_service = xfer + S
+    ttft_service = xfer + S + front_end(cal, b)
     ttft = ttft_service + _wait(C, X, ttft_service + (w.osl - 1.0) / qa * S)
     ok = cap >= 1
     nan = np.nan
@@ -768,10 +911,11 @@ def serve_prefill_only(rp: RoleBatch, cal: Calibration, w: Workload, C: np.ndarr
     n_chunks = np.ceil(isl_c / rp.max_num_batched_tokens - 1e-9)
     cap_req = np.maximum(np.floor(np.minimum(rp.max_num_batched_tokens / isl_c, rp.max_num_seqs)), 1.0)
     r = np.minimum(C / G, cap_req)  # prompts in flight per rank (mean); the busiest rank has at least one
-    tokens = np.minimum(np.maximum(r, 1.0) * isl_c, rp.max_num_batched_tokens)
+    f = dp_busiest(rp, r)
+    tokens = np.minimum(np.maximum(r * f, 1.0) * isl_c, rp.max_num_batched_tokens)
     st = step_time(rp, cal, 0.0, 1.0, 0.0, tokens, w.ctx_prefill)
     S = st.total
-    X = G * r / (S * n_chunks)
+    X = G * np.minimum(r, tokens / isl_c / f) / (S * n_chunks)
     service = S * n_chunks
     ttft = service + _wait(C, X, service)
     nan = np.full(S.shape, np.nan)
@@ -861,7 +1005,8 @@ def with_saturation(levels: np.ndarray, cap: float, saturation: bool) -> tuple[n
     return merged, int(np.searchsorted(merged, cap))
 
 
-def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *, saturation: bool = True) -> tuple[str, list[LevelPrediction]]:
+def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *,
+                 saturation: bool = True, engine: str = "vllm") -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in
@@ -869,7 +1014,10 @@ def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], ca
     (flagged ``saturation``): the concurrency at which every rank runs its largest batch.
     """
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
-    roles = [role_input_from_plan(rp, plan.gpu) for rp in plan.roles]
+    from dataclasses import replace as _replace
+
+    balancer = balancer_of(plan)
+    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer) for rp in plan.roles]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:

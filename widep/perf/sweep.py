@@ -160,32 +160,68 @@ LEVEL_FIELDS = ("concurrency", "batch_per_rank", "tps_gpu", "tps_user", "ttft_ms
                 "input_tps_gpu", "bound", "limit", "saturation")
 
 
+class LevelBlock:
+    """Level columns of many items as numpy matrices (one row per item): numbers as float (NaN: none),
+    bound/limit as codes into ``names``, saturation as bool. Items point into it (:class:`LevelTable`)."""
+
+    __slots__ = ("mats", "names")
+
+    def __init__(self, mats: dict[str, np.ndarray], names: dict[str, Sequence[str]]) -> None:
+        self.mats = mats
+        self.names = names
+
+    def values(self, field: str, row: int, idx: np.ndarray) -> list[Any]:
+        a = self.mats[field][row, idx]
+        if field in self.names:
+            nm = self.names[field]
+            return [nm[i] for i in a.tolist()]
+        out = a.tolist()
+        if a.dtype.kind == "f" and np.isnan(a).any():
+            return [None if math.isnan(x) else x for x in out]
+        return out
+
+
 class LevelTable(Sequence[dict[str, Any]]):
-    """One item's levels held as columns; a dict per level is built only when asked for.
+    """One item's levels: a row of a :class:`LevelBlock` in level order; a dict per level is built only
+    when asked for (a predicted sweep has 10^5 levels: dicts for all would cost more than the model)."""
 
-    A predicted sweep has 10^5 levels: building them all as dicts would cost more than the model.
-    """
+    __slots__ = ("_sat", "block", "idx", "row", "sat_pos", "xy")
 
-    __slots__ = ("_cols", "_idx", "xy")
-
-    def __init__(self, cols: list[list[Any]], idx: list[int], xy: np.ndarray | None = None) -> None:
-        self._cols = cols
-        self._idx = idx
+    def __init__(self, block: LevelBlock, row: int, idx: np.ndarray, xy: np.ndarray | None = None,
+                 sat_pos: int | None = None) -> None:
+        self.block = block
+        self.row = row
+        self.idx = idx
+        self.sat_pos = sat_pos
+        """Position of the saturation level, when known."""
+        self._sat: dict[str, Any] | None = None
         self.xy = xy
         """Optional (3, len) float array of tokens/s/user (NaN: none), tokens/s/GPU, TTFT ms, in level order."""
 
     def __len__(self) -> int:
-        return len(self._idx)
+        return len(self.idx)
 
     def __getitem__(self, j: Any) -> Any:
         if isinstance(j, slice):
             return [self[k] for k in range(*j.indices(len(self)))]
-        i = self._idx[j]
-        return dict(zip(LEVEL_FIELDS, [c[i] for c in self._cols]))
+        if j == self.sat_pos and self._sat is not None:
+            return dict(self._sat)
+        col = int(self.idx[j])
+        mats, names = self.block.mats, self.block.names
+        out: dict[str, Any] = {}
+        for f in LEVEL_FIELDS:
+            v = mats[f][self.row, col].item()
+            if f in names:
+                v = names[f][v]
+            elif isinstance(v, float) and math.isnan(v):
+                v = None
+            out[f] = v
+        if j == self.sat_pos:  # asked for by the summary, the ranking and the tables: built once
+            self._sat = dict(out)
+        return out
 
     def column(self, name: str) -> list[Any]:
-        c = self._cols[LEVEL_FIELDS.index(name)]
-        return [c[i] for i in self._idx]
+        return self.block.values(name, self.row, self.idx)
 
 
 def _column(levels: Sequence[dict[str, Any]], name: str) -> list[Any]:
@@ -226,6 +262,8 @@ class ItemResult:
         """The level flagged as saturation (else the one with the most tokens/s/GPU)."""
         if not self.levels:
             return None
+        if isinstance(self.levels, LevelTable) and self.levels.sat_pos is not None:
+            return self.levels[self.levels.sat_pos]
         flags = _column(self.levels, "saturation")
         if any(flags):
             return self.levels[flags.index(True)]
@@ -262,6 +300,8 @@ class PredictExecutor:
     """
 
     name = "predict"
+    columnar = True
+    """Results go to one columnar file (see run_sweep), not one directory per point."""
 
     def __init__(self, cal: Calibration, workload: Workload, levels: Sequence[float] | None = None) -> None:
         self.cal = cal
@@ -328,25 +368,28 @@ class PredictExecutor:
             # drop a requested level that equals the saturation level (keep the flagged one)
             dup = np.zeros((n, m), bool)
             dup[:, :k] = np.abs(conc[:, :k] - conc[:, k : k + 1]) < 1e-6
-            nanless = lambda a: np.where(np.isnan(a), None, np.round(a, 4)).tolist()  # noqa: E731
-            cols = [
-                np.round(conc, 4).tolist(), np.round(perf.batch, 4).tolist(), np.round(perf.tps_gpu, 4).tolist(), nanless(perf.tps_user),
-                nanless(perf.ttft * 1e3), nanless(perf.tpot * 1e3), np.round(perf.step * 1e3, 4).tolist(),
-                np.round(perf.requests_per_s, 4).tolist(), np.round(perf.input_tps_gpu, 4).tolist(),
-                np.asarray(BOUND_NAMES, object)[perf.bound].tolist(), np.asarray(LIMIT_NAMES, object)[perf.limit].tolist(), sat.tolist(),
-            ]
+            mats = {
+                "concurrency": np.round(conc, 4), "batch_per_rank": np.round(perf.batch, 4),
+                "tps_gpu": np.round(perf.tps_gpu, 4), "tps_user": np.round(perf.tps_user, 4),
+                "ttft_ms": np.round(perf.ttft * 1e3, 4), "tpot_ms": np.round(perf.tpot * 1e3, 4),
+                "step_ms": np.round(perf.step * 1e3, 4), "requests_per_s": np.round(perf.requests_per_s, 4),
+                "input_tps_gpu": np.round(perf.input_tps_gpu, 4), "bound": np.asarray(perf.bound, np.int64),
+                "limit": np.asarray(perf.limit, np.int64), "saturation": sat,
+            }
+            mats = {k: np.broadcast_to(v, (n, m)) for k, v in mats.items()}
+            block = LevelBlock(mats, {"bound": BOUND_NAMES, "limit": LIMIT_NAMES})
             order = np.argsort(conc, axis=1, kind="stable")
-            idx = order.tolist()
-            for i in np.flatnonzero(dup.any(axis=1)).tolist():
-                idx[i] = [j for j in idx[i] if not dup[i, j]]
-            xy = np.stack([np.round(perf.tps_user, 4), np.round(perf.tps_gpu, 4), np.round(perf.ttft * 1e3, 4)])
+            xy = np.stack([mats["tps_user"], mats["tps_gpu"], mats["ttft_ms"]])
             xy = np.take_along_axis(xy, np.broadcast_to(order, xy.shape), axis=2)
             has_dup = dup.any(axis=1)
             for i, it in enumerate(its):
+                oi = order[i]
                 rows_xy = xy[:, i, :]
                 if has_dup[i]:
-                    rows_xy = rows_xy[:, ~dup[i][order[i]]]
-                out.append((it, LevelTable([c[i] for c in cols], idx[i], rows_xy)))
+                    keep = ~dup[i][oi]
+                    oi = oi[keep]
+                    rows_xy = rows_xy[:, keep]
+                out.append((it, LevelTable(block, i, oi, rows_xy, int(np.flatnonzero(oi == k)[0]))))
         return out
 
 
@@ -377,6 +420,125 @@ def write_topologies(items: Sequence[SweepItem], out: Path) -> list[Path]:
     return written
 
 
+RESULTS_FILE = "results.jsonl"
+CHUNK_FORMAT = "widep-sweep-chunk/1"
+ITEM_FIELDS = ("id", "status", "executor", "mode", "gpus", "description", "category", "reason")
+
+
+_LEVEL_KINDS = {"bound": "str", "limit": "str", "saturation": "bool"}
+
+
+def _pack(field: str, values: np.ndarray) -> dict[str, Any]:
+    """A level column as compressed bytes: numbers as float64 (NaN: none), names and flags as codes."""
+    import base64
+    import zlib
+
+    kind = _LEVEL_KINDS.get(field, "num")
+    if kind == "str":
+        vocab = sorted({v for v in values.tolist() if v is not None})
+        code = {v: i for i, v in enumerate(vocab)}
+        arr = np.asarray([code.get(v, 65535) for v in values.tolist()], np.uint16)
+        extra: dict[str, Any] = {"vocab": vocab}
+    elif kind == "bool":
+        arr, extra = np.asarray(values, np.uint8), {"bool": True}
+    else:
+        arr, extra = np.asarray(values, np.float64), {}
+    return {"dtype": arr.dtype.str, "data": base64.b64encode(zlib.compress(arr.tobytes(), 1)).decode()} | extra
+
+
+def _unpack(col: dict[str, Any]) -> tuple[np.ndarray, list[str] | None]:
+    """(array, names): numbers as float64, flags as bool, names as int codes into the returned vocabulary."""
+    import base64
+    import zlib
+
+    arr = np.frombuffer(zlib.decompress(base64.b64decode(col["data"])), np.dtype(col["dtype"]))
+    if "vocab" in col:
+        vocab = list(col["vocab"]) + [None]
+        return np.minimum(arr.astype(np.int64), len(vocab) - 1), vocab
+    if col.get("bool"):
+        return arr.astype(bool), None
+    return arr.astype(np.float64), None
+
+
+def _level_arrays(results: Sequence[ItemResult]) -> dict[str, np.ndarray]:
+    """Every level of ``results`` (in order) as one flat array per field (codes for bound/limit, as names)."""
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in LEVEL_FIELDS}
+    run: list[LevelTable] = []
+
+    def flush_run() -> None:
+        if not run:
+            return
+        blk = run[0].block
+        m = next(iter(blk.mats.values())).shape[1]
+        flat = np.concatenate([lt.row * m + np.asarray(lt.idx) for lt in run]) if run else np.zeros(0, int)
+        for f in LEVEL_FIELDS:
+            a = np.ascontiguousarray(blk.mats[f]).reshape(-1)[flat]
+            if f in blk.names:
+                a = np.asarray(blk.names[f], object)[a]
+            parts[f].append(a)
+        run.clear()
+
+    for r in results:
+        lv = r.levels
+        if isinstance(lv, LevelTable):
+            if run and run[0].block is not lv.block:
+                flush_run()
+            run.append(lv)
+            continue
+        flush_run()
+        for f in LEVEL_FIELDS:
+            vals = [x.get(f) for x in lv]
+            if f in _LEVEL_KINDS:
+                parts[f].append(np.asarray(vals, object if _LEVEL_KINDS[f] == "str" else bool))
+            else:
+                parts[f].append(np.asarray([np.nan if v is None else v for v in vals], float))
+    flush_run()
+    return {f: (np.concatenate(p) if p else np.zeros(0)) for f, p in parts.items()}
+
+
+def _chunk_line(results: Sequence[ItemResult], key: dict[str, Any]) -> str:
+    """One chunk of results as one JSON line: item columns, and level columns flattened and packed
+    (``_pack``; ``n_levels`` per item says where each item's levels start)."""
+    cols: dict[str, list[Any]] = {f: [getattr(r, f) for r in results] for f in ITEM_FIELDS}
+    n_levels = [len(r.levels) for r in results]
+    lv = _level_arrays(results)
+    packed = {f: _pack(f, v) for f, v in lv.items()}
+    return json.dumps({"format": CHUNK_FORMAT, "key": key, "items": cols, "n_levels": n_levels, "levels": packed},
+                      separators=(",", ":"), default=str)
+
+
+def _read_chunks(path: Path) -> Iterator[tuple[dict[str, Any], list[ItemResult]]]:
+    """(key, results) of every complete chunk line (a line cut short by a kill is skipped: recomputed)."""
+    if not path.is_file():
+        return
+    with open(path) as fh:
+        for line in fh:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(d, dict) or d.get("format") != CHUNK_FORMAT:
+                continue
+            items, counts = d["items"], d["n_levels"]
+            mats, names = {}, {}
+            for f in LEVEL_FIELDS:
+                arr, vocab = _unpack(d["levels"][f])
+                mats[f] = arr.reshape(1, -1)
+                if vocab is not None:
+                    names[f] = vocab
+            block = LevelBlock(mats, names)
+            xy = np.stack([mats["tps_user"][0], mats["tps_gpu"][0], mats["ttft_ms"][0]])
+            res, at = [], 0
+            for i, n in enumerate(counts):
+                idx = np.arange(at, at + n)
+                at += n
+                fields = {f: items[f][i] for f in ITEM_FIELDS}
+                flags = mats["saturation"][0, idx]
+                sat = int(np.argmax(flags)) if flags.any() else None
+                res.append(ItemResult(key=d["key"], levels=LevelTable(block, 0, idx, xy[:, idx], sat), **fields))
+            yield d["key"], res
+
+
 def run_sweep(
     items: Sequence[SweepItem],
     executor: Executor,
@@ -386,19 +548,38 @@ def run_sweep(
     meta: dict[str, Any] | None = None,
     on_result: Callable[[ItemResult], None] | None = None,
     topology_files_max: int = 2000,
+    chunk: int = 2048,
 ) -> list[ItemResult]:
     """Run ``executor`` over ``items``; with ``out``, reuse matching stored results and store new ones.
 
-    Infeasible items get the planner's own message as their reason when written to disk. Feasible items
-    get a ``topology.yaml`` when the sweep has at most ``topology_files_max`` items.
+    Predicted sweeps (executors with ``columnar = True``) store every result in one columnar file,
+    ``out/results.jsonl``, one line per chunk of ``chunk`` items, appended as chunks finish: resuming reuses
+    the complete chunks of the same executor key and recomputes the rest. Other executors (measured
+    points) store ``out/<item-id>/result.json`` per point. Infeasible items get the planner's own message as
+    their reason. Feasible items get ``out/<item-id>/topology.yaml`` when the sweep has at most
+    ``topology_files_max`` items (the CLI writes the frontier's and the ranking's in any case).
     """
     key = executor.key()
+    columnar = bool(getattr(executor, "columnar", False))
     done: dict[str, ItemResult] = {}
+    store: Path | None = None
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}), "items": len(items)})
-        if resume:
+        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}),
+                                         "items": len(items),
+                                         "results": RESULTS_FILE if columnar else "<item-id>/result.json"})
+        store = out / RESULTS_FILE
+        wanted = {it.id for it in items}
+        if columnar and resume:
+            for k, rs in _read_chunks(store):
+                if k == key:
+                    done.update((r.id, r) for r in rs if r.id in wanted and r.status in ("ok", "infeasible"))
+            if not done and store.exists():
+                store.unlink()  # nothing reusable (another workload or calibration): start the file afresh
+        elif columnar and store.exists():
+            store.unlink()
+        elif resume:
             for it in items:
                 f = out / it.id / "result.json"
                 if f.is_file():
@@ -412,21 +593,38 @@ def run_sweep(
     by_id = {it.id: it for it in items}
     results: dict[str, ItemResult] = dict(done)
     with_topology = len(items) <= topology_files_max
+    # the planner's own message for infeasible points costs a full plan each: for large sweeps the fast
+    # check's reason stands (same category; `widep plan` on the candidate gives the full message)
+    with_messages = len(items) <= topology_files_max
+    buf: list[ItemResult] = []
+
+    def flush() -> None:
+        if buf and store is not None:
+            with open(store, "a") as fh:
+                fh.write(_chunk_line(buf, key) + "\n")
+            buf.clear()
+
     for r in executor.run(pending):
         it = by_id[r.id]
-        if r.status == "infeasible" and it.planner_message is not None and out is not None:
+        if r.status == "infeasible" and it.planner_message is not None and out is not None and with_messages:
             msg = it.planner_message()
             if msg:
                 r.reason = msg
         results[r.id] = r
         if out is not None:
-            d = out / r.id
-            d.mkdir(exist_ok=True)
             if r.status == "ok" and with_topology:
                 write_topologies([it], out)
-            _write_json(d / "result.json", r.as_dict() | {"candidate": it.candidate_dict()}, compact=True)
+            if columnar:
+                buf.append(r)
+                if len(buf) >= chunk:
+                    flush()
+            else:
+                d = out / r.id
+                d.mkdir(exist_ok=True)
+                _write_json(d / "result.json", r.as_dict() | {"candidate": it.candidate_dict()}, compact=True)
         if on_result is not None:
             on_result(r)
+    flush()
     ordered = [results[it.id] for it in items if it.id in results]
     if out is not None:
         write_summary(ordered, out)
@@ -516,8 +714,9 @@ SUMMARY_FIELDS = (
 )
 
 
-def summary_rows(results: Sequence[ItemResult]) -> list[dict[str, Any]]:
-    front = {r.id for r, _ in frontier(results)}
+def summary_rows(results: Sequence[ItemResult], front_points: list[tuple[ItemResult, dict[str, Any]]] | None = None
+                 ) -> list[dict[str, Any]]:
+    front = {r.id for r, _ in (frontier(results) if front_points is None else front_points)}
     rows = []
     for r in results:
         sat = r.saturation or {}
@@ -531,23 +730,32 @@ def summary_rows(results: Sequence[ItemResult]) -> list[dict[str, Any]]:
     return rows
 
 
+SUMMARY_JSON_MAX = 2000
+
+
 def write_summary(results: Sequence[ItemResult], out: Path) -> None:
-    rows = summary_rows(results)
+    front = frontier(results)
+    rows = summary_rows(results, front)
     with open(out / "summary.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS)
-        wr.writeheader()
-        for row in rows:
-            wr.writerow(row)
+        wr = csv.writer(fh)
+        wr.writerow(SUMMARY_FIELDS)
+        wr.writerows([row[f] for f in SUMMARY_FIELDS] for row in rows)
+    big = len(rows) > SUMMARY_JSON_MAX  # large sweeps: every candidate is in summary.csv (and results.jsonl)
     _write_json(out / "summary.json", {
         "format": "widep-sweep-summary/1",
-        "candidates": rows,
-        "frontier": [{"id": r.id, **lv} for r, lv in frontier(results)],
+        "count": len(rows),
+        **({"candidates_in": "summary.csv"} if big else {"candidates": rows}),
+        "frontier": [{"id": r.id, **lv} for r, lv in front],
     })
 
 
 def load_results(out: Path) -> list[ItemResult]:
-    """Every stored result under a sweep directory (for plots and re-reading)."""
-    res = []
+    """Every stored result under a sweep directory (for plots and re-reading): the columnar file's (the
+    latest chunk of an item wins) and the per-point directories' (measured points)."""
+    by_id: dict[str, ItemResult] = {}
+    for _, rs in _read_chunks(Path(out) / RESULTS_FILE):
+        by_id.update((r.id, r) for r in rs)
+    res = list(by_id.values())
     for f in sorted(Path(out).glob("*/result.json")):
         try:
             res.append(ItemResult.from_dict(json.loads(f.read_text())))
@@ -560,7 +768,26 @@ def load_results(out: Path) -> list[ItemResult]:
 # Plots (read-only: from results)
 
 
-def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequence[Path] = (), lines: bool | None = None, label_top: int = 12) -> list[Path]:
+def _cloud(ok: Sequence[ItemResult], most: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens/s/user, tokens/s/GPU) of every decode level, sampled down to ``most`` points (seeded); and the count."""
+    parts = []
+    for r in ok:
+        xy = getattr(r.levels, "xy", None)
+        if xy is not None:
+            parts.append(np.asarray(xy[:2], float))
+        else:
+            parts.append(np.asarray([[lv.get("tps_user") or np.nan for lv in r.levels],
+                                     [lv.get("tps_gpu") or 0.0 for lv in r.levels]], float).reshape(2, -1))
+    pts = np.concatenate(parts, axis=1) if parts else np.zeros((2, 0))
+    pts = pts[:, np.isfinite(pts[0]) & (pts[0] > 0)]
+    n = pts.shape[1]
+    if n > most:
+        pts = pts[:, np.sort(np.random.default_rng(0).choice(n, most, replace=False))]
+    return pts[0], pts[1], n
+
+
+def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequence[Path] = (), lines: bool | None = None,
+               label_top: int = 12, cloud_max: int = 2000) -> list[Path]:
     """Pareto plot of tokens/s/user (x) vs tokens/s/GPU (y), in the style of ``widep bench plot``.
 
     ``lines`` (default: when there are at most 12 candidates) draws one line per candidate over its
@@ -568,30 +795,33 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
     (``measured``: ``widep bench --out`` directories) overlays it; otherwise every point is a grey dot
     and the frontier is highlighted. Also writes TTFT/TPOT against tokens/s/GPU for line plots.
     """
+    # matplotlib.figure, not pyplot: no GUI backend to set up (a third of the plot's time)
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from widep.bench.plot import load_points
+
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text as text, not glyph paths: smaller and faster
 
     def _save(fig: Any, prefix: Path, name: str) -> list[Path]:
         paths = [prefix.parent / f"{prefix.name}-{name}.{ext}" for ext in ("png", "svg")]
         for pth in paths:
-            fig.savefig(pth, dpi=130, bbox_inches="tight")
+            fig.savefig(pth, dpi=110)  # fixed margins (below): "tight" would render every figure twice
         return paths
 
-    ok = [r for r in results if r.status == "ok" and any(lv.get("tps_user") for lv in r.levels)]
+    ok = [r for r in results if r.status == "ok" and any(_column(r.levels, "tps_user"))]
     if not ok and not measured:
         raise UserError("sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only results.")
     lines = len(ok) <= 12 if lines is None else lines
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     written: list[Path] = []
     front = frontier(ok)
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig = Figure(figsize=(8, 5.5))
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.1)
+    ax = fig.subplots()
     if lines:
         for k, r in enumerate(ok):
             lv = [x for x in r.levels if x.get("tps_user")]
@@ -600,9 +830,10 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
             for x in lv:
                 ax.annotate(f"{x['concurrency']:g}", (x["tps_user"], x["tps_gpu"]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
     else:
-        xs = [lv["tps_user"] for r in ok for lv in r.levels if lv.get("tps_user")]
-        ys = [lv["tps_gpu"] for r in ok for lv in r.levels if lv.get("tps_user")]
-        ax.scatter(xs, ys, s=4, color="lightgrey", label=f"{len(ok)} candidates x levels")
+        # the cloud is a seeded sample of at most cloud_max points, rasterised: the files stay small
+        xs, ys, n_all = _cloud(ok, cloud_max)
+        what = f"{len(ok)} candidates x levels" + (f" ({len(xs)} of {n_all} shown)" if len(xs) < n_all else "")
+        ax.scatter(xs, ys, s=4, color="lightgrey", label=what, rasterized=True)
     if front:
         ax.plot([lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], "--", color="grey", lw=1, label="frontier (predicted)")
         if not lines:
@@ -627,10 +858,11 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     written += _save(fig, prefix, "pareto")
-    plt.close(fig)
 
     if lines and ok:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig = Figure(figsize=(11, 4.5))
+        fig.subplots_adjust(left=0.07, right=0.98, top=0.88, bottom=0.12, wspace=0.25)
+        a1, a2 = fig.subplots(1, 2)
         for k, r in enumerate(ok):
             col = colors[k % len(colors)]
             lv = [x for x in r.levels if x.get("tps_user")]
@@ -645,5 +877,4 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
             ax_.legend(fontsize=7)
         fig.suptitle("Predicted latency vs throughput")
         written += _save(fig, prefix, "latency")
-        plt.close(fig)
-    return written
+        return written
