@@ -100,7 +100,9 @@ async def _stamps(url: str, method: str = "GET") -> dict[str, list[float]]:
 # ------------------------------------------------------------------------------------ clients
 
 
-def client_widep(url: str, points: list[dict[str, Any]], tag: str, use_uvloop: bool, spin: bool = False) -> list[dict[str, Any]]:
+def client_widep(
+    url: str, points: list[dict[str, Any]], tag: str, use_uvloop: bool, spin: bool = False
+) -> list[dict[str, Any]]:
     from widep.bench.echo_server import prompt_key
     from widep.bench.loadgen import Level, LoadGenerator, LoadOptions, run_sync
     from widep.bench.workload import Prompt, PromptPool
@@ -132,8 +134,18 @@ def client_widep(url: str, points: list[dict[str, Any]], tag: str, use_uvloop: b
                 lags = [(r.start_s - r.scheduled_s) * 1000 for r in recs if r.scheduled_s is not None]
                 sched = sorted(r.scheduled_s for r in recs if r.scheduled_s is not None)
                 sched_rate = (len(sched) - 1) / (sched[-1] - sched[0]) if len(sched) > 1 else None
-                res = _point_result(len(recs), sum(r.ok for r in recs), cpu, starts[0], starts[-1], first, last, stamps,
-                                    lags, sched_rate)
+                res = _point_result(
+                    len(recs),
+                    sum(r.ok for r in recs),
+                    cpu,
+                    starts[0],
+                    starts[-1],
+                    first,
+                    last,
+                    stamps,
+                    lags,
+                    sched_rate,
+                )
                 res["errors"] = sorted({r.error for r in recs if r.error})[:3]
                 out.append(res)
         return out
@@ -141,7 +153,9 @@ def client_widep(url: str, points: list[dict[str, Any]], tag: str, use_uvloop: b
     return run_sync(go(), use_uvloop=use_uvloop)
 
 
-def client_vllm(url: str, points: list[dict[str, Any]], tag: str, tokenizer: str, workdir: Path) -> list[dict[str, Any]]:
+def client_vllm(
+    url: str, points: list[dict[str, Any]], tag: str, tokenizer: str, workdir: Path
+) -> list[dict[str, Any]]:
     """vllm bench serve in this process (its random dataset, prompts built before the load phase)."""
     import vllm.benchmarks.serve as serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -183,14 +197,14 @@ def client_vllm(url: str, points: list[dict[str, Any]], tag: str, tokenizer: str
         last: dict[str, float] = {}
         starts = res_json["start_times"]
         for st, ttft, lat, text, err in zip(
-            starts, res_json["ttfts"], res_json["latencies"], res_json["generated_texts"], res_json["errors"]
+            starts, res_json["ttfts"], res_json["latencies"], res_json["generated_texts"], res_json["errors"], strict=False
         ):
             if err or not text:
                 continue
             key = text.split()[0]  # the echo server's first token is the request's key
             first[key] = st + ttft
             last[key] = st + lat
-        ok = sum(1 for e, t in zip(res_json["errors"], res_json["generated_texts"]) if not e and t)
+        ok = sum(1 for e, t in zip(res_json["errors"], res_json["generated_texts"], strict=False) if not e and t)
         srt = sorted(starts)
         res = _point_result(len(starts), ok, measured["cpu"], srt[0], srt[-1], first, last, stamps, None)
         res["errors"] = sorted({e.strip().splitlines()[-1] for e in res_json["errors"] if e})[:3]
@@ -210,7 +224,10 @@ def _pin(cpu: int | None) -> Any:
 def start_server(cpu: int | None) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "widep.bench.echo_server", "--port", "0", "--uvloop"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
         preexec_fn=_pin(cpu),
     )
     line = proc.stdout.readline().strip()  # type: ignore[union-attr]
@@ -232,11 +249,19 @@ def run_client(
 ) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as td:
         spec = Path(td) / "spec.json"
-        spec.write_text(json.dumps({"gen": gen, "url": url, "points": points, "tag": tag, "tokenizer": tok, "workdir": td}))
+        spec.write_text(
+            json.dumps({"gen": gen, "url": url, "points": points, "tag": tag, "tokenizer": tok, "workdir": td})
+        )
         out = Path(td) / "out.json"
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
-        r = subprocess.run([sys.executable, __file__, "--_client", str(spec), str(out)], env=env,
-                           capture_output=True, text=True, timeout=timeout, preexec_fn=_pin(cpu))
+        r = subprocess.run(
+            [sys.executable, __file__, "--_client", str(spec), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=_pin(cpu),
+        )
         if r.returncode != 0:
             raise RuntimeError(f"{gen} client failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -269,8 +294,13 @@ def main() -> None:
         if gen == "vllm":
             res = client_vllm(spec["url"], spec["points"], spec["tag"], spec["tokenizer"], Path(spec["workdir"]))
         else:
-            res = client_widep(spec["url"], spec["points"], spec["tag"], use_uvloop=(gen != "widep-asyncio"),
-                               spin=(gen == "widep-spin"))
+            res = client_widep(
+                spec["url"],
+                spec["points"],
+                spec["tag"],
+                use_uvloop=(gen != "widep-asyncio"),
+                spin=(gen == "widep-spin"),
+            )
         Path(args._client[1]).write_text(json.dumps(res))
         return
 
@@ -278,8 +308,13 @@ def main() -> None:
         args.rates, args.reps, args.closed_n, args.seconds = "50,200", 1, 300, 2.0
     rates = [float(r) for r in args.rates.split(",")]
     gens = [g for g in args.generators.split(",") if g]
-    points: list[dict[str, Any]] = [{"kind": "closed", "c": args.closed_c, "n": args.closed_n, "isl": args.isl, "osl": args.osl}]
-    points += [{"kind": "rate", "rate": r, "n": max(50, int(r * args.seconds)), "isl": args.isl, "osl": args.osl} for r in rates]
+    points: list[dict[str, Any]] = [
+        {"kind": "closed", "c": args.closed_c, "n": args.closed_n, "isl": args.isl, "osl": args.osl}
+    ]
+    points += [
+        {"kind": "rate", "rate": r, "n": max(50, int(r * args.seconds)), "isl": args.isl, "osl": args.osl}
+        for r in rates
+    ]
     if "vllm" in gens:
         tok = tokenizer_dir()
     else:
@@ -296,8 +331,11 @@ def main() -> None:
                 tag = f"{g.replace('-', '')}r{rep}"
                 results[g].append(run_client(g, url, points, tag, tok, timeout=1800, cpu=client_cpu))
                 loads.append(os.getloadavg()[0])
-                print(f"[rep {rep + 1}/{args.reps}] {g}: {time.time() - t:.0f} s, load average {loads[-1]:.2f}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[rep {rep + 1}/{args.reps}] {g}: {time.time() - t:.0f} s, load average {loads[-1]:.2f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
@@ -308,13 +346,25 @@ def main() -> None:
 
     summary: dict[str, Any] = {}
     print()
-    print(f"Load generator cost on {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
-          f"server: widep echo_server (uvloop, separate process{', CPU 0' if pin else ''}); "
-          f"client{' on CPU 1' if pin else ''}; ISL {args.isl} words, OSL {args.osl} tokens; medians of {args.reps} "
-          f"run(s); 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs")
+    print(
+        f"Load generator cost on {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
+        f"server: widep echo_server (uvloop, separate process{', CPU 0' if pin else ''}); "
+        f"client{' on CPU 1' if pin else ''}; ISL {args.isl} words, OSL {args.osl} tokens; medians of {args.reps} "
+        f"run(s); 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs"
+    )
     print()
-    hdr = ("generator", "load", "n", "ok", "CPU s/1000 req", "achieved req/s", "1st-tok err p50/p99 ms",
-           "last-tok err p50/p99 ms", "send lag p50/p99 ms", "<1 ms")
+    hdr = (
+        "generator",
+        "load",
+        "n",
+        "ok",
+        "CPU s/1000 req",
+        "achieved req/s",
+        "1st-tok err p50/p99 ms",
+        "last-tok err p50/p99 ms",
+        "send lag p50/p99 ms",
+        "<1 ms",
+    )
     rows = []
     for g in gens:
         runs = results[g]
@@ -339,26 +389,37 @@ def main() -> None:
                 if typical:
                     best50 = pt["rate"]
             summary[g]["points"].append({"load": load, **pt, **m, "sustained_p99": sustained, "sustained_p50": typical})
-            rows.append((g, load, fmt(m["n"], 0), fmt(m["ok"], 0), fmt(m["cpu_s_per_1000"]),
-                         fmt(m["achieved_rate"], 1), f"{fmt(m['first_err_ms_p50'])}/{fmt(m['first_err_ms_p99'])}",
-                         f"{fmt(m['last_err_ms_p50'])}/{fmt(m['last_err_ms_p99'])}",
-                         f"{fmt(m['send_lag_ms_p50'])}/{fmt(m['send_lag_ms_p99'])}",
-                         "" if sustained is None else ("yes" if sustained else ("p50 only" if typical else "no"))))
+            rows.append(
+                (
+                    g,
+                    load,
+                    fmt(m["n"], 0),
+                    fmt(m["ok"], 0),
+                    fmt(m["cpu_s_per_1000"]),
+                    fmt(m["achieved_rate"], 1),
+                    f"{fmt(m['first_err_ms_p50'])}/{fmt(m['first_err_ms_p99'])}",
+                    f"{fmt(m['last_err_ms_p50'])}/{fmt(m['last_err_ms_p99'])}",
+                    f"{fmt(m['send_lag_ms_p50'])}/{fmt(m['send_lag_ms_p99'])}",
+                    "" if sustained is None else ("yes" if sustained else ("p50 only" if typical else "no")),
+                )
+            )
         summary[g]["max_sustained_rate_p99"] = best
         summary[g]["max_sustained_rate_p50"] = best50
         summary[g]["cpu_s_per_1000_closed"] = summary[g]["points"][0]["cpu_s_per_1000"]
-    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
-    line = "  ".join(h.ljust(w) for h, w in zip(hdr, widths))
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows, strict=False)]
+    line = "  ".join(h.ljust(w) for h, w in zip(hdr, widths, strict=False))
     print(line)
     print("-" * len(line))
     for r in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=False)))
     print()
     for g in gens:
-        print(f"{g}: {fmt(summary[g]['cpu_s_per_1000_closed'])} CPU s per 1000 streamed requests "
-              f"(closed loop c={args.closed_c}); highest rate held with timing error < 1 ms: "
-              f"p99 {summary[g]['max_sustained_rate_p99'] or 'none tried'}, "
-              f"p50 {summary[g]['max_sustained_rate_p50'] or 'none tried'} req/s")
+        print(
+            f"{g}: {fmt(summary[g]['cpu_s_per_1000_closed'])} CPU s per 1000 streamed requests "
+            f"(closed loop c={args.closed_c}); highest rate held with timing error < 1 ms: "
+            f"p99 {summary[g]['max_sustained_rate_p99'] or 'none tried'}, "
+            f"p50 {summary[g]['max_sustained_rate_p50'] or 'none tried'} req/s"
+        )
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {

@@ -31,9 +31,26 @@ from launch_helpers import topology_copy
 def once(topo: Path, model: str, run_dir: Path) -> tuple[float, float, int]:
     """(seconds to exit, seconds to 'ready', completions printed) of one `widep launch TOPO --once`."""
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "widep", "launch", str(topo), "--once", "--model-path", model,
-                             "--python", sys.executable, "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "launch",
+            str(topo),
+            "--once",
+            "--model-path",
+            model,
+            "--python",
+            sys.executable,
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     ready = float("nan")
     lines = []
     assert proc.stdout is not None
@@ -66,12 +83,17 @@ def main() -> None:
                 topo = topology_copy(name, tmp)
                 rows[key].append(once(topo, model, tmp / f"{key}-{i}"))
                 total, ready, n = rows[key][-1]
-                print(f"run {i + 1} {key:8s}: --once {total:.1f} s (ready {ready:.1f} s, {n} completion(s))", flush=True)
+                print(
+                    f"run {i + 1} {key:8s}: --once {total:.1f} s (ready {ready:.1f} s, {n} completion(s))", flush=True
+                )
     out: dict = {"runs": args.runs, "default_topology": DEFAULT_TOPOLOGY}
     for key, rs in rows.items():
-        out[key] = {"once_s": {"median": med(r[0] for r in rs), "min": min(r[0] for r in rs), "max": max(r[0] for r in rs)},
-                    "ready_s": {"median": med(r[1] for r in rs)}, "completions": sorted({r[2] for r in rs})}
-    ratios = [a[0] / b[0] for a, b in zip(rows["default"], rows["dp1"])]
+        out[key] = {
+            "once_s": {"median": med(r[0] for r in rs), "min": min(r[0] for r in rs), "max": max(r[0] for r in rs)},
+            "ready_s": {"median": med(r[1] for r in rs)},
+            "completions": sorted({r[2] for r in rs}),
+        }
+    ratios = [a[0] / b[0] for a, b in zip(rows["default"], rows["dp1"], strict=False)]
     out["ratio_default_over_dp1"] = {"median": med(ratios), "per_run": ratios}
     print(json.dumps(out, indent=2))
     if args.json:

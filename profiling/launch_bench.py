@@ -47,7 +47,9 @@ def by_hand(topo: Path, model: str) -> float:
     (c,) = render(p, RenderContext(model_path=model, python=sys.executable, cpu_count=os.cpu_count()))
     env = dict(os.environ) | {k: str(v) for k, v in c.env}
     t = time.perf_counter()
-    proc = subprocess.Popen(list(c.argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        list(c.argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         while not healthy(c.port):
             if proc.poll() is not None:
@@ -66,7 +68,9 @@ def by_hand(topo: Path, model: str) -> float:
 
 def through_widep(topo: Path, model: str, tmp: Path) -> float:
     t = time.perf_counter()
-    lp = LaunchProc([str(topo), "--model-path", model, "--python", sys.executable, "--run-dir", str(tmp / f"run-{time.time_ns()}")])
+    lp = LaunchProc(
+        [str(topo), "--model-path", model, "--python", sys.executable, "--run-dir", str(tmp / f"run-{time.time_ns()}")]
+    )
     try:
         lp.wait_for(r"ready: ", 300)
         return time.perf_counter() - t
@@ -75,8 +79,19 @@ def through_widep(topo: Path, model: str, tmp: Path) -> float:
 
 
 def death_to_teardown(topo: Path, model: str, tmp: Path) -> tuple[float, float]:
-    lp = LaunchProc([str(topo), "--model-path", model, "--python", sys.executable, "--backoff", "0",
-                     "--run-dir", str(tmp / f"death-{time.time_ns()}")])
+    lp = LaunchProc(
+        [
+            str(topo),
+            "--model-path",
+            model,
+            "--python",
+            sys.executable,
+            "--backoff",
+            "0",
+            "--run-dir",
+            str(tmp / f"death-{time.time_ns()}"),
+        ]
+    )
     try:
         lp.wait_for(r"ready: ", 300)
         run = lp.run_id()
@@ -112,9 +127,11 @@ def main() -> None:
             print(f"run {i + 1}: by hand {hand[-1]:.1f} s, widep {widep[-1]:.1f} s", flush=True)
         for i in range(args.runs):
             deaths.append(death_to_teardown(topo, model, tmp))
-            print(f"death {i + 1}: teardown {deaths[-1][0]:.2f} s, next attempt started {deaths[-1][1]:.2f} s", flush=True)
+            print(
+                f"death {i + 1}: teardown {deaths[-1][0]:.2f} s, next attempt started {deaths[-1][1]:.2f} s", flush=True
+            )
     med = statistics.median
-    ratios = [w / h for w, h in zip(widep, hand)]
+    ratios = [w / h for w, h in zip(widep, hand, strict=False)]
     out = {
         "runs": args.runs,
         "cold_start_by_hand_s": {"median": med(hand), "min": min(hand), "max": max(hand)},

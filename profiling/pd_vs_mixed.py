@@ -51,16 +51,44 @@ def topologies(tmp: Path) -> dict[str, Path]:
 def bench(topo: Path, out: Path, levels: str, isl: int, osl: int, n: int, model: str) -> dict[int, dict]:
     from widep.cli import main
 
-    rc = main(["bench", "--topology", str(topo), "--concurrency", levels, "--isl", str(isl), "--osl", str(osl),
-               "--num-requests", str(n), "--warmup", "2", "--out", str(out), "--scrape-interval", "0",
-               "--accelerator", "cpu", "--model", model, "--tokenizer", model])
+    rc = main(
+        [
+            "bench",
+            "--topology",
+            str(topo),
+            "--concurrency",
+            levels,
+            "--isl",
+            str(isl),
+            "--osl",
+            str(osl),
+            "--num-requests",
+            str(n),
+            "--warmup",
+            "2",
+            "--out",
+            str(out),
+            "--scrape-interval",
+            "0",
+            "--accelerator",
+            "cpu",
+            "--model",
+            model,
+            "--tokenizer",
+            model,
+        ]
+    )
     if rc != 0:
         raise SystemExit(f"bench failed ({rc}) for {topo}")
     res = {}
     for c in map(int, levels.split(",")):
         s = json.loads((out / f"level-c{c}.summary.json").read_text())["summary"]
-        res[c] = {"ttft_ms": s["ttft_ms"]["p50"], "itl_ms": s["itl_ms"]["p50"], "output_tps": s["output_tps"],
-                  "failed": s["failed"]}
+        res[c] = {
+            "ttft_ms": s["ttft_ms"]["p50"],
+            "itl_ms": s["itl_ms"]["p50"],
+            "output_tps": s["output_tps"],
+            "failed": s["failed"],
+        }
     return res
 
 
@@ -79,14 +107,26 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="widep-pd-prof-"))
     runs: dict[str, list[dict[int, dict]]] = {"pd": [], "mixed": []}
     for key, topo in topologies(tmp).items():
-        launch = LaunchProc([str(topo), "--node", "0", "--run-dir", str(tmp / f"run-{key}"), "--model-path", model,
-                             "--python", sys.executable],
-                            env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")})
+        launch = LaunchProc(
+            [
+                str(topo),
+                "--node",
+                "0",
+                "--run-dir",
+                str(tmp / f"run-{key}"),
+                "--model-path",
+                model,
+                "--python",
+                sys.executable,
+            ],
+            env={"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")},
+        )
         try:
             launch.wait_for(r"\[router\] ready", 900)
             for i in range(args.runs):
-                runs[key].append(bench(topo, tmp / f"bench-{key}-{i}", args.levels, args.isl, args.osl,
-                                       args.requests, model))
+                runs[key].append(
+                    bench(topo, tmp / f"bench-{key}-{i}", args.levels, args.isl, args.osl, args.requests, model)
+                )
         finally:
             run_id = launch.run_id()
             launch.stop(signal.SIGTERM)
@@ -94,21 +134,34 @@ def main() -> None:
     levels = [int(c) for c in args.levels.split(",")]
     table = {}
     for key, rs in runs.items():
-        table[key] = {c: {m: statistics.median(r[c][m] for r in rs) for m in ("ttft_ms", "itl_ms", "output_tps")}
-                      | {"failed": sum(r[c]["failed"] for r in rs)} for c in levels}
-    ratio = {c: {m: table["pd"][c][m] / table["mixed"][c][m] for m in ("ttft_ms", "itl_ms", "output_tps")}
-             for c in levels}
-    result = {"machine": f"{os.cpu_count()} cores, CPU vLLM, tiny MoE", "runs": args.runs, "isl": args.isl,
-              "osl": args.osl, "requests_per_level": args.requests, "median_of_runs": table,
-              "pd_over_mixed": ratio, "raw": runs}
+        table[key] = {
+            c: {m: statistics.median(r[c][m] for r in rs) for m in ("ttft_ms", "itl_ms", "output_tps")}
+            | {"failed": sum(r[c]["failed"] for r in rs)}
+            for c in levels
+        }
+    ratio = {
+        c: {m: table["pd"][c][m] / table["mixed"][c][m] for m in ("ttft_ms", "itl_ms", "output_tps")} for c in levels
+    }
+    result = {
+        "machine": f"{os.cpu_count()} cores, CPU vLLM, tiny MoE",
+        "runs": args.runs,
+        "isl": args.isl,
+        "osl": args.osl,
+        "requests_per_level": args.requests,
+        "median_of_runs": table,
+        "pd_over_mixed": ratio,
+        "raw": runs,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'c':>3} {'P/D TTFT':>9} {'mixed':>7} {'P/D ITL':>8} {'mixed':>7} {'P/D tok/s':>9} {'mixed':>7}   ratios")
     for c in levels:
         p, m, r = table["pd"][c], table["mixed"][c], ratio[c]
-        print(f"{c:>3} {p['ttft_ms']:>9.1f} {m['ttft_ms']:>7.1f} {p['itl_ms']:>8.1f} {m['itl_ms']:>7.1f} "
-              f"{p['output_tps']:>9.1f} {m['output_tps']:>7.1f}   TTFT x{r['ttft_ms']:.2f} ITL x{r['itl_ms']:.2f} "
-              f"tok/s x{r['output_tps']:.2f}")
+        print(
+            f"{c:>3} {p['ttft_ms']:>9.1f} {m['ttft_ms']:>7.1f} {p['itl_ms']:>8.1f} {m['itl_ms']:>7.1f} "
+            f"{p['output_tps']:>9.1f} {m['output_tps']:>7.1f}   TTFT x{r['ttft_ms']:.2f} ITL x{r['itl_ms']:.2f} "
+            f"tok/s x{r['output_tps']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,13 @@ def one_run(budget: Budget, cal_name: str) -> dict:
     w, c = mark("frontier", w, c)
     t["total"] = (w - w0, c - c0)
     levels = sum(len(r.levels) for r in results)
-    return {"candidates": len(cands), "feasible": sum(r.status == "ok" for r in results), "levels": levels,
-            "frontier": len(front), "times": t}
+    return {
+        "candidates": len(cands),
+        "feasible": sum(r.status == "ok" for r in results),
+        "levels": levels,
+        "frontier": len(front),
+        "times": t,
+    }
 
 
 def command_runs(args: argparse.Namespace) -> dict:
@@ -94,11 +99,20 @@ def command_runs(args: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     fresh = [r for r in rows if not r["resume"]]
     cpu = statistics.median(r["cpu_s"] for r in fresh)
-    return {"command": " ".join(cmd[1:]) + " --out DIR", "candidates": n, "runs": rows,
-            "median_cpu_s": round(cpu, 3), "median_wall_s": round(statistics.median(r["wall_s"] for r in fresh), 3),
-            "candidates_per_cpu_s": round(n / cpu), "resume_cpu_s": rows[-1]["cpu_s"], "target_per_cpu_s": 5000,
-            "files": files, "point_dirs": dirs, "cpus": os.cpu_count(),
-            "load_avg_1m": {"before": round(load0, 2), "after": round(os.getloadavg()[0], 2)}}
+    return {
+        "command": " ".join(cmd[1:]) + " --out DIR",
+        "candidates": n,
+        "runs": rows,
+        "median_cpu_s": round(cpu, 3),
+        "median_wall_s": round(statistics.median(r["wall_s"] for r in fresh), 3),
+        "candidates_per_cpu_s": round(n / cpu),
+        "resume_cpu_s": rows[-1]["cpu_s"],
+        "target_per_cpu_s": 5000,
+        "files": files,
+        "point_dirs": dirs,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": {"before": round(load0, 2), "after": round(os.getloadavg()[0], 2)},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,37 +130,52 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(res, indent=1))
             return 0
-        print(f"{res['command']}: {res['candidates']} candidates; {len(res['runs']) - 1} fresh runs + 1 resumed on "
-              f"{res['cpus']} CPUs (load {res['load_avg_1m']['before']} -> {res['load_avg_1m']['after']})")
+        print(
+            f"{res['command']}: {res['candidates']} candidates; {len(res['runs']) - 1} fresh runs + 1 resumed on "
+            f"{res['cpus']} CPUs (load {res['load_avg_1m']['before']} -> {res['load_avg_1m']['after']})"
+        )
         for r in res["runs"]:
             print(f"  {'resume' if r['resume'] else 'fresh '}  {r['cpu_s']:6.2f} s cpu  {r['wall_s']:6.2f} s wall")
-        print(f"  => median {res['median_cpu_s']:.2f} CPU-s: {res['candidates_per_cpu_s']:,} candidates per CPU-second "
-              f"(target {res['target_per_cpu_s']:,}); files {res['files']}; {res['point_dirs']} topology dirs")
+        print(
+            f"  => median {res['median_cpu_s']:.2f} CPU-s: {res['candidates_per_cpu_s']:,} candidates per CPU-second "
+            f"(target {res['target_per_cpu_s']:,}); files {res['files']}; {res['point_dirs']} topology dirs"
+        )
         return 0
     lo, _, hi = args.gpus.partition("..")
     gpus = tuple(range(int(lo), int(hi or lo) + 1))
     budget = Budget(model=args.model, gpu=args.gpu, gpus=gpus)
     first = one_run(budget, args.calibration)
     runs = [one_run(budget, args.calibration) for _ in range(args.runs)]
-    med = {k: (statistics.median(r["times"][k][0] for r in runs), statistics.median(r["times"][k][1] for r in runs))
-           for k in first["times"]}
+    med = {
+        k: (statistics.median(r["times"][k][0] for r in runs), statistics.median(r["times"][k][1] for r in runs))
+        for k in first["times"]
+    }
     per10k = med["total"][0] / first["candidates"] * 10_000
     res = {
         "budget": {"model": args.model, "gpu": args.gpu, "gpus": args.gpus},
-        "candidates": first["candidates"], "feasible": first["feasible"], "levels": first["levels"], "frontier": first["frontier"],
-        "runs": args.runs, "median_s": {k: {"wall": round(v[0], 3), "cpu": round(v[1], 3)} for k, v in med.items()},
+        "candidates": first["candidates"],
+        "feasible": first["feasible"],
+        "levels": first["levels"],
+        "frontier": first["frontier"],
+        "runs": args.runs,
+        "median_s": {k: {"wall": round(v[0], 3), "cpu": round(v[1], 3)} for k, v in med.items()},
         "first_run_total_s": round(first["times"]["total"][0], 3),
         "wall_s_per_10k_candidates": round(per10k, 3),
-        "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
     if args.json:
         print(json.dumps(res, indent=1))
         return 0
-    print(f"{res['candidates']} candidates ({res['feasible']} feasible, {res['levels']} predicted levels, "
-          f"{res['frontier']} frontier points); median of {args.runs} runs on {res['cpus']} CPUs (load {res['load_avg_1m']}):")
+    print(
+        f"{res['candidates']} candidates ({res['feasible']} feasible, {res['levels']} predicted levels, "
+        f"{res['frontier']} frontier points); median of {args.runs} runs on {res['cpus']} CPUs (load {res['load_avg_1m']}):"
+    )
     for k, v in res["median_s"].items():
         print(f"  {k:10s} {v['wall']:7.3f} s wall  {v['cpu']:7.3f} s cpu")
-    print(f"  => {res['wall_s_per_10k_candidates']:.2f} s per 10,000 candidates (first run, with warm-up: {res['first_run_total_s']:.2f} s)")
+    print(
+        f"  => {res['wall_s_per_10k_candidates']:.2f} s per 10,000 candidates (first run, with warm-up: {res['first_run_total_s']:.2f} s)"
+    )
     return 0
 
 

@@ -25,8 +25,9 @@ _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 def _missing(reason: str) -> None:
     """Skip, or fail under CI where the dependency must be present."""
     if _IN_CI:
-        pytest.fail(f"{reason} (CI=true: vLLM is part of the CI environment, so this fails "
-                    "instead of skipping)", pytrace=False)
+        pytest.fail(
+            f"{reason} (CI=true: vLLM is part of the CI environment, so this fails instead of skipping)", pytrace=False
+        )
     pytest.skip(reason)
 
 
@@ -78,8 +79,12 @@ def tiny_moe_dir(tiny_moe: Callable[[str], Path]) -> Path:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--update-golden", action="store_true", default=False,
-                     help="Rewrite golden files (tests/golden/) from the current output instead of comparing.")
+    parser.addoption(
+        "--update-golden",
+        action="store_true",
+        default=False,
+        help="Rewrite golden files (tests/golden/) from the current output instead of comparing.",
+    )
 
 
 @pytest.fixture

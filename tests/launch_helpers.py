@@ -47,8 +47,15 @@ class LaunchProc:
         e = dict(os.environ)
         e.update(env or {})
         e["COLUMNS"] = "200"
-        self.proc = subprocess.Popen([sys.executable, "-m", "widep", "launch", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env=e, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "widep", "launch", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=e,
+            start_new_session=True,
+        )
         self.t = threading.Thread(target=self._read, daemon=True)
         self.t.start()
 

@@ -33,8 +33,9 @@ def missing() -> str | None:
     """Why a local cluster cannot run here (None when it can)."""
     absent = [b for b in BINARIES if not shutil.which(b) and not Path(f"/usr/sbin/{b}").exists()]
     if absent:
-        return (f"Slurm/munge binaries missing: {', '.join(absent)} "
-                "(apt-get install slurmctld slurmd slurm-client munge)")
+        return (
+            f"Slurm/munge binaries missing: {', '.join(absent)} (apt-get install slurmctld slurmd slurm-client munge)"
+        )
     if os.geteuid() != 0:
         return "a local Slurm cluster needs root (slurmd runs jobs as their owner)"
     return None
@@ -95,8 +96,10 @@ class SlurmCluster:
             "MinJobAge=300",
         ]
         for i, (name, port) in enumerate(zip(self.node_names(), node_ports, strict=True)):
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr={self.node_address(i)} Port={port} "
-                         f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname={host} NodeAddr={self.node_address(i)} Port={port} "
+                f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
+            )
         lines.append(f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         return "\n".join(lines) + "\n"
 
@@ -119,9 +122,19 @@ class SlurmCluster:
         self.env = {"SLURM_CONF": str(conf)}
         env = dict(os.environ) | self.env
         m = self.root / "munge"
-        self._spawn("munged", [_exe("munged"), "-F", f"--key-file={key}", f"--socket={m}/socket",
-                               f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
-                               f"--seed-file={m}/seed"], env)
+        self._spawn(
+            "munged",
+            [
+                _exe("munged"),
+                "-F",
+                f"--key-file={key}",
+                f"--socket={m}/socket",
+                f"--pid-file={m}/munged.pid",
+                f"--log-file={m}/munged.log",
+                f"--seed-file={m}/seed",
+            ],
+            env,
+        )
         self._wait(lambda: (m / "socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", [_exe("slurmctld"), "-D", "-f", str(conf)], env)
         self._wait(lambda: self.run("scontrol", "ping", check=False).returncode == 0, timeout, "slurmctld ping")
@@ -137,8 +150,19 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         with open(self.root / f"{name.replace(' ', '-')}.out", "wb") as log:  # the child keeps its own descriptor
-            self.procs.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                      stdin=subprocess.DEVNULL, start_new_session=True)))
+            self.procs.append(
+                (
+                    name,
+                    subprocess.Popen(
+                        argv,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    ),
+                )
+            )
 
     def _wait(self, ok: Callable[[], bool], timeout: float, what: str) -> None:
         end = time.monotonic() + timeout
@@ -160,8 +184,9 @@ class SlurmCluster:
 
     def run(self, *argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
         """A Slurm client command against this cluster."""
-        p = subprocess.run(list(argv), check=False, capture_output=True, text=True, env=dict(os.environ) | self.env,
-                           timeout=timeout)
+        p = subprocess.run(
+            list(argv), check=False, capture_output=True, text=True, env=dict(os.environ) | self.env, timeout=timeout
+        )
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} -> {p.returncode}: {p.stderr}")
         return p

@@ -15,13 +15,31 @@ from widep.bench.stats import PERCENTILES, Slo, describe, error_kinds, summarize
 def rec(i, start, ttft, n_out, tpot, *, n_in=100, ok=True, error=None, incomplete=False, sched=None):
     """A successful request: first token at ttft, then n_out-1 tokens tpot apart, [DONE] 1 ms later."""
     if not ok:
-        return RequestRecord(index=i, endpoint="http://a", start_s=start, error=error or "boom",
-                             incomplete=incomplete, e2e_s=None if incomplete else 0.01, scheduled_s=sched)
+        return RequestRecord(
+            index=i,
+            endpoint="http://a",
+            start_s=start,
+            error=error or "boom",
+            incomplete=incomplete,
+            e2e_s=None if incomplete else 0.01,
+            scheduled_s=sched,
+        )
     last = ttft + (n_out - 1) * tpot
     return RequestRecord(
-        index=i, endpoint="http://a", start_s=start, ttft_s=ttft, last_token_s=last, e2e_s=last + 0.001,
-        itls_s=[tpot] * (n_out - 1), chunks=n_out, prompt_tokens=n_in, completion_tokens=n_out,
-        expected_input_tokens=n_in, expected_output_tokens=n_out, ok=True, scheduled_s=sched,
+        index=i,
+        endpoint="http://a",
+        start_s=start,
+        ttft_s=ttft,
+        last_token_s=last,
+        e2e_s=last + 0.001,
+        itls_s=[tpot] * (n_out - 1),
+        chunks=n_out,
+        prompt_tokens=n_in,
+        completion_tokens=n_out,
+        expected_input_tokens=n_in,
+        expected_output_tokens=n_out,
+        ok=True,
+        scheduled_s=sched,
     )
 
 
@@ -44,15 +62,28 @@ def test_tpot_is_last_minus_first_over_n_minus_one():
     one = rec(1, 0.0, ttft=0.2, n_out=1, tpot=0.05)
     assert one.tpot_s is None  # no second token, no TPOT
     # the server's usage, not the chunk count, decides n (two tokens in one chunk)
-    two_per_chunk = RequestRecord(index=2, endpoint="e", start_s=0, ttft_s=0.1, last_token_s=0.5, e2e_s=0.5,
-                                  chunks=5, completion_tokens=9, ok=True)
+    two_per_chunk = RequestRecord(
+        index=2,
+        endpoint="e",
+        start_s=0,
+        ttft_s=0.1,
+        last_token_s=0.5,
+        e2e_s=0.5,
+        chunks=5,
+        completion_tokens=9,
+        ok=True,
+    )
     assert two_per_chunk.tpot_s == pytest.approx(0.4 / 8)
 
 
 def test_level_throughput_per_gpu_and_per_user():
     # 4 requests, 2 at a time, each: TTFT 100 ms, 10 tokens 20 ms apart -> 0.28 s (+1 ms to [DONE])
-    recs = [rec(0, 0.0, 0.1, 10, 0.02), rec(1, 0.0, 0.1, 10, 0.02),
-            rec(2, 0.281, 0.1, 10, 0.02), rec(3, 0.281, 0.1, 10, 0.02)]
+    recs = [
+        rec(0, 0.0, 0.1, 10, 0.02),
+        rec(1, 0.0, 0.1, 10, 0.02),
+        rec(2, 0.281, 0.1, 10, 0.02),
+        rec(3, 0.281, 0.1, 10, 0.02),
+    ]
     s = summarize(recs, gpus=4)
     assert s.total == 4 and s.completed == 4 and s.failed == 0 and s.incomplete == 0
     assert s.duration_s == pytest.approx(0.281 + 0.281)
@@ -73,9 +104,12 @@ def test_level_throughput_per_gpu_and_per_user():
 
 
 def test_failures_incomplete_and_errors_do_not_count_as_tokens():
-    recs = [rec(0, 0.0, 0.1, 10, 0.01), rec(1, 0.0, 0.0, 0, 0, ok=False, error="HTTP 500: x"),
-            rec(2, 0.0, 0.0, 0, 0, ok=False, error="HTTP 500: x"),
-            rec(3, 0.05, 0.0, 0, 0, ok=False, error="cancelled by the level time bound", incomplete=True)]
+    recs = [
+        rec(0, 0.0, 0.1, 10, 0.01),
+        rec(1, 0.0, 0.0, 0, 0, ok=False, error="HTTP 500: x"),
+        rec(2, 0.0, 0.0, 0, 0, ok=False, error="HTTP 500: x"),
+        rec(3, 0.05, 0.0, 0, 0, ok=False, error="cancelled by the level time bound", incomplete=True),
+    ]
     s = summarize(recs, gpus=1)
     assert (s.total, s.completed, s.failed, s.incomplete) == (4, 1, 2, 1)
     assert s.output_tokens == 10 and s.input_tokens == 100
@@ -86,7 +120,7 @@ def test_failures_incomplete_and_errors_do_not_count_as_tokens():
 
 
 def test_goodput_against_slos():
-    fast = rec(0, 0.0, 0.05, 10, 0.01)       # TTFT 50 ms, TPOT 10 ms
+    fast = rec(0, 0.0, 0.05, 10, 0.01)  # TTFT 50 ms, TPOT 10 ms
     slow_first = rec(1, 0.0, 0.5, 10, 0.01)  # TTFT 500 ms
     slow_decode = rec(2, 0.0, 0.05, 10, 0.1)  # TPOT 100 ms
     failed = rec(3, 0.0, 0, 0, 0, ok=False)
@@ -103,8 +137,10 @@ def test_goodput_against_slos():
 
 
 def test_send_lag_from_scheduled_times():
-    recs = [rec(i, start=i * 0.1 + lag, ttft=0.01, n_out=2, tpot=0.01, sched=i * 0.1)
-            for i, lag in enumerate([0.0005, 0.001, 0.002, 0.0])]
+    recs = [
+        rec(i, start=i * 0.1 + lag, ttft=0.01, n_out=2, tpot=0.01, sched=i * 0.1)
+        for i, lag in enumerate([0.0005, 0.001, 0.002, 0.0])
+    ]
     s = summarize(recs, gpus=1)
     assert s.send_lag_ms["max"] == pytest.approx(2.0)
     assert s.send_lag_ms["mean"] == pytest.approx(0.875)
@@ -143,9 +179,11 @@ vllm:kv_cache_usage_perc{engine="2"} NaN
 
 
 def test_summarize_samples_per_endpoint():
-    ss = [Sample("a", 0.0, 0.0, running=1, waiting=0, kv_cache_usage=0.1),
-          Sample("a", 1.0, 1.0, running=3, waiting=2, kv_cache_usage=0.3),
-          Sample("b", 0.0, 0.0, error="ClientConnectorError: refused")]
+    ss = [
+        Sample("a", 0.0, 0.0, running=1, waiting=0, kv_cache_usage=0.1),
+        Sample("a", 1.0, 1.0, running=3, waiting=2, kv_cache_usage=0.3),
+        Sample("b", 0.0, 0.0, error="ClientConnectorError: refused"),
+    ]
     out = summarize_samples(ss)
     assert out["a"]["running"]["mean"] == pytest.approx(2.0)
     assert out["a"]["kv_cache_usage"]["max"] == pytest.approx(0.3)

@@ -49,9 +49,21 @@ def echo():
 
     def start(ttft_ms: float = 1.0, itl_ms: float = 0.5, port: int = 0) -> Echo:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "widep.bench.echo_server", "--port", str(port),
-             "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "widep.bench.echo_server",
+                "--port",
+                str(port),
+                "--ttft-ms",
+                str(ttft_ms),
+                "--itl-ms",
+                str(itl_ms),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         line = proc.stdout.readline().strip()
         assert line.startswith("PORT="), f"echo server did not start: {line!r}"
@@ -75,9 +87,14 @@ def free_port() -> int:
 def cfg_for(endpoints, levels, *, isl="32", osl="16", gpus=None, **kw) -> SweepConfig:
     wl = WorkloadSpec(isl=parse_length(isl), osl=parse_length(osl))
     base = dict(
-        endpoints=tuple(endpoints), model="echo", workload=wl, levels=tuple(levels),
+        endpoints=tuple(endpoints),
+        model="echo",
+        workload=wl,
+        levels=tuple(levels),
         stack=stack_from_endpoints(endpoints, gpus=gpus or 2 * len(endpoints), model="echo"),
-        warmup_requests=0, scrape_interval_s=0.2, request_timeout_s=30,
+        warmup_requests=0,
+        scrape_interval_s=0.2,
+        request_timeout_s=30,
     )
     base.update(kw)
     return SweepConfig(**base)
@@ -85,8 +102,11 @@ def cfg_for(endpoints, levels, *, isl="32", osl="16", gpus=None, **kw) -> SweepC
 
 def test_sweep_writes_valid_reports_jsonl_csv_and_plots(echo, tmp_path):
     a, b = echo(), echo()
-    levels = [Level("concurrency", 1, num_requests=12), Level("concurrency", 4, num_requests=24),
-              Level("rate", 40.0, num_requests=30)]
+    levels = [
+        Level("concurrency", 1, num_requests=12),
+        Level("concurrency", 4, num_requests=24),
+        Level("rate", 40.0, num_requests=30),
+    ]
     out = tmp_path / "run-a"
     outcomes = run_sweep(cfg_for([a.url, b.url + "/v1"], levels, slo=Slo(ttft_ms=1000), warmup_requests=2), out)
     assert [o.status for o in outcomes] == ["done", "done", "done"]
@@ -199,8 +219,9 @@ def test_resume_skips_completed_levels_and_refuses_other_settings(echo, tmp_path
     out = tmp_path / "resume"
     run_sweep(cfg_for([a.url], [Level("concurrency", 1, num_requests=4)]), out)
     uid = yaml.safe_load((out / "level-c1.report.yaml").read_text())["run"]["uid"]
-    outcomes = run_sweep(cfg_for([a.url], [Level("concurrency", 1, num_requests=4),
-                                           Level("concurrency", 2, num_requests=4)]), out)
+    outcomes = run_sweep(
+        cfg_for([a.url], [Level("concurrency", 1, num_requests=4), Level("concurrency", 2, num_requests=4)]), out
+    )
     assert [o.status for o in outcomes] == ["skipped", "done"]
     assert outcomes[0].summary["completed"] == 4
     assert yaml.safe_load((out / "level-c1.report.yaml").read_text())["run"]["uid"] == uid
@@ -220,7 +241,9 @@ def test_level_time_bound_cancels_requests_as_incomplete(echo, tmp_path):
     a = echo(itl_ms=20)  # 30 tokens: ~0.6 s per request
     t0 = time.monotonic()
     out = tmp_path / "bound"
-    outcomes = run_sweep(cfg_for([a.url], [Level("concurrency", 2, num_requests=20)], osl="30", level_timeout_s=1.5), out)
+    outcomes = run_sweep(
+        cfg_for([a.url], [Level("concurrency", 2, num_requests=20)], osl="30", level_timeout_s=1.5), out
+    )
     assert time.monotonic() - t0 < 6
     s = outcomes[0].summary
     assert outcomes[0].status == "done" and s["completed"] >= 2 and s["incomplete"] >= 1
@@ -240,19 +263,68 @@ def test_pareto_front():
 def test_cli_sweep_and_plot(echo, tmp_path, capsys):
     a, b = echo(), echo()
     out = tmp_path / "cli"
-    rc = main(["bench", "--endpoint", a.url, "--endpoint", b.url, "--gpus", "2", "--concurrency", "1,2",
-               "--rate", "50", "--isl", "uniform:8-24", "--osl", "8", "--num-requests", "6", "--out", str(out),
-               "--scrape-interval", "0", "--accelerator", "H200", "--slo-tpot-ms", "50"])
+    rc = main(
+        [
+            "bench",
+            "--endpoint",
+            a.url,
+            "--endpoint",
+            b.url,
+            "--gpus",
+            "2",
+            "--concurrency",
+            "1,2",
+            "--rate",
+            "50",
+            "--isl",
+            "uniform:8-24",
+            "--osl",
+            "8",
+            "--num-requests",
+            "6",
+            "--out",
+            str(out),
+            "--scrape-interval",
+            "0",
+            "--accelerator",
+            "H200",
+            "--slo-tpot-ms",
+            "50",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "model: echo (from" in err and "approximate" in err  # served name found, fallback noted
     assert sorted(p.name for p in out.glob("*.report.yaml")) == [
-        "level-c1.report.yaml", "level-c2.report.yaml", "level-r50.report.yaml"]
+        "level-c1.report.yaml",
+        "level-c2.report.yaml",
+        "level-r50.report.yaml",
+    ]
     doc = yaml.safe_load((out / "level-c2.report.yaml").read_text())
     assert doc["scenario"]["stack"][0]["standardized"]["accelerator"]["model"] == "H200"
     assert doc["scenario"]["load"]["standardized"]["input_seq_len"]["distribution"] == "uniform"
-    rc = main(["bench", "run", "--endpoint", a.url, "--gpus", "2", "--model", "echo", "--concurrency", "1",
-               "--shape", "1k:100", "--isl", "16", "--num-requests", "2", "--out", str(tmp_path / "cli2")])
+    rc = main(
+        [
+            "bench",
+            "run",
+            "--endpoint",
+            a.url,
+            "--gpus",
+            "2",
+            "--model",
+            "echo",
+            "--concurrency",
+            "1",
+            "--shape",
+            "1k:100",
+            "--isl",
+            "16",
+            "--num-requests",
+            "2",
+            "--out",
+            str(tmp_path / "cli2"),
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "c1" in captured.out and "done" in captured.out  # the result table goes to stdout
@@ -269,8 +341,10 @@ def test_cli_sweep_and_plot(echo, tmp_path, capsys):
         (["--gpus", "1", "--concurrency", "1,x", "--isl", "8", "--osl", "8"], "whole numbers"),
         (["--gpus", "1", "--concurrency", "1", "--shape", "10to1"], "Valid: 10:1"),
         (["--gpus", "1", "--concurrency", "1", "--isl", "8"], "input and output lengths"),
-        (["--gpus", "1", "--concurrency", "1", "--isl", "8", "--osl", "8", "--num-requests", "2",
-          "--duration", "3"], "not both"),
+        (
+            ["--gpus", "1", "--concurrency", "1", "--isl", "8", "--osl", "8", "--num-requests", "2", "--duration", "3"],
+            "not both",
+        ),
         (["--gpus", "1", "--concurrency", "1", "--isl", "8", "--osl", "8", "--extra-body", "{"], "not JSON"),
     ],
 )
@@ -284,8 +358,21 @@ def test_cli_topology_without_planner_api(tmp_path, capsys, monkeypatch):
     topo = tmp_path / "t.yaml"
     topo.write_text("x: 1\n")
     monkeypatch.setitem(sys.modules, "widep.plan.api", None)  # as if the planner had no such API
-    rc = main(["bench", "--topology", str(topo), "--concurrency", "1", "--isl", "8", "--osl", "8",
-               "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "bench",
+            "--topology",
+            str(topo),
+            "--concurrency",
+            "1",
+            "--isl",
+            "8",
+            "--osl",
+            "8",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "endpoints_for_topology" in err and "--endpoint URL" in err
 
@@ -294,12 +381,51 @@ def test_cli_generator_checks(tmp_path, capsys):
     import shutil
 
     if shutil.which("inference-perf") is None:
-        rc = main(["bench", "--endpoint", "http://127.0.0.1:9", "--gpus", "1", "--model", "m", "--concurrency", "1",
-                   "--isl", "8", "--osl", "8", "--out", str(tmp_path / "o"), "--generator", "inference-perf"])
+        rc = main(
+            [
+                "bench",
+                "--endpoint",
+                "http://127.0.0.1:9",
+                "--gpus",
+                "1",
+                "--model",
+                "m",
+                "--concurrency",
+                "1",
+                "--isl",
+                "8",
+                "--osl",
+                "8",
+                "--out",
+                str(tmp_path / "o"),
+                "--generator",
+                "inference-perf",
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and "inference-perf command, which is not installed" in err
-    rc = main(["bench", "--endpoint", "http://127.0.0.1:9", "--gpus", "1", "--model", "m", "--concurrency", "1",
-               "--isl", "8", "--osl", "8", "--out", str(tmp_path / "o"), "--generator", "vllm",
-               "--vllm-python", sys.executable])
+    rc = main(
+        [
+            "bench",
+            "--endpoint",
+            "http://127.0.0.1:9",
+            "--gpus",
+            "1",
+            "--model",
+            "m",
+            "--concurrency",
+            "1",
+            "--isl",
+            "8",
+            "--osl",
+            "8",
+            "--out",
+            str(tmp_path / "o"),
+            "--generator",
+            "vllm",
+            "--vllm-python",
+            sys.executable,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and ("--tokenizer" in err or "needs vLLM importable" in err)

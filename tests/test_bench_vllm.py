@@ -36,15 +36,44 @@ def test_bench_against_real_cpu_vllm(vllm_python, tiny_moe_dir, tmp_path, capsys
 
     tok = AutoTokenizer.from_pretrained(str(tiny_moe_dir))
     specials = len(tok("wide").input_ids) - len(tok("wide", add_special_tokens=False).input_ids)
-    argv = ["--model", str(tiny_moe_dir), "--enforce-eager", "--served-model-name", "tiny-moe",
-            "--max-model-len", "512"]
+    argv = [
+        "--model",
+        str(tiny_moe_dir),
+        "--enforce-eager",
+        "--served-model-name",
+        "tiny-moe",
+        "--max-model-len",
+        "512",
+    ]
     with start_vllm(argv, {"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=300, python=vllm_python) as srv:
         # 1. built-in generator, two levels; model name and tokenizer found from /v1/models
         before = _generation_tokens(srv.url)
         out = tmp_path / "builtin"
-        rc = main(["bench", "--endpoint", srv.url, "--gpus", "1", "--concurrency", "1,2", "--isl", "24",
-                   "--osl", "8", "--num-requests", "4", "--warmup", "1", "--out", str(out),
-                   "--scrape-interval", "0.25", "--accelerator", "cpu"])
+        rc = main(
+            [
+                "bench",
+                "--endpoint",
+                srv.url,
+                "--gpus",
+                "1",
+                "--concurrency",
+                "1,2",
+                "--isl",
+                "24",
+                "--osl",
+                "8",
+                "--num-requests",
+                "4",
+                "--warmup",
+                "1",
+                "--out",
+                str(out),
+                "--scrape-interval",
+                "0.25",
+                "--accelerator",
+                "cpu",
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 0, err
         assert "model: tiny-moe" in err and f"tokenizer: {tiny_moe_dir}" in err
@@ -71,8 +100,29 @@ def test_bench_against_real_cpu_vllm(vllm_python, tiny_moe_dir, tmp_path, capsys
         # 2. a rank that does not answer: its requests are errors, the level still reports
         dead = f"http://127.0.0.1:{_free_port()}"
         out2 = tmp_path / "dead-rank"
-        rc = main(["bench", "--endpoint", srv.url, "--endpoint", dead, "--gpus", "2", "--concurrency", "2",
-                   "--isl", "16", "--osl", "4", "--num-requests", "6", "--warmup", "0", "--out", str(out2)])
+        rc = main(
+            [
+                "bench",
+                "--endpoint",
+                srv.url,
+                "--endpoint",
+                dead,
+                "--gpus",
+                "2",
+                "--concurrency",
+                "2",
+                "--isl",
+                "16",
+                "--osl",
+                "4",
+                "--num-requests",
+                "6",
+                "--warmup",
+                "0",
+                "--out",
+                str(out2),
+            ]
+        )
         capsys.readouterr()
         assert rc == 0
         recs = read_records(out2 / "level-c2.requests.jsonl")
@@ -83,9 +133,33 @@ def test_bench_against_real_cpu_vllm(vllm_python, tiny_moe_dir, tmp_path, capsys
 
         # 3. vllm bench serve as the generator, landing in the same report format
         out3 = tmp_path / "vllm-gen"
-        rc = main(["bench", "--endpoint", srv.url, "--gpus", "1", "--model", "tiny-moe", "--tokenizer",
-                   str(tiny_moe_dir), "--concurrency", "2", "--isl", "24", "--osl", "8", "--num-requests", "4",
-                   "--generator", "vllm", "--vllm-python", vllm_python, "--out", str(out3)])
+        rc = main(
+            [
+                "bench",
+                "--endpoint",
+                srv.url,
+                "--gpus",
+                "1",
+                "--model",
+                "tiny-moe",
+                "--tokenizer",
+                str(tiny_moe_dir),
+                "--concurrency",
+                "2",
+                "--isl",
+                "24",
+                "--osl",
+                "8",
+                "--num-requests",
+                "4",
+                "--generator",
+                "vllm",
+                "--vllm-python",
+                vllm_python,
+                "--out",
+                str(out3),
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 0, err + "\n".join(p.read_text()[-2000:] for p in out3.glob("*.native/*.log"))
         doc = yaml.safe_load((out3 / "level-c2.report.yaml").read_text())

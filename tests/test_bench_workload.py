@@ -34,8 +34,15 @@ def test_parse_length_forms():
 
 @pytest.mark.parametrize(
     "text, needle",
-    [("abc", "Valid:"), ("gauss:1,2", "Valid:"), ("uniform:5", "LO-HI"), ("normal:100", "MEAN,STD"),
-     ("normal:100,0", "std > 0"), ("0", "Given: '0'"), ("uniform:10-5", "max must be >= min")],
+    [
+        ("abc", "Valid:"),
+        ("gauss:1,2", "Valid:"),
+        ("uniform:5", "LO-HI"),
+        ("normal:100", "MEAN,STD"),
+        ("normal:100,0", "std > 0"),
+        ("0", "Given: '0'"),
+        ("uniform:10-5", "max must be >= min"),
+    ],
 )
 def test_parse_length_errors_are_for_people(text, needle):
     with pytest.raises(UserError) as err:

@@ -25,7 +25,14 @@ def test_plan_json_contract():
     for role in (pre, dec):
         for key in ("name", "kind", "dp_size", "ep_size", "tp_size", "nodes", "ranks", "memory", "warnings"):
             assert key in role
-        for key in ("weights_gib", "expert_weights_gib", "non_expert_weights_gib", "kv_cache_gib", "kv_tokens", "max_seqs_at_context"):
+        for key in (
+            "weights_gib",
+            "expert_weights_gib",
+            "non_expert_weights_gib",
+            "kv_cache_gib",
+            "kv_tokens",
+            "max_seqs_at_context",
+        ):
             assert key in role["memory"]
         for rank in role["ranks"]:
             assert {"dp_rank", "node", "local_rank", "gpus", "port", "experts"} <= set(rank)

@@ -54,8 +54,23 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 ALL_CHECKS = {
-    "gpus", "gpu-memory", "driver", "torch-cuda", "python", "vllm", "nvshmem", "ibgda", "rdma", "memlock",
-    "shm", "hugepages", "ports", "interfaces", "ifname-env", "disk", "cpu",
+    "gpus",
+    "gpu-memory",
+    "driver",
+    "torch-cuda",
+    "python",
+    "vllm",
+    "nvshmem",
+    "ibgda",
+    "rdma",
+    "memlock",
+    "shm",
+    "hugepages",
+    "ports",
+    "interfaces",
+    "ifname-env",
+    "disk",
+    "cpu",
 }
 
 
@@ -369,7 +384,7 @@ def test_nvidia_smi_output_hang_and_error_are_reported(tmp_path: Path) -> None:
     assert by_name(run_checks(req, facts))["gpus"].status == "fail"
 
     msg = "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
-    env = _fake_nvidia_smi(tmp_path / "nodriver", f"echo \"{msg}\"; exit 9")
+    env = _fake_nvidia_smi(tmp_path / "nodriver", f'echo "{msg}"; exit 9')
     facts = gather_host_facts(req, env=env)
     assert facts.gpu is not None and facts.gpu.attempts[0] == f"nvidia-smi exited 9: {msg}"
     assert msg in by_name(run_checks(req, facts))["gpus"].detail
@@ -389,15 +404,15 @@ def test_rdma_sysfs_layout_is_read(tmp_path: Path) -> None:
         (d / "rate").write_text("400 Gb/sec (4X NDR)\n")
     (sys_root / "module/nvidia_peermem").mkdir(parents=True)
     (proc_root / "driver/nvidia").mkdir(parents=True)
-    (proc_root / "driver/nvidia/params").write_text(
-        'EnableStreamMemOPs: 1\nRegistryDwords: "PeerMappingOverride=1;"\n'
-    )
+    (proc_root / "driver/nvidia/params").write_text('EnableStreamMemOPs: 1\nRegistryDwords: "PeerMappingOverride=1;"\n')
     req = DoctorRequirements(rdma=True, nvshmem=True, memlock_unlimited_needed=True)
     facts = gather_host_facts(req, sys_root=str(sys_root), proc_root=str(proc_root), dev_root=str(tmp_path))
     rdma = facts.rdma
     assert rdma is not None and rdma.sysfs_present and rdma.peermem_loaded and rdma.gdrcopy_present is False
     assert [(p.device, p.port, p.state, p.phys_state) for p in rdma.ports] == [
-        ("mlx5_0", 1, "ACTIVE", "LinkUp"), ("mlx5_1", 1, "DOWN", "Disabled")]
+        ("mlx5_0", 1, "ACTIVE", "LinkUp"),
+        ("mlx5_1", 1, "DOWN", "Disabled"),
+    ]
     rows = by_name(run_checks(req, facts))
     assert rows["rdma"].status == "warn" and rows["rdma"].detail.startswith("1 of 2 RDMA port(s) ACTIVE")
     assert "nvidia_peermem loaded" in rows["rdma"].detail
@@ -411,8 +426,10 @@ def test_rdma_sysfs_layout_is_read(tmp_path: Path) -> None:
 def _gpus(n: int, name: str = "NVIDIA H200", total: int = 143771, used: int = 0, **kw: object) -> GpuFacts:
     return GpuFacts(
         source="nvidia-smi",
-        gpus=tuple(GpuInfo(index=i, name=name, uuid=f"GPU-{i:08d}", memory_total_mib=total, memory_used_mib=used,
-                           **kw) for i in range(n)),  # type: ignore[arg-type]
+        gpus=tuple(
+            GpuInfo(index=i, name=name, uuid=f"GPU-{i:08d}", memory_total_mib=total, memory_used_mib=used, **kw)
+            for i in range(n)
+        ),  # type: ignore[arg-type]
         driver_version="570.86.15",
         cuda_version="12.8",
         attempts=("nvidia-smi: ok",),
@@ -466,22 +483,33 @@ def test_real_nvidia_smi_capture_parses() -> None:
 def test_torch_cuda_against_driver(host_facts: HostFacts, torch_cuda: str, driver_cuda: str, status: str) -> None:
     """Constructed GPU and torch facts: no GPU or CUDA torch on this machine."""
     gpu = replace(_gpus(1), cuda_version=driver_cuda)
-    py = PythonFacts(requested="python", executable="/x/python", version="3.12.3", torch_version="2.9.0",
-                     torch_cuda=torch_cuda)
+    py = PythonFacts(
+        requested="python", executable="/x/python", version="3.12.3", torch_version="2.9.0", torch_cuda=torch_cuda
+    )
     row = by_name(run_checks(DoctorRequirements(gpus_needed=1), replace(host_facts, gpu=gpu, python=py)))["torch-cuda"]
     assert row.status == status
 
 
 @pytest.mark.parametrize(
     ("have", "want", "status"),
-    [("0.32.0", "0.32.0", "pass"), ("0.32.0+cpu", "0.32.0", "pass"), ("0.32.1", "0.32", "pass"),
-     ("0.32.1", "0.32.0", "warn"), ("0.31.0", "0.32.0", "fail"), ("0.10.2", "0.32.0", "fail")],
+    [
+        ("0.32.0", "0.32.0", "pass"),
+        ("0.32.0+cpu", "0.32.0", "pass"),
+        ("0.32.1", "0.32", "pass"),
+        ("0.32.1", "0.32.0", "warn"),
+        ("0.31.0", "0.32.0", "fail"),
+        ("0.10.2", "0.32.0", "fail"),
+    ],
 )
 def test_vllm_version_against_topology(host_facts: HostFacts, have: str, want: str, status: str) -> None:
     from widep.doctor.facts import ModuleFacts
 
-    py = PythonFacts(requested="python", executable="/x/python", version="3.12.3",
-                     modules=(ModuleFacts("vllm", True, "/x/vllm/__init__.py", have, "vllm"),))
+    py = PythonFacts(
+        requested="python",
+        executable="/x/python",
+        version="3.12.3",
+        modules=(ModuleFacts("vllm", True, "/x/vllm/__init__.py", have, "vllm"),),
+    )
     row = by_name(run_checks(DoctorRequirements(vllm_version=want), replace(host_facts, python=py)))["vllm"]
     assert row.status == status, row
 
@@ -511,8 +539,11 @@ def test_nvshmem_settings(host_facts: HostFacts) -> None:
 def test_rdma_and_ibgda_on_constructed_facts(host_facts: HostFacts) -> None:
     """Constructed RDMA facts: this machine has no RDMA devices."""
     req = DoctorRequirements(rdma=True, nvshmem=True)
-    up = RdmaFacts(True, (RdmaPort("mlx5_0", 1, "ACTIVE", "LinkUp", "InfiniBand", "400 Gb/sec (4X NDR)"),),
-                   nvidia_params=(("EnableStreamMemOPs", "0"), ("RegistryDwords", "")))
+    up = RdmaFacts(
+        True,
+        (RdmaPort("mlx5_0", 1, "ACTIVE", "LinkUp", "InfiniBand", "400 Gb/sec (4X NDR)"),),
+        nvidia_params=(("EnableStreamMemOPs", "0"), ("RegistryDwords", "")),
+    )
     rows = by_name(run_checks(req, replace(host_facts, rdma=up)))
     assert rows["rdma"].status == "pass"
     assert rows["ibgda"].status == "warn" and "NVreg_EnableStreamMemOPs=1" in rows["ibgda"].fix
@@ -628,14 +659,26 @@ def test_requirements_from_cpu_and_single_node_topologies() -> None:
 
 
 def test_a_node_without_ranks_is_refused() -> None:
-    spec = parse_topology({
-        "name": "idle-node",
-        "model": {"preset": "tiny-moe"},
-        "cluster": {"gpu": "CPU", "gpus_per_node": 1, "nodes": [{"name": "a"}, {"name": "b"}]},
-        "roles": [{"name": "serve", "nodes": ["a"], "enforce_eager": True, "max_model_len": 1024,
-                   "max_num_batched_tokens": 2048, "max_num_seqs": 16}],
-    })
-    with pytest.raises(UserError, match=r"--node: Given: 1 \(b\), which runs no rank of topology idle-node\. Valid: 0 \(a\)"):
+    spec = parse_topology(
+        {
+            "name": "idle-node",
+            "model": {"preset": "tiny-moe"},
+            "cluster": {"gpu": "CPU", "gpus_per_node": 1, "nodes": [{"name": "a"}, {"name": "b"}]},
+            "roles": [
+                {
+                    "name": "serve",
+                    "nodes": ["a"],
+                    "enforce_eager": True,
+                    "max_model_len": 1024,
+                    "max_num_batched_tokens": 2048,
+                    "max_num_seqs": 16,
+                }
+            ],
+        }
+    )
+    with pytest.raises(
+        UserError, match=r"--node: Given: 1 \(b\), which runs no rank of topology idle-node\. Valid: 0 \(a\)"
+    ):
         requirements_from_plan(plan(spec), 1)
 
 
@@ -656,7 +699,9 @@ def test_pick_node_and_vllm_script_interpreter(tmp_path: Path) -> None:
     assert pick_node(nodes, "h200-1.cluster.local", set()) == 1
     assert pick_node(nodes, "other", {"10.0.0.10"}) == 0
     assert pick_node([("solo", None)], "anything", set()) == 0
-    with pytest.raises(UserError, match=r"cannot tell which node this host is: host name 'vm'.*--node 0 \(h200-0, 10\.0\.0\.10\)"):
+    with pytest.raises(
+        UserError, match=r"cannot tell which node this host is: host name 'vm'.*--node 0 \(h200-0, 10\.0\.0\.10\)"
+    ):
         pick_node(nodes, "vm", {"192.0.2.2"})
     script = tmp_path / "vllm"
     script.write_text("#!/opt/venv/bin/python3.12\nimport sys\n")
@@ -672,8 +717,20 @@ def test_cli_json_reports_a_taken_port_and_exit_code(capsys: pytest.CaptureFixtu
     held.listen(1)
     port = held.getsockname()[1]
     try:
-        rc = main(["doctor", "--device", "cpu", "--python", sys.executable, "--port", f"127.0.0.1:{port}",
-                   "--iface", "lo", "--json"])
+        rc = main(
+            [
+                "doctor",
+                "--device",
+                "cpu",
+                "--python",
+                sys.executable,
+                "--port",
+                f"127.0.0.1:{port}",
+                "--iface",
+                "lo",
+                "--json",
+            ]
+        )
     finally:
         held.close()
     doc = json.loads(capsys.readouterr().out)
@@ -701,14 +758,26 @@ def test_cli_table_and_user_errors(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_whole_doctor_run_takes_under_two_seconds() -> None:
     """A fresh process, as a user runs it: interpreter start, topology plan, facts, checks, JSON."""
-    argv = [sys.executable, "-m", "widep.cli", "doctor", str(TOPOLOGIES / "tiny-moe-cpu-dp2.yaml"), "--node", "1",
-            "--python", sys.executable, "--json"]
+    argv = [
+        sys.executable,
+        "-m",
+        "widep.cli",
+        "doctor",
+        str(TOPOLOGIES / "tiny-moe-cpu-dp2.yaml"),
+        "--node",
+        "1",
+        "--python",
+        sys.executable,
+        "--json",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
     wall = time.perf_counter() - t0
     doc = json.loads(proc.stdout)
     assert proc.returncode == doc["summary"]["exit_code"], proc.stderr
     assert {r["name"] for r in doc["results"]} == ALL_CHECKS | {"module:widep.vllm_cpu_ep"}
-    print(f"\nwhole doctor run: {wall:.2f} s wall (facts {doc['summary']['gather_seconds']:.2f} s, "
-          f"in-process total {doc['summary']['total_seconds']:.2f} s)")
+    print(
+        f"\nwhole doctor run: {wall:.2f} s wall (facts {doc['summary']['gather_seconds']:.2f} s, "
+        f"in-process total {doc['summary']['total_seconds']:.2f} s)"
+    )
     assert wall < 2.0, f"doctor took {wall:.2f} s"

@@ -16,24 +16,66 @@ R1 = "deepseek-ai/DeepSeek-R1"
 EP = ["--enable-expert-parallel", "--data-parallel-size", "2"]
 
 CASES: dict[str, tuple[list[str], dict[str, str] | None]] = {
-    "rank0": (["--model", R1, *EP, "--data-parallel-rank", "0",
-               "--all2all-backend", "deepep_low_latency", "--enforce-eager"], None),
-    "rank1": (["--model", R1, *EP, "--data-parallel-rank", "1",
-               "--all2all-backend", "deepep_low_latency", "--enforce-eager"], None),
-    "rank1_other_backend": (["--model", R1, *EP, "--data-parallel-rank", "1",
-                             "--all2all-backend", "deepep_high_throughput", "--enforce-eager"], None),
+    "rank0": (
+        ["--model", R1, *EP, "--data-parallel-rank", "0", "--all2all-backend", "deepep_low_latency", "--enforce-eager"],
+        None,
+    ),
+    "rank1": (
+        ["--model", R1, *EP, "--data-parallel-rank", "1", "--all2all-backend", "deepep_low_latency", "--enforce-eager"],
+        None,
+    ),
+    "rank1_other_backend": (
+        [
+            "--model",
+            R1,
+            *EP,
+            "--data-parallel-rank",
+            "1",
+            "--all2all-backend",
+            "deepep_high_throughput",
+            "--enforce-eager",
+        ],
+        None,
+    ),
     "bad_backend": (["--model", R1, "--all2all-backend", "deepep_ll"], None),
     "unknown_flag": (["--model", R1, "--expert-parallel"], None),
-    "eplb": (["--model", R1, *EP, "--data-parallel-rank", "0", "--enable-eplb",
-              "--eplb-config", '{"num_redundant_experts": 8}', "--max-model-len", "16384"], None),
+    "eplb": (
+        [
+            "--model",
+            R1,
+            *EP,
+            "--data-parallel-rank",
+            "0",
+            "--enable-eplb",
+            "--eplb-config",
+            '{"num_redundant_experts": 8}',
+            "--max-model-len",
+            "16384",
+        ],
+        None,
+    ),
     "dbo": (["--model", R1, *EP, "--enable-dbo"], None),
     "rank_out_of_range": (["--model", R1, *EP, "--data-parallel-rank", "5"], None),
     "serve_positional": ([R1, "--enforce-eager"], None),
     "bad_env": (["--model", R1], {"VLLM_CPU_KVCACHE_SPACE": "lots"}),
-    "kv_fail_policy": (["--model", R1, "--kv-transfer-config",
-                        '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"fail"}'], None),
-    "kv_bad_policy": (["--model", R1, "--kv-transfer-config",
-                       '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"retry"}'], None),
+    "kv_fail_policy": (
+        [
+            "--model",
+            R1,
+            "--kv-transfer-config",
+            '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"fail"}',
+        ],
+        None,
+    ),
+    "kv_bad_policy": (
+        [
+            "--model",
+            R1,
+            "--kv-transfer-config",
+            '{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"retry"}',
+        ],
+        None,
+    ),
     "after_bad_env": (["--model", R1], None),
 }
 
@@ -41,9 +83,8 @@ CASES: dict[str, tuple[list[str], dict[str, str] | None]] = {
 @pytest.fixture(scope="module")
 def judged(vllm_python: str, tiny_moe_dir) -> tuple[Judgement, dict]:
     names = list(CASES)
-    j = judge([CASES[n][0] for n in names], vllm_python,
-              envs=[CASES[n][1] for n in names], model_override=tiny_moe_dir)
-    return j, dict(zip(names, j.verdicts))
+    j = judge([CASES[n][0] for n in names], vllm_python, envs=[CASES[n][1] for n in names], model_override=tiny_moe_dir)
+    return j, dict(zip(names, j.verdicts, strict=False))
 
 
 def test_reports_the_vllm_it_used(judged) -> None:
@@ -85,8 +126,7 @@ def test_ranks_of_one_group_compare_equal_and_a_mismatch_is_found(judged) -> Non
     r0, r1, other = v["rank0"], v["rank1"], v["rank1_other_backend"]
     assert parallel_mismatches([r0, r1]) == {}
     assert r0.parallel_hash == r1.parallel_hash  # vLLM's own DP handshake value agrees
-    assert parallel_mismatches([r0, other]) == {
-        "all2all_backend": ["deepep_low_latency", "deepep_high_throughput"]}
+    assert parallel_mismatches([r0, other]) == {"all2all_backend": ["deepep_low_latency", "deepep_high_throughput"]}
     assert r0.parallel_hash != other.parallel_hash
 
 
@@ -144,7 +184,9 @@ def test_rendered_serving_variables_are_known_to_vllm(vllm_python: str) -> None:
     from widep.render.vllm import keep_alive_env
 
     names = ["VLLM_RANDOMIZE_DP_DUMMY_INPUTS", "VLLM_ENGINE_READY_TIMEOUT_S"] + [k for k, _ in keep_alive_env()]
-    code = ("import json, sys, vllm.envs as e; "
-            "print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))")
+    code = (
+        "import json, sys, vllm.envs as e; "
+        "print(json.dumps([n for n in sys.argv[1:] if n not in e.environment_variables]))"
+    )
     out = subprocess.run([vllm_python, "-c", code, *names], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -79,7 +79,8 @@ def test_pd_router_front_door_parses_with_vllm_routers_own_parser():
     dec0, dec1 = (f"{p.name}-decode-0{w}.{p.name}-decode.llm.svc" for w in ("", "-1"))
     assert [u for u, _ in args.prefill_urls] == [f"http://{pre}:{8000 + i}" for i in range(8)]
     assert [u for u in args.decode_urls] == [f"http://{dec0}:{8200 + i}" for i in range(8)] + [
-        f"http://{dec1}:{8200 + i}" for i in range(8)]
+        f"http://{dec1}:{8200 + i}" for i in range(8)
+    ]
     assert args.worker_startup_timeout_secs == max(start_budget_s(p, rp) for rp in p.roles)
     assert qos_class(dep["spec"]["template"]["spec"]) == "Guaranteed"
     assert pod_security_level(dep["spec"]["template"]["spec"]) == ("restricted", [])
@@ -121,8 +122,9 @@ def test_llmd_front_door_one_pool_sidecar_and_epp_values():
     assert values["router"]["modelServers"]["matchLabels"] == match
     epp = yaml.safe_load(next(iter(values["router"]["epp"]["pluginsCustomConfig"].values())))
     assert [prof["name"] for prof in epp["schedulingProfiles"]] == ["prefill", "decode"]
-    assert {"disagg-profile-handler", "prefill-filter", "decode-filter", "prefix-cache-scorer",
-            "queue-scorer"} <= {pl["type"] for pl in epp["plugins"]}
+    assert {"disagg-profile-handler", "prefill-filter", "decode-filter", "prefix-cache-scorer", "queue-scorer"} <= {
+        pl["type"] for pl in epp["plugins"]
+    }
     broken = yaml.safe_load(yaml.safe_dump(values))
     broken["router"]["modelServers"]["targetPorts"].append({"number": 8000})
     assert any("unique" in m for m in frontdoor.check_router_values(broken, pool))
@@ -247,21 +249,28 @@ def test_resources_are_sized_from_the_plan_and_guaranteed():
         mem = int(res["requests"]["memory"].removesuffix("Gi"))
         assert mem >= 8 * (rp.memory.weights_gib + 8)  # each rank's weights + overhead (+ /dev/shm)
     assert int(pre["containers"][0]["resources"]["requests"]["memory"][:-2]) > int(
-        dec["containers"][0]["resources"]["requests"]["memory"][:-2])  # EP8 holds more experts per GPU than EP16
-    over = pod(by_name(L.render_lws(p, cpu="48", memory="600Gi", ephemeral_storage="1Ti"))[
-        ("LeaderWorkerSet", f"{p.name}-decode")])["containers"][0]["resources"]["requests"]
+        dec["containers"][0]["resources"]["requests"]["memory"][:-2]
+    )  # EP8 holds more experts per GPU than EP16
+    over = pod(
+        by_name(L.render_lws(p, cpu="48", memory="600Gi", ephemeral_storage="1Ti"))[
+            ("LeaderWorkerSet", f"{p.name}-decode")
+        ]
+    )["containers"][0]["resources"]["requests"]
     assert (over["cpu"], over["memory"], over["ephemeral-storage"]) == ("48", "600Gi", "1Ti")
     roomy = pod(by_name(L.render_lws(p, model_cache="emptydir"))[("LeaderWorkerSet", f"{p.name}-decode")])
     assert int(roomy["containers"][0]["resources"]["requests"]["ephemeral-storage"][:-2]) > 600  # the model itself
 
 
-@pytest.mark.parametrize(("resources", "expected"), [
-    ([{}], "BestEffort"),
-    ([{"requests": {"cpu": "1"}}], "Burstable"),
-    ([{"limits": {"cpu": "1", "memory": "1Gi"}}], "Guaranteed"),  # requests default to limits
-    ([{"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m", "memory": "1Gi"}}], "Burstable"),
-    ([{"limits": {"cpu": "1", "memory": "1Gi"}}, {"requests": {"nvidia.com/gpu": "1"}}], "Burstable"),
-])
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        ([{}], "BestEffort"),
+        ([{"requests": {"cpu": "1"}}], "Burstable"),
+        ([{"limits": {"cpu": "1", "memory": "1Gi"}}], "Guaranteed"),  # requests default to limits
+        ([{"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "500m", "memory": "1Gi"}}], "Burstable"),
+        ([{"limits": {"cpu": "1", "memory": "1Gi"}}, {"requests": {"nvidia.com/gpu": "1"}}], "Burstable"),
+    ],
+)
 def test_qos_class_follows_the_kubernetes_rules(resources, expected):
     """Kubernetes' QoS rules (pkg/apis/core/v1/helper/qos) re-implemented: no kubelet runs here."""
     spec = {"containers": [{"name": f"c{i}", "resources": r} for i, r in enumerate(resources)]}
@@ -292,8 +301,14 @@ def test_jit_caches_survive_group_recreation_and_model_cache_can_be_read_only():
     vols = {vol["name"]: vol for vol in spec["volumes"]}
     assert vols["jit-cache"]["hostPath"]["path"] == "/mnt/local/jit-cache"  # outlives the pod
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
-    for var in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "FLASHINFER_WORKSPACE_BASE",
-                "DG_JIT_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+    for var in (
+        "VLLM_CACHE_ROOT",
+        "TRITON_CACHE_DIR",
+        "CUDA_CACHE_PATH",
+        "FLASHINFER_WORKSPACE_BASE",
+        "DG_JIT_CACHE_DIR",
+        "TORCHINDUCTOR_CACHE_DIR",
+    ):
         assert env[var].startswith(L.JIT_MOUNT + "/")
     docs = L.render_lws(p, model_cache="pvc-ro:models", jit_cache="pvc:jit")
     d = next(d for d in docs if d["kind"] == "LeaderWorkerSet")
@@ -316,19 +331,27 @@ def test_hardening_and_pod_security_levels():
     spec = pod(d)
     assert spec["automountServiceAccountToken"] is False
     assert spec["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}}
-    assert spec["containers"][0]["securityContext"] == {"allowPrivilegeEscalation": False,
-                                                        "capabilities": {"drop": ["ALL"]}}
+    assert spec["containers"][0]["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
     level, why = pod_security_level(spec)
     assert level == "baseline" and why == ["container 'vllm' may run as root (vLLM images do)"]
     gpu = make_plan(load_topology(PD))
     d = next(d for d in L.render_lws(gpu, model_cache="pvc:m", jit_cache="pvc:j") if d["kind"] == "LeaderWorkerSet")
     level, why = pod_security_level(pod(d))
     assert level == "privileged" and why == ["container 'vllm' adds IPC_LOCK"]  # no SYS_RAWIO: no RDMA resource
-    gke = next(d for d in L.render_lws(gpu, provider="gke", model_cache="pvc:m", jit_cache="pvc:j")
-               if d["kind"] == "LeaderWorkerSet")
+    gke = next(
+        d
+        for d in L.render_lws(gpu, provider="gke", model_cache="pvc:m", jit_cache="pvc:j")
+        if d["kind"] == "LeaderWorkerSet"
+    )
     assert pod_security_level(pod(gke)) == ("privileged", ["container 'vllm' is privileged"])
-    d = next(d for d in L.render_lws(gpu, provider="coreweave", model_cache="pvc:m", jit_cache="pvc:j")
-             if d["kind"] == "LeaderWorkerSet")
+    d = next(
+        d
+        for d in L.render_lws(gpu, provider="coreweave", model_cache="pvc:m", jit_cache="pvc:j")
+        if d["kind"] == "LeaderWorkerSet"
+    )
     assert pod_security_level(pod(d)) == ("privileged", ["container 'vllm' adds IPC_LOCK, SYS_RAWIO"])
 
 
@@ -371,8 +394,13 @@ def test_kustomize_overlays_build_with_real_kustomize(tmp_path, capsys, front_do
     assert (out / "base" / "router-values.yaml").is_file() == (front_door == "llm-d")
     p = make_plan(load_topology(PD))
     for name in ("generic", "coreweave", "gke"):
-        built = subprocess.run([_kubectl(), "kustomize", str(out / "overlays" / name)], capture_output=True,
-                               text=True, check=False, timeout=120)
+        built = subprocess.run(
+            [_kubectl(), "kustomize", str(out / "overlays" / name)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
         assert built.returncode == 0, built.stderr
         got = [d for d in yaml.safe_load_all(built.stdout) if d]
         want = L.render_lws(p, provider=name, front_door=front_door)
@@ -393,10 +421,13 @@ def test_readme_kubernetes_examples_run(tmp_path, monkeypatch, capsys):
     import shlex
 
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Kubernetes: LeaderWorkerSet"):]
+    section = text[text.index("## Kubernetes: LeaderWorkerSet") :]
     section = section[: section.index("\n## ", 10)]
-    lines = [line.split("#")[0].split("&&")[0].split(">")[0].strip() for line in section.splitlines()
-             if line.startswith("widep lws topologies/") and "..." not in line]
+    lines = [
+        line.split("#")[0].split("&&")[0].split(">")[0].strip()
+        for line in section.splitlines()
+        if line.startswith("widep lws topologies/") and "..." not in line
+    ]
     assert len(lines) >= 6
     monkeypatch.chdir(tmp_path)
     (tmp_path / "topologies").symlink_to(REPO / "topologies")
@@ -419,8 +450,9 @@ def test_checked_in_kustomize_trees_build_and_validate():
     for tree in trees:
         p = make_plan(load_topology(REPO / "topologies" / f"{tree.name}.yaml"))
         for overlay in sorted((tree / "overlays").iterdir()):
-            built = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True,
-                                   check=False, timeout=120)
+            built = subprocess.run(
+                [_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False, timeout=120
+            )
             assert built.returncode == 0, built.stderr
             want = yaml.safe_load_all(L.dump_manifests(L.render_lws(p, provider=overlay.name)))
             assert by_name([d for d in yaml.safe_load_all(built.stdout) if d]) == by_name(want), overlay

@@ -17,7 +17,6 @@ import sys
 import urllib.request
 
 import pytest
-
 from launch_helpers import ROOT, LaunchProc, api_server_pids, processes_of_run, topology_copy, wait_gone
 
 pytestmark = pytest.mark.vllm
@@ -25,7 +24,9 @@ pytestmark = pytest.mark.vllm
 
 def test_one_rank_answers_a_completion_and_sigkill_leaves_no_orphans(tmp_path, tiny_moe_dir, vllm_python):
     topo = topology_copy("tiny-moe-cpu.yaml", tmp_path)
-    lp = LaunchProc([str(topo), "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")])
+    lp = LaunchProc(
+        [str(topo), "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")]
+    )
     try:
         lp.wait_for(r"ready: tiny-moe-cpu", 240)
         run_id = lp.run_id()
@@ -33,14 +34,22 @@ def test_one_rank_answers_a_completion_and_sigkill_leaves_no_orphans(tmp_path, t
 
         port = yaml.safe_load(topo.read_text())["serving"]["port"]
         body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 8, "temperature": 0}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             out = json.loads(r.read())
         assert out["usage"]["completion_tokens"] == 8
         assert isinstance(out["choices"][0]["text"], str)
         assert processes_of_run(run_id), "the rank's processes carry the run id"
         # `widep status` sees the rank and the group's attempt from the leader's control endpoint
-        st = subprocess.run([sys.executable, "-m", "widep", "status", str(topo), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        st = subprocess.run(
+            [sys.executable, "-m", "widep", "status", str(topo), "--json"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert st.returncode == 0, st.stderr
         sd = json.loads(st.stdout)
         assert sd["healthy"] and sd["endpoints"][0]["health"] == "healthy"
@@ -67,8 +76,12 @@ def test_dp2_group_two_launchers_restart_in_step_and_stop_cleanly(tmp_path, tiny
 
         port = yaml.safe_load(topo.read_text())["serving"]["port"]
         for host in ("127.0.0.1", "127.0.0.2"):  # every rank answers: MoE dispatch/combine across the launchers
-            body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 4, "temperature": 0}).encode()
-            req = urllib.request.Request(f"http://{host}:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            body = json.dumps(
+                {"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+            ).encode()
+            req = urllib.request.Request(
+                f"http://{host}:{port}/v1/completions", body, {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=60) as r:
                 assert json.loads(r.read())["usage"]["completion_tokens"] == 4
         fpids = api_server_pids(run1)
@@ -90,7 +103,9 @@ def test_dp2_group_two_launchers_restart_in_step_and_stop_cleanly(tmp_path, tiny
 
 
 def _launch(args, **kw):
-    return subprocess.run([sys.executable, "-m", "widep", "launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "widep", "launch", *args], cwd=ROOT, capture_output=True, text=True, timeout=120, **kw
+    )
 
 
 def test_taken_port_refused_before_anything_starts(tmp_path, tiny_moe_dir, vllm_python):
@@ -101,7 +116,9 @@ def test_taken_port_refused_before_anything_starts(tmp_path, tiny_moe_dir, vllm_
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         s.listen()
-        r = _launch([str(topo), "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")])
+        r = _launch(
+            [str(topo), "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")]
+        )
     assert r.returncode == 2
     assert f"taken: 127.0.0.1:{port}" in r.stderr
     assert "nothing was started" in r.stderr and "Traceback" not in r.stderr
@@ -110,7 +127,17 @@ def test_taken_port_refused_before_anything_starts(tmp_path, tiny_moe_dir, vllm_
 
 def test_missing_model_refused(tmp_path, vllm_python):
     topo = topology_copy("tiny-moe-cpu.yaml", tmp_path)
-    r = _launch([str(topo), "--model-path", str(tmp_path / "no-model"), "--python", vllm_python, "--run-dir", str(tmp_path / "run")])
+    r = _launch(
+        [
+            str(topo),
+            "--model-path",
+            str(tmp_path / "no-model"),
+            "--python",
+            vllm_python,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert r.returncode == 2 and "is not a model directory" in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -138,8 +165,13 @@ def test_unknown_node_refused(tmp_path):
 
 def test_status_of_a_deployment_that_is_down(tmp_path):
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
-    r = subprocess.run([sys.executable, "-m", "widep", "status", str(topo), "--json", "--timeout", "0.5"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "widep", "status", str(topo), "--json", "--timeout", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1
     d = json.loads(r.stdout)
     assert not d["healthy"] and {e["health"] for e in d["endpoints"]} == {"refused"}

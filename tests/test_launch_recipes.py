@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +26,12 @@ def test_check_flags_an_edited_and_an_extra_file(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "widep.render.recipes", "--out", str(out)], check=True, capture_output=True)
     (out / "tiny-moe-cpu" / "node-0.sh").write_text("edited\n")
     (out / "tiny-moe-cpu" / "node-7.sh").write_text("stray\n")
-    r = subprocess.run([sys.executable, "-m", "widep.render.recipes", "--out", str(out), "--check"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "widep.render.recipes", "--out", str(out), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 1
     assert f"{out}/tiny-moe-cpu/node-0.sh: differs from what widep generates now" in r.stdout
     assert f"{out}/tiny-moe-cpu/node-7.sh: not generated from any topology (remove it)" in r.stdout

@@ -86,18 +86,32 @@ VARIANTS = {
     "cpu-dp2-internal": variant("tiny-moe-cpu-dp2.yaml", **{"serving.dp_mode": "internal"}),
     "cpu-dp2-hybrid": variant("tiny-moe-cpu-dp2.yaml", **{"serving.dp_mode": "hybrid"}),
     "qwen-tp2-4gpu": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.tp": 2}),
-    "qwen-gpus-2-3": variant("qwen3-30b-a3b-1x2-h100.yaml", **{"cluster.gpus_per_node": 4, "roles.0.first_gpu": 2, "roles.0.gpus_per_node": 2}),
+    "qwen-gpus-2-3": variant(
+        "qwen3-30b-a3b-1x2-h100.yaml",
+        **{"cluster.gpus_per_node": 4, "roles.0.first_gpu": 2, "roles.0.gpus_per_node": 2},
+    ),
     # issue #20: hostile strings reach the pod's processes intact, nothing is executed or substituted by the kubelet
     "cpu-dp2-hostile-strings": variant(
         "tiny-moe-cpu-dp2.yaml",
-        **{"roles.0.extra_args": ["--chat-template", "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
-                                  "--x=$(HF_TOKEN)"],
-           "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
-           "model.served_model_name": "a b'c", "description": "x\n---\nkind: ConfigMap"},
+        **{
+            "roles.0.extra_args": [
+                "--chat-template",
+                "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
+                "--x=$(HF_TOKEN)",
+            ],
+            "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
+            "model.served_model_name": "a b'c",
+            "description": "x\n---\nkind: ConfigMap",
+        },
     ),
     "qwen-2-replicas-secrets": variant(
         "qwen3-30b-a3b-1x2-h100.yaml",
-        **{"cluster.nodes": 2, "roles.0.replicas": 2, "serving.hf_token_secret": "hf-secret", "serving.api_key_secret": "vllm-api-key"},
+        **{
+            "cluster.nodes": 2,
+            "roles.0.replicas": 2,
+            "serving.hf_token_secret": "hf-secret",
+            "serving.api_key_secret": "vllm-api-key",
+        },
     ),
 }
 
@@ -152,8 +166,11 @@ OPTION_SETS = {
     "exclusive-block": {"exclusive_topology": "cloud.google.com/gce-topology-block"},
     "pvc-cache-no-rdma": {"model_cache": "pvc:hf-cache", "rdma_resource": None},
     "emptydir-cpu-memory": {"model_cache": "emptydir", "cpu": "32", "memory": "512Gi", "shm_size": "16Gi"},
-    "roce-products": {"rdma_resource": "rdma/roce_gdr", "gpu_products": ("NVIDIA-H200", "NVIDIA-H200-141GB-HBM3e"),
-                      "gpu_product_label": "gpu.nvidia.com/model"},
+    "roce-products": {
+        "rdma_resource": "rdma/roce_gdr",
+        "gpu_products": ("NVIDIA-H200", "NVIDIA-H200-141GB-HBM3e"),
+        "gpu_product_label": "gpu.nvidia.com/model",
+    },
     "no-affinity": {"gpu_product_label": None, "gpu_resource": "amd.com/gpu", "termination_grace_s": 0},
 }
 
@@ -188,20 +205,24 @@ def test_pod_spec_for_gpu_clusters():
         ("Deployment", "deepseek-r1-pd-3x8-h200-router"),  # P/D: a front door by default
         ("Service", "deepseek-r1-pd-3x8-h200-router"),
     ]
-    for doc, rp in zip(lws_docs(docs), p.roles):
+    for doc, rp in zip(lws_docs(docs), p.roles, strict=False):
         spec = doc["spec"]
         assert spec["replicas"] == rp.spec.replicas
         assert spec["leaderWorkerTemplate"]["size"] == rp.nodes_per_group
         assert spec["leaderWorkerTemplate"]["restartPolicy"] == "RecreateGroupOnPodRestart"
-        assert doc["metadata"]["annotations"] == {"leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gce-topology-block"}
+        assert doc["metadata"]["annotations"] == {
+            "leaderworkerset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gce-topology-block"
+        }
         (tpl,) = templates(doc)
         pod = tpl["spec"]
         (c,) = pod["containers"]
         limits = c["resources"]["limits"]
         assert {k: limits[k] for k in ("nvidia.com/gpu", "rdma/ib")} == {"nvidia.com/gpu": "8", "rdma/ib": "1"}
         assert limits == c["resources"]["requests"]  # Guaranteed
-        assert c["securityContext"] == {"allowPrivilegeEscalation": False,
-                                        "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK", "SYS_RAWIO"]}}
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK", "SYS_RAWIO"]},
+        }
         assert "privileged" not in yaml.safe_dump(doc)
         vols = {vol["name"]: vol for vol in pod["volumes"]}
         assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
@@ -223,7 +244,7 @@ def test_pod_spec_for_gpu_clusters():
         assert pod["terminationGracePeriodSeconds"] == 120 and pod["enableServiceLinks"] is False
         assert tpl["metadata"]["labels"]["llm-d.ai/role"] == rp.kind
     services = [d for d in docs if d["kind"] == "Service"]
-    for svc, rp in zip(services, p.roles):
+    for svc, rp in zip(services, p.roles, strict=False):
         name = f"deepseek-r1-pd-3x8-h200-{rp.name}"
         assert svc["spec"]["selector"] == {"leaderworkerset.sigs.k8s.io/name": name}
         assert [pt["port"] for pt in svc["spec"]["ports"]] == [rp.http_port + i for i in range(8)]
@@ -238,11 +259,15 @@ def test_one_inference_pool_per_role_outside_pd():
     assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
     assert pool["spec"]["selector"] == {"matchLabels": svc["spec"]["selector"]}
     assert [t["number"] for t in pool["spec"]["targetPorts"]] == [pt["port"] for pt in svc["spec"]["ports"]]
-    assert pool["spec"]["endpointPickerRef"] == {"name": f"{name}-epp", "port": {"number": 9002},
-                                                 "failureMode": "FailOpen"}
+    assert pool["spec"]["endpointPickerRef"] == {
+        "name": f"{name}-epp",
+        "port": {"number": 9002},
+        "failureMode": "FailOpen",
+    }
     with pytest.raises(UserError, match="--front-door llm-d"):  # per-role pools cannot route P/D
-        L.render_lws(plan_of(REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"), inference_pool=True,
-                     front_door="router")
+        L.render_lws(
+            plan_of(REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"), inference_pool=True, front_door="router"
+        )
 
 
 def test_cpu_topology_has_no_gpu_resources():
@@ -251,8 +276,11 @@ def test_cpu_topology_has_no_gpu_resources():
     (tpl,) = templates(doc)
     pod = tpl["spec"]
     (c,) = pod["containers"]
-    assert c["resources"]["requests"] == c["resources"]["limits"] == {"cpu": "1", "memory": "6Gi",
-                                                                      "ephemeral-storage": "16Gi"}
+    assert (
+        c["resources"]["requests"]
+        == c["resources"]["limits"]
+        == {"cpu": "1", "memory": "6Gi", "ephemeral-storage": "16Gi"}
+    )
     assert "affinity" not in pod and "tolerations" not in pod
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     assert c["startupProbe"]["httpGet"] == {"path": "/health", "port": "http"}
@@ -295,7 +323,10 @@ def test_secrets_are_references(monkeypatch):
     (c,) = templates(lws_docs(docs)[0])[0]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-secret", "key": "token"}}}
-    assert env["VLLM_API_KEY"] == {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vllm-api-key", "key": "api-key"}}}
+    assert env["VLLM_API_KEY"] == {
+        "name": "VLLM_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "vllm-api-key", "key": "api-key"}},
+    }
     # the bare-metal form ${name} of a reference must not leak into the pod script
     assert "${hf-secret}" not in c["args"][0] and "${vllm-api-key}" not in c["args"][0]
     assert all("value" not in e for e in c["env"] if "valueFrom" in e)
@@ -391,26 +422,35 @@ class Pod:
         name = doc["metadata"]["name"]
         env = container_env(self.container, ip)
         # injected by the LWS pod webhook (pkg/utils/pod/pod_utils.go)
-        env.update({"LWS_LEADER_ADDRESS": f"{name}-{g}.{name}.{NAMESPACE}", "LWS_GROUP_SIZE": str(lwt["size"]),
-                    "LWS_WORKER_INDEX": str(w)})
+        env.update(
+            {
+                "LWS_LEADER_ADDRESS": f"{name}-{g}.{name}.{NAMESPACE}",
+                "LWS_GROUP_SIZE": str(lwt["size"]),
+                "LWS_WORKER_INDEX": str(w),
+            }
+        )
         self.leader = env["LWS_LEADER_ADDRESS"]
         argv = [kubelet_expand(a, env) for a in self.container["command"] + self.container["args"]]
         # widep escapes '$(' and '$$' as '$$(' and '$$$$': the kubelet only undoes that escaping, never substitutes
-        assert argv == [kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], \
+        assert argv == [kubelet_expand(a, {}) for a in self.container["command"] + self.container["args"]], (
             "kubelet would substitute a variable into the script"
+        )
         env["WIDEP_SHM_DIR"] = str(shm)  # sandbox: the script clears this folder (/dev/shm in a pod)
         env.update({"PATH": f"{shims}:/usr/bin:/bin", "SHIM_OUT": str(out)}, **extra_env)
         self.out = out
-        self.proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
 
     def records(self, count: int, timeout: float = 30) -> list[tuple[list[str], dict[str, str]]]:
         deadline = time.monotonic() + timeout
         while len(list(self.out.glob("*.argv"))) < count:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError(f"{len(list(self.out.glob('*.argv')))} of {count} processes started; "
-                                     f"exit {self.proc.returncode}; stderr: {self.proc.stderr.read()}")
+                raise AssertionError(
+                    f"{len(list(self.out.glob('*.argv')))} of {count} processes started; "
+                    f"exit {self.proc.returncode}; stderr: {self.proc.stderr.read()}"
+                )
             time.sleep(0.02)
         time.sleep(0.1)  # nothing else may start
         found = sorted(self.out.glob("*.argv"))
@@ -486,7 +526,8 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(x) - offset) for x in env["CUDA_VISIBLE_DEVICES"].split(","))
         if "VLLM_CPU_OMP_THREADS_BIND" in env:  # and its CPU slots from 0
             env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-                str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split("|"))
+                str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split("|")
+            )
         if "VLLM_ENGINE_READY_TIMEOUT_S" in env:  # the engine may take the pod's whole start budget
             env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(start_budget_s(p, rp))
         out.append((argv, env))
@@ -500,7 +541,7 @@ def test_every_worker_runs_what_widep_render_gives(tmp_path, shim_dir, name, sou
     p = plan_of(source)
     docs = lws_docs(L.render_lws(p, namespace=NAMESPACE, placement=placement))
     model_path = L.pod_model_path(p, L.LWSOptions())
-    for ri, (doc, rp) in enumerate(zip(docs, p.roles)):
+    for ri, (doc, rp) in enumerate(zip(docs, p.roles, strict=False)):
         size = doc["spec"]["leaderWorkerTemplate"]["size"]
         per_rank = placement == "pod-per-rank" and rp.dp_local > 1
         assert size == (rp.dp_size if per_rank else rp.nodes_per_group)
@@ -600,6 +641,7 @@ def test_health_check_script_needs_every_rank_healthy():
     ok2, p2 = _server(200)
     bad, p3 = _server(503)
     try:
+
         def run(ports):
             return subprocess.run(["/bin/bash", "-c", L.health_check_script("127.0.0.1", ports)], timeout=20).returncode
 
@@ -618,13 +660,24 @@ def test_health_check_script_needs_every_rank_healthy():
 @pytest.mark.parametrize(
     ("topology", "options", "message"),
     [
-        ("deepseek-r1-decode-2x8-h200.yaml", {"placement": "pod-per-rank"}, "CUDA IPC, which cannot cross pod boundaries"),
+        (
+            "deepseek-r1-decode-2x8-h200.yaml",
+            {"placement": "pod-per-rank"},
+            "CUDA IPC, which cannot cross pod boundaries",
+        ),
         ("deepseek-r1-decode-2x8-h200.yaml", {"placement": "per-gpu"}, "Valid: pod-per-node, pod-per-rank"),
-        ("deepseek-r1-decode-2x8-h200.yaml", {"exclusive_topology": "kubernetes.io/hostname"}, "2 pods x 8 GPUs > 8 per node"),
+        (
+            "deepseek-r1-decode-2x8-h200.yaml",
+            {"exclusive_topology": "kubernetes.io/hostname"},
+            "2 pods x 8 GPUs > 8 per node",
+        ),
         ("deepseek-r1-decode-2x8-h200.yaml", {"gpu_resource": "gpu"}, "Given: 'gpu'"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"memory": "512GB"}, "not a Kubernetes quantity. Given: '512GB'"),
-        ("deepseek-r1-decode-2x8-h200.yaml", {"model_cache": "nfs:/x"},
-         "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, hostpath-ro"),
+        (
+            "deepseek-r1-decode-2x8-h200.yaml",
+            {"model_cache": "nfs:/x"},
+            "Valid: hostpath:/ABSOLUTE/PATH, pvc:CLAIM-NAME, hostpath-ro",
+        ),
         ("deepseek-r1-decode-2x8-h200.yaml", {"jit_cache": "pvc-ro:x"}, "--jit-cache: cannot read this volume"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"provider": "aws"}, "--provider: unknown provider profile"),
         ("deepseek-r1-decode-2x8-h200.yaml", {"front_door": "llm-d"}, "needs a prefill and a decode role"),
@@ -642,7 +695,15 @@ def test_option_errors(topology, options, message):
 
 
 def test_pod_per_rank_needs_external_mode():
-    p = plan_of(VARIANTS["decode-2x8-hybrid"] | {"roles": [VARIANTS["decode-2x8-hybrid"]["roles"][0] | {"all2all_backend": "allgather_reducescatter", "dbo": {"enabled": False}}]})
+    p = plan_of(
+        VARIANTS["decode-2x8-hybrid"]
+        | {
+            "roles": [
+                VARIANTS["decode-2x8-hybrid"]["roles"][0]
+                | {"all2all_backend": "allgather_reducescatter", "dbo": {"enabled": False}}
+            ]
+        }
+    )
     with pytest.raises(UserError, match="needs serving.dp_mode external"):
         L.render_lws(p, placement="pod-per-rank")
 
@@ -654,8 +715,12 @@ def test_fixed_host_is_refused():
 
 
 def test_too_many_ports_for_an_inference_pool():
-    p = plan_of(variant("qwen3-30b-a3b-1x2-h100.yaml", **{"model.preset": "qwen3-30b-a3b", "cluster.gpus_per_node": 16,
-                                                          "cluster.gpu": "B200"}))
+    p = plan_of(
+        variant(
+            "qwen3-30b-a3b-1x2-h100.yaml",
+            **{"model.preset": "qwen3-30b-a3b", "cluster.gpus_per_node": 16, "cluster.gpu": "B200"},
+        )
+    )
     L.render_lws(p)  # fine without a pool
     with pytest.raises(UserError, match="at most 8 targetPorts"):
         L.render_lws(p, inference_pool=True)
@@ -675,7 +740,8 @@ def test_golden_files_are_up_to_date(crd):
     trees = {name.split("/")[1] for name in expected if name.startswith(regen.KUSTOMIZE_DIR + "/")}
     assert trees == {t.stem for t in pd}  # a kustomize tree per P/D topology (built by kustomize in test_k8s_clusters)
     assert len([n for n in expected if not n.startswith(regen.KUSTOMIZE_DIR + "/")]) == len(TOPOLOGIES) + sum(
-        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES) + 2 * len(llmd_variants)
+        len(L.sensible_placements(plan_of(t))) - 1 for t in TOPOLOGIES
+    ) + 2 * len(llmd_variants)
     for t in pd:  # every P/D manifest routes prefill then decode: a vllm-router in P/D mode, or llm-d's stack
         default = list(yaml.safe_load_all(expected[f"{t.stem}.yaml"]))
         router = next(d for d in default if d["kind"] == "Deployment")
@@ -702,16 +768,36 @@ def test_regen_check_reports_stale_missing_and_extra(tmp_path, crd):
     for name in ("tiny-moe-cpu.yaml", "qwen3-30b-a3b-1x2-h100.yaml"):
         (topo / name).write_text((REPO / "topologies" / name).read_text())
     out = tmp_path / "lws"
-    code = subprocess.run([sys.executable, "-m", "widep.k8s.regen", "--topologies", str(topo), "--out", str(out),
-                           "--crd", str(crd)], capture_output=True, text=True)
+    code = subprocess.run(
+        [sys.executable, "-m", "widep.k8s.regen", "--topologies", str(topo), "--out", str(out), "--crd", str(crd)],
+        capture_output=True,
+        text=True,
+    )
     assert code.returncode == 0, code.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "qwen3-30b-a3b-1x2-h100.pod-per-rank.yaml", "qwen3-30b-a3b-1x2-h100.yaml", "tiny-moe-cpu.yaml"]
+        "qwen3-30b-a3b-1x2-h100.pod-per-rank.yaml",
+        "qwen3-30b-a3b-1x2-h100.yaml",
+        "tiny-moe-cpu.yaml",
+    ]
     (out / "tiny-moe-cpu.yaml").write_text((out / "tiny-moe-cpu.yaml").read_text().replace("8000", "8001"))
     (out / "qwen3-30b-a3b-1x2-h100.yaml").unlink()
     (out / "old.yaml").write_text("{}\n")
-    check = subprocess.run([sys.executable, "-m", "widep.k8s.regen", "--topologies", str(topo), "--out", str(out),
-                            "--crd", str(crd), "--check"], capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep.k8s.regen",
+            "--topologies",
+            str(topo),
+            "--out",
+            str(out),
+            "--crd",
+            str(crd),
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 1
     assert check.stdout.splitlines() == [
         f"{out}/qwen3-30b-a3b-1x2-h100.yaml: missing",
@@ -736,8 +822,14 @@ def test_cli_prints_validated_yaml(capsys, crd):
     assert code == 0, err
     assert out.startswith(f"# Generated by `widep lws {topo} --namespace llm --image ghcr.io/x/vllm:1` - do not edit.")
     docs = list(yaml.safe_load_all(out))
-    assert [d["kind"] for d in docs] == ["LeaderWorkerSet", "Service", "LeaderWorkerSet", "Service", "Deployment",
-                                         "Service"]
+    assert [d["kind"] for d in docs] == [
+        "LeaderWorkerSet",
+        "Service",
+        "LeaderWorkerSet",
+        "Service",
+        "Deployment",
+        "Service",
+    ]
     assert all(d["metadata"]["namespace"] == NAMESPACE for d in docs)
     assert err == ""
 
@@ -745,9 +837,25 @@ def test_cli_prints_validated_yaml(capsys, crd):
 def test_cli_output_file_and_options(capsys, crd, tmp_path):
     topo = str(REPO / "topologies" / "qwen3-30b-a3b-1x2-h100.yaml")
     target = tmp_path / "out.yaml"
-    code, out, err = run_cli(capsys, topo, "--placement", "pod-per-rank", "--inference-pool", "--rdma-resource", "",
-                             "--gpu-product", "NVIDIA-H100-80GB-HBM3", "--gpu-product", "NVIDIA-H100-NVL",
-                             "--model-cache", "pvc:models", "-o", str(target), "--crd", str(crd))
+    code, out, err = run_cli(
+        capsys,
+        topo,
+        "--placement",
+        "pod-per-rank",
+        "--inference-pool",
+        "--rdma-resource",
+        "",
+        "--gpu-product",
+        "NVIDIA-H100-80GB-HBM3",
+        "--gpu-product",
+        "NVIDIA-H100-NVL",
+        "--model-cache",
+        "pvc:models",
+        "-o",
+        str(target),
+        "--crd",
+        str(crd),
+    )
     assert code == 0, err
     assert out == ""
     assert "wrote " + str(target) + ": 3 objects, validated" in err
@@ -756,13 +864,26 @@ def test_cli_output_file_and_options(capsys, crd, tmp_path):
     lwt = docs[0]["spec"]["leaderWorkerTemplate"]
     assert lwt["size"] == 2
     (c,) = lwt["workerTemplate"]["spec"]["containers"]
-    assert c["resources"]["limits"] == {"cpu": "4", "memory": "48Gi", "ephemeral-storage": "16Gi",
-                                        "nvidia.com/gpu": "1"}
-    assert c["securityContext"] == {"allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}
-    assert lwt["workerTemplate"]["spec"]["volumes"][1] == {"name": "model-cache", "persistentVolumeClaim": {"claimName": "models"}}
+    assert c["resources"]["limits"] == {
+        "cpu": "4",
+        "memory": "48Gi",
+        "ephemeral-storage": "16Gi",
+        "nvidia.com/gpu": "1",
+    }
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]},
+    }
+    assert lwt["workerTemplate"]["spec"]["volumes"][1] == {
+        "name": "model-cache",
+        "persistentVolumeClaim": {"claimName": "models"},
+    }
     first = target.read_text().splitlines()[0]
-    assert "--rdma-resource ''" in first and "--model-cache pvc:models" in first and "--gpu-product NVIDIA-H100-NVL" in first
+    assert (
+        "--rdma-resource ''" in first
+        and "--model-cache pvc:models" in first
+        and "--gpu-product NVIDIA-H100-NVL" in first
+    )
 
 
 @pytest.mark.parametrize(
@@ -793,7 +914,9 @@ def test_cli_refuses_to_print_manifests_that_do_not_validate(capsys, crd, monkey
 
     monkeypatch.setattr(L, "render_lws", broken)
     target = tmp_path / "out.yaml"
-    code, out, err = run_cli(capsys, str(REPO / "topologies" / "tiny-moe-cpu.yaml"), "-o", str(target), "--crd", str(crd))
+    code, out, err = run_cli(
+        capsys, str(REPO / "topologies" / "tiny-moe-cpu.yaml"), "-o", str(target), "--crd", str(crd)
+    )
     assert code == 1 and out == "" and not target.exists()
     assert "validator rejects" in err and "spec.leaderWorkerTemplate.size" in err
 
@@ -804,11 +927,14 @@ def test_generated_files_pass_widep_lws_validate(capsys, crd):
     assert out.startswith("ok: ")
 
 
-@pytest.mark.parametrize(("topology", "placement", "limit"), [
-    ("deepseek-r1-decode-4x8-h200-eplb.yaml", "pod-per-node", 50),  # 4 pods: "<name>-0-3" <= 63, "<name>-0" <= 52
-    ("qwen3-30b-a3b-1x2-h100.yaml", "pod-per-rank", 50),
-    ("tiny-moe-cpu.yaml", "pod-per-node", 52),  # size 1: the StatefulSet is "<name>"
-])
+@pytest.mark.parametrize(
+    ("topology", "placement", "limit"),
+    [
+        ("deepseek-r1-decode-4x8-h200-eplb.yaml", "pod-per-node", 50),  # 4 pods: "<name>-0-3" <= 63, "<name>-0" <= 52
+        ("qwen3-30b-a3b-1x2-h100.yaml", "pod-per-rank", 50),
+        ("tiny-moe-cpu.yaml", "pod-per-node", 52),  # size 1: the StatefulSet is "<name>"
+    ],
+)
 def test_name_length_limit_matches_the_validator(crd, topology, placement, limit):
     role = yaml.safe_load((REPO / "topologies" / topology).read_text())["roles"][0]["name"]
     ok = variant(topology, name="n" * (limit - len(role) - 1))
@@ -834,7 +960,9 @@ def test_router_deployment_and_service_validate_and_reach_every_rank():
     assert svc and dep["spec"]["template"]["spec"]["containers"][0]["image"] == "example.com/vllm-router:1"
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
     i = args.index("--worker-urls")
-    assert args[i + 1 : i + 3] == ["http://tiny-moe-cpu-2x-serve-0.tiny-moe-cpu-2x-serve.llm.svc:8300",
-                                   "http://tiny-moe-cpu-2x-serve-1.tiny-moe-cpu-2x-serve.llm.svc:8300"]
+    assert args[i + 1 : i + 3] == [
+        "http://tiny-moe-cpu-2x-serve-0.tiny-moe-cpu-2x-serve.llm.svc:8300",
+        "http://tiny-moe-cpu-2x-serve-1.tiny-moe-cpu-2x-serve.llm.svc:8300",
+    ]
     problems = [pr for pr in validate_documents(docs, default_crd_path()) if pr.severity != "note"]
     assert problems == []

@@ -133,7 +133,9 @@ def test_negative_case_caught(crd, path):
     expected = expectations(path)
     for doc, where, severity, text in expected:
         hits = [p for p in problems if p.doc == doc and p.path == where and p.severity == severity]
-        assert any(text in p.message for p in hits), f"missing {severity} at doc {doc} {where!r} ~ {text!r}; got:\n{shown}"
+        assert any(text in p.message for p in hits), (
+            f"missing {severity} at doc {doc} {where!r} ~ {text!r}; got:\n{shown}"
+        )
     wanted = {(doc, where, severity) for doc, where, severity, _ in expected}
     extra = [p for p in problems if (p.doc, p.path, p.severity) not in wanted]
     assert not extra, f"unexpected problems:\n{shown}"
@@ -152,7 +154,10 @@ def test_negative_case_caught(crd, path):
         {"spec.rolloutStrategy": {"rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": "100%"}}},
         {"spec.rolloutStrategy": {"rollingUpdateConfiguration": {"maxUnavailable": "50%", "maxSurge": 0}}},
         {"spec.leaderWorkerTemplate.size": 1},
-        {"spec.leaderWorkerTemplate.size": 5, "spec.leaderWorkerTemplate.subGroupPolicy": {"subGroupPolicyType": "LeaderExcluded", "subGroupSize": 4}},
+        {
+            "spec.leaderWorkerTemplate.size": 5,
+            "spec.leaderWorkerTemplate.subGroupPolicy": {"subGroupPolicyType": "LeaderExcluded", "subGroupSize": 4},
+        },
         {"spec.leaderWorkerTemplate.size": 8, "spec.leaderWorkerTemplate.subGroupPolicy": {"subGroupSize": 4}},
         {"spec.leaderWorkerTemplate.size": 9, "spec.leaderWorkerTemplate.subGroupPolicy": {"subGroupSize": 4}},
         {"spec.leaderWorkerTemplate.restartPolicy": "RecreateGroupAfterStart", "spec.startupPolicy": "LeaderReady"},
@@ -172,7 +177,9 @@ def test_boundary_values_pass(crd, changes):
 
 def test_name_length_limits(crd):
     """63 characters is a valid LWS name (DNS-1035), but its StatefulSet's pods may not be creatable."""
-    (warning,) = v.validate_documents([lws(**{"metadata.name": "a" * 63, "spec.replicas": 1, "spec.leaderWorkerTemplate.size": 1})], crd)
+    (warning,) = v.validate_documents(
+        [lws(**{"metadata.name": "a" * 63, "spec.replicas": 1, "spec.leaderWorkerTemplate.size": 1})], crd
+    )
     assert (warning.path, warning.severity, warning.layer) == ("metadata.name", "warning", "lws-controller")
     (error,) = v.validate_documents([lws(**{"metadata.name": "a" * 64})], crd)
     assert (error.path, error.severity, error.layer) == ("metadata.name", "error", "object-meta")
@@ -217,7 +224,9 @@ def test_float_quantity_rejected_in_lws_but_not_in_deployment(crd):
 def test_one_mistake_is_reported_once(crd):
     """containerPort "8080" violates both the CRD schema and the core PodTemplate schema."""
     doc = lws()
-    doc["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["ports"] = [{"containerPort": "8080"}]
+    doc["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["ports"] = [
+        {"containerPort": "8080"}
+    ]
     problems = v.validate_documents([doc], crd)
     assert len(problems) == 1 and problems[0].layer == "crd-schema"
 
@@ -294,7 +303,9 @@ def test_yaml_timestamps_stay_strings(crd):
 
 
 def test_yaml_binary_and_empty_input(crd):
-    count, problems = v.validate_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\nbinaryData: {a: !!binary aGVsbG8=}\n", crd)
+    count, problems = v.validate_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\nbinaryData: {a: !!binary aGVsbG8=}\n", crd
+    )
     assert count == 1 and problems == []
     count, problems = v.validate_text("# only a comment\n---\n", crd)
     assert count == 0 and [p.message for p in problems] == ["no documents: the input is empty or only comments"]
@@ -341,7 +352,16 @@ def test_go_regex_anchors():
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("500m", "0.5"), ("16Gi", str(16 * 2**30)), ("1e3", "1000"), (8, "8"), ("1.5", "1.5"), ("2k", "2000"), ("eight", None), ("8Gi\n", None)],
+    [
+        ("500m", "0.5"),
+        ("16Gi", str(16 * 2**30)),
+        ("1e3", "1000"),
+        (8, "8"),
+        ("1.5", "1.5"),
+        ("2k", "2000"),
+        ("eight", None),
+        ("8Gi\n", None),
+    ],
 )
 def test_parse_quantity(text, value):
     q = v.parse_quantity(text)
@@ -412,7 +432,9 @@ def test_cli_reports_problems_and_exits_1(capsys, crd):
     assert code == 1
     lines = out.strip().splitlines()
     assert len(lines) == len(expectations(bad))
-    line = re.compile(r"^(?P<file>[^:]+): doc (?P<doc>\d+) \((?P<kind>\w+)/(?P<name>[^)]*)\): (?P<path>[^:]+): (?P<msg>.+)$")
+    line = re.compile(
+        r"^(?P<file>[^:]+): doc (?P<doc>\d+) \((?P<kind>\w+)/(?P<name>[^)]*)\): (?P<path>[^:]+): (?P<msg>.+)$"
+    )
     for text in lines:
         m = line.match(text)
         assert m, text

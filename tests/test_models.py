@@ -49,14 +49,22 @@ def test_gpt_oss_sliding_window_layers_do_not_grow():
 
 
 def test_dense_config_refused(tmp_path):
-    cfg = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000}
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="dense model"):
         load_config_file(tmp_path)
 
 
 def test_config_dir_and_file(tmp_path):
-    cfg = json.loads((__import__("pathlib").Path(__file__).parents[1] / "widep/spec/presets/models/mixtral-8x7b.json").read_text())
+    cfg = json.loads(
+        (__import__("pathlib").Path(__file__).parents[1] / "widep/spec/presets/models/mixtral-8x7b.json").read_text()
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert load_config_file(tmp_path).routed_experts == 8
     assert load_config_file(tmp_path / "config.json").top_k == 2
@@ -71,15 +79,26 @@ def test_unknown_preset_suggests():
 
 def test_missing_key_named():
     with pytest.raises(UserError, match="vocab_size"):
-        arch_from_config({"model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
-                          "num_local_experts": 4, "num_experts_per_tok": 2}, "x")
+        arch_from_config(
+            {
+                "model_type": "mixtral",
+                "hidden_size": 8,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "num_local_experts": 4,
+                "num_experts_per_tok": 2,
+            },
+            "x",
+        )
 
 
 def test_tiny_preset_matches_the_builder():
     """The planner's tiny-moe preset describes exactly the model widep.tinymoe builds."""
     import widep.tinymoe as tm
 
-    preset = json.loads((__import__("pathlib").Path(__file__).parents[1] / "widep/spec/presets/models/tiny-moe.json").read_text())
+    preset = json.loads(
+        (__import__("pathlib").Path(__file__).parents[1] / "widep/spec/presets/models/tiny-moe.json").read_text()
+    )
     built = tm._arch_config(preset["_widep"]["builtin"])
     for key, value in built.items():
         if key in ("rms_norm_eps", "initializer_range"):

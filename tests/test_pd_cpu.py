@@ -46,8 +46,9 @@ MAX_TOKENS = 8
 
 
 def _post(port: int, body: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
@@ -57,8 +58,17 @@ def _post(port: int, body: dict, timeout: float = 120.0) -> dict:
 
 
 def _greedy(port: int, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:
-    return _post(port, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True, "return_token_ids": True})
+    return _post(
+        port,
+        {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
 
 
 def metrics(port: int) -> dict[tuple[str, str], float]:
@@ -79,8 +89,19 @@ def delta(after: dict, before: dict, name: str, source: str = "") -> float:
 @pytest.fixture(scope="module")
 def mixed_reference(tiny_moe_dir, vllm_python):
     """Greedy token ids of an aggregated (mixed) vLLM of the same model and flags, no KV connector."""
-    argv = ["--model", str(tiny_moe_dir), "--host", "127.0.0.1", "--max-num-seqs", "16", "--max-num-batched-tokens",
-            "2048", "--max-model-len", "1024", "--enforce-eager"]
+    argv = [
+        "--model",
+        str(tiny_moe_dir),
+        "--host",
+        "127.0.0.1",
+        "--max-num-seqs",
+        "16",
+        "--max-num-batched-tokens",
+        "2048",
+        "--max-model-len",
+        "1024",
+        "--enforce-eager",
+    ]
     with start_vllm(argv, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, timeout=400, python=vllm_python) as srv:
         return [_greedy(srv.port, str(tiny_moe_dir), p) for p in PROMPTS]
 
@@ -100,8 +121,11 @@ class PD:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"vllm.entrypoints.openai.api_server" in cmd and b"widep.run.guard" not in cmd \
-                    and cmd[cmd.index(b"--port") + 1] == str(port).encode():
+            if (
+                b"vllm.entrypoints.openai.api_server" in cmd
+                and b"widep.run.guard" not in cmd
+                and cmd[cmd.index(b"--port") + 1] == str(port).encode()
+            ):
                 return pid
         raise AssertionError(f"no API server on port {port}:\n{self.launch.output()}")
 
@@ -118,8 +142,22 @@ def pd(tiny_moe_dir, vllm_python, mixed_reference, tmp_path_factory):
     path = tmp / TOPOLOGY
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
-    launch = LaunchProc([str(path), "--node", "0", "--run-dir", str(tmp / "run"), "--model-path", str(tiny_moe_dir),
-                         "--python", vllm_python, "--backoff", "1"], env=env)
+    launch = LaunchProc(
+        [
+            str(path),
+            "--node",
+            "0",
+            "--run-dir",
+            str(tmp / "run"),
+            "--model-path",
+            str(tiny_moe_dir),
+            "--python",
+            vllm_python,
+            "--backoff",
+            "1",
+        ],
+        env=env,
+    )
     try:
         launch.wait_for(r"ready: tiny-moe-cpu-pd", 600)
         yield PD(launch, doc, path, str(tiny_moe_dir))
@@ -139,12 +177,16 @@ def test_handoff_proved_by_vllm_counters_and_greedy_ids_match_mixed(pd, mixed_re
     after_p, after_d = metrics(pd.prefill_port), metrics(pd.decode_port)
     n_prompt = sum(o["usage"]["prompt_tokens"] for o in outs)
     n = len(PROMPTS)
-    print(f"prompt tokens {n_prompt}; prefill local_compute "
-          f"{delta(after_p, before_p, 'vllm:prompt_tokens_by_source_total', 'local_compute')}; decode "
-          + ", ".join(f"{s} {delta(after_d, before_d, 'vllm:prompt_tokens_by_source_total', s)}"
-                      for s in ("local_compute", "local_cache_hit", "external_kv_transfer"))
-          + f"; decode NIXL transfers {delta(after_d, before_d, 'vllm:nixl_xfer_time_seconds_count')}, bytes "
-          f"{delta(after_d, before_d, 'vllm:nixl_bytes_transferred_sum')}")
+    print(
+        f"prompt tokens {n_prompt}; prefill local_compute "
+        f"{delta(after_p, before_p, 'vllm:prompt_tokens_by_source_total', 'local_compute')}; decode "
+        + ", ".join(
+            f"{s} {delta(after_d, before_d, 'vllm:prompt_tokens_by_source_total', s)}"
+            for s in ("local_compute", "local_cache_hit", "external_kv_transfer")
+        )
+        + f"; decode NIXL transfers {delta(after_d, before_d, 'vllm:nixl_xfer_time_seconds_count')}, bytes "
+        f"{delta(after_d, before_d, 'vllm:nixl_bytes_transferred_sum')}"
+    )
     # the prefill rank computed every prompt token and generated only the first token of each request
     assert delta(after_p, before_p, "vllm:prompt_tokens_by_source_total", "local_compute") == n_prompt
     assert delta(after_p, before_p, "vllm:generation_tokens_total") == n
@@ -172,9 +214,33 @@ def test_bench_topology_over_pd_writes_reports_with_ttft_itl(pd, tmp_path, capsy
     from widep.cli import main
 
     out = tmp_path / "bench"
-    rc = main(["bench", "--topology", str(pd.path), "--concurrency", "1,2,4", "--isl", "64", "--osl", "8",
-               "--num-requests", "4", "--warmup", "1", "--out", str(out), "--scrape-interval", "0",
-               "--accelerator", "cpu", "--model", pd.model, "--tokenizer", pd.model])
+    rc = main(
+        [
+            "bench",
+            "--topology",
+            str(pd.path),
+            "--concurrency",
+            "1,2,4",
+            "--isl",
+            "64",
+            "--osl",
+            "8",
+            "--num-requests",
+            "4",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+            "--scrape-interval",
+            "0",
+            "--accelerator",
+            "cpu",
+            "--model",
+            pd.model,
+            "--tokenizer",
+            pd.model,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 0, err
     for level in ("c1", "c2", "c4"):
@@ -234,8 +300,10 @@ def test_rank_killed_under_load_fails_cleanly_restarts_and_resumes(pd, role):
     results = load.finish()
     during = [r for r in results if r[0] + r[1] >= killed_at]
     failed = [r for r in during if not r[2]]
-    print(f"{role} killed: {len(results)} requests, {len(during)} after the kill, {len(failed)} failed: "
-          f"{sorted({r[3] for r in failed})}; slowest {max(r[1] for r in results):.1f} s")
+    print(
+        f"{role} killed: {len(results)} requests, {len(during)} after the kill, {len(failed)} failed: "
+        f"{sorted({r[3] for r in failed})}; slowest {max(r[1] for r in results):.1f} s"
+    )
     assert all(r[2] for r in results[-3:]), f"service did not resume after {role} restart: {results[-5:]}"
     # failures are clean errors (HTTP status or refused connection), never a wrong or truncated answer, never a hang
     assert not [r for r in results if r[3].startswith("short answer")]

@@ -36,8 +36,11 @@ def test_cpu_pd_renders_nixl_on_dram_per_role_side_channels_and_pd_router():
     pre, dec = render(p, CTX)
     for c in (pre, dec):
         assert json.loads(flag(c.argv, "--kv-transfer-config")) == {
-            "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu",
-            "kv_load_failure_policy": "fail"}
+            "kv_connector": "NixlConnector",
+            "kv_role": "kv_both",
+            "kv_buffer_device": "cpu",
+            "kv_load_failure_policy": "fail",
+        }
         assert c.env_dict["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1"
     side = "VLLM_NIXL_SIDE_CHANNEL_PORT"
     assert (pre.env_dict[side], dec.env_dict[side]) == ("5700", "5710")
@@ -69,30 +72,67 @@ def test_kv_load_failure_policy_recompute_rendered_and_refused_where_unknown():
         plan(parse_topology(d))
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda d: d["roles"][1].update(block_size=32),
-     (r"roles\[1\].block_size: decode role 'decode' has block_size 32 but prefill role 'prefill' \(roles\[0\]"
-     r".block_size\) has \(vLLM default\).*Valid: the same block_size")),
-    (lambda d: d["roles"][0].update(kv_cache_dtype="fp8"),
-     (r"roles\[1\].kv_cache_dtype: decode role 'decode' stores KV as bf16 but prefill role 'prefill' "
-     r"\(roles\[0\].kv_cache_dtype, default model.kv_cache_dtype\) as fp8")),
-    (lambda d: d["roles"][1].update(extra_args=["--revision", "v2"]),
-     (r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role 'prefill' "
-     r"\(roles\[0\].extra_args\) with --revision \(vLLM default\)")),
-    (lambda d: d["roles"][0].update(extra_args=["--dtype=float16"]),
-     (r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but prefill role "
-     r"'prefill' \(roles\[0\].extra_args\) with --dtype float16")),
-    (lambda d: d["roles"][1].update(nixl_side_channel_port=5700),
-     (r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side channel "
-     r"rank 0 \(roles\[0\].nixl_side_channel_port\) and by decode NIXL side channel rank 0 "
-     r"\(roles\[1\].nixl_side_channel_port\)")),
-    (lambda d: [r.pop("nixl_side_channel_port") for r in d["roles"]],
-     (r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side channel "
-     r"rank 0 \(serving.nixl_side_channel_port\) and by decode")),
-    (lambda d: d["roles"][0].update(nixl_side_channel_port=8410),
-     r"roles\[1\].port: port 8410 on node localhost is used twice: by prefill NIXL side channel rank 0"),
-], ids=["block-size", "kv-dtype", "model-revision", "model-dtype", "side-channel-override", "side-channel-default",
-        "side-channel-vs-http"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: d["roles"][1].update(block_size=32),
+            (
+                r"roles\[1\].block_size: decode role 'decode' has block_size 32 but prefill role 'prefill' \(roles\[0\]"
+                r".block_size\) has \(vLLM default\).*Valid: the same block_size"
+            ),
+        ),
+        (
+            lambda d: d["roles"][0].update(kv_cache_dtype="fp8"),
+            (
+                r"roles\[1\].kv_cache_dtype: decode role 'decode' stores KV as bf16 but prefill role 'prefill' "
+                r"\(roles\[0\].kv_cache_dtype, default model.kv_cache_dtype\) as fp8"
+            ),
+        ),
+        (
+            lambda d: d["roles"][1].update(extra_args=["--revision", "v2"]),
+            (
+                r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role 'prefill' "
+                r"\(roles\[0\].extra_args\) with --revision \(vLLM default\)"
+            ),
+        ),
+        (
+            lambda d: d["roles"][0].update(extra_args=["--dtype=float16"]),
+            (
+                r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but prefill role "
+                r"'prefill' \(roles\[0\].extra_args\) with --dtype float16"
+            ),
+        ),
+        (
+            lambda d: d["roles"][1].update(nixl_side_channel_port=5700),
+            (
+                r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side channel "
+                r"rank 0 \(roles\[0\].nixl_side_channel_port\) and by decode NIXL side channel rank 0 "
+                r"\(roles\[1\].nixl_side_channel_port\)"
+            ),
+        ),
+        (
+            lambda d: [r.pop("nixl_side_channel_port") for r in d["roles"]],
+            (
+                r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side channel "
+                r"rank 0 \(serving.nixl_side_channel_port\) and by decode"
+            ),
+        ),
+        (
+            lambda d: d["roles"][0].update(nixl_side_channel_port=8410),
+            r"roles\[1\].port: port 8410 on node localhost is used twice: by prefill NIXL side channel rank 0",
+        ),
+    ],
+    ids=[
+        "block-size",
+        "kv-dtype",
+        "model-revision",
+        "model-dtype",
+        "side-channel-override",
+        "side-channel-default",
+        "side-channel-vs-http",
+    ],
+)
 def test_disagreeing_pd_roles_refused_naming_fields(change, message):
     d = cpu_pd_doc()
     change(d)
@@ -111,21 +151,31 @@ def test_equal_settings_on_both_roles_accepted():
 def test_block_size_in_extra_args_refused_as_owned():
     d = cpu_pd_doc()
     d["roles"][1]["extra_args"] = ["--block-size", "32"]
-    with pytest.raises(UserError, match=r"roles\[1\].extra_args\[0\]: '--block-size' is set by widep from roles\[\]"
-                                        r".block_size"):
+    with pytest.raises(
+        UserError,
+        match=r"roles\[1\].extra_args\[0\]: '--block-size' is set by widep from roles\[\]"
+        r".block_size",
+    ):
         render(plan(parse_topology(d)), CTX)
 
 
-@pytest.mark.parametrize("cmd", [["plan"], ["render", "--model-path", "/m"], ["lws"],
-                                 ["launch", "--node", "0", "--model-path", "/m"]])
+@pytest.mark.parametrize(
+    "cmd", [["plan"], ["render", "--model-path", "/m"], ["lws"], ["launch", "--node", "0", "--model-path", "/m"]]
+)
 def test_every_command_refuses_disagreeing_roles_before_starting(tmp_path, cmd):
     d = cpu_pd_doc()
     d["roles"][1]["block_size"] = 64
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(d, sort_keys=False))
     extra = ["--run-dir", str(tmp_path / "run")] if cmd[0] == "launch" else []
-    r = subprocess.run([sys.executable, "-m", "widep", cmd[0], str(path), *cmd[1:], *extra], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, check=False)
+    r = subprocess.run(
+        [sys.executable, "-m", "widep", cmd[0], str(path), *cmd[1:], *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "roles[1].block_size: decode role 'decode' has block_size 64" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()

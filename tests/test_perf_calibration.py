@@ -31,7 +31,11 @@ def test_published_loads_with_every_backend() -> None:
     # held flat beyond the table, interpolated in log2(EP) inside it
     assert ll.internode_gbps(1024, "combine") == pytest.approx(ll.internode_gbps(256, "combine"))
     mid = ll.internode_gbps(24, "dispatch")
-    assert min(ll.internode_gbps(16, "dispatch"), ll.internode_gbps(32, "dispatch")) <= mid <= max(ll.internode_gbps(16, "dispatch"), ll.internode_gbps(32, "dispatch"))
+    assert (
+        min(ll.internode_gbps(16, "dispatch"), ll.internode_gbps(32, "dispatch"))
+        <= mid
+        <= max(ll.internode_gbps(16, "dispatch"), ll.internode_gbps(32, "dispatch"))
+    )
     assert cal.fingerprint() == published().fingerprint()
 
 
@@ -58,7 +62,10 @@ def test_changed_figure_changes_the_fingerprint(tmp_path: Path) -> None:
     [
         (lambda d: d.update(format="nope/1"), "format 'nope/1'"),
         (lambda d: d["hbm"].pop("weights_efficiency"), "missing 'hbm.weights_efficiency'"),
-        (lambda d: d["hbm"].update(weights_efficiency=1.7), r"hbm.weights_efficiency must be a number in \[0.001, 1.0\]. Given: 1.7"),
+        (
+            lambda d: d["hbm"].update(weights_efficiency=1.7),
+            r"hbm.weights_efficiency must be a number in \[0.001, 1.0\]. Given: 1.7",
+        ),
         (lambda d: d["a2a"]["pplx"].update(bytes_model="per_token"), "bytes_model 'per_token' is not valid"),
         (lambda d: d["a2a"]["pplx"]["internode"].update(ep=[16, 32]), "equal-length"),
         (lambda d: d["a2a"]["pplx"]["intranode"].update(dispatch_us=10), "must exceed latency_us"),
@@ -97,7 +104,10 @@ def test_committed_gpu_calibrations_load(path: Path) -> None:
 def _measured_doc() -> dict:
     """A widep-calibration/1 document with the fields make_calibration.py documents (values invented)."""
     return {
-        "format": "widep-calibration/1", "card": "h200", "device_name": "NVIDIA H200", "gpus": 2,
+        "format": "widep-calibration/1",
+        "card": "h200",
+        "device_name": "NVIDIA H200",
+        "gpus": 2,
         "hbm_gbps_effective": 4320.0,
         "hbm": {"paged_kv_read_gbps": {"bf16_576": {"64": {"bytes": [1, 2], "gbps": [3000.0, 4100.0]}}}},
         "matmul_peak_tflops": {"bf16": 700.0, "fp8": 1300.0},
@@ -149,9 +159,27 @@ def test_grouped_curve_drives_expert_time() -> None:
     from widep.spec.models import load_preset
 
     a = ArchConst.of(load_preset("deepseek-r1"), "fp8", "bf16")
-    r = RoleInput(kind="decode", gpu=get_gpu("H200"), tp=1, dp=16, ep=16, replicas=1, nodes=2, expert_parallel=True,
-                  physical_experts=256, redundant=0, eplb=False, dbo=False, dbo_decode_threshold=32, dbo_prefill_threshold=512,
-                  backend="deepep_low_latency", cuda_graphs=True, max_num_batched_tokens=8192, max_num_seqs=256, kv_tokens=10**6)
+    r = RoleInput(
+        kind="decode",
+        gpu=get_gpu("H200"),
+        tp=1,
+        dp=16,
+        ep=16,
+        replicas=1,
+        nodes=2,
+        expert_parallel=True,
+        physical_experts=256,
+        redundant=0,
+        eplb=False,
+        dbo=False,
+        dbo_decode_threshold=32,
+        dbo_prefill_threshold=512,
+        backend="deepep_low_latency",
+        cuda_graphs=True,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        kv_tokens=10**6,
+    )
     slow = dataclasses.replace(published(), grouped_curve=((1.0, 0.01), (4096.0, 0.05)))
     fast = dataclasses.replace(published(), grouped_curve=((1.0, 0.5), (4096.0, 0.9)))
     t_slow = step_time(RoleBatch.build(a, [r], slow), slow, 4096, 1, 100, 0, 0).experts
@@ -185,10 +213,27 @@ def test_calibration_document_round_trips_and_hardware_overrides(tmp_path) -> No
     path.write_text(yaml.safe_dump(calibration_document(slow), sort_keys=False))
     assert load_calibration(path).hardware == {"H200": {"hbm_tbps": 1.0}}
     arch = ArchConst.of(load_preset("deepseek-r1"), "fp8", "bf16")
-    r = RoleInput(kind="decode", gpu=get_gpu("H200"), tp=1, dp=16, ep=16, replicas=1, nodes=2, expert_parallel=True,
-                  physical_experts=256, redundant=0, eplb=False, dbo=False, dbo_decode_threshold=32,
-                  dbo_prefill_threshold=512, backend="deepep_low_latency", cuda_graphs=True,
-                  max_num_batched_tokens=8192, max_num_seqs=256, kv_tokens=1_000_000)
+    r = RoleInput(
+        kind="decode",
+        gpu=get_gpu("H200"),
+        tp=1,
+        dp=16,
+        ep=16,
+        replicas=1,
+        nodes=2,
+        expert_parallel=True,
+        physical_experts=256,
+        redundant=0,
+        eplb=False,
+        dbo=False,
+        dbo_decode_threshold=32,
+        dbo_prefill_threshold=512,
+        backend="deepep_low_latency",
+        cuda_graphs=True,
+        max_num_batched_tokens=8192,
+        max_num_seqs=256,
+        kv_tokens=1_000_000,
+    )
     fast = step_time(RoleBatch.build(arch, [r], cal), cal, 64, 1, 2000, 0, 0).total[0, 0]
     slowed = step_time(RoleBatch.build(arch, [r], slow), slow, 64, 1, 2000, 0, 0).total[0, 0]
     assert slowed > 2 * fast  # 1 TB/s instead of 4.8: the memory-bound decode step slows accordingly

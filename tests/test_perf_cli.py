@@ -15,31 +15,69 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def widep(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")
-    return subprocess.run([sys.executable, "-m", "widep", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "widep", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def test_budget_sweep_json() -> None:
-    p = widep("sweep", "--model", "deepseek-r1", "--gpu", "H100", "--gpus", "8..24", "--isl", "1000", "--osl", "1000",
-              "--tp", "1,2", "--max-num-seqs", "64,256", "--json")
+    p = widep(
+        "sweep",
+        "--model",
+        "deepseek-r1",
+        "--gpu",
+        "H100",
+        "--gpus",
+        "8..24",
+        "--isl",
+        "1000",
+        "--osl",
+        "1000",
+        "--tp",
+        "1,2",
+        "--max-num-seqs",
+        "64,256",
+        "--json",
+    )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     counts = doc["counts"]
     assert counts["candidates"] == len(doc["candidates"]) > 0
-    assert counts["infeasible"]["memory"] > 0 and counts["infeasible"]["divisibility"] > 0  # 8 H100 cannot hold R1; EP24
+    assert (
+        counts["infeasible"]["memory"] > 0 and counts["infeasible"]["divisibility"] > 0
+    )  # 8 H100 cannot hold R1; EP24
     assert counts["feasible"] == sum(1 for c in doc["candidates"] if c["status"] == "ok")
     assert {c["gpus"] for c in doc["candidates"]} == {8, 16, 24}
     assert doc["frontier"] and doc["ranked"]
     f = doc["frontier"]
     assert [x["tps_user"] for x in f] == sorted(x["tps_user"] for x in f)
-    assert all(b["tps_gpu"] <= a["tps_gpu"] for a, b in zip(f, f[1:]))  # faster users, fewer tokens per GPU
+    assert all(b["tps_gpu"] <= a["tps_gpu"] for a, b in zip(f, f[1:], strict=False))  # faster users, fewer tokens per GPU
     bad = [c for c in doc["candidates"] if c["status"] != "ok"]
     assert any("does not fit in H100 memory" in c["reason"] for c in bad)  # the planner's message
 
 
 def test_budget_sweep_table_and_out_dir(tmp_path: Path) -> None:
     out = tmp_path / "sweeps" / "r1"
-    p = widep("sweep", "--model", "deepseek-r1", "--gpu", "H200", "--gpus", "16", "--modes", "mixed", "--tp", "1",
-              "--max-num-seqs", "128", "--min-tps-user", "20", "--out", str(out), "--show-infeasible")
+    p = widep(
+        "sweep",
+        "--model",
+        "deepseek-r1",
+        "--gpu",
+        "H200",
+        "--gpus",
+        "16",
+        "--modes",
+        "mixed",
+        "--tp",
+        "1",
+        "--max-num-seqs",
+        "128",
+        "--min-tps-user",
+        "20",
+        "--out",
+        str(out),
+        "--show-infeasible",
+    )
     assert p.returncode == 0, p.stderr
     assert "candidates for deepseek-r1 on 16 x H200" in p.stdout
     assert "best tokens/s/GPU meeting >= 20 tok/s/user" in p.stdout
@@ -53,8 +91,26 @@ def test_budget_sweep_table_and_out_dir(tmp_path: Path) -> None:
     assert 0 < len(dirs) < len(summary["candidates"]) + 1
     assert all((d / "topology.yaml").is_file() and not (d / "result.json").exists() for d in dirs)
     # a second run reuses every stored point (same key) and prints the same numbers
-    p2 = widep("sweep", "--model", "deepseek-r1", "--gpu", "H200", "--gpus", "16", "--modes", "mixed", "--tp", "1",
-               "--max-num-seqs", "128", "--min-tps-user", "20", "--out", str(out), "--show-infeasible")
+    p2 = widep(
+        "sweep",
+        "--model",
+        "deepseek-r1",
+        "--gpu",
+        "H200",
+        "--gpus",
+        "16",
+        "--modes",
+        "mixed",
+        "--tp",
+        "1",
+        "--max-num-seqs",
+        "128",
+        "--min-tps-user",
+        "20",
+        "--out",
+        str(out),
+        "--show-infeasible",
+    )
     assert p2.returncode == 0
     strip = lambda s: [ln for ln in s.splitlines() if "predicted in" not in ln]  # noqa: E731
     assert strip(p2.stdout) == strip(p.stdout)
@@ -86,10 +142,19 @@ def test_topology_files_predict() -> None:
         (["sweep", "--model", "deepseek-r1", "--gpus", "12", "--gpus-per-node", "8"], "no candidate topology"),
         (["sweep", "--model", "deepseek-r9", "--gpus", "16"], "unknown model preset 'deepseek-r9'"),
         (["sweep", "--topologies", "topologies/nope-*.yaml"], "no file matches"),
-        (["sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--model", "deepseek-r1"], "not both"),
-        (["sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--concurrency", "0..8"], "--concurrency"),
+        (
+            ["sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--model", "deepseek-r1"],
+            "not both",
+        ),
+        (
+            ["sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--concurrency", "0..8"],
+            "--concurrency",
+        ),
         (["sweep", "--model", "deepseek-r1", "--gpus", "16", "--modes", "mixed,disagg"], "--modes: disagg not valid"),
-        (["sweep", "--model", "deepseek-r1", "--gpus", "16", "--calibration", "missing.yaml"], "--calibration: no such file"),
+        (
+            ["sweep", "--model", "deepseek-r1", "--gpus", "16", "--calibration", "missing.yaml"],
+            "--calibration: no such file",
+        ),
     ],
 )
 def test_user_errors(args: list[str], needle: str) -> None:
@@ -103,7 +168,9 @@ def test_measured_calibration_from_profiling_results() -> None:
     cals = sorted((ROOT / "profiling" / "results").glob("calibration-*x*.json"))
     if not cals:
         pytest.skip("no GPU calibration committed under profiling/results")
-    p = widep("sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--calibration", str(cals[0]), "--json")
+    p = widep(
+        "sweep", "--topologies", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--calibration", str(cals[0]), "--json"
+    )
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["calibration"]["name"].startswith("measured-")
@@ -115,13 +182,34 @@ def test_predict_json_contract_and_bad_input() -> None:
     topo = str(ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml")
     out = {}
     for c in ("64", "1024"):
-        p = widep("predict", topo, "--concurrency", c, "--isl", "2000", "--osl", "1000", "--decode-context", "2500",
-                  "--mtp-acceptance", "0.7", "--json")
+        p = widep(
+            "predict",
+            topo,
+            "--concurrency",
+            c,
+            "--isl",
+            "2000",
+            "--osl",
+            "1000",
+            "--decode-context",
+            "2500",
+            "--mtp-acceptance",
+            "0.7",
+            "--json",
+        )
         assert p.returncode == 0, p.stderr
         out[c] = json.loads(p.stdout)
     d = out["64"]
-    for key in ("tps_per_gpu", "tps_per_decode_gpu", "tps_per_user", "ttft_ms", "tpot_ms", "step_ms", "overlap",
-                "uncertainty"):
+    for key in (
+        "tps_per_gpu",
+        "tps_per_decode_gpu",
+        "tps_per_user",
+        "ttft_ms",
+        "tpot_ms",
+        "step_ms",
+        "overlap",
+        "uncertainty",
+    ):
         assert key in d
     assert d["mode"] == "pd" and d["decode_gpus"] < d["gpus"]
     assert d["tps_per_decode_gpu"] > d["tps_per_gpu"] > 0

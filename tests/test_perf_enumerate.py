@@ -10,8 +10,14 @@ from widep.perf.enumerate import Budget, Grid, check, enumerate_candidates, plan
 from widep.perf.model import role_input_from_plan
 from widep.plan.core import plan
 
-SMALL = Grid(modes=("mixed",), tp=(1, 2), backends=("deepep_low_latency", "allgather_reducescatter"), dbo=(False, True),
-             eplb=("off", "redundant"), max_num_seqs=(128,))
+SMALL = Grid(
+    modes=("mixed",),
+    tp=(1, 2),
+    backends=("deepep_low_latency", "allgather_reducescatter"),
+    dbo=(False, True),
+    eplb=("off", "redundant"),
+    max_num_seqs=(128,),
+)
 
 
 def test_mixed_count_by_hand() -> None:
@@ -51,8 +57,15 @@ def test_partial_nodes_and_the_cpu() -> None:
     """Below one node a role uses part of it; counts that are not whole nodes above one are skipped. The CPU
     backend gets allgather only, no DBO, no EPLB: tiny-moe on 1, 2, 4 slots -> TP choices 1 / 1,2 / 1,2,4
     (6) x max_num_seqs 64,128 (2) = 12; 12 slots on 8-slot nodes is skipped."""
-    b = Budget(model="tiny-moe", gpu="CPU", gpus=(1, 2, 4, 12), gpus_per_node=8, isl=64, osl=64,
-               grid=Grid(modes=("mixed", "pd"), max_num_seqs=(64, 128)))
+    b = Budget(
+        model="tiny-moe",
+        gpu="CPU",
+        gpus=(1, 2, 4, 12),
+        gpus_per_node=8,
+        isl=64,
+        osl=64,
+        grid=Grid(modes=("mixed", "pd"), max_num_seqs=(64, 128)),
+    )
     cands = enumerate_candidates(b)
     assert len(cands) == 12
     assert {c.roles[0].backend for c in cands} == {"allgather_reducescatter"}
@@ -93,16 +106,34 @@ def test_fast_feasibility_agrees_with_the_planner_long_context() -> None:
     assert cats["kv_cache"] > 0, cats
 
 
-@pytest.mark.parametrize(("model", "gpu", "gpus"), [("qwen3-30b-a3b", "H200", (1, 2, 4, 8, 16)), ("deepseek-v2-lite", "H100", (2, 8, 24)),
-                                                    ("gpt-oss-120b", "H100", (1, 4, 8)), ("tiny-moe", "CPU", (1, 2))])
+@pytest.mark.parametrize(
+    ("model", "gpu", "gpus"),
+    [
+        ("qwen3-30b-a3b", "H200", (1, 2, 4, 8, 16)),
+        ("deepseek-v2-lite", "H100", (2, 8, 24)),
+        ("gpt-oss-120b", "H100", (1, 4, 8)),
+        ("tiny-moe", "CPU", (1, 2)),
+    ],
+)
 def test_fast_feasibility_agrees_with_the_planner_other_models(model: str, gpu: str, gpus: tuple[int, ...]) -> None:
-    cats = _agree(Budget(model=model, gpu=gpu, gpus=gpus, isl=512, osl=512, spec_tokens=1 if gpu != "CPU" else 0,
-                         grid=Grid(tp=(1, 2), max_num_seqs=(64, 256), pd_decode_max_num_seqs=(128,))))
+    cats = _agree(
+        Budget(
+            model=model,
+            gpu=gpu,
+            gpus=gpus,
+            isl=512,
+            osl=512,
+            spec_tokens=1 if gpu != "CPU" else 0,
+            grid=Grid(tp=(1, 2), max_num_seqs=(64, 256), pd_decode_max_num_seqs=(128,)),
+        )
+    )
     assert cats["ok"] > 0, cats
 
 
 def test_planner_reason_is_the_planners_message() -> None:
-    cands = enumerate_candidates(Budget(model="deepseek-r1", gpu="H100", gpus=(8,), grid=Grid(modes=("mixed",), tp=(1,), max_num_seqs=(64,))))
+    cands = enumerate_candidates(
+        Budget(model="deepseek-r1", gpu="H100", gpus=(8,), grid=Grid(modes=("mixed",), tp=(1,), max_num_seqs=(64,)))
+    )
     bad = [c for c in cands if not check(c).ok]
     assert bad
     msg = planner_reason(bad[0])

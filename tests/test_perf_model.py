@@ -34,17 +34,52 @@ R1 = load_preset("deepseek-r1")
 A_R1 = ArchConst.of(R1, "fp8", "bf16")
 
 
-def role(gpu: str = "H200", *, kind: str = "decode", tp: int = 1, nodes: int = 2, gpn: int = 8, redundant: int = 0, eplb: bool = False,
-         dbo: bool = False, backend: str = "deepep_low_latency", mns: int = 256, mnbt: int = 8192, kv_tokens: int = 1_000_000,
-         replicas: int = 1, spec: int = 0, expert_parallel: bool = True, experts: int = 256, **gpu_changes: float) -> RoleInput:
+def role(
+    gpu: str = "H200",
+    *,
+    kind: str = "decode",
+    tp: int = 1,
+    nodes: int = 2,
+    gpn: int = 8,
+    redundant: int = 0,
+    eplb: bool = False,
+    dbo: bool = False,
+    backend: str = "deepep_low_latency",
+    mns: int = 256,
+    mnbt: int = 8192,
+    kv_tokens: int = 1_000_000,
+    replicas: int = 1,
+    spec: int = 0,
+    expert_parallel: bool = True,
+    experts: int = 256,
+    **gpu_changes: float,
+) -> RoleInput:
     g = get_gpu(gpu)
     if gpu_changes:
         g = dataclasses.replace(g, **gpu_changes)
     ep = nodes * gpn
-    return RoleInput(kind=kind, gpu=g, tp=tp, dp=ep // tp, ep=ep if expert_parallel else 1, replicas=replicas, nodes=nodes,
-                     expert_parallel=expert_parallel, physical_experts=experts + redundant, redundant=redundant, eplb=eplb, dbo=dbo,
-                     dbo_decode_threshold=32, dbo_prefill_threshold=512, backend=backend, cuda_graphs=True,
-                     max_num_batched_tokens=mnbt, max_num_seqs=mns, kv_tokens=kv_tokens, spec_tokens=spec)
+    return RoleInput(
+        kind=kind,
+        gpu=g,
+        tp=tp,
+        dp=ep // tp,
+        ep=ep if expert_parallel else 1,
+        replicas=replicas,
+        nodes=nodes,
+        expert_parallel=expert_parallel,
+        physical_experts=experts + redundant,
+        redundant=redundant,
+        eplb=eplb,
+        dbo=dbo,
+        dbo_decode_threshold=32,
+        dbo_prefill_threshold=512,
+        backend=backend,
+        cuda_graphs=True,
+        max_num_batched_tokens=mnbt,
+        max_num_seqs=mns,
+        kv_tokens=kv_tokens,
+        spec_tokens=spec,
+    )
 
 
 ROLE_VARIANTS = [
@@ -85,16 +120,23 @@ def test_more_hbm_bandwidth_is_never_slower(variant: dict) -> None:
         t = step_time(rb, CAL, d, q, ctx, p, ctxp).total[:, 0]
         assert np.all(np.diff(t) <= 1e-12), t
     # and at the serving level: tokens/s/GPU and tokens/s/user never drop
-    perf = serve_mixed(RoleBatch.build(A_R1, [role(**variant, kind="mixed", hbm_tbps=bw) for bw in bws], CAL), CAL, Workload(),
-                       np.asarray([[1, 64, 512, 4096]]))
+    perf = serve_mixed(
+        RoleBatch.build(A_R1, [role(**variant, kind="mixed", hbm_tbps=bw) for bw in bws], CAL),
+        CAL,
+        Workload(),
+        np.asarray([[1, 64, 512, 4096]]),
+    )
     assert np.all(np.diff(perf.tps_gpu, axis=0) >= -1e-9)
     assert np.all(np.diff(perf.tps_user, axis=0) >= -1e-9)
 
 
 def test_more_flops_and_links_are_never_slower() -> None:
     g = get_gpu("H200")
-    for field, vals in (("fp8_tflops", [g.fp8_tflops * f for f in (0.5, 1, 2)]), ("nic_gbps", [25.0, 50.0, 100.0]),
-                        ("bf16_tflops", [g.bf16_tflops * f for f in (0.5, 1, 2)])):
+    for field, vals in (
+        ("fp8_tflops", [g.fp8_tflops * f for f in (0.5, 1, 2)]),
+        ("nic_gbps", [25.0, 50.0, 100.0]),
+        ("bf16_tflops", [g.bf16_tflops * f for f in (0.5, 1, 2)]),
+    ):
         rb = RoleBatch.build(A_R1, [role(nodes=4, **{field: v}) for v in vals], CAL)
         for d, q, ctx, p, ctxp in LOADS:
             t = step_time(rb, CAL, d, q, ctx, p, ctxp).total[:, 0]
@@ -131,9 +173,18 @@ def test_deepgemm_grouped_table_is_reproduced() -> None:
 
     Rows: perf-model-inputs.md §3.3 (groups, rows per group, N, K, published TFLOPS).
     """
-    table = [(1, 1024, 4096, 7168, 1233), (1, 1024, 7168, 2048, 925), (2, 512, 4096, 7168, 1040), (2, 512, 7168, 2048, 916),
-             (4, 256, 4096, 7168, 932), (4, 256, 7168, 2048, 815), (4, 8192, 4096, 7168, 1346), (4, 8192, 7168, 2048, 1214),
-             (8, 4096, 4096, 7168, 1346), (8, 4096, 7168, 2048, 1214)]
+    table = [
+        (1, 1024, 4096, 7168, 1233),
+        (1, 1024, 7168, 2048, 925),
+        (2, 512, 4096, 7168, 1040),
+        (2, 512, 7168, 2048, 916),
+        (4, 256, 4096, 7168, 932),
+        (4, 256, 7168, 2048, 815),
+        (4, 8192, 4096, 7168, 1346),
+        (4, 8192, 7168, 2048, 1214),
+        (8, 4096, 4096, 7168, 1346),
+        (8, 4096, 7168, 2048, 1214),
+    ]
     h800 = get_gpu("H800")
     errs = []
     for g, m, n, k, tf in table:
@@ -141,7 +192,7 @@ def test_deepgemm_grouped_table_is_reproduced() -> None:
         byts = g * n * k + g * m * k + g * m * n * 2
         tc = flops / (h800.fp8_tflops * 1e12 * CAL.gemm_fp8_efficiency)
         tm = byts / (h800.hbm_tbps * 1e12 * CAL.hbm_weights_efficiency)
-        t = (tc ** CAL.roofline_p + tm ** CAL.roofline_p) ** (1 / CAL.roofline_p)
+        t = (tc**CAL.roofline_p + tm**CAL.roofline_p) ** (1 / CAL.roofline_p)
         errs.append(flops / t / 1e12 / tf - 1.0)
     assert max(abs(e) for e in errs) < 0.30, errs
     assert float(np.median(np.abs(errs))) < 0.10, errs
@@ -267,7 +318,14 @@ def test_unknown_backend_has_no_figures() -> None:
 def test_other_architectures_score(model: str) -> None:
     arch = load_preset(model)
     a = ArchConst.of(arch, arch.default_weight_dtype, "bf16")
-    rb = RoleBatch.build(a, [role(kind="mixed", nodes=1, experts=arch.routed_experts, backend=b) for b in ("deepep_low_latency", "allgather_reducescatter")], CAL)
+    rb = RoleBatch.build(
+        a,
+        [
+            role(kind="mixed", nodes=1, experts=arch.routed_experts, backend=b)
+            for b in ("deepep_low_latency", "allgather_reducescatter")
+        ],
+        CAL,
+    )
     perf = serve_mixed(rb, CAL, Workload(isl=1000, osl=1000), np.asarray([[1.0, 64.0]]))
     assert np.all(perf.tps_gpu > 0) and np.all(np.isfinite(perf.ttft))
     for d, q, ctx, p, ctxp in LOADS:

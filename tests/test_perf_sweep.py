@@ -37,7 +37,9 @@ GRID = Grid(tp=(1, 2), max_num_seqs=(64, 256), pd_decode_max_num_seqs=(128,))
 
 
 def small_items() -> list[SweepItem]:
-    return items_from_candidates(enumerate_candidates(Budget(model="deepseek-r1", gpu="H100", gpus=(8, 16, 24), isl=1000, osl=1000, grid=GRID)))
+    return items_from_candidates(
+        enumerate_candidates(Budget(model="deepseek-r1", gpu="H100", gpus=(8, 16, 24), isl=1000, osl=1000, grid=GRID))
+    )
 
 
 class Counting:
@@ -86,7 +88,9 @@ def test_sweep_writes_one_directory_per_candidate_and_resumes(tmp_path: Path) ->
     ex2 = Counting(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
     res2 = run_sweep(items, ex2, out)
     assert ex2.seen == []
-    assert [r.as_dict() for r in res2] == [{k: v for k, v in json.loads((out / r.id / "result.json").read_text()).items() if k != "candidate"} for r in res]
+    assert [r.as_dict() for r in res2] == [
+        {k: v for k, v in json.loads((out / r.id / "result.json").read_text()).items() if k != "candidate"} for r in res
+    ]
     # a different workload invalidates stored results; a deleted point is recomputed alone
     (out / r0.id / "result.json").unlink()
     ex3 = Counting(PredictExecutor(CAL, Workload(isl=1000, osl=1000), [1, 16, 256]))
@@ -112,7 +116,9 @@ class Failing:
 
     def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]:
         first, rest = items[0], items[1:]
-        yield ItemResult(id=first.id, status="failed", executor=self.name, key=self.key(), reason="rank 3 exited with code 1")
+        yield ItemResult(
+            id=first.id, status="failed", executor=self.name, key=self.key(), reason="rank 3 exited with code 1"
+        )
         for r in self.inner.run(rest):
             r.key = self.key()
             r.executor = self.name
@@ -125,7 +131,7 @@ def test_large_sweeps_write_topology_files_on_request(tmp_path: Path) -> None:
     items = small_items()
     res = run_sweep(items, PredictExecutor(CAL, Workload(), [1, 8]), tmp_path, topology_files_max=0)
     assert not list(tmp_path.glob("*/topology.yaml"))
-    best = [it for it, r in zip(items, res) if r.status == "ok"][:2]
+    best = [it for it, r in zip(items, res, strict=False) if r.status == "ok"][:2]
     written = write_topologies(best, tmp_path)
     assert [p.parent.name for p in written] == [it.id for it in best]
     assert plan(load_topology(written[0])).total_gpus == best[0].gpus
@@ -191,16 +197,27 @@ def echo_run(tmp_path: Path) -> Iterator[Path]:
     from widep.bench.sweep import run_sweep as bench_sweep
     from widep.bench.workload import WorkloadSpec, parse_length
 
-    proc = subprocess.Popen([sys.executable, "-m", "widep.bench.echo_server", "--port", "0", "--ttft-ms", "2", "--itl-ms", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "widep.bench.echo_server", "--port", "0", "--ttft-ms", "2", "--itl-ms", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = proc.stdout.readline().strip()  # type: ignore[union-attr]
         assert line.startswith("PORT="), line
         url = f"http://127.0.0.1:{line[5:]}"
-        cfg = SweepConfig(endpoints=(url,), model="echo", workload=WorkloadSpec(isl=parse_length("16"), osl=parse_length("8")),
-                          levels=(Level("concurrency", 1, num_requests=4), Level("concurrency", 4, num_requests=8)),
-                          stack=stack_from_endpoints([url], gpus=2, model="echo"), warmup_requests=0, scrape_interval_s=0.2,
-                          request_timeout_s=30)
+        cfg = SweepConfig(
+            endpoints=(url,),
+            model="echo",
+            workload=WorkloadSpec(isl=parse_length("16"), osl=parse_length("8")),
+            levels=(Level("concurrency", 1, num_requests=4), Level("concurrency", 4, num_requests=8)),
+            stack=stack_from_endpoints([url], gpus=2, model="echo"),
+            warmup_requests=0,
+            scrape_interval_s=0.2,
+            request_timeout_s=30,
+        )
         out = tmp_path / "measured"
         bench_sweep(cfg, out)
         yield out

@@ -34,11 +34,24 @@ def topo(roles, *, gpu="H200", gpn=8, nodes=2, model="deepseek-r1", mode="extern
 
 @pytest.mark.parametrize(
     "nodes,gpn,tp,mode",
-    [c for c in itertools.product([1, 2, 4], [1, 2, 4, 8], [1, 2, 4, 8], ["external", "hybrid", "internal"]) if c[2] <= c[1]],
+    [
+        c
+        for c in itertools.product([1, 2, 4], [1, 2, 4, 8], [1, 2, 4, 8], ["external", "hybrid", "internal"])
+        if c[2] <= c[1]
+    ],
 )
 def test_layout_exhaustive(nodes, gpn, tp, mode):
     # Qwen3-30B: 128 experts divide by every power-of-two EP up to 128.
-    p = plan(topo([{"name": "r", "nodes": nodes, "tp": tp, "max_model_len": 4096}], gpu="H200", gpn=gpn, nodes=nodes, model="qwen3-30b-a3b", mode=mode))
+    p = plan(
+        topo(
+            [{"name": "r", "nodes": nodes, "tp": tp, "max_model_len": 4096}],
+            gpu="H200",
+            gpn=gpn,
+            nodes=nodes,
+            model="qwen3-30b-a3b",
+            mode=mode,
+        )
+    )
     (rp,) = p.roles
     assert rp.dp_size == nodes * gpn // tp
     assert rp.ep_size == rp.dp_size * tp
@@ -74,7 +87,11 @@ def test_multiport_needs_new_vllm():
 
 
 def test_redundant_experts_placement_matches_vllm_initial_map():
-    p = plan(parse_topology(__import__("yaml").safe_load((ROOT / "topologies/deepseek-r1-decode-4x8-h200-eplb.yaml").read_text())))
+    p = plan(
+        parse_topology(
+            __import__("yaml").safe_load((ROOT / "topologies/deepseek-r1-decode-4x8-h200-eplb.yaml").read_text())
+        )
+    )
     rp = p.roles[0]
     assert rp.physical_experts == 288 and rp.experts_per_gpu == 9
     assert rp.ranks[0].experts == tuple(range(9))
@@ -103,9 +120,25 @@ def test_replicas_are_independent_groups():
 
 
 def test_roles_sharing_a_node_by_gpu_range():
-    p = plan(topo([{"name": "a", "nodes": [0], "gpus_per_node": 4, "max_model_len": 4096},
-                   {"name": "b", "nodes": [0], "first_gpu": 4, "gpus_per_node": 4, "port": 8100, "rpc_port": 29600, "max_model_len": 4096}],
-                  gpn=8, nodes=1, model="qwen3-30b-a3b"))
+    p = plan(
+        topo(
+            [
+                {"name": "a", "nodes": [0], "gpus_per_node": 4, "max_model_len": 4096},
+                {
+                    "name": "b",
+                    "nodes": [0],
+                    "first_gpu": 4,
+                    "gpus_per_node": 4,
+                    "port": 8100,
+                    "rpc_port": 29600,
+                    "max_model_len": 4096,
+                },
+            ],
+            gpn=8,
+            nodes=1,
+            model="qwen3-30b-a3b",
+        )
+    )
     assert [r.gpus for r in p.roles[1].ranks] == [(4,), (5,), (6,), (7,)]
 
 
@@ -114,15 +147,37 @@ def test_roles_sharing_a_node_by_gpu_range():
 
 def test_gpu_overlap_refused():
     with pytest.raises(UserError, match="GPU 0 of node node-0 is given to both"):
-        plan(topo([{"name": "a", "nodes": [0], "max_model_len": 4096}, {"name": "b", "nodes": [0], "port": 9000, "rpc_port": 29600, "max_model_len": 4096}],
-                  nodes=1, model="qwen3-30b-a3b"))
+        plan(
+            topo(
+                [
+                    {"name": "a", "nodes": [0], "max_model_len": 4096},
+                    {"name": "b", "nodes": [0], "port": 9000, "rpc_port": 29600, "max_model_len": 4096},
+                ],
+                nodes=1,
+                model="qwen3-30b-a3b",
+            )
+        )
 
 
 def test_port_collision_refused():
     with pytest.raises(UserError, match="port 8000 on node node-0 is used twice"):
-        plan(topo([{"name": "a", "nodes": [0], "gpus_per_node": 4, "max_model_len": 4096},
-                   {"name": "b", "nodes": [0], "first_gpu": 4, "gpus_per_node": 4, "rpc_port": 29600, "max_model_len": 4096}],
-                  nodes=1, model="qwen3-30b-a3b"))
+        plan(
+            topo(
+                [
+                    {"name": "a", "nodes": [0], "gpus_per_node": 4, "max_model_len": 4096},
+                    {
+                        "name": "b",
+                        "nodes": [0],
+                        "first_gpu": 4,
+                        "gpus_per_node": 4,
+                        "rpc_port": 29600,
+                        "max_model_len": 4096,
+                    },
+                ],
+                nodes=1,
+                model="qwen3-30b-a3b",
+            )
+        )
 
 
 def test_too_many_nodes():
@@ -131,7 +186,9 @@ def test_too_many_nodes():
 
 
 def test_tp_must_divide():
-    with pytest.raises(UserError, match=r"roles\[0\].tp: tp=3 does not divide the 8 GPUs per node.*Valid: \[1, 2, 4, 8\]"):
+    with pytest.raises(
+        UserError, match=r"roles\[0\].tp: tp=3 does not divide the 8 GPUs per node.*Valid: \[1, 2, 4, 8\]"
+    ):
         plan(topo([{"name": "d", "nodes": 1, "tp": 3}]))
 
 
@@ -139,7 +196,9 @@ def test_experts_must_divide():
     with pytest.raises(UserError) as e:
         plan(topo([{"name": "d", "nodes": 4, "eplb": {"enabled": True, "redundant_experts": 16}}], nodes=4))
     msg = str(e.value)
-    assert msg.startswith("roles[0].eplb.redundant_experts: 256 routed + 16 redundant experts = 272 do not divide over EP=32")
+    assert msg.startswith(
+        "roles[0].eplb.redundant_experts: 256 routed + 16 redundant experts = 272 do not divide over EP=32"
+    )
     assert "redundant_experts in [0, 32, 64, 96]" in msg
 
 
@@ -163,7 +222,15 @@ def test_backend_version_rules():
     p = plan(topo([{"name": "d", "nodes": 2, "all2all_backend": "pplx", "max_model_len": 8192}], version="0.10.2"))
     assert p.roles[0].all2all_backend == "pplx"
     with pytest.raises(UserError, match="only allgather_reducescatter"):
-        plan(topo([{"name": "d", "nodes": 1, "all2all_backend": "deepep_low_latency"}], gpu="CPU", gpn=2, nodes=1, model="tiny-moe"))
+        plan(
+            topo(
+                [{"name": "d", "nodes": 1, "all2all_backend": "deepep_low_latency"}],
+                gpu="CPU",
+                gpn=2,
+                nodes=1,
+                model="tiny-moe",
+            )
+        )
 
 
 def test_dbo_rules():
@@ -182,7 +249,15 @@ def test_memory_does_not_fit():
 
 def test_max_model_len_over_kv_capacity():
     with pytest.raises(UserError, match="max_model_len=2048 but each rank's KV cache holds only"):
-        plan(topo([{"name": "d", "nodes": 1, "max_model_len": 2048, "kv_cache_gib": 0.0005}], gpu="CPU", gpn=1, nodes=1, model="tiny-moe"))
+        plan(
+            topo(
+                [{"name": "d", "nodes": 1, "max_model_len": 2048, "kv_cache_gib": 0.0005}],
+                gpu="CPU",
+                gpn=1,
+                nodes=1,
+                model="tiny-moe",
+            )
+        )
 
 
 def test_batched_tokens_at_least_seqs():
@@ -241,7 +316,19 @@ def test_memory_qwen3_30b_by_hand():
 
 @st.composite
 def clusters(draw):
-    model = draw(st.sampled_from(["deepseek-r1", "qwen3-30b-a3b", "qwen3-235b-a22b", "kimi-k2", "deepseek-v2-lite", "gpt-oss-120b", "mixtral-8x7b"]))
+    model = draw(
+        st.sampled_from(
+            [
+                "deepseek-r1",
+                "qwen3-30b-a3b",
+                "qwen3-235b-a22b",
+                "kimi-k2",
+                "deepseek-v2-lite",
+                "gpt-oss-120b",
+                "mixtral-8x7b",
+            ]
+        )
+    )
     gpu = draw(st.sampled_from(["H100", "H200", "B200"]))
     gpn = draw(st.sampled_from([1, 2, 4, 8]))
     nodes = draw(st.integers(1, 6))
@@ -249,7 +336,9 @@ def clusters(draw):
     role_nodes = draw(st.integers(1, nodes))
     redundant = draw(st.sampled_from([0, 0, 8, 16, 32]))
     mode = draw(st.sampled_from(["external", "hybrid", "internal", "multiport"]))
-    return dict(model=model, gpu=gpu, gpn=gpn, nodes=nodes, tp=tp, role_nodes=role_nodes, redundant=redundant, mode=mode)
+    return dict(
+        model=model, gpu=gpu, gpn=gpn, nodes=nodes, tp=tp, role_nodes=role_nodes, redundant=redundant, mode=mode
+    )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -38,8 +38,9 @@ def smoke(tmp_path_factory) -> Path:
     """run_all.sh in SMOKE mode: every benchmark's CPU path, then make_calibration, into one folder."""
     out = tmp_path_factory.mktemp("smoke")
     env = _env() | {"SMOKE": "1", "OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", str(GPU / "run_all.sh")], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        ["bash", str(GPU / "run_all.sh")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out
 
@@ -50,8 +51,14 @@ def _load(p: Path) -> dict:
 
 def test_smoke_writes_every_file(smoke):
     names = sorted(p.name for p in smoke.iterdir())
-    assert names == ["a2a-cpux2.json", "calibration-cpux2.json", "gemm-cpux1.json", "hbm-cpux1.json",
-                     "moe-layer-cpux2.json", "run_all.log"]
+    assert names == [
+        "a2a-cpux2.json",
+        "calibration-cpux2.json",
+        "gemm-cpux1.json",
+        "hbm-cpux1.json",
+        "moe-layer-cpux2.json",
+        "run_all.log",
+    ]
     for n in names[:-1]:
         doc = _load(smoke / n)
         if n.startswith("calibration"):
@@ -112,10 +119,28 @@ def test_smoke_calibration_has_every_section(smoke):
 def test_moe_layer_loop_path_matches_reference(tmp_path):
     """The loop-of-mm expert path (used where torch._grouped_mm fails) passes the same reference check."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(GPU / "moe_layer_bench.py"), "--cpu-smoke", "--gemm", "loop", "--dispatch", "bf16",
-         "--tokens", "4", "--out-dir", str(tmp_path)],
-        env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(GPU / "moe_layer_bench.py"),
+            "--cpu-smoke",
+            "--gemm",
+            "loop",
+            "--dispatch",
+            "bf16",
+            "--tokens",
+            "4",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        env=_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = _load(tmp_path / "moe-layer-cpux2.json")
@@ -124,11 +149,19 @@ def test_moe_layer_loop_path_matches_reference(tmp_path):
 
 
 def test_bad_arguments_say_what_is_valid(tmp_path):
-    proc = subprocess.run([sys.executable, str(GPU / "hbm_bench.py"), "--cpu-smoke", "--rows", "fp4_x",
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(GPU / "hbm_bench.py"), "--cpu-smoke", "--rows", "fp4_x", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Given: ['fp4_x']" in proc.stderr and "Valid:" in proc.stderr
-    proc = subprocess.run([sys.executable, str(GPU / "make_calibration.py"), "--results", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(GPU / "make_calibration.py"), "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "Given:" in proc.stderr
 
 
@@ -147,7 +180,7 @@ def _assert_same(got, want, where: str) -> None:
             _assert_same(got[k], want[k], f"{where}/{k}")
     elif isinstance(want, list):
         assert len(got) == len(want), f"{where}: lengths differ"
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=False)):
             _assert_same(g, w, f"{where}[{i}]")
     elif isinstance(want, float):
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12), f"{where}: {got} != {want}"
@@ -162,9 +195,23 @@ def test_committed_calibration_is_reproducible(tmp_path):
         committed = _load(cal_path)
         out = tmp_path / cal_path.parent.name / cal_path.name
         out.parent.mkdir(exist_ok=True)
-        proc = subprocess.run([sys.executable, str(GPU / "make_calibration.py"), "--results", str(cal_path.parent),
-                               "--card", committed["card"], "--gpus", str(committed["gpus"]), "--out", str(out)],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(GPU / "make_calibration.py"),
+                "--results",
+                str(cal_path.parent),
+                "--card",
+                committed["card"],
+                "--gpus",
+                str(committed["gpus"]),
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         _assert_same(_load(out), committed, cal_path.name)
 

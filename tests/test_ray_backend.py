@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from launch_helpers import ROOT, LaunchProc, api_server_pids, processes_of_run, topology_copy, wait_gone
 
 pytestmark = pytest.mark.ray
@@ -48,11 +47,19 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     t = time.monotonic()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": True,
-        # notice a lost node within ~3 s (defaults: tens of seconds)
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 0},
-    })
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "include_dashboard": True,
+            # notice a lost node within ~3 s (defaults: tens of seconds)
+            "_system_config": {
+                "health_check_period_ms": 1000,
+                "health_check_failure_threshold": 3,
+                "health_check_initial_delay_ms": 0,
+            },
+        },
+    )
     nodes = {ip: c.add_node(num_cpus=0, resources={"widep_slot": 1}, node_ip_address=ip) for ip in WORKER_IPS}
     c.wait_for_nodes()
     ray.init(address=c.address, logging_level="WARNING", log_to_driver=False)
@@ -116,8 +123,23 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
     run = tmp_path / "run"
     t0 = time.monotonic()
-    drv = LaunchProc([str(topo), "--backend", "ray", "--address", cluster.address, "--model-path", str(tiny_moe_dir),
-                      "--python", vllm_python, "--run-dir", str(run), "--backoff", "1"])
+    drv = LaunchProc(
+        [
+            str(topo),
+            "--backend",
+            "ray",
+            "--address",
+            cluster.address,
+            "--model-path",
+            str(tiny_moe_dir),
+            "--python",
+            vllm_python,
+            "--run-dir",
+            str(run),
+            "--backoff",
+            "1",
+        ]
+    )
     try:
         drv.wait_for(r"ready: tiny-moe-cpu-dp2", 300)
         print(f"\nDP2 group healthy via Ray {time.monotonic() - t0:.1f} s after `widep launch` started")
@@ -130,7 +152,11 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
         bundles = {b["plan_node"]: b for b in placed["bundles"]}
         assert sorted(bundles) == [0, 1] and bundles[0]["node_id"] != bundles[1]["node_id"]
         assert {b["ip"] for b in bundles.values()} <= set(WORKER_IPS)
-        actors = {a.pid: a for a in list_actors(filters=[("state", "=", "ALIVE")]) if (a.name or "").startswith(f"widep-{run_id}")}
+        actors = {
+            a.pid: a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if (a.name or "").startswith(f"widep-{run_id}")
+        }
         ranks = _ranks(run_id)
         assert sorted(ranks) == [0, 1]
         for r, (_, agent_pid, argv) in ranks.items():
@@ -140,8 +166,12 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
             assert _flag(argv, "--host") == b["ip"]
             assert _flag(argv, "--data-parallel-address") == bundles[0]["ip"]
         plan = make_plan(load_topology(topo))
-        ctx = RenderContext(model_path=str(tiny_moe_dir), python=vllm_python, cpu_count=os.cpu_count(),
-                            node_addresses={n: b["ip"] for n, b in bundles.items()})
+        ctx = RenderContext(
+            model_path=str(tiny_moe_dir),
+            python=vllm_python,
+            cpu_count=os.cpu_count(),
+            node_addresses={n: b["ip"] for n, b in bundles.items()},
+        )
         for c in render(plan, ctx):
             written = (run / "attempt-0" / c.role / f"rank-{c.dp_rank}" / "command.sh").read_text().strip()
             assert written == c.shell()
@@ -150,8 +180,9 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
         port = yaml.safe_load(topo.read_text())["serving"]["port"]
         for r in (0, 1):
             body = json.dumps({"model": str(tiny_moe_dir), "prompt": "Hello", "max_tokens": 4, "temperature": 0})
-            req = urllib.request.Request(f"http://{bundles[r]['ip']}:{port}/v1/completions", body.encode(),
-                                         {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://{bundles[r]['ip']}:{port}/v1/completions", body.encode(), {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=60) as resp:
                 assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
 
@@ -166,8 +197,11 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
         cluster.remove_node(nodes[bundles[1]["ip"]], allow_graceful=False)
         drv.wait_for(rf"Ray node {re.escape(bundles[1]['ip'])}\s+lost", 60)
         spare = (set(WORKER_IPS) - {bundles[0]["ip"], bundles[1]["ip"]}).pop()
-        drv.wait_for(rf"attempt 2: started serve/0 on pretend-0 @ {re.escape(bundles[0]['ip'])}, "
-                     rf"serve/1 on pretend-1 @ {re.escape(spare)}", 90)
+        drv.wait_for(
+            rf"attempt 2: started serve/0 on pretend-0 @ {re.escape(bundles[0]['ip'])}, "
+            rf"serve/1 on pretend-1 @ {re.escape(spare)}",
+            90,
+        )
         t2 = time.monotonic()
         drv.wait_for(r"ready: tiny-moe-cpu-dp2", 300, count=2)
         print(f"DP2 group healthy again {time.monotonic() - t2:.1f} s after the restart on the spare node")
@@ -200,8 +234,21 @@ def test_driver_killed_leaves_nothing(ray_cluster, tmp_path, tiny_moe_dir, vllm_
     from ray.util.placement_group import placement_group_table
 
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
-    drv = LaunchProc([str(topo), "--backend", "ray", "--address", cluster.address, "--model-path", str(tiny_moe_dir),
-                      "--python", vllm_python, "--run-dir", str(tmp_path / "run")])
+    drv = LaunchProc(
+        [
+            str(topo),
+            "--backend",
+            "ray",
+            "--address",
+            cluster.address,
+            "--model-path",
+            str(tiny_moe_dir),
+            "--python",
+            vllm_python,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     try:
         drv.wait_for(r"attempt 0: started serve/0", 120)
         run_id = drv.run_id()
@@ -232,11 +279,33 @@ def test_unplaceable_deployment_refused_before_anything_starts(ray_cluster, tmp_
     topo = tmp_path / "too-big.yaml"
     topo.write_text(yaml.safe_dump(doc, sort_keys=False))
     before = set(placement_group_table())
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(topo), "--backend", "ray", "--address", cluster.address,
-                        "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "launch",
+            str(topo),
+            "--backend",
+            "ray",
+            "--address",
+            cluster.address,
+            "--model-path",
+            str(tiny_moe_dir),
+            "--python",
+            vllm_python,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
-    assert f"needs {need} Ray node(s) with {{widep_slot: 1}} each" in r.stderr and f"the cluster has {slots}" in r.stderr
+    assert (
+        f"needs {need} Ray node(s) with {{widep_slot: 1}} each" in r.stderr and f"the cluster has {slots}" in r.stderr
+    )
     assert "Nothing was started" in r.stderr and "Traceback" not in r.stderr
     assert set(placement_group_table()) == before
     assert not (tmp_path / "run").exists()
@@ -246,8 +315,10 @@ def test_without_ray_the_flag_says_how_to_install_it(tmp_path):
     """Ray IS installed here: ``sys.modules['ray'] = None`` makes ``import ray`` fail as on a machine without it
     (a stand-in for uninstalling it, which this shared environment cannot do)."""
     topo = topology_copy("tiny-moe-cpu-dp2.yaml", tmp_path)
-    code = ("import sys; sys.modules['ray'] = None; from widep.cli import main; "
-            f"sys.exit(main(['launch', {str(topo)!r}, '--backend', 'ray', '--model-path', {str(tmp_path)!r}]))")
+    code = (
+        "import sys; sys.modules['ray'] = None; from widep.cli import main; "
+        f"sys.exit(main(['launch', {str(topo)!r}, '--backend', 'ray', '--model-path', {str(tmp_path)!r}]))"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pip install 'widep[ray]'" in r.stderr and "--backend bare-metal" in r.stderr and "Traceback" not in r.stderr
@@ -273,10 +344,31 @@ def test_placement_of_a_gpu_topology_and_dry_run():
     small = {"Alive": True, "NodeManagerAddress": "10.0.0.9", "Resources": {"GPU": 4.0}}
     assert placement_problem(p, [gpu_node] * len(order), len(order)) is None
     msg = placement_problem(p, [gpu_node] * (len(order) - 1) + [small, dict(gpu_node, Alive=False)], len(order))
-    assert msg and f"needs {len(order)} Ray node(s) with {{GPU: 8}}" in msg and f"has {len(order) - 1}" in msg and "10.0.0.9 (GPU: 4)" in msg
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"),
-                        "--backend", "ray", "--dry-run", "--model-path", "/models/r1"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, COLUMNS="200"))
+    assert (
+        msg
+        and f"needs {len(order)} Ray node(s) with {{GPU: 8}}" in msg
+        and f"has {len(order) - 1}" in msg
+        and "10.0.0.9 (GPU: 4)" in msg
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "launch",
+            str(ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"),
+            "--backend",
+            "ray",
+            "--dry-run",
+            "--model-path",
+            "/models/r1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, COLUMNS="200"),
+    )
     assert r.returncode == 0, r.stderr
     assert "STRICT_SPREAD" in r.stdout and '{"GPU": 8.0}' in r.stdout and "--data-parallel-address" in r.stdout
 

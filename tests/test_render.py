@@ -25,7 +25,12 @@ CTX = RenderContext(model_path="/models/MODEL", cpu_count=2)
 
 
 def topo(roles, **over):
-    d = {"name": "t", "model": {"preset": "deepseek-r1"}, "cluster": {"gpu": "H200", "gpus_per_node": 8, "nodes": 2}, "roles": roles}
+    d = {
+        "name": "t",
+        "model": {"preset": "deepseek-r1"},
+        "cluster": {"gpu": "H200", "gpus_per_node": 8, "nodes": 2},
+        "roles": roles,
+    }
     d.update(over)
     return plan(parse_topology(d))
 
@@ -47,7 +52,9 @@ def test_golden_commands(path, update_golden):
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(json.dumps(got, indent=1) + "\n")
     assert golden.is_file(), f"no golden file {golden}; run pytest --update-golden once and review the diff"
-    assert json.loads(golden.read_text()) == got, f"rendered commands of {path} changed; review, then pytest --update-golden"
+    assert json.loads(golden.read_text()) == got, (
+        f"rendered commands of {path} changed; review, then pytest --update-golden"
+    )
 
 
 # ---------------------------------------------------------------- modes
@@ -115,9 +122,19 @@ def test_cpu_binding_has_one_entry_per_worker():
 
 
 def test_old_vllm_uses_env_var_and_eplb_flags():
-    roles = [{"name": "d", "nodes": 4, "eplb": {"enabled": True, "redundant_experts": 32}, "max_num_batched_tokens": 256, "max_model_len": 8192}]
+    roles = [
+        {
+            "name": "d",
+            "nodes": 4,
+            "eplb": {"enabled": True, "redundant_experts": 32},
+            "max_num_batched_tokens": 256,
+            "max_model_len": 8192,
+        }
+    ]
     new = render(topo(roles, cluster={"gpu": "H200", "gpus_per_node": 8, "nodes": 4}), CTX)[0]
-    old = render(topo(roles, cluster={"gpu": "H200", "gpus_per_node": 8, "nodes": 4}, vllm={"version": "0.10.2"}), CTX)[0]
+    old = render(topo(roles, cluster={"gpu": "H200", "gpus_per_node": 8, "nodes": 4}, vllm={"version": "0.10.2"}), CTX)[
+        0
+    ]
     assert flags(new.argv, "--all2all-backend") == "deepep_low_latency" and "VLLM_ALL2ALL_BACKEND" not in new.env_dict
     assert json.loads(flags(new.argv, "--eplb-config"))["num_redundant_experts"] == 32
     assert "--all2all-backend" not in old.argv and old.env_dict["VLLM_ALL2ALL_BACKEND"] == "deepep_low_latency"
@@ -126,8 +143,23 @@ def test_old_vllm_uses_env_var_and_eplb_flags():
 
 
 def test_render_cli_old_version_flag():
-    r = subprocess.run([sys.executable, "-m", "widep", "render", "topologies/deepseek-r1-prefill-1x8-h200.yaml", "--vllm-version",
-                        "0.10.2", "--rank", "0", "--json"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "render",
+            "topologies/deepseek-r1-prefill-1x8-h200.yaml",
+            "--vllm-version",
+            "0.10.2",
+            "--rank",
+            "0",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     (rank,) = json.loads(r.stdout)["ranks"]
     assert rank["env"]["VLLM_ALL2ALL_BACKEND"] == "deepep_high_throughput"
@@ -141,23 +173,37 @@ def test_pd_kv_transfer_and_side_channels():
     cmds = render(p, CTX)
     dec = [c for c in cmds if c.role == "decode"]
     assert json.loads(flags(dec[0].argv, "--kv-transfer-config")) == {
-        "kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_load_failure_policy": "fail"}
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "fail",
+    }
     assert dec[0].env_dict["NVSHMEM_SYMMETRIC_SIZE"] == "16G"  # DeepEP low-latency decode
     pre = [c for c in cmds if c.role == "prefill"]
     assert "NVSHMEM_SYMMETRIC_SIZE" not in pre[0].env_dict  # high-throughput prefill: llm-d sets none
     assert {c.env_dict["VLLM_RANDOMIZE_DP_DUMMY_INPUTS"] for c in cmds} == {"1"}
-    old = plan(parse_topology({**yaml.safe_load((ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml").read_text()),
-                               "vllm": {"version": "0.11.0"}}, "(test)"))
+    old = plan(
+        parse_topology(
+            {
+                **yaml.safe_load((ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml").read_text()),
+                "vllm": {"version": "0.11.0"},
+            },
+            "(test)",
+        )
+    )
     assert json.loads(flags(render(old, CTX)[0].argv, "--kv-transfer-config")) == {
-        "kv_connector": "NixlConnector", "kv_role": "kv_both"}  # 0.11 has no kv_load_failure_policy
+        "kv_connector": "NixlConnector",
+        "kv_role": "kv_both",
+    }  # 0.11 has no kv_load_failure_policy
     assert dec[8].env_dict["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "10.0.0.12"
     assert {c.env_dict["VLLM_NIXL_SIDE_CHANNEL_PORT"] for c in cmds} == {"5600"}  # vLLM adds the DP rank itself
     assert flags(dec[0].argv, "--data-parallel-address") == "10.0.0.11"
 
 
 def test_secrets_by_reference_never_printed():
-    p = topo([{"name": "d", "nodes": 2, "max_num_batched_tokens": 256, "max_model_len": 8192}],
-             serving={"api_key_secret": "MY_API_KEY", "hf_token_secret": "HF_SECRET"})
+    p = topo(
+        [{"name": "d", "nodes": 2, "max_num_batched_tokens": 256, "max_model_len": 8192}],
+        serving={"api_key_secret": "MY_API_KEY", "hf_token_secret": "HF_SECRET"},
+    )
     c = render(p, CTX)[0]
     assert c.env_dict["VLLM_API_KEY"] == EnvRef("MY_API_KEY", "api-key")
     assert "${MY_API_KEY}" in c.shell() and "--api-key" not in c.argv
@@ -173,8 +219,21 @@ def test_extra_args_conflicts_refused_and_passthrough():
         render(topo([{"name": "d", "nodes": 2, "extra_args": ["--seed", "--port=9"]}]), CTX)
     with pytest.raises(UserError, match=r"roles\[0\].extra_env.CUDA_VISIBLE_DEVICES: set by widep"):
         render(topo([{"name": "d", "nodes": 2, "extra_env": {"CUDA_VISIBLE_DEVICES": "0"}}]), CTX)
-    c = render(topo([{"name": "d", "nodes": 2, "max_num_batched_tokens": 256, "max_model_len": 8192,
-                      "extra_args": ["--seed", "7"], "extra_env": {"NCCL_DEBUG": "INFO"}}]), CTX)[0]
+    c = render(
+        topo(
+            [
+                {
+                    "name": "d",
+                    "nodes": 2,
+                    "max_num_batched_tokens": 256,
+                    "max_model_len": 8192,
+                    "extra_args": ["--seed", "7"],
+                    "extra_env": {"NCCL_DEBUG": "INFO"},
+                }
+            ]
+        ),
+        CTX,
+    )[0]
     assert c.argv[-2:] == ("--seed", "7") and c.env_dict["NCCL_DEBUG"] == "INFO"
 
 
@@ -185,15 +244,44 @@ def test_builtin_model_needs_a_path():
 
 
 def test_render_filters_and_shell_script(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "widep", "render", "topologies/deepseek-r1-pd-3x8-h200.yaml", "--role", "prefill",
-                        "--rank", "3", "--format", "shell"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "render",
+            "topologies/deepseek-r1-pd-3x8-h200.yaml",
+            "--role",
+            "prefill",
+            "--rank",
+            "3",
+            "--format",
+            "shell",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(" &\n") == 1 and "--data-parallel-rank 3" in r.stdout
     script = tmp_path / "s.sh"
     script.write_text(r.stdout)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "widep", "render", "topologies/deepseek-r1-decode-2x8-h200.yaml", "--node", "1", "--json"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "render",
+            "topologies/deepseek-r1-decode-2x8-h200.yaml",
+            "--node",
+            "1",
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     ranks = json.loads(r.stdout)["ranks"]
     assert [x["dp_rank"] for x in ranks] == list(range(8, 16))
     assert all({"role", "dp_rank", "node", "local_rank", "argv", "env"} <= set(x) for x in ranks)
@@ -227,15 +315,18 @@ def test_vllm_parser_accepts_every_rendered_command(vllm_python, tiny_moe):
             by_family[p.arch.mla].append((label, c))
     ran_checks: set[str] = set()
     for mla, items in by_family.items():
-        j = judge([strip_entry(c.argv) for _, c in items], vllm_python,
-                  envs=[{k: str(v) for k, v in c.env} for _, c in items],
-                  model_override=tiny_moe("deepseek_v3" if mla else "qwen3_moe"))
+        j = judge(
+            [strip_entry(c.argv) for _, c in items],
+            vllm_python,
+            envs=[{k: str(v) for k, v in c.env} for _, c in items],
+            model_override=tiny_moe("deepseek_v3" if mla else "qwen3_moe"),
+        )
         assert j.vllm_version.startswith("0.32")
-        for (label, c), v in zip(items, j.verdicts):
+        for (label, c), v in zip(items, j.verdicts, strict=False):
             assert v.ok, f"{label} {c.name}: vLLM refused: {v.error}"
             ran_checks.update(v.checks_ran)
         groups: dict[tuple, list] = {}
-        for (label, c), v in zip(items, j.verdicts):
+        for (label, c), v in zip(items, j.verdicts, strict=False):
             groups.setdefault((label, c.role, c.replica), []).append(v)
         for key, vs in groups.items():
             assert parallel_mismatches(vs) == {}, f"{key}: ranks differ"

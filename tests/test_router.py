@@ -19,8 +19,8 @@ import urllib.request
 
 import pytest
 import yaml
-
 from launch_helpers import ROOT, LaunchProc, api_server_pids, free_ports, wait_gone
+
 from widep.errors import UserError
 from widep.plan import plan
 from widep.render.vllm import RenderContext, render_router
@@ -42,7 +42,10 @@ def test_router_rendered_regular_and_pd():
     rc = render_router(p, RenderContext())
     a = list(rc.argv)
     assert a[0] == "vllm-router" and a[a.index("--policy") + 1] == "cache_aware"
-    assert a[a.index("--worker-urls") + 1 : a.index("--worker-urls") + 3] == ["http://127.0.0.1:8300", "http://127.0.0.2:8300"]
+    assert a[a.index("--worker-urls") + 1 : a.index("--worker-urls") + 3] == [
+        "http://127.0.0.1:8300",
+        "http://127.0.0.2:8300",
+    ]
     pd = load_topology(ROOT / "topologies/deepseek-r1-pd-3x8-h200.yaml")
     d = pd.model_dump(mode="json")
     d["router"] = {"enabled": True, "node": "h200-0", "port": 30000, "decode_policy": "power_of_two"}
@@ -65,8 +68,13 @@ def test_router_port_collision_and_bad_policy_refused():
 
 def test_launch_bad_policy_flag_refused(tmp_path):
     path, _ = two_replicas(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(path), "--node", "0", "--router-policy", "fastest"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "widep", "launch", str(path), "--node", "0", "--router-policy", "fastest"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "router.policy: 'fastest' is not valid" in r.stderr
     assert not list(tmp_path.glob("runs*"))
 
@@ -76,8 +84,27 @@ def test_taken_router_port_refused_before_anything_starts(tmp_path, tiny_moe_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", doc["router"]["port"]))
         s.listen()
-        r = subprocess.run([sys.executable, "-m", "widep", "launch", str(path), "--node", "0", "--model-path", str(tiny_moe_dir),
-                            "--python", vllm_python, "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "widep",
+                "launch",
+                str(path),
+                "--node",
+                "0",
+                "--model-path",
+                str(tiny_moe_dir),
+                "--python",
+                vllm_python,
+                "--run-dir",
+                str(tmp_path / "run"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2 and f"127.0.0.1:{doc['router']['port']}" in r.stderr and "nothing was started" in r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -90,8 +117,11 @@ def completion(port: int, model: str) -> dict:
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(shutil.which("vllm-router") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "vllm-router")),
-                    reason="vllm-router is not installed (scripts/dev installs it)")
+@pytest.mark.skipif(
+    shutil.which("vllm-router") is None
+    and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "vllm-router")),
+    reason="vllm-router is not installed (scripts/dev installs it)",
+)
 def test_router_in_front_of_two_replicas(tmp_path, tiny_moe_dir, vllm_python):
     path, doc = two_replicas(tmp_path)
     rport = doc["router"]["port"]
@@ -118,8 +148,10 @@ def test_router_in_front_of_two_replicas(tmp_path, tiny_moe_dir, vllm_python):
             except OSError:
                 results.append(False)
             time.sleep(0.5)
-        print(f"while replica 1 was down: {sum(results)}/{len(results)} answered; failures in order: "
-              f"{[i for i, r in enumerate(results) if not r]}")
+        print(
+            f"while replica 1 was down: {sum(results)}/{len(results)} answered; failures in order: "
+            f"{[i for i, r in enumerate(results) if not r]}"
+        )
         assert all(results[-10:]), f"router still failing requests after its health checks: {results}"
         n1.wait_for(r"ready: tiny-moe-cpu-2x", 300, count=2)
         # the router itself dies: the launcher restarts it (it holds no state the ranks need)
@@ -133,7 +165,10 @@ def test_router_in_front_of_two_replicas(tmp_path, tiny_moe_dir, vllm_python):
         (router_pid,) = api_router_pids(run0)
         assert n0.stop(signal.SIGTERM) == 0 and n1.stop(signal.SIGTERM) in (0, 1)
         assert wait_gone(run0, 60) == [] and wait_gone(run1, 60) == []
-        assert not os.path.exists(f"/proc/{router_pid}") or open(f"/proc/{router_pid}/stat").read().split(") ")[1][0] == "Z"
+        assert (
+            not os.path.exists(f"/proc/{router_pid}")
+            or open(f"/proc/{router_pid}/stat").read().split(") ")[1][0] == "Z"
+        )
     finally:
         n0.stop(signal.SIGKILL)
         n1.stop(signal.SIGKILL)
@@ -170,7 +205,9 @@ def api_router_pids(run_id: str) -> list[int]:
 def debug_processes(run_id: str) -> str:
     from launch_helpers import processes_of_run
 
-    return "\n".join(f"{p}: {open(f'/proc/{p}/cmdline', 'rb').read().split(bytes(1))[:4]}" for p in processes_of_run(run_id))
+    return "\n".join(
+        f"{p}: {open(f'/proc/{p}/cmdline', 'rb').read().split(bytes(1))[:4]}" for p in processes_of_run(run_id)
+    )
 
 
 def test_bench_endpoints_go_through_the_router_unless_bypassed():
@@ -179,13 +216,34 @@ def test_bench_endpoints_go_through_the_router_unless_bypassed():
     path = ROOT / "topologies/tiny-moe-cpu-2x.yaml"
     assert endpoints_for_topology(path)[:2] == (["http://127.0.0.1:8380"], 2)
     assert endpoints_for_topology(path, via_router=False)[:2] == (["http://127.0.0.1:8300", "http://127.0.0.2:8300"], 2)
-    r = subprocess.run([sys.executable, "-m", "widep", "bench", "run", "--help"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "widep", "bench", "run", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert "--bypass-router" in r.stdout
 
 
 def test_missing_router_executable_refused_before_anything_starts(tmp_path, tiny_moe_dir, vllm_python):
     path, _ = two_replicas(tmp_path, command="no-such-router")
-    r = subprocess.run([sys.executable, "-m", "widep", "launch", str(path), "--node", "0", "--model-path", str(tiny_moe_dir),
-                        "--python", vllm_python, "--run-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widep",
+            "launch",
+            str(path),
+            "--node",
+            "0",
+            "--model-path",
+            str(tiny_moe_dir),
+            "--python",
+            vllm_python,
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "router.command: 'no-such-router' is not on PATH" in r.stderr
     assert not (tmp_path / "run").exists()

@@ -37,9 +37,18 @@ def plan_of(path: Path) -> DeploymentPlan:
 
 
 def test_tiny_batch_script_exactly() -> None:
-    opts = slurm_options(partition="debug", account="proj-1", qos="high", time="0-01:30:00", reservation="maint_2",
-                         constraint="h200&ib", sbatch_lines=("--mail-type=END",))
-    assert sbatch_script(plan_of(TINY), opts, "/shared/runs/r") == """\
+    opts = slurm_options(
+        partition="debug",
+        account="proj-1",
+        qos="high",
+        time="0-01:30:00",
+        reservation="maint_2",
+        constraint="h200&ib",
+        sbatch_lines=("--mail-type=END",),
+    )
+    assert (
+        sbatch_script(plan_of(TINY), opts, "/shared/runs/r")
+        == """\
 #!/bin/bash
 # widep: one Slurm allocation for tiny-moe-cpu (1 node(s)).
 # Plan node i runs on the i-th host of the allocation (scontrol show hostnames "$SLURM_JOB_NODELIST"):
@@ -62,6 +71,7 @@ echo "widep: job $SLURM_JOB_ID holds $(scontrol show hostnames "$SLURM_JOB_NODEL
 # DP group and attempt in this allocation, and cancels the job when it stops
 exec sleep infinity
 """
+    )
 
 
 def test_gpu_plan_asks_for_whole_gpu_nodes_and_steps_per_group() -> None:
@@ -72,10 +82,23 @@ def test_gpu_plan_asks_for_whole_gpu_nodes_and_steps_per_group() -> None:
     assert "#   host 0: plan node 0 (h200-0): prefill" in script
     assert "#   host 2: plan node 2 (h200-2): decode" in script
     argv = srun_argv(p, SlurmOptions(), "77", ["a", "b"], "decode", 2, "/r/attempt-2/decode/step.json", "/py", "/r")
-    assert argv == ("srun", "--jobid=77", "--overlap", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1",
-                    "--nodelist=a,b",
-                    "--kill-on-bad-exit=1", "--job-name=widep-decode-a2", "--gpus-per-node=8",
-                    "/py", "-m", "widep.run.slurm", "node", "/r/attempt-2/decode/step.json")
+    assert argv == (
+        "srun",
+        "--jobid=77",
+        "--overlap",
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--nodelist=a,b",
+        "--kill-on-bad-exit=1",
+        "--job-name=widep-decode-a2",
+        "--gpus-per-node=8",
+        "/py",
+        "-m",
+        "widep.run.slurm",
+        "node",
+        "/r/attempt-2/decode/step.json",
+    )
 
 
 def test_container_options_reach_every_step_with_the_run_dir_mounted() -> None:
@@ -85,19 +108,24 @@ def test_container_options_reach_every_step_with_the_run_dir_mounted() -> None:
     assert "--container-mounts=/lustre/m:/models:ro,/r:/r" in argv
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"time": "12h"}, "--time: '12h' is not a Slurm time limit. Valid: minutes, MM:SS, HH:MM:SS"),
-    ({"partition": "gpu part"}, "--partition: 'gpu part' is not a Slurm name."),
-    ({"account": "a;rm -rf /"}, "--account: 'a;rm -rf /' is not a Slurm name."),
-    ({"constraint": "a b"}, "--constraint: 'a b' is not a Slurm constraint."),
-    ({"sbatch_lines": ("--nodes=4",)},
-     "--sbatch: '--nodes=4' sets --nodes, which widep sets from the plan's node count"),
-    ({"sbatch_lines": ("-p gpu",)}, "--sbatch: '-p gpu' sets -p, which widep sets from --partition"),
-    ({"sbatch_lines": ("mail-type=END",)}, "--sbatch: 'mail-type=END' is not one sbatch option."),
-    ({"sbatch_lines": ("--comment=a\n#SBATCH --nodes=9",)}, "is not one sbatch option"),
-    ({"container_mounts": ("models:/models",)}, "--container-mounts: 'models:/models' is not a mount."),
-    ({"container_image": "my image"}, "--container-image: 'my image' is not an image reference."),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"time": "12h"}, "--time: '12h' is not a Slurm time limit. Valid: minutes, MM:SS, HH:MM:SS"),
+        ({"partition": "gpu part"}, "--partition: 'gpu part' is not a Slurm name."),
+        ({"account": "a;rm -rf /"}, "--account: 'a;rm -rf /' is not a Slurm name."),
+        ({"constraint": "a b"}, "--constraint: 'a b' is not a Slurm constraint."),
+        (
+            {"sbatch_lines": ("--nodes=4",)},
+            "--sbatch: '--nodes=4' sets --nodes, which widep sets from the plan's node count",
+        ),
+        ({"sbatch_lines": ("-p gpu",)}, "--sbatch: '-p gpu' sets -p, which widep sets from --partition"),
+        ({"sbatch_lines": ("mail-type=END",)}, "--sbatch: 'mail-type=END' is not one sbatch option."),
+        ({"sbatch_lines": ("--comment=a\n#SBATCH --nodes=9",)}, "is not one sbatch option"),
+        ({"container_mounts": ("models:/models",)}, "--container-mounts: 'models:/models' is not a mount."),
+        ({"container_image": "my image"}, "--container-image: 'my image' is not an image reference."),
+    ],
+)
 def test_bad_options_are_refused_naming_the_flag(values: dict, message: str) -> None:
     with pytest.raises(UserError) as e:
         slurm_options(**values)
@@ -123,8 +151,10 @@ def test_fit_refusals_carry_the_sinfo_facts() -> None:
     parts = parse_sinfo(SINFO)
     with pytest.raises(UserError) as e:
         check_fit(plan_of(TINY), slurm_options(partition="gpux"), parts)
-    assert str(e.value).startswith("--partition: 'gpux' is not a partition of this cluster. Did you mean 'gpu'? "
-                                   "Given: gpux. Valid: debug, gpu. sinfo: debug (default): 2 node(s), 1 usable")
+    assert str(e.value).startswith(
+        "--partition: 'gpux' is not a partition of this cluster. Did you mean 'gpu'? "
+        "Given: gpux. Valid: debug, gpu. sinfo: debug (default): 2 node(s), 1 usable"
+    )
     assert str(e.value).endswith("Nothing was submitted.")
     with pytest.raises(UserError) as e:
         check_fit(plan_of(PD), SlurmOptions(), parts)  # 3 nodes into the default partition, 1 usable node
@@ -138,8 +168,11 @@ def test_fit_refusals_carry_the_sinfo_facts() -> None:
 
 def _launch(path: Path, opts: SlurmOptions, **req: object) -> Launch:
     p = plan_of(path)
-    return render_launch(LaunchRequest(p, backend="slurm", run_dir=Path("/shared/run"), slurm=opts, **req),
-                         RenderContext(model_path="/models/m"), "run1")
+    return render_launch(
+        LaunchRequest(p, backend="slurm", run_dir=Path("/shared/run"), slurm=opts, **req),
+        RenderContext(model_path="/models/m"),
+        "run1",
+    )
 
 
 def test_allocation_binding_keeps_rank_node_gpu_of_render() -> None:
@@ -147,8 +180,9 @@ def test_allocation_binding_keeps_rank_node_gpu_of_render() -> None:
     launch = _launch(PD, SlurmOptions())
     bound = bind_addresses(launch, {0: "10.1.0.7", 1: "10.1.0.8", 2: "10.1.0.9"})
     rendered = render(launch.plan, RenderContext(model_path="/models/m"))
-    assert [(c.name, c.node, c.gpus, c.dp_rank) for c in bound.processes] == \
-           [(c.name, c.node, c.gpus, c.dp_rank) for c in rendered]
+    assert [(c.name, c.node, c.gpus, c.dp_rank) for c in bound.processes] == [
+        (c.name, c.node, c.gpus, c.dp_rank) for c in rendered
+    ]
     decode = next(g for g in bound.groups if g.role == "decode")
     for c in decode.processes:
         assert c.node_address == {1: "10.1.0.8", 2: "10.1.0.9"}[c.node]
@@ -160,8 +194,9 @@ def test_allocation_binding_keeps_rank_node_gpu_of_render() -> None:
 
 
 def test_dry_run_quotes_every_value_for_the_shell(tmp_path: Path) -> None:
-    launch = _launch(TINY, slurm_options(detach=True), topology=Path("/topo dir/it's.yaml"),
-                     python="/opt/my env/bin/python")
+    launch = _launch(
+        TINY, slurm_options(detach=True), topology=Path("/topo dir/it's.yaml"), python="/opt/my env/bin/python"
+    )
     text = dry_run_text(launch, launch.request.slurm, "/opt/my env/bin/python")
     exec_line = next(line for line in text.splitlines() if line.startswith("exec "))
     argv = shlex.split(exec_line)[1:]
@@ -171,8 +206,13 @@ def test_dry_run_quotes_every_value_for_the_shell(tmp_path: Path) -> None:
     (tmp_path / "s.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")], check=False).returncode == 0
     srun = next(line for line in text.splitlines() if line.startswith("srun "))
-    assert shlex.split(srun)[-5:] == ["/opt/my env/bin/python", "-m", "widep.run.slurm", "node",
-                                      "/shared/run/attempt-0/serve/step.json"]
+    assert shlex.split(srun)[-5:] == [
+        "/opt/my env/bin/python",
+        "-m",
+        "widep.run.slurm",
+        "node",
+        "/shared/run/attempt-0/serve/step.json",
+    ]
 
 
 def test_names_from_the_topology_cannot_add_lines_to_the_batch_script() -> None:

@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import yaml
-
-from launch_helpers import ROOT, free_ports, processes_of_run
+from launch_helpers import ROOT, free_ports
 
 pytestmark = pytest.mark.vllm
 
@@ -34,8 +33,30 @@ def test_measured_mini_sweep(tmp_path, tiny_moe_dir, vllm_python):
     a = tiny(tmp_path, "one-rank", "tiny-moe-cpu.yaml")
     b = tiny(tmp_path, "dp2-ep2-router", "tiny-moe-cpu-ep2.yaml", router=True)
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "widep", "sweep", str(a), str(b), "--measure", "--out", str(out), "--concurrency", "1,2",
-           "--isl", "32", "--osl", "8", "--requests-per-level", "4", "--model-path", str(tiny_moe_dir), "--python", vllm_python, "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "widep",
+        "sweep",
+        str(a),
+        str(b),
+        "--measure",
+        "--out",
+        str(out),
+        "--concurrency",
+        "1,2",
+        "--isl",
+        "32",
+        "--osl",
+        "8",
+        "--requests-per-level",
+        "4",
+        "--model-path",
+        str(tiny_moe_dir),
+        "--python",
+        vllm_python,
+        "--json",
+    ]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads(r.stdout)
@@ -49,8 +70,11 @@ def test_measured_mini_sweep(tmp_path, tiny_moe_dir, vllm_python):
             assert lv["completed"] == 4 and lv["failed"] == 0 and lv["tps_gpu"] > 0 and lv["tps_user"] > 0
         assert list((out / ident / "bench").glob("level-c1.report.yaml"))
     # torn down: no launcher or rank of the sweep is left
-    leftovers = [line for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-                 if str(out) in line]
+    leftovers = [
+        line
+        for line in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        if str(out) in line
+    ]
     assert leftovers == []
     # resumable: a second run reuses both measured points without launching anything
     r2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -37,8 +37,7 @@ def test_build_is_a_loadable_hf_moe(tiny_moe, arch: str) -> None:
     ids = tok(text)["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True) == text
     assert tok.eos_token_id == cfg.eos_token_id
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat.endswith("<|assistant|>") and "hi" in chat
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
@@ -51,8 +50,7 @@ def test_build_is_a_loadable_hf_moe(tiny_moe, arch: str) -> None:
     assert torch.isfinite(out.logits).all()
 
 
-def test_rebuild_replaces_incomplete_dir_is_byte_identical_and_reused(tiny_moe, tmp_path,
-                                                                      monkeypatch) -> None:
+def test_rebuild_replaces_incomplete_dir_is_byte_identical_and_reused(tiny_moe, tmp_path, monkeypatch) -> None:
     first = tiny_moe("qwen3_moe")
     # An incomplete directory with the target's name (not made by this builder) is replaced.
     target = tmp_path / first.name

@@ -36,7 +36,11 @@ def test_typo_backend():
     with pytest.raises(UserError) as e:
         parse_topology(doc(roles=[{"name": "d", "all2all_backend": "deepep_lowlatency"}]))
     msg = str(e.value)
-    assert "roles[0].all2all_backend" in msg and "'deepep_lowlatency'" in msg and "Did you mean 'deepep_low_latency'" in msg
+    assert (
+        "roles[0].all2all_backend" in msg
+        and "'deepep_lowlatency'" in msg
+        and "Did you mean 'deepep_low_latency'" in msg
+    )
 
 
 def test_model_needs_exactly_one_source():

@@ -93,7 +93,7 @@ def test_collectives_with_uneven_sizes_match_torch_distributed(tmp_path):
     ]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     results = []
-    for p, out in zip(procs, outs):
+    for p, out in zip(procs, outs, strict=False):
         assert p.returncode == 0, out[-3000:]
         results.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[6:]))
     for rank, res in enumerate(results):

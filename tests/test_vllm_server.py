@@ -16,8 +16,13 @@ def test_tiny_moe_served_by_real_vllm(vllm_python: str, tiny_moe_dir) -> None:
         assert len(live_group_members(pgid)) >= 2  # API server + EngineCore (+ worker)
         models = srv.get_json("/v1/models")
         assert [m["id"] for m in models["data"]] == ["tiny-moe"]
-        req = {"model": "tiny-moe", "prompt": "Wide expert parallelism spreads the experts",
-               "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        req = {
+            "model": "tiny-moe",
+            "prompt": "Wide expert parallelism spreads the experts",
+            "max_tokens": 8,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
         first = srv.post_json("/v1/completions", req)
         again = srv.post_json("/v1/completions", req)
         print(f"vLLM healthy after {srv.startup_s:.1f} s; completion: {first['choices'][0]['text']!r}")

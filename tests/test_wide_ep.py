@@ -329,7 +329,7 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
     assert len(recs) == 12 and all(x["ok"] for x in recs), [x.get("error") for x in recs]
     assert {x["endpoint"] for x in recs} == {f"http://127.0.0.1:{qwen['doc']['router']['port']}"}
     after = [generation_tokens(u) for u in urls]
-    deltas = [a - b for a, b in zip(after, before)]
+    deltas = [a - b for a, b in zip(after, before, strict=False)]
     assert sum(deltas) == sum(x["completion_tokens"] for x in recs) == 12 * 16
     assert all(d > 0 for d in deltas), f"the router left a rank idle: {deltas}"
     summary = json.loads((out / "level-c4.summary.json").read_text())["summary"]
@@ -364,7 +364,7 @@ def test_uneven_then_concurrent_load_token_counts_match_vllm(qwen):
     recs = _records(out, "c4")
     assert all(x["ok"] for x in recs) and {x["endpoint"] for x in recs} == set(urls)
     after = [generation_tokens(u) for u in urls]
-    for u, b, a in zip(urls, before, after):
+    for u, b, a in zip(urls, before, after, strict=False):
         mine = [x for x in recs if x["endpoint"] == u]
         assert a - b == sum(x["completion_tokens"] for x in mine)
         print(f"bypass-router c4, {u}: {_tok_s(mine):.1f} output tok/s")

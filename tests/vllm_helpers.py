@@ -61,8 +61,11 @@ class VllmServer:
     def post_json(self, path: str, payload: dict, timeout: float = 120.0) -> dict:
         """POST ``payload`` to ``path`` and return the decoded JSON answer."""
         req = urllib.request.Request(
-            self.url + path, data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"}, method="POST")
+            self.url + path,
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
 
@@ -94,7 +97,7 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         # fields after the parenthesised command: state ppid pgrp ...
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             pids.append(int(entry.name))
     return pids
@@ -162,20 +165,25 @@ def start_vllm(
     cmd = [python or vllm_python_default(), "-m", ENTRY_MODULE, *argv]
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     server = VllmServer(proc=proc, port=port, log_path=log_path, startup_s=float("nan"))
     try:
         deadline = t0 + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {proc.returncode} before it was healthy; "
-                                   f"{' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM exited with {proc.returncode} before it was healthy; "
+                    f"{' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}"
+                )
             if _healthy(port):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM was not healthy on port {port} after {timeout:.0f} s; "
-                                   f"{' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}")
+                raise RuntimeError(
+                    f"vLLM was not healthy on port {port} after {timeout:.0f} s; "
+                    f"{' '.join(cmd)}\n--- log tail ---\n{server.log_tail()}"
+                )
             time.sleep(0.5)
         server.startup_s = time.monotonic() - t0
         yield server

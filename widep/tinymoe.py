@@ -107,8 +107,9 @@ def _arch_config(arch: str) -> dict[str, Any]:
             "v_head_dim": 64,
             "num_nextn_predict_layers": 0,
         }
-    raise UserError(f"Unknown tiny model architecture. Given: {arch!r}. Valid: {', '.join(ARCHS)}."
-                    + did_you_mean(arch, ARCHS))
+    raise UserError(
+        f"Unknown tiny model architecture. Given: {arch!r}. Valid: {', '.join(ARCHS)}." + did_you_mean(arch, ARCHS)
+    )
 
 
 def params_hash(arch: str) -> str:
@@ -150,8 +151,9 @@ def ensure_tiny_moe(arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] |
     renamed into place only when complete; on failure it is removed.
     """
     if arch not in ARCHS:
-        raise UserError(f"Unknown tiny model architecture. Given: {arch!r}. Valid: {', '.join(ARCHS)}."
-                        + did_you_mean(arch, ARCHS))
+        raise UserError(
+            f"Unknown tiny model architecture. Given: {arch!r}. Valid: {', '.join(ARCHS)}." + did_you_mean(arch, ARCHS)
+        )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / model_dir_name(arch)
     if is_complete(target):
@@ -160,8 +162,11 @@ def ensure_tiny_moe(arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] |
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise UserError(f"Cannot create the model cache directory. Given: {str(root)!r} ({err}). "
-                        "Valid: a writable folder (--cache-dir or $WIDEP_CACHE).", exit_code=1) from err
+        raise UserError(
+            f"Cannot create the model cache directory. Given: {str(root)!r} ({err}). "
+            "Valid: a writable folder (--cache-dir or $WIDEP_CACHE).",
+            exit_code=1,
+        ) from err
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the model is not a secret
@@ -256,9 +261,10 @@ def _build(arch: str, out: Path, modules: dict[str, Any]) -> None:
     # generation_config.json from transformers may carry sampling defaults; keep ours explicit.
     gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    (out / "widep-tiny-moe.json").write_text(json.dumps(
-        {"arch": arch, "params_hash": params_hash(arch), "builder_version": BUILDER_VERSION},
-        indent=2) + "\n")
+    (out / "widep-tiny-moe.json").write_text(
+        json.dumps({"arch": arch, "params_hash": params_hash(arch), "builder_version": BUILDER_VERSION}, indent=2)
+        + "\n"
+    )
     missing = [name for name in REQUIRED_FILES if not (out / name).is_file()]
     if missing:
         raise RuntimeError(f"build of the tiny {arch} model did not write {missing}")

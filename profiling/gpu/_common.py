@@ -20,8 +20,8 @@ import platform
 import re
 import statistics
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
@@ -125,7 +125,7 @@ def metadata(device: torch.device, *, gpus: int, args: dict, extra: dict | None 
         "nccl": None,
         "python": platform.python_version(),
         "host": platform.node(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "args": args,
         "env": {k: os.environ[k] for k in sorted(os.environ) if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))},
     }

@@ -174,7 +174,9 @@ def bench_point(args, ep, group, rank_in_group, tokens, mode, device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", default="1-4096x2", help="tokens per rank: '1,2,4' or '1-4096x2'")
-    p.add_argument("--ep-sizes", default="auto", help="EP group sizes, e.g. '2,4'; auto = 2,4,8,... up to world, and world")
+    p.add_argument(
+        "--ep-sizes", default="auto", help="EP group sizes, e.g. '2,4'; auto = 2,4,8,... up to world, and world"
+    )
     p.add_argument("--modes", default="expert,rank")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--experts", type=int, default=256)
@@ -203,7 +205,10 @@ def main(argv=None) -> int:
     else:
         device = torch.device("cpu")
     if world < 2:
-        print("a2a_bench needs at least 2 ranks. Given: world size 1. Valid: torchrun --nproc-per-node>=2", file=sys.stderr)
+        print(
+            "a2a_bench needs at least 2 ranks. Given: world size 1. Valid: torchrun --nproc-per-node>=2",
+            file=sys.stderr,
+        )
         return 2
     tokens_list = parse_int_list(args.tokens)
     if args.ep_sizes == "auto":

@@ -75,20 +75,30 @@ class Case:
     def fp8_rowwise_one(self, i):
         s = slice(i * self.m, (i + 1) * self.m)
         return torch._scaled_mm(
-            self.a8[s], self.w["fp8"][i].t(), scale_a=self.sa_row[s], scale_b=self.w["s_row"][i].view(1, -1),
+            self.a8[s],
+            self.w["fp8"][i].t(),
+            scale_a=self.sa_row[s],
+            scale_b=self.w["s_row"][i].view(1, -1),
             out_dtype=torch.bfloat16,
         )
 
     def fp8_block_one(self, i):
         s = slice(i * self.m, (i + 1) * self.m)
         return torch._scaled_mm(
-            self.a8[s], self.w["fp8"][i].t(), scale_a=self.sa_blk3[i].t(), scale_b=self.w["s_blk"][i].t(),
+            self.a8[s],
+            self.w["fp8"][i].t(),
+            scale_a=self.sa_blk3[i].t(),
+            scale_b=self.w["s_blk"][i].t(),
             out_dtype=torch.bfloat16,
         )
 
     def fp8_grouped_rowwise(self):
         return torch._scaled_grouped_mm(
-            self.a8, self.w["fp8"].transpose(-2, -1), self.sa_row.view(-1), self.w["s_row"], offs=self.offs,
+            self.a8,
+            self.w["fp8"].transpose(-2, -1),
+            self.sa_row.view(-1),
+            self.w["s_row"],
+            offs=self.offs,
             out_dtype=torch.bfloat16,
         )
 
@@ -256,8 +266,12 @@ def main(argv=None) -> int:
                         t = stats(time_samples(fn, device, warmup=args.warmup, samples=args.samples, inner=inner))
                     except Exception as ex:  # noqa: BLE001
                         res[v]["points"].append(
-                            {"gemm": gname, "experts": e_, "tokens_per_expert": m,
-                             "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+                            {
+                                "gemm": gname,
+                                "experts": e_,
+                                "tokens_per_expert": m,
+                                "error": f"{type(ex).__name__}: {str(ex)[:300]}",
+                            }
                         )
                         log(f"{v} {gname} E={e_} M={m}: {type(ex).__name__}: {str(ex)[:200]}")
                         if device.type == "cuda":
@@ -270,9 +284,17 @@ def main(argv=None) -> int:
                     us = t["median_us"]
                     res[v]["points"].append(
                         {
-                            "gemm": gname, "n": n, "k": k, "experts": e_, "tokens_per_expert": m,
-                            "inner": inner, "time": t, "flops": flops, "bytes": wbytes + abytes + obytes,
-                            "tflops": flops / us / 1e6, "hbm_gbps": (wbytes + abytes + obytes) / us / 1e3,
+                            "gemm": gname,
+                            "n": n,
+                            "k": k,
+                            "experts": e_,
+                            "tokens_per_expert": m,
+                            "inner": inner,
+                            "time": t,
+                            "flops": flops,
+                            "bytes": wbytes + abytes + obytes,
+                            "tflops": flops / us / 1e6,
+                            "hbm_gbps": (wbytes + abytes + obytes) / us / 1e3,
                         }
                     )
                     del case, fn
@@ -294,7 +316,8 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "fp8_block": args.block,
             "timing": "CUDA events around back-to-back repetitions; median over samples"
-            if device.type == "cuda" else "perf_counter",
+            if device.type == "cuda"
+            else "perf_counter",
         },
         "dense_peak": peak,
         "variants": res,
@@ -307,7 +330,9 @@ def main(argv=None) -> int:
         pts = [q for q in res[v]["points"] if "tflops" in q]
         if pts:
             best = max(pts, key=lambda q: q["tflops"])
-            log(f"{v}: best {best['tflops']:.0f} TFLOP/s ({best['gemm']} E={best['experts']} M={best['tokens_per_expert']})")
+            log(
+                f"{v}: best {best['tflops']:.0f} TFLOP/s ({best['gemm']} E={best['experts']} M={best['tokens_per_expert']})"
+            )
     return 0
 
 

@@ -40,8 +40,9 @@ try:
     import triton.language as tl
 
     @triton.jit
-    def _paged_sum_kernel(pool_ptr, table_ptr, out_ptr, blocks_per_seq, blocks_per_split,
-                          CHUNK: tl.constexpr, TILE: tl.constexpr):
+    def _paged_sum_kernel(
+        pool_ptr, table_ptr, out_ptr, blocks_per_seq, blocks_per_split, CHUNK: tl.constexpr, TILE: tl.constexpr
+    ):
         b = tl.program_id(0)
         s = tl.program_id(1)
         n_split = tl.num_programs(1)
@@ -141,8 +142,11 @@ def main(argv=None) -> int:
     del src
 
     why_not = triton_usable(device)
-    out["triton"] = {"usable": why_not is None, "why_not": why_not,
-                     "version": getattr(triton, "__version__", None) if triton else None}
+    out["triton"] = {
+        "usable": why_not is None,
+        "why_not": why_not,
+        "version": getattr(triton, "__version__", None) if triton else None,
+    }
     paged, gathers = [], []
     for rname in rows:
         dtype, width = ROWS[rname]
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
             chunk = bs * width
             tile = min(4096, 1 << (chunk - 1).bit_length())
             layouts = ["random"] + (["sequential"] if (rname, bs) == (rows[0], block_sizes[0]) else [])
-            for (b, length) in shapes:
+            for b, length in shapes:
                 bps = math.ceil(length / bs)
                 if b * bps > nblocks:
                     continue
@@ -164,13 +168,26 @@ def main(argv=None) -> int:
                 nbytes = float(b * bps * bs * row_bytes)
                 for layout in layouts:
                     if layout == "random":
-                        tables = [torch.randperm(nblocks, device=device)[: b * bps].view(b, bps).to(torch.int32)
-                                  for _ in range(args.tables)]
+                        tables = [
+                            torch.randperm(nblocks, device=device)[: b * bps].view(b, bps).to(torch.int32)
+                            for _ in range(args.tables)
+                        ]
                     else:
-                        tables = [(torch.arange(b * bps, device=device, dtype=torch.int32) + i * b * bps % nblocks)
-                                  .remainder(nblocks).view(b, bps) for i in range(args.tables)]
-                    pt = {"row": rname, "row_bytes": row_bytes, "block_size": bs, "seqs": b, "tokens": length,
-                          "layout": layout, "splits": splits}
+                        tables = [
+                            (torch.arange(b * bps, device=device, dtype=torch.int32) + i * b * bps % nblocks)
+                            .remainder(nblocks)
+                            .view(b, bps)
+                            for i in range(args.tables)
+                        ]
+                    pt = {
+                        "row": rname,
+                        "row_bytes": row_bytes,
+                        "block_size": bs,
+                        "seqs": b,
+                        "tokens": length,
+                        "layout": layout,
+                        "splits": splits,
+                    }
                     if why_not is None:
                         res = torch.empty(b, splits, dtype=torch.float32, device=device)
                         got = paged_sum(pool, tables[0], splits, res, tile).double()
@@ -184,8 +201,10 @@ def main(argv=None) -> int:
                             return paged_sum(pool, tables[next(it) % len(tables)], splits, res, tile)
 
                         pt.update(bw_point(fn, nbytes, device, args.samples, args.target_us))
-                        log(f"paged_read {rname} bs={bs} B={b} L={length} {layout}: {pt['gbps']:.0f} GB/s "
-                            f"(check {err:.1e})")
+                        log(
+                            f"paged_read {rname} bs={bs} B={b} L={length} {layout}: {pt['gbps']:.0f} GB/s "
+                            f"(check {err:.1e})"
+                        )
                     paged.append(pt)
                     if layout == "random":
                         flat = pool.view(nblocks, -1)
@@ -208,9 +227,15 @@ def main(argv=None) -> int:
     doc = {
         "kind": "hbm",
         "meta": meta,
-        "config": {"size_gib": args.size_gib, "pool_gib": args.pool_gib, "shapes": shapes,
-                   "block_sizes": block_sizes, "rows": {r: {"dtype": str(ROWS[r][0]), "width": ROWS[r][1]} for r in rows},
-                   "samples": args.samples, "tables": args.tables},
+        "config": {
+            "size_gib": args.size_gib,
+            "pool_gib": args.pool_gib,
+            "shapes": shapes,
+            "block_sizes": block_sizes,
+            "rows": {r: {"dtype": str(ROWS[r][0]), "width": ROWS[r][1]} for r in rows},
+            "samples": args.samples,
+            "tables": args.tables,
+        },
         "results": out,
     }
     name = args.out or os.path.join(args.out_dir, f"hbm-{meta['card']}x1.json")

@@ -112,13 +112,13 @@ def interp(xs: list[float], ys: list[float], x: float, *, logy: bool = False) ->
     """Piecewise-linear in log2(x) (and log(y) if logy); clamped to the ends."""
     if not xs:
         raise CalibrationError("interpolation over an empty table")
-    pts = sorted(zip(xs, ys))
+    pts = sorted(zip(xs, ys, strict=False))
     lx = math.log2(max(x, 1e-9))
     if lx <= math.log2(pts[0][0]):
         return pts[0][1]
     if lx >= math.log2(pts[-1][0]):
         return pts[-1][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         l0, l1 = math.log2(x0), math.log2(x1)
         if l0 <= lx <= l1:
             f = 0.0 if l1 == l0 else (lx - l0) / (l1 - l0)
@@ -135,7 +135,9 @@ def hbm_section(doc: dict) -> tuple[float, dict]:
     for pt in r.get("paged_read", []):
         if "gbps" not in pt or pt.get("layout") != "random" or not pt.get("check_ok", False):
             continue
-        d = paged.setdefault(pt["row"], {}).setdefault(str(pt["block_size"]), {"bytes": [], "gbps": [], "seqs": [], "tokens": []})
+        d = paged.setdefault(pt["row"], {}).setdefault(
+            str(pt["block_size"]), {"bytes": [], "gbps": [], "seqs": [], "tokens": []}
+        )
         d["bytes"].append(pt["bytes"])
         d["gbps"].append(pt["gbps"])
         d["seqs"].append(pt["seqs"])
@@ -147,7 +149,8 @@ def hbm_section(doc: dict) -> tuple[float, dict]:
         "paged_kv_read_gbps": paged,
         "paged_kernel_sequential_gbps": max(seq) if seq else None,
         "torch_gather_rw_gbps": {
-            f"{g['row']}/bs{g['block_size']}/{g['seqs']}x{g['tokens']}": g["gbps"] for g in r.get("paged_gather_torch", [])
+            f"{g['row']}/bs{g['block_size']}/{g['seqs']}x{g['tokens']}": g["gbps"]
+            for g in r.get("paged_gather_torch", [])
         },
     }
     return r["read"]["gbps"], sec
@@ -160,7 +163,9 @@ def gemm_tables(var: dict) -> dict:
         if "tflops" not in pt:
             continue
         g = out.setdefault(pt["gemm"], {"n": pt["n"], "k": pt["k"], "experts": {}})
-        e = g["experts"].setdefault(str(pt["experts"]), {"tokens_per_expert": [], "us": [], "tflops": [], "hbm_gbps": []})
+        e = g["experts"].setdefault(
+            str(pt["experts"]), {"tokens_per_expert": [], "us": [], "tflops": [], "hbm_gbps": []}
+        )
         e["tokens_per_expert"].append(pt["tokens_per_expert"])
         e["us"].append(pt["time"]["median_us"])
         e["tflops"].append(pt["tflops"])
@@ -180,7 +185,9 @@ def _ref_experts(tables: dict) -> int | None:
     for g in tables.values():
         for e, d in g["experts"].items():
             if all_m and set(d["tokens_per_expert"]) >= all_m:
-                if all(e in gg["experts"] and set(gg["experts"][e]["tokens_per_expert"]) >= all_m for gg in tables.values()):
+                if all(
+                    e in gg["experts"] and set(gg["experts"][e]["tokens_per_expert"]) >= all_m for gg in tables.values()
+                ):
                     best = max(best or 0, int(e))
     return best
 
@@ -299,7 +306,9 @@ def a2a_backend(cal: dict) -> dict | None:
     return None
 
 
-def predict_layer_us(cal: dict, ep: int, tokens: int, *, experts: int = 256, topk: int = 8, gemm_impl: str | None = None) -> dict:
+def predict_layer_us(
+    cal: dict, ep: int, tokens: int, *, experts: int = 256, topk: int = 8, gemm_impl: str | None = None
+) -> dict:
     a2a = a2a_backend(cal)["ep"][str(ep)]
     ex = a2a["expert"]
     disp = interp(ex["tokens"], ex["dispatch_us"], tokens, logy=True)
@@ -369,20 +378,26 @@ def model_check(cal: dict) -> list[dict]:
             pred = predict_layer_us(cal, int(ep), t, experts=layer["experts"], topk=layer["topk"], gemm_impl=impl)
             meas = layer["total_us"][i]
             ph = {k: v[i] for k, v in layer["phases_us"].items()}
-            out.append({
-                "ep": int(ep),
-                "tokens": t,
-                "measured_us": meas,
-                "predicted_us": pred["predicted_us"],
-                "error_pct": 100.0 * (pred["predicted_us"] - meas) / meas,
-                "terms_us": pred["terms_us"],
-                "measured_terms_us": {"layout": ph.get("layout"), "dispatch": ph.get("dispatch"),
-                                      "experts": ph.get("experts"), "combine": ph.get("combine"),
-                                      "unmodelled": sum(ph.get(k, 0.0) for k in ("route", "regroup", "reduce"))},
-                "gemm_impl": pred["gemm_impl"],
-                "active_experts": pred["active_experts"],
-                "rows_per_active_expert": pred["rows_per_active_expert"],
-            })
+            out.append(
+                {
+                    "ep": int(ep),
+                    "tokens": t,
+                    "measured_us": meas,
+                    "predicted_us": pred["predicted_us"],
+                    "error_pct": 100.0 * (pred["predicted_us"] - meas) / meas,
+                    "terms_us": pred["terms_us"],
+                    "measured_terms_us": {
+                        "layout": ph.get("layout"),
+                        "dispatch": ph.get("dispatch"),
+                        "experts": ph.get("experts"),
+                        "combine": ph.get("combine"),
+                        "unmodelled": sum(ph.get(k, 0.0) for k in ("route", "regroup", "reduce")),
+                    },
+                    "gemm_impl": pred["gemm_impl"],
+                    "active_experts": pred["active_experts"],
+                    "rows_per_active_expert": pred["rows_per_active_expert"],
+                }
+            )
     return out
 
 
@@ -442,12 +457,17 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="profiling/results")
     p.add_argument("--card", default=None, help="e.g. h100; default every card with result files")
     p.add_argument("--gpus", type=int, default=None, help="machine GPU count; default the largest in the names")
-    p.add_argument("--out", default=None, help="output file (one card only); default <results>/calibration-<card>x<N>.json")
+    p.add_argument(
+        "--out", default=None, help="output file (one card only); default <results>/calibration-<card>x<N>.json"
+    )
     args = p.parse_args(argv)
     results = Path(args.results)
     cards = [args.card] if args.card else sorted(find_files(results))
     if not cards:
-        print(f"--results: Given: {results}. Valid: a folder holding a2a-/gemm-/hbm-/moe-layer-<card>x<N>.json", file=sys.stderr)
+        print(
+            f"--results: Given: {results}. Valid: a folder holding a2a-/gemm-/hbm-/moe-layer-<card>x<N>.json",
+            file=sys.stderr,
+        )
         return 2
     if args.out and len(cards) > 1:
         print(f"--out: Given: one file for cards {cards}. Valid: pass --card too", file=sys.stderr)
@@ -464,10 +484,14 @@ def main(argv=None) -> int:
         for row in cal["model_check"]:
             extra = ""
             if "predicted_with_overhead_us" in row:
-                extra = (f"; with overhead fitted on EP{row['overhead_fit_on_ep']}: "
-                         f"{row['predicted_with_overhead_us']:.0f} us ({row['error_with_overhead_pct']:+.0f}%)")
-            print(f"  EP{row['ep']} T={row['tokens']}: measured {row['measured_us']:.0f} us, "
-                  f"predicted {row['predicted_us']:.0f} us ({row['error_pct']:+.0f}%){extra}")
+                extra = (
+                    f"; with overhead fitted on EP{row['overhead_fit_on_ep']}: "
+                    f"{row['predicted_with_overhead_us']:.0f} us ({row['error_with_overhead_pct']:+.0f}%)"
+                )
+            print(
+                f"  EP{row['ep']} T={row['tokens']}: measured {row['measured_us']:.0f} us, "
+                f"predicted {row['predicted_us']:.0f} us ({row['error_pct']:+.0f}%){extra}"
+            )
     return 0
 
 

@@ -48,7 +48,12 @@ PHASES = ["route", "layout", "dispatch", "regroup", "experts", "combine", "reduc
 class Dims:
     def __init__(self, hidden, inter, experts, topk, groups, topk_groups, scale_block, route_scale=2.5):
         self.hidden, self.inter, self.experts, self.topk = hidden, inter, experts, topk
-        self.groups, self.topk_groups, self.scale_block, self.route_scale = groups, topk_groups, scale_block, route_scale
+        self.groups, self.topk_groups, self.scale_block, self.route_scale = (
+            groups,
+            topk_groups,
+            scale_block,
+            route_scale,
+        )
 
 
 def expert_weights(dims: Dims, e: int, device, seed: int):
@@ -117,8 +122,8 @@ class Marks:
     def durations_us(self):
         if self.device.type == "cuda":
             self.points[-1].synchronize()
-            return [a.elapsed_time(b) * 1000.0 for a, b in zip(self.points, self.points[1:])]
-        return [(b - a) * 1e6 for a, b in zip(self.points, self.points[1:])]
+            return [a.elapsed_time(b) * 1000.0 for a, b in zip(self.points, self.points[1:], strict=False)]
+        return [(b - a) * 1e6 for a, b in zip(self.points, self.points[1:], strict=False)]
 
 
 class EPMoE:
@@ -328,12 +333,17 @@ def main(argv=None) -> int:
         mat = torch.cat([mat, mat.sum(1, keepdim=True)], dim=1)
         dist.all_reduce(mat, op=dist.ReduceOp.MAX, group=group)
         mat = mat.cpu()
-        row = {"tokens": t, "total": stats(mat[:, -1].tolist()),
-               "phases": {ph: stats(mat[:, j].tolist()) for j, ph in enumerate(PHASES)}}
+        row = {
+            "tokens": t,
+            "total": stats(mat[:, -1].tolist()),
+            "phases": {ph: stats(mat[:, j].tolist()) for j, ph in enumerate(PHASES)},
+        }
         rows.append(row)
         if rank == 0:
-            log(f"ep={ep} tokens={t}: total {row['total']['median_us']:.0f} us; "
-                + ", ".join(f"{ph} {row['phases'][ph]['median_us']:.0f}" for ph in PHASES))
+            log(
+                f"ep={ep} tokens={t}: total {row['total']['median_us']:.0f} us; "
+                + ", ".join(f"{ph} {row['phases'][ph]['median_us']:.0f}" for ph in PHASES)
+            )
         del xs
 
     if rank == 0:
@@ -341,11 +351,23 @@ def main(argv=None) -> int:
         doc = {
             "kind": "moe_layer",
             "meta": meta,
-            "config": {"ep": ep, "hidden": dims.hidden, "inter": dims.inter, "experts": dims.experts,
-                       "local_experts": dims.experts // ep, "topk": dims.topk, "groups": dims.groups,
-                       "topk_groups": dims.topk_groups, "dispatch": args.dispatch, "combine": "bf16",
-                       "gemm": gemm, "grouped_mm_probe": why_not or "ok", "warmup": args.warmup,
-                       "iters": args.iters, "phases": PHASES},
+            "config": {
+                "ep": ep,
+                "hidden": dims.hidden,
+                "inter": dims.inter,
+                "experts": dims.experts,
+                "local_experts": dims.experts // ep,
+                "topk": dims.topk,
+                "groups": dims.groups,
+                "topk_groups": dims.topk_groups,
+                "dispatch": args.dispatch,
+                "combine": "bf16",
+                "gemm": gemm,
+                "grouped_mm_probe": why_not or "ok",
+                "warmup": args.warmup,
+                "iters": args.iters,
+                "phases": PHASES,
+            },
             "check": check,
             "results": rows,
         }

@@ -24,8 +24,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -86,6 +87,7 @@ def split_level(level: Level, n_endpoints: int) -> list[tuple[int, float, int | 
     Concurrency and counts are split as evenly as integers allow (endpoints that get no concurrency
     are left out); a rate is divided equally.
     """
+
     def shares(total: int) -> list[int]:
         return [total // n_endpoints + (1 if i < total % n_endpoints else 0) for i in range(n_endpoints)]
 
@@ -124,7 +126,7 @@ def _random_range(spec: LengthSpec, field: str) -> tuple[int, float]:
 
 
 def vllm_bench_argv(
-    cfg: "SweepConfig", endpoint: str, share: float, count: int, level: Level, result_dir: Path, filename: str
+    cfg: SweepConfig, endpoint: str, share: float, count: int, level: Level, result_dir: Path, filename: str
 ) -> list[str]:
     """Arguments of one ``vllm bench serve`` process."""
     wl = cfg.workload
@@ -210,7 +212,10 @@ def rebase(records: list[RequestRecord]) -> float:
     """Make ``start_s``/``scheduled_s`` relative to the earliest start; returns that start."""
     if not records:
         return 0.0
-    t0 = min(min(r.start_s for r in records), min((r.scheduled_s for r in records if r.scheduled_s is not None), default=math.inf))
+    t0 = min(
+        min(r.start_s for r in records),
+        min((r.scheduled_s for r in records if r.scheduled_s is not None), default=math.inf),
+    )
     for r in records:
         r.start_s -= t0
         if r.scheduled_s is not None:
@@ -218,9 +223,7 @@ def rebase(records: list[RequestRecord]) -> float:
     return t0
 
 
-async def _run_procs(
-    cmds: Sequence[tuple[list[str], Path]], timeout_s: float | None, env: dict[str, str]
-) -> list[int]:
+async def _run_procs(cmds: Sequence[tuple[list[str], Path]], timeout_s: float | None, env: dict[str, str]) -> list[int]:
     """Run commands in parallel, stdout+stderr to their log files; kill all on timeout."""
     procs = []
     files = []
@@ -265,7 +268,7 @@ def _tail(path: Path, n: int = 12) -> str:
         return ""
 
 
-def _default_bound(cfg: "SweepConfig", parts: list[tuple[int, float, int | None]], level: Level) -> float | None:
+def _default_bound(cfg: SweepConfig, parts: list[tuple[int, float, int | None]], level: Level) -> float | None:
     if cfg.level_timeout_s is not None:
         return cfg.level_timeout_s
     if level.kind == "rate" and level.duration_s is not None:
@@ -275,7 +278,7 @@ def _default_bound(cfg: "SweepConfig", parts: list[tuple[int, float, int | None]
 
 
 async def run_vllm_level(
-    cfg: "SweepConfig", level: Level, native_dir: Path
+    cfg: SweepConfig, level: Level, native_dir: Path
 ) -> tuple[list[RequestRecord], float, float, float, dict[str, Any]]:
     """One level with ``vllm bench serve``: (records, wall start, wall end, duration, extra)."""
     python = cfg.vllm_python or sys.executable
@@ -296,7 +299,12 @@ async def run_vllm_level(
         assert count is not None
         fname = f"ep{i}.json"
         (native_dir / fname).unlink(missing_ok=True)
-        argv = [python, "-c", _VLLM_ENTRY, *vllm_bench_argv(cfg, cfg.endpoints[i], share, count, level, native_dir, fname)]
+        argv = [
+            python,
+            "-c",
+            _VLLM_ENTRY,
+            *vllm_bench_argv(cfg, cfg.endpoints[i], share, count, level, native_dir, fname),
+        ]
         cmds.append((argv, native_dir / f"ep{i}.log"))
     (native_dir / "commands.json").write_text(json.dumps([c[0][3:] for c in cmds], indent=1))
     env = dict(os.environ)
@@ -306,7 +314,7 @@ async def run_vllm_level(
     records: list[RequestRecord] = []
     version = "unknown"
     problems = []
-    for (i, _, _), code, (_, log) in zip(parts, codes, cmds):
+    for (i, _, _), code, (_, log) in zip(parts, codes, cmds, strict=False):
         path = native_dir / f"ep{i}.json"
         for line in _tail(log, 400).splitlines():
             if line.startswith("WIDEP_VLLM_VERSION="):
@@ -343,7 +351,7 @@ def _ip_distribution(spec: LengthSpec, count: int) -> dict[str, Any]:
 
 
 def inference_perf_config(
-    cfg: "SweepConfig", endpoint: str, share: float, count: int, level: Level, out_dir: Path
+    cfg: SweepConfig, endpoint: str, share: float, count: int, level: Level, out_dir: Path
 ) -> dict[str, Any]:
     """An inference-perf config for one endpoint's share of a level (random data, streaming)."""
     wl = cfg.workload
@@ -376,7 +384,9 @@ def inference_perf_config(
     return doc
 
 
-def records_from_inference_perf(rows: list[dict[str, Any]], endpoint: str, index_offset: int = 0) -> list[RequestRecord]:
+def records_from_inference_perf(
+    rows: list[dict[str, Any]], endpoint: str, index_offset: int = 0
+) -> list[RequestRecord]:
     """Records from inference-perf's per-request lifecycle rows (start_time, end_time,
     info{input_tokens, output_tokens, output_token_times}, error); times stay absolute."""
     recs = []
@@ -394,7 +404,7 @@ def records_from_inference_perf(rows: list[dict[str, Any]], endpoint: str, index
             ttft_s=(times[0] - start) if times else None,
             last_token_s=(times[-1] - start) if times else None,
             e2e_s=(float(end) - start) if end is not None else None,
-            itls_s=[b - a for a, b in zip(times, times[1:])],
+            itls_s=[b - a for a, b in zip(times, times[1:], strict=False)],
             chunks=len(times),
             prompt_tokens=info.get("input_tokens"),
             completion_tokens=info.get("output_tokens"),
@@ -406,7 +416,7 @@ def records_from_inference_perf(rows: list[dict[str, Any]], endpoint: str, index
 
 
 async def run_inference_perf_level(
-    cfg: "SweepConfig", level: Level, native_dir: Path
+    cfg: SweepConfig, level: Level, native_dir: Path
 ) -> tuple[list[RequestRecord], float, float, float, dict[str, Any]]:
     """One level with inference-perf (one process per endpoint)."""
     cmd = inference_perf_command()
@@ -428,13 +438,15 @@ async def run_inference_perf_level(
         out = native_dir / f"ep{i}"
         out.mkdir(exist_ok=True)
         conf = native_dir / f"ep{i}.yaml"
-        conf.write_text(yaml.safe_dump(inference_perf_config(cfg, cfg.endpoints[i], share, count, level, out), sort_keys=False))
+        conf.write_text(
+            yaml.safe_dump(inference_perf_config(cfg, cfg.endpoints[i], share, count, level, out), sort_keys=False)
+        )
         cmds.append(([cmd, "--config_file", str(conf)], native_dir / f"ep{i}.log"))
     wall0 = time.time()
     codes = await _run_procs(cmds, _default_bound(cfg, parts, level), dict(os.environ))
     records: list[RequestRecord] = []
     problems = []
-    for (i, _, _), code, (_, log) in zip(parts, codes, cmds):
+    for (i, _, _), code, (_, log) in zip(parts, codes, cmds, strict=False):
         found = sorted((native_dir / f"ep{i}").rglob("per_request_lifecycle_metrics.json"))
         if code != 0 or not found:
             problems.append(f"endpoint {cfg.endpoints[i]}: inference-perf exited {code}; last lines:\n{_tail(log)}")

@@ -48,7 +48,9 @@ def _int_list(text: str | None, field: str) -> list[int]:
         try:
             v = int(part)
         except ValueError:
-            raise UserError(f"{field} takes whole numbers separated by commas. Given: {text!r}. Valid: 1,8,32") from None
+            raise UserError(
+                f"{field} takes whole numbers separated by commas. Given: {text!r}. Valid: 1,8,32"
+            ) from None
         if v < 1:
             raise UserError(f"{field} values must be >= 1. Given: {v}. Valid: 1,8,32")
         out.append(v)
@@ -102,7 +104,8 @@ def _checked_endpoint(url: str) -> str:
             why = "a base URL has no query or fragment"
     if why:
         raise UserError(
-            f"--endpoint: not an API server base URL ({why}). Given: {url!r}. Valid: e.g. http://10.0.0.5:8000")
+            f"--endpoint: not an API server base URL ({why}). Given: {url!r}. Valid: e.g. http://10.0.0.5:8000"
+        )
     return url
 
 
@@ -119,40 +122,66 @@ def _endpoints_from_topology(path: str, via_router: bool = True) -> tuple[list[s
 
 
 @bench_cmd.command("run", context_settings={"show_default": True})
-@click.option("--endpoint", "endpoints", multiple=True, metavar="URL", help="API server base URL; repeat once per rank.")
-@click.option("--topology", type=click.Path(exists=True, dir_okay=False), help="Topology file: endpoints, GPU count and model from its plan (through its router, when it has one).")
-@click.option("--bypass-router", is_flag=True, help="With --topology: send load straight to every API server even when the topology has a router.")
+@click.option(
+    "--endpoint", "endpoints", multiple=True, metavar="URL", help="API server base URL; repeat once per rank."
+)
+@click.option(
+    "--topology",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Topology file: endpoints, GPU count and model from its plan (through its router, when it has one).",
+)
+@click.option(
+    "--bypass-router",
+    is_flag=True,
+    help="With --topology: send load straight to every API server even when the topology has a router.",
+)
 @click.option("--gpus", type=int, help="GPUs serving the endpoints (for tokens/s/GPU). Required with --endpoint.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumed if it exists).")
+@click.option(
+    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Sweep directory (resumed if it exists)."
+)
 @click.option("--concurrency", help="Closed-loop concurrency levels, e.g. 1,8,32.")
 @click.option("--rate", help="Open-loop Poisson request rates in requests/s, e.g. 1,2,4.")
 @click.option("--isl", help="Input length: N, uniform:LO-HI, normal:MEAN,STD, lognormal:MEAN,STD.")
 @click.option("--osl", help="Output length, same forms as --isl.")
 @click.option("--shape", help="Named ISL/OSL preset: 10:1, 100:1, 1k:100, 2k:2k, 5k:250.")
 @click.option("--model", help="Served model name (default: the first of /v1/models).")
-@click.option("--tokenizer", type=click.Path(), help="Local tokenizer dir for exact prompt lengths (default: the model dir when local).")
+@click.option(
+    "--tokenizer",
+    type=click.Path(),
+    help="Local tokenizer dir for exact prompt lengths (default: the model dir when local).",
+)
 @click.option("--num-requests", type=int, help="Requests per level (default: 10 x concurrency; 60 s worth of a rate).")
 @click.option("--duration", type=float, help="Seconds per level instead of a request count.")
 @click.option("--warmup", type=int, help="Warm-up requests before the first level run  [default: one per endpoint]")
 @click.option("--slo-ttft-ms", type=float, help="Goodput SLO on time to first token.")
 @click.option("--slo-tpot-ms", type=float, help="Goodput SLO on time per output token.")
 @click.option("--slo-e2e-ms", type=float, help="Goodput SLO on end-to-end latency.")
-@click.option("--generator", type=click.Choice(["builtin", "vllm", "inference-perf"]), default="builtin", help="Load generator.")
-@click.option("--burstiness", type=float, default=1.0, help="Open loop: gamma shape of inter-arrival times (1 = Poisson).")
+@click.option(
+    "--generator", type=click.Choice(["builtin", "vllm", "inference-perf"]), default="builtin", help="Load generator."
+)
+@click.option(
+    "--burstiness", type=float, default=1.0, help="Open loop: gamma shape of inter-arrival times (1 = Poisson)."
+)
 @click.option("--max-inflight", type=int, help="Open loop: cap on requests in flight.")
 @click.option("--request-timeout", type=float, default=600.0, help="Seconds per request.")
 @click.option("--level-timeout", type=float, help="Hard bound in seconds per level; unfinished requests are cancelled.")
-@click.option("--scrape-interval", type=float, default=1.0, help="Seconds between /metrics scrapes; 0 turns scraping off.")
+@click.option(
+    "--scrape-interval", type=float, default=1.0, help="Seconds between /metrics scrapes; 0 turns scraping off."
+)
 @click.option("--seed", type=int, default=0, help="Seed for lengths, prompts and arrivals.")
 @click.option("--ignore-eos/--no-ignore-eos", default=True, help="Ask the server to ignore EOS so output lengths hold.")
 @click.option("--extra-body", help="JSON object merged into every request body, e.g. '{\"temperature\": 0}'.")
 @click.option("--accelerator", default="unknown", help="Accelerator model for the report, e.g. H200.")
 @click.option("--tp", type=int, help="Tensor parallel size per rank (default: GPUs / endpoints).")
 @click.option("--ep", type=int, help="Expert parallel size (default: all GPUs; 1 for dense models).")
-@click.option("--role", type=click.Choice(["replica", "prefill", "decode"]), default="replica", help="Role of the endpoints.")
+@click.option(
+    "--role", type=click.Choice(["replica", "prefill", "decode"]), default="replica", help="Role of the endpoints."
+)
 @click.option("--label", help="Name of this run in plots and the CSV (default: the --out directory name).")
 @click.option("--description", help="Free text stored in every report.")
-@click.option("--vllm-python", type=click.Path(dir_okay=False), help="Python with vllm for --generator vllm (default: this one).")
+@click.option(
+    "--vllm-python", type=click.Path(dir_okay=False), help="Python with vllm for --generator vllm (default: this one)."
+)
 @click.option("--no-uvloop", is_flag=True, help="Use asyncio's default event loop even if uvloop is installed.")
 def run_cmd(**kw: Any) -> None:
     """Run (or resume) a sweep of concurrency and/or rate levels."""
@@ -173,32 +202,46 @@ def run_cmd(**kw: Any) -> None:
                 f"give either --topology or --endpoint, not both. Given: --topology {kw['topology']} and "
                 f"--endpoint {' '.join(endpoints)}"
             )
-        endpoints, topo_gpus, topo_model = _endpoints_from_topology(kw["topology"], via_router=not kw.get("bypass_router"))
+        endpoints, topo_gpus, topo_model = _endpoints_from_topology(
+            kw["topology"], via_router=not kw.get("bypass_router")
+        )
         endpoints = [normalize_endpoint(e) for e in endpoints]
         if gpus is not None and gpus != topo_gpus:
-            raise UserError(f"--gpus disagrees with the topology's plan. Given: --gpus {gpus}. Valid: {topo_gpus} (or leave it out)")
+            raise UserError(
+                f"--gpus disagrees with the topology's plan. Given: --gpus {gpus}. Valid: {topo_gpus} (or leave it out)"
+            )
         gpus = topo_gpus
     if not endpoints:
-        raise UserError("no endpoints to benchmark. Given: neither --endpoint nor --topology. Valid: --endpoint URL (repeat per rank) or --topology FILE")
+        raise UserError(
+            "no endpoints to benchmark. Given: neither --endpoint nor --topology. Valid: --endpoint URL (repeat per rank) or --topology FILE"
+        )
     if len(set(endpoints)) != len(endpoints):
         raise UserError(f"--endpoint lists a URL twice. Given: {', '.join(endpoints)}. Valid: each rank's URL once")
     if gpus is None:
-        raise UserError("--gpus is required with --endpoint (tokens/s/GPU needs it). Given: no --gpus. Valid: the number of GPUs serving these endpoints, e.g. --gpus 16")
+        raise UserError(
+            "--gpus is required with --endpoint (tokens/s/GPU needs it). Given: no --gpus. Valid: the number of GPUs serving these endpoints, e.g. --gpus 16"
+        )
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1. Given: {gpus}")
 
     concs = _int_list(kw["concurrency"], "--concurrency")
     rates = _float_list(kw["rate"], "--rate")
     if not concs and not rates:
-        raise UserError("no levels to run. Given: neither --concurrency nor --rate. Valid: --concurrency 1,8,32 and/or --rate 1,2,4")
+        raise UserError(
+            "no levels to run. Given: neither --concurrency nor --rate. Valid: --concurrency 1,8,32 and/or --rate 1,2,4"
+        )
     if kw["num_requests"] is not None and kw["duration"] is not None:
-        raise UserError(f"give --num-requests or --duration, not both. Given: --num-requests {kw['num_requests']} --duration {kw['duration']:g}")
+        raise UserError(
+            f"give --num-requests or --duration, not both. Given: --num-requests {kw['num_requests']} --duration {kw['duration']:g}"
+        )
     if kw["num_requests"] is not None and kw["num_requests"] < 1:
         raise UserError(f"--num-requests must be >= 1. Given: {kw['num_requests']}")
     if kw["duration"] is not None and not kw["duration"] > 0:
         raise UserError(f"--duration must be > 0 seconds. Given: {kw['duration']}")
     if kw["burstiness"] <= 0:
-        raise UserError(f"--burstiness must be > 0. Given: {kw['burstiness']}. Valid: 1 for Poisson, <1 burstier, >1 smoother")
+        raise UserError(
+            f"--burstiness must be > 0. Given: {kw['burstiness']}. Valid: 1 for Poisson, <1 burstier, >1 smoother"
+        )
 
     # workload
     isl_text, osl_text = kw["isl"], kw["osl"]
@@ -217,7 +260,9 @@ def run_cmd(**kw: Any) -> None:
         try:
             extra_body = json.loads(kw["extra_body"])
         except json.JSONDecodeError as err:
-            raise UserError(f"--extra-body is not JSON ({err}). Given: {kw['extra_body']!r}. Valid: '{{\"temperature\": 0}}'") from None
+            raise UserError(
+                f"--extra-body is not JSON ({err}). Given: {kw['extra_body']!r}. Valid: '{{\"temperature\": 0}}'"
+            ) from None
         if not isinstance(extra_body, dict):
             raise UserError(f"--extra-body must be a JSON object. Given: {kw['extra_body']!r}")
 
@@ -256,7 +301,13 @@ def run_cmd(**kw: Any) -> None:
             levels.append(Level("rate", r, num_requests=kw["num_requests"] or max(20, math.ceil(60 * r)), **common))
 
     stack = stack_from_endpoints(
-        endpoints, gpus=gpus, model=topo_model or model, accelerator=kw["accelerator"], tp=kw["tp"], ep=kw["ep"], role=kw["role"]
+        endpoints,
+        gpus=gpus,
+        model=topo_model or model,
+        accelerator=kw["accelerator"],
+        tp=kw["tp"],
+        ep=kw["ep"],
+        role=kw["role"],
     )
     cfg = sw.SweepConfig(
         endpoints=tuple(endpoints),
@@ -363,7 +414,17 @@ def _run_with_progress(cfg: Any, out: Path, notes: list[str]) -> list[Any]:
         outcomes = sw.run_sweep(cfg, out, _P())
 
     table = Table(title=f"{out}", show_lines=False)
-    for col in ("level", "status", "ok", "failed", "out tok/s", "tok/s/GPU", "tok/s/user", "TTFT p50 ms", "TPOT p50 ms"):
+    for col in (
+        "level",
+        "status",
+        "ok",
+        "failed",
+        "out tok/s",
+        "tok/s/GPU",
+        "tok/s/user",
+        "TTFT p50 ms",
+        "TPOT p50 ms",
+    ):
         table.add_column(col, justify="right")
 
     def f(v: Any, nd: int = 1) -> str:

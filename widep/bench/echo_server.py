@@ -38,7 +38,9 @@ def prompt_key(prompt: Any) -> str:
 
 
 class EchoServer:
-    def __init__(self, model: str = "echo", ttft_ms: float = 0.0, itl_ms: float = 0.0, keep_stamps: bool = True) -> None:
+    def __init__(
+        self, model: str = "echo", ttft_ms: float = 0.0, itl_ms: float = 0.0, keep_stamps: bool = True
+    ) -> None:
         self.model = model
         self.ttft_s = ttft_ms / 1000.0
         self.itl_s = itl_ms / 1000.0
@@ -90,8 +92,13 @@ class EchoServer:
             mid = (head + 'null,"stop_reason":null}]}\n\n').encode()
             last = (head + '"length","stop_reason":null}]}\n\n').encode()
             # the first token echoes the prompt's key, so a client's saved text names the request
-            first = (pre + json.dumps(" " + key) + ',"logprobs":null,"finish_reason":'
-                     + ('null' if n > 1 else '"length"') + ',"stop_reason":null}]}\n\n').encode()
+            first = (
+                pre
+                + json.dumps(" " + key)
+                + ',"logprobs":null,"finish_reason":'
+                + ("null" if n > 1 else '"length"')
+                + ',"stop_reason":null}]}\n\n'
+            ).encode()
             if self.ttft_s:
                 await asyncio.sleep(self.ttft_s)
             t_first = _perf()
@@ -103,7 +110,14 @@ class EchoServer:
             t_last = _perf()
             if include_usage:
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-                tail = {"id": f"cmpl-{self.served}", "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
+                tail = {
+                    "id": f"cmpl-{self.served}",
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
                 await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -115,7 +129,9 @@ class EchoServer:
             self.running -= 1
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model", "root": self.model}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "root": self.model}]}
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)

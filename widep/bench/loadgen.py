@@ -22,8 +22,9 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import aiohttp
 import numpy as np
@@ -217,7 +218,7 @@ async def _send(
         rec.incomplete = True
         rec.error = f"cancelled by the level time bound after {len(stamps)} chunks"
         raise
-    except asyncio.TimeoutError:
+    except TimeoutError:
         rec.error = f"timeout after {timeout.total:g} s ({len(stamps)} chunks received)"
         rec.e2e_s = _perf() - t_start
     except aiohttp.ClientConnectorError as err:
@@ -232,7 +233,7 @@ async def _send(
         if stamps:
             rec.ttft_s = stamps[0] - t_start
             rec.last_token_s = stamps[-1] - t_start
-            rec.itls_s = [b - a for a, b in zip(stamps, stamps[1:])]
+            rec.itls_s = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
 
 
 class LoadGenerator:
@@ -246,7 +247,7 @@ class LoadGenerator:
         self.opts = opts
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "LoadGenerator":
+    async def __aenter__(self) -> LoadGenerator:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, read_bufsize=2**18, trust_env=False)
         return self
@@ -316,7 +317,7 @@ class LoadGenerator:
             task.cancel()
             raise
         ends = [r.end_s for r in records if r.end_s is not None]
-        duration = (max(ends) if ends else (_perf() - t0))
+        duration = max(ends) if ends else (_perf() - t0)
         return LevelRun(records, wall_start, time.time(), duration, timed_out, t0)
 
     async def _closed_loop(self, level, pool, records, t0, on_record) -> None:  # type: ignore[no-untyped-def]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import aiohttp
 
@@ -94,7 +95,7 @@ class MetricsScraper:
                     s.error = f"HTTP {resp.status}"
                     return s
                 text = await resp.text(errors="replace")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
             s.error = f"{type(err).__name__}: {err}"[:300]
             return s
         g = parse_gauges(text)
@@ -117,7 +118,7 @@ class MetricsScraper:
                 wait = self.interval_s - (time.perf_counter() - tick)
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
 

@@ -13,9 +13,10 @@ Each figure is written as PNG and SVG.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from widep.errors import UserError
 
@@ -135,7 +136,9 @@ def plot_runs(run_dirs: Sequence[Path], prefix: Path) -> list[Path]:
     for d in run_dirs:
         d = Path(d)
         if not d.is_dir():
-            raise UserError(f"bench plot needs sweep directories. Given: {d} (not a directory). Valid: a --out DIR of widep bench")
+            raise UserError(
+                f"bench plot needs sweep directories. Given: {d} (not a directory). Valid: a --out DIR of widep bench"
+            )
         pts = load_points(d)
         if not pts:
             raise UserError(
@@ -159,14 +162,21 @@ def plot_runs(run_dirs: Sequence[Path], prefix: Path) -> list[Path]:
         closed = [p for p in good if p.concurrency is not None]
         opened = [p for p in good if p.concurrency is None]
         if closed:
-            ax.plot([p.tps_per_user for p in closed], [p.tps_per_gpu for p in closed], "o-", color=col, label=good[0].run)
+            ax.plot(
+                [p.tps_per_user for p in closed], [p.tps_per_gpu for p in closed], "o-", color=col, label=good[0].run
+            )
         if opened:
             ax.plot(
-                [p.tps_per_user for p in opened], [p.tps_per_gpu for p in opened], "^:", color=col,
+                [p.tps_per_user for p in opened],
+                [p.tps_per_gpu for p in opened],
+                "^:",
+                color=col,
                 label=f"{good[0].run} (request rate)",
             )
         for p in good:
-            ax.annotate(p.tag, (p.tps_per_user, p.tps_per_gpu), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+            ax.annotate(
+                p.tag, (p.tps_per_user, p.tps_per_gpu), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col
+            )
             allxy.append((float(p.tps_per_user), p.tps_per_gpu))  # type: ignore[arg-type]
     if len(runs) > 1 and allxy:
         front = pareto_front(allxy)
@@ -191,9 +201,11 @@ def plot_runs(run_dirs: Sequence[Path], prefix: Path) -> list[Path]:
             ys_hi = [getattr(p, hi) for p in pts]
             ax_.plot(xs, ys_lo, "o-", color=col, label=f"{pts[0].run} p50")
             ax_.plot(xs, ys_hi, "s--", color=col, alpha=0.6, label=f"{pts[0].run} p99")
-            for p, y in zip(pts, ys_lo):
+            for p, y in zip(pts, ys_lo, strict=False):
                 if y is not None:
-                    ax_.annotate(p.tag, (p.tps_per_gpu, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=col)
+                    ax_.annotate(
+                        p.tag, (p.tps_per_gpu, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=col
+                    )
     a1.set_ylabel("TTFT (ms)")
     a2.set_ylabel("TPOT (ms/token)")
     for ax_ in (a1, a2):

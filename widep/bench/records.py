@@ -81,7 +81,7 @@ class RequestRecord:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "RequestRecord":
+    def from_json(cls, d: dict[str, Any]) -> RequestRecord:
         """Inverse of :meth:`to_json`."""
         d = dict(d)
         d.pop("tpot_s", None)

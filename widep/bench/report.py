@@ -15,9 +15,10 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 from llmd_benchmark_report import BenchmarkReportV02, load_benchmark_report
@@ -100,7 +101,7 @@ def stack_from_endpoints(
 
 
 def _iso(ts: float) -> str:
-    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat()
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.UTC).isoformat()
 
 
 def _iso_duration(seconds: float) -> str:
@@ -142,9 +143,7 @@ def _drop_none(d: Any) -> Any:
     return d
 
 
-def _observability(
-    stack: StackInfo, samples: Sequence[Sample]
-) -> dict[str, Any] | None:
+def _observability(stack: StackInfo, samples: Sequence[Sample]) -> dict[str, Any] | None:
     if not samples:
         return None
     per_ep = summarize_samples(samples)
@@ -205,9 +204,7 @@ def build_level_report(
                 "metadata": {
                     "label": c.label,
                     "cfg_id": config_id([c.model, c.gpus, c.tp, c.dp, c.ep, c.role, c.args]),
-                    "description": f"{c.replicas} API server(s): " + ", ".join(c.endpoints)
-                    if c.endpoints
-                    else None,
+                    "description": f"{c.replicas} API server(s): " + ", ".join(c.endpoints) if c.endpoints else None,
                 },
                 "standardized": {
                     "kind": "inference_engine",

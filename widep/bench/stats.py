@@ -18,8 +18,9 @@ Definitions (the same as llm-d's Pareto tooling and ``vllm bench serve`` where t
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def describe(values: Iterable[float], scale: float = 1.0) -> dict[str, float] | 
         "max": float(arr.max()),
     }
     qs = np.percentile(arr, [p for _, p in PERCENTILES])
-    for (key, _), q in zip(PERCENTILES, qs):
+    for (key, _), q in zip(PERCENTILES, qs, strict=False):
         out[key] = float(q)
     return out
 
@@ -206,9 +207,7 @@ def summarize(
         mean_inflight=rate(busy),
         usage_missing=sum(1 for r in ok if r.completion_tokens is None),
         short_outputs=sum(
-            1
-            for r in ok
-            if r.expected_output_tokens is not None and r.output_tokens < r.expected_output_tokens
+            1 for r in ok if r.expected_output_tokens is not None and r.output_tokens < r.expected_output_tokens
         ),
         ttft_ms=describe([r.ttft_s for r in ok if r.ttft_s is not None], 1000.0),
         tpot_ms=tpot_stats,

@@ -86,7 +86,7 @@ class Progress(Protocol):
     def note(self, message: str) -> None: ...
     def level_start(self, level: Level, expected: int | None) -> None: ...
     def request_done(self, rec: RequestRecord) -> None: ...
-    def level_end(self, level: Level, outcome: "LevelOutcome") -> None: ...
+    def level_end(self, level: Level, outcome: LevelOutcome) -> None: ...
 
 
 @dataclass
@@ -129,7 +129,9 @@ def _prepare_dir(cfg: SweepConfig, out: Path) -> dict[str, Any]:
         try:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as err:
-            raise UserError(f"--out holds an unreadable sweep.json ({err}). Given: {out}. Valid: a new directory") from None
+            raise UserError(
+                f"--out holds an unreadable sweep.json ({err}). Given: {out}. Valid: a new directory"
+            ) from None
         old = meta.get("identity", {})
         for key, value in ident.items():
             if old.get(key) != value:
@@ -195,7 +197,7 @@ async def fetch_served_model(endpoint: str, timeout_s: float = 5.0) -> tuple[str
                 if r.status != 200 or not data:
                     raise UserError(f"--model not given and {url} lists no model (HTTP {r.status}). Given: {endpoint}")
                 return str(data[0]["id"]), data[0].get("root")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as err:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
         raise UserError(
             f"--model not given and the served model could not be read from {url}: {err}. "
             "Valid: pass --model NAME, or an endpoint that answers /v1/models"
@@ -274,7 +276,9 @@ class _Sweep:
         if bad:
             self.note(f"warm-up: {len(bad)} of {len(recs)} requests failed: {bad[0].error}")
 
-    async def _measure_builtin(self, level: Level, on_record: Any) -> tuple[list[RequestRecord], float, float, float, dict[str, Any]]:
+    async def _measure_builtin(
+        self, level: Level, on_record: Any
+    ) -> tuple[list[RequestRecord], float, float, float, dict[str, Any]]:
         opts = LoadOptions(
             model=self.cfg.model,
             ignore_eos=self.cfg.workload.ignore_eos,
@@ -325,7 +329,7 @@ class _Sweep:
             if scrape_task is not None:
                 try:
                     await asyncio.wait_for(scrape_task, timeout=10)
-                except (asyncio.TimeoutError, Exception):
+                except (TimeoutError, Exception):
                     scrape_task.cancel()
         samples: list[Sample] = scraper.samples if scraper else []
         if samples:
@@ -378,7 +382,14 @@ class _Sweep:
         tb: str | None,
         summary: dict[str, Any] | None = None,
     ) -> LevelOutcome:
-        doc = {"level": asdict(level), "id": level.id, "error": error, "traceback": tb, "time": time.time(), "summary": summary}
+        doc = {
+            "level": asdict(level),
+            "id": level.id,
+            "error": error,
+            "traceback": tb,
+            "time": time.time(),
+            "summary": summary,
+        }
         rpt.atomic_write(paths["failure"], json.dumps(doc, indent=1, default=str))
         return LevelOutcome(level, "failed", summary=summary, error=error)
 

@@ -46,7 +46,7 @@ class LengthSpec(BaseModel):
     """Largest length drawn; draws above are clipped down to it (None: no upper bound)."""
 
     @model_validator(mode="after")
-    def _check(self) -> "LengthSpec":
+    def _check(self) -> LengthSpec:
         if self.max is not None and self.max < self.min:
             raise ValueError(f"max must be >= min. Given: min={self.min}, max={self.max}")
         if self.distribution in ("normal", "lognormal") and self.std <= 0:
@@ -92,8 +92,7 @@ class LengthSpec(BaseModel):
 
 
 _LEN_SYNTAX = (
-    "N (fixed), uniform:LO-HI, normal:MEAN,STD, lognormal:MEAN,STD "
-    "(optionally ',MIN,MAX' after normal/lognormal)"
+    "N (fixed), uniform:LO-HI, normal:MEAN,STD, lognormal:MEAN,STD (optionally ',MIN,MAX' after normal/lognormal)"
 )
 
 
@@ -108,8 +107,7 @@ def parse_length(text: str, *, field: str = "--isl") -> LengthSpec:
         kind = kind.strip().lower()
         if kind not in DIST_KINDS or not rest:
             raise UserError(
-                f"{field} is not a length. Given: {text!r}. Valid: {_LEN_SYNTAX}."
-                + did_you_mean(kind, DIST_KINDS)
+                f"{field} is not a length. Given: {text!r}. Valid: {_LEN_SYNTAX}." + did_you_mean(kind, DIST_KINDS)
             )
         if kind == "uniform":
             m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", rest)
@@ -122,8 +120,7 @@ def parse_length(text: str, *, field: str = "--isl") -> LengthSpec:
         parts = [p.strip() for p in rest.split(",")]
         if len(parts) not in (2, 4):
             raise UserError(
-                f"{field}: {kind} needs MEAN,STD or MEAN,STD,MIN,MAX. Given: {text!r}. "
-                f"Valid: {kind}:1000,100"
+                f"{field}: {kind} needs MEAN,STD or MEAN,STD,MIN,MAX. Given: {text!r}. Valid: {kind}:1000,100"
             )
         mean, std = int(float(parts[0])), float(parts[1])
         extra: dict[str, Any] = {}
@@ -133,7 +130,9 @@ def parse_length(text: str, *, field: str = "--isl") -> LengthSpec:
     except UserError:
         raise
     except (ValueError, TypeError) as err:  # pydantic ValidationError is a ValueError
-        raise UserError(f"{field} is not a valid length. Given: {text!r}. Valid: {_LEN_SYNTAX}. ({_first_line(err)})") from None
+        raise UserError(
+            f"{field} is not a valid length. Given: {text!r}. Valid: {_LEN_SYNTAX}. ({_first_line(err)})"
+        ) from None
 
 
 def _first_line(err: Exception) -> str:
@@ -259,8 +258,7 @@ class PromptBuilder:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except Exception as err:  # noqa: BLE001 - many loader errors; report them plainly
             raise UserError(
-                f"--tokenizer could not be loaded by transformers.AutoTokenizer. Given: {tokenizer_dir!r}. "
-                f"Error: {err}"
+                f"--tokenizer could not be loaded by transformers.AutoTokenizer. Given: {tokenizer_dir!r}. Error: {err}"
             ) from None
         self._words = self._single_token_words()
         if len(self._words) < 50:
@@ -342,7 +340,7 @@ def build_prompts(
     isls = workload.isl.sample(rng, n)
     osls = workload.osl.sample(rng, n)
     out: list[Prompt] = []
-    for isl, osl in zip(isls.tolist(), osls.tolist()):
+    for isl, osl in zip(isls.tolist(), osls.tolist(), strict=False):
         text, got = builder.build(int(isl), rng)
         out.append(Prompt(text=text, input_tokens=got, output_tokens=int(osl)))
     return out

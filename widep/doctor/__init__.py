@@ -117,10 +117,14 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
     model_bytes = int(sum(weight_bytes(arch, plan.weight_dtype, 1, arch.routed_experts))) if model_path else None
     memory_min = None
     if not cuda:
-        memory_min = int(sum(
-            (role.memory.weights_gib + role.memory.kv_cache_gib) * GiB
-            for role in plan.roles for r in role.ranks if r.node == node
-        ))
+        memory_min = int(
+            sum(
+                (role.memory.weights_gib + role.memory.kv_cache_gib) * GiB
+                for role in plan.roles
+                for r in role.ranks
+                if r.node == node
+            )
+        )
     local_ranks = len(ranks)
     return DoctorRequirements(
         gpus_needed=max((g for r in ranks for g in r.gpus), default=-1) + 1 if cuda else 0,

@@ -55,7 +55,9 @@ def interpreter_of_script(script: str | None) -> str | None:
     return parts[0]
 
 
-def requirements_for_topology(path: str, node: int | None, interfaces: InterfaceFacts) -> tuple[DoctorRequirements, str | None]:
+def requirements_for_topology(
+    path: str, node: int | None, interfaces: InterfaceFacts
+) -> tuple[DoctorRequirements, str | None]:
     """(requirements of this node, the interpreter its ranks run) for a topology file."""
     from widep.doctor import requirements_from_plan
     from widep.plan import plan as make_plan
@@ -140,8 +142,9 @@ def render_table(results: list[CheckResult], facts: HostFacts, req: DoctorRequir
     probe = Console()
     # A terminal keeps its width; a pipe or log file gets wide rows instead of rich's 80 columns.
     console = Console(highlight=False, width=None if probe.is_terminal else 160)
-    table = Table(title=f"widep doctor: {facts.hostname} ({req.source})", title_justify="left",
-                  show_lines=False, expand=False)
+    table = Table(
+        title=f"widep doctor: {facts.hostname} ({req.source})", title_justify="left", show_lines=False, expand=False
+    )
     table.add_column("status", no_wrap=True)
     table.add_column("check", overflow="fold", max_width=28)
     table.add_column("what it saw", overflow="fold")
@@ -152,9 +155,11 @@ def render_table(results: list[CheckResult], facts: HostFacts, req: DoctorRequir
     c = counts(results)
     verdict = "FAIL: fix the failed checks before starting" if c["fail"] else "OK: nothing blocks a start"
     console.print(
-        Text(f"{verdict}. {c['pass']} pass, {c['warn']} warn, {c['fail']} fail, {c['skip']} skip; "
-             f"facts gathered in {facts.gather_seconds:.2f} s, total {elapsed_s:.2f} s.",
-             style=_STYLE["fail" if c["fail"] else "pass"])
+        Text(
+            f"{verdict}. {c['pass']} pass, {c['warn']} warn, {c['fail']} fail, {c['skip']} skip; "
+            f"facts gathered in {facts.gather_seconds:.2f} s, total {elapsed_s:.2f} s.",
+            style=_STYLE["fail" if c["fail"] else "pass"],
+        )
     )
 
 
@@ -176,33 +181,60 @@ def report_dict(results: list[CheckResult], facts: HostFacts, req: DoctorRequire
 
 @click.command("doctor")
 @click.argument("topology", required=False, type=click.Path(dir_okay=False))
-@click.option("--node", type=click.IntRange(min=0), default=None,
-              help="Which node of the topology this host is (default: the node whose name or address is "
-                   "this host's).")
-@click.option("--python", "python_", metavar="PATH",
-              help="Interpreter of the vLLM environment (default: the topology's: vllm.python for the module "
-                   "entry point, the `vllm` script's for serve; else this one).")
-@click.option("--import", "import_modules", is_flag=True,
-              help="Import vLLM and the kernel modules for real (slow: seconds) instead of only locating them.")
+@click.option(
+    "--node",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Which node of the topology this host is (default: the node whose name or address is this host's).",
+)
+@click.option(
+    "--python",
+    "python_",
+    metavar="PATH",
+    help="Interpreter of the vLLM environment (default: the topology's: vllm.python for the module "
+    "entry point, the `vllm` script's for serve; else this one).",
+)
+@click.option(
+    "--import",
+    "import_modules",
+    is_flag=True,
+    help="Import vLLM and the kernel modules for real (slow: seconds) instead of only locating them.",
+)
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="Accelerator of the ranks.")
-@click.option("--gpus", type=click.IntRange(min=0), default=None,
-              help="GPUs this node must have (default without topology: at least 1 on cuda).")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=0),
+    default=None,
+    help="GPUs this node must have (default without topology: at least 1 on cuda).",
+)
 @click.option("--gpu-kind", default=None, help="GPU model expected, e.g. H200.")
 @click.option("--vllm-version", default=None, help="vLLM version the ranks expect, e.g. 0.32.0.")
 @click.option("--port", "ports", multiple=True, metavar="HOST:PORT", help="Port that must be free (repeatable).")
 @click.option("--iface", "ifaces", multiple=True, metavar="NAME", help="Interface that must exist (repeatable).")
-@click.option("--module", "modules", multiple=True, metavar="NAME",
-              help="Python module the backends need, e.g. deep_ep; a|b accepts either (repeatable).")
+@click.option(
+    "--module",
+    "modules",
+    multiple=True,
+    metavar="NAME",
+    help="Python module the backends need, e.g. deep_ep; a|b accepts either (repeatable).",
+)
 @click.option("--model", default=None, metavar="PATH|REPO", help="Model directory or Hugging Face repo id.")
 @click.option("--model-bytes", default=None, metavar="SIZE", help="Model size on disk, e.g. 690G.")
 @click.option("--shm-min", default=None, metavar="SIZE", help="Free /dev/shm needed (default 1GiB).")
 @click.option("--rdma/--no-rdma", default=None, help="Whether RDMA devices are required.")
 @click.option("--nvshmem/--no-nvshmem", default=None, help="Whether an NVSHMEM backend (DeepEP) is used.")
-@click.option("--memlock-unlimited/--no-memlock-unlimited", default=None,
-              help="Whether the memlock limit must be unlimited.")
+@click.option(
+    "--memlock-unlimited/--no-memlock-unlimited", default=None, help="Whether the memlock limit must be unlimited."
+)
 @click.option("--cpu-ranks", type=click.IntRange(min=0), default=None, help="CPU runs: ranks on this node.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds nvidia-smi and the Python probe may take.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds nvidia-smi and the Python probe may take.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of the table.")
 @click.pass_context
 def doctor_cmd(
@@ -244,9 +276,21 @@ def doctor_cmd(
     elif node is not None:
         raise UserError(f"--node: Given: {node} without a topology. Valid: --node with a TOPOLOGY file.")
     req = requirements_from_options(
-        base, device=device, gpus=gpus, gpu_kind=gpu_kind, vllm_version=vllm_version, ports=ports,
-        ifaces=ifaces, modules=modules, model=model, model_bytes=model_bytes, shm_min=shm_min, rdma=rdma,
-        nvshmem=nvshmem, memlock_unlimited=memlock_unlimited, cpu_ranks=cpu_ranks,
+        base,
+        device=device,
+        gpus=gpus,
+        gpu_kind=gpu_kind,
+        vllm_version=vllm_version,
+        ports=ports,
+        ifaces=ifaces,
+        modules=modules,
+        model=model,
+        model_bytes=model_bytes,
+        shm_min=shm_min,
+        rdma=rdma,
+        nvshmem=nvshmem,
+        memlock_unlimited=memlock_unlimited,
+        cpu_ranks=cpu_ranks,
     )
     facts = gather_host_facts(req, python=python, import_modules=import_modules, timeout_s=timeout_s)
     results = run_checks(req, facts)

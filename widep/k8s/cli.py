@@ -38,12 +38,16 @@ def _expand(paths: tuple[str, ...]) -> list[str]:
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
             if not files:
-                raise UserError(f"no *.yaml or *.yml files in directory {given}. Given: --validate {given}. Valid: a YAML file or a directory containing some")
+                raise UserError(
+                    f"no *.yaml or *.yml files in directory {given}. Given: --validate {given}. Valid: a YAML file or a directory containing some"
+                )
             out.extend(str(f) for f in files)
         elif p.is_file():
             out.append(given)
         else:
-            raise UserError(f"manifest file not found. Given: --validate {given}. Valid: an existing YAML file, a directory of them, or '-' for standard input")
+            raise UserError(
+                f"manifest file not found. Given: --validate {given}. Valid: an existing YAML file, a directory of them, or '-' for standard input"
+            )
     return out
 
 
@@ -53,52 +57,136 @@ def _plural(n: int, word: str) -> str:
 
 @click.command("lws")
 @click.argument("topology", required=False, metavar="[TOPOLOGY]")
-@click.option("--provider", type=click.Choice(list(PROVIDER_NAMES)), default="generic", show_default=True,
-              help="Cluster profile: RDMA resource/annotations, HCA variables, privileges, node selection, "
-              "cache paths.")
-@click.option("--front-door", type=click.Choice(["auto", "router", "llm-d", "none"]), default="auto", show_default=True,
-              help="What routes requests: auto = vllm-router for P/D topologies (and where the topology has a router), "
-              "router, llm-d (one InferencePool + routing sidecar + EPP values), none.")
-@click.option("--router-values", type=click.Path(dir_okay=False), default=None,
-              help="With --front-door llm-d: write llm-d's router chart values here (default: beside -o FILE).")
-@click.option("--routing-sidecar-image", default=ROUTING_SIDECAR_IMAGE, show_default=True,
-              help="llm-d routing sidecar image (--front-door llm-d).")
-@click.option("--jit-cache", default=None, help="Compile/JIT cache volume at /var/cache/vllm: hostpath:PATH, pvc:CLAIM "
-              "or emptydir (default: the provider's hostPath, which survives group recreation).")
+@click.option(
+    "--provider",
+    type=click.Choice(list(PROVIDER_NAMES)),
+    default="generic",
+    show_default=True,
+    help="Cluster profile: RDMA resource/annotations, HCA variables, privileges, node selection, cache paths.",
+)
+@click.option(
+    "--front-door",
+    type=click.Choice(["auto", "router", "llm-d", "none"]),
+    default="auto",
+    show_default=True,
+    help="What routes requests: auto = vllm-router for P/D topologies (and where the topology has a router), "
+    "router, llm-d (one InferencePool + routing sidecar + EPP values), none.",
+)
+@click.option(
+    "--router-values",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --front-door llm-d: write llm-d's router chart values here (default: beside -o FILE).",
+)
+@click.option(
+    "--routing-sidecar-image",
+    default=ROUTING_SIDECAR_IMAGE,
+    show_default=True,
+    help="llm-d routing sidecar image (--front-door llm-d).",
+)
+@click.option(
+    "--jit-cache",
+    default=None,
+    help="Compile/JIT cache volume at /var/cache/vllm: hostpath:PATH, pvc:CLAIM "
+    "or emptydir (default: the provider's hostPath, which survives group recreation).",
+)
 @click.option("--ephemeral-storage", default=None, help="Ephemeral-storage request and limit per pod (default: sized).")
-@click.option("--start-budget", "start_budget_s", type=int, default=None,
-              help="Seconds a pod may take to start (default: from model size and role, or vllm.ready_timeout_s).")
-@click.option("--kustomize", "kustomize_dir", type=click.Path(file_okay=False), default=None,
-              help="Write a kustomize base plus one overlay per provider profile into this directory.")
-@click.option("--placement", type=click.Choice(["pod-per-node", "pod-per-rank"]), default="pod-per-node", show_default=True,
-              help="pod-per-node: a pod holds a node's GPUs and starts its ranks; pod-per-rank: one API server per pod.")
+@click.option(
+    "--start-budget",
+    "start_budget_s",
+    type=int,
+    default=None,
+    help="Seconds a pod may take to start (default: from model size and role, or vllm.ready_timeout_s).",
+)
+@click.option(
+    "--kustomize",
+    "kustomize_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write a kustomize base plus one overlay per provider profile into this directory.",
+)
+@click.option(
+    "--placement",
+    type=click.Choice(["pod-per-node", "pod-per-rank"]),
+    default="pod-per-node",
+    show_default=True,
+    help="pod-per-node: a pod holds a node's GPUs and starts its ranks; pod-per-rank: one API server per pod.",
+)
 @click.option("--namespace", default=None, help="metadata.namespace of every object (default: none, use kubectl -n).")
 @click.option("--image", default=None, help="Container image (default: the topology's vllm.image).")
-@click.option("--router-image", default=ROUTER_IMAGE, show_default=True,
-              help="Image of the vllm-router Deployment; it must contain vllm-router (pip install vllm-router).")
-@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default=None, help="Write the YAML here instead of stdout.")
+@click.option(
+    "--router-image",
+    default=ROUTER_IMAGE,
+    show_default=True,
+    help="Image of the vllm-router Deployment; it must contain vllm-router (pip install vllm-router).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the YAML here instead of stdout.",
+)
 @click.option("--gpu-resource", default="nvidia.com/gpu", show_default=True, help="Extended resource name of a GPU.")
-@click.option("--rdma-resource", default=None,
-              help="RDMA device-plugin resource, one per pod of roles that use RDMA (default: "
-              "cluster.network.rdma_resource, else the provider's; '' for none).")
-@click.option("--exclusive-topology", default=None, metavar="KEY",
-              help="Node label key for the LWS exclusive-topology annotation (one group per domain).")
-@click.option("--inference-pool", is_flag=True, help="Also emit an InferencePool (inference.networking.k8s.io/v1) per role.")
-@click.option("--epp-port", type=int, default=9002, show_default=True, help="Service port of each pool's endpoint picker <pool>-epp.")
+@click.option(
+    "--rdma-resource",
+    default=None,
+    help="RDMA device-plugin resource, one per pod of roles that use RDMA (default: "
+    "cluster.network.rdma_resource, else the provider's; '' for none).",
+)
+@click.option(
+    "--exclusive-topology",
+    default=None,
+    metavar="KEY",
+    help="Node label key for the LWS exclusive-topology annotation (one group per domain).",
+)
+@click.option(
+    "--inference-pool", is_flag=True, help="Also emit an InferencePool (inference.networking.k8s.io/v1) per role."
+)
+@click.option(
+    "--epp-port",
+    type=int,
+    default=9002,
+    show_default=True,
+    help="Service port of each pool's endpoint picker <pool>-epp.",
+)
 @click.option("--model-path", default=None, help="What vLLM loads in the pods (default: the topology's model).")
-@click.option("--model-cache", default=None,
-              help="Model cache volume at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM, "
-              "pvc-ro:CLAIM or emptydir (default: the provider's hostPath).")
-@click.option("--gpu-product-label", default=None,
-              help="Node label with the GPU product, for node affinity (default: the provider's; '' for none).")
-@click.option("--gpu-product", "gpu_products", multiple=True, metavar="VALUE",
-              help="Accepted values of that label (repeatable; default from cluster.gpu, e.g. NVIDIA-H200).")
+@click.option(
+    "--model-cache",
+    default=None,
+    help="Model cache volume at /var/cache/huggingface: hostpath:PATH, hostpath-ro:PATH, pvc:CLAIM, "
+    "pvc-ro:CLAIM or emptydir (default: the provider's hostPath).",
+)
+@click.option(
+    "--gpu-product-label",
+    default=None,
+    help="Node label with the GPU product, for node affinity (default: the provider's; '' for none).",
+)
+@click.option(
+    "--gpu-product",
+    "gpu_products",
+    multiple=True,
+    metavar="VALUE",
+    help="Accepted values of that label (repeatable; default from cluster.gpu, e.g. NVIDIA-H200).",
+)
 @click.option("--cpu", default=None, help="CPU request and limit per pod (default: 4 per GPU, 1 per CPU slot).")
-@click.option("--memory", default=None, help="Memory request and limit per pod (default: the ranks' weights + 8 GiB "
-              "per rank + /dev/shm).")
-@click.option("--shm-size", default=None, help="sizeLimit of the memory-backed /dev/shm (default: 1Gi per rank, at least 2Gi).")
-@click.option("--termination-grace", "termination_grace_s", type=int, default=120, show_default=True,
-              help="terminationGracePeriodSeconds.")
+@click.option(
+    "--memory",
+    default=None,
+    help="Memory request and limit per pod (default: the ranks' weights + 8 GiB per rank + /dev/shm).",
+)
+@click.option(
+    "--shm-size", default=None, help="sizeLimit of the memory-backed /dev/shm (default: 1Gi per rank, at least 2Gi)."
+)
+@click.option(
+    "--termination-grace",
+    "termination_grace_s",
+    type=int,
+    default=120,
+    show_default=True,
+    help="terminationGracePeriodSeconds.",
+)
 @click.option(
     "--validate",
     "validate_paths",
@@ -116,14 +204,39 @@ def _plural(n: int, word: str) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door: str, router_values: str | None,
-            routing_sidecar_image: str, jit_cache: str | None, ephemeral_storage: str | None,
-            start_budget_s: int | None, kustomize_dir: str | None, placement: str, namespace: str | None,
-            image: str | None, router_image: str, output: str | None, gpu_resource: str, rdma_resource: str | None,
-            exclusive_topology: str | None, inference_pool: bool, epp_port: int, model_path: str | None,
-            model_cache: str | None, gpu_product_label: str | None, gpu_products: tuple[str, ...], cpu: str | None,
-            memory: str | None, shm_size: str | None, termination_grace_s: int, validate_paths: tuple[str, ...],
-            crd_path: str | None, as_json: bool) -> None:
+def lws_cmd(
+    ctx: click.Context,
+    topology: str | None,
+    provider: str,
+    front_door: str,
+    router_values: str | None,
+    routing_sidecar_image: str,
+    jit_cache: str | None,
+    ephemeral_storage: str | None,
+    start_budget_s: int | None,
+    kustomize_dir: str | None,
+    placement: str,
+    namespace: str | None,
+    image: str | None,
+    router_image: str,
+    output: str | None,
+    gpu_resource: str,
+    rdma_resource: str | None,
+    exclusive_topology: str | None,
+    inference_pool: bool,
+    epp_port: int,
+    model_path: str | None,
+    model_cache: str | None,
+    gpu_product_label: str | None,
+    gpu_products: tuple[str, ...],
+    cpu: str | None,
+    memory: str | None,
+    shm_size: str | None,
+    termination_grace_s: int,
+    validate_paths: tuple[str, ...],
+    crd_path: str | None,
+    as_json: bool,
+) -> None:
     """LeaderWorkerSet manifests: generate them from TOPOLOGY, or validate any (--validate).
 
     Generated manifests are validated before they are printed. Each validation problem is printed
@@ -133,16 +246,34 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
     """
     if topology is not None:
         if validate_paths:
-            raise UserError(f"give a TOPOLOGY to generate or --validate FILE to check, not both. Given: {topology} and --validate {' '.join(validate_paths)}. Valid: widep lws TOPOLOGY, or widep lws --validate FILE")
+            raise UserError(
+                f"give a TOPOLOGY to generate or --validate FILE to check, not both. Given: {topology} and --validate {' '.join(validate_paths)}. Valid: widep lws TOPOLOGY, or widep lws --validate FILE"
+            )
         from widep.k8s.lws import LWSOptions
 
         opts = LWSOptions(
-            image=image, router_image=router_image, namespace=namespace, placement=placement, gpu_resource=gpu_resource,
-            rdma_resource=rdma_resource, exclusive_topology=exclusive_topology, inference_pool=inference_pool,
-            epp_port=epp_port, model_path=model_path, model_cache=model_cache,
-            gpu_product_label=gpu_product_label, gpu_products=tuple(gpu_products), cpu=cpu, memory=memory,
-            shm_size=shm_size, termination_grace_s=termination_grace_s, provider=provider, front_door=front_door,
-            routing_sidecar_image=routing_sidecar_image, jit_cache=jit_cache, ephemeral_storage=ephemeral_storage,
+            image=image,
+            router_image=router_image,
+            namespace=namespace,
+            placement=placement,
+            gpu_resource=gpu_resource,
+            rdma_resource=rdma_resource,
+            exclusive_topology=exclusive_topology,
+            inference_pool=inference_pool,
+            epp_port=epp_port,
+            model_path=model_path,
+            model_cache=model_cache,
+            gpu_product_label=gpu_product_label,
+            gpu_products=tuple(gpu_products),
+            cpu=cpu,
+            memory=memory,
+            shm_size=shm_size,
+            termination_grace_s=termination_grace_s,
+            provider=provider,
+            front_door=front_door,
+            routing_sidecar_image=routing_sidecar_image,
+            jit_cache=jit_cache,
+            ephemeral_storage=ephemeral_storage,
             start_budget_s=start_budget_s,
         )
         _check_flags(opts)
@@ -152,25 +283,30 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
             if path and (why := control_problem(path)):
                 raise UserError(f"{flag}: {why}. Given: {path!r}.")
         if output and not Path(output).parent.is_dir():
-            raise UserError(f"-o/--output: the folder {str(Path(output).parent)!r} does not exist. Given: -o {output}. "
-                            "Valid: a file in an existing folder")
+            raise UserError(
+                f"-o/--output: the folder {str(Path(output).parent)!r} does not exist. Given: -o {output}. "
+                "Valid: a file in an existing folder"
+            )
         crd = Path(crd_path) if crd_path else None
         if kustomize_dir:
             from widep.k8s.kustomize import write_kustomize
 
             if output or provider != "generic":
                 given = "-o " + output if output else "--provider " + provider
-                raise UserError("--kustomize writes a base and an overlay for every provider profile into its "
-                                f"directory. Given: --kustomize {kustomize_dir} with {given}. "
-                                "Valid: --kustomize DIR alone")
+                raise UserError(
+                    "--kustomize writes a base and an overlay for every provider profile into its "
+                    f"directory. Given: --kustomize {kustomize_dir} with {given}. "
+                    "Valid: --kustomize DIR alone"
+                )
 
             for line in write_kustomize(topology, opts, Path(kustomize_dir), crd):
                 click.echo(line, err=True)
             return
         if router_values is None and output:
             router_values = str(Path(output).with_suffix("")) + ".router-values.yaml"
-        text, notes, count, values = generate(topology, opts, crd, manifests_name=Path(output).name if output else
-                                              "the manifests")
+        text, notes, count, values = generate(
+            topology, opts, crd, manifests_name=Path(output).name if output else "the manifests"
+        )
         for note in notes:
             click.echo(note.format(output or "stdout"), err=True)
         if output:
@@ -181,14 +317,20 @@ def lws_cmd(ctx: click.Context, topology: str | None, provider: str, front_door:
         if values is not None:
             if router_values:
                 Path(router_values).write_text(values, encoding="utf-8")
-                click.echo(f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked",
-                           err=True)
+                click.echo(
+                    f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked", err=True
+                )
             else:
-                click.echo("note: --front-door llm-d also needs llm-d's router chart values: give --router-values FILE "
-                           "(or -o FILE, which writes them beside it)", err=True)
+                click.echo(
+                    "note: --front-door llm-d also needs llm-d's router chart values: give --router-values FILE "
+                    "(or -o FILE, which writes them beside it)",
+                    err=True,
+                )
         return
     if not validate_paths:
-        raise UserError("nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws --validate FILE [--validate FILE ...] [--crd PATH] [--json]")
+        raise UserError(
+            "nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws --validate FILE [--validate FILE ...] [--crd PATH] [--json]"
+        )
     _validate(ctx, validate_paths, crd_path, as_json)
 
 

@@ -38,8 +38,11 @@ ROUTER_IMAGE_HOWTO = (
     f"with RUN pip install vllm-router=={ROUTER_VERSION}, push it, pass --router-image REGISTRY/{ROUTER_IMAGE}"
 )
 #: Commands that start vllm-router (the console script, or its module).
-ROUTER_ENTRY_POINTS = (("vllm-router",), ("python", "-m", "vllm_router.launch_router"),
-                       ("python3", "-m", "vllm_router.launch_router"))
+ROUTER_ENTRY_POINTS = (
+    ("vllm-router",),
+    ("python", "-m", "vllm_router.launch_router"),
+    ("python3", "-m", "vllm_router.launch_router"),
+)
 #: llm-d's P/D routing sidecar (llm-d HEAD's wide-ep-lws decode pods) and its KV connector protocol.
 ROUTING_SIDECAR_IMAGE = "ghcr.io/llm-d/llm-d-router-disagg-sidecar:v0.9.0"
 ROUTER_CHART = "oci://ghcr.io/llm-d/charts/llm-d-router-standalone"
@@ -100,8 +103,10 @@ def pool_ports(plan: DeploymentPlan, served: dict[str, list[int]]) -> tuple[list
     if len(p) > 8:
         why = f"{len(p)} ports per pod, but an InferencePool takes at most 8 targetPorts"
     if plan.spec.serving.host not in ("0.0.0.0", "::"):
-        why = (f"it reaches vLLM on localhost, but serving.host {plan.spec.serving.host!r} binds vLLM to the pod IP "
-               "only (use serving.host 0.0.0.0)")
+        why = (
+            f"it reaches vLLM on localhost, but serving.host {plan.spec.serving.host!r} binds vLLM to the pod IP "
+            "only (use serving.host 0.0.0.0)"
+        )
     if why:
         raise UserError(
             f"--front-door llm-d: the routing sidecar cannot front decode: {why}. Given: prefill ports {p}, decode "
@@ -118,12 +123,17 @@ def routing_sidecar(pool: list[int], vllm: list[int], image: str) -> dict[str, A
         "image": image,
         "imagePullPolicy": "IfNotPresent",
         "restartPolicy": "Always",
-        "args": [f"--port={pool[0]}", f"--vllm-port={vllm[0]}", f"--data-parallel-size={len(pool)}",
-                 "--kv-connector=nixlv2", "--secure-proxy=false", "--zap-log-level=1"],
+        "args": [
+            f"--port={pool[0]}",
+            f"--vllm-port={vllm[0]}",
+            f"--data-parallel-size={len(pool)}",
+            "--kv-connector=nixlv2",
+            "--secure-proxy=false",
+            "--zap-log-level=1",
+        ],
         "ports": [{"name": f"proxy-{i}", "containerPort": port, "protocol": "TCP"} for i, port in enumerate(pool)],
         "resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
 
 
@@ -134,8 +144,14 @@ def pool_selector(plan: DeploymentPlan, leader_only: bool) -> dict[str, str]:
     return sel
 
 
-def inference_pool(plan: DeploymentPlan, labels: dict[str, str], selector: dict[str, str], ports: list[int],
-                   namespace: str | None, epp_port: int) -> dict[str, Any]:
+def inference_pool(
+    plan: DeploymentPlan,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    ports: list[int],
+    namespace: str | None,
+    epp_port: int,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": plan.name}
     if namespace:
         meta["namespace"] = namespace
@@ -169,10 +185,15 @@ EPP_CONFIG: dict[str, Any] = {
         {"type": "active-request-scorer"},
     ],
     "schedulingProfiles": [
-        {"name": "prefill", "plugins": [{"pluginRef": "prefill-filter"},
-                                        {"pluginRef": "prefix-cache-scorer", "weight": 3},
-                                        {"pluginRef": "queue-scorer", "weight": 2},
-                                        {"pluginRef": "active-request-scorer", "weight": 2}]},
+        {
+            "name": "prefill",
+            "plugins": [
+                {"pluginRef": "prefill-filter"},
+                {"pluginRef": "prefix-cache-scorer", "weight": 3},
+                {"pluginRef": "queue-scorer", "weight": 2},
+                {"pluginRef": "active-request-scorer", "weight": 2},
+            ],
+        },
         {"name": "decode", "plugins": [{"pluginRef": "decode-filter"}, {"pluginRef": "active-request-scorer"}]},
     ],
 }
@@ -224,8 +245,9 @@ def check_router_values(values: Any, pool: dict[str, Any] | None = None) -> list
     for prof in cfg.get("schedulingProfiles", []):
         for ref in prof.get("plugins", []):
             if ref.get("pluginRef") not in types:
-                out.append(f"profile {prof.get('name')!r} references plugin {ref.get('pluginRef')!r}, "
-                           "which is not defined")
+                out.append(
+                    f"profile {prof.get('name')!r} references plugin {ref.get('pluginRef')!r}, which is not defined"
+                )
     if {p.get("name") for p in cfg.get("schedulingProfiles", [])} != {"prefill", "decode"}:
         out.append("the P/D profile handler needs exactly the scheduling profiles 'prefill' and 'decode'")
     if not 1 <= len(ports) <= 8 or len(set(ports)) != len(ports):
@@ -255,20 +277,25 @@ def router_container_problems(doc: dict[str, Any]) -> list[tuple[tuple, str, str
         command = [str(w) for w in (c.get("command") or [])]
         words = command + [str(w) for w in (c.get("args") or [])]
         is_router = labels.get("app.kubernetes.io/name") == "vllm-router" or any(
-            "vllm-router" in w or "vllm_router" in w for w in words[:3])
+            "vllm-router" in w or "vllm_router" in w for w in words[:3]
+        )
         if not is_router:
             continue
         path = ("spec", "template", "spec", "containers", i)
         image = str(c.get("image") or "")
         name = image.rsplit("/", 1)[-1]
         if "@" not in image and ":" not in name:
-            message = (f"router image {image!r} has no tag: pin the vllm-router version, e.g. "
-                       f"{image}:{ROUTER_VERSION} ({ROUTER_IMAGE_HOWTO})")
+            message = (
+                f"router image {image!r} has no tag: pin the vllm-router version, e.g. "
+                f"{image}:{ROUTER_VERSION} ({ROUTER_IMAGE_HOWTO})"
+            )
             out.append((path + ("image",), message, "warning"))
         head = tuple(w.rsplit("/", 1)[-1] if j == 0 else w for j, w in enumerate(command))
         if not any(head[: len(ep)] == ep for ep in ROUTER_ENTRY_POINTS):
             known = " or ".join(" ".join(ep) for ep in ROUTER_ENTRY_POINTS[:2])
-            message = (f"router command {command or '(image entrypoint)'} is not a known "
-                       f"vllm-router entry point. Valid: {known}")
+            message = (
+                f"router command {command or '(image entrypoint)'} is not a known "
+                f"vllm-router entry point. Valid: {known}"
+            )
             out.append((path + ("command",), message, "warning"))
     return out

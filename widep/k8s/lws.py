@@ -91,8 +91,11 @@ JIT_ENV = (
     ("DG_JIT_CACHE_DIR", f"{JIT_MOUNT}/deep_gemm"),
 )
 #: Variables the manifests set beyond what ``widep render`` gives (besides the LWS ones).
-K8S_ONLY_ENV = ("POD_IP", "HF_HUB_CACHE", "WIDEP_SHM_DIR", "HF_HUB_OFFLINE", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE") + tuple(
-    k for k, _ in JIT_ENV) + tuple(sorted({k for pr in providers.PROVIDERS.values() for k, _ in pr.rdma_env}))
+K8S_ONLY_ENV = (
+    ("POD_IP", "HF_HUB_CACHE", "WIDEP_SHM_DIR", "HF_HUB_OFFLINE", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    + tuple(k for k, _ in JIT_ENV)
+    + tuple(sorted({k for pr in providers.PROVIDERS.values() for k, _ in pr.rdma_env}))
+)
 #: Rendered variables whose value the manifests replace: the engine-ready timeout follows the start budget.
 K8S_REPLACED_ENV = ("VLLM_ENGINE_READY_TIMEOUT_S",)
 #: Render variables that differ between the processes of one pod: set per process in the script.
@@ -108,6 +111,7 @@ GPU_PRODUCTS: dict[str, tuple[str, ...]] = {
     "B200": ("NVIDIA-B200",),
     "GB200": ("NVIDIA-GB200",),
 }
+
 
 @dataclass(frozen=True)
 class LWSOptions:
@@ -216,7 +220,9 @@ def _quantity(flag: str, value: str | None) -> str | None:
         return None
     value = str(value)
     if not QUANTITY.match(value):
-        raise UserError(f"{flag}: not a Kubernetes quantity. Given: {value!r}. Valid: e.g. '32', '500m', '512Gi', '16G'")
+        raise UserError(
+            f"{flag}: not a Kubernetes quantity. Given: {value!r}. Valid: e.g. '32', '500m', '512Gi', '16G'"
+        )
     return value
 
 
@@ -226,7 +232,9 @@ def _qualified_name(flag: str, value: str, what: str) -> None:
     if prefix:
         ok = ok and len(prefix) <= DNS1123_SUBDOMAIN_MAX_LENGTH and DNS1123_SUBDOMAIN.match(prefix) is not None
     if not ok:
-        raise UserError(f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', 'kubernetes.io/hostname'")
+        raise UserError(
+            f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', 'kubernetes.io/hostname'"
+        )
 
 
 def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
@@ -235,32 +243,46 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         raise UserError(f"--placement: unknown placement. Given: {opts.placement!r}. Valid: {', '.join(PLACEMENTS)}")
     _qualified_name("--gpu-resource", opts.gpu_resource, "extended resource name")
     if "/" not in opts.gpu_resource:
-        raise UserError(f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. nvidia.com/gpu, amd.com/gpu")
+        raise UserError(
+            f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. nvidia.com/gpu, amd.com/gpu"
+        )
     if opts.rdma_resource:
         _qualified_name("--rdma-resource", opts.rdma_resource, "extended resource name")
         if "/" not in opts.rdma_resource:
-            raise UserError(f"--rdma-resource: extended resources are domain-qualified. Given: {opts.rdma_resource!r}. Valid: e.g. rdma/ib, rdma/roce_gdr, or '' for none")
+            raise UserError(
+                f"--rdma-resource: extended resources are domain-qualified. Given: {opts.rdma_resource!r}. Valid: e.g. rdma/ib, rdma/roce_gdr, or '' for none"
+            )
     if opts.gpu_product_label:
         _qualified_name("--gpu-product-label", opts.gpu_product_label, "node label key")
     for v in opts.gpu_products:
         if len(v) > LABEL_VALUE_MAX_LENGTH or not QUALIFIED_NAME_PART.match(v):
-            raise UserError(f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200")
-    for flag, v in (("--cpu", opts.cpu), ("--memory", opts.memory), ("--shm-size", opts.shm_size),
-                    ("--ephemeral-storage", opts.ephemeral_storage)):
+            raise UserError(
+                f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200"
+            )
+    for flag, v in (
+        ("--cpu", opts.cpu),
+        ("--memory", opts.memory),
+        ("--shm-size", opts.shm_size),
+        ("--ephemeral-storage", opts.ephemeral_storage),
+    ):
         _quantity(flag, v)
     prov = providers.provider(opts.provider)
     _cache_volume(opts.jit_cache or prov.jit_cache, "--jit-cache")
     if opts.start_budget_s is not None and opts.start_budget_s < 60:
-        raise UserError(f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. "
-                        "Valid: seconds >= 60")
+        raise UserError(
+            f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. Valid: seconds >= 60"
+        )
     frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     if not 1 <= opts.epp_port <= 65535:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
     if opts.termination_grace_s < 0:
         raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
     if opts.namespace is not None and (
-            len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)):
-        raise UserError(f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63")
+        len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)
+    ):
+        raise UserError(
+            f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63"
+        )
     _cache_volume(opts.model_cache or prov.model_cache)
     host = plan.spec.serving.host
     if host not in ("0.0.0.0", "::", "node"):
@@ -288,7 +310,11 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
             _qualified_name("--exclusive-topology", opts.exclusive_topology, "node label key")
             pods = rp.nodes_per_group if opts.placement == "pod-per-node" else rp.dp_size
             gpus_per_pod = rp.dp_local * rp.tp_size if opts.placement == "pod-per-node" else rp.tp_size
-            if opts.exclusive_topology == "kubernetes.io/hostname" and pods > 1 and pods * gpus_per_pod > plan.spec.cluster.gpus_per_node:
+            if (
+                opts.exclusive_topology == "kubernetes.io/hostname"
+                and pods > 1
+                and pods * gpus_per_pod > plan.spec.cluster.gpus_per_node
+            ):
                 raise UserError(
                     f"--exclusive-topology: kubernetes.io/hostname puts a whole group on one node, but a group of role "
                     f"{rp.name!r} needs {pods} pods x {gpus_per_pod} GPUs > {plan.spec.cluster.gpus_per_node} per node. "
@@ -320,8 +346,13 @@ def _cache_volume(spec: str, flag: str = "--model-cache") -> dict[str, Any]:
         return {"hostPath": {"path": arg, "type": "DirectoryOrCreate"}}
     if kind == "hostpath-ro" and arg.startswith("/") and flag == "--model-cache":
         return {"hostPath": {"path": arg, "type": "Directory"}}
-    if kind in ("pvc", "pvc-ro") and arg and DNS1123_SUBDOMAIN.match(arg) and len(arg) <= DNS1123_SUBDOMAIN_MAX_LENGTH and (
-            kind == "pvc" or flag == "--model-cache"):
+    if (
+        kind in ("pvc", "pvc-ro")
+        and arg
+        and DNS1123_SUBDOMAIN.match(arg)
+        and len(arg) <= DNS1123_SUBDOMAIN_MAX_LENGTH
+        and (kind == "pvc" or flag == "--model-cache")
+    ):
         return {"persistentVolumeClaim": {"claimName": arg, **({"readOnly": True} if kind == "pvc-ro" else {})}}
     if kind == "emptydir" and not arg:
         return {"emptyDir": {}}
@@ -387,10 +418,14 @@ def _arith(d: int, offset: int) -> str:
 
 
 def _bug(msg: str) -> UserError:
-    return UserError(f"widep cannot express this role as a LeaderWorkerSet (a widep bug, please report): {msg}", exit_code=1)
+    return UserError(
+        f"widep cannot express this role as a LeaderWorkerSet (a widep bug, please report): {msg}", exit_code=1
+    )
 
 
-def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: ProcessCommand, placement: str, d: int, group_node: int) -> list[str]:
+def _process_words(
+    plan: DeploymentPlan, rp: RolePlan, cmd: ProcessCommand, placement: str, d: int, group_node: int
+) -> list[str]:
     """The process's argv as bash words, its per-pod slots filled with the pod's values (from the command's
     structured fields, never from its argv)."""
     per_pod: dict[Slot, str] = {LEADER_ADDRESS: '"${LWS_LEADER_ADDRESS}"'}
@@ -405,8 +440,10 @@ def _process_words(plan: DeploymentPlan, rp: RolePlan, cmd: ProcessCommand, plac
         per_pod[HOST] = '"${POD_IP}"'
     if placement == "pod-per-rank":
         per_pod[PORT] = str(rp.http_port)
-    return [per_pod[w] if isinstance(w, Slot) and w in per_pod else sh_word(cmd.value(w) if isinstance(w, Slot) else w)
-            for w in cmd.template]
+    return [
+        per_pod[w] if isinstance(w, Slot) and w in per_pod else sh_word(cmd.value(w) if isinstance(w, Slot) else w)
+        for w in cmd.template
+    ]
 
 
 def _local_devices(rp: RolePlan, ranks: list[Rank], placement: str) -> list[int]:
@@ -434,7 +471,9 @@ def _env_entry(name: str, value: Any, plan: DeploymentPlan) -> dict[str, Any]:
     return {"name": name, "value": k8s_escape(str(value))}
 
 
-def _container_env(plan: DeploymentPlan, cmds: list[ProcessCommand], all_cmds: list[ProcessCommand]) -> list[dict[str, Any]]:
+def _container_env(
+    plan: DeploymentPlan, cmds: list[ProcessCommand], all_cmds: list[ProcessCommand]
+) -> list[dict[str, Any]]:
     """Container env: what every process of the role shares (per-process variables excluded)."""
     first = cmds[0]
     out: list[dict[str, Any]] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
@@ -445,7 +484,9 @@ def _container_env(plan: DeploymentPlan, cmds: list[ProcessCommand], all_cmds: l
         for other in all_cmds:
             ov = dict(other.env_template).get(key)
             if ov != value:
-                raise _bug(f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ per node")
+                raise _bug(
+                    f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ per node"
+                )
         out.append(_env_entry(key, value, plan))
         names.add(key)
     for other in all_cmds:
@@ -503,18 +544,28 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
                 ports = (rp.http_port,)
             else:
                 ports = (c.port,)
-            health = c.health_port if placement == "pod-per-node" else (rp.http_port if c.health_port is not None else None)
+            health = (
+                c.health_port if placement == "pod-per-node" else (rp.http_port if c.health_port is not None else None)
+            )
             procs.append(PodProcess(tuple(words), tuple(penv), ports, health, c.local_rank, c.name))
         env = _container_env(plan, pcmds, cmds)
         devices = sum(len(rank_of[(c.replica, r)].gpus) for c in pcmds for r in c.dp_ranks)
         templates.append(
-            PodSpecPlan(which, tuple(procs), tuple(env), d if placement == "pod-per-node" else 1, devices,
-                        headless=all(not p.ports for p in procs))
+            PodSpecPlan(
+                which,
+                tuple(procs),
+                tuple(env),
+                d if placement == "pod-per-node" else 1,
+                devices,
+                headless=all(not p.ports for p in procs),
+            )
         )
     ports = sorted({p for t in templates for proc in t.processes for p in proc.ports})
     named = tuple(("http" if len(ports) == 1 else f"rank-{p - rp.http_port}", p) for p in ports)
     leader_only = mode == "internal" and size > 1
-    return RoleLayout(rp, lws_name(plan, rp), size, d if placement == "pod-per-node" else 1, tuple(templates), named, leader_only)
+    return RoleLayout(
+        rp, lws_name(plan, rp), size, d if placement == "pod-per-node" else 1, tuple(templates), named, leader_only
+    )
 
 
 def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> str:
@@ -529,8 +580,10 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
     else:
         ranks_desc = f"DP ranks W*{d} .. W*{d}+{d - 1}"
     lines = [
-        sh_comment(f"widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
-                   f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = {LWS_WORKER_INDEX})."),
+        sh_comment(
+            f"widep: {what} of role {rp.name!r} ({plan.name}), {layout.size} pod(s) per group, DP {rp.dp_size}, "
+            f"TP {rp.tp_size}, EP {rp.ep_size}; runs {ranks_desc} (W = {LWS_WORKER_INDEX})."
+        ),
         "set -euo pipefail",
         f': "${{{LWS_WORKER_INDEX}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
         f': "${{{LWS_LEADER_ADDRESS}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
@@ -550,7 +603,7 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         return "\n".join(lines) + "\n"
     lines += [
         "pids=()",
-        "stop() { kill -TERM \"${pids[@]}\" 2>/dev/null || true; }",
+        'stop() { kill -TERM "${pids[@]}" 2>/dev/null || true; }',
         "trap stop TERM INT",
     ]
     for p in tpl.processes:
@@ -565,7 +618,7 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         'echo "widep: a vLLM process of this pod exited with status ${status}; stopping the others" >&2',
         "stop",
         "wait || true",
-        "if [ \"${status}\" -eq 0 ]; then status=1; fi",
+        'if [ "${status}" -eq 0 ]; then status=1; fi',
         'exit "${status}"',
     ]
     return "\n".join(lines) + "\n"
@@ -625,8 +678,12 @@ def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str
         host = "${POD_IP}" if plan.spec.serving.host == "node" else "127.0.0.1"
         action = {"exec": {"command": ["/bin/bash", "-c", k8s_escape(health_check_script(host, health))]}}
     period = 10
-    startup = {**action, "periodSeconds": period, "timeoutSeconds": timeout,
-               "failureThreshold": max(1, math.ceil(budget_s / period))}
+    startup = {
+        **action,
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": max(1, math.ceil(budget_s / period)),
+    }
     readiness = {**action, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": 3}
     liveness = {**action, "periodSeconds": 30, "timeoutSeconds": timeout + 5, "failureThreshold": 3}
     return {"startupProbe": startup, "readinessProbe": readiness, "livenessProbe": liveness}
@@ -634,8 +691,9 @@ def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str
 
 def role_uses_rdma(plan: DeploymentPlan, rp: RolePlan) -> bool:
     """Pods of this role talk RDMA: DeepEP/NCCL across the nodes of a group, or NIXL moving KV (P/D)."""
-    return plan.device == "cuda" and plan.spec.cluster.network.rdma and (
-        rp.nodes_per_group > 1 or plan.spec.disaggregated)
+    return (
+        plan.device == "cuda" and plan.spec.cluster.network.rdma and (rp.nodes_per_group > 1 or plan.spec.disaggregated)
+    )
 
 
 def rdma_resource(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
@@ -648,8 +706,12 @@ def rdma_resource(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
 def gpu_rdma_privileged(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> bool:
     """A privileged container, where the provider needs one for DeepEP's GPU-initiated RDMA (IBGDA)."""
     net = plan.spec.cluster.network
-    return (providers.provider(opts.provider).gpu_rdma_privileged and role_uses_rdma(plan, rp)
-            and rp.all2all_backend.startswith("deepep") and net.ibgda)
+    return (
+        providers.provider(opts.provider).gpu_rdma_privileged
+        and role_uses_rdma(plan, rp)
+        and rp.all2all_backend.startswith("deepep")
+        and net.ibgda
+    )
 
 
 def _node_affinity(plan: DeploymentPlan, opts: LWSOptions) -> dict[str, Any] | None:
@@ -676,8 +738,9 @@ def _security_context(cuda: bool, rdma: bool, privileged: bool) -> dict[str, Any
     return {"allowPrivilegeEscalation": False, "capabilities": caps}
 
 
-def _extra_env(plan: DeploymentPlan, rp: RolePlan, tpl: PodSpecPlan, opts: LWSOptions, budget_s: int,
-               front: str) -> list[dict[str, Any]]:
+def _extra_env(
+    plan: DeploymentPlan, rp: RolePlan, tpl: PodSpecPlan, opts: LWSOptions, budget_s: int, front: str
+) -> list[dict[str, Any]]:
     """The container env: the rendered one (engine-ready timeout = the start budget), then the caches, the
     provider's RDMA variables, offline mode for a read-only model cache and the keep-alive behind a proxy."""
     env = [dict(e) for e in tpl.env]
@@ -701,8 +764,15 @@ def _extra_env(plan: DeploymentPlan, rp: RolePlan, tpl: PodSpecPlan, opts: LWSOp
     return env
 
 
-def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, opts: LWSOptions, image: str,
-                  front: str = "none", sidecar: dict[str, Any] | None = None) -> dict[str, Any]:
+def _pod_template(
+    plan: DeploymentPlan,
+    layout: RoleLayout,
+    tpl: PodSpecPlan,
+    opts: LWSOptions,
+    image: str,
+    front: str = "none",
+    sidecar: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     rp = layout.rp
     cuda = plan.device == "cuda"
     prov = providers.provider(opts.provider)
@@ -714,14 +784,29 @@ def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, op
         for p in proc.ports:
             container_ports.append({"name": port_names[p], "containerPort": p, "protocol": "TCP"})
         if proc.health_port is not None and proc.health_port not in proc.ports:
-            container_ports.append({"name": port_names.get(proc.health_port, "health"), "containerPort": proc.health_port, "protocol": "TCP"})
+            container_ports.append(
+                {
+                    "name": port_names.get(proc.health_port, "health"),
+                    "containerPort": proc.health_port,
+                    "protocol": "TCP",
+                }
+            )
     model_cache = opts.model_cache or prov.model_cache
     jit_cache = opts.jit_cache or prov.jit_cache
     shm = opts.shm_size or f"{max(2, tpl.ranks_per_pod)}Gi"
     shm_gib = sizing.parse_gib(shm)
-    size = sizing.size_pod(plan, rp, tpl.ranks_per_pod, tpl.devices, model_on_emptydir=model_cache == "emptydir",
-                           jit_on_emptydir=jit_cache == "emptydir", shm_gib=shm_gib, cpu=opts.cpu,
-                           memory=opts.memory, ephemeral_storage=opts.ephemeral_storage)
+    size = sizing.size_pod(
+        plan,
+        rp,
+        tpl.ranks_per_pod,
+        tpl.devices,
+        model_on_emptydir=model_cache == "emptydir",
+        jit_on_emptydir=jit_cache == "emptydir",
+        shm_gib=shm_gib,
+        cpu=opts.cpu,
+        memory=opts.memory,
+        ephemeral_storage=opts.ephemeral_storage,
+    )
     requests: dict[str, str] = {"cpu": size.cpu, "memory": size.memory, "ephemeral-storage": size.ephemeral_storage}
     limits: dict[str, str] = dict(requests)
     uses_rdma = role_uses_rdma(plan, rp)
@@ -742,8 +827,9 @@ def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, op
     if container_ports:
         container["ports"] = container_ports
     container["resources"] = {"limits": limits, "requests": requests}
-    container["securityContext"] = _security_context(cuda, bool(uses_rdma and (rdma_res or prov.rdma_annotations)),
-                                                     gpu_rdma_privileged(plan, rp, opts))
+    container["securityContext"] = _security_context(
+        cuda, bool(uses_rdma and (rdma_res or prov.rdma_annotations)), gpu_rdma_privileged(plan, rp, opts)
+    )
     ro = model_cache.partition(":")[0].endswith("-ro")
     container["volumeMounts"] = [
         {"name": "dshm", "mountPath": SHM_MOUNT},
@@ -776,7 +862,9 @@ def _pod_template(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan, op
     return {"metadata": meta, "spec": spec}
 
 
-def _metadata(name: str, labels: dict[str, str], namespace: str | None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+def _metadata(
+    name: str, labels: dict[str, str], namespace: str | None, annotations: dict[str, str] | None = None
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name}
     if namespace:
         meta["namespace"] = namespace
@@ -822,26 +910,32 @@ def render_lws(
             lwt["workerTemplate"] = _pod_template(plan, layout, by_which["worker"], opts, image, front)
         else:
             lwt["workerTemplate"] = _pod_template(plan, layout, by_which["all"], opts, image, front, side)
-        docs.append({
-            "apiVersion": LWS_API_VERSION,
-            "kind": "LeaderWorkerSet",
-            "metadata": _metadata(layout.name, labels, opts.namespace, annotations),
-            "spec": {
-                "replicas": rp.spec.replicas,
-                "startupPolicy": "LeaderCreated",
-                "leaderWorkerTemplate": lwt,
-            },
-        })
-        docs.append({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": _metadata(f"{layout.name}-api", labels, opts.namespace),
-            "spec": {
-                "type": "ClusterIP",
-                "selector": _selector(layout.name, layout.leader_only),
-                "ports": [{"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in layout.service_ports],
-            },
-        })
+        docs.append(
+            {
+                "apiVersion": LWS_API_VERSION,
+                "kind": "LeaderWorkerSet",
+                "metadata": _metadata(layout.name, labels, opts.namespace, annotations),
+                "spec": {
+                    "replicas": rp.spec.replicas,
+                    "startupPolicy": "LeaderCreated",
+                    "leaderWorkerTemplate": lwt,
+                },
+            }
+        )
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _metadata(f"{layout.name}-api", labels, opts.namespace),
+                "spec": {
+                    "type": "ClusterIP",
+                    "selector": _selector(layout.name, layout.leader_only),
+                    "ports": [
+                        {"name": n, "port": p, "targetPort": p, "protocol": "TCP"} for n, p in layout.service_ports
+                    ],
+                },
+            }
+        )
         if opts.inference_pool and front != "llm-d":
             if len(layout.service_ports) > INFERENCE_POOL_MAX_PORTS:
                 raise UserError(
@@ -849,31 +943,48 @@ def render_lws(
                     f"InferencePool takes at most {INFERENCE_POOL_MAX_PORTS} targetPorts. Given: --inference-pool. "
                     "Valid: fewer ranks per pod (--placement pod-per-rank, or dp_mode hybrid/multiport), or no pool"
                 )
-            docs.append({
-                "apiVersion": INFERENCE_POOL_API_VERSION,
-                "kind": "InferencePool",
-                "metadata": _metadata(layout.name, labels, opts.namespace),
-                "spec": {
-                    "selector": {"matchLabels": _selector(layout.name, layout.leader_only)},
-                    "targetPorts": [{"number": p} for _, p in layout.service_ports],
-                    "endpointPickerRef": {
-                        "name": f"{layout.name}-epp",
-                        "port": {"number": opts.epp_port},
-                        "failureMode": "FailOpen",
+            docs.append(
+                {
+                    "apiVersion": INFERENCE_POOL_API_VERSION,
+                    "kind": "InferencePool",
+                    "metadata": _metadata(layout.name, labels, opts.namespace),
+                    "spec": {
+                        "selector": {"matchLabels": _selector(layout.name, layout.leader_only)},
+                        "targetPorts": [{"number": p} for _, p in layout.service_ports],
+                        "endpointPickerRef": {
+                            "name": f"{layout.name}-epp",
+                            "port": {"number": opts.epp_port},
+                            "failureMode": "FailOpen",
+                        },
                     },
-                },
-            })
+                }
+            )
     base = {k: v for k, v in _labels(plan, plan.roles[0]).items() if k.startswith("app.kubernetes.io/")}
     if front == "llm-d":
         selector = frontdoor.pool_selector(plan, any(lay.leader_only for lay in layouts))
-        docs.append(frontdoor.inference_pool(plan, {**base, "app.kubernetes.io/component": "inference-pool"},
-                                             selector, pool_ports, opts.namespace, opts.epp_port))
+        docs.append(
+            frontdoor.inference_pool(
+                plan,
+                {**base, "app.kubernetes.io/component": "inference-pool"},
+                selector,
+                pool_ports,
+                opts.namespace,
+                opts.epp_port,
+            )
+        )
     elif front == "router":
         from widep.k8s.router import router_manifests
 
         budget = max(sizing.start_budget_s(plan, rp, opts.start_budget_s) for rp in plan.roles)
-        docs += router_manifests(plan, {rp.name: lws_name(plan, rp) for rp in plan.roles}, opts.placement,
-                                 opts.namespace, opts.router_image, base, startup_timeout_s=budget)
+        docs += router_manifests(
+            plan,
+            {rp.name: lws_name(plan, rp) for rp in plan.roles},
+            opts.placement,
+            opts.namespace,
+            opts.router_image,
+            base,
+            startup_timeout_s=budget,
+        )
     return docs
 
 
@@ -907,13 +1018,22 @@ _Dumper.ignore_aliases = lambda self, data: True  # no &id001 anchors
 def dump_manifests(docs: list[dict[str, Any]], header: list[str] | None = None) -> str:
     """Multi-document YAML in the dicts' own key order; ``header`` lines become leading comments."""
     head = "".join(sh_comment(line) + "\n" for line in header or [])
-    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120) for d in docs)
+    body = "---\n".join(
+        yaml.dump(d, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120) for d in docs
+    )
     return head + body
 
 
-def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = None, *,
-                 image: str | None = None, model_path: str | None = None,
-                 docs: list[dict[str, Any]] | None = None, opts: LWSOptions | None = None) -> list[str]:
+def header_lines(
+    plan: DeploymentPlan,
+    command: str,
+    regenerate: str | None = None,
+    *,
+    image: str | None = None,
+    model_path: str | None = None,
+    docs: list[dict[str, Any]] | None = None,
+    opts: LWSOptions | None = None,
+) -> list[str]:
     """What a generated file says about itself: its source, how to regenerate it, the plan."""
     lines = [f"Generated by `{command}` - do not edit."]
     if regenerate:
@@ -934,23 +1054,30 @@ def header_lines(plan: DeploymentPlan, command: str, regenerate: str | None = No
         lines += sizing.report(docs)
         for rp in plan.roles:
             if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
-                lines.append(f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is "
-                             "requested: name your cluster's (cluster.network.rdma_resource or --rdma-resource) "
-                             "or pick --provider")
+                lines.append(
+                    f"note: role {rp.name} talks RDMA (DeepEP/NIXL across pods) but no RDMA device is "
+                    "requested: name your cluster's (cluster.network.rdma_resource or --rdma-resource) "
+                    "or pick --provider"
+                )
         kinds = {d["kind"] for d in docs}
         if "Deployment" in kinds:
             lines.append("front door: vllm-router Deployment (P/D mode where the topology is P/D)")
             lines.append(f"note: {frontdoor.ROUTER_IMAGE_HOWTO}")
-        if {rp.kind for rp in plan.roles} >= {"prefill", "decode"} and not (
-                kinds & {"Deployment", "InferencePool"}):
-            lines.append("warning: no front door (--front-door none): clients of the decode Service get local "
-                         "prefill and the prefill group idles")
+        if {rp.kind for rp in plan.roles} >= {"prefill", "decode"} and not (kinds & {"Deployment", "InferencePool"}):
+            lines.append(
+                "warning: no front door (--front-door none): clients of the decode Service get local "
+                "prefill and the prefill group idles"
+            )
         if any(d["kind"] == "InferencePool" and d["metadata"]["name"] == plan.name for d in docs):
-            lines.append("front door: llm-d (one InferencePool over both roles, routing sidecar on decode pods); "
-                         f"install its endpoint picker with llm-d's router chart ({frontdoor.ROUTER_CHART} "
-                         f"{frontdoor.ROUTER_CHART_VERSION}) and the values file widep writes (--router-values)")
+            lines.append(
+                "front door: llm-d (one InferencePool over both roles, routing sidecar on decode pods); "
+                f"install its endpoint picker with llm-d's router chart ({frontdoor.ROUTER_CHART} "
+                f"{frontdoor.ROUTER_CHART_VERSION}) and the values file widep writes (--router-values)"
+            )
     if plan.device == "cpu":
-        lines.append(f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image}).")
+        lines.append(
+            f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image})."
+        )
     builtin = pod_model_path(plan, LWSOptions(model_path=model_path)) if plan.arch.builtin and not model_path else None
     if builtin:
         lines.append(
@@ -964,8 +1091,10 @@ def sensible_placements(plan: DeploymentPlan) -> list[str]:
     """Placements worth generating: pod-per-rank only where it gives other pods than pod-per-node
     and check_options accepts it."""
     out = ["pod-per-node"]
-    if plan.spec.serving.dp_mode == "external" and any(rp.dp_local > 1 for rp in plan.roles) and not any(
-        rp.dp_local > 1 and rp.all2all_backend.startswith("deepep") for rp in plan.roles
+    if (
+        plan.spec.serving.dp_mode == "external"
+        and any(rp.dp_local > 1 for rp in plan.roles)
+        and not any(rp.dp_local > 1 and rp.all2all_backend.startswith("deepep") for rp in plan.roles)
     ):
         out.append("pod-per-rank")
     return out

@@ -38,13 +38,17 @@ def expected_files(topologies: Path, crd: Path | None = None) -> dict[str, str]:
 
     files = sorted(topologies.glob("*.yaml"))
     if not files:
-        raise UserError(f"no topology files in {topologies}. Given: --topologies {topologies}. Valid: a folder of *.yaml topologies")
+        raise UserError(
+            f"no topology files in {topologies}. Given: --topologies {topologies}. Valid: a folder of *.yaml topologies"
+        )
     out: dict[str, str] = {}
     for f in files:
         shown = f"topologies/{f.name}"
         for placement in sensible_placements(plan(load_topology(f))):
             name = f.stem + ("" if placement == "pod-per-node" else f".{placement}") + ".yaml"
-            text, _, _ = generate_text(str(f), LWSOptions(placement=placement), crd, shown_as=shown, regenerate=REGENERATE)
+            text, _, _ = generate_text(
+                str(f), LWSOptions(placement=placement), crd, shown_as=shown, regenerate=REGENERATE
+            )
             out[name] = text
         p = plan(load_topology(f))
         if {rp.kind for rp in p.roles} >= {"prefill", "decode"}:
@@ -54,8 +58,14 @@ def expected_files(topologies: Path, crd: Path | None = None) -> dict[str, str]:
                 out[f"{KUSTOMIZE_DIR}/{f.stem}/{rel}"] = text
             name = f"{f.stem}.llm-d.yaml"
             try:
-                text, _, _, values = generate(str(f), LWSOptions(front_door="llm-d"), crd, shown_as=shown,
-                                              regenerate=REGENERATE, manifests_name=f"lws/{name}")
+                text, _, _, values = generate(
+                    str(f),
+                    LWSOptions(front_door="llm-d"),
+                    crd,
+                    shown_as=shown,
+                    regenerate=REGENERATE,
+                    manifests_name=f"lws/{name}",
+                )
             except UserError as err:
                 if err.exit_code != 2:
                     raise
@@ -89,10 +99,14 @@ def stale(out_dir: Path, expected: dict[str, str]) -> list[str]:
 
 
 @click.command()
-@click.option("--topologies", type=click.Path(file_okay=False, path_type=Path), default=REPO / "topologies", show_default=True)
+@click.option(
+    "--topologies", type=click.Path(file_okay=False, path_type=Path), default=REPO / "topologies", show_default=True
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=REPO / "lws", show_default=True)
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if any file would change.")
-@click.option("--crd", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The LWS CRD (default as widep lws).")
+@click.option(
+    "--crd", type=click.Path(dir_okay=False, path_type=Path), default=None, help="The LWS CRD (default as widep lws)."
+)
 def main(topologies: Path, out: Path, check: bool, crd: Path | None) -> None:
     """Regenerate (or --check) the LeaderWorkerSet manifests of every curated topology."""
     try:
@@ -104,7 +118,10 @@ def main(topologies: Path, out: Path, check: bool, crd: Path | None) -> None:
     if check:
         for line in problems:
             click.echo(line)
-        click.echo(f"{len(expected)} files, {len(problems)} stale" if problems else f"ok: {len(expected)} files up to date", err=True)
+        click.echo(
+            f"{len(expected)} files, {len(problems)} stale" if problems else f"ok: {len(expected)} files up to date",
+            err=True,
+        )
         sys.exit(1 if problems else 0)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in expected.items():

@@ -84,9 +84,19 @@ def _gib(value: float, step: int) -> int:
     return int(math.ceil(max(value, 1) / step) * step)
 
 
-def size_pod(plan: DeploymentPlan, rp: RolePlan, ranks: int, devices: int, *, model_on_emptydir: bool,
-             jit_on_emptydir: bool, shm_gib: int, cpu: str | None = None, memory: str | None = None,
-             ephemeral_storage: str | None = None) -> PodSize:
+def size_pod(
+    plan: DeploymentPlan,
+    rp: RolePlan,
+    ranks: int,
+    devices: int,
+    *,
+    model_on_emptydir: bool,
+    jit_on_emptydir: bool,
+    shm_gib: int,
+    cpu: str | None = None,
+    memory: str | None = None,
+    ephemeral_storage: str | None = None,
+) -> PodSize:
     """Requests of one pod that runs ``ranks`` DP ranks on ``devices`` GPUs (CPU slots on the CPU backend)."""
     cuda = plan.device == "cuda"
     m = rp.memory
@@ -98,12 +108,17 @@ def size_pod(plan: DeploymentPlan, rp: RolePlan, ranks: int, devices: int, *, mo
         cpus = devices
         per_rank = m.weights_gib + m.kv_cache_gib + 2
         mem = _gib(per_rank * ranks + shm_gib, 1)
-    scratch = SCRATCH_GIB + (checkpoint_gib(plan) * 1.1 if model_on_emptydir else 0) + (
-        JIT_CACHE_GIB if jit_on_emptydir else 0)
-    how = (f"{cpus if cpu is None else cpu} CPU ({CPU_PER_GPU_RANK if cuda else 1} per "
-           f"{'GPU' if cuda else 'rank slot'}), memory {per_rank:.0f} GiB x {ranks} rank(s) "
-           f"({'weights + ' + str(HOST_OVERHEAD_GIB_PER_RANK) + ' GiB' if cuda else 'weights + KV + 2 GiB'}) "
-           f"+ {shm_gib} GiB /dev/shm")
+    scratch = (
+        SCRATCH_GIB
+        + (checkpoint_gib(plan) * 1.1 if model_on_emptydir else 0)
+        + (JIT_CACHE_GIB if jit_on_emptydir else 0)
+    )
+    how = (
+        f"{cpus if cpu is None else cpu} CPU ({CPU_PER_GPU_RANK if cuda else 1} per "
+        f"{'GPU' if cuda else 'rank slot'}), memory {per_rank:.0f} GiB x {ranks} rank(s) "
+        f"({'weights + ' + str(HOST_OVERHEAD_GIB_PER_RANK) + ' GiB' if cuda else 'weights + KV + 2 GiB'}) "
+        f"+ {shm_gib} GiB /dev/shm"
+    )
     return PodSize(
         cpu=cpu or str(cpus),
         memory=memory or f"{mem}Gi",
@@ -150,11 +165,32 @@ def qos_class(spec: dict[str, Any]) -> str:
 
 
 #: Pod Security Standards, baseline: capabilities that may be added.
-BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-                 "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+BASELINE_CAPS = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
 #: restricted: volume types allowed.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def pod_security_level(spec: dict[str, Any]) -> tuple[str, list[str]]:
@@ -218,6 +254,8 @@ def report(docs: list[dict[str, Any]]) -> list[str]:
                 if sp:
                     budget = f", start budget {sp['periodSeconds'] * sp['failureThreshold'] // 60} min"
             reasons = f" ({why[0]}{f' and {len(why) - 1} more' if len(why) > 1 else ''})" if why else ""
-            lines.append(f"{d['kind']} {d['metadata']['name']} {which}: QoS {qos_class(spec)}{budget}, "
-                         f"Pod Security level {level}{reasons}")
+            lines.append(
+                f"{d['kind']} {d['metadata']['name']} {which}: QoS {qos_class(spec)}{budget}, "
+                f"Pod Security level {level}{reasons}"
+            )
     return lines

@@ -36,9 +36,16 @@ def worker_urls(plan: DeploymentPlan, rp: RolePlan, lws: str, placement: str, na
     return urls
 
 
-def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement: str, namespace: str | None,
-                     image: str, labels_base: dict[str, str], *,
-                     startup_timeout_s: int | None = None) -> list[dict[str, Any]]:
+def router_manifests(
+    plan: DeploymentPlan,
+    lws_names: dict[str, str],
+    placement: str,
+    namespace: str | None,
+    image: str,
+    labels_base: dict[str, str],
+    *,
+    startup_timeout_s: int | None = None,
+) -> list[dict[str, Any]]:
     """Deployment + Service of the router: the topology's router section, or (a P/D topology without one)
     its defaults in P/D mode. ``startup_timeout_s``: how long the router waits for workers (the start budget)."""
     rs = plan.spec.router
@@ -48,8 +55,17 @@ def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement:
     prometheus_port = rt.prometheus_port if rt else rs.prometheus_port
     pd = rt.pd if rt else rs.pd != "off" and kinds >= {"prefill", "decode"}
     name = f"{plan.name}-router"
-    argv = [rs.command, "--host", "0.0.0.0", "--port", str(port), "--prometheus-port", str(prometheus_port),
-            "--prometheus-host", "0.0.0.0"]
+    argv = [
+        rs.command,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--prometheus-port",
+        str(prometheus_port),
+        "--prometheus-host",
+        "0.0.0.0",
+    ]
     urls = {rp.name: worker_urls(plan, rp, lws_names[rp.name], placement, namespace) for rp in plan.roles}
     if pd:
         argv.append("--vllm-pd-disaggregation")
@@ -60,9 +76,15 @@ def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement:
         argv += ["--prefill-policy", rs.prefill_policy or rs.policy, "--decode-policy", rs.decode_policy or rs.policy]
     else:
         argv += ["--worker-urls", *[u for rp in plan.roles for u in urls[rp.name]], "--policy", rs.policy]
-    argv += ["--worker-startup-timeout-secs", str(startup_timeout_s or plan.spec.vllm.ready_timeout_s),
-             "--health-check-interval-secs", str(rs.health_check_interval_s),
-             "--health-failure-threshold", str(rs.health_failure_threshold), *rs.extra_args]
+    argv += [
+        "--worker-startup-timeout-secs",
+        str(startup_timeout_s or plan.spec.vllm.ready_timeout_s),
+        "--health-check-interval-secs",
+        str(rs.health_check_interval_s),
+        "--health-failure-threshold",
+        str(rs.health_failure_threshold),
+        *rs.extra_args,
+    ]
     labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}
     selector = {"app.kubernetes.io/instance": plan.name, "app.kubernetes.io/component": "router"}
     env = []
@@ -77,14 +99,20 @@ def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement:
         "image": image,
         "command": [k8s_escape(a) for a in argv[:1]],
         "args": [k8s_escape(a) for a in argv[1:]],
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": prometheus_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": prometheus_port, "protocol": "TCP"},
+        ],
         "readinessProbe": probe | {"failureThreshold": 3},
         "livenessProbe": probe | {"failureThreshold": 6, "initialDelaySeconds": 30},
         # requests = limits: Guaranteed QoS, the front door is the last thing to evict
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                            "runAsNonRoot": True, "runAsUser": 65532},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+            "runAsUser": 65532,
+        },
     }
     if env:
         container["env"] = env
@@ -101,9 +129,13 @@ def router_manifests(plan: DeploymentPlan, lws_names: dict[str, str], placement:
                 "selector": {"matchLabels": selector},
                 "template": {
                     "metadata": {"labels": labels},
-                    "spec": {"automountServiceAccountToken": False, "enableServiceLinks": False,
-                             "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
-                             "containers": [container], "terminationGracePeriodSeconds": 30},
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "enableServiceLinks": False,
+                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [container],
+                        "terminationGracePeriodSeconds": 30,
+                    },
                 },
             },
         },

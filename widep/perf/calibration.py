@@ -58,7 +58,9 @@ class A2ATable:
         import numpy as np
 
         ys = self.internode_dispatch_gbps if which == "dispatch" else self.internode_combine_gbps
-        return np.interp(np.log2(np.maximum(ep, 1)), np.log2(np.asarray(self.internode_ep, float)), np.asarray(ys, float))
+        return np.interp(
+            np.log2(np.maximum(ep, 1)), np.log2(np.asarray(self.internode_ep, float)), np.asarray(ys, float)
+        )
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,9 @@ def _need(doc: dict[str, Any], path: str, src: str) -> Any:
     node: Any = doc
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
-            raise UserError(f"calibration {src}: missing {path!r}. Valid: a {FORMAT} document like widep/perf/data/calibration-published.yaml.")
+            raise UserError(
+                f"calibration {src}: missing {path!r}. Valid: a {FORMAT} document like widep/perf/data/calibration-published.yaml."
+            )
         node = node[part]
     return node
 
@@ -180,7 +184,9 @@ def _a2a_table(name: str, d: dict[str, Any], src: str) -> A2ATable:
         raise UserError(f"calibration {src}: {where} must be a mapping. Given: {d!r}.")
     model = d.get("bytes_model")
     if model not in ("expert_copy", "rank_copy", "node_copy", "gather"):
-        raise UserError(f"calibration {src}: {where}.bytes_model {model!r} is not valid. Valid: expert_copy, rank_copy, node_copy, gather.")
+        raise UserError(
+            f"calibration {src}: {where}.bytes_model {model!r} is not valid. Valid: expert_copy, rank_copy, node_copy, gather."
+        )
     lat = _num(d, "latency_us", f"{src} {where}")
     ref_tokens = d.get("ref_tokens")
     top_k = d.get("top_k", 8)
@@ -193,7 +199,9 @@ def _a2a_table(name: str, d: dict[str, Any], src: str) -> A2ATable:
         if key_us not in section:
             raise UserError(f"calibration {src}: {where} needs {key_bw} or {key_us}. Given keys: {sorted(section)}.")
         if not ref_tokens or model != "expert_copy":
-            raise UserError(f"calibration {src}: {where}: times ({key_us}) need ref_tokens and bytes_model expert_copy.")
+            raise UserError(
+                f"calibration {src}: {where}: times ({key_us}) need ref_tokens and bytes_model expert_copy."
+            )
         us = section[key_us]
         byts = float(ref_tokens) * float(top_k) * per_copy[which]
 
@@ -210,7 +218,9 @@ def _a2a_table(name: str, d: dict[str, Any], src: str) -> A2ATable:
     disp = to_gbps(inter, "dispatch") if eps else []
     comb = to_gbps(inter, "combine") if eps else []
     if not (len(eps) == len(disp) == len(comb)) or not eps:
-        raise UserError(f"calibration {src}: {where}.internode needs equal-length ep and dispatch/combine lists. Given: {inter!r}.")
+        raise UserError(
+            f"calibration {src}: {where}.internode needs equal-length ep and dispatch/combine lists. Given: {inter!r}."
+        )
     return A2ATable(
         backend=name,
         bytes_model=model,
@@ -228,7 +238,9 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
     """A :class:`Calibration` from a ``widep-perf-calibration/1`` document; UserError naming the bad field."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise UserError(f"calibration {source}: format {got!r} is not {FORMAT!r}. Valid: {FORMAT} (YAML/JSON) or {MEASURED_FORMAT} (GPU measurements).")
+        raise UserError(
+            f"calibration {source}: format {got!r} is not {FORMAT!r}. Valid: {FORMAT} (YAML/JSON) or {MEASURED_FORMAT} (GPU measurements)."
+        )
     s = source
     gaps = _need(doc, "overheads.kernel_gap_us", s)
     curve = doc.get("gemm", {}).get("grouped_curve") or {}
@@ -333,7 +345,12 @@ def from_measured(doc: dict[str, Any], source: str, base: Calibration | None = N
             "into fractions of a datasheet. Valid: the card names of widep/spec/presets/gpus.yaml (h100, h200, ...)."
         ) from None
     changes: dict[str, Any] = {}
-    measured: dict[str, Any] = {"card": gpu.name, "gpus": doc.get("gpus"), "device_name": doc.get("device_name"), "replaced": {}}
+    measured: dict[str, Any] = {
+        "card": gpu.name,
+        "gpus": doc.get("gpus"),
+        "device_name": doc.get("device_name"),
+        "replaced": {},
+    }
     hbm_peak = gpu.hbm_tbps * 1000.0
 
     def put(key: str, value: float, why: str) -> None:
@@ -341,8 +358,12 @@ def from_measured(doc: dict[str, Any], source: str, base: Calibration | None = N
         measured["replaced"][key] = {"value": round(value, 4), "from": why}
 
     if isinstance(doc.get("hbm_gbps_effective"), (int, float)) and doc["hbm_gbps_effective"] > 0:
-        put("hbm_weights_efficiency", min(1.0, doc["hbm_gbps_effective"] / hbm_peak), f"hbm_gbps_effective {doc['hbm_gbps_effective']:.0f} GB/s")
-    paged = ((doc.get("hbm") or {}).get("paged_kv_read_gbps") or {})
+        put(
+            "hbm_weights_efficiency",
+            min(1.0, doc["hbm_gbps_effective"] / hbm_peak),
+            f"hbm_gbps_effective {doc['hbm_gbps_effective']:.0f} GB/s",
+        )
+    paged = (doc.get("hbm") or {}).get("paged_kv_read_gbps") or {}
     best = []
     for row in ("bf16_576", "fp8_656"):
         for _, tab in (paged.get(row) or {}).items():
@@ -362,9 +383,11 @@ def from_measured(doc: dict[str, Any], source: str, base: Calibration | None = N
         if pts:
             changes["grouped_curve"] = tuple(pts)
             changes["grouped_curve_dtype"] = dtype
-            measured["replaced"]["grouped_curve"] = {"from": f"{sec.get('impl')} ({dtype}) at {len(pts)} rows-per-expert points"}
+            measured["replaced"]["grouped_curve"] = {
+                "from": f"{sec.get('impl')} ({dtype}) at {len(pts)} rows-per-expert points"
+            }
             break
-    deep_ep = ((doc.get("a2a") or {}).get("deep_ep") or {})
+    deep_ep = (doc.get("a2a") or {}).get("deep_ep") or {}
     measured["deep_ep_measured"] = bool(deep_ep.get("importable"))
     if not deep_ep.get("importable"):
         measured["a2a_note"] = (
@@ -394,7 +417,9 @@ def load_calibration(spec: str | Path | None = None, *, results_dir: str | Path 
         return load_calibration(found[-1]) if found else published()
     p = Path(s)
     if not p.is_file():
-        raise UserError(f"--calibration: no such file {s!r}. Valid: 'published', 'auto:<GPU>', or a calibration YAML/JSON file.")
+        raise UserError(
+            f"--calibration: no such file {s!r}. Valid: 'published', 'auto:<GPU>', or a calibration YAML/JSON file."
+        )
     try:
         text = p.read_text()
         doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)

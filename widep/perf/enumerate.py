@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from widep.errors import UserError
 from widep.perf.model import RoleInput
@@ -83,7 +84,11 @@ class RoleChoice:
     @property
     def tag(self) -> str:
         shape = f"{self.nodes}n" if self.gpus_per_node >= 8 or self.nodes > 1 else f"{self.gpus_per_node}g"
-        parts = [shape + (f"x{self.replicas}" if self.replicas > 1 else ""), f"tp{self.tp}", BACKEND_TAG.get(self.backend, self.backend)]
+        parts = [
+            shape + (f"x{self.replicas}" if self.replicas > 1 else ""),
+            f"tp{self.tp}",
+            BACKEND_TAG.get(self.backend, self.backend),
+        ]
         if self.dbo:
             parts.append("dbo")
         if self.eplb:
@@ -167,7 +172,10 @@ class Candidate:
             if i > 0:
                 role["port"] = 8000 + 200 * i
             if self.spec_tokens:
-                role["extra_args"] = ["--speculative-config", f'{{"method": "mtp", "num_speculative_tokens": {self.spec_tokens}}}']
+                role["extra_args"] = [
+                    "--speculative-config",
+                    f'{{"method": "mtp", "num_speculative_tokens": {self.spec_tokens}}}',
+                ]
             roles.append(role)
         return {
             "name": f"sweep-{self.model}-{digest}"[:63].strip("-.").lower(),
@@ -262,8 +270,19 @@ def _eplb_options(names: tuple[str, ...], E: int, ep: int, max_redundant: int, c
 
 
 def _role_grid(
-    kind: Kind, nodes: int, gpn: int, replicas: int, *, arch: MoEArch, gpu: GPUSpec, budget: Budget,
-    tps: tuple[int, ...], backends: tuple[str, ...], eplb: tuple[str, ...], seqs: tuple[int, ...], mnbt: int | None,
+    kind: Kind,
+    nodes: int,
+    gpn: int,
+    replicas: int,
+    *,
+    arch: MoEArch,
+    gpu: GPUSpec,
+    budget: Budget,
+    tps: tuple[int, ...],
+    backends: tuple[str, ...],
+    eplb: tuple[str, ...],
+    seqs: tuple[int, ...],
+    mnbt: int | None,
 ) -> Iterator[RoleChoice]:
     g = budget.grid
     vt = table_for(budget.vllm_version)
@@ -293,9 +312,15 @@ def enumerate_candidates(budget: Budget) -> list[Candidate]:
     gpn = budget.gpus_per_node
     out: list[Candidate] = []
     common = dict(
-        model=budget.model, gpu=gpu.name, gpus_per_node=gpn, max_model_len=budget.max_model_len, context_len=budget.max_model_len,
-        vllm_version=budget.vllm_version, kv_cache_dtype=budget.kv_cache_dtype,
-        gpu_memory_utilization=budget.gpu_memory_utilization, spec_tokens=budget.spec_tokens,
+        model=budget.model,
+        gpu=gpu.name,
+        gpus_per_node=gpn,
+        max_model_len=budget.max_model_len,
+        context_len=budget.max_model_len,
+        vllm_version=budget.vllm_version,
+        kv_cache_dtype=budget.kv_cache_dtype,
+        gpu_memory_utilization=budget.gpu_memory_utilization,
+        spec_tokens=budget.spec_tokens,
     )
     kw = dict(arch=arch, gpu=gpu, budget=budget)
     for n_gpus in sorted(set(budget.gpus)):
@@ -309,18 +334,51 @@ def enumerate_candidates(budget: Budget) -> list[Candidate]:
             continue
         if "mixed" in g.modes:
             for nodes, role_gpn, reps in shapes:
-                for rc in _role_grid("mixed", nodes, role_gpn, reps, tps=g.tp, backends=g.backends, eplb=g.eplb,
-                                     seqs=g.max_num_seqs, mnbt=g.mixed_max_num_batched_tokens, **kw):
+                for rc in _role_grid(
+                    "mixed",
+                    nodes,
+                    role_gpn,
+                    reps,
+                    tps=g.tp,
+                    backends=g.backends,
+                    eplb=g.eplb,
+                    seqs=g.max_num_seqs,
+                    mnbt=g.mixed_max_num_batched_tokens,
+                    **kw,
+                ):
                     out.append(Candidate(roles=(rc,), **common))
         if "pd" in g.modes and whole_nodes and whole_nodes >= 2:
             for n_pre in range(1, whole_nodes):
                 n_dec = whole_nodes - n_pre
                 for sp, sd in itertools.product(_divisors(n_pre), _divisors(n_dec)):
-                    pres = list(_role_grid("prefill", sp, gpn, n_pre // sp, tps=g.pd_prefill_tp, backends=g.pd_prefill_backends,
-                                           eplb=g.pd_prefill_eplb, seqs=(g.pd_prefill_max_num_seqs,),
-                                           mnbt=g.pd_prefill_max_num_batched_tokens, **kw))
-                    decs = list(_role_grid("decode", sd, gpn, n_dec // sd, tps=g.pd_decode_tp, backends=g.pd_decode_backends,
-                                           eplb=g.pd_decode_eplb, seqs=g.pd_decode_max_num_seqs, mnbt=None, **kw))
+                    pres = list(
+                        _role_grid(
+                            "prefill",
+                            sp,
+                            gpn,
+                            n_pre // sp,
+                            tps=g.pd_prefill_tp,
+                            backends=g.pd_prefill_backends,
+                            eplb=g.pd_prefill_eplb,
+                            seqs=(g.pd_prefill_max_num_seqs,),
+                            mnbt=g.pd_prefill_max_num_batched_tokens,
+                            **kw,
+                        )
+                    )
+                    decs = list(
+                        _role_grid(
+                            "decode",
+                            sd,
+                            gpn,
+                            n_dec // sd,
+                            tps=g.pd_decode_tp,
+                            backends=g.pd_decode_backends,
+                            eplb=g.pd_decode_eplb,
+                            seqs=g.pd_decode_max_num_seqs,
+                            mnbt=None,
+                            **kw,
+                        )
+                    )
                     for pr, dr in itertools.product(pres, decs):
                         out.append(Candidate(roles=(pr, dr), **common))
     return out
@@ -348,8 +406,17 @@ def _weight_dtype(arch: MoEArch) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _role_check(model: str, gpu_name: str, rc: RoleChoice, max_model_len: int, context_len: int, kv_cache_dtype: str,
-                gmu: float, vllm_version: str, spec_tokens: int) -> tuple[str, str, str, RoleInput | None]:
+def _role_check(
+    model: str,
+    gpu_name: str,
+    rc: RoleChoice,
+    max_model_len: int,
+    context_len: int,
+    kv_cache_dtype: str,
+    gmu: float,
+    vllm_version: str,
+    spec_tokens: int,
+) -> tuple[str, str, str, RoleInput | None]:
     """(category, field suffix, reason, RoleInput) for one role; category '' when it fits."""
     arch = load_preset(model)
     gpu = get_gpu(gpu_name)
@@ -373,15 +440,31 @@ def _role_check(model: str, gpu_name: str, rc: RoleChoice, max_model_len: int, c
             None,
         )
     if rc.max_num_batched_tokens < rc.max_num_seqs:
-        return "config", "max_num_batched_tokens", f"max_num_batched_tokens {rc.max_num_batched_tokens} < max_num_seqs {rc.max_num_seqs}", None
+        return (
+            "config",
+            "max_num_batched_tokens",
+            f"max_num_batched_tokens {rc.max_num_batched_tokens} < max_num_seqs {rc.max_num_seqs}",
+            None,
+        )
     dp = rc.dp
     cuda_graphs = not (rc.backend == "deepep_high_throughput" and dp > 1)
     kv_dtype = "fp8" if kv_cache_dtype == "fp8" else "bf16"
     mem = memory_budget(
-        arch=arch, gpu=gpu, weight_dtype=_weight_dtype(arch), kv_dtype=kv_dtype, tp=rc.tp, dp_size=dp, ep_size=ep,
-        experts_per_gpu=(E + R) // ep, backend=rc.backend, max_num_seqs=rc.max_num_seqs,
-        max_num_batched_tokens=rc.max_num_batched_tokens, gpu_memory_utilization=gmu, cuda_graphs=cuda_graphs,
-        context_len=context_len, fixed_kv_gib=1.0 if cpu else None,
+        arch=arch,
+        gpu=gpu,
+        weight_dtype=_weight_dtype(arch),
+        kv_dtype=kv_dtype,
+        tp=rc.tp,
+        dp_size=dp,
+        ep_size=ep,
+        experts_per_gpu=(E + R) // ep,
+        backend=rc.backend,
+        max_num_seqs=rc.max_num_seqs,
+        max_num_batched_tokens=rc.max_num_batched_tokens,
+        gpu_memory_utilization=gmu,
+        cuda_graphs=cuda_graphs,
+        context_len=context_len,
+        fixed_kv_gib=1.0 if cpu else None,
     )
     used = mem.weights_gib + mem.all2all_buffer_gib + mem.activation_gib + mem.cuda_graph_gib + mem.overhead_gib
     if not cpu and (mem.kv_cache_gib <= 0 or used > mem.budget_gib):
@@ -392,12 +475,33 @@ def _role_check(model: str, gpu_name: str, rc: RoleChoice, max_model_len: int, c
             None,
         )
     if mem.kv_tokens < max_model_len:
-        return "kv_cache", "max_model_len", f"KV cache holds {mem.kv_tokens} tokens per rank, below max_model_len {max_model_len}", None
+        return (
+            "kv_cache",
+            "max_model_len",
+            f"KV cache holds {mem.kv_tokens} tokens per rank, below max_model_len {max_model_len}",
+            None,
+        )
     ri = RoleInput(
-        kind=rc.kind, gpu=gpu, tp=rc.tp, dp=dp, ep=ep, replicas=rc.replicas, nodes=rc.nodes, expert_parallel=True,
-        physical_experts=E + R, redundant=R, eplb=rc.eplb, dbo=rc.dbo, dbo_decode_threshold=32, dbo_prefill_threshold=512,
-        backend=rc.backend, cuda_graphs=cuda_graphs and not cpu, max_num_batched_tokens=rc.max_num_batched_tokens,
-        max_num_seqs=rc.max_num_seqs, kv_tokens=mem.kv_tokens, spec_tokens=spec_tokens,
+        kind=rc.kind,
+        gpu=gpu,
+        tp=rc.tp,
+        dp=dp,
+        ep=ep,
+        replicas=rc.replicas,
+        nodes=rc.nodes,
+        expert_parallel=True,
+        physical_experts=E + R,
+        redundant=R,
+        eplb=rc.eplb,
+        dbo=rc.dbo,
+        dbo_decode_threshold=32,
+        dbo_prefill_threshold=512,
+        backend=rc.backend,
+        cuda_graphs=cuda_graphs and not cpu,
+        max_num_batched_tokens=rc.max_num_batched_tokens,
+        max_num_seqs=rc.max_num_seqs,
+        kv_tokens=mem.kv_tokens,
+        spec_tokens=spec_tokens,
     )
     return "", "", "", ri
 
@@ -406,8 +510,17 @@ def check(c: Candidate) -> Verdict:
     """Feasibility of ``c`` by the planner's rules (first failing role, in role order)."""
     roles = []
     for i, rc in enumerate(c.roles):
-        cat, fld, why, ri = _role_check(c.model, c.gpu, rc, c.max_model_len, c.context_len, c.kv_cache_dtype,
-                                         c.gpu_memory_utilization, c.vllm_version, c.spec_tokens)
+        cat, fld, why, ri = _role_check(
+            c.model,
+            c.gpu,
+            rc,
+            c.max_model_len,
+            c.context_len,
+            c.kv_cache_dtype,
+            c.gpu_memory_utilization,
+            c.vllm_version,
+            c.spec_tokens,
+        )
         if cat:
             return Verdict(False, cat, f"roles[{i}].{fld}", f"{rc.kind} role: {why}")
         roles.append(ri)

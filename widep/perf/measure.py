@@ -72,12 +72,20 @@ class MeasureExecutor:
 
     def key(self) -> dict[str, Any]:
         o = self.opts
-        return {"executor": "measure", "launch": o.launch, "concurrency": list(o.concurrency), "isl": o.isl, "osl": o.osl,
-                "requests_per_level": o.requests_per_level}
+        return {
+            "executor": "measure",
+            "launch": o.launch,
+            "concurrency": list(o.concurrency),
+            "isl": o.isl,
+            "osl": o.osl,
+            "requests_per_level": o.requests_per_level,
+        }
 
     def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]:
         for it in items:
-            base = dict(id=it.id, executor=self.name, key=self.key(), mode=it.mode, gpus=it.gpus, description=it.description)
+            base = dict(
+                id=it.id, executor=self.name, key=self.key(), mode=it.mode, gpus=it.gpus, description=it.description
+            )
             if not it.feasible:
                 yield ItemResult(status="infeasible", category=it.category, reason=it.reason, **base)
                 continue
@@ -113,8 +121,10 @@ class MeasureExecutor:
             me = local_identities()
             remote = [f"{n.name} ({n.address})" for n in p.nodes if not _is_local(n.address, n.name, me)]
             if remote:
-                raise UserError(f"bare-metal measured sweeps start every node's launcher from this machine, but "
-                                f"{', '.join(remote)} is not this machine. Use --launch ray for multi-node topologies.")
+                raise UserError(
+                    f"bare-metal measured sweeps start every node's launcher from this machine, but "
+                    f"{', '.join(remote)} is not this machine. Use --launch ray for multi-node topologies."
+                )
         urls, gpus, _ = endpoints_for_topology(topo)
         procs = self._start(topo, p, point)
         try:
@@ -122,10 +132,14 @@ class MeasureExecutor:
             while not _probe_all(urls):
                 dead = [pr for pr in procs if pr.poll() is not None]
                 if dead:
-                    raise RuntimeError(f"a launcher of {it.id} exited ({dead[0].returncode}) before the deployment was ready; "
-                                       f"logs under {point / 'run'}")
+                    raise RuntimeError(
+                        f"a launcher of {it.id} exited ({dead[0].returncode}) before the deployment was ready; "
+                        f"logs under {point / 'run'}"
+                    )
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{it.id} did not become healthy in {o.ready_timeout_s:.0f} s; logs under {point / 'run'}")
+                    raise RuntimeError(
+                        f"{it.id} did not become healthy in {o.ready_timeout_s:.0f} s; logs under {point / 'run'}"
+                    )
                 time.sleep(1.0)
             return self._bench(urls, gpus, point / "bench")
         finally:
@@ -141,15 +155,38 @@ class MeasureExecutor:
         log = open(point / "launch.log", "ab")  # noqa: SIM115 - closed with the processes
         procs = []
         if o.launch == "ray":
-            cmd = [sys.executable, "-m", "widep", "launch", str(topo), "--backend", "ray", "--run-dir", str(point / "run"), *common]
+            cmd = [
+                sys.executable,
+                "-m",
+                "widep",
+                "launch",
+                str(topo),
+                "--backend",
+                "ray",
+                "--run-dir",
+                str(point / "run"),
+                *common,
+            ]
             if o.ray_address:
                 cmd += ["--address", o.ray_address]
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         else:
             nodes = sorted({r.node for rp in p.roles for r in rp.ranks} | ({p.router.node} if p.router else set()))
             for n in nodes:
-                cmd = [sys.executable, "-m", "widep", "launch", str(topo), "--node", str(n), "--run-dir",
-                       str(point / "run" / f"n{n}"), "--restart", "never", *common]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "widep",
+                    "launch",
+                    str(topo),
+                    "--node",
+                    str(n),
+                    "--run-dir",
+                    str(point / "run" / f"n{n}"),
+                    "--restart",
+                    "never",
+                    *common,
+                ]
                 procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
         return procs
@@ -168,11 +205,10 @@ class MeasureExecutor:
                 pr.wait()
 
     def _bench(self, urls: list[str], gpus: int, out: Path) -> list[dict[str, Any]]:
-        from widep.bench.loadgen import Level
+        from widep.bench.loadgen import Level, run_sync
         from widep.bench.report import stack_from_endpoints
         from widep.bench.sweep import SweepConfig, fetch_served_model, run_sweep
         from widep.bench.workload import LengthSpec, WorkloadSpec
-        from widep.bench.loadgen import run_sync
 
         o = self.opts
         model, _ = run_sync(fetch_served_model(urls[0]))
@@ -191,15 +227,17 @@ class MeasureExecutor:
             if oc.status == "failed" or not s:
                 levels.append({"concurrency": oc.level.concurrency, "status": "failed", "error": oc.error})
                 continue
-            levels.append({
-                "concurrency": oc.level.concurrency,
-                "tps_gpu": s.get("output_tps_per_gpu"),
-                "tps_user": s.get("tps_per_user"),
-                "ttft_ms": (s.get("ttft_ms") or {}).get("p50"),
-                "tpot_ms": (s.get("tpot_ms") or {}).get("p50"),
-                "completed": s.get("completed"),
-                "failed": s.get("failed"),
-            })
+            levels.append(
+                {
+                    "concurrency": oc.level.concurrency,
+                    "tps_gpu": s.get("output_tps_per_gpu"),
+                    "tps_user": s.get("tps_per_user"),
+                    "ttft_ms": (s.get("ttft_ms") or {}).get("p50"),
+                    "tpot_ms": (s.get("tpot_ms") or {}).get("p50"),
+                    "completed": s.get("completed"),
+                    "failed": s.get("failed"),
+                }
+            )
         return levels
 
 

@@ -28,8 +28,9 @@ Every efficiency and kernel figure comes from a :class:`~widep.perf.calibration.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -99,8 +100,15 @@ class Workload:
         return self.isl * self.prefix_hit + self.isl_computed / 2.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"isl": self.isl, "osl": self.osl, "prefix_hit": self.prefix_hit, "spec_tokens": self.spec_tokens,
-                "decode_context": self.ctx_decode, "arrival": self.arrival, "spec_acceptance": self.spec_acceptance}
+        return {
+            "isl": self.isl,
+            "osl": self.osl,
+            "prefix_hit": self.prefix_hit,
+            "spec_tokens": self.spec_tokens,
+            "decode_context": self.ctx_decode,
+            "arrival": self.arrival,
+            "spec_acceptance": self.spec_acceptance,
+        }
 
     def acceptance(self, cal: Calibration) -> float:
         return cal.spec_acceptance if self.spec_acceptance is None else float(self.spec_acceptance)
@@ -160,7 +168,9 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
             try:
                 return int(json.loads(val).get("num_speculative_tokens", 0))
             except (ValueError, AttributeError):
-                raise UserError(f"roles[].extra_args: --speculative-config must be JSON with num_speculative_tokens. Given: {val!r}.") from None
+                raise UserError(
+                    f"roles[].extra_args: --speculative-config must be JSON with num_speculative_tokens. Given: {val!r}."
+                ) from None
     return 0
 
 
@@ -178,7 +188,11 @@ def balancer_of(plan: Any) -> str:
 def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
     """A :class:`RoleInput` from a planner ``RolePlan``."""
     s = rp.spec
-    cuda_graphs = not s.enforce_eager and not (rp.all2all_backend == "deepep_high_throughput" and rp.dp_size > 1) and gpu.device != "cpu"
+    cuda_graphs = (
+        not s.enforce_eager
+        and not (rp.all2all_backend == "deepep_high_throughput" and rp.dp_size > 1)
+        and gpu.device != "cpu"
+    )
     return RoleInput(
         kind=rp.kind,
         gpu=gpu,
@@ -341,8 +355,21 @@ class RoleBatch:
         a["bf16_peak"] = col([r.gpu.bf16_tflops * 1e12 for r in roles])
         a["nvlink"] = col([r.gpu.nvlink_gbps * GB for r in roles])
         a["nic"] = col([r.gpu.nic_gbps * GB for r in roles])
-        for name in ("tp", "dp", "ep", "replicas", "nodes", "physical_experts", "redundant", "dbo_decode_threshold",
-                     "dbo_prefill_threshold", "max_num_batched_tokens", "max_num_seqs", "kv_tokens", "spec_tokens"):
+        for name in (
+            "tp",
+            "dp",
+            "ep",
+            "replicas",
+            "nodes",
+            "physical_experts",
+            "redundant",
+            "dbo_decode_threshold",
+            "dbo_prefill_threshold",
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "kv_tokens",
+            "spec_tokens",
+        ):
             a[name] = col([getattr(r, name) for r in roles])
         for name in ("expert_parallel", "eplb", "dbo", "cuda_graphs"):
             a[name] = col([getattr(r, name) for r in roles], bool)
@@ -355,8 +382,9 @@ class RoleBatch:
             if r.balancer not in ("balanced", "random"):
                 raise UserError(f"balancer: {r.balancer!r} is not known. Valid: balanced, random.")
         a["schedule"] = col([ENGINES[r.engine] for r in roles])
-        a["dp_coef"] = col([cal.dp_imbalance_random if r.balancer == "random" else cal.dp_imbalance_balanced
-                            for r in roles])
+        a["dp_coef"] = col(
+            [cal.dp_imbalance_random if r.balancer == "random" else cal.dp_imbalance_balanced for r in roles]
+        )
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
@@ -370,18 +398,29 @@ class RoleBatch:
                     memo[k] = (0.0, 0.0, 0.0, 0.0)
                 elif r.nodes <= 1:
                     sc = r.gpu.nvlink_gbps / cal.ref_nvlink_gbps
-                    memo[k] = (t.latency_us * 1e-6, _BYTES_MODEL[t.bytes_model], t.intranode_dispatch_gbps * GB * sc, t.intranode_combine_gbps * GB * sc)
+                    memo[k] = (
+                        t.latency_us * 1e-6,
+                        _BYTES_MODEL[t.bytes_model],
+                        t.intranode_dispatch_gbps * GB * sc,
+                        t.intranode_combine_gbps * GB * sc,
+                    )
                 else:
                     sc = r.gpu.nic_gbps / cal.ref_nic_gbps
-                    memo[k] = (t.latency_us * 1e-6, _BYTES_MODEL[t.bytes_model], float(t.internode_gbps(r.ep, "dispatch")) * GB * sc,
-                               float(t.internode_gbps(r.ep, "combine")) * GB * sc)
+                    memo[k] = (
+                        t.latency_us * 1e-6,
+                        _BYTES_MODEL[t.bytes_model],
+                        float(t.internode_gbps(r.ep, "dispatch")) * GB * sc,
+                        float(t.internode_gbps(r.ep, "combine")) * GB * sc,
+                    )
             return memo[k]
 
         links = np.asarray([link(r) for r in roles], float).reshape(n, 4)
         a["a2a_lat"], a["a2a_model"], a["a2a_bw_d"], a["a2a_bw_c"] = (links[:, i : i + 1] for i in range(4))
         # per-GPU weight bytes read per micro-batch
         tp = a["tp"]
-        a["dense_bytes"] = (arch.dense_params * arch.dense_bytes_per_param + arch.lm_params * 2.0) / tp + arch.router_params * 2.0
+        a["dense_bytes"] = (
+            arch.dense_params * arch.dense_bytes_per_param + arch.lm_params * 2.0
+        ) / tp + arch.router_params * 2.0
         a["expert_frac"] = np.where(a["expert_parallel"], 1.0, 1.0 / tp)
         a["slots"] = np.where(a["expert_parallel"], a["physical_experts"] / a["ep"], a["physical_experts"])
         a["kv_bytes_tok"] = arch.kv_bytes_per_token(tp)
@@ -438,7 +477,9 @@ class Step:
         """Index into BOUND_NAMES of the largest of memory, compute, exposed all-to-all and overheads."""
         over = self.launch + self.host + self.tp_allreduce
         shape = self.total.shape
-        cands = np.stack([np.broadcast_to(x, shape) for x in (self.memory_time, self.compute_time, self.all2all_exposed, over)])
+        cands = np.stack(
+            [np.broadcast_to(x, shape) for x in (self.memory_time, self.compute_time, self.all2all_exposed, over)]
+        )
         return np.argmax(cands, axis=0)
 
     def row(self, i: int, j: int = 0) -> dict[str, float]:
@@ -531,19 +572,37 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     # attention: decode KV read vs FLOPs; prefill FLOPs
     kv_read = d * ctx_d * rb.kv_bytes_tok
     att_dec_flops = A.att_decode_flops / tp * d * q * A.ctx_layers(ctx_d)
-    t_att_dec = _soft_max(att_dec_flops / (rb.bf16_peak * cal.attention_decode_efficiency), kv_read / (hbm * cal.hbm_kv_read_efficiency), P)
+    t_att_dec = _soft_max(
+        att_dec_flops / (rb.bf16_peak * cal.attention_decode_efficiency),
+        kv_read / (hbm * cal.hbm_kv_read_efficiency),
+        P,
+    )
     att_pf_flops = A.att_prefill_flops / tp * p * A.ctx_layers(ctx_p)
     kv_write = (d * q + p) * rb.kv_bytes_tok
-    t_att = t_att_dec + att_pf_flops / (rb.bf16_peak * cal.attention_prefill_efficiency) + kv_write / (hbm * cal.hbm_weights_efficiency)
+    t_att = (
+        t_att_dec
+        + att_pf_flops / (rb.bf16_peak * cal.attention_prefill_efficiency)
+        + kv_write / (hbm * cal.hbm_weights_efficiency)
+    )
 
     # elementwise traffic, TP all-reduces, kernel gaps, host
     act_bytes = T * cal.activation_bytes_per_hidden * A.hidden * A.layers * spec_f
     t_act = act_bytes / (hbm * cal.hbm_weights_efficiency)
     ar_bytes = 2.0 * (tp - 1.0) / tp * Tm * A.hidden * 2.0
-    t_ar = np.where(tp > 1, nmb * A.layers * spec_f * cal.tp_allreduce_per_layer
-                    * (cal.tp_allreduce_latency_us * 1e-6 + ar_bytes / (rb.nvlink * cal.tp_allreduce_nvlink_efficiency)), 0.0)
-    gap = np.where(~rb.cuda_graphs, cal.kernel_gap_eager_us,
-                   np.where((p <= 0) & (T <= cal.graph_max_tokens), cal.kernel_gap_full_graph_us, cal.kernel_gap_piecewise_us))
+    t_ar = np.where(
+        tp > 1,
+        nmb
+        * A.layers
+        * spec_f
+        * cal.tp_allreduce_per_layer
+        * (cal.tp_allreduce_latency_us * 1e-6 + ar_bytes / (rb.nvlink * cal.tp_allreduce_nvlink_efficiency)),
+        0.0,
+    )
+    gap = np.where(
+        ~rb.cuda_graphs,
+        cal.kernel_gap_eager_us,
+        np.where((p <= 0) & (T <= cal.graph_max_tokens), cal.kernel_gap_full_graph_us, cal.kernel_gap_piecewise_us),
+    )
     t_launch = nmb * A.layers * spec_f * cal.kernels_per_layer * gap * 1e-6
     seqs = d + np.where(p > 0, np.maximum(p / 2048.0, 1.0), 0.0)  # prefill: one request per ~2K prompt tokens
     t_host = (cal.host_step_us + cal.host_per_seq_us * seqs) * 1e-6
@@ -556,7 +615,11 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     # (DeepEP normal kernels send once per node and forward over NVLink), distinct other ranks inside a node
     units = np.where(rb.intranode, ep, np.maximum(rb.nodes, 1.0))
     distinct = units * (1.0 - (1.0 - 1.0 / units) ** k)
-    copies = np.where(rb.a2a_model == 0, k, np.where(rb.a2a_model == 3, distinct * (units - 1.0) / units, ep * (1.0 - (1.0 - 1.0 / ep) ** k)))
+    copies = np.where(
+        rb.a2a_model == 0,
+        k,
+        np.where(rb.a2a_model == 3, distinct * (units - 1.0) / units, ep * (1.0 - (1.0 - 1.0 / ep) ** k)),
+    )
     disp_b = np.where(rb.a2a_model == 2, Tm * (rb.dp - 1.0) * A.hidden * 2.0, tok * copies * A.dispatch_bytes)
     comb_b = np.where(rb.a2a_model == 2, Tm * (rb.dp - 1.0) * A.hidden * 2.0, tok * copies * A.combine_bytes)
     skew_io = np.where(rb.a2a_model == 2, 1.0, imb)
@@ -592,8 +655,16 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     total = t_comp + exposed + contention + t_host + draft
 
     hbm_bytes = (nmb * spec_f * (rb.dense_bytes + A.moe_layers * exp_bytes) + kv_read + kv_write + act_bytes) * (T > 0)
-    flops = nmb * spec_f * (2.0 * (A.dense_params * Tm + A.lm_params * logit_rows) / tp
-                            + 2.0 * A.expert_params * rb.expert_frac * rows_gpu * A.moe_layers) + att_dec_flops + att_pf_flops
+    flops = (
+        nmb
+        * spec_f
+        * (
+            2.0 * (A.dense_params * Tm + A.lm_params * logit_rows) / tp
+            + 2.0 * A.expert_params * rb.expert_frac * rows_gpu * A.moe_layers
+        )
+        + att_dec_flops
+        + att_pf_flops
+    )
     return Step(
         total=total,
         dense=t_dense,
@@ -616,7 +687,8 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
         active_experts=active,
         expert_bytes=np.where(T > 0, nmb * spec_f * A.moe_layers * exp_bytes, 0.0),
         memory_time=np.where(T > 0, nmb * spec_f * (dense_mem + A.moe_layers * exp_mem), 0.0)
-        + kv_read / (hbm * cal.hbm_kv_read_efficiency) + (kv_write + act_bytes) / (hbm * cal.hbm_weights_efficiency),
+        + kv_read / (hbm * cal.hbm_kv_read_efficiency)
+        + (kv_write + act_bytes) / (hbm * cal.hbm_weights_efficiency),
         compute_time=nmb * spec_f * (dense_flops_mb / (rb.dense_peak * dense_eff) + A.moe_layers * exp_comp)
         + att_dec_flops / (rb.bf16_peak * cal.attention_decode_efficiency)
         + att_pf_flops / (rb.bf16_peak * cal.attention_prefill_efficiency),
@@ -771,8 +843,16 @@ def busiest_load(rb: RoleBatch, b: np.ndarray, cap: np.ndarray) -> np.ndarray:
     return np.minimum(bb * dp_busiest(rb, bb), np.maximum(cap, bb))
 
 
-def _prefill_limited(rd: RoleBatch, cal: Calibration, w: Workload, b0: np.ndarray, Xp: np.ndarray, q: np.ndarray,
-                     qa: np.ndarray, cap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _prefill_limited(
+    rd: RoleBatch,
+    cal: Calibration,
+    w: Workload,
+    b0: np.ndarray,
+    Xp: np.ndarray,
+    q: np.ndarray,
+    qa: np.ndarray,
+    cap: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode batch per rank when the prefill group completes only Xp requests/s (and which rows are starved).
 
     Solves b = Xp * osl * S(b) / (ranks * qa) from above (a contraction: b / S(b) grows with b), on the
@@ -828,8 +908,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         p_load = pb
         S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
         held = Gd * b
-        ttft = (held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S
-                + front_end(cal, b0))
+        ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
         E = ttft + (w.osl - 1.0) / qa * S
         X = held / E
         ttft = ttft + _wait(C, X, E)
@@ -960,9 +1039,9 @@ class LevelPrediction:
     saturation: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "breakdown"} | {
-            "breakdown": {k: round(v, 4) for k, v in self.breakdown.items()}
-        }
+        return {
+            k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "breakdown"
+        } | {"breakdown": {k: round(v, 4) for k, v in self.breakdown.items()}}
 
 
 def _f(x: Any) -> float | None:
@@ -1005,8 +1084,15 @@ def with_saturation(levels: np.ndarray, cap: float, saturation: bool) -> tuple[n
     return merged, int(np.searchsorted(merged, cap))
 
 
-def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], cal: Calibration, *,
-                 saturation: bool = True, engine: str = "vllm") -> tuple[str, list[LevelPrediction]]:
+def predict_plan(
+    plan: Any,
+    workload: Workload,
+    concurrency: Sequence[float],
+    cal: Calibration,
+    *,
+    saturation: bool = True,
+    engine: str = "vllm",
+) -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in
@@ -1031,12 +1117,19 @@ def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], ca
         if len(roles) > 1:  # independent groups: throughput adds up; the slowest group sets the latencies
             wts = share[:, None]
             perf = Perf(
-                concurrency=C[None, :], batch=(perf.batch * wts).sum(0, keepdims=True),
-                tps_gpu=(perf.tps_gpu * wts).sum(0, keepdims=True), tps_user=np.nanmin(perf.tps_user, 0, keepdims=True),
-                ttft=np.nanmax(perf.ttft, 0, keepdims=True), tpot=np.nanmax(perf.tpot, 0, keepdims=True),
-                step=np.max(perf.step, 0, keepdims=True), requests_per_s=perf.requests_per_s.sum(0, keepdims=True),
-                input_tps_gpu=(perf.input_tps_gpu * wts).sum(0, keepdims=True), bound=perf.bound[:1], limit=perf.limit[:1],
-                capacity=np.asarray([[total_cap]]), steps={"mixed": perf.steps["mixed"]},
+                concurrency=C[None, :],
+                batch=(perf.batch * wts).sum(0, keepdims=True),
+                tps_gpu=(perf.tps_gpu * wts).sum(0, keepdims=True),
+                tps_user=np.nanmin(perf.tps_user, 0, keepdims=True),
+                ttft=np.nanmax(perf.ttft, 0, keepdims=True),
+                tpot=np.nanmax(perf.tpot, 0, keepdims=True),
+                step=np.max(perf.step, 0, keepdims=True),
+                requests_per_s=perf.requests_per_s.sum(0, keepdims=True),
+                input_tps_gpu=(perf.input_tps_gpu * wts).sum(0, keepdims=True),
+                bound=perf.bound[:1],
+                limit=perf.limit[:1],
+                capacity=np.asarray([[total_cap]]),
+                steps={"mixed": perf.steps["mixed"]},
             )
         return "mixed", levels_from_perf(perf, 0, sat)
     pre = [r for r in roles if r.kind == "prefill"]
@@ -1048,12 +1141,18 @@ def predict_plan(plan: Any, workload: Workload, concurrency: Sequence[float], ca
         )
     if pre and dec:
         rp, rd = RoleBatch.build(arch, pre, cal), RoleBatch.build(arch, dec, cal)
-        C, sat = with_saturation(levels, float(serve_pd(rp, rd, cal, workload, levels[None, :1]).capacity[0, 0]), saturation)
+        C, sat = with_saturation(
+            levels, float(serve_pd(rp, rd, cal, workload, levels[None, :1]).capacity[0, 0]), saturation
+        )
         return "pd", levels_from_perf(serve_pd(rp, rd, cal, workload, C[None, :]), 0, sat)
     if dec:
         rd = RoleBatch.build(arch, dec, cal)
-        C, sat = with_saturation(levels, float(serve_decode_only(rd, cal, workload, levels[None, :1]).capacity[0, 0]), saturation)
+        C, sat = with_saturation(
+            levels, float(serve_decode_only(rd, cal, workload, levels[None, :1]).capacity[0, 0]), saturation
+        )
         return "decode-only", levels_from_perf(serve_decode_only(rd, cal, workload, C[None, :]), 0, sat)
     rp = RoleBatch.build(arch, pre, cal)
-    C, sat = with_saturation(levels, float(serve_prefill_only(rp, cal, workload, levels[None, :1]).capacity[0, 0]), saturation)
+    C, sat = with_saturation(
+        levels, float(serve_prefill_only(rp, cal, workload, levels[None, :1]).capacity[0, 0]), saturation
+    )
     return "prefill-only", levels_from_perf(serve_prefill_only(rp, cal, workload, C[None, :]), 0, sat)

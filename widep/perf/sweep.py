@@ -24,10 +24,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,7 +76,13 @@ class SweepItem:
     planner_message: Callable[[], str | None] | None = None
 
     def candidate_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": self.id, "description": self.description, "mode": self.mode, "gpus": self.gpus, "source": self.source}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "description": self.description,
+            "mode": self.mode,
+            "gpus": self.gpus,
+            "source": self.source,
+        }
         if self.candidate is not None:
             d |= self.candidate.as_dict()
         d["feasible"] = self.feasible
@@ -94,9 +100,21 @@ def items_from_candidates(cands: Sequence[Candidate]) -> list[SweepItem]:
         kv = "fp8" if c.kv_cache_dtype == "fp8" else "bf16"
         out.append(
             SweepItem(
-                id=c.id, description=c.describe(), mode=c.mode, gpus=c.gpus, arch=arch, weight_dtype=arch.default_weight_dtype,
-                kv_dtype=kv, roles=v.roles, feasible=v.ok, category=v.category, reason=(f"{v.field}: {v.reason}" if not v.ok else ""),
-                source="enumerated", candidate=c, topology_doc=c.topology_doc, planner_message=(lambda c=c: planner_reason(c)),
+                id=c.id,
+                description=c.describe(),
+                mode=c.mode,
+                gpus=c.gpus,
+                arch=arch,
+                weight_dtype=arch.default_weight_dtype,
+                kv_dtype=kv,
+                roles=v.roles,
+                feasible=v.ok,
+                category=v.category,
+                reason=(f"{v.field}: {v.reason}" if not v.ok else ""),
+                source="enumerated",
+                candidate=c,
+                topology_doc=c.topology_doc,
+                planner_message=(lambda c=c: planner_reason(c)),
             )
         )
     return out
@@ -119,26 +137,68 @@ def items_from_topologies(paths: Sequence[str | Path]) -> list[SweepItem]:
         try:
             pl = plan(spec)
         except UserError as err:
-            out.append(SweepItem(id=ident, description=spec.description or spec.name, mode="?", gpus=0, arch=None, weight_dtype="",
-                                 kv_dtype="", roles=(), feasible=False, category=_category_of(str(err)), reason=str(err), source=str(p),
-                                 topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True)))
+            out.append(
+                SweepItem(
+                    id=ident,
+                    description=spec.description or spec.name,
+                    mode="?",
+                    gpus=0,
+                    arch=None,
+                    weight_dtype="",
+                    kv_dtype="",
+                    roles=(),
+                    feasible=False,
+                    category=_category_of(str(err)),
+                    reason=str(err),
+                    source=str(p),
+                    topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True),
+                )
+            )
             continue
         roles = tuple(role_input_from_plan(rp, pl.gpu) for rp in pl.roles)
         kinds = {r.kind for r in roles}
-        mode = "mixed" if kinds == {"mixed"} else "pd" if kinds == {"prefill", "decode"} else f"{next(iter(kinds))}-only"
+        mode = (
+            "mixed" if kinds == {"mixed"} else "pd" if kinds == {"prefill", "decode"} else f"{next(iter(kinds))}-only"
+        )
         desc = "; ".join(
             f"{rp.name} ({rp.kind}) DP{rp.dp_size}xTP{rp.tp_size}=EP{rp.ep_size} x{rp.spec.replicas}, {rp.all2all_backend}"
-            + (", DBO" if rp.spec.dbo.enabled else "") + (f", EPLB+{rp.spec.eplb.redundant_experts}" if rp.spec.eplb.enabled else "")
+            + (", DBO" if rp.spec.dbo.enabled else "")
+            + (f", EPLB+{rp.spec.eplb.redundant_experts}" if rp.spec.eplb.enabled else "")
             for rp in pl.roles
         )
         if len([r for r in roles if r.kind == "prefill"]) > 1 or len([r for r in roles if r.kind == "decode"]) > 1:
-            out.append(SweepItem(id=ident, description=desc, mode=mode, gpus=pl.total_gpus, arch=pl.arch, weight_dtype=pl.weight_dtype,
-                                 kv_dtype=pl.kv_dtype, roles=roles, feasible=False, category="config",
-                                 reason="the model predicts one prefill and one decode role per deployment", source=str(p)))
+            out.append(
+                SweepItem(
+                    id=ident,
+                    description=desc,
+                    mode=mode,
+                    gpus=pl.total_gpus,
+                    arch=pl.arch,
+                    weight_dtype=pl.weight_dtype,
+                    kv_dtype=pl.kv_dtype,
+                    roles=roles,
+                    feasible=False,
+                    category="config",
+                    reason="the model predicts one prefill and one decode role per deployment",
+                    source=str(p),
+                )
+            )
             continue
-        out.append(SweepItem(id=ident, description=desc, mode=mode, gpus=pl.total_gpus, arch=pl.arch, weight_dtype=pl.weight_dtype,
-                             kv_dtype=pl.kv_dtype, roles=roles, feasible=True, source=str(p),
-                             topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True)))
+        out.append(
+            SweepItem(
+                id=ident,
+                description=desc,
+                mode=mode,
+                gpus=pl.total_gpus,
+                arch=pl.arch,
+                weight_dtype=pl.weight_dtype,
+                kv_dtype=pl.kv_dtype,
+                roles=roles,
+                feasible=True,
+                source=str(p),
+                topology_doc=lambda spec=spec: spec.model_dump(exclude_defaults=True),
+            )
+        )
     return out
 
 
@@ -156,8 +216,20 @@ def _category_of(msg: str) -> str:
 # Results
 
 
-LEVEL_FIELDS = ("concurrency", "batch_per_rank", "tps_gpu", "tps_user", "ttft_ms", "tpot_ms", "step_ms", "requests_per_s",
-                "input_tps_gpu", "bound", "limit", "saturation")
+LEVEL_FIELDS = (
+    "concurrency",
+    "batch_per_rank",
+    "tps_gpu",
+    "tps_user",
+    "ttft_ms",
+    "tpot_ms",
+    "step_ms",
+    "requests_per_s",
+    "input_tps_gpu",
+    "bound",
+    "limit",
+    "saturation",
+)
 
 
 class LevelBlock:
@@ -187,8 +259,9 @@ class LevelTable(Sequence[dict[str, Any]]):
 
     __slots__ = ("_sat", "block", "idx", "row", "sat_pos", "xy")
 
-    def __init__(self, block: LevelBlock, row: int, idx: np.ndarray, xy: np.ndarray | None = None,
-                 sat_pos: int | None = None) -> None:
+    def __init__(
+        self, block: LevelBlock, row: int, idx: np.ndarray, xy: np.ndarray | None = None, sat_pos: int | None = None
+    ) -> None:
         self.block = block
         self.row = row
         self.idx = idx
@@ -274,8 +347,10 @@ class ItemResult:
         """The level with the most tokens/s/GPU that meets the SLOs (None when none does)."""
         tps, user, ttft = (_column(self.levels, n) for n in ("tps_gpu", "tps_user", "ttft_ms"))
         ok = [
-            j for j in range(len(tps))
-            if (min_tps_user is None or (user[j] or 0.0) >= min_tps_user) and (max_ttft_ms is None or (ttft[j] is not None and ttft[j] <= max_ttft_ms))
+            j
+            for j in range(len(tps))
+            if (min_tps_user is None or (user[j] or 0.0) >= min_tps_user)
+            and (max_ttft_ms is None or (ttft[j] is not None and ttft[j] <= max_ttft_ms))
         ]
         return self.levels[max(ok, key=lambda j: tps[j])] if ok else None
 
@@ -311,18 +386,40 @@ class PredictExecutor:
             raise UserError(f"--concurrency: levels must be >= 1. Given: {levels}.")
 
     def key(self) -> dict[str, Any]:
-        return {"executor": self.name, "calibration": self.cal.fingerprint(), "workload": self.workload.as_dict(), "levels": self.levels}
+        return {
+            "executor": self.name,
+            "calibration": self.cal.fingerprint(),
+            "workload": self.workload.as_dict(),
+            "levels": self.levels,
+        }
 
     def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]:
         key = self.key()
         for it in items:
             if not it.feasible:
-                yield ItemResult(id=it.id, status="infeasible", executor=self.name, key=key, mode=it.mode, gpus=it.gpus,
-                                 description=it.description, category=it.category, reason=it.reason)
+                yield ItemResult(
+                    id=it.id,
+                    status="infeasible",
+                    executor=self.name,
+                    key=key,
+                    mode=it.mode,
+                    gpus=it.gpus,
+                    description=it.description,
+                    category=it.category,
+                    reason=it.reason,
+                )
         scored = self.score([it for it in items if it.feasible])
         for it, levels in scored:
-            yield ItemResult(id=it.id, status="ok", executor=self.name, key=key, mode=it.mode, gpus=it.gpus, description=it.description,
-                             levels=levels)
+            yield ItemResult(
+                id=it.id,
+                status="ok",
+                executor=self.name,
+                key=key,
+                mode=it.mode,
+                gpus=it.gpus,
+                description=it.description,
+                levels=levels,
+            )
 
     # -- vectorised scoring -----------------------------------------------------------------------------
     def score_arrays(self, items: Sequence[SweepItem]) -> list[tuple[list[SweepItem], Perf, int]]:
@@ -369,12 +466,18 @@ class PredictExecutor:
             dup = np.zeros((n, m), bool)
             dup[:, :k] = np.abs(conc[:, :k] - conc[:, k : k + 1]) < 1e-6
             mats = {
-                "concurrency": np.round(conc, 4), "batch_per_rank": np.round(perf.batch, 4),
-                "tps_gpu": np.round(perf.tps_gpu, 4), "tps_user": np.round(perf.tps_user, 4),
-                "ttft_ms": np.round(perf.ttft * 1e3, 4), "tpot_ms": np.round(perf.tpot * 1e3, 4),
-                "step_ms": np.round(perf.step * 1e3, 4), "requests_per_s": np.round(perf.requests_per_s, 4),
-                "input_tps_gpu": np.round(perf.input_tps_gpu, 4), "bound": np.asarray(perf.bound, np.int64),
-                "limit": np.asarray(perf.limit, np.int64), "saturation": sat,
+                "concurrency": np.round(conc, 4),
+                "batch_per_rank": np.round(perf.batch, 4),
+                "tps_gpu": np.round(perf.tps_gpu, 4),
+                "tps_user": np.round(perf.tps_user, 4),
+                "ttft_ms": np.round(perf.ttft * 1e3, 4),
+                "tpot_ms": np.round(perf.tpot * 1e3, 4),
+                "step_ms": np.round(perf.step * 1e3, 4),
+                "requests_per_s": np.round(perf.requests_per_s, 4),
+                "input_tps_gpu": np.round(perf.input_tps_gpu, 4),
+                "bound": np.asarray(perf.bound, np.int64),
+                "limit": np.asarray(perf.limit, np.int64),
+                "saturation": sat,
             }
             mats = {k: np.broadcast_to(v, (n, m)) for k, v in mats.items()}
             block = LevelBlock(mats, {"bound": BOUND_NAMES, "limit": LIMIT_NAMES})
@@ -399,7 +502,9 @@ class PredictExecutor:
 
 def _write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, separators=(",", ":"), default=str) if compact else json.dumps(obj, indent=1, default=str))
+    tmp.write_text(
+        json.dumps(obj, separators=(",", ":"), default=str) if compact else json.dumps(obj, indent=1, default=str)
+    )
     tmp.replace(path)
 
 
@@ -503,8 +608,11 @@ def _chunk_line(results: Sequence[ItemResult], key: dict[str, Any]) -> str:
     n_levels = [len(r.levels) for r in results]
     lv = _level_arrays(results)
     packed = {f: _pack(f, v) for f, v in lv.items()}
-    return json.dumps({"format": CHUNK_FORMAT, "key": key, "items": cols, "n_levels": n_levels, "levels": packed},
-                      separators=(",", ":"), default=str)
+    return json.dumps(
+        {"format": CHUNK_FORMAT, "key": key, "items": cols, "n_levels": n_levels, "levels": packed},
+        separators=(",", ":"),
+        default=str,
+    )
 
 
 def _read_chunks(path: Path) -> Iterator[tuple[dict[str, Any], list[ItemResult]]]:
@@ -566,9 +674,16 @@ def run_sweep(
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "sweep.json", {"format": "widep-sweep/1", "executor": key, **(meta or {}),
-                                         "items": len(items),
-                                         "results": RESULTS_FILE if columnar else "<item-id>/result.json"})
+        _write_json(
+            out / "sweep.json",
+            {
+                "format": "widep-sweep/1",
+                "executor": key,
+                **(meta or {}),
+                "items": len(items),
+                "results": RESULTS_FILE if columnar else "<item-id>/result.json",
+            },
+        )
         store = out / RESULTS_FILE
         wanted = {it.id for it in items}
         if columnar and resume:
@@ -635,7 +750,9 @@ def run_sweep(
 # Frontier and summary
 
 
-def frontier(results: Iterable[ItemResult], max_ttft_ms: float | None = None) -> list[tuple[ItemResult, dict[str, Any]]]:
+def frontier(
+    results: Iterable[ItemResult], max_ttft_ms: float | None = None
+) -> list[tuple[ItemResult, dict[str, Any]]]:
     """The Pareto frontier over (tokens/s/user, tokens/s/GPU) of every level of every ok result.
 
     With ``max_ttft_ms`` only levels whose TTFT meets it take part.
@@ -644,7 +761,9 @@ def frontier(results: Iterable[ItemResult], max_ttft_ms: float | None = None) ->
     computed with numpy because a sweep has 10^5 points.
     """
     results = list(results)
-    if results and all(r.status != "ok" or (isinstance(r.levels, LevelTable) and r.levels.xy is not None) for r in results):
+    if results and all(
+        r.status != "ok" or (isinstance(r.levels, LevelTable) and r.levels.xy is not None) for r in results
+    ):
         return _frontier_arrays(results, max_ttft_ms)
     owners: list[tuple[ItemResult, int]] = []
     xs: list[Any] = []
@@ -709,24 +828,52 @@ def _frontier_arrays(results: list[ItemResult], max_ttft_ms: float | None) -> li
 
 
 SUMMARY_FIELDS = (
-    "id", "status", "mode", "gpus", "description", "category", "reason", "on_frontier",
-    "sat_concurrency", "sat_tps_gpu", "sat_tps_user", "sat_ttft_ms", "sat_tpot_ms", "sat_batch_per_rank", "sat_bound", "sat_limit",
+    "id",
+    "status",
+    "mode",
+    "gpus",
+    "description",
+    "category",
+    "reason",
+    "on_frontier",
+    "sat_concurrency",
+    "sat_tps_gpu",
+    "sat_tps_user",
+    "sat_ttft_ms",
+    "sat_tpot_ms",
+    "sat_batch_per_rank",
+    "sat_bound",
+    "sat_limit",
 )
 
 
-def summary_rows(results: Sequence[ItemResult], front_points: list[tuple[ItemResult, dict[str, Any]]] | None = None
-                 ) -> list[dict[str, Any]]:
+def summary_rows(
+    results: Sequence[ItemResult], front_points: list[tuple[ItemResult, dict[str, Any]]] | None = None
+) -> list[dict[str, Any]]:
     front = {r.id for r, _ in (frontier(results) if front_points is None else front_points)}
     rows = []
     for r in results:
         sat = r.saturation or {}
-        rows.append({
-            "id": r.id, "status": r.status, "mode": r.mode, "gpus": r.gpus, "description": r.description, "category": r.category,
-            "reason": r.reason, "on_frontier": r.id in front,
-            "sat_concurrency": sat.get("concurrency"), "sat_tps_gpu": sat.get("tps_gpu"), "sat_tps_user": sat.get("tps_user"),
-            "sat_ttft_ms": sat.get("ttft_ms"), "sat_tpot_ms": sat.get("tpot_ms"), "sat_batch_per_rank": sat.get("batch_per_rank"),
-            "sat_bound": sat.get("bound"), "sat_limit": sat.get("limit"),
-        })
+        rows.append(
+            {
+                "id": r.id,
+                "status": r.status,
+                "mode": r.mode,
+                "gpus": r.gpus,
+                "description": r.description,
+                "category": r.category,
+                "reason": r.reason,
+                "on_frontier": r.id in front,
+                "sat_concurrency": sat.get("concurrency"),
+                "sat_tps_gpu": sat.get("tps_gpu"),
+                "sat_tps_user": sat.get("tps_user"),
+                "sat_ttft_ms": sat.get("ttft_ms"),
+                "sat_tpot_ms": sat.get("tpot_ms"),
+                "sat_batch_per_rank": sat.get("batch_per_rank"),
+                "sat_bound": sat.get("bound"),
+                "sat_limit": sat.get("limit"),
+            }
+        )
     return rows
 
 
@@ -741,12 +888,15 @@ def write_summary(results: Sequence[ItemResult], out: Path) -> None:
         wr.writerow(SUMMARY_FIELDS)
         wr.writerows([row[f] for f in SUMMARY_FIELDS] for row in rows)
     big = len(rows) > SUMMARY_JSON_MAX  # large sweeps: every candidate is in summary.csv (and results.jsonl)
-    _write_json(out / "summary.json", {
-        "format": "widep-sweep-summary/1",
-        "count": len(rows),
-        **({"candidates_in": "summary.csv"} if big else {"candidates": rows}),
-        "frontier": [{"id": r.id, **lv} for r, lv in front],
-    })
+    _write_json(
+        out / "summary.json",
+        {
+            "format": "widep-sweep-summary/1",
+            "count": len(rows),
+            **({"candidates_in": "summary.csv"} if big else {"candidates": rows}),
+            "frontier": [{"id": r.id, **lv} for r, lv in front],
+        },
+    )
 
 
 def load_results(out: Path) -> list[ItemResult]:
@@ -776,8 +926,12 @@ def _cloud(ok: Sequence[ItemResult], most: int) -> tuple[np.ndarray, np.ndarray,
         if xy is not None:
             parts.append(np.asarray(xy[:2], float))
         else:
-            parts.append(np.asarray([[lv.get("tps_user") or np.nan for lv in r.levels],
-                                     [lv.get("tps_gpu") or 0.0 for lv in r.levels]], float).reshape(2, -1))
+            parts.append(
+                np.asarray(
+                    [[lv.get("tps_user") or np.nan for lv in r.levels], [lv.get("tps_gpu") or 0.0 for lv in r.levels]],
+                    float,
+                ).reshape(2, -1)
+            )
     pts = np.concatenate(parts, axis=1) if parts else np.zeros((2, 0))
     pts = pts[:, np.isfinite(pts[0]) & (pts[0] > 0)]
     n = pts.shape[1]
@@ -786,8 +940,15 @@ def _cloud(ok: Sequence[ItemResult], most: int) -> tuple[np.ndarray, np.ndarray,
     return pts[0], pts[1], n
 
 
-def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequence[Path] = (), lines: bool | None = None,
-               label_top: int = 12, cloud_max: int = 2000) -> list[Path]:
+def plot_sweep(
+    results: Sequence[ItemResult],
+    prefix: Path,
+    *,
+    measured: Sequence[Path] = (),
+    lines: bool | None = None,
+    label_top: int = 12,
+    cloud_max: int = 2000,
+) -> list[Path]:
     """Pareto plot of tokens/s/user (x) vs tokens/s/GPU (y), in the style of ``widep bench plot``.
 
     ``lines`` (default: when there are at most 12 candidates) draws one line per candidate over its
@@ -811,7 +972,9 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
 
     ok = [r for r in results if r.status == "ok" and any(_column(r.levels, "tps_user"))]
     if not ok and not measured:
-        raise UserError("sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only results.")
+        raise UserError(
+            "sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only results."
+        )
     lines = len(ok) <= 12 if lines is None else lines
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -826,30 +989,67 @@ def plot_sweep(results: Sequence[ItemResult], prefix: Path, *, measured: Sequenc
         for k, r in enumerate(ok):
             lv = [x for x in r.levels if x.get("tps_user")]
             col = colors[k % len(colors)]
-            ax.plot([x["tps_user"] for x in lv], [x["tps_gpu"] for x in lv], "o--", color=col, label=f"{r.id} (predicted)")
+            ax.plot(
+                [x["tps_user"] for x in lv], [x["tps_gpu"] for x in lv], "o--", color=col, label=f"{r.id} (predicted)"
+            )
             for x in lv:
-                ax.annotate(f"{x['concurrency']:g}", (x["tps_user"], x["tps_gpu"]), textcoords="offset points", xytext=(4, 4), fontsize=8, color=col)
+                ax.annotate(
+                    f"{x['concurrency']:g}",
+                    (x["tps_user"], x["tps_gpu"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=8,
+                    color=col,
+                )
     else:
         # the cloud is a seeded sample of at most cloud_max points, rasterised: the files stay small
         xs, ys, n_all = _cloud(ok, cloud_max)
         what = f"{len(ok)} candidates x levels" + (f" ({len(xs)} of {n_all} shown)" if len(xs) < n_all else "")
         ax.scatter(xs, ys, s=4, color="lightgrey", label=what, rasterized=True)
     if front:
-        ax.plot([lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], "--", color="grey", lw=1, label="frontier (predicted)")
+        ax.plot(
+            [lv["tps_user"] for _, lv in front],
+            [lv["tps_gpu"] for _, lv in front],
+            "--",
+            color="grey",
+            lw=1,
+            label="frontier (predicted)",
+        )
         if not lines:
-            ax.scatter([lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], s=14, color="C3", zorder=3)
+            ax.scatter(
+                [lv["tps_user"] for _, lv in front], [lv["tps_gpu"] for _, lv in front], s=14, color="C3", zorder=3
+            )
             step = max(1, len(front) // label_top)
             for r, lv in front[::step]:
-                ax.annotate(f"{r.id} @{lv['concurrency']:g}", (lv["tps_user"], lv["tps_gpu"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=6, color="C3")
+                ax.annotate(
+                    f"{r.id} @{lv['concurrency']:g}",
+                    (lv["tps_user"], lv["tps_gpu"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=6,
+                    color="C3",
+                )
     for k, d in enumerate(measured):
         pts = [p for p in load_points(Path(d)) if p.tps_per_user is not None]
         if not pts:
             continue
         col = colors[(len(ok) + k) % len(colors)] if lines else colors[k % len(colors)]
-        ax.plot([p.tps_per_user for p in pts], [p.tps_per_gpu for p in pts], "s-", color=col, label=f"{pts[0].run} (measured)")
+        ax.plot(
+            [p.tps_per_user for p in pts],
+            [p.tps_per_gpu for p in pts],
+            "s-",
+            color=col,
+            label=f"{pts[0].run} (measured)",
+        )
         for p in pts:
-            ax.annotate(p.tag, (p.tps_per_user, p.tps_per_gpu), textcoords="offset points", xytext=(4, -10), fontsize=8, color=col)
+            ax.annotate(
+                p.tag,
+                (p.tps_per_user, p.tps_per_gpu),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=8,
+                color=col,
+            )
     ax.set_xlabel("tokens/s/user  (1000 / mean TPOT ms)")
     ax.set_ylabel("output tokens/s/GPU")
     ax.set_title("Throughput per GPU vs speed per user (labels: concurrency)")

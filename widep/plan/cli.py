@@ -12,7 +12,9 @@ from widep.plan.core import DeploymentPlan, plan
 from widep.spec.topology import TopologySpec, load_topology, parse_topology
 
 
-def spec_from_flags(model: str, gpu: str, nodes: int, gpus_per_node: int, role: str, tp: int, vllm_version: str | None) -> TopologySpec:
+def spec_from_flags(
+    model: str, gpu: str, nodes: int, gpus_per_node: int, role: str, tp: int, vllm_version: str | None
+) -> TopologySpec:
     """A topology from command-line flags alone (no file)."""
     kind = role if role in ("prefill", "decode") else "mixed"
     doc = {
@@ -58,7 +60,9 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
         f"model {s['name']}: {s['total_params_b']}B total / {s['active_params_b']}B active, {s['routed_experts']} routed"
         f" + {s['shared_experts']} shared experts, top-{s['top_k']}, {s['attention']}; weights {p.weight_dtype}, KV {p.kv_dtype}"
     )
-    con.print(f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {escape(p.spec.vllm.version)}; DP mode {p.spec.serving.dp_mode}")
+    con.print(
+        f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {escape(p.spec.vllm.version)}; DP mode {p.spec.serving.dp_mode}"
+    )
     for rp in p.roles:
         con.print()
         con.print(
@@ -113,17 +117,22 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
 
         kvt = kv_transfer_config(p)
         con.print()
-        con.print(f"[bold cyan]KV hand-off[/] prefill -> decode: {kvt['kv_connector']}"
-                  + (" (KV in host memory: NIXL DRAM over UCX)" if kvt.get("kv_buffer_device") == "cpu" else "")
-                  + f"; on a failed KV load: {kvt.get('kv_load_failure_policy', 'vLLM default')}; side channels "
-                  + ", ".join(f"{rp.name} {rp.nixl_side_channel_port}+rank" for rp in p.roles), highlight=False)
+        con.print(
+            f"[bold cyan]KV hand-off[/] prefill -> decode: {kvt['kv_connector']}"
+            + (" (KV in host memory: NIXL DRAM over UCX)" if kvt.get("kv_buffer_device") == "cpu" else "")
+            + f"; on a failed KV load: {kvt.get('kv_load_failure_policy', 'vLLM default')}; side channels "
+            + ", ".join(f"{rp.name} {rp.nixl_side_channel_port}+rank" for rp in p.roles),
+            highlight=False,
+        )
     if p.router is not None:
         from widep.render.vllm import RenderContext, render_router
 
         rc = render_router(p, RenderContext())
         con.print()
-        con.print(f"[bold cyan]router[/] on {escape(p.nodes[p.router.node].name)}: port {p.router.port}, policy "
-                  f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API server(s)")
+        con.print(
+            f"[bold cyan]router[/] on {escape(p.nodes[p.router.node].name)}: port {p.router.port}, policy "
+            f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API server(s)"
+        )
         con.print("  " + " ".join(rc.argv), highlight=False, soft_wrap=True, markup=False)
     for w in p.warnings:
         con.print(f"[yellow]warning[/yellow]: {w}")
@@ -134,16 +143,47 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON object.")
 @click.option("--model", help="Without a file: model preset (e.g. deepseek-r1).")
 @click.option("--gpu", default="H200", show_default=True, help="Without a file: GPU kind.")
-@click.option("--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Without a file: nodes in the group.")
-@click.option("--gpus-per-node", default=8, show_default=True, type=click.IntRange(min=1), help="Without a file: GPUs per node.")
-@click.option("--role", default="mixed", show_default=True, type=click.Choice(["mixed", "prefill", "decode"]), help="Without a file: role kind.")
-@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Without a file: tensor-parallel size.")
+@click.option(
+    "--nodes", default=1, show_default=True, type=click.IntRange(min=1), help="Without a file: nodes in the group."
+)
+@click.option(
+    "--gpus-per-node", default=8, show_default=True, type=click.IntRange(min=1), help="Without a file: GPUs per node."
+)
+@click.option(
+    "--role",
+    default="mixed",
+    show_default=True,
+    type=click.Choice(["mixed", "prefill", "decode"]),
+    help="Without a file: role kind.",
+)
+@click.option(
+    "--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Without a file: tensor-parallel size."
+)
 @click.option("--vllm-version", default=None, help="Without a file: vLLM version.")
-def plan_cmd(topology: str | None, as_json: bool, model: str | None, gpu: str, nodes: int, gpus_per_node: int, role: str, tp: int, vllm_version: str | None) -> None:
+def plan_cmd(
+    topology: str | None,
+    as_json: bool,
+    model: str | None,
+    gpu: str,
+    nodes: int,
+    gpus_per_node: int,
+    role: str,
+    tp: int,
+    vllm_version: str | None,
+) -> None:
     """Show the rank layout, expert placement and per-GPU memory of TOPOLOGY (or of flags)."""
     if topology and not Path(topology).exists():
         raise UserError(f"topology file {topology!r} not found.")
-    p = load_plan(topology, model=model, gpu=gpu, nodes=nodes, gpus_per_node=gpus_per_node, role=role, tp=tp, vllm_version=vllm_version)
+    p = load_plan(
+        topology,
+        model=model,
+        gpu=gpu,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        role=role,
+        tp=tp,
+        vllm_version=vllm_version,
+    )
     if as_json:
         click.echo(json.dumps(p.as_dict(), indent=2))
     else:

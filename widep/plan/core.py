@@ -270,8 +270,15 @@ def kv_dtype_of(spec: TopologySpec, role: RoleSpec) -> str:
 
 # vLLM arguments that change which weights, tokenizer or activation dtype a role loads: P/D roles must agree on them,
 # or the decode rank reads KV that another model (or another tokenisation of the prompt) wrote.
-MODEL_IDENTITY_FLAGS = ("--revision", "--code-revision", "--tokenizer", "--tokenizer-revision", "--hf-overrides",
-                        "--quantization", "--dtype")
+MODEL_IDENTITY_FLAGS = (
+    "--revision",
+    "--code-revision",
+    "--tokenizer",
+    "--tokenizer-revision",
+    "--hf-overrides",
+    "--quantization",
+    "--dtype",
+)
 
 
 def _extra_flag_values(args: list[str], flags: tuple[str, ...]) -> dict[str, str]:
@@ -358,10 +365,16 @@ def _check_tp_heads(arch: MoEArch, tp: int, gpn: int, field_path: str) -> None:
     kv = arch.num_kv_heads
     kv_ok = arch.mla or (kv % tp == 0 if tp <= kv else tp % kv == 0)
     if arch.num_heads % tp or not kv_ok:
-        valid = [t for t in range(1, gpn + 1) if gpn % t == 0 and arch.num_heads % t == 0
-                 and (arch.mla or (kv % t == 0 if t <= kv else t % kv == 0))]
-        _fail(field_path, f"tp={tp} does not split {arch.name}'s {arch.num_heads} attention heads "
-                          f"({kv} KV heads) evenly; vLLM refuses it. Valid: {valid}.")
+        valid = [
+            t
+            for t in range(1, gpn + 1)
+            if gpn % t == 0 and arch.num_heads % t == 0 and (arch.mla or (kv % t == 0 if t <= kv else t % kv == 0))
+        ]
+        _fail(
+            field_path,
+            f"tp={tp} does not split {arch.name}'s {arch.num_heads} attention heads "
+            f"({kv} KV heads) evenly; vLLM refuses it. Valid: {valid}.",
+        )
 
 
 def plan(spec: TopologySpec) -> DeploymentPlan:
@@ -377,15 +390,21 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     weight_dtype = spec.model.weight_dtype or arch.default_weight_dtype
     kv_dtype = "bf16" if spec.model.kv_cache_dtype in ("auto", "bf16", "fp16") else spec.model.kv_cache_dtype
     if gpu.device == "cpu" and weight_dtype not in ("bf16", "fp16"):
-        _fail("model.weight_dtype", f"{weight_dtype!r} on the CPU backend: widep's CPU topologies serve 16-bit weights. Valid: bf16, fp16.")
+        _fail(
+            "model.weight_dtype",
+            f"{weight_dtype!r} on the CPU backend: widep's CPU topologies serve 16-bit weights. Valid: bf16, fp16.",
+        )
     is_cpu = gpu.device == "cpu"
     mode = spec.serving.dp_mode
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
     if mode == "multiport" and not vt.has_multi_port_lb:
-        _fail("serving.dp_mode", f"'multiport' needs vLLM >= {first_version_with('has_multi_port_lb')} (the DP supervisor); "
-              f"vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.")
+        _fail(
+            "serving.dp_mode",
+            f"'multiport' needs vLLM >= {first_version_with('has_multi_port_lb')} (the DP supervisor); "
+            f"vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.",
+        )
 
     used_nodes: set[int] = set()
     gpu_owner: dict[tuple[int, int], str] = {}
@@ -395,8 +414,11 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
 
     def claim_port(node: int, port: int, what: str, field_path: str) -> None:
         if port > 65535:
-            _fail(field_path, f"{what} would use port {port} on node {nodes[node].name}, past the last TCP port 65535. "
-                              "Valid: a lower base port (ports count up per local rank / role).")
+            _fail(
+                field_path,
+                f"{what} would use port {port} on node {nodes[node].name}, past the last TCP port 65535. "
+                "Valid: a lower base port (ports count up per local rank / role).",
+            )
         key = (node, port)
         if key in port_owner and port_owner[key] != what:
             _fail(
@@ -477,9 +499,15 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             )
         if role.eplb.enabled:
             if is_cpu:
-                _fail(f"{fp}.eplb.enabled", "EPLB needs CUDA, ROCm or XPU; vLLM refuses it on the CPU backend. Valid: false.")
+                _fail(
+                    f"{fp}.eplb.enabled",
+                    "EPLB needs CUDA, ROCm or XPU; vLLM refuses it on the CPU backend. Valid: false.",
+                )
             if not role.expert_parallel:
-                _fail(f"{fp}.eplb.enabled", "EPLB needs expert parallel (roles[].expert_parallel: true). Given: expert_parallel=false.")
+                _fail(
+                    f"{fp}.eplb.enabled",
+                    "EPLB needs expert parallel (roles[].expert_parallel: true). Given: expert_parallel=false.",
+                )
             if ep_size <= 1:
                 _fail(f"{fp}.eplb.enabled", f"EPLB needs EP > 1; this role has EP={ep_size}.")
         if role.eplb.redundant_experts and not role.eplb.enabled:
@@ -598,9 +626,13 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                 "deepep_low_latency is the decode backend."
             )
         if backend == "deepep_low_latency" and role.kind == "prefill":
-            warnings.append("deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is faster there.")
+            warnings.append(
+                "deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is faster there."
+            )
         if backend.startswith("deepep") and per_group > 1 and not spec.cluster.network.rdma and not is_cpu:
-            warnings.append("DeepEP across nodes without RDMA (cluster.network.rdma: false) will not initialise NVSHMEM.")
+            warnings.append(
+                "DeepEP across nodes without RDMA (cluster.network.rdma: false) will not initialise NVSHMEM."
+            )
         if role.eplb.enabled and R == 0:
             warnings.append("EPLB is on with 0 redundant experts: it can only move experts, not replicate hot ones.")
 
@@ -616,7 +648,9 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             claim_port(group[0], control_port, f"{role.name} widep group control", "serving.control_port")
             for gn, node in enumerate(group):
                 if mode == "multiport":
-                    claim_port(node, spec.serving.supervisor_port, f"{role.name} DP supervisor", "serving.supervisor_port")
+                    claim_port(
+                        node, spec.serving.supervisor_port, f"{role.name} DP supervisor", "serving.supervisor_port"
+                    )
                 for lr in range(dp_local):
                     dp_rank = gn * dp_local + lr
                     first = role.first_gpu + lr * role.tp
@@ -637,16 +671,26 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                     else:
                         port = http_port if gn == 0 else None
                     if port is not None:
-                        claim_port(node, port, f"{role.name} HTTP" + (f" rank {dp_rank}" if mode in ("external", "multiport") else ""), f"{fp}.port")
+                        claim_port(
+                            node,
+                            port,
+                            f"{role.name} HTTP" + (f" rank {dp_rank}" if mode in ("external", "multiport") else ""),
+                            f"{fp}.port",
+                        )
                     side = None
                     if side_base is not None:
                         # one side channel per engine (all its TP workers), on base + DP rank (vLLM 0.32
                         # nixl/base_scheduler.py: VLLM_NIXL_SIDE_CHANNEL_PORT + data_parallel_index)
                         side = side_base + dp_rank
                         if side > 65535:
-                            _fail(side_field, f"{side_base} + DP rank {dp_rank} = {side} is above 65535. "
-                                              f"Valid: at most {65535 - dp_size + 1}.")
-                        claim_port(node, side, f"{role.name} NIXL side channel rank {dp_rank} ({side_field})", side_field)
+                            _fail(
+                                side_field,
+                                f"{side_base} + DP rank {dp_rank} = {side} is above 65535. "
+                                f"Valid: at most {65535 - dp_size + 1}.",
+                            )
+                        claim_port(
+                            node, side, f"{role.name} NIXL side channel rank {dp_rank} ({side_field})", side_field
+                        )
                     if role.expert_parallel:
                         base = dp_rank * role.tp * experts_per_gpu
                         experts = tuple(slots[base : base + role.tp * experts_per_gpu])
@@ -701,7 +745,10 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             rnode = rs.node
         else:
             if rs.node not in node_index:
-                _fail("router.node", f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: {', '.join(node_index)}.")
+                _fail(
+                    "router.node",
+                    f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: {', '.join(node_index)}.",
+                )
             rnode = node_index[rs.node]
         pd = rs.pd == "on" or (rs.pd == "auto" and {r.kind for r in roles} >= {"prefill", "decode"})
         if pd and not {r.kind for r in roles} >= {"prefill", "decode"}:
@@ -769,4 +816,3 @@ def _min_nodes_that_fit(spec: TopologySpec, role: RoleSpec, arch: MoEArch, gpu: 
         if mem.kv_cache_gib > 0.15 * mem.budget_gib:
             return f"e.g. {n} node(s) x {gpn} GPUs"
     return "none up to 64 nodes"
-

@@ -140,12 +140,20 @@ def memory_budget(
 ) -> MemoryBudget:
     """The per-GPU memory budget of one rank of a role (pure)."""
     non_expert, experts = weight_bytes(arch, weight_dtype, tp, experts_per_gpu)
-    a2a_tokens = max_num_seqs if backend in ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency") else max_num_batched_tokens
+    a2a_tokens = (
+        max_num_seqs
+        if backend in ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency")
+        else max_num_batched_tokens
+    )
     a2a = all2all_buffer_bytes(backend, arch, a2a_tokens, dp_size, ep_size)
-    act = max_num_batched_tokens * (
-        MEMORY_CONSTANTS["activation_bytes_per_token_hidden"] * arch.hidden
-        + MEMORY_CONSTANTS["activation_bytes_per_token_expert_inter"] * arch.top_k * arch.moe_intermediate
-    ) + max_num_seqs * arch.vocab * 4.0
+    act = (
+        max_num_batched_tokens
+        * (
+            MEMORY_CONSTANTS["activation_bytes_per_token_hidden"] * arch.hidden
+            + MEMORY_CONSTANTS["activation_bytes_per_token_expert_inter"] * arch.top_k * arch.moe_intermediate
+        )
+        + max_num_seqs * arch.vocab * 4.0
+    )
     is_cpu = gpu.device == "cpu"
     graphs = MEMORY_CONSTANTS["cuda_graph_gib"] * GIB if (cuda_graphs and not is_cpu) else 0.0
     overhead = 0.0 if is_cpu else MEMORY_CONSTANTS["runtime_overhead_gib"] * GIB

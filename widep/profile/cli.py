@@ -48,23 +48,58 @@ def _post(host: str, port: int, path: str, timeout: float) -> str | None:
 @click.command("profile")
 @click.argument("topology", type=click.Path(dir_okay=False))
 @click.option("--rank", "ranks", multiple=True, help="role/N (repeatable); default every API server.")
-@click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="The run directory of `widep launch --profile`.")
-@click.option("--seconds", type=click.FloatRange(min=0.1), default=None, help="Profile for this long (your own load runs meanwhile).")
-@click.option("--requests", type=click.IntRange(min=1), default=None, help="Send this many requests while profiling (built-in load).")
+@click.option(
+    "--run-dir", type=click.Path(file_okay=False), required=True, help="The run directory of `widep launch --profile`."
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Profile for this long (your own load runs meanwhile).",
+)
+@click.option(
+    "--requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Send this many requests while profiling (built-in load).",
+)
 @click.option("--concurrency", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--isl", type=int, default=128, show_default=True, help="Input tokens per request (built-in load).")
 @click.option("--osl", type=int, default=32, show_default=True, help="Output tokens per request (built-in load).")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where traces are gathered (default <run-dir>/traces-<time>).")
-@click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds to wait for /stop_profile (traces are written then).")
-def profile_cmd(topology: str, ranks: tuple[str, ...], run_dir: str, seconds: float | None, requests: int | None, concurrency: int,
-                isl: int, osl: int, out: str | None, timeout: float) -> int:
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where traces are gathered (default <run-dir>/traces-<time>).",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for /stop_profile (traces are written then).",
+)
+def profile_cmd(
+    topology: str,
+    ranks: tuple[str, ...],
+    run_dir: str,
+    seconds: float | None,
+    requests: int | None,
+    concurrency: int,
+    isl: int,
+    osl: int,
+    out: str | None,
+    timeout: float,
+) -> int:
     """Capture vLLM's torch profiler on ranks of a running TOPOLOGY deployment."""
     from widep.plan import plan as make_plan
     from widep.render.vllm import RenderContext, profile_dir_of
     from widep.spec.topology import load_topology
 
     if (seconds is None) == (requests is None):
-        raise UserError("give exactly one of --seconds (profile while your own load runs) or --requests (built-in load).")
+        raise UserError(
+            "give exactly one of --seconds (profile while your own load runs) or --requests (built-in load)."
+        )
     p = make_plan(load_topology(topology))
     targets = _targets(p, ranks)
     base = str((Path(run_dir) / "profiles").resolve())
@@ -100,8 +135,11 @@ def profile_cmd(topology: str, ranks: tuple[str, ...], run_dir: str, seconds: fl
             shutil.copy2(f, d / f.name)
             gathered.append(d / f.name)
     (dest.mkdir(parents=True, exist_ok=True))
-    (dest / "traces.json").write_text(json.dumps({"ranks": [c.name for c in targets], "files": [str(g) for g in gathered],
-                                                  "not_here": remote}, indent=2))
+    (dest / "traces.json").write_text(
+        json.dumps(
+            {"ranks": [c.name for c in targets], "files": [str(g) for g in gathered], "not_here": remote}, indent=2
+        )
+    )
     for g in gathered:
         click.echo(f"  {g} ({g.stat().st_size / 1024:.0f} KiB)")
     for r in remote:
@@ -138,7 +176,9 @@ def _drive_load(urls: list[str], n: int, concurrency: int, isl: int, osl: int) -
         async with LoadGenerator(urls, LoadOptions(model=model)) as gen:
             run = await gen.run_level(Level("concurrency", concurrency, num_requests=n), pool)
             bad = [r for r in run.records if r.error]
-            click.echo(f"load: {len(run.records) - len(bad)}/{len(run.records)} requests ok in {run.duration_s:.1f} s"
-                       + (f" (first error: {bad[0].error})" if bad else ""))
+            click.echo(
+                f"load: {len(run.records) - len(bad)}/{len(run.records)} requests ok in {run.duration_s:.1f} s"
+                + (f" (first error: {bad[0].error})" if bad else "")
+            )
 
     run_sync(go())

@@ -23,8 +23,9 @@ def shell_script(p: DeploymentPlan, cmds: list[ProcessCommand]) -> str:
     """
     lines = [
         "#!/usr/bin/env bash",
-        sh_comment(f"widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, "
-                   "started in the background."),
+        sh_comment(
+            f"widep render: {p.name} (vLLM {p.spec.vllm.version}); one process per line, started in the background."
+        ),
         "set -euo pipefail",
     ]
     refs = sorted({v.name for c in cmds for _, v in c.env if isinstance(v, EnvRef)})
@@ -34,12 +35,13 @@ def shell_script(p: DeploymentPlan, cmds: list[ProcessCommand]) -> str:
     for c in cmds:
         where = " headless" if c.headless else f", port {c.port}"
         lines.append(sh_comment(f"{c.name} on {c.node_name} (node {c.node}){where}"))
-        env = " ".join(f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v)
-                       for k, v in c.env)
+        env = " ".join(
+            f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v) for k, v in c.env
+        )
         argv = " \\\n    ".join(_pairs(c.argv))
         lines.append(f"env {env} \\\n    {argv} &")
         lines.append("pids+=($!)")
-    lines.append('trap \'kill -TERM "${pids[@]}" 2>/dev/null\' INT TERM')
+    lines.append("trap 'kill -TERM \"${pids[@]}\" 2>/dev/null' INT TERM")
     lines.append('wait "${pids[@]}"')
     return "\n".join(lines) + "\n"
 
@@ -65,16 +67,22 @@ def print_table(p: DeploymentPlan, cmds: list[ProcessCommand]) -> None:
 
     con = Console()
     for c in cmds:
-        con.rule(f"[bold]{escape(c.name)}[/] on {escape(c.node_name)} (node {c.node})"
-                 + ("  headless" if c.headless else f"  :{c.port}"))
+        con.rule(
+            f"[bold]{escape(c.name)}[/] on {escape(c.node_name)} (node {c.node})"
+            + ("  headless" if c.headless else f"  :{c.port}")
+        )
         for k, v in c.env:
             shown = v.shell() if isinstance(v, EnvRef) else v
             if control_problem(shown):
                 shown = sh_word(shown).encode("unicode_escape").decode()
             con.print(f"  [cyan]{k}[/]={escape(shown)}", highlight=False, soft_wrap=True)
         line = " ".join(_pairs(c.argv))
-        con.print("  " + (line.encode("unicode_escape").decode() if control_problem(line, allow="\n") else line),
-                  highlight=False, soft_wrap=True, markup=False)
+        con.print(
+            "  " + (line.encode("unicode_escape").decode() if control_problem(line, allow="\n") else line),
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
 
 
 @click.command("render")
@@ -88,12 +96,25 @@ def print_table(p: DeploymentPlan, cmds: list[ProcessCommand]) -> None:
 @click.option("--entry-point", type=click.Choice(["serve", "module"]), default=None, help="Override vllm.entry_point.")
 @click.option("--model-path", default=None, help="What vLLM loads, overriding the topology.")
 @click.option("--check", is_flag=True, help="Also judge every argv with the installed vLLM's own parser.")
-@click.option("--python", "python", default=None, help="Interpreter that has vLLM (for --check and the module entry point).")
-def render_cmd(topology: str, node: int | None, role: str | None, rank: int | None, fmt: str, as_json: bool,
-               vllm_version: str | None, entry_point: str | None, model_path: str | None, check: bool, python: str | None) -> int:
+@click.option(
+    "--python", "python", default=None, help="Interpreter that has vLLM (for --check and the module entry point)."
+)
+def render_cmd(
+    topology: str,
+    node: int | None,
+    role: str | None,
+    rank: int | None,
+    fmt: str,
+    as_json: bool,
+    vllm_version: str | None,
+    entry_point: str | None,
+    model_path: str | None,
+    check: bool,
+    python: str | None,
+) -> int:
     """Print the argv and environment of every vLLM process of TOPOLOGY."""
-    from widep.spec.topology import load_topology
     from widep.plan import plan as make_plan
+    from widep.spec.topology import load_topology
 
     flags = (("--model-path", model_path), ("--python", python), ("--vllm-version", vllm_version), ("--role", role))
     for flag, value in flags:
@@ -114,7 +135,9 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     rc = render_router(p, ctx)
     if role == "router":
         if rc is None:
-            raise UserError("--role router: this topology has no router (router.enabled: false; `widep launch --router` turns it on).")
+            raise UserError(
+                "--role router: this topology has no router (router.enabled: false; `widep launch --router` turns it on)."
+            )
         cmds = [rc]
     else:
         cmds = render(p, ctx, node=node, role=role, rank=rank)
@@ -122,7 +145,11 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
             cmds.append(rc)
     fmt = "json" if as_json else fmt
     if fmt == "json":
-        click.echo(json.dumps({"name": p.name, "vllm_version": p.spec.vllm.version, "ranks": [c.as_dict() for c in cmds]}, indent=2))
+        click.echo(
+            json.dumps(
+                {"name": p.name, "vllm_version": p.spec.vllm.version, "ranks": [c.as_dict() for c in cmds]}, indent=2
+            )
+        )
     elif fmt == "shell":
         click.echo(shell_script(p, cmds), nl=False)
     else:
@@ -132,7 +159,9 @@ def render_cmd(topology: str, node: int | None, role: str | None, rank: int | No
     return 0
 
 
-def judge_commands(p: DeploymentPlan, cmds: list[ProcessCommand], python: str | None, model_override: str | None = None) -> int:
+def judge_commands(
+    p: DeploymentPlan, cmds: list[ProcessCommand], python: str | None, model_override: str | None = None
+) -> int:
     """Feed every argv to vLLM's own parser; print one verdict per process; 1 if any is refused.
 
     vLLM's config creation reads the model's config.json, so a model that is not on this machine
@@ -156,18 +185,22 @@ def judge_commands(p: DeploymentPlan, cmds: list[ProcessCommand], python: str | 
     j = judge(argvs, python or sys.executable, envs=envs, model_override=model_override)
     bad = 0
     click.echo(f"judged by vLLM {j.vllm_version} on {j.platform}:")
-    for c, v in zip(cmds, j.verdicts):
+    for c, v in zip(cmds, j.verdicts, strict=False):
         bad += not v.ok
         note = f" (refused on this platform only: {v.refused_on_platform})" if v.refused_on_platform else ""
-        click.echo(f"  {c.name}: {'ok' if v.ok else 'REFUSED: ' + str(v.error)}; checks: {', '.join(v.checks_ran)}{note}")
+        click.echo(
+            f"  {c.name}: {'ok' if v.ok else 'REFUSED: ' + str(v.error)}; checks: {', '.join(v.checks_ran)}{note}"
+        )
     groups: dict[tuple[str, int], list] = {}
-    for c, v in zip(cmds, j.verdicts):
+    for c, v in zip(cmds, j.verdicts, strict=False):
         groups.setdefault((c.role, c.replica), []).append(v)
     for (r, g), vs in groups.items():
         mism = parallel_mismatches(vs)
         if mism:
             bad += 1
-            click.echo(f"  {r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake): {mism}")
+            click.echo(
+                f"  {r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake): {mism}"
+            )
     return 1 if bad else 0
 
 

@@ -108,8 +108,10 @@ def judge(
         env_list: list[dict[str, str]] = [{} for _ in argv_list]
     else:
         if len(envs) != len(argv_list):
-            raise UserError(f"judge needs one environment per argv. Given: {len(envs)} environments "
-                            f"for {len(argv_list)} argvs. Valid: envs=None or {len(argv_list)} entries.")
+            raise UserError(
+                f"judge needs one environment per argv. Given: {len(envs)} environments "
+                f"for {len(argv_list)} argvs. Valid: envs=None or {len(argv_list)} entries."
+            )
         env_list = [{str(k): str(v) for k, v in (e or {}).items()} for e in envs]
     request = {
         "argvs": argv_list,
@@ -131,32 +133,44 @@ def judge(
         try:
             proc = subprocess.run(
                 [python, "-c", _CHILD, str(req_path), str(out_path)],
-                env=child_env, capture_output=True, text=True, timeout=timeout, cwd=tmp,
+                env=child_env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=tmp,
             )
         except FileNotFoundError as err:
-            raise UserError(f"The Python given for vLLM does not exist. Given: {python!r}. "
-                            "Valid: the python of an environment with vLLM installed.") from err
+            raise UserError(
+                f"The Python given for vLLM does not exist. Given: {python!r}. "
+                "Valid: the python of an environment with vLLM installed."
+            ) from err
         except subprocess.TimeoutExpired as err:
-            raise UserError(f"vLLM's argument judge did not finish in {timeout:.0f} s "
-                            f"(python {python}).", exit_code=1) from err
+            raise UserError(
+                f"vLLM's argument judge did not finish in {timeout:.0f} s (python {python}).", exit_code=1
+            ) from err
         if not out_path.exists():
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-            raise UserError(f"vLLM's argument judge failed (python {python}, exit {proc.returncode}):\n"
-                            f"{tail}", exit_code=1)
+            raise UserError(
+                f"vLLM's argument judge failed (python {python}, exit {proc.returncode}):\n{tail}", exit_code=1
+            )
         result = json.loads(out_path.read_text())
     if "fatal" in result:
-        raise UserError(f"vLLM's argument judge could not run with python {python}: "
-                        f"{result['fatal']}", exit_code=1)
+        raise UserError(f"vLLM's argument judge could not run with python {python}: {result['fatal']}", exit_code=1)
     verdicts = [
         ParserVerdict(
-            ok=v["ok"], error=v["error"], checks_ran=list(v["checks_ran"]), parallel=v["parallel"],
-            refused_on_platform=v.get("refused_on_platform"), parallel_hash=v.get("parallel_hash"),
+            ok=v["ok"],
+            error=v["error"],
+            checks_ran=list(v["checks_ran"]),
+            parallel=v["parallel"],
+            refused_on_platform=v.get("refused_on_platform"),
+            parallel_hash=v.get("parallel_hash"),
             rewritten=v.get("rewritten", {}),
         )
         for v in result["verdicts"]
     ]
-    return Judgement(vllm_version=result["vllm_version"], platform=result["platform"],
-                     modules=result["modules"], verdicts=verdicts)
+    return Judgement(
+        vllm_version=result["vllm_version"], platform=result["platform"], modules=result["modules"], verdicts=verdicts
+    )
 
 
 def parallel_mismatches(verdicts: Sequence[ParserVerdict]) -> dict[str, list[Any]]:

@@ -172,7 +172,9 @@ class ProcessCommand:
         else:
             v = None
         if v is None:
-            raise ValueError(f"{self.name}: no value for {slot} (a widep bug: the renderer used a slot it did not fill)")
+            raise ValueError(
+                f"{self.name}: no value for {slot} (a widep bug: the renderer used a slot it did not fill)"
+            )
         return v
 
     @cached_property
@@ -183,14 +185,19 @@ class ProcessCommand:
     def env(self) -> tuple[tuple[str, EnvValue], ...]:
         return tuple((k, self.value(v) if isinstance(v, Slot) else v) for k, v in self.env_template)
 
-    def at(self, node_address: str | None = None, leader_address: str | None = None,
-           devices: tuple[str, ...] | None = None) -> ProcessCommand:
+    def at(
+        self, node_address: str | None = None, leader_address: str | None = None, devices: tuple[str, ...] | None = None
+    ) -> ProcessCommand:
         """This process with the values an executor learned late: where its node and its group leader are
         reached, the GPU ids it was given."""
-        return replace(self, node_address=self.node_address if node_address is None else node_address,
-                       leader_address=self.leader_address if leader_address is None or self.leader_address is None
-                       else leader_address,
-                       devices=self.devices if devices is None else devices)
+        return replace(
+            self,
+            node_address=self.node_address if node_address is None else node_address,
+            leader_address=self.leader_address
+            if leader_address is None or self.leader_address is None
+            else leader_address,
+            devices=self.devices if devices is None else devices,
+        )
 
     def with_executable(self, path: str) -> ProcessCommand:
         """This process with its program (argv[0]) given as ``path``."""
@@ -202,7 +209,11 @@ class ProcessCommand:
 
     @property
     def name(self) -> str:
-        return f"{self.role}/{self.dp_rank}" if len(self.dp_ranks) == 1 else f"{self.role}/{self.dp_ranks[0]}-{self.dp_ranks[-1]}"
+        return (
+            f"{self.role}/{self.dp_rank}"
+            if len(self.dp_ranks) == 1
+            else f"{self.role}/{self.dp_ranks[0]}-{self.dp_ranks[-1]}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -222,8 +233,9 @@ class ProcessCommand:
 
     def shell(self) -> str:
         """A copy-pasteable command: ``VAR=value ... argv``, every word quoted once; secrets stay references."""
-        parts = [f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v)
-                 for k, v in self.env]
+        parts = [
+            f"{check_env_name(k)}={sh_ref(v.name)}" if isinstance(v, EnvRef) else sh_assign(k, v) for k, v in self.env
+        ]
         return " ".join(parts + [sh_word(a) for a in self.argv])
 
 
@@ -271,7 +283,7 @@ OWNED_FLAGS = {
     "--moe-backend": "roles[].deep_gemm",
     "--profiler-config": "profiler",
     "--config": "the topology (a vLLM config file could set any of the flags above unseen; "
-                "put its settings in extra_args)",
+    "put its settings in extra_args)",
 }
 
 OWNED_ENV = {
@@ -332,40 +344,56 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
         found, refused = settings(args, line)
         for i, why in refused:
             problems.append(
-                f"roles[{rp.index}].extra_args[{i}]: {args[i]!r} is refused by vLLM {line}'s parser: {why}.")
+                f"roles[{rp.index}].extra_args[{i}]: {args[i]!r} is refused by vLLM {line}'s parser: {why}."
+            )
         for st in found:
             if st.dest in owned_dests:
                 flag, why = owned_dests[st.dest]
                 how = "" if st.token.split("=", 1)[0] == flag else f" (vLLM's parser reads it as {flag})"
-                problems.append(f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
-                                f"{why}{how}. Remove it from extra_args and use that field.")
+                problems.append(
+                    f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
+                    f"{why}{how}. Remove it from extra_args and use that field."
+                )
         for i, arg in enumerate(args):  # flags of other lines that the table does not know
             name = arg.split("=", 1)[0].replace("_", "-")
             if name in OWNED_FLAGS and not dest_of(name, line):
-                problems.append(f"roles[{rp.index}].extra_args[{i}]: {arg!r} is set by widep from {OWNED_FLAGS[name]}. "
-                                "Remove it from extra_args and use that field.")
+                problems.append(
+                    f"roles[{rp.index}].extra_args[{i}]: {arg!r} is set by widep from {OWNED_FLAGS[name]}. "
+                    "Remove it from extra_args and use that field."
+                )
         for key in rp.spec.extra_env:
             why = owned_env(key)
             if why:
                 problems.append(
-                    f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field.")
+                    f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field."
+                )
     for i, arg in enumerate(plan.spec.router.extra_args):
         name = arg.split("=", 1)[0]
         if name in ROUTER_OWNED_FLAGS:
-            problems.append(f"router.extra_args[{i}]: {arg!r} is set by widep from {ROUTER_OWNED_FLAGS[name]}. "
-                            "Remove it from extra_args and use that field.")
+            problems.append(
+                f"router.extra_args[{i}]: {arg!r} is set by widep from {ROUTER_OWNED_FLAGS[name]}. "
+                "Remove it from extra_args and use that field."
+            )
     return problems
 
 
 # vllm-router's parser (clap) takes exact long names only: no abbreviations to judge.
 ROUTER_OWNED_FLAGS = {
-    "--host": "router.host", "--port": "router.port", "--prometheus-port": "router.prometheus_port",
-    "--prometheus-host": "router.host", "--worker-urls": "the roles' API servers", "--policy": "router.policy",
-    "--vllm-pd-disaggregation": "router.pd", "--prefill": "the prefill roles", "--decode": "the decode roles",
-    "--prefill-policy": "router.prefill_policy", "--decode-policy": "router.decode_policy",
+    "--host": "router.host",
+    "--port": "router.port",
+    "--prometheus-port": "router.prometheus_port",
+    "--prometheus-host": "router.host",
+    "--worker-urls": "the roles' API servers",
+    "--policy": "router.policy",
+    "--vllm-pd-disaggregation": "router.pd",
+    "--prefill": "the prefill roles",
+    "--decode": "the decode roles",
+    "--prefill-policy": "router.prefill_policy",
+    "--decode-policy": "router.decode_policy",
     "--worker-startup-timeout-secs": "vllm.ready_timeout_s",
     "--health-check-interval-secs": "router.health_check_interval_s",
-    "--health-failure-threshold": "router.health_failure_threshold", "--api-key": "serving.api_key_secret",
+    "--health-failure-threshold": "router.health_failure_threshold",
+    "--api-key": "serving.api_key_secret",
 }
 
 
@@ -415,24 +443,32 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
             args += ["--eplb-config", json.dumps(cfg, separators=(",", ":"))]
         else:
             args += [
-                "--num-redundant-experts", str(s.eplb.redundant_experts),
-                "--eplb-window-size", str(s.eplb.window_size),
-                "--eplb-step-interval", str(s.eplb.step_interval),
+                "--num-redundant-experts",
+                str(s.eplb.redundant_experts),
+                "--eplb-window-size",
+                str(s.eplb.window_size),
+                "--eplb-step-interval",
+                str(s.eplb.step_interval),
             ]
             if s.eplb.log_balancedness:
                 args.append("--eplb-log-balancedness")
     if s.dbo.enabled:
         args += [
             "--enable-dbo",
-            "--dbo-decode-token-threshold", str(s.dbo.decode_token_threshold),
-            "--dbo-prefill-token-threshold", str(s.dbo.prefill_token_threshold),
+            "--dbo-decode-token-threshold",
+            str(s.dbo.decode_token_threshold),
+            "--dbo-prefill-token-threshold",
+            str(s.dbo.prefill_token_threshold),
         ]
     if s.deep_gemm and plan.device == "cuda" and plan.weight_dtype == "fp8" and vt.has_moe_backend_flag:
         args += ["--moe-backend", "deep_gemm"]
     args += [
-        "--max-num-seqs", str(s.max_num_seqs),
-        "--max-num-batched-tokens", str(rp.max_num_batched_tokens),
-        "--max-model-len", str(rp.max_model_len),
+        "--max-num-seqs",
+        str(s.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(rp.max_num_batched_tokens),
+        "--max-model-len",
+        str(rp.max_model_len),
     ]
     if plan.device == "cuda":
         args += ["--gpu-memory-utilization", str(s.gpu_memory_utilization)]
@@ -466,7 +502,9 @@ def kv_transfer_config(plan: DeploymentPlan) -> dict[str, Any]:
     return kvt
 
 
-def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]) -> list[tuple[str, EnvTemplate]]:
+def _env(
+    plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpus: tuple[int, ...]
+) -> list[tuple[str, EnvTemplate]]:
     vt = plan.vllm
     s = rp.spec
     net = plan.spec.cluster.network
@@ -510,8 +548,10 @@ def _env(plan: DeploymentPlan, ctx: RenderContext, rp: RolePlan, rank: Rank, gpu
         env.append(("VLLM_NIXL_SIDE_CHANNEL_PORT", str(rp.nixl_side_channel_port)))
     if plan.router is not None:
         env += [kv for kv in keep_alive_env() if kv[0] not in s.extra_env]
-    for var, ref in (("VLLM_API_KEY", secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")),
-                     ("HF_TOKEN", secret_ref(plan, "hf_token_secret", "HF_TOKEN", "token"))):
+    for var, ref in (
+        ("VLLM_API_KEY", secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")),
+        ("HF_TOKEN", secret_ref(plan, "hf_token_secret", "HF_TOKEN", "token")),
+    ):
         if ref is not None:
             env.append((var, ref))
     env += sorted(s.extra_env.items())
@@ -539,7 +579,9 @@ def profile_dir_of(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank:
     return f"{base}/{role}/rank-{dp_rank}"
 
 
-def _profiler(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int) -> tuple[list[str], list[tuple[str, EnvValue]]]:
+def _profiler(
+    plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int
+) -> tuple[list[str], list[tuple[str, EnvValue]]]:
     d = profile_dir_of(plan, ctx, role, dp_rank)
     if d is None:
         return [], []
@@ -554,9 +596,11 @@ def _profiler(plan: DeploymentPlan, ctx: RenderContext, role: str, dp_rank: int)
         }
         return ["--profiler-config", json.dumps(cfg, separators=(",", ":"))], []
     env: list[tuple[str, EnvValue]] = [("VLLM_TORCH_PROFILER_DIR", d)]
-    env += [("VLLM_TORCH_PROFILER_WITH_STACK", "1" if pr.with_stack else "0"),
-            ("VLLM_TORCH_PROFILER_RECORD_SHAPES", "1" if pr.record_shapes else "0"),
-            ("VLLM_TORCH_PROFILER_WITH_PROFILE_MEMORY", "1" if pr.with_memory else "0")]
+    env += [
+        ("VLLM_TORCH_PROFILER_WITH_STACK", "1" if pr.with_stack else "0"),
+        ("VLLM_TORCH_PROFILER_RECORD_SHAPES", "1" if pr.record_shapes else "0"),
+        ("VLLM_TORCH_PROFILER_WITH_PROFILE_MEMORY", "1" if pr.with_memory else "0"),
+    ]
     return [], env
 
 
@@ -593,10 +637,25 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
                 if plan.vllm.api_server_count_default_is_dp:
                     argv += ["--api-server-count", "1"]
                 pargs, penv = _profiler(plan, ctx, rp.name, r.dp_rank)
-                out.append(ProcessCommand(
-                    rp.name, g, r.dp_rank, (r.dp_rank,), r.node, r.node_name, r.local_rank, r.port, r.port,
-                    template=tuple(argv + pargs + tail), env_template=tuple(_env(plan, ctx, rp, r, r.gpus) + penv),
-                    node_address=_node_addr(plan, ctx, r.node), bind=bind, leader_address=leader, gpus=r.gpus))
+                out.append(
+                    ProcessCommand(
+                        rp.name,
+                        g,
+                        r.dp_rank,
+                        (r.dp_rank,),
+                        r.node,
+                        r.node_name,
+                        r.local_rank,
+                        r.port,
+                        r.port,
+                        template=tuple(argv + pargs + tail),
+                        env_template=tuple(_env(plan, ctx, rp, r, r.gpus) + penv),
+                        node_address=_node_addr(plan, ctx, r.node),
+                        bind=bind,
+                        leader_address=leader,
+                        gpus=r.gpus,
+                    )
+                )
             continue
         # per-node processes
         nodes = sorted({r.node for r in group}, key=lambda n: next(r.group_node for r in group if r.node == n))
@@ -611,29 +670,74 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
             health = first.port
             proc_bind: str | None = bind
             if mode == "hybrid":
-                argv = [*_entry(plan, ctx, model), *serve, *common, *base, *dp_args,
-                        "--data-parallel-hybrid-lb", "--api-server-count", str(len(local))]
+                argv = [
+                    *_entry(plan, ctx, model),
+                    *serve,
+                    *common,
+                    *base,
+                    *dp_args,
+                    "--data-parallel-hybrid-lb",
+                    "--api-server-count",
+                    str(len(local)),
+                ]
             elif mode == "multiport":
-                argv = [*_entry(plan, ctx, model), *serve, *common, *base, *dp_args,
-                        "--data-parallel-multi-port-external-lb",
-                        "--data-parallel-supervisor-port", str(plan.spec.serving.supervisor_port)]
+                argv = [
+                    *_entry(plan, ctx, model),
+                    *serve,
+                    *common,
+                    *base,
+                    *dp_args,
+                    "--data-parallel-multi-port-external-lb",
+                    "--data-parallel-supervisor-port",
+                    str(plan.spec.serving.supervisor_port),
+                ]
                 health = plan.spec.serving.supervisor_port
             elif first.group_node == 0:  # internal: one API server on the leader node
-                argv = [*_entry(plan, ctx, model), *serve, *common, "--data-parallel-size-local", str(len(local)),
-                        *dp_args, "--api-server-count", str(len(local))]
+                argv = [
+                    *_entry(plan, ctx, model),
+                    *serve,
+                    *common,
+                    "--data-parallel-size-local",
+                    str(len(local)),
+                    *dp_args,
+                    "--api-server-count",
+                    str(len(local)),
+                ]
             else:  # internal: headless engines on the other nodes
                 argv = [*_entry(plan, ctx, model), *common, *base, *dp_args, "--headless"]
                 headless, port, health, proc_bind = True, None, None, None
             pargs, penv = _profiler(plan, ctx, rp.name, first.dp_rank)
-            out.append(ProcessCommand(
-                rp.name, g, first.dp_rank, ranks, node, first.node_name, first.local_rank, port, health, headless,
-                template=tuple(argv + pargs + tail), env_template=tuple(_env(plan, ctx, rp, first, gpus) + penv),
-                node_address=_node_addr(plan, ctx, node), bind=proc_bind, leader_address=leader, gpus=gpus))
+            out.append(
+                ProcessCommand(
+                    rp.name,
+                    g,
+                    first.dp_rank,
+                    ranks,
+                    node,
+                    first.node_name,
+                    first.local_rank,
+                    port,
+                    health,
+                    headless,
+                    template=tuple(argv + pargs + tail),
+                    env_template=tuple(_env(plan, ctx, rp, first, gpus) + penv),
+                    node_address=_node_addr(plan, ctx, node),
+                    bind=proc_bind,
+                    leader_address=leader,
+                    gpus=gpus,
+                )
+            )
     return out
 
 
-def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int | None = None,
-           role: str | None = None, rank: int | None = None) -> list[ProcessCommand]:
+def render(
+    plan: DeploymentPlan,
+    ctx: RenderContext | None = None,
+    *,
+    node: int | None = None,
+    role: str | None = None,
+    rank: int | None = None,
+) -> list[ProcessCommand]:
     """The processes of a plan, optionally only those on ``node`` / of ``role`` / running DP ``rank``."""
     ctx = ctx or RenderContext()
     if node is not None and not 0 <= node < len(plan.nodes):
@@ -647,7 +751,9 @@ def render(plan: DeploymentPlan, ctx: RenderContext | None = None, *, node: int 
     if rank is not None:
         out = [c for c in out if rank in c.dp_ranks]
         if not out:
-            raise UserError(f"--rank: no process runs DP rank {rank} with these filters. Valid ranks: 0..{max(r.dp_size for r in roles) - 1}.")
+            raise UserError(
+                f"--rank: no process runs DP rank {rank} with these filters. Valid ranks: 0..{max(r.dp_size for r in roles) - 1}."
+            )
     return out
 
 
@@ -682,14 +788,31 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Pro
         argv += ["--prefill-policy", rs.prefill_policy or rs.policy, "--decode-policy", rs.decode_policy or rs.policy]
     else:
         argv += ["--worker-urls", *urls(None), "--policy", rs.policy]
-    argv += ["--worker-startup-timeout-secs", str(plan.spec.vllm.ready_timeout_s),
-             "--health-check-interval-secs", str(rs.health_check_interval_s),
-             "--health-failure-threshold", str(rs.health_failure_threshold)]
+    argv += [
+        "--worker-startup-timeout-secs",
+        str(plan.spec.vllm.ready_timeout_s),
+        "--health-check-interval-secs",
+        str(rs.health_check_interval_s),
+        "--health-failure-threshold",
+        str(rs.health_failure_threshold),
+    ]
     env: list[tuple[str, EnvTemplate]] = []
     ref = secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")
     if ref is not None:
         env.append(("VLLM_API_KEY", ref))
     n = plan.nodes[rt.node]
-    return ProcessCommand("router", 0, 0, (0,), rt.node, n.name, 0, rt.port, rt.port,
-                          template=tuple(argv + list(rs.extra_args)), env_template=tuple(env),
-                          node_address=_node_addr(plan, ctx, rt.node), bind=rs.host)
+    return ProcessCommand(
+        "router",
+        0,
+        0,
+        (0,),
+        rt.node,
+        n.name,
+        0,
+        rt.port,
+        rt.port,
+        template=tuple(argv + list(rs.extra_args)),
+        env_template=tuple(env),
+        node_address=_node_addr(plan, ctx, rt.node),
+        bind=rs.host,
+    )

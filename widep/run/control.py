@@ -13,9 +13,10 @@ import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 
 def probe(host: str, port: int, path: str = "/health", timeout: float = 2.0) -> tuple[str, float]:
@@ -94,8 +95,15 @@ class ControlServer:
                 try:
                     n = int(self.headers.get("Content-Length", "0"))
                     d = json.loads(self.rfile.read(n))
-                    outer.reports.put(FailReport(int(d["attempt"]), str(d["rank"]), str(d["node"]), str(d["reason"]),
-                                                 tuple(d.get("log_tail", []))))
+                    outer.reports.put(
+                        FailReport(
+                            int(d["attempt"]),
+                            str(d["rank"]),
+                            str(d["node"]),
+                            str(d["reason"]),
+                            tuple(d.get("log_tail", [])),
+                        )
+                    )
                 except (ValueError, KeyError, TypeError) as err:
                     self._send(400, {"error": str(err)})
                     return

@@ -7,13 +7,12 @@ default directory, and the smoke completion of ``--once``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import importlib.util
 import os
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import click

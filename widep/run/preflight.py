@@ -32,7 +32,9 @@ def resolve_node(plan: DeploymentPlan, node: int | None) -> int:
     n = len(plan.nodes)
     if node is not None:
         if not 0 <= node < n:
-            raise UserError(f"--node: {node} is not a node of {plan.name}. Valid: 0..{n - 1} ({', '.join(x.name for x in plan.nodes)}).")
+            raise UserError(
+                f"--node: {node} is not a node of {plan.name}. Valid: 0..{n - 1} ({', '.join(x.name for x in plan.nodes)})."
+            )
         return node
     if n == 1:
         return 0
@@ -42,9 +44,13 @@ def resolve_node(plan: DeploymentPlan, node: int | None) -> int:
         return matches[0]
     listed = ", ".join(f"{i}={x.name}({x.address or '-'})" for i, x in enumerate(plan.nodes))
     if not matches:
-        raise UserError(f"cannot tell which node of {plan.name} this machine ({socket.gethostname()}) is. "
-                        f"Nodes: {listed}. Give --node N.")
-    raise UserError(f"this machine matches several nodes of {plan.name} ({[plan.nodes[i].name for i in matches]}). Give --node N.")
+        raise UserError(
+            f"cannot tell which node of {plan.name} this machine ({socket.gethostname()}) is. "
+            f"Nodes: {listed}. Give --node N."
+        )
+    raise UserError(
+        f"this machine matches several nodes of {plan.name} ({[plan.nodes[i].name for i in matches]}). Give --node N."
+    )
 
 
 def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | None) -> None:
@@ -52,8 +58,7 @@ def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | Non
     any failing one refuses the launch, listing each failure with what to do."""
     from dataclasses import replace
 
-    from widep.doctor import check_host
-    from widep.doctor import requirements_from_plan, summarize
+    from widep.doctor import check_host, requirements_from_plan, summarize
 
     req = requirements_from_plan(plan, node)
     if os.path.isdir(model):
@@ -62,7 +67,9 @@ def doctor_checks(plan: DeploymentPlan, node: int, model: str, python: str | Non
     if summarize(results):
         bad = [r for r in results if r.status == "fail"]
         lines = [f"{r.name}: {r.detail}" + (f" -> {r.fix}" if r.fix else "") for r in bad]
-        raise UserError("refusing to start, nothing was started (preflight, see `widep doctor`):\n  " + "\n  ".join(lines))
+        raise UserError(
+            "refusing to start, nothing was started (preflight, see `widep doctor`):\n  " + "\n  ".join(lines)
+        )
 
 
 def check_entry_point(cmds: list[ProcessCommand]) -> None:
@@ -71,8 +78,10 @@ def check_entry_point(cmds: list[ProcessCommand]) -> None:
     argv = cmds[0].argv
     if argv[0] == "vllm":
         if not shutil.which("vllm"):
-            raise UserError("the `vllm` command is not on PATH (vllm.entry_point: serve). Install vLLM, or set "
-                            "vllm.entry_point: module and vllm.python to an interpreter that has it. Nothing was started.")
+            raise UserError(
+                "the `vllm` command is not on PATH (vllm.entry_point: serve). Install vLLM, or set "
+                "vllm.entry_point: module and vllm.python to an interpreter that has it. Nothing was started."
+            )
         return
     py = argv[0]
     exe = shutil.which(py) or (py if os.path.exists(py) else None)
@@ -81,8 +90,10 @@ def check_entry_point(cmds: list[ProcessCommand]) -> None:
     probe = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('vllm') else 3)"
     r = subprocess.run([exe, "-c", probe], capture_output=True, timeout=60)
     if r.returncode != 0:
-        raise UserError(f"vllm.python: {exe} cannot import vllm (the entry point `{' '.join(argv[:3])}`). "
-                        "Install vLLM there or point vllm.python / --python at one that has it. Nothing was started.")
+        raise UserError(
+            f"vllm.python: {exe} cannot import vllm (the entry point `{' '.join(argv[:3])}`). "
+            "Install vLLM there or point vllm.python / --python at one that has it. Nothing was started."
+        )
 
 
 def check_model(model: str) -> None:

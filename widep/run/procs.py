@@ -24,7 +24,9 @@ def resolve_env(cmd: ProcessCommand, base: dict[str, str]) -> dict[str, str]:
     for k, v in cmd.env:
         if isinstance(v, EnvRef):
             if v.name not in base:
-                raise UserError(f"{k}: the topology passes it by reference from ${v.name}, which is not set here.", exit_code=2)
+                raise UserError(
+                    f"{k}: the topology passes it by reference from ${v.name}, which is not set here.", exit_code=2
+                )
             env[k] = base[v.name]
         else:
             env[k] = v
@@ -88,7 +90,9 @@ class RankProcess:
         return [line.replace("\r", "") for line in data[: cut + 1].decode(errors="replace").splitlines()]
 
 
-def start_rank(cmd: ProcessCommand, run_dir: Path, attempt: int, env: dict[str, str], run_id: str, grace_s: float) -> RankProcess:
+def start_rank(
+    cmd: ProcessCommand, run_dir: Path, attempt: int, env: dict[str, str], run_id: str, grace_s: float
+) -> RankProcess:
     """Start one rank through the guard, in its own session; logs under <run>/attempt-<k>/<role>/rank-<n>/."""
     d = run_dir / f"attempt-{attempt}" / cmd.role / f"rank-{cmd.dp_rank}"
     d.mkdir(parents=True, exist_ok=True)

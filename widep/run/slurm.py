@@ -73,18 +73,37 @@ def sh_comment(text: str) -> str:
 
 # --------------------------------------------------------------------------------------------- options
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
-_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
-                   r"|UNLIMITED|INFINITE)$")
+_TIME = re.compile(
+    r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+    r"|UNLIMITED|INFINITE)$"
+)
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.+\-&|\[\]*:()!,]+$")
 _MOUNT = re.compile(r"^/[^:,\s]*:/[^:,\s]*(:[A-Za-z+]+)?$")
 OWNED_SBATCH = {
-    "--nodes": "the plan's node count", "-N": "the plan's node count",
-    "--ntasks-per-node": "one agent per node", "--ntasks": "one agent per node", "-n": "one agent per node",
-    "--gpus-per-node": "cluster.gpus_per_node", "--gres": "cluster.gpus_per_node", "--exclusive": "whole nodes",
-    "--partition": "--partition", "-p": "--partition", "--account": "--account", "-A": "--account",
-    "--qos": "--qos", "-q": "--qos", "--time": "--time", "-t": "--time", "--reservation": "--reservation",
-    "--constraint": "--constraint", "-C": "--constraint", "--job-name": "--job-name", "-J": "--job-name",
-    "--output": "the run directory", "-o": "the run directory", "--error": "the run directory",
+    "--nodes": "the plan's node count",
+    "-N": "the plan's node count",
+    "--ntasks-per-node": "one agent per node",
+    "--ntasks": "one agent per node",
+    "-n": "one agent per node",
+    "--gpus-per-node": "cluster.gpus_per_node",
+    "--gres": "cluster.gpus_per_node",
+    "--exclusive": "whole nodes",
+    "--partition": "--partition",
+    "-p": "--partition",
+    "--account": "--account",
+    "-A": "--account",
+    "--qos": "--qos",
+    "-q": "--qos",
+    "--time": "--time",
+    "-t": "--time",
+    "--reservation": "--reservation",
+    "--constraint": "--constraint",
+    "-C": "--constraint",
+    "--job-name": "--job-name",
+    "-J": "--job-name",
+    "--output": "the run directory",
+    "-o": "the run directory",
+    "--error": "the run directory",
     "-e": "the run directory",
 }
 """sbatch options widep sets itself -> where their value comes from (an extra line may not set them)."""
@@ -127,16 +146,20 @@ class SlurmOptions(Strict):
     @classmethod
     def _time(cls, v: str | None) -> str | None:
         if v is not None and not _TIME.match(v):
-            raise ValueError(f"{v!r} is not a Slurm time limit. Valid: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
-                             "D-HH:MM:SS, UNLIMITED (e.g. 12:00:00)")
+            raise ValueError(
+                f"{v!r} is not a Slurm time limit. Valid: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                "D-HH:MM:SS, UNLIMITED (e.g. 12:00:00)"
+            )
         return v
 
     @field_validator("constraint")
     @classmethod
     def _constraint(cls, v: str | None) -> str | None:
         if v is not None and not _CONSTRAINT.match(v):
-            raise ValueError(f"{v!r} is not a Slurm constraint. Valid: features joined by & | , with [] () * ! "
-                             "and no spaces (e.g. 'h200&ib')")
+            raise ValueError(
+                f"{v!r} is not a Slurm constraint. Valid: features joined by & | , with [] () * ! "
+                "and no spaces (e.g. 'h200&ib')"
+            )
         return v
 
     @field_validator("sbatch_lines")
@@ -145,19 +168,24 @@ class SlurmOptions(Strict):
         for line in v:
             opt = line.split("=", 1)[0].split(" ", 1)[0]
             if not line.startswith("-") or any(c in line for c in "\n\r\0"):
-                raise ValueError(f"{line!r} is not one sbatch option. Valid: one option per entry, e.g. "
-                                 "'--mail-type=END' (without '#SBATCH')")
+                raise ValueError(
+                    f"{line!r} is not one sbatch option. Valid: one option per entry, e.g. "
+                    "'--mail-type=END' (without '#SBATCH')"
+                )
             if opt in OWNED_SBATCH:
-                raise ValueError(f"{line!r} sets {opt}, which widep sets from {OWNED_SBATCH[opt]}. Valid: any "
-                                 f"other sbatch option")
+                raise ValueError(
+                    f"{line!r} sets {opt}, which widep sets from {OWNED_SBATCH[opt]}. Valid: any other sbatch option"
+                )
         return v
 
     @field_validator("container_image")
     @classmethod
     def _image(cls, v: str | None) -> str | None:
         if v is not None and (not v or any(c.isspace() for c in v) or "," in v):
-            raise ValueError(f"{v!r} is not an image reference. Valid: e.g. nvcr.io#nvidia/pytorch:25.01-py3 or "
-                             "/shared/images/widep.sqsh")
+            raise ValueError(
+                f"{v!r} is not an image reference. Valid: e.g. nvcr.io#nvidia/pytorch:25.01-py3 or "
+                "/shared/images/widep.sqsh"
+            )
         return v
 
     @field_validator("container_mounts")
@@ -165,8 +193,10 @@ class SlurmOptions(Strict):
     def _mounts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for m in v:
             if not _MOUNT.match(m):
-                raise ValueError(f"{m!r} is not a mount. Valid: SRC:DST[:FLAGS] with absolute paths, no commas "
-                                 "or spaces (e.g. /lustre/models:/models:ro)")
+                raise ValueError(
+                    f"{m!r} is not a mount. Valid: SRC:DST[:FLAGS] with absolute paths, no commas "
+                    "or spaces (e.g. /lustre/models:/models:ro)"
+                )
         return v
 
 
@@ -179,7 +209,8 @@ def slurm_options(**values: object) -> SlurmOptions:
         for e in err.errors():
             field = str(e["loc"][0]) if e["loc"] else "?"
             flag = {"sbatch_lines": "--sbatch", "container_mounts": "--container-mounts"}.get(
-                field, "--" + field.replace("_", "-"))
+                field, "--" + field.replace("_", "-")
+            )
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
             lines.append(f"{flag}: {msg}. Given: {e['input']!r}" if "Given" not in msg else f"{flag}: {msg}")
         raise UserError("\n".join(lines)) from None
@@ -196,54 +227,94 @@ def job_name(plan: DeploymentPlan, opts: SlurmOptions) -> str:
     return opts.job_name or "widep-" + re.sub(r"[^A-Za-z0-9_.+-]", "-", plan.name)
 
 
-def sbatch_script(plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: tuple[str, ...] | None = None,
-                  made_by: str = "") -> str:
+def sbatch_script(
+    plan: DeploymentPlan, opts: SlurmOptions, run_dir: str, body: tuple[str, ...] | None = None, made_by: str = ""
+) -> str:
     """The batch script of the deployment's one allocation. ``body``: the supervisor command (``--detach``);
     None: the script only holds the allocation while the driver on the submitting host starts steps in it."""
     n = plan_nodes(plan)
-    lines = ["#!/bin/bash",
-             sh_comment(f"widep: one Slurm allocation for {plan.name} ({n} node(s))."),
-             *([sh_comment(made_by)] if made_by else []),
-             "# Plan node i runs on the i-th host of the allocation (scontrol show hostnames \"$SLURM_JOB_NODELIST\"):"]
+    lines = [
+        "#!/bin/bash",
+        sh_comment(f"widep: one Slurm allocation for {plan.name} ({n} node(s))."),
+        *([sh_comment(made_by)] if made_by else []),
+        '# Plan node i runs on the i-th host of the allocation (scontrol show hostnames "$SLURM_JOB_NODELIST"):',
+    ]
     for i, node in enumerate(plan.nodes):
-        roles = sorted({f"{rp.name}#{g}" if rp.spec.replicas > 1 else rp.name
-                        for rp in plan.roles for g, ns in enumerate(rp.group_nodes) if i in ns})
+        roles = sorted(
+            {
+                f"{rp.name}#{g}" if rp.spec.replicas > 1 else rp.name
+                for rp in plan.roles
+                for g, ns in enumerate(rp.group_nodes)
+                if i in ns
+            }
+        )
         lines.append(sh_comment(f"  host {i}: plan node {i} ({node.name}): {', '.join(roles) or 'no ranks'}"))
     sb = [f"--job-name={job_name(plan, opts)}", f"--nodes={n}", "--ntasks-per-node=1", "--exclusive"]
     if plan.device == "cuda":
         sb.append(f"--gpus-per-node={plan.spec.cluster.gpus_per_node}")
-    for flag, v in (("partition", opts.partition), ("account", opts.account), ("qos", opts.qos),
-                    ("time", opts.time), ("reservation", opts.reservation), ("constraint", opts.constraint)):
+    for flag, v in (
+        ("partition", opts.partition),
+        ("account", opts.account),
+        ("qos", opts.qos),
+        ("time", opts.time),
+        ("reservation", opts.reservation),
+        ("constraint", opts.constraint),
+    ):
         if v is not None:
             sb.append(f"--{flag}={v}")
     sb.append(f"--output={run_dir}/slurm-%j.out")
     sb += list(opts.sbatch_lines)
     lines += [f"#SBATCH {s}" for s in sb]
-    lines += ["set -euo pipefail",
-              "echo \"widep: job $SLURM_JOB_ID holds $(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | paste -sd,)\""]
+    lines += [
+        "set -euo pipefail",
+        'echo "widep: job $SLURM_JOB_ID holds $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd,)"',
+    ]
     if body is None:
-        lines += ["# the driver (`widep launch --backend slurm` on the submitting host) starts one srun step per",
-                  "# DP group and attempt in this allocation, and cancels the job when it stops",
-                  "exec sleep infinity"]
+        lines += [
+            "# the driver (`widep launch --backend slurm` on the submitting host) starts one srun step per",
+            "# DP group and attempt in this allocation, and cancels the job when it stops",
+            "exec sleep infinity",
+        ]
     else:
-        lines += ["# the supervisor runs here (--detach): it starts one srun step per DP group and attempt in this",
-                  "# allocation, and the job ends when it stops (scancel, or the group failed for good)",
-                  f"export {INSIDE_ENV}=1",
-                  "exec " + " ".join(sh_quote(a) for a in body)]
+        lines += [
+            "# the supervisor runs here (--detach): it starts one srun step per DP group and attempt in this",
+            "# allocation, and the job ends when it stops (scancel, or the group failed for good)",
+            f"export {INSIDE_ENV}=1",
+            "exec " + " ".join(sh_quote(a) for a in body),
+        ]
     return "\n".join(lines) + "\n"
 
 
-def srun_argv(plan: DeploymentPlan, opts: SlurmOptions, job: str, hosts: list[str], label: str, attempt: int,
-              step_file: str, python: str, run_dir: str) -> tuple[str, ...]:
+def srun_argv(
+    plan: DeploymentPlan,
+    opts: SlurmOptions,
+    job: str,
+    hosts: list[str],
+    label: str,
+    attempt: int,
+    step_file: str,
+    python: str,
+    run_dir: str,
+) -> tuple[str, ...]:
     """The srun step of one attempt of one DP group: one node agent per host of the group."""
-    argv = ["srun", f"--jobid={job}", "--overlap", f"--nodes={len(hosts)}", f"--ntasks={len(hosts)}",
-            "--ntasks-per-node=1", f"--nodelist={','.join(hosts)}", "--kill-on-bad-exit=1",
-            f"--job-name={step_name(label, attempt)}"]
+    argv = [
+        "srun",
+        f"--jobid={job}",
+        "--overlap",
+        f"--nodes={len(hosts)}",
+        f"--ntasks={len(hosts)}",
+        "--ntasks-per-node=1",
+        f"--nodelist={','.join(hosts)}",
+        "--kill-on-bad-exit=1",
+        f"--job-name={step_name(label, attempt)}",
+    ]
     if plan.device == "cuda":
         argv.append(f"--gpus-per-node={plan.spec.cluster.gpus_per_node}")
     if opts.container_image:
-        argv += [f"--container-image={opts.container_image}",
-                 f"--container-mounts={','.join([*opts.container_mounts, f'{run_dir}:{run_dir}'])}"]
+        argv += [
+            f"--container-image={opts.container_image}",
+            f"--container-mounts={','.join([*opts.container_mounts, f'{run_dir}:{run_dir}'])}",
+        ]
     return (*argv, python, "-m", "widep.run.slurm", "node", step_file)
 
 
@@ -254,14 +325,19 @@ def step_name(label: str, attempt: int) -> str:
 def dry_run_text(launch: Launch, opts: SlurmOptions, python: str) -> str:
     """The script and the srun step of each group's first attempt, hosts as ${host_<i>} (known once allocated)."""
     rd = str(launch.run_dir)
-    text = [f"# {rd}/widep.sbatch (submitted with: sbatch --parsable {rd}/widep.sbatch)",
-            sbatch_script(launch.plan, opts, rd, detach_command(launch, opts, python) if opts.detach else None)]
+    text = [
+        f"# {rd}/widep.sbatch (submitted with: sbatch --parsable {rd}/widep.sbatch)",
+        sbatch_script(launch.plan, opts, rd, detach_command(launch, opts, python) if opts.detach else None),
+    ]
     for g in launch.groups:
         hosts = [f"${{host_{n}}}" for n in g.nodes]
         step = f"{rd}/attempt-0/{g.label}/step.json"
         argv = srun_argv(launch.plan, opts, "${SLURM_JOB_ID}", hosts, g.label, 0, step, python, rd)
-        text.append(f"# group {g.label}, attempt 0 (a restart is the same step with attempt-<k>):\n"
-                    + " ".join(a if a.startswith("--") and "$" in a else sh_quote(a) for a in argv) + "\n")
+        text.append(
+            f"# group {g.label}, attempt 0 (a restart is the same step with attempt-<k>):\n"
+            + " ".join(a if a.startswith("--") and "$" in a else sh_quote(a) for a in argv)
+            + "\n"
+        )
     return "\n".join(text)
 
 
@@ -269,11 +345,29 @@ def detach_command(launch: Launch, opts: SlurmOptions, python: str) -> tuple[str
     """`widep launch` as the batch script runs it with --detach (same request, inside the allocation)."""
     r = launch.request
     topo = str(r.topology.resolve()) if r.topology else "TOPOLOGY"
-    argv = [python, "-m", "widep", "launch", topo, "--backend", "slurm", "--run-dir", str(launch.run_dir),
-            "--restart", r.policy.mode, "--max-restarts", str(r.policy.max_restarts),
-            "--backoff", str(r.policy.backoff_s),
-            "--grace", str(r.unhealthy_grace_s), "--stop-timeout", str(r.stop_timeout_s),
-            "--ready-timeout", str(r.ready_timeout)]
+    argv = [
+        python,
+        "-m",
+        "widep",
+        "launch",
+        topo,
+        "--backend",
+        "slurm",
+        "--run-dir",
+        str(launch.run_dir),
+        "--restart",
+        r.policy.mode,
+        "--max-restarts",
+        str(r.policy.max_restarts),
+        "--backoff",
+        str(r.policy.backoff_s),
+        "--grace",
+        str(r.unhealthy_grace_s),
+        "--stop-timeout",
+        str(r.stop_timeout_s),
+        "--ready-timeout",
+        str(r.ready_timeout),
+    ]
     if r.python:
         argv += ["--python", r.python]
     argv += ["--model-path", launch.model]
@@ -331,8 +425,10 @@ def parse_sinfo(text: str) -> list[PartitionFacts]:
         name, avail, count, cpus, gres, state, nodelist = f
         default = name.endswith("*")
         name = name.rstrip("*")
-        d = acc.setdefault(name, {"default": default, "available": avail, "nodes": 0, "usable": 0,
-                                  "cpus": [], "gpus": [], "states": []})
+        d = acc.setdefault(
+            name,
+            {"default": default, "available": avail, "nodes": 0, "usable": 0, "cpus": [], "gpus": [], "states": []},
+        )
         k = int(count)
         d["nodes"] += k
         if not any(state.lower().startswith(u) for u in _UNUSABLE) and avail == "up":
@@ -340,14 +436,28 @@ def parse_sinfo(text: str) -> list[PartitionFacts]:
         d["cpus"].append(int(cpus.rstrip("+")) if cpus.rstrip("+").isdigit() else 0)
         d["gpus"].append(_gres_gpus(gres))
         d["states"].append(f"{k} {state} ({nodelist})")
-    return [PartitionFacts(n, d["default"], d["available"], d["nodes"], d["usable"], min(d["cpus"]), min(d["gpus"]),
-                           ", ".join(d["states"])) for n, d in acc.items()]
+    return [
+        PartitionFacts(
+            n,
+            d["default"],
+            d["available"],
+            d["nodes"],
+            d["usable"],
+            min(d["cpus"]),
+            min(d["gpus"]),
+            ", ".join(d["states"]),
+        )
+        for n, d in acc.items()
+    ]
 
 
 def check_fit(plan: DeploymentPlan, opts: SlurmOptions, partitions: list[PartitionFacts]) -> PartitionFacts:
     """The partition the job goes to, or a UserError with the sinfo facts (nothing is submitted)."""
-    facts = "; ".join(f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s), {p.usable} usable, "
-                      f"{p.cpus} CPUs and {p.gpus} GPUs per node, {p.available}, {p.states}" for p in partitions)
+    facts = "; ".join(
+        f"{p.name}{' (default)' if p.default else ''}: {p.nodes} node(s), {p.usable} usable, "
+        f"{p.cpus} CPUs and {p.gpus} GPUs per node, {p.available}, {p.states}"
+        for p in partitions
+    )
     names = [p.name for p in partitions]
     if opts.partition is not None:
         wanted = opts.partition.split(",")[0]
@@ -355,28 +465,38 @@ def check_fit(plan: DeploymentPlan, opts: SlurmOptions, partitions: list[Partiti
         if part is None:
             from widep.errors import did_you_mean
 
-            raise UserError(f"--partition: {wanted!r} is not a partition of this cluster.{did_you_mean(wanted, names)} "
-                            f"Given: {opts.partition}. Valid: {', '.join(names) or '(none)'}. sinfo: {facts}. "
-                            "Nothing was submitted.")
+            raise UserError(
+                f"--partition: {wanted!r} is not a partition of this cluster.{did_you_mean(wanted, names)} "
+                f"Given: {opts.partition}. Valid: {', '.join(names) or '(none)'}. sinfo: {facts}. "
+                "Nothing was submitted."
+            )
     else:
         part = next((p for p in partitions if p.default), None)
         if part is None:
-            raise UserError(f"--partition: this cluster has no default partition; give one. Valid: "
-                            f"{', '.join(names) or '(none)'}. sinfo: {facts}. Nothing was submitted.")
+            raise UserError(
+                f"--partition: this cluster has no default partition; give one. Valid: "
+                f"{', '.join(names) or '(none)'}. sinfo: {facts}. Nothing was submitted."
+            )
     need, gpn = plan_nodes(plan), plan.spec.cluster.gpus_per_node
     where = f"partition {part.name!r} has {part.nodes} node(s), {part.usable} usable ({part.states})"
     if part.available != "up":
         raise UserError(f"--partition: {part.name!r} is {part.available}. sinfo: {facts}. Nothing was submitted.")
     if need > part.usable:
-        raise UserError(f"{plan.name}: the plan needs {need} node(s) (one job, --nodes={need}) but {where}. "
-                        f"Valid: a topology of at most {part.usable} node(s), or a larger partition. sinfo: {facts}. "
-                        "Nothing was submitted.")
+        raise UserError(
+            f"{plan.name}: the plan needs {need} node(s) (one job, --nodes={need}) but {where}. "
+            f"Valid: a topology of at most {part.usable} node(s), or a larger partition. sinfo: {facts}. "
+            "Nothing was submitted."
+        )
     if plan.device == "cuda" and part.gpus < gpn:
-        raise UserError(f"cluster.gpus_per_node: the plan needs {gpn} GPUs per node but the nodes of partition "
-                        f"{part.name!r} have {part.gpus} (GRES). sinfo: {facts}. Nothing was submitted.")
+        raise UserError(
+            f"cluster.gpus_per_node: the plan needs {gpn} GPUs per node but the nodes of partition "
+            f"{part.name!r} have {part.gpus} (GRES). sinfo: {facts}. Nothing was submitted."
+        )
     if plan.device == "cpu" and part.cpus < gpn:
-        raise UserError(f"cluster.gpus_per_node: the plan needs {gpn} CPU slot(s) per node but the nodes of partition "
-                        f"{part.name!r} have {part.cpus} CPUs. sinfo: {facts}. Nothing was submitted.")
+        raise UserError(
+            f"cluster.gpus_per_node: the plan needs {gpn} CPU slot(s) per node but the nodes of partition "
+            f"{part.name!r} have {part.cpus} CPUs. sinfo: {facts}. Nothing was submitted."
+        )
     return part
 
 
@@ -386,13 +506,16 @@ class Slurm:
 
     def _run(self, *argv: str, timeout: float = 30.0, check: bool = True) -> subprocess.CompletedProcess:
         if shutil.which(argv[0]) is None:
-            raise UserError(f"--backend: 'slurm' needs `{argv[0]}`, which is not on PATH. Run on a Slurm login node "
-                            "(slurm-client installed and configured), or choose --backend bare-metal / ray.")
+            raise UserError(
+                f"--backend: 'slurm' needs `{argv[0]}`, which is not on PATH. Run on a Slurm login node "
+                "(slurm-client installed and configured), or choose --backend bare-metal / ray."
+            )
         try:
             p = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
-            raise UserError(f"`{' '.join(argv)}` did not answer in {timeout:.0f} s (is slurmctld up?)",
-                            exit_code=1) from None
+            raise UserError(
+                f"`{' '.join(argv)}` did not answer in {timeout:.0f} s (is slurmctld up?)", exit_code=1
+            ) from None
         if check and p.returncode != 0:
             raise UserError(f"`{' '.join(argv)}` failed ({p.returncode}): {p.stderr.strip()}", exit_code=1)
         return p
@@ -464,8 +587,10 @@ class SlurmBackend(BackendBase):
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
         self.options = request.slurm or self.options
         if self.options.detach and request.topology is None:
-            raise UserError("--detach: the batch script runs `widep launch TOPOLOGY` again inside the job, so the "
-                            "topology must be a file. Given: the built-in default. Valid: a topology file path.")
+            raise UserError(
+                "--detach: the batch script runs `widep launch TOPOLOGY` again inside the job, so the "
+                "topology must be a file. Given: the built-in default. Valid: a topology file path."
+            )
         from widep.run.host import default_run_dir
 
         # absolute: the nodes read their step files and write their logs there (a file system they all see)
@@ -476,10 +601,12 @@ class SlurmBackend(BackendBase):
 
     def dry_run(self, launch: Launch) -> DryRun:
         rows = tuple((str(i), n.name, f"${{host_{i}}}") for i, n in enumerate(launch.plan.nodes))
-        return DryRun(heading=f"one Slurm job of {plan_nodes(launch.plan)} node(s): nothing submitted",
-                      processes=launch.processes,
-                      tables=(DryRunTable("plan node -> allocation host", ("node", "plan name", "host"), rows),),
-                      text=dry_run_text(launch, self.options, self.python(launch)))
+        return DryRun(
+            heading=f"one Slurm job of {plan_nodes(launch.plan)} node(s): nothing submitted",
+            processes=launch.processes,
+            tables=(DryRunTable("plan node -> allocation host", ("node", "plan name", "host"), rows),),
+            text=dry_run_text(launch, self.options, self.python(launch)),
+        )
 
     # ------------------------------------------------------------------ prepare: submit, wait, bind
     def prepare(self, launch: Launch) -> list[Group]:
@@ -501,20 +628,29 @@ class SlurmBackend(BackendBase):
             script.write_text(sbatch_script(plan, self.options, str(run_dir)))
             self.job = self.slurm.submit(script)
             self.submitted = True
-            self.console.print(f"\\[slurm] submitted job {self.job} ({plan_nodes(plan)} node(s), partition "
-                               f"{part.name}); batch script {script}, output {run_dir}/slurm-{self.job}.out")
+            self.console.print(
+                f"\\[slurm] submitted job {self.job} ({plan_nodes(plan)} node(s), partition "
+                f"{part.name}); batch script {script}, output {run_dir}/slurm-{self.job}.out"
+            )
         info = self._wait_running()
         hosts = self.slurm.hostnames(info["NodeList"])
         if len(hosts) != plan_nodes(plan):
-            raise UserError(f"job {self.job} got {len(hosts)} node(s) ({info['NodeList']}) but {plan.name} has "
-                            f"{plan_nodes(plan)}; run it in an allocation of exactly that many nodes.", exit_code=1)
+            raise UserError(
+                f"job {self.job} got {len(hosts)} node(s) ({info['NodeList']}) but {plan.name} has "
+                f"{plan_nodes(plan)}; run it in an allocation of exactly that many nodes.",
+                exit_code=1,
+            )
         self.hosts = dict(enumerate(hosts))
         self.addresses = {i: self.slurm.node_address(h) for i, h in self.hosts.items()}
-        (run_dir / "slurm.json").write_text(json.dumps(
-            {"job": self.job, "hosts": hosts, "addresses": [self.addresses[i] for i in range(len(hosts))]}, indent=2))
+        (run_dir / "slurm.json").write_text(
+            json.dumps(
+                {"job": self.job, "hosts": hosts, "addresses": [self.addresses[i] for i in range(len(hosts))]}, indent=2
+            )
+        )
         for i, n in enumerate(plan.nodes):
-            self.console.print(f"\\[slurm] plan node {i} ({n.name}) -> {self.hosts[i]} ({self.addresses[i]})",
-                               highlight=False)
+            self.console.print(
+                f"\\[slurm] plan node {i} ({n.name}) -> {self.hosts[i]} ({self.addresses[i]})", highlight=False
+            )
         self.launch = bind_addresses(launch, self.addresses)
         if launch.router is not None:
             from widep.run.bare_metal import router_executable
@@ -522,8 +658,9 @@ class SlurmBackend(BackendBase):
 
             # the router's worker URLs are rendered from the plan's node addresses (they are no slots ProcessCommand.at
             # could bind), so its command is rendered with the allocation's addresses standing in the plan
-            routed = render_launch(replace(launch.request, plan=plan_at(plan, self.addresses)), launch.context,
-                                   launch.run_id)
+            routed = render_launch(
+                replace(launch.request, plan=plan_at(plan, self.addresses)), launch.context, launch.run_id
+            )
             assert routed.router is not None
             cmd = routed.router.with_executable(router_executable(routed.router.argv[0]))
             self.router = Group("router", 0, "router", (cmd.node,), (cmd,), 0)
@@ -538,8 +675,11 @@ class SlurmBackend(BackendBase):
             if state == "RUNNING":
                 return info
             if state not in ("PENDING", "CONFIGURING", "REQUEUED", "RESIZING"):
-                raise UserError(f"job {self.job} ended before it ran: {state} ({info.get('Reason', '?')}); see "
-                                f"{self.launch.run_dir}/slurm-{self.job}.out", exit_code=1)
+                raise UserError(
+                    f"job {self.job} ended before it ran: {state} ({info.get('Reason', '?')}); see "
+                    f"{self.launch.run_dir}/slurm-{self.job}.out",
+                    exit_code=1,
+                )
             if self.stop_requested():
                 raise UserError(f"stopped while job {self.job} was {state.lower()}; it is cancelled", exit_code=1)
             now = f"{state} ({info.get('Reason', '?')})"
@@ -559,14 +699,24 @@ class SlurmBackend(BackendBase):
         step_file = d / "step.json"
         step_file.write_text(json.dumps(step_spec(launch, group, attempt, self.hosts), indent=1))
         hosts = [self.hosts[n] for n in group.nodes]
-        argv = srun_argv(launch.plan, self.options, self.job, hosts, group.label, attempt, str(step_file),
-                         self.python(launch), str(launch.run_dir))
+        argv = srun_argv(
+            launch.plan,
+            self.options,
+            self.job,
+            hosts,
+            group.label,
+            attempt,
+            str(step_file),
+            self.python(launch),
+            str(launch.run_dir),
+        )
         log = d / "srun.log"
         (d / "srun.sh").write_text(" ".join(sh_quote(a) for a in argv) + "\n")
         try:
             with open(log, "ab") as out:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
         except OSError as err:
             raise StartFailed(f"srun: {err}") from None
         self.steps[group.label] = _Step(proc, attempt, step_name(group.label, attempt), log, d, time.monotonic())
@@ -582,10 +732,23 @@ class SlurmBackend(BackendBase):
         failures = list(self._failures(step, now))
         code = step.proc.poll()
         if code is not None and not failures:
-            failures.append(Failure(group.label, ",".join(self.hosts[n] for n in group.nodes),
-                                    f"srun step {step.name} {_exit_words(code)}", now, _tail(step.log)))
-        health = {e.process.name: probe(e.host, e.port, timeout=min(2.0, 2 * self.launch.request.probe_interval_s))[0]
-                  for e in self.endpoints(group)} if not failures else {}
+            failures.append(
+                Failure(
+                    group.label,
+                    ",".join(self.hosts[n] for n in group.nodes),
+                    f"srun step {step.name} {_exit_words(code)}",
+                    now,
+                    _tail(step.log),
+                )
+            )
+        health = (
+            {
+                e.process.name: probe(e.host, e.port, timeout=min(2.0, 2 * self.launch.request.probe_interval_s))[0]
+                for e in self.endpoints(group)
+            }
+            if not failures
+            else {}
+        )
         lines: list[tuple[str, str]] = []
         if self.launch.request.follow:
             for c in group.processes:
@@ -620,8 +783,11 @@ class SlurmBackend(BackendBase):
         return data[: cut + 1].decode(errors="replace").replace("\r", "").splitlines()
 
     def endpoints(self, group: Group) -> list[Endpoint]:
-        return [Endpoint(c, self.addresses.get(c.node, c.node_address), c.health_port)
-                for c in group.processes if c.health_port]
+        return [
+            Endpoint(c, self.addresses.get(c.node, c.node_address), c.health_port)
+            for c in group.processes
+            if c.health_port
+        ]
 
     def log_tail(self, group: Group, process: str) -> tuple[str, ...]:
         step = self.steps.get(group.label)
@@ -660,8 +826,10 @@ class SlurmBackend(BackendBase):
         state = self.slurm.job(self.job).get("JobState", "GONE")
         if state in ("RUNNING", "COMPLETING"):
             return None
-        self.console.print(f"[bold red]\\[slurm] job {self.job} ended: {state}[/]"
-                           + (" (time limit: --time)" if state == "TIMEOUT" else ""))
+        self.console.print(
+            f"[bold red]\\[slurm] job {self.job} ended: {state}[/]"
+            + (" (time limit: --time)" if state == "TIMEOUT" else "")
+        )
         return 0 if state == "CANCELLED" else 1
 
     def _router_tick(self, now: float) -> int | None:
@@ -681,26 +849,32 @@ class SlurmBackend(BackendBase):
             if code is None:
                 if not self.router_healthy and probe(door.host, door.port)[0] == "healthy":
                     self.router_healthy, self.router_failed_starts = True, 0
-                    self.console.print(f"\\[router] ready: http://{door.host}:{door.port} on "
-                                       f"{self.hosts[door.process.node]}", highlight=False)
+                    self.console.print(
+                        f"\\[router] ready: http://{door.host}:{door.port} on {self.hosts[door.process.node]}",
+                        highlight=False,
+                    )
                 return None
             self.router_failed_starts = 0 if self.router_healthy else self.router_failed_starts + 1
             self.router_healthy = False
             last = "\n    ".join(_tail(self._log(door.process, step.attempt), 10))
             self.steps.pop("router")
             if self.router_failed_starts >= ROUTER_MAX_FAILED_STARTS:
-                self.console.print(f"[bold red]\\[router] failed {self.router_failed_starts} starts in a row[/]:\n"
-                                   f"    {last}", highlight=False)
+                self.console.print(
+                    f"[bold red]\\[router] failed {self.router_failed_starts} starts in a row[/]:\n    {last}",
+                    highlight=False,
+                )
                 return 1
-            self.console.print(f"\\[router] step ended ({_exit_words(code)}); restarting it\n    {last}",
-                               highlight=False)
+            self.console.print(
+                f"\\[router] step ended ({_exit_words(code)}); restarting it\n    {last}", highlight=False
+            )
             return None
         fronted = [e for g in self.launch.groups for e in self.endpoints(g) if e.process.port]
         if all(probe(e.host, e.port, timeout=2.0)[0] == "healthy" for e in fronted):
             self.start(self.router, self.router_starts)
             self.router_starts += 1
-            self.console.print(f"\\[router] started on {self.hosts[door.process.node]} port {door.port}",
-                               highlight=False)
+            self.console.print(
+                f"\\[router] started on {self.hosts[door.process.node]} port {door.port}", highlight=False
+            )
         return None
 
     def ready(self) -> bool:
@@ -729,8 +903,10 @@ class SlurmBackend(BackendBase):
         if self.job and self.submitted:
             self.slurm.cancel(self.job)
             end = time.monotonic() + 60
-            while self.slurm.job(self.job).get("JobState", "GONE") in ("RUNNING", "PENDING", "COMPLETING",
-                                                                         "CONFIGURING") and time.monotonic() < end:
+            while (
+                self.slurm.job(self.job).get("JobState", "GONE") in ("RUNNING", "PENDING", "COMPLETING", "CONFIGURING")
+                and time.monotonic() < end
+            ):
                 time.sleep(0.5)
             self.console.print(f"\\[slurm] job {self.job} cancelled")
             self.submitted = False
@@ -742,6 +918,7 @@ INSIDE_ENV = "WIDEP_SLURM_INSIDE"
 
 def bind_addresses(launch: Launch, addresses: dict[int, str]) -> Launch:
     """The launch with every process reached at its allocation host's address (rank/node/GPU unchanged)."""
+
     def at(c: ProcessCommand, leader: int) -> ProcessCommand:
         return c.at(node_address=addresses[c.node], leader_address=addresses[leader])
 
@@ -765,15 +942,30 @@ def log_root(launch: Launch, c: ProcessCommand) -> Path:
 def step_spec(launch: Launch, group: Group, attempt: int, hosts: dict[int, str]) -> dict:
     """What the node agents of one step read: each host's processes, argv and environment (secrets by name)."""
     return {
-        "run_id": launch.run_id, "run_dir": str(launch.run_dir), "attempt": attempt, "group": group.label,
+        "run_id": launch.run_id,
+        "run_dir": str(launch.run_dir),
+        "attempt": attempt,
+        "group": group.label,
         "grace_s": launch.request.stop_timeout_s,
-        "processes": [{
-            "host": hosts[c.node], "run_dir": str(log_root(launch, c)), "role": c.role, "replica": c.replica,
-            "dp_rank": c.dp_rank,
-            "dp_ranks": list(c.dp_ranks), "node": c.node, "node_name": c.node_name, "local_rank": c.local_rank,
-            "port": c.port, "health_port": c.health_port, "headless": c.headless, "argv": list(c.argv),
-            "env": [[k, {"ref": v.name, "what": v.what} if isinstance(v, EnvRef) else v] for k, v in c.env],
-        } for c in group.processes],
+        "processes": [
+            {
+                "host": hosts[c.node],
+                "run_dir": str(log_root(launch, c)),
+                "role": c.role,
+                "replica": c.replica,
+                "dp_rank": c.dp_rank,
+                "dp_ranks": list(c.dp_ranks),
+                "node": c.node,
+                "node_name": c.node_name,
+                "local_rank": c.local_rank,
+                "port": c.port,
+                "health_port": c.health_port,
+                "headless": c.headless,
+                "argv": list(c.argv),
+                "env": [[k, {"ref": v.name, "what": v.what} if isinstance(v, EnvRef) else v] for k, v in c.env],
+            }
+            for c in group.processes
+        ],
     }
 
 
@@ -799,10 +991,14 @@ def submit_detached(launch: Launch, console: Console, slurm: Slurm | None = None
     python = launch.request.python or sys.executable
     script.write_text(sbatch_script(launch.plan, opts, str(launch.run_dir), detach_command(launch, opts, python)))
     job = s.submit(script)
-    console.print(f"\\[slurm] submitted job {job} ({plan_nodes(launch.plan)} node(s), partition {part.name}); the "
-                  f"supervisor runs inside it. Output: {launch.run_dir}/slurm-{job}.out", highlight=False)
-    console.print(f"  readiness: widep status {launch.request.topology} --slurm-job {job}    stop: scancel {job}",
-                  highlight=False)
+    console.print(
+        f"\\[slurm] submitted job {job} ({plan_nodes(launch.plan)} node(s), partition {part.name}); the "
+        f"supervisor runs inside it. Output: {launch.run_dir}/slurm-{job}.out",
+        highlight=False,
+    )
+    console.print(
+        f"  readiness: widep status {launch.request.topology} --slurm-job {job}    stop: scancel {job}", highlight=False
+    )
     return 0
 
 
@@ -813,8 +1009,9 @@ def job_view(job: str, slurm: Slurm | None = None) -> tuple[list[str], dict[int,
     if not info:
         raise UserError(f"--slurm-job: Slurm does not know job {job} (finished a while ago, or a typo). Given: {job}.")
     if info.get("JobState") != "RUNNING":
-        raise UserError(f"--slurm-job: job {job} is {info.get('JobState', '?')}, not running; its hosts are not "
-                        "known.", exit_code=1)
+        raise UserError(
+            f"--slurm-job: job {job} is {info.get('JobState', '?')}, not running; its hosts are not known.", exit_code=1
+        )
     hosts = s.hostnames(info["NodeList"])
     out = info.get("StdOut")
     return hosts, {i: s.node_address(h) for i, h in enumerate(hosts)}, Path(out).parent if out else None
@@ -848,9 +1045,22 @@ def node_agent(step_file: str, host: str | None = None) -> int:
         if p["host"] != host:
             continue
         env = tuple((k, EnvRef(v["ref"], v["what"]) if isinstance(v, dict) else v) for k, v in p["env"])
-        cmds.append(ProcessCommand(p["role"], p["replica"], p["dp_rank"], tuple(p["dp_ranks"]), p["node"],
-                                   p["node_name"], p["local_rank"], p["port"], p["health_port"], p["headless"],
-                                   template=tuple(p["argv"]), env_template=env))
+        cmds.append(
+            ProcessCommand(
+                p["role"],
+                p["replica"],
+                p["dp_rank"],
+                tuple(p["dp_ranks"]),
+                p["node"],
+                p["node_name"],
+                p["local_rank"],
+                p["port"],
+                p["health_port"],
+                p["headless"],
+                template=tuple(p["argv"]),
+                env_template=env,
+            )
+        )
         roots.append(Path(p["run_dir"]))
     if not cmds:
         print(f"widep node agent: no process of {spec['group']} runs on {host!r}", file=sys.stderr)
@@ -860,16 +1070,22 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     except UserError as err:
         print(f"widep node agent on {host}: {err}", file=sys.stderr)
         return 2
-    procs = [start_rank(c, root, attempt, e, spec["run_id"], grace)
-             for c, root, e in zip(cmds, roots, envs, strict=True)]
+    procs = [
+        start_rank(c, root, attempt, e, spec["run_id"], grace) for c, root, e in zip(cmds, roots, envs, strict=True)
+    ]
     print(f"[{host}] attempt {attempt}: started {', '.join(c.name for c in cmds)}", flush=True)
     code = 0
     while not _stop:
         done = [p for p in procs if p.poll() is not None]
         if done:
             p = done[0]
-            fail = {"rank": p.name, "node": host, "reason": signal_name(p.poll() or 0), "wall": time.time(),
-                    "log_tail": list(tail(p.log))}
+            fail = {
+                "rank": p.name,
+                "node": host,
+                "reason": signal_name(p.poll() or 0),
+                "wall": time.time(),
+                "log_tail": list(tail(p.log)),
+            }
             out = Path(step_file).parent / f"failure-{host}.json"
             tmp = out.with_suffix(".tmp")
             tmp.write_text(json.dumps(fail))

@@ -84,8 +84,18 @@ class GroupStatus:
     def on_failure(self, failure: Failure, attempt: int, policy: RestartPolicy) -> tuple[GroupStatus, Decision]:
         """A rank of ``attempt`` failed. Stale reports (older attempts) and failures while stopping are ignored;
         the earliest failure of an attempt is the one kept and reported."""
-        if attempt != self.attempt or self.state in (GroupState.STOPPING, GroupState.STOPPED, GroupState.FAILED, GroupState.RESTARTING):
-            if self.state == GroupState.RESTARTING and attempt == self.attempt and self.failure and failure.at < self.failure.at:
+        if attempt != self.attempt or self.state in (
+            GroupState.STOPPING,
+            GroupState.STOPPED,
+            GroupState.FAILED,
+            GroupState.RESTARTING,
+        ):
+            if (
+                self.state == GroupState.RESTARTING
+                and attempt == self.attempt
+                and self.failure
+                and failure.at < self.failure.at
+            ):
                 return replace(self, failure=failure), Decision("ignore")
             return self, Decision("ignore")
         history = self.history + (failure,)
@@ -101,7 +111,9 @@ class GroupStatus:
         """Teardown of the failed attempt is complete: start the next one."""
         if self.state != GroupState.RESTARTING:
             return self
-        return replace(self, attempt=self.attempt + 1, restarts=self.restarts + 1, state=GroupState.STARTING, failure=None)
+        return replace(
+            self, attempt=self.attempt + 1, restarts=self.restarts + 1, state=GroupState.STARTING, failure=None
+        )
 
     def on_stop(self) -> GroupStatus:
         if self.state in (GroupState.STOPPED, GroupState.FAILED):
@@ -122,9 +134,14 @@ class GroupStatus:
             "attempt": self.attempt,
             "state": self.state.value,
             "restarts": self.restarts,
-            "failure": None if self.failure is None else {
-                "rank": self.failure.rank, "node": self.failure.node, "reason": self.failure.reason,
-                "log_tail": list(self.failure.log_tail)},
+            "failure": None
+            if self.failure is None
+            else {
+                "rank": self.failure.rank,
+                "node": self.failure.node,
+                "reason": self.failure.reason,
+                "log_tail": list(self.failure.log_tail),
+            },
         }
 
 
@@ -148,8 +165,16 @@ def note_health(health: dict[str, str], unhealthy_since: dict[str, float], name:
         unhealthy_since.setdefault(name, now)
 
 
-def judge_health(state: GroupState, names: list[str], health: dict[str, str], unhealthy_since: dict[str, float],
-                 started: float, now: float, ready_timeout_s: float, grace_s: float) -> HealthVerdict:
+def judge_health(
+    state: GroupState,
+    names: list[str],
+    health: dict[str, str],
+    unhealthy_since: dict[str, float],
+    started: float,
+    now: float,
+    ready_timeout_s: float,
+    grace_s: float,
+) -> HealthVerdict:
     """The readiness rules both backends apply after probing a group's endpoints ``names``:
     a starting group is healthy once every endpoint is, and fails if one is not healthy ``ready_timeout_s``
     after the attempt started; a healthy group fails when an endpoint stays unhealthy longer than ``grace_s``."""
@@ -158,10 +183,15 @@ def judge_health(state: GroupState, names: list[str], health: dict[str, str], un
             return HealthVerdict(all_healthy=True)
         waiting = [n for n in names if health.get(n) != "healthy"]
         if waiting and now - started > ready_timeout_s:
-            return HealthVerdict(rank=waiting[0], at=now,
-                                 reason=f"did not become healthy in {ready_timeout_s:.0f} s (still waiting: {', '.join(waiting)})")
+            return HealthVerdict(
+                rank=waiting[0],
+                at=now,
+                reason=f"did not become healthy in {ready_timeout_s:.0f} s (still waiting: {', '.join(waiting)})",
+            )
     elif state == GroupState.HEALTHY:
         for name, since in sorted(unhealthy_since.items(), key=lambda kv: kv[1]):
             if now - since > grace_s:
-                return HealthVerdict(rank=name, reason=f"unhealthy ({health.get(name)}) for {now - since:.0f} s", at=since)
+                return HealthVerdict(
+                    rank=name, reason=f"unhealthy ({health.get(name)}) for {now - since:.0f} s", at=since
+                )
     return HealthVerdict()

@@ -50,4 +50,6 @@ def get_gpu(name: str) -> GPUSpec:
     for key, spec in cat.items():
         if key.lower() == name.lower():
             return spec
-    raise UserError(f"cluster.gpu: unknown GPU kind {name!r}.{did_you_mean(name.upper(), list(cat))} Valid: {', '.join(cat)}.")
+    raise UserError(
+        f"cluster.gpu: unknown GPU kind {name!r}.{did_you_mean(name.upper(), list(cat))} Valid: {', '.join(cat)}."
+    )

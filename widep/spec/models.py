@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -243,17 +243,27 @@ def _check_config(cfg: dict[str, Any], name: str) -> None:
         v = cfg.get(key)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not (
-                math.isfinite(v) and v.is_integer())):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or (isinstance(v, float) and not (math.isfinite(v) and v.is_integer()))
+        ):
             problems.append(f"{key}: must be a whole number. Given: {v!r}.")
         elif not lo <= v <= hi:
             problems.append(f"{key}: {v!r} is out of range. Valid: {lo}..{hi} (bounds of any model vLLM serves).")
-    for key, kind in (("quantization_config", dict), ("mlp_only_layers", list), ("layer_types", list),
-                      ("text_config", dict), ("_widep", dict), ("model_type", str)):
+    for key, kind in (
+        ("quantization_config", dict),
+        ("mlp_only_layers", list),
+        ("layer_types", list),
+        ("text_config", dict),
+        ("_widep", dict),
+        ("model_type", str),
+    ):
         if cfg.get(key) is not None and not isinstance(cfg[key], kind):
             problems.append(f"{key}: must be a {kind.__name__}. Given: {type(cfg[key]).__name__}.")
     if isinstance(cfg.get("mlp_only_layers"), list) and not all(
-            isinstance(i, int) and not isinstance(i, bool) for i in cfg["mlp_only_layers"]):
+        isinstance(i, int) and not isinstance(i, bool) for i in cfg["mlp_only_layers"]
+    ):
         problems.append("mlp_only_layers: must be a list of layer indices (whole numbers).")
     if not problems:
         routed = cfg.get("n_routed_experts") or cfg.get("num_experts") or cfg.get("num_local_experts")
@@ -263,7 +273,8 @@ def _check_config(cfg: dict[str, Any], name: str) -> None:
         heads, kv = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads")
         if heads and kv and kv > heads:
             problems.append(
-                f"num_key_value_heads: {int(kv)} > num_attention_heads {int(heads)}. Valid: 1..{int(heads)}.")
+                f"num_key_value_heads: {int(kv)} > num_attention_heads {int(heads)}. Valid: 1..{int(heads)}."
+            )
     if problems:
         raise UserError(f"model {name!r}: invalid config.json:\n  " + "\n  ".join(problems))
 
@@ -364,12 +375,14 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in root.iterdir() if p.name.endswith(".json"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_preset(name: str) -> MoEArch:
     """The architecture of a named preset; UserError with the valid names otherwise."""
     names = preset_names()
     if name not in names:
-        raise UserError(f"model.preset: unknown model preset {name!r}.{did_you_mean(name, names)} Valid: {', '.join(names)}.")
+        raise UserError(
+            f"model.preset: unknown model preset {name!r}.{did_you_mean(name, names)} Valid: {', '.join(names)}."
+        )
     path = resources.files("widep.spec") / PRESET_DIR / f"{name}.json"
     return arch_from_config(json.loads(path.read_text()), name)
 

@@ -28,8 +28,9 @@ KVDType = Literal["auto", "bf16", "fp16", "fp8"]
 class Strict(BaseModel):
     """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True,
-                              allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
+    )
 
 
 def _one_line(v: str) -> str:
@@ -55,7 +56,8 @@ def _free_text(v: str) -> str:
 def _env_name(v: str) -> str:
     if not POSIX_NAME.match(v):
         raise ValueError(
-            f"not an environment variable name. Given: {v!r}. Valid: [A-Za-z_][A-Za-z0-9_]*, e.g. NCCL_DEBUG")
+            f"not an environment variable name. Given: {v!r}. Valid: [A-Za-z_][A-Za-z0-9_]*, e.g. NCCL_DEBUG"
+        )
     return v
 
 
@@ -165,8 +167,9 @@ class ClusterSpec(Strict):
     """GPU kind: H100, H800, H200, B200, GB200, or CPU for the vLLM CPU backend."""
     gpus_per_node: int = Field(default=8, ge=1, le=72)
     """GPUs (for CPU: rank slots, one pinned core group each) per node."""
-    nodes: (Annotated[int, Field(ge=1, le=MAX_NODES)]
-            | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)]) = 1
+    nodes: (
+        Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)]
+    ) = 1
     """Node count, or the nodes themselves (name and address), in rank order (1..4096)."""
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     """Inter-node networking."""
@@ -227,9 +230,13 @@ class RoleSpec(Strict):
     """Role name (lower-case DNS label): used in logs, ports table and manifest names."""
     kind: RoleKind = "mixed"
     """prefill, decode, or mixed (serves whole requests)."""
-    nodes: (Annotated[int, Field(ge=1, le=MAX_NODES)]
-            | Annotated[list[Annotated[str, AfterValidator(_one_line)] | Annotated[int, Field(ge=0)]],
-                        Field(min_length=1, max_length=MAX_NODES)]) = 1
+    nodes: (
+        Annotated[int, Field(ge=1, le=MAX_NODES)]
+        | Annotated[
+            list[Annotated[str, AfterValidator(_one_line)] | Annotated[int, Field(ge=0)]],
+            Field(min_length=1, max_length=MAX_NODES),
+        ]
+    ) = 1
     """Nodes per DP group: a count (taken in order from the nodes no earlier role uses), or node names/indices."""
     gpus_per_node: int | None = Field(default=None, ge=1, le=72)
     """GPUs this role uses on each of its nodes. Default: all of cluster.gpus_per_node."""
@@ -410,7 +417,9 @@ class ProfilerSpec(Strict):
         return v
 
 
-RouterPolicy = Literal["random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash", "sticky_least_loaded"]
+RouterPolicy = Literal[
+    "random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash", "sticky_least_loaded"
+]
 
 
 class RouterSpec(Strict):
@@ -569,8 +578,14 @@ def _union_errors(errors: list[Any], data: Any) -> list[Any]:
                 keep = False
                 if loc[:i] not in wrong:
                     wrong.add(loc[:i])
-                    out.append({"loc": loc[:i], "type": "union_type", "input": value,
-                                "msg": f"has the wrong type ({type(value).__name__})"})
+                    out.append(
+                        {
+                            "loc": loc[:i],
+                            "type": "union_type",
+                            "input": value,
+                            "msg": f"has the wrong type ({type(value).__name__})",
+                        }
+                    )
                 break
         if keep:
             out.append(e)
@@ -579,7 +594,7 @@ def _union_errors(errors: list[Any], data: Any) -> list[Any]:
 
 LIMITS = {
     "nodes": "widep plans at most 4096 nodes per deployment (a DP/EP group cannot usefully span more: EP is bounded "
-             "by the model's experts)",
+    "by the model's experts)",
     "gpus_per_node": "the largest GPU node / NVLink domain (GB200 NVL72) has 72 GPUs",
     "first_gpu": "a node has at most 72 GPUs",
     "tp": "tensor parallelism stays inside one node (at most 72 GPUs)",
@@ -591,8 +606,12 @@ LIMITS = {
 
 def _range_message(e: Any, field: str) -> str | None:
     ctx = e.get("ctx") or {}
-    bound = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-             "less_than": ("lt", "<")}.get(e["type"])
+    bound = {
+        "greater_than_equal": ("ge", ">="),
+        "greater_than": ("gt", ">"),
+        "less_than_equal": ("le", "<="),
+        "less_than": ("lt", "<"),
+    }.get(e["type"])
     if bound is None:
         return None
     limit = ctx.get(bound[0])
@@ -627,7 +646,7 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
             msg = str(_range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]))
         else:
             m = e["msg"]
-            m = m[len("Value error, "):] if m.startswith("Value error, ") else m
+            m = m[len("Value error, ") :] if m.startswith("Value error, ") else m
             msg = f"{m}" + (f" Given: {given!r}." if not isinstance(given, (dict, list)) and "Given" not in m else "")
         lines.append(f"{path}: {msg}")
     head = f"invalid topology {source}:" if source else "invalid topology:"
