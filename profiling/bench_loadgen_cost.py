@@ -197,7 +197,12 @@ def client_vllm(
         last: dict[str, float] = {}
         starts = res_json["start_times"]
         for st, ttft, lat, text, err in zip(
-            starts, res_json["ttfts"], res_json["latencies"], res_json["generated_texts"], res_json["errors"], strict=False
+            starts,
+            res_json["ttfts"],
+            res_json["latencies"],
+            res_json["generated_texts"],
+            res_json["errors"],
+            strict=False,
         ):
             if err or not text:
                 continue
@@ -380,7 +385,10 @@ def main() -> None:
                 # that the schedule spans exactly n / rate, and is judged against the rate
                 target = m.get("scheduled_rate") or pt["rate"]
                 on_rate = m["achieved_rate"] is not None and abs(m["achieved_rate"] / target - 1) <= 0.02
-                lag_ok = lambda q: m[f"send_lag_ms_{q}"] is None or m[f"send_lag_ms_{q}"] < 1.0  # noqa: E731
+
+                def lag_ok(q: str, m: dict = m) -> bool:
+                    return m[f"send_lag_ms_{q}"] is None or m[f"send_lag_ms_{q}"] < 1.0
+
                 base = m["ok"] == m["n"] and on_rate and m["first_err_ms_p99"] is not None
                 sustained = bool(base and m["first_err_ms_p99"] < 1.0 and lag_ok("p99"))
                 typical = bool(base and m["first_err_ms_p50"] < 1.0 and lag_ok("p50"))

@@ -169,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{res['candidates']} candidates ({res['feasible']} feasible, {res['levels']} predicted levels, "
-        f"{res['frontier']} frontier points); median of {args.runs} runs on {res['cpus']} CPUs (load {res['load_avg_1m']}):"
+        f"{res['frontier']} frontier points); median of {args.runs} runs on {res['cpus']} CPUs (load "
+        f"{res['load_avg_1m']}):"
     )
     for k, v in res["median_s"].items():
         print(f"  {k:10s} {v['wall']:7.3f} s wall  {v['cpu']:7.3f} s cpu")
     print(
-        f"  => {res['wall_s_per_10k_candidates']:.2f} s per 10,000 candidates (first run, with warm-up: {res['first_run_total_s']:.2f} s)"
+        f"  => {res['wall_s_per_10k_candidates']:.2f} s per 10,000 candidates (first run, with warm-up: "
+        f"{res['first_run_total_s']:.2f} s)"
     )
     return 0
 

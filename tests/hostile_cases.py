@@ -450,7 +450,7 @@ def _secret_refs(node: Any) -> list[dict[str, Any]]:
 
 
 def judge(case: Case, results: list[tuple[int, str, str, float]], folder: Path) -> Outcome:
-    for (code, out, err, secs), call in zip(results, case.calls, strict=False):
+    for (code, out, err, _secs), call in zip(results, case.calls, strict=False):
         text = out + err
         if code == -1:
             return Outcome(False, f"{call[0]}: hang (no answer in {case.timeout:.0f} s)")

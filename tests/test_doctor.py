@@ -278,7 +278,7 @@ def test_python_probe_locates_vllm_and_modules_without_importing() -> None:
     facts = gather_host_facts(req, python=sys.executable)
     py = facts.python
     assert py is not None and py.error is None
-    assert py.executable == sys.executable and py.version == "%d.%d.%d" % sys.version_info[:3]
+    assert py.executable == sys.executable and py.version == ".".join(map(str, sys.version_info[:3]))
     rows = by_name(run_checks(req, facts))
     assert rows["python"].status == "pass" and "located, not imported" in rows["python"].detail
     assert rows["module:json"].status == "pass" and "located (not imported)" in rows["module:json"].detail

@@ -469,7 +469,8 @@ class Pod:
         try:
             code = self.proc.wait(timeout)
         finally:
-            survivors = _group_alive(self.proc.pid, timeout=5)
+            # returns as soon as the group is gone; the 20 s are for a heavily loaded machine
+            survivors = _group_alive(self.proc.pid, timeout=20)
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:

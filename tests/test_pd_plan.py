@@ -92,21 +92,24 @@ def test_kv_load_failure_policy_recompute_rendered_and_refused_where_unknown():
         (
             lambda d: d["roles"][1].update(extra_args=["--revision", "v2"]),
             (
-                r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role 'prefill' "
+                r"roles\[1\].extra_args: decode role 'decode' loads the model with --revision v2 but prefill role "
+                r"'prefill' "
                 r"\(roles\[0\].extra_args\) with --revision \(vLLM default\)"
             ),
         ),
         (
             lambda d: d["roles"][0].update(extra_args=["--dtype=float16"]),
             (
-                r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but prefill role "
+                r"roles\[1\].extra_args: decode role 'decode' loads the model with --dtype \(vLLM default\) but "
+                r"prefill role "
                 r"'prefill' \(roles\[0\].extra_args\) with --dtype float16"
             ),
         ),
         (
             lambda d: d["roles"][1].update(nixl_side_channel_port=5700),
             (
-                r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side channel "
+                r"roles\[1\].nixl_side_channel_port: port 5700 on node localhost is used twice: by prefill NIXL side "
+                r"channel "
                 r"rank 0 \(roles\[0\].nixl_side_channel_port\) and by decode NIXL side channel rank 0 "
                 r"\(roles\[1\].nixl_side_channel_port\)"
             ),
@@ -114,7 +117,8 @@ def test_kv_load_failure_policy_recompute_rendered_and_refused_where_unknown():
         (
             lambda d: [r.pop("nixl_side_channel_port") for r in d["roles"]],
             (
-                r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side channel "
+                r"serving.nixl_side_channel_port: port 5600 on node localhost is used twice: by prefill NIXL side "
+                r"channel "
                 r"rank 0 \(serving.nixl_side_channel_port\) and by decode"
             ),
         ),

@@ -51,7 +51,8 @@ def test_budget_sweep_json() -> None:
     assert doc["frontier"] and doc["ranked"]
     f = doc["frontier"]
     assert [x["tps_user"] for x in f] == sorted(x["tps_user"] for x in f)
-    assert all(b["tps_gpu"] <= a["tps_gpu"] for a, b in zip(f, f[1:], strict=False))  # faster users, fewer tokens per GPU
+    # faster users, fewer tokens per GPU
+    assert all(b["tps_gpu"] <= a["tps_gpu"] for a, b in zip(f, f[1:], strict=False))
     bad = [c for c in doc["candidates"] if c["status"] != "ok"]
     assert any("does not fit in H100 memory" in c["reason"] for c in bad)  # the planner's message
 

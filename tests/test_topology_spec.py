@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from widep.errors import UserError
 from widep.spec.topology import ClusterSpec, RoleSpec, TopologySpec, load_topology, parse_topology
@@ -81,6 +82,6 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 def test_models_are_frozen():
     spec = TopologySpec.model_validate(BASE)
-    with pytest.raises(Exception):
-        spec.name = "x"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        spec.name = "x"
     assert isinstance(spec.cluster, ClusterSpec) and isinstance(spec.roles[0], RoleSpec)

@@ -331,7 +331,8 @@ def main(argv=None) -> int:
         if pts:
             best = max(pts, key=lambda q: q["tflops"])
             log(
-                f"{v}: best {best['tflops']:.0f} TFLOP/s ({best['gemm']} E={best['experts']} M={best['tokens_per_expert']})"
+                f"{v}: best {best['tflops']:.0f} TFLOP/s ({best['gemm']} E={best['experts']} "
+                f"M={best['tokens_per_expert']})"
             )
     return 0
 

@@ -136,10 +136,10 @@ def main(argv=None) -> int:
     dst = torch.empty_like(src)
     out["copy"] = bw_point(lambda: dst.copy_(src), 2.0 * src.numel() * 2, device, args.samples, args.target_us)
     log(f"copy: {out['copy']['gbps']:.0f} GB/s (read+write)")
-    del dst
+    dst = None  # free it before the read test
     out["read"] = bw_point(lambda: src.sum(), 1.0 * src.numel() * 2, device, args.samples, args.target_us)
     log(f"read (sum): {out['read']['gbps']:.0f} GB/s")
-    del src
+    src = None
 
     why_not = triton_usable(device)
     out["triton"] = {

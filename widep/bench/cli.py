@@ -213,13 +213,15 @@ def run_cmd(**kw: Any) -> None:
         gpus = topo_gpus
     if not endpoints:
         raise UserError(
-            "no endpoints to benchmark. Given: neither --endpoint nor --topology. Valid: --endpoint URL (repeat per rank) or --topology FILE"
+            "no endpoints to benchmark. Given: neither --endpoint nor --topology. Valid: --endpoint URL (repeat per "
+            "rank) or --topology FILE"
         )
     if len(set(endpoints)) != len(endpoints):
         raise UserError(f"--endpoint lists a URL twice. Given: {', '.join(endpoints)}. Valid: each rank's URL once")
     if gpus is None:
         raise UserError(
-            "--gpus is required with --endpoint (tokens/s/GPU needs it). Given: no --gpus. Valid: the number of GPUs serving these endpoints, e.g. --gpus 16"
+            "--gpus is required with --endpoint (tokens/s/GPU needs it). Given: no --gpus. Valid: the number of GPUs "
+            "serving these endpoints, e.g. --gpus 16"
         )
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1. Given: {gpus}")
@@ -232,7 +234,8 @@ def run_cmd(**kw: Any) -> None:
         )
     if kw["num_requests"] is not None and kw["duration"] is not None:
         raise UserError(
-            f"give --num-requests or --duration, not both. Given: --num-requests {kw['num_requests']} --duration {kw['duration']:g}"
+            f"give --num-requests or --duration, not both. Given: --num-requests {kw['num_requests']} --duration "
+            f"{kw['duration']:g}"
         )
     if kw["num_requests"] is not None and kw["num_requests"] < 1:
         raise UserError(f"--num-requests must be >= 1. Given: {kw['num_requests']}")

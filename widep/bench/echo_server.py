@@ -87,7 +87,10 @@ class EchoServer:
             await resp.prepare(request)
             created = int(time.time())
             key = prompt_key(prompt)
-            pre = f'data: {{"id":"cmpl-{self.served}","object":"text_completion","created":{created},"model":"{model}","choices":[{{"index":0,"text":'
+            pre = (
+                f'data: {{"id":"cmpl-{self.served}","object":"text_completion","created":{created},'
+                f'"model":"{model}","choices":[{{"index":0,"text":'
+            )
             head = pre + '" tok","logprobs":null,"finish_reason":'
             mid = (head + 'null,"stop_reason":null}]}\n\n').encode()
             last = (head + '"length","stop_reason":null}]}\n\n').encode()

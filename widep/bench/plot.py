@@ -196,7 +196,7 @@ def plot_runs(run_dirs: Sequence[Path], prefix: Path) -> list[Path]:
     for k, (_, pts) in enumerate(runs):
         col = colors[k % len(colors)]
         xs = [p.tps_per_gpu for p in pts]
-        for ax_, lo, hi, name in ((a1, "ttft_p50", "ttft_p99", "TTFT"), (a2, "tpot_p50", "tpot_p99", "TPOT")):
+        for ax_, lo, hi, _name in ((a1, "ttft_p50", "ttft_p99", "TTFT"), (a2, "tpot_p50", "tpot_p99", "TPOT")):
             ys_lo = [getattr(p, lo) for p in pts]
             ys_hi = [getattr(p, hi) for p in pts]
             ax_.plot(xs, ys_lo, "o-", color=col, label=f"{pts[0].run} p50")

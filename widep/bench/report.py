@@ -158,7 +158,7 @@ def _observability(stack: StackInfo, samples: Sequence[Sample]) -> dict[str, Any
         }
         mine = [s for s in samples if s.endpoint == ep]
 
-        def series(attr: str, units: str) -> dict[str, Any] | None:
+        def series(attr: str, units: str, mine: list = mine) -> dict[str, Any] | None:
             pts = [{"ts": _iso(s.wall), "value": getattr(s, attr)} for s in mine if getattr(s, attr) is not None]
             return {"units": units, "series": pts} if pts else None
 

@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,6 +24,9 @@ from widep.errors import UserError
 from widep.k8s.frontdoor import ROUTER_IMAGE, ROUTING_SIDECAR_IMAGE
 from widep.k8s.generate import generate
 from widep.k8s.providers import PROVIDERS
+
+if TYPE_CHECKING:
+    from widep.k8s.lws import LWSOptions
 
 PROVIDER_NAMES = tuple(PROVIDERS)
 
@@ -39,14 +43,16 @@ def _expand(paths: tuple[str, ...]) -> list[str]:
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in (".yaml", ".yml"))
             if not files:
                 raise UserError(
-                    f"no *.yaml or *.yml files in directory {given}. Given: --validate {given}. Valid: a YAML file or a directory containing some"
+                    f"no *.yaml or *.yml files in directory {given}. Given: --validate {given}. Valid: a YAML file or "
+                    "a directory containing some"
                 )
             out.extend(str(f) for f in files)
         elif p.is_file():
             out.append(given)
         else:
             raise UserError(
-                f"manifest file not found. Given: --validate {given}. Valid: an existing YAML file, a directory of them, or '-' for standard input"
+                f"manifest file not found. Given: --validate {given}. Valid: an existing YAML file, a directory of "
+                "them, or '-' for standard input"
             )
     return out
 
@@ -247,7 +253,8 @@ def lws_cmd(
     if topology is not None:
         if validate_paths:
             raise UserError(
-                f"give a TOPOLOGY to generate or --validate FILE to check, not both. Given: {topology} and --validate {' '.join(validate_paths)}. Valid: widep lws TOPOLOGY, or widep lws --validate FILE"
+                f"give a TOPOLOGY to generate or --validate FILE to check, not both. Given: {topology} and --validate "
+                f"{' '.join(validate_paths)}. Valid: widep lws TOPOLOGY, or widep lws --validate FILE"
             )
         from widep.k8s.lws import LWSOptions
 
@@ -329,7 +336,8 @@ def lws_cmd(
         return
     if not validate_paths:
         raise UserError(
-            "nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws --validate FILE [--validate FILE ...] [--crd PATH] [--json]"
+            "nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws "
+            "--validate FILE [--validate FILE ...] [--crd PATH] [--json]"
         )
     _validate(ctx, validate_paths, crd_path, as_json)
 

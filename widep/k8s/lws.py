@@ -233,7 +233,8 @@ def _qualified_name(flag: str, value: str, what: str) -> None:
         ok = ok and len(prefix) <= DNS1123_SUBDOMAIN_MAX_LENGTH and DNS1123_SUBDOMAIN.match(prefix) is not None
     if not ok:
         raise UserError(
-            f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', 'kubernetes.io/hostname'"
+            f"{flag}: not a valid {what}. Given: {value!r}. Valid: [prefix/]name, e.g. 'nvidia.com/gpu', 'rdma/ib', "
+            "'kubernetes.io/hostname'"
         )
 
 
@@ -244,20 +245,23 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     _qualified_name("--gpu-resource", opts.gpu_resource, "extended resource name")
     if "/" not in opts.gpu_resource:
         raise UserError(
-            f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. nvidia.com/gpu, amd.com/gpu"
+            f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. "
+            "nvidia.com/gpu, amd.com/gpu"
         )
     if opts.rdma_resource:
         _qualified_name("--rdma-resource", opts.rdma_resource, "extended resource name")
         if "/" not in opts.rdma_resource:
             raise UserError(
-                f"--rdma-resource: extended resources are domain-qualified. Given: {opts.rdma_resource!r}. Valid: e.g. rdma/ib, rdma/roce_gdr, or '' for none"
+                f"--rdma-resource: extended resources are domain-qualified. Given: {opts.rdma_resource!r}. Valid: e.g. "
+                "rdma/ib, rdma/roce_gdr, or '' for none"
             )
     if opts.gpu_product_label:
         _qualified_name("--gpu-product-label", opts.gpu_product_label, "node label key")
     for v in opts.gpu_products:
         if len(v) > LABEL_VALUE_MAX_LENGTH or not QUALIFIED_NAME_PART.match(v):
             raise UserError(
-                f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. NVIDIA-H200"
+                f"--gpu-product: not a valid label value. Given: {v!r}. Valid: up to 63 of [A-Za-z0-9-_.], e.g. "
+                "NVIDIA-H200"
             )
     for flag, v in (
         ("--cpu", opts.cpu),
@@ -281,7 +285,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)
     ):
         raise UserError(
-            f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', at most 63"
+            f"--namespace: not a DNS-1123 label. Given: {opts.namespace!r}. Valid: lower-case letters, digits and '-', "
+            "at most 63"
         )
     _cache_volume(opts.model_cache or prov.model_cache)
     host = plan.spec.serving.host
@@ -297,7 +302,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
             if mode != "external":
                 raise UserError(
                     f"--placement pod-per-rank: one API server per pod needs serving.dp_mode external. "
-                    f"Given: dp_mode {mode!r} for role {rp.name!r}. Valid: --placement pod-per-node, or dp_mode external"
+                    f"Given: dp_mode {mode!r} for role {rp.name!r}. Valid: --placement pod-per-node, or dp_mode "
+                    "external"
                 )
             if rp.all2all_backend.startswith("deepep"):
                 raise UserError(
@@ -317,7 +323,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
             ):
                 raise UserError(
                     f"--exclusive-topology: kubernetes.io/hostname puts a whole group on one node, but a group of role "
-                    f"{rp.name!r} needs {pods} pods x {gpus_per_pod} GPUs > {plan.spec.cluster.gpus_per_node} per node. "
+                    f"{rp.name!r} needs {pods} pods x {gpus_per_pod} GPUs > {plan.spec.cluster.gpus_per_node} per "
+                    "node. "
                     "Given: --exclusive-topology kubernetes.io/hostname. Valid: a label spanning several nodes "
                     "(a rack or network block, e.g. cloud.google.com/gce-topology-block)"
                 )
@@ -326,7 +333,8 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         limit = min(DNS1123_LABEL_MAX_LENGTH - len("-api"), lws_name_max_length(rp.spec.replicas, size))
         if len(name) > limit or not DNS1035_LABEL.match(name):
             raise UserError(
-                f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label (a letter first) of "
+                f"LeaderWorkerSet name {name!r} (topology name + '-' + role) must be a DNS-1035 label (a letter first) "
+                "of "
                 f"at most {limit} characters here ({rp.spec.replicas} group(s) of {size} pods: the controller derives "
                 f"StatefulSet, pod and label names from it). Given: name {plan.name!r}, role {rp.name!r}. "
                 "Valid: a shorter topology name or role name, starting with a letter"
@@ -485,7 +493,8 @@ def _container_env(
             ov = dict(other.env_template).get(key)
             if ov != value:
                 raise _bug(
-                    f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ per node"
+                    f"{key} is {value!r} for {first.name} but {ov!r} for {other.name}; a pod template cannot differ "
+                    "per node"
                 )
         out.append(_env_entry(key, value, plan))
         names.add(key)
@@ -530,7 +539,7 @@ def role_layout(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> RoleLay
             ranks = [rank_of[(c.replica, r)] for r in c.dp_ranks]
             local = _local_devices(rp, ranks, placement)
             penv: list[tuple[str, str]] = []
-            for key, value in c.env:
+            for key, _ in c.env:
                 if key == "CUDA_VISIBLE_DEVICES":
                     penv.append((key, ",".join(map(str, local))))
                 elif key == "VLLM_CPU_OMP_THREADS_BIND":  # one entry per worker, as widep render gives it
@@ -588,7 +597,8 @@ def pod_script(plan: DeploymentPlan, layout: RoleLayout, tpl: PodSpecPlan) -> st
         f': "${{{LWS_WORKER_INDEX}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
         f': "${{{LWS_LEADER_ADDRESS}:?is not set: this pod must be created by a LeaderWorkerSet}}"',
         f'if [ "${{{LWS_GROUP_SIZE}:-}}" != "{layout.size}" ]; then',
-        f'  echo "widep: this group has ${{{LWS_GROUP_SIZE}:-?}} pods but the ranks below are computed for {layout.size}; '
+        f'  echo "widep: this group has ${{{LWS_GROUP_SIZE}:-?}} pods but the ranks below are computed for '
+        f"{layout.size}; "
         f'regenerate with widep lws instead of editing size" >&2',
         "  exit 1",
         "fi",
@@ -1082,7 +1092,8 @@ def header_lines(
     if builtin:
         lines.append(
             f"note: the model is widep's tiny {plan.arch.builtin} MoE at {builtin} in the model cache volume: build it "
-            f"there with `widep model build --arch {plan.arch.builtin} --cache-dir <cache>/widep`, or give --model-path."
+            f"there with `widep model build --arch {plan.arch.builtin} --cache-dir <cache>/widep`, or give "
+            "--model-path."
         )
     return lines
 

@@ -165,7 +165,8 @@ def _need(doc: dict[str, Any], path: str, src: str) -> Any:
     for part in path.split("."):
         if not isinstance(node, dict) or part not in node:
             raise UserError(
-                f"calibration {src}: missing {path!r}. Valid: a {FORMAT} document like widep/perf/data/calibration-published.yaml."
+                f"calibration {src}: missing {path!r}. Valid: a {FORMAT} document like "
+                "widep/perf/data/calibration-published.yaml."
             )
         node = node[part]
     return node
@@ -185,7 +186,8 @@ def _a2a_table(name: str, d: dict[str, Any], src: str) -> A2ATable:
     model = d.get("bytes_model")
     if model not in ("expert_copy", "rank_copy", "node_copy", "gather"):
         raise UserError(
-            f"calibration {src}: {where}.bytes_model {model!r} is not valid. Valid: expert_copy, rank_copy, node_copy, gather."
+            f"calibration {src}: {where}.bytes_model {model!r} is not valid. Valid: expert_copy, rank_copy, node_copy, "
+            "gather."
         )
     lat = _num(d, "latency_us", f"{src} {where}")
     ref_tokens = d.get("ref_tokens")
@@ -239,7 +241,8 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
         raise UserError(
-            f"calibration {source}: format {got!r} is not {FORMAT!r}. Valid: {FORMAT} (YAML/JSON) or {MEASURED_FORMAT} (GPU measurements)."
+            f"calibration {source}: format {got!r} is not {FORMAT!r}. Valid: {FORMAT} (YAML/JSON) or {MEASURED_FORMAT} "
+            "(GPU measurements)."
         )
     s = source
     gaps = _need(doc, "overheads.kernel_gap_us", s)

@@ -51,7 +51,8 @@ def parse_int_set(text: str, what: str) -> list[int]:
         return sorted(set(vals))
     except ValueError:
         raise UserError(
-            f"{what}: {text!r} is not a count list. Valid: A..B (e.g. 16..64), a comma list (16,32,64) or one number >= 1."
+            f"{what}: {text!r} is not a count list. Valid: A..B (e.g. 16..64), a comma list (16,32,64) or one number "
+            ">= 1."
         ) from None
 
 
@@ -77,7 +78,8 @@ def parse_levels(text: str) -> list[float]:
         return sorted(set(vals))
     except ValueError:
         raise UserError(
-            f"--concurrency: {text!r} is not valid. Valid: A..B (1..512: powers of two), a comma list (1,8,64) or one number >= 1."
+            f"--concurrency: {text!r} is not valid. Valid: A..B (1..512: powers of two), a comma list (1,8,64) or one "
+            "number >= 1."
         ) from None
 
 
@@ -101,7 +103,8 @@ def _expand(patterns: list[str]) -> list[str]:
         hits = sorted(glob.glob(pat)) if any(ch in pat for ch in "*?[") else [pat]
         if not hits:
             raise UserError(
-                f"--topologies: no file matches {pat!r}. Valid: topology YAML files or a glob such as 'topologies/*.yaml'."
+                f"--topologies: no file matches {pat!r}. Valid: topology YAML files or a glob such as "
+                "'topologies/*.yaml'."
             )
         for h in hits:
             if not Path(h).is_file():
@@ -190,7 +193,9 @@ def _fmt(x: Any, nd: int = 1) -> str:
 @click.option(
     "--backends",
     default=None,
-    help="all2all backends for mixed roles (default deepep_low_latency,deepep_high_throughput,allgather_reducescatter).",
+    help=(
+        "all2all backends for mixed roles (default deepep_low_latency,deepep_high_throughput,allgather_reducescatter)."
+    ),
 )
 @click.option(
     "--max-num-seqs", "mns_text", default=None, help="max_num_seqs values for mixed roles (default 64,128,256,512)."
@@ -281,7 +286,8 @@ def sweep_cmd(
     if measure:
         if predict:
             raise UserError(
-                "give --predict or --measure, not both (measure the short list a --predict sweep wrote: its topology.yaml files)."
+                "give --predict or --measure, not both (measure the short list a --predict sweep wrote: its "
+                "topology.yaml files)."
             )
         if not paths or out is None:
             raise UserError(
@@ -290,7 +296,8 @@ def sweep_cmd(
             )
     if measured and out is None:
         raise UserError(
-            f"--measured overlays bench runs on the plots that --out writes. Given: --measured {measured[0]} without --out. Valid: add --out DIR."
+            f"--measured overlays bench runs on the plots that --out writes. Given: --measured {measured[0]} without "
+            "--out. Valid: add --out DIR."
         )
     cal = load_calibration(calibration)
     levels = parse_levels(conc_text) if conc_text else None

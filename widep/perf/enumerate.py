@@ -104,7 +104,10 @@ class RoleChoice:
             flags.append(f"EPLB+{self.redundant}")
         grp = f"{self.nodes}x{self.gpus_per_node}"
         rep = f" x{self.replicas} replicas" if self.replicas > 1 else ""
-        return f"{self.kind} DP{self.dp}xTP{self.tp}=EP{self.ep} on {grp}{rep}, {', '.join(flags)}, seqs {self.max_num_seqs}"
+        return (
+            f"{self.kind} DP{self.dp}xTP{self.tp}=EP{self.ep} on {grp}{rep}, {', '.join(flags)}, "
+            f"seqs {self.max_num_seqs}"
+        )
 
 
 @dataclass(frozen=True)
@@ -471,7 +474,8 @@ def _role_check(
         return (
             "memory",
             "gpu_memory_utilization",
-            f"needs {used:.1f} GiB before any KV cache ({mem.weights_gib:.1f} weights) but the budget is {mem.budget_gib:.1f} GiB",
+            f"needs {used:.1f} GiB before any KV cache ({mem.weights_gib:.1f} weights) but the budget is "
+            f"{mem.budget_gib:.1f} GiB",
             None,
         )
     if mem.kv_tokens < max_model_len:

@@ -169,7 +169,8 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
                 return int(json.loads(val).get("num_speculative_tokens", 0))
             except (ValueError, AttributeError):
                 raise UserError(
-                    f"roles[].extra_args: --speculative-config must be JSON with num_speculative_tokens. Given: {val!r}."
+                    "roles[].extra_args: --speculative-config must be JSON with num_speculative_tokens. Given: "
+                    f"{val!r}."
                 ) from None
     return 0
 

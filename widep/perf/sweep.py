@@ -22,6 +22,7 @@ error) rather than raise, and tear down before yielding.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -161,7 +162,8 @@ def items_from_topologies(paths: Sequence[str | Path]) -> list[SweepItem]:
             "mixed" if kinds == {"mixed"} else "pd" if kinds == {"prefill", "decode"} else f"{next(iter(kinds))}-only"
         )
         desc = "; ".join(
-            f"{rp.name} ({rp.kind}) DP{rp.dp_size}xTP{rp.tp_size}=EP{rp.ep_size} x{rp.spec.replicas}, {rp.all2all_backend}"
+            f"{rp.name} ({rp.kind}) DP{rp.dp_size}xTP{rp.tp_size}=EP{rp.ep_size} x{rp.spec.replicas}, "
+            f"{rp.all2all_backend}"
             + (", DBO" if rp.spec.dbo.enabled else "")
             + (f", EPLB+{rp.spec.eplb.redundant_experts}" if rp.spec.eplb.enabled else "")
             for rp in pl.roles
@@ -432,19 +434,20 @@ class PredictExecutor:
         w, cal = self.workload, self.cal
         for (_, wd, kd, mode), its in groups.items():
             arch = ArchConst.of(its[0].arch, wd, kd)  # type: ignore[arg-type]
+            fn: Callable[[np.ndarray], Perf]
             if mode == "mixed":
                 rb = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
-                fn: Callable[[np.ndarray], Perf] = lambda C, rb=rb: serve_mixed(rb, cal, w, C)
+                fn = functools.partial(serve_mixed, rb, cal, w)
             elif mode == "pd":
                 rp = RoleBatch.build(arch, [next(r for r in it.roles if r.kind == "prefill") for it in its], cal)
                 rd = RoleBatch.build(arch, [next(r for r in it.roles if r.kind == "decode") for it in its], cal)
-                fn = lambda C, rp=rp, rd=rd: serve_pd(rp, rd, cal, w, C)
+                fn = functools.partial(serve_pd, rp, rd, cal, w)
             elif mode == "decode-only":
                 rd = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
-                fn = lambda C, rd=rd: serve_decode_only(rd, cal, w, C)
+                fn = functools.partial(serve_decode_only, rd, cal, w)
             else:
                 rp = RoleBatch.build(arch, [it.roles[0] for it in its], cal)
-                fn = lambda C, rp=rp: serve_prefill_only(rp, cal, w, C)
+                fn = functools.partial(serve_prefill_only, rp, cal, w)
             cap = fn(np.ones((len(its), 1))).capacity[:, :1]
             if self.levels is None:
                 top = max(1.0, float(np.max(cap)))
@@ -973,7 +976,8 @@ def plot_sweep(
     ok = [r for r in results if r.status == "ok" and any(_column(r.levels, "tps_user"))]
     if not ok and not measured:
         raise UserError(
-            "sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only results."
+            "sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only "
+            "results."
         )
     lines = len(ok) <= 12 if lines is None else lines
     prefix = Path(prefix)

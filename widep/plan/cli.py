@@ -57,11 +57,14 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
     s = a.summary()
     con.print(f"[bold]{p.name}[/bold]  {escape(p.spec.description)}")
     con.print(
-        f"model {s['name']}: {s['total_params_b']}B total / {s['active_params_b']}B active, {s['routed_experts']} routed"
-        f" + {s['shared_experts']} shared experts, top-{s['top_k']}, {s['attention']}; weights {p.weight_dtype}, KV {p.kv_dtype}"
+        f"model {s['name']}: {s['total_params_b']}B total / {s['active_params_b']}B active, {s['routed_experts']} "
+        "routed"
+        f" + {s['shared_experts']} shared experts, top-{s['top_k']}, {s['attention']}; weights {p.weight_dtype}, KV "
+        f"{p.kv_dtype}"
     )
     con.print(
-        f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {escape(p.spec.vllm.version)}; DP mode {p.spec.serving.dp_mode}"
+        f"cluster {len(p.nodes)} x {p.spec.cluster.gpus_per_node} {p.gpu.name}; vLLM {escape(p.spec.vllm.version)}; DP "
+        f"mode {p.spec.serving.dp_mode}"
     )
     for rp in p.roles:
         con.print()
@@ -131,7 +134,8 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
         con.print()
         con.print(
             f"[bold cyan]router[/] on {escape(p.nodes[p.router.node].name)}: port {p.router.port}, policy "
-            f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API server(s)"
+            f"{p.spec.router.policy}{', P/D hand-off' if p.router.pd else ''}, fronting {len(p.endpoints())} API "
+            "server(s)"
         )
         con.print("  " + " ".join(rc.argv), highlight=False, soft_wrap=True, markup=False)
     for w in p.warnings:

@@ -308,8 +308,10 @@ def check_pd_model_agreement(spec: TopologySpec) -> None:
             if a != b:
                 _fail(
                     f"roles[{i}].extra_args",
-                    f"{r.kind} role {r.name!r} loads the model with {flag} {b if b is not None else '(vLLM default)'} but "
-                    f"{r0.kind} role {r0.name!r} (roles[{i0}].extra_args) with {flag} {a if a is not None else '(vLLM default)'}; "
+                    f"{r.kind} role {r.name!r} loads the model with {flag} {b if b is not None else '(vLLM default)'} "
+                    "but "
+                    f"{r0.kind} role {r0.name!r} (roles[{i0}].extra_args) with {flag} "
+                    f"{a if a is not None else '(vLLM default)'}; "
                     "KV handed from prefill to decode is only valid for the same model. "
                     f"Valid: the same {flag} on every prefill and decode role (or none).",
                 )
@@ -337,7 +339,8 @@ def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
                 f"roles[{i}].kv_cache_dtype",
                 f"{r.kind} role {r.name!r} stores KV as {b} but {r0.kind} role {r0.name!r} "
                 f"(roles[{i0}].kv_cache_dtype, default model.kv_cache_dtype) as {a}; the decode rank would read "
-                f"prefill's bytes as another precision. Valid: the same kv_cache_dtype on every prefill and decode role.",
+                "prefill's bytes as another precision. Valid: the same kv_cache_dtype on every prefill and decode "
+                "role.",
             )
 
 
@@ -440,7 +443,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         if role.first_gpu + gpn > spec.cluster.gpus_per_node:
             _fail(
                 f"{fp}.gpus_per_node",
-                f"GPUs {role.first_gpu}..{role.first_gpu + gpn - 1} per node, but nodes have {spec.cluster.gpus_per_node} "
+                f"GPUs {role.first_gpu}..{role.first_gpu + gpn - 1} per node, but nodes have "
+                f"{spec.cluster.gpus_per_node} "
                 f"(cluster.gpus_per_node). Valid: first_gpu + gpus_per_node <= {spec.cluster.gpus_per_node}.",
             )
         if gpn % role.tp:
@@ -457,7 +461,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                     f"{fp}.nodes",
                     f"role {role.name!r} needs {need} node(s) ({per_group} x {role.replicas} replica(s), "
                     f"{need * gpn} GPUs) but only {len(free)} of the cluster's {len(nodes)} node(s) are free "
-                    f"({len(used_nodes)} used by earlier roles). Valid: at most {len(free) // role.replicas} node(s) per group, "
+                    f"({len(used_nodes)} used by earlier roles). Valid: at most {len(free) // role.replicas} node(s) "
+                    "per group, "
                     "or add nodes to cluster.nodes.",
                 )
             chosen = free[:need]
@@ -472,7 +477,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                     if ref not in node_index:
                         _fail(
                             f"{fp}.nodes[{j}]",
-                            f"no node named {ref!r}.{did_you_mean(ref, list(node_index))} Valid: {', '.join(node_index)}.",
+                            f"no node named {ref!r}.{did_you_mean(ref, list(node_index))} Valid: "
+                            f"{', '.join(node_index)}.",
                         )
                     chosen.append(node_index[ref])
             if len(set(chosen)) != len(chosen):
@@ -513,7 +519,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         if role.eplb.redundant_experts and not role.eplb.enabled:
             _fail(
                 f"{fp}.eplb.redundant_experts",
-                f"{role.eplb.redundant_experts} redundant experts without EPLB: vLLM rejects this. Valid: set eplb.enabled: true, or 0.",
+                f"{role.eplb.redundant_experts} redundant experts without EPLB: vLLM rejects this. Valid: set "
+                "eplb.enabled: true, or 0.",
             )
         if role.dbo.enabled:
             if not vt.has_dbo:
@@ -529,7 +536,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             if dp_local < 2 or dp_size < 2:
                 _fail(
                     "serving.dp_mode",
-                    f"'multiport' needs at least 2 DP ranks per node; role {role.name!r} has {dp_local}. Valid: external, hybrid, internal.",
+                    f"'multiport' needs at least 2 DP ranks per node; role {role.name!r} has {dp_local}. Valid: "
+                    "external, hybrid, internal.",
                 )
 
         # ---- experts ----
@@ -559,7 +567,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         if mnbt < role.max_num_seqs:
             _fail(
                 f"{fp}.max_num_batched_tokens",
-                f"{mnbt} is below max_num_seqs={role.max_num_seqs}; vLLM requires max_num_batched_tokens >= max_num_seqs.",
+                f"{mnbt} is below max_num_seqs={role.max_num_seqs}; vLLM requires max_num_batched_tokens >= "
+                "max_num_seqs.",
             )
         context_len = role.context_len or max_model_len
 
@@ -591,8 +600,10 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                 f"{fp}.gpu_memory_utilization",
                 f"role {role.name!r} does not fit in {gpu.name} memory: budget {mem.budget_gib:.1f} GiB "
                 f"({role.gpu_memory_utilization} x {mem.total_gib:.1f}) but weights need {mem.weights_gib:.1f} GiB "
-                f"({mem.non_expert_weights_gib:.1f} non-expert + {mem.expert_weights_gib:.1f} experts), all2all buffers "
-                f"{mem.all2all_buffer_gib:.1f}, activations {mem.activation_gib:.1f}, CUDA graphs {mem.cuda_graph_gib:.1f}, "
+                f"({mem.non_expert_weights_gib:.1f} non-expert + {mem.expert_weights_gib:.1f} experts), all2all "
+                "buffers "
+                f"{mem.all2all_buffer_gib:.1f}, activations {mem.activation_gib:.1f}, CUDA graphs "
+                f"{mem.cuda_graph_gib:.1f}, "
                 f"runtime {mem.overhead_gib:.1f} GiB"
                 + (f", and a fixed KV cache of {mem.kv_cache_gib:.1f} GiB" if mem.fixed_kv else "")
                 + f". Valid: more GPUs per group ({more_nodes}), FP8 weights, a smaller max_num_batched_tokens, "
@@ -607,7 +618,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             )
         if not is_cpu and mem.kv_cache_gib < 0.1 * mem.budget_gib:
             warnings.append(
-                f"memory is tight: only {mem.kv_cache_gib:.1f} GiB ({100 * mem.kv_cache_gib / mem.budget_gib:.0f}% of the "
+                f"memory is tight: only {mem.kv_cache_gib:.1f} GiB ({100 * mem.kv_cache_gib / mem.budget_gib:.0f}% of "
+                "the "
                 "budget) is left for the KV cache."
             )
         if mem.max_seqs_at_context < role.max_num_seqs:
@@ -627,7 +639,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             )
         if backend == "deepep_low_latency" and role.kind == "prefill":
             warnings.append(
-                "deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is faster there."
+                "deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is "
+                "faster there."
             )
         if backend.startswith("deepep") and per_group > 1 and not spec.cluster.network.rdma and not is_cpu:
             warnings.append(
@@ -660,7 +673,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
                         if key in gpu_owner:
                             _fail(
                                 f"{fp}.first_gpu",
-                                f"GPU {gid} of node {nodes[node].name} is given to both {gpu_owner[key]} and {role.name}. "
+                                f"GPU {gid} of node {nodes[node].name} is given to both {gpu_owner[key]} and "
+                                f"{role.name}. "
                                 "Give roles disjoint nodes or GPU ranges (first_gpu, gpus_per_node).",
                             )
                         gpu_owner[key] = f"{role.name} rank {dp_rank}"
@@ -747,7 +761,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             if rs.node not in node_index:
                 _fail(
                     "router.node",
-                    f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: {', '.join(node_index)}.",
+                    f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: "
+                    f"{', '.join(node_index)}.",
                 )
             rnode = node_index[rs.node]
         pd = rs.pd == "on" or (rs.pd == "auto" and {r.kind for r in roles} >= {"prefill", "decode"})

@@ -123,7 +123,7 @@ def profile_cmd(
         raise UserError("/stop_profile failed on: " + "; ".join(errors), exit_code=1)
     dest = Path(out) if out else Path(run_dir) / f"traces-{time.strftime('%Y%m%d-%H%M%S')}"
     gathered, remote = [], []
-    for c, h in hosts:
+    for c, _host in hosts:
         src = Path(profile_dir_of(p, ctx, c.role, c.dp_rank) or "")
         files = _wait_for_traces(src, started, 60.0)
         if not files:

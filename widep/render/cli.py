@@ -136,7 +136,8 @@ def render_cmd(
     if role == "router":
         if rc is None:
             raise UserError(
-                "--role router: this topology has no router (router.enabled: false; `widep launch --router` turns it on)."
+                "--role router: this topology has no router (router.enabled: false; `widep launch --router` turns it "
+                "on)."
             )
         cmds = [rc]
     else:

@@ -752,7 +752,8 @@ def render(
         out = [c for c in out if rank in c.dp_ranks]
         if not out:
             raise UserError(
-                f"--rank: no process runs DP rank {rank} with these filters. Valid ranks: 0..{max(r.dp_size for r in roles) - 1}."
+                f"--rank: no process runs DP rank {rank} with these filters. Valid ranks: "
+                f"0..{max(r.dp_size for r in roles) - 1}."
             )
     return out
 

@@ -33,7 +33,8 @@ def resolve_node(plan: DeploymentPlan, node: int | None) -> int:
     if node is not None:
         if not 0 <= node < n:
             raise UserError(
-                f"--node: {node} is not a node of {plan.name}. Valid: 0..{n - 1} ({', '.join(x.name for x in plan.nodes)})."
+                f"--node: {node} is not a node of {plan.name}. Valid: 0..{n - 1} "
+                f"({', '.join(x.name for x in plan.nodes)})."
             )
         return node
     if n == 1:

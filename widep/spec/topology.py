@@ -443,7 +443,7 @@ class RouterSpec(Strict):
     decode_policy: RouterPolicy | None = None
     """P/D: policy for decode servers (default: policy)."""
     pd: Literal["auto", "on", "off"] = "auto"
-    """P/D hand-off in the router (--vllm-pd-disaggregation): auto = on when the topology has prefill and decode roles."""
+    "P/D hand-off in the router (--vllm-pd-disaggregation): auto = on when the topology has prefill and decode roles."
     health_check_interval_s: int = Field(default=5, ge=1, le=86400)
     """Seconds between the router's health checks of each server (--health-check-interval-secs)."""
     health_failure_threshold: int = Field(default=2, ge=1, le=1000)

@@ -163,5 +163,6 @@ def check_backend(version: str, backend: str, field: str) -> None:
         return
     why = t.removed_backends.get(backend, "unknown to this version")
     raise UserError(
-        f"{field}: all2all backend {backend!r} with vLLM {version}: {why}. Valid for vLLM {t.line}: {', '.join(t.all2all_backends)}."
+        f"{field}: all2all backend {backend!r} with vLLM {version}: {why}. Valid for vLLM {t.line}: "
+        f"{', '.join(t.all2all_backends)}."
     )
