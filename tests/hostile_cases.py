@@ -7,7 +7,7 @@ What counts as handled:
   names ``blame`` when given;
 * ``safe``: every call exits 0 or 2 without a traceback; ``render --format shell`` output, run by bash with stub
   binaries on PATH that record their argv, executes nothing else (no ``PWNED`` file) and starts exactly the
-  argv of ``render --json``; ``command.sh`` (``RankCommand.shell()``) likewise; ``lws`` output parses back to
+  argv of ``render --json``; ``command.sh`` (``ProcessCommand.shell()``) likewise; ``lws`` output parses back to
   exactly the documents widep renders, with nothing the kubelet would substitute; a secret value never shows.
 
 The stub binaries are a documented test double: they stand in for vllm / python / vllm-router only to record

@@ -239,10 +239,6 @@ class ProcessCommand:
         return " ".join(parts + [sh_word(a) for a in self.argv])
 
 
-RankCommand = ProcessCommand
-"""The former name, kept only so branches written against it still merge; new code says ProcessCommand."""
-
-
 # Flags widep owns (spelled with dashes); extra_args may not set them.
 OWNED_FLAGS = {
     "--model": "model.path",

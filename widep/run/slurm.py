@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,8 @@ from rich.console import Console
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan
+from widep.render.quoting import sh_comment
+from widep.render.quoting import sh_word as sh_quote
 from widep.render.vllm import EnvRef, ProcessCommand
 from widep.run.backend import (
     BackendBase,
@@ -56,19 +57,6 @@ from widep.spec.topology import Strict
 
 if TYPE_CHECKING:
     from widep.run.launch import Group, Launch, LaunchRequest
-
-
-def sh_quote(value: str) -> str:
-    """The one place a value is quoted for the shell (a script line, a printed srun command)."""
-    return shlex.quote(value)
-
-
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def sh_comment(text: str) -> str:
-    """``# text`` on one line of the script: control characters (newlines included) shown escaped, never obeyed."""
-    return "# " + _CONTROL.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
 
 
 # --------------------------------------------------------------------------------------------- options
