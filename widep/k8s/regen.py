@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from widep.errors import UserError
+from widep.generated import stale_files
 
 REGENERATE = "python -m widep.k8s.regen"
 #: Sub-folder of lws/ with llm-d router chart values (not manifests: `widep lws --validate lws/` skips it).
@@ -85,17 +86,7 @@ def _present(out_dir: Path) -> set[str]:
 
 def stale(out_dir: Path, expected: dict[str, str]) -> list[str]:
     """Problems of ``out_dir`` against ``expected``: one line per stale, missing or extra file."""
-    problems = []
-    present = _present(out_dir)
-    for name, text in sorted(expected.items()):
-        path = out_dir / name
-        if name not in present:
-            problems.append(f"{path}: missing")
-        elif path.read_text(encoding="utf-8") != text:
-            problems.append(f"{path}: differs from what widep generates now")
-    for name in sorted(present - set(expected)):
-        problems.append(f"{out_dir / name}: not generated from any topology (remove it)")
-    return problems
+    return stale_files(out_dir, expected, _present(out_dir))
 
 
 @click.command()

@@ -23,6 +23,7 @@ from pathlib import Path
 import click
 
 from widep.errors import UserError
+from widep.generated import stale_files
 
 REGENERATE = "python -m widep.render.recipes"
 REPO = Path(__file__).resolve().parents[2]
@@ -79,17 +80,8 @@ def expected_files(topologies: Path) -> dict[str, str]:
 
 def stale(out_dir: Path, expected: dict[str, str]) -> list[str]:
     """Problems of ``out_dir`` against ``expected``: one line per stale, missing or extra file."""
-    problems = []
     present = {str(p.relative_to(out_dir)) for p in out_dir.glob("*/*") if p.is_file()} if out_dir.is_dir() else set()
-    for name, text in sorted(expected.items()):
-        path = out_dir / name
-        if name not in present:
-            problems.append(f"{path}: missing")
-        elif path.read_text(encoding="utf-8") != text:
-            problems.append(f"{path}: differs from what widep generates now")
-    for name in sorted(present - set(expected)):
-        problems.append(f"{out_dir / name}: not generated from any topology (remove it)")
-    return problems
+    return stale_files(out_dir, expected, present)
 
 
 @click.command()
