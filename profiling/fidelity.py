@@ -33,14 +33,16 @@ def run(calibration: str = "published") -> dict:
     t0 = time.perf_counter()
     rows = leave_one_out(cal)
     full = fit([p for p in operating_points() if p.use == "fit"], cal)
-    loo = [math.log(1.0 + r["error_loo_pct"] / 100.0) for r in rows]
+    used = [r for r in rows if r["use"] == "fit"]
+    loo = [math.log(1.0 + r["error_loo_pct"] / 100.0) for r in used]
     return {
         "calibration": cal.summary(),
         "fitted_terms": {t: round(getattr(full, t), 4) for t in FREE_TERMS},
         "rows": rows,
         "rms_log_loo": math.sqrt(sum(x * x for x in loo) / len(loo)),
-        "max_abs_loo_pct": max(abs(r["error_loo_pct"]) for r in rows),
-        "max_abs_fit_pct": max(abs(r["error_fit_pct"]) for r in rows),
+        "max_abs_loo_pct": max(abs(r["error_loo_pct"]) for r in used),
+        "max_abs_fit_pct": max(abs(r["error_fit_pct"]) for r in used),
+        "checks": {r["id"]: round(r["error_loo_pct"], 1) for r in rows if r["use"] != "fit"},
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -60,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                     "note": "leave-one-out residuals of widep/perf/data/operating-points.yaml "
                     "(profiling/fidelity.py --write)",
                     "rms_log": round(res["rms_log_loo"], 4),
-                    "points": len(res["rows"]),
-                    "residuals_pct": {r["id"]: round(r["error_loo_pct"], 1) for r in res["rows"]},
+                    "points": sum(1 for r in res["rows"] if r["use"] == "fit"),
+                    "residuals_pct": {r["id"]: round(r["error_loo_pct"], 1) for r in res["rows"] if r["use"] == "fit"},
+                    "checks_pct": res["checks"],
                     "fitted_terms": res["fitted_terms"],
                 },
                 indent=1,
@@ -82,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r['id']:24s} {r['engine']:9s} {r['metric']:20s} {r['published']:10,.0f} {r['predicted_fit']:9,.0f} "
             f"{r['error_fit_pct']:+5.0f}% {r['predicted_loo']:9,.0f} {r['error_loo_pct']:+5.0f}%"
+            + ("" if r["use"] == "fit" else "  (check only, not fitted)")
         )
     print(
-        f"LOO: log RMS {res['rms_log_loo']:.3f}, max |error| {res['max_abs_loo_pct']:.0f}%; "
+        f"fitted points, LOO: log RMS {res['rms_log_loo']:.3f}, max |error| {res['max_abs_loo_pct']:.0f}%; "
         f"in-sample max |error| {res['max_abs_fit_pct']:.0f}% ({res['seconds']} s)"
     )
+    for r in res["rows"]:
+        if r["use"] != "fit":
+            print(f"check only: {r['id']}: {r['why']}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """profiling/fidelity.py: the model against every public operating point, fitted and leave-one-out.
 
-Records the state of the model honestly: the goal of issue 17 is every point within +-20% leave-one-out;
-today the in-sample fit is within 35% and leave-one-out within 50% (the closing note lists each point).
+Issue 17's target: every fitted public point within +-20% leave-one-out (each predicted by a fit that never saw
+it). Points listed as `use: check` (figures of another kind, such as a fleet average) are predicted and reported
+with the reason they are not fitted, and must keep that reason.
 The packaged uncertainty band (widep/perf/data/fit-residuals.json, what `widep predict` reports) must be
 the one this run produces, so a model change that moves the residuals must refresh it (--write).
 """
@@ -30,13 +31,18 @@ def test_fidelity_table_and_leave_one_out() -> None:
     doc = json.loads(p.stdout)
     listed = yaml.safe_load((ROOT / "widep" / "perf" / "data" / "operating-points.yaml").read_text())["points"]
     assert [r["id"] for r in doc["rows"]] == [pt["id"] for pt in listed]
+    fitted = [r for r in doc["rows"] if r["use"] == "fit"]
+    assert len(fitted) >= 4
     for r in doc["rows"]:
         assert r["source"] and r["published"] > 0 and r["predicted_loo"] > 0
-        assert abs(r["error_fit_pct"]) <= 35.0, r
-        assert abs(r["error_loo_pct"]) <= 50.0, r
-    assert doc["rms_log_loo"] < 0.35
+        if r["use"] == "fit":
+            assert abs(r["error_fit_pct"]) <= 20.0, r
+            assert abs(r["error_loo_pct"]) <= 20.0, r
+        else:
+            assert r["use"] == "check" and len(r["why"]) > 40, r
+    assert doc["rms_log_loo"] < 0.2
     band = json.loads((ROOT / "widep" / "perf" / "data" / "fit-residuals.json").read_text())
-    assert band["points"] == len(doc["rows"])
+    assert band["points"] == len(fitted)
     assert abs(band["rms_log"] - doc["rms_log_loo"]) < 0.01, "refresh the band: python profiling/fidelity.py --write"
     t = subprocess.run(
         [sys.executable, str(ROOT / "profiling" / "fidelity.py")],

@@ -317,6 +317,7 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
             "redundant_relief": cal.routing_redundant_relief,
             "dp_imbalance_random": cal.dp_imbalance_random,
             "dp_imbalance_balanced": cal.dp_imbalance_balanced,
+            "seq_corr": cal.routing_seq_corr,
         },
         "speculative": {"acceptance": cal.spec_acceptance, "draft_pass_us": cal.spec_draft_us},
         "kv_transfer": {"nic_efficiency": cal.kv_transfer_nic_efficiency, "latency_us": cal.kv_transfer_latency_us},

@@ -116,6 +116,9 @@ class Calibration:
     """Busiest DP rank over the mean: 1 + coef * sqrt(2 ln(ranks) / requests per rank), random spreading."""
     dp_imbalance_balanced: float = 0.3
     """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
+    routing_seq_corr: float = 0.0
+    """Correlation of the expert choices of two tokens of one sequence: the expert-load statistics of a batch count
+    sequences, not tokens, as independent draws (variance x (1 - rho + rho x tokens per sequence))."""
     spec_draft_us: float = 400.0
     """Host and launch time of one MTP draft pass (a separate forward of the draft layer) per step."""
     request_overhead_us: float = 0.0
@@ -292,6 +295,7 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),
         dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
         dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
+        routing_seq_corr=_opt(doc, "routing.seq_corr", s, 0.0, 0.0, 1.0),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
         request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),
         hardware=_hardware(doc.get("hardware"), s),

@@ -595,7 +595,8 @@ def predict_point_dict(
     )
     bd = dict(lv.breakdown)
     mb = round(bd.get("micro_batches", 1.0))
-    sched = SCHEDULE_NAMES[("vllm", "sglang", "deepseek").index(engine)] if mb > 1 else "none (one micro-batch)"
+    code = int(round(bd.pop("schedule", -1.0)))
+    sched = SCHEDULE_NAMES[code] if mb > 1 and code >= 0 else "none (one micro-batch)"
     band = _band()
     rms = band.get("rms_log")
 

@@ -2,9 +2,12 @@
 
 ``widep/perf/data/operating-points.yaml`` lists every public point the model is fitted to or checked
 against, each rebuilt as a widep topology. :func:`predict_point` reads the model at a point the way it
-was published; :func:`fit` adjusts the free terms (:data:`FREE_TERMS`: overlap efficiency, DP-imbalance
-coefficient, host time per step) to minimise the squared log error over the fitted points by a bounded
-coordinate search; :func:`leave_one_out` refits without each point in turn and predicts it.
+was published; :func:`fit` adjusts the free terms (:data:`FREE_TERMS`: the overlap efficiency of two
+micro-batches and the correlation of expert choices within a sequence) to minimise the squared log error over
+the fitted points by a bounded coordinate search; :func:`leave_one_out` refits without each point in turn and
+predicts it. Two terms for four fitted points: everything else is published, measured or a stated assumption
+(widep/perf/data/calibration-published.yaml), and host time per step is left to `widep calibrate`, which
+fits it from measured runs of the deployment itself.
 """
 
 from __future__ import annotations
@@ -25,8 +28,13 @@ from widep.perf.calibration import Calibration
 # term -> (lower bound, upper bound); all enter the fit in log space except where bounds include 0
 FREE_TERMS: dict[str, tuple[float, float]] = {
     "overlap_efficiency": (0.05, 1.0),
-    "dp_imbalance_balanced": (0.0, 1.5),
-    "host_step_us": (200.0, 6000.0),
+    "routing_seq_corr": (0.0, 1.0),
+}
+# Where every fit starts, whatever the calibration it refits holds: a held-out fold must not inherit the
+# full fit through the packaged calibration (a term that its remaining points do not move stays here).
+PRIORS: dict[str, float] = {
+    "overlap_efficiency": 0.5,  # half of what two micro-batches could hide
+    "routing_seq_corr": 0.0,  # tokens route independently (the textbook balls-in-bins assumption)
 }
 
 
@@ -40,7 +48,10 @@ class OperatingPoint:
     workload: dict[str, Any]
     topology: dict[str, Any]
     tps_user: float | None = None
+    concurrency: float | None = None
     use: str = "fit"
+    why: str = ""
+    """Why a point is only checked, not fitted (``use: check``)."""
 
 
 @lru_cache(maxsize=1)
@@ -61,7 +72,9 @@ def operating_points() -> tuple[OperatingPoint, ...]:
                 workload=dict(d["workload"]),
                 topology=topo,
                 tps_user=d.get("tps_user"),
+                concurrency=d.get("concurrency"),
                 use=d.get("use", "fit"),
+                why=str(d.get("why", "")),
             )
         )
     return tuple(out)
@@ -96,7 +109,8 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
     w = Workload(arrival="steady", **wk)
     ranks = float(rb.ranks[0, 0])
     if pt.metric == "prefill_tps_gpu":
-        per_rank = float(roles[0].max_num_batched_tokens) / max(w.isl_computed, 1.0)
+        # a saturated prefill figure: prompts wait at every rank (four times what the ranks hold at once)
+        per_rank = 4.0 * float(roles[0].max_num_batched_tokens) / max(w.isl_computed, 1.0)
         perf = serve_prefill_only(rb, cal, w, np.asarray([[per_rank * ranks]]))
         return {
             "predicted": float(perf.tps_gpu[0, 0]),
@@ -111,6 +125,15 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
         raise UserError(f"operating point {pt.id}: the deployment holds no decode batch (KV cache too small).")
     idx = np.flatnonzero(live)
     tg, tu = perf.tps_gpu[0, idx], perf.tps_user[0, idx]
+    if pt.metric == "tps_gpu_at_concurrency":
+        at = serve_decode_only(rb, cal, w, np.asarray([[float(pt.concurrency or 0.0)]]))
+        if not at.batch[0, 0] >= 1.0:
+            raise UserError(f"operating point {pt.id}: concurrency {pt.concurrency} gives no decode batch.")
+        return {
+            "predicted": float(at.tps_gpu[0, 0]),
+            "batch": float(at.batch[0, 0]),
+            "breakdown": at.steps["decode"].row(0, 0),
+        }
     if pt.metric == "tps_gpu_saturated":
         j = int(idx[-1])
         return {
@@ -129,7 +152,7 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
         return {"predicted": val, "batch": bat, "breakdown": perf.steps["decode"].row(0, j)}
     raise UserError(
         f"operating point {pt.id}: metric {pt.metric!r} is not known. "
-        "Valid: tps_gpu_at_tps_user, tps_gpu_saturated, prefill_tps_gpu."
+        "Valid: tps_gpu_at_tps_user, tps_gpu_at_concurrency, tps_gpu_saturated, prefill_tps_gpu."
     )
 
 
@@ -145,8 +168,9 @@ def fit(
     rounds: int = 3,
     grid: int = 9,
 ) -> Calibration:
-    """Coordinate search over the free terms (bounded grids that shrink each round) minimising sum of log errors²."""
-    best = cal
+    """Coordinate search over the free terms (bounded grids that shrink each round) minimising sum of log errors²,
+    from :data:`PRIORS`."""
+    best = replace(cal, **{t: PRIORS[t] for t in terms})
     best_loss = float(np.sum(errors(points, best) ** 2))
     spans = {t: FREE_TERMS[t] for t in terms}
     for _ in range(rounds):
@@ -188,6 +212,8 @@ def leave_one_out(cal: Calibration, points: Sequence[OperatingPoint] | None = No
                 "error_fit_pct": 100.0 * (ins["predicted"] / p.published - 1.0),
                 "error_loo_pct": 100.0 * (pred / p.published - 1.0),
                 "batch": ins["batch"],
+                "use": p.use,
+                "why": p.why,
                 "source": p.source,
                 "terms_loo": {t: round(getattr(held, t), 4) for t in FREE_TERMS},
             }

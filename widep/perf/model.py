@@ -44,9 +44,11 @@ GB = 1e9
 
 # Overlap schedules per engine (see step_time): 0 vLLM DBO (two micro-batches above the rendered token
 # thresholds), 1 SGLang two-batch overlap (splits every batch of two or more sequences), 2 DeepSeek's
-# decode five-stage pipeline (attention split in two: communication packs against all compute).
+# decode five-stage pipeline (attention split in two: communication packs against all compute); DeepSeek's
+# prefill runs two micro-batches with each all-to-all against one compute phase of the other, as TBO does
+# (schedule 3; deepseek-ai/profile-data README: "two micro-batches to overlap computation and all-to-all").
 ENGINES = {"vllm": 0, "sglang": 1, "deepseek": 2}
-SCHEDULE_NAMES = ("vllm-dbo", "sglang-tbo", "deepseek-5stage")
+SCHEDULE_NAMES = ("vllm-dbo", "sglang-tbo", "deepseek-5stage", "deepseek-prefill-2mb")
 HOPPER_SMS = 132.0
 
 # Codes of what dominates a step and what caps the batch (arrays hold the index).
@@ -504,6 +506,7 @@ class Step:
             "tflop": v(self.flops) / 1e12,
             "hbm_roofline_ms": v(self.hbm_roofline) * 1e3,
             "micro_batches": v(self.micro_batches),
+            "schedule": v(self.schedule),
             "imbalance": v(self.imbalance),
             "active_experts_per_gpu": v(self.active_experts),
         }
@@ -518,8 +521,13 @@ def _pad(rows: np.ndarray, block: int) -> np.ndarray:
     return np.ceil(rows / block - 1e-9) * block
 
 
-def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: Any, ctx_p: Any) -> Step:
-    """Time of one step of each role in ``rb`` at the given loads (arrays broadcast against (N, 1))."""
+def step_time(
+    rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: Any, ctx_p: Any, prompt_len: Any = 2048.0
+) -> Step:
+    """Time of one step of each role in ``rb`` at the given loads (arrays broadcast against (N, 1)).
+
+    ``prompt_len``: prompt tokens one prefill sequence brings to the step (their expert choices are correlated).
+    """
     A = rb.arch
     d = np.asarray(d, float)
     q = np.asarray(q, float)
@@ -551,7 +559,12 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     k_over = np.minimum(A.top_k / rb.physical_experts, 1.0)
     p_active = 1.0 - (1.0 - k_over) ** tokens_routed
     rows_gpu = Tm * A.top_k / np.where(rb.expert_parallel, tp, 1.0)
-    stat = cal.routing_stat_coef * np.sqrt(2.0 * np.log(ep_f) / np.maximum(rows_gpu, 1.0))
+    # tokens of one sequence pick correlated experts: the load statistics see fewer independent draws
+    # (variance x 1 - rho + rho x sum of squared tokens per sequence / tokens)
+    lp = np.minimum(np.asarray(prompt_len, float), np.maximum(Tm, 1.0))
+    per_seq = (d * q * q + p * lp) / np.maximum(T, 1e-9)
+    infl = 1.0 - cal.routing_seq_corr + cal.routing_seq_corr * np.maximum(per_seq, 1.0)
+    stat = cal.routing_stat_coef * np.sqrt(2.0 * np.log(ep_f) * infl / np.maximum(rows_gpu, 1.0))
     imb = np.where(rb.use_a2a, 1.0 + rb.skew + stat, 1.0)
     active = rb.slots * p_active
     rows_hot = rows_gpu * imb
@@ -644,7 +657,8 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
     C_w = (rb.a2a_lat + skew_io * comb_b / bw_c) * (1.0 - sm_frac)
     pair = np.minimum(D_w, A_l) + np.minimum(D_w, M_l) + np.minimum(C_w, M_l) + np.minimum(C_w, A_l)
     packed = np.minimum(2.0 * (D_w + C_w), 2.0 * (A_l + M_l))
-    hid_layer = np.where(rb.schedule == 2, packed, pair) / 2.0  # per micro-batch
+    sched = np.where((rb.schedule == 2) & (p > 0), 3, rb.schedule)  # DeepSeek's 5-stage pipeline is decode's
+    hid_layer = np.where(sched == 2, packed, pair) / 2.0  # per micro-batch
     hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), cal.overlap_efficiency * hid_layer * per, 0.0)
     hidden = np.minimum(hidden, t_a2a)
     exposed = t_a2a - hidden
@@ -679,7 +693,7 @@ def step_time(rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: An
         all2all_exposed=exposed,
         contention=contention,
         overlap_hidden=hidden,
-        schedule=np.broadcast_to(np.where(nmb > 1, rb.schedule, -1.0), total.shape),
+        schedule=np.broadcast_to(np.where(nmb > 1, sched, -1.0), total.shape),
         hbm_bytes=hbm_bytes,
         flops=flops,
         hbm_roofline=hbm_bytes / hbm,
@@ -787,7 +801,9 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         # (decoding the already-prefilled half alongside), then the wave decodes
         pf_tokens = dmax * isl_c
         n_pf = np.ceil(pf_tokens / B - 1e-9)
-        st = step_time(rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill)
+        st = step_time(
+            rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill, prompt_len=isl_c
+        )
         S_pf = st.total
         ttft = S_pf * (n_pf + 1.0) / 2.0 + front_end(cal, dmax)
         dec_steps = np.maximum((w.osl - 1.0) / qa, 1e-9)
@@ -801,7 +817,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         p = d * qa * isl_c / w.osl  # mean prompt tokens per rank per step
         share = np.clip(p / chunk, 0.0, 1.0)  # steps in which a rank carries a prefill chunk
         p_any = 1.0 - (1.0 - share) ** G  # ... and some rank does: every rank waits for it
-        st = step_time(rb, cal, dmax, q, w.ctx_decode, chunk, w.ctx_prefill)
+        st = step_time(rb, cal, dmax, q, w.ctx_decode, chunk, w.ctx_prefill, prompt_len=chunk)
         S_chunk = st.total
         S = p_any * S_chunk + (1.0 - p_any) * st_dec.total
         ttft_service = n_chunks * S_chunk + 0.5 * S + front_end(cal, d)
@@ -831,11 +847,21 @@ def _prefill_capacity(rp: RoleBatch, cal: Calibration, w: Workload) -> tuple[np.
     """(max requests/s of the prefill group by compute, prompt tokens per full step, its step)."""
     isl_c = max(w.isl_computed, 1.0)
     pb = np.minimum(rp.max_num_batched_tokens, np.maximum(rp.max_num_seqs, 1.0) * isl_c)
-    st = step_time(rp, cal, 0.0, 1.0, 0.0, pb, w.ctx_prefill)
-    # the busiest rank runs full steps; the others hold fewer prompts (whole prompts land on ranks)
-    mean_tokens = pb / dp_busiest(rp, pb / isl_c)
-    X = rp.ranks * mean_tokens / (isl_c * st.total)
+    st = step_time(rp, cal, 0.0, 1.0, 0.0, pb, w.ctx_prefill, prompt_len=isl_c)
+    # at capacity every rank has prompts waiting in its scheduler, so every rank runs full steps: the DP
+    # imbalance of how prompts land on ranks (dp_busiest) costs only below capacity
+    X = rp.ranks * pb / (isl_c * st.total)
     return X, pb, st
+
+
+def mean_clipped(n: np.ndarray, f: np.ndarray, cap: np.ndarray) -> np.ndarray:
+    """Mean over ranks of min(load, cap) when loads spread evenly over [n (2 - f), n f] around the mean ``n``
+    (f: the busiest rank's share, :func:`dp_busiest`). Below capacity every rank runs its load (n); far above
+    it every rank is full (cap); in between only the ranks above ``cap`` are clipped. [derived]"""
+    lo, hi = n * (2.0 - f), n * f
+    width = np.maximum(hi - lo, 1e-12)
+    excess = np.where(cap >= hi, 0.0, np.where(cap <= lo, n - cap, (hi - cap) ** 2 / (2.0 * width)))
+    return np.minimum(n - excess, cap)
 
 
 def busiest_load(rb: RoleBatch, b: np.ndarray, cap: np.ndarray) -> np.ndarray:
@@ -907,7 +933,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         st = decode_step(b)
         S = st.total
         p_load = pb
-        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
+        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c).total
         held = Gd * b
         ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
         E = ttft + (w.osl - 1.0) / qa * S
@@ -921,7 +947,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         X = Gd * b * qa / (w.osl * S)
         rho = np.clip(X / Xp, 0.0, 1.0)
         p_load = np.clip(rho * pb, isl_c, pb)
-        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill).total
+        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c).total
         ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
         E = ttft_service + (w.osl - 1.0) / qa * S
         ttft = ttft_service + _wait(C, X, E)
@@ -929,7 +955,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
     limit = np.where(starved, 4, np.where(c <= cap, 0, np.where(cap == rd.max_num_seqs, 1, 2)))
     ok = cap >= 1
     nan = np.nan
-    pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill)
+    pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
     return Perf(
         concurrency=np.broadcast_to(C, S.shape).copy(),
         batch=np.where(ok, b, 0.0),
@@ -990,12 +1016,13 @@ def serve_prefill_only(rp: RoleBatch, cal: Calibration, w: Workload, C: np.ndarr
     G = rp.ranks
     n_chunks = np.ceil(isl_c / rp.max_num_batched_tokens - 1e-9)
     cap_req = np.maximum(np.floor(np.minimum(rp.max_num_batched_tokens / isl_c, rp.max_num_seqs)), 1.0)
-    r = np.minimum(C / G, cap_req)  # prompts in flight per rank (mean); the busiest rank has at least one
-    f = dp_busiest(rp, r)
-    tokens = np.minimum(np.maximum(r * f, 1.0) * isl_c, rp.max_num_batched_tokens)
-    st = step_time(rp, cal, 0.0, 1.0, 0.0, tokens, w.ctx_prefill)
+    n = C / G  # prompts per rank (mean); past capacity the rest wait in the ranks' schedulers
+    f = dp_busiest(rp, np.minimum(n, cap_req))
+    tokens = np.minimum(np.maximum(n * f, 1.0) * isl_c, rp.max_num_batched_tokens)  # the busiest rank's step
+    st = step_time(rp, cal, 0.0, 1.0, 0.0, tokens, w.ctx_prefill, prompt_len=isl_c)
     S = st.total
-    X = G * np.minimum(r, tokens / isl_c / f) / (S * n_chunks)
+    r = mean_clipped(n, f, np.minimum(cap_req, rp.max_num_batched_tokens / isl_c))
+    X = G * r / (S * n_chunks)
     service = S * n_chunks
     ttft = service + _wait(C, X, service)
     nan = np.full(S.shape, np.nan)
