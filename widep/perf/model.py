@@ -801,9 +801,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         # (decoding the already-prefilled half alongside), then the wave decodes
         pf_tokens = dmax * isl_c
         n_pf = np.ceil(pf_tokens / B - 1e-9)
-        st = step_time(
-            rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill, prompt_len=isl_c
-        )
+        st = step_time(rb, cal, dmax / 2.0, q, w.ctx_decode, np.minimum(pf_tokens, B), w.ctx_prefill, prompt_len=isl_c)
         S_pf = st.total
         ttft = S_pf * (n_pf + 1.0) / 2.0 + front_end(cal, dmax)
         dec_steps = np.maximum((w.osl - 1.0) / qa, 1e-9)
