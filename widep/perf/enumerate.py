@@ -30,15 +30,17 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from widep.errors import UserError
 from widep.perf.model import RoleInput
 from widep.plan.memory import memory_budget
 from widep.spec.hardware import GPUSpec, get_gpu
 from widep.spec.models import MoEArch, load_preset
-from widep.spec.topology import TopologySpec, parse_topology
 from widep.spec.vllm_versions import DEFAULT_VLLM_VERSION, table_for
+
+if TYPE_CHECKING:
+    from widep.spec.topology import TopologySpec
 
 Kind = Literal["mixed", "prefill", "decode"]
 BACKEND_TAG = {
@@ -190,6 +192,8 @@ class Candidate:
         }
 
     def topology(self) -> TopologySpec:
+        from widep.spec.topology import parse_topology
+
         return parse_topology(self.topology_doc(), f"(sweep candidate {self.id})")
 
     def as_dict(self) -> dict[str, Any]:

@@ -943,6 +943,37 @@ def _cloud(ok: Sequence[ItemResult], most: int) -> tuple[np.ndarray, np.ndarray,
     return pts[0], pts[1], n
 
 
+def _cloud_chart(
+    ok: Sequence[ItemResult], front: list[tuple[ItemResult, dict[str, Any]]], prefix: Path, label_top: int, most: int
+) -> list[Path]:
+    """The Pareto chart of many candidates: a sampled grey cloud, the frontier and labels of some of its points."""
+    from widep.perf.chart import Label, Series, render
+
+    xs, ys, n_all = _cloud(ok, most)
+    what = f"{len(ok)} candidates x levels" + (f" ({len(xs)} of {n_all} shown)" if len(xs) < n_all else "")
+    fx = [lv["tps_user"] for _, lv in front]
+    fy = [lv["tps_gpu"] for _, lv in front]
+    series = [Series(xs.tolist(), ys.tolist(), "dots", "#c8c8c8", what, 1.6)]
+    labels = []
+    if front:
+        series += [
+            Series(fx, fy, "dashed", "#808080", "frontier (predicted)"),
+            Series(fx, fy, "markers", "#d62728", "", 3.0),
+        ]
+        step = max(1, len(front) // label_top)
+        labels = [
+            Label(lv["tps_user"], lv["tps_gpu"], f"{r.id} @{lv['concurrency']:g}", "#d62728") for r, lv in front[::step]
+        ]
+    return render(
+        prefix.parent / f"{prefix.name}-pareto",
+        series,
+        title="Throughput per GPU vs speed per user (labels: candidate @ concurrency)",
+        xlabel="tokens/s/user  (1000 / mean TPOT ms)",
+        ylabel="output tokens/s/GPU",
+        labels=labels,
+    )
+
+
 def plot_sweep(
     results: Sequence[ItemResult],
     prefix: Path,
@@ -959,6 +990,19 @@ def plot_sweep(
     (``measured``: ``widep bench --out`` directories) overlays it; otherwise every point is a grey dot
     and the frontier is highlighted. Also writes TTFT/TPOT against tokens/s/GPU for line plots.
     """
+    ok = [r for r in results if r.status == "ok" and any(_column(r.levels, "tps_user"))]
+    if not ok and not measured:
+        raise UserError(
+            "sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only "
+            "results."
+        )
+    lines = len(ok) <= 12 if lines is None else lines
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    front = frontier(ok)
+    if not lines and not measured:  # the chart of a large sweep, drawn without matplotlib (widep/perf/chart.py)
+        return _cloud_chart(ok, front, prefix, label_top, cloud_max)
+
     # matplotlib.figure, not pyplot: no GUI backend to set up (a third of the plot's time)
     import matplotlib
     from matplotlib.figure import Figure
@@ -973,18 +1017,8 @@ def plot_sweep(
             fig.savefig(pth, dpi=110)  # fixed margins (below): "tight" would render every figure twice
         return paths
 
-    ok = [r for r in results if r.status == "ok" and any(_column(r.levels, "tps_user"))]
-    if not ok and not measured:
-        raise UserError(
-            "sweep plot: no feasible candidate with decode output to plot. Given: only infeasible or prefill-only "
-            "results."
-        )
-    lines = len(ok) <= 12 if lines is None else lines
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     written: list[Path] = []
-    front = frontier(ok)
 
     fig = Figure(figsize=(8, 5.5))
     fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.1)
