@@ -11,11 +11,12 @@ Times, per run (wall clock and this process's CPU time, since the machine may be
   total      - all of the above: what ``widep sweep`` spends before printing/writing files
 Prints the median of ``--runs`` runs (the first run also pays for imports and caches; it is reported apart).
 
-The whole command (``--command``): ``widep sweep --model M --gpu G --gpus A..B --out DIR`` run ``--runs`` times
-as a child process (a fresh DIR each time, then once more resuming from the last DIR); CPU time is the
+The whole command (``--command``): ``python -m widep sweep --model M --gpu G --gpus A..B --out DIR`` run
+``--runs`` times as a child process (a fresh DIR each time, then once more resuming from the last DIR); CPU time is the
 child's user + system time (resource.getrusage), so interpreter start, imports, the columnar results file,
 the summary and the plots all count. Reports candidates per CPU-second (median), the load average before
-and after, and the target of issue 17 (>= 5,000 candidates per CPU-second).
+and after, and the target of issue 17 (>= 5,000 candidates per CPU-second). ``--baseline DIR`` times the same
+command from another checkout between these runs (``git worktree add /tmp/base <rev>``) and reports the ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,24 +74,32 @@ def command_runs(args: argparse.Namespace) -> dict:
     import subprocess
     import tempfile
 
-    widep = str(Path(sys.executable).with_name("widep"))
-    cmd = [widep, "sweep", "--model", args.model, "--gpu", args.gpu, "--gpus", args.gpus]
+    cmd = [sys.executable, "-m", "widep", "sweep", "--model", args.model, "--gpu", args.gpu, "--gpus", args.gpus]
+    here = Path(__file__).resolve().parents[1]
     tmp = Path(tempfile.mkdtemp(prefix="widep-sweep-speed-"))
     load0 = os.getloadavg()[0]
     rows = []
+    base_cpu: list[float] = []
+
+    def timed(out: Path, cwd: Path) -> tuple[float, float, Any]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        w0 = time.perf_counter()
+        # run from the checkout's root so `-m widep` imports that tree (the baseline's, with --baseline)
+        p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=False, cwd=cwd)
+        wall = time.perf_counter() - w0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if p.returncode != 0:
+            raise SystemExit(f"widep sweep failed ({cwd}): {p.stderr[-2000:]}")
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), p
+
     try:
         for i in range(args.runs + 1):
             out = tmp / f"run{min(i, args.runs - 1)}"
             if i < args.runs and out.exists():
                 shutil.rmtree(out)
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            w0 = time.perf_counter()
-            p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - w0
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            if p.returncode != 0:
-                raise SystemExit(f"widep sweep failed: {p.stderr[-2000:]}")
-            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            if args.baseline and i < args.runs:  # interleaved, so both see the same load
+                base_cpu.append(timed(tmp / f"base{i}", Path(args.baseline))[1])
+            wall, cpu, p = timed(out, here)
             rows.append({"resume": i == args.runs, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)})
         m = next(ln for ln in p.stdout.splitlines() if "candidates for" in ln)
         n = int(m.split()[0])
@@ -108,6 +118,16 @@ def command_runs(args: argparse.Namespace) -> dict:
         "candidates_per_cpu_s": round(n / cpu),
         "resume_cpu_s": rows[-1]["cpu_s"],
         "target_per_cpu_s": 5000,
+        "baseline": (
+            {
+                "checkout": args.baseline,
+                "median_cpu_s": round(statistics.median(base_cpu), 3),
+                "candidates_per_cpu_s": round(n / statistics.median(base_cpu)),
+                "speedup": round(statistics.median(base_cpu) / cpu, 3),
+            }
+            if base_cpu
+            else None
+        ),
         "files": files,
         "point_dirs": dirs,
         "cpus": os.cpu_count(),
@@ -124,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration", default="published")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--command", action="store_true", help="time the whole widep sweep command (see above)")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="with --command: another checkout of widep (e.g. a git worktree of an older commit) whose same command "
+        "is timed in between, for a ratio under the same load",
+    )
     args = ap.parse_args(argv)
     if args.command:
         res = command_runs(args)
@@ -140,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             f"  => median {res['median_cpu_s']:.2f} CPU-s: {res['candidates_per_cpu_s']:,} candidates per CPU-second "
             f"(target {res['target_per_cpu_s']:,}); files {res['files']}; {res['point_dirs']} topology dirs"
         )
+        if res["baseline"]:
+            b = res["baseline"]
+            print(
+                f"  baseline {b['checkout']}: median {b['median_cpu_s']:.2f} CPU-s ({b['candidates_per_cpu_s']:,} per "
+                f"CPU-second); this tree is {b['speedup']:.2f}x faster"
+            )
         return 0
     lo, _, hi = args.gpus.partition("..")
     gpus = tuple(range(int(lo), int(hi or lo) + 1))
