@@ -406,3 +406,35 @@ def test_router_policy_sets_the_dp_balancer() -> None:
         out[policy] = (balancer_of(p), level)
     assert out["random"][0] == "random" and out["power_of_two"][0] == "balanced"
     assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms
+
+
+def test_long_prompts_unbalance_expert_loads_decode_tokens_do_not() -> None:
+    """Tokens of one sequence pick correlated experts: at the same tokens per step, a few long prompts leave the
+    busiest EP rank fuller than many short ones; decode (one token per sequence) is untouched by the term."""
+    rb = RoleBatch.build(A_R1, [role(kind="prefill", nodes=4, backend="deepep_high_throughput")], CAL)
+    on = dataclasses.replace(CAL, routing_seq_corr=0.5)
+    off = dataclasses.replace(CAL, routing_seq_corr=0.0)
+    long_ = step_time(rb, on, 0, 1, 0, 16384, 2000, prompt_len=4096)
+    short = step_time(rb, on, 0, 1, 0, 16384, 2000, prompt_len=256)
+    indep = step_time(rb, off, 0, 1, 0, 16384, 2000, prompt_len=4096)
+    assert long_.imbalance[0, 0] > short.imbalance[0, 0] > indep.imbalance[0, 0]
+    assert long_.total[0, 0] > short.total[0, 0] > indep.total[0, 0]
+    dec = RoleBatch.build(A_R1, [role(kind="decode", nodes=4)], CAL)
+    a, b = step_time(dec, on, 128, 1, 2000, 0, 0), step_time(dec, off, 128, 1, 2000, 0, 0)
+    assert a.imbalance[0, 0] == pytest.approx(b.imbalance[0, 0]) and a.total[0, 0] == pytest.approx(b.total[0, 0])
+
+
+def test_saturated_prefill_runs_full_steps_on_every_rank() -> None:
+    """Below capacity the busiest DP rank sets the step and the others run less; with prompts waiting at every
+    rank (four times what the ranks hold) every rank runs full steps, so throughput reaches the full-step rate."""
+    from widep.perf.model import serve_prefill_only
+
+    rp = RoleBatch.build(A_R1, [role(kind="prefill", nodes=4, backend="deepep_high_throughput", mnbt=16384)], CAL)
+    w = Workload(isl=2000, osl=1)
+    full = step_time(rp, CAL, 0, 1, 0, 16384, w.ctx_prefill, prompt_len=2000).total[0, 0]
+    per_rank = 8.0  # 16000 tokens of 2000-token prompts: chunked prefill fills the 16,384-token budget
+    ranks = float(rp.ranks[0, 0])
+    perf = serve_prefill_only(rp, CAL, w, np.asarray([[per_rank * ranks, 4 * per_rank * ranks]]))
+    at_cap, backlog = perf.tps_gpu[0]
+    assert backlog == pytest.approx(16384 / full, rel=1e-6)
+    assert at_cap < backlog

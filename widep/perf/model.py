@@ -1019,7 +1019,9 @@ def serve_prefill_only(rp: RoleBatch, cal: Calibration, w: Workload, C: np.ndarr
     tokens = np.minimum(np.maximum(n * f, 1.0) * isl_c, rp.max_num_batched_tokens)  # the busiest rank's step
     st = step_time(rp, cal, 0.0, 1.0, 0.0, tokens, w.ctx_prefill, prompt_len=isl_c)
     S = st.total
-    r = mean_clipped(n, f, np.minimum(cap_req, rp.max_num_batched_tokens / isl_c))
+    # chunked prefill fills the token budget: a rank with prompts waiting runs B tokens a step (part of a prompt
+    # rides in the next step), so the cap in prompts is B / isl, not its floor
+    r = mean_clipped(n, f, np.minimum(rp.max_num_seqs, rp.max_num_batched_tokens / isl_c))
     X = G * r / (S * n_chunks)
     service = S * n_chunks
     ttft = service + _wait(C, X, service)
