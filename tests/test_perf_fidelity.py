@@ -44,6 +44,11 @@ def test_fidelity_table_and_leave_one_out() -> None:
     band = json.loads((ROOT / "widep" / "perf" / "data" / "fit-residuals.json").read_text())
     assert band["points"] == len(fitted)
     assert abs(band["rms_log"] - doc["rms_log_loo"]) < 0.01, "refresh the band: python profiling/fidelity.py --write"
+    # the table in the README is this run's (refresh it with the run's figures when the model moves)
+    readme = (ROOT / "README.md").read_text()
+    for r in doc["rows"]:
+        row = next(ln for ln in readme.splitlines() if ln.startswith(f"| {r['id']}"))
+        assert f"({r['error_loo_pct']:+.0f}%)" in row.split("|")[-2], (row, r["error_loo_pct"])
     t = subprocess.run(
         [sys.executable, str(ROOT / "profiling" / "fidelity.py")],
         capture_output=True,
