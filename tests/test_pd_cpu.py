@@ -243,11 +243,18 @@ def test_bench_topology_over_pd_writes_reports_with_ttft_itl(pd, tmp_path, capsy
     )
     err = capsys.readouterr().err
     assert rc == 0, err
+    streamed = []
     for level in ("c1", "c2", "c4"):
         recs = read_records(out / f"level-{level}.requests.jsonl")
         assert len(recs) == 4 and all(r.ok for r in recs), [r.error for r in recs]
-        assert all(r.completion_tokens == 8 and r.ttft_s > 0 and len(r.itls_s) >= 1 for r in recs)
+        assert all(r.completion_tokens == 8 and r.ttft_s > 0 for r in recs)
+        # one inter-token gap per pair of streamed chunks
+        assert all(len(r.itls_s) == r.chunks - 1 for r in recs), [(r.chunks, r.itls_s) for r in recs]
+        streamed += [r.chunks for r in recs]
         assert (out / f"level-{level}.report.yaml").is_file()
+    # vLLM's API server sends what the engine has made since its last send as one chunk: 8 tokens decoded in a few
+    # ms often arrive together (6 of 12 requests in one run), so ITLs are asked of the run, not of every request
+    assert any(c > 1 for c in streamed), streamed
 
 
 class Load:

@@ -2,7 +2,8 @@
 
 vLLM loads this in every process it starts (entry point ``vllm.general_plugins``, name ``widep_cpu_ep``).
 On the CPU platform, and only where the installed vLLM still lacks them, it fills two gaps that stop a
-DP >= 2 expert-parallel group from answering (DESIGN.md, "vLLM 0.32 on CPU and wide EP"):
+DP >= 2 expert-parallel group from answering (DESIGN.md, "vLLM 0.32 on CPU and wide EP"), and keeps NIXL's
+progress thread from spinning (3, below):
 
 1. ``CpuCommunicator.all_gatherv`` / ``reduce_scatterv`` (inherited from ``DeviceCommunicatorBase``, where they
    raise ``NotImplementedError``); the allgather/reduce-scatter all2all manager that MoE dispatch/combine uses
@@ -12,6 +13,12 @@ DP >= 2 expert-parallel group from answering (DESIGN.md, "vLLM 0.32 on CPU and w
    local weights (wrong experts, or an out-of-range read that segfaults in ``cpu_fused_moe``). Filled by mapping
    global ids to local slots through ``expert_map``; non-local experts get weight 0 (and a valid slot), so each
    rank returns only its own experts' share and the EP combine (a sum over ranks) is the whole MoE output.
+
+3. NIXL's Python API creates every agent with a progress-thread delay of 0, so the UCX progress thread polls
+   without sleeping: one whole core per vLLM worker that does P/D (measured: 2.9 CPU-s in 3 s of an idle agent;
+   with 100 us, 0.05). On a CPU host those cores are the ones the model runs on: a P/D pair on 2 cores starved a
+   restarting rank for minutes. Agents whose delay is still 0 get ``WIDEP_NIXL_PROGRESS_DELAY_US`` (default 100;
+   0 keeps NIXL's busy polling).
 
 Each gap is detected by behaviour, not by version: the collective is called on a bare communicator and must
 raise ``NotImplementedError``; the experts are run on a two-expert problem whose only routed expert is non-local
@@ -35,6 +42,8 @@ from typing import Any
 ENV_SWITCH = "WIDEP_CPU_EP_PLUGIN"
 PLUGIN_NAME = "widep_cpu_ep"
 COMM_MODULE = "vllm.distributed.device_communicators.cpu_communicator"
+NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
+NIXL_DELAY_ENV = "WIDEP_NIXL_PROGRESS_DELAY_US"
 EXPERTS_MODULE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe"
 
 # under vLLM's logger namespace so that vLLM's handler prints it
@@ -72,6 +81,8 @@ def register() -> None:
     # patched when vLLM itself imports it (in the process that runs the model), never imported here.
     _patch_comm(importlib.import_module(COMM_MODULE))
     _when_imported(EXPERTS_MODULE, _patch_experts)
+    for name in NIXL_MODULES:  # whichever NIXL build vLLM's nixl_utils imports (never imported here)
+        _when_imported(name, _patch_nixl)
 
 
 # --------------------------------------------------------------------------- collectives
@@ -287,6 +298,53 @@ def _patch_experts(mod: ModuleType) -> None:
     cls.apply = _wrap_apply(cls.apply)
     _done["experts"] = "filled"
     log.info("widep CPU EP plugin: CPUUnquantizedExperts.apply now maps global expert ids through expert_map")
+
+
+# --------------------------------------------------------------------------- NIXL progress thread
+
+
+def nixl_delay_us(environ: dict[str, str] | os._Environ[str] | None = None) -> int:
+    """The progress-thread delay to give NIXL agents, from ``WIDEP_NIXL_PROGRESS_DELAY_US`` (default 100)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(NIXL_DELAY_ENV, "100").strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        log.warning("widep CPU EP plugin: %s=%r is not a whole number of microseconds; using 100", NIXL_DELAY_ENV, raw)
+        return 100
+    return value
+
+
+class _DelayedAgents:
+    """Stands in for a NIXL ``_api`` module's ``nixlBind``: agents whose config still has a progress-thread delay of
+    0 (the Python API's hard-coded value) get ``delay_us``; everything else is the binding's own."""
+
+    def __init__(self, bind: ModuleType, delay_us: int) -> None:
+        self._bind, self._delay_us = bind, delay_us
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bind, name)
+
+    def nixlAgent(self, name: str, config: Any) -> Any:  # noqa: N802 (the binding's name)
+        if getattr(config, "useProgThread", False) and getattr(config, "pthrDelay", None) == 0:
+            config.pthrDelay = self._delay_us
+        return self._bind.nixlAgent(name, config)
+
+
+def _patch_nixl(mod: ModuleType) -> None:
+    bind = getattr(mod, "nixlBind", None)
+    delay = nixl_delay_us()
+    if bind is None or isinstance(bind, _DelayedAgents) or not hasattr(bind, "nixlAgent"):
+        return
+    if delay == 0:
+        _done["nixl_progress_delay"] = "left alone"
+        log.info("widep CPU EP plugin: NIXL progress thread left busy-polling (%s=0)", NIXL_DELAY_ENV)
+        return
+    mod.nixlBind = _DelayedAgents(bind, delay)  # type: ignore[attr-defined]
+    _done["nixl_progress_delay"] = "filled"
+    log.info("widep CPU EP plugin: NIXL agents of %s poll their progress thread every %d us", mod.__name__, delay)
 
 
 # --------------------------------------------------------------------------- import hook
