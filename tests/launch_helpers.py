@@ -17,16 +17,44 @@ import yaml
 ROOT = Path(__file__).parents[1]
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
+    """``n`` ports free to listen on, below the kernel's ephemeral range and never handed out twice in a run.
+
+    Not ports the kernel picks for ``bind(0)``: those come from the ephemeral range, which outgoing connections
+    also draw from, so by the time a server listens on one, a long-lived connection of another process (vLLM's
+    ZMQ and gloo sockets) may hold it as its local port ("Address already in use", seen in a CI rehearsal: the
+    router's metrics port). Each port is checked by binding it on every interface; 64 ports above each one are
+    left for servers that listen on port + rank.
+    """
+    import random
+
+    hi = max(_ephemeral_low() - 64, 20_064)
+    out: list[int] = []
+    rng = random.SystemRandom()
+    while len(out) < n:
+        port = rng.randrange(20_000, hi)
+        if port in _HANDED_OUT or port in out:
+            continue
         s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+        finally:
+            s.close()
+        out.append(port)
+    _HANDED_OUT.update(out)
+    return out
 
 
 def topology_copy(name: str, tmp: Path, **serving: int) -> Path:

@@ -77,11 +77,10 @@ def echo():
 
 
 def free_port() -> int:
-    import socket
+    """A free port below the ephemeral range (launch_helpers.free_ports says why)."""
+    from launch_helpers import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def cfg_for(endpoints, levels, *, isl="32", osl="16", gpus=None, **kw) -> SweepConfig:

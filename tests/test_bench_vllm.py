@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.request
 
 import pytest
@@ -17,9 +16,10 @@ from widep.cli import main
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (launch_helpers.free_ports says why)."""
+    from launch_helpers import free_ports
+
+    return free_ports(1)[0]
 
 
 def _generation_tokens(url: str) -> float:

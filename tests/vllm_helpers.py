@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,10 +26,10 @@ ENTRY_MODULE = "vllm.entrypoints.openai.api_server"
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the ephemeral range (launch_helpers.free_ports says why)."""
+    from launch_helpers import free_ports
+
+    return free_ports(1)[0]
 
 
 def vllm_python_default() -> str:
