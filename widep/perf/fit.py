@@ -117,14 +117,6 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
             "batch": float(perf.batch[0, 0]),
             "breakdown": perf.steps["prefill"].row(0, 0),
         }
-    batches = np.unique(np.concatenate([np.arange(1.0, 64.0), np.geomspace(64.0, 4096.0, 120)]))
-    perf = serve_decode_only(rb, cal, w, (batches * ranks)[None, :])
-    b = perf.batch[0]
-    live = b >= batches - 1e-9
-    if not live.any():
-        raise UserError(f"operating point {pt.id}: the deployment holds no decode batch (KV cache too small).")
-    idx = np.flatnonzero(live)
-    tg, tu = perf.tps_gpu[0, idx], perf.tps_user[0, idx]
     if pt.metric == "tps_gpu_at_concurrency":
         at = serve_decode_only(rb, cal, w, np.asarray([[float(pt.concurrency or 0.0)]]))
         if not at.batch[0, 0] >= 1.0:
@@ -134,6 +126,14 @@ def predict_point(pt: OperatingPoint, cal: Calibration) -> dict[str, Any]:
             "batch": float(at.batch[0, 0]),
             "breakdown": at.steps["decode"].row(0, 0),
         }
+    batches = np.unique(np.concatenate([np.arange(1.0, 64.0), np.geomspace(64.0, 4096.0, 120)]))
+    perf = serve_decode_only(rb, cal, w, (batches * ranks)[None, :])
+    b = perf.batch[0]
+    live = b >= batches - 1e-9
+    if not live.any():
+        raise UserError(f"operating point {pt.id}: the deployment holds no decode batch (KV cache too small).")
+    idx = np.flatnonzero(live)
+    tg, tu = perf.tps_gpu[0, idx], perf.tps_user[0, idx]
     if pt.metric == "tps_gpu_saturated":
         j = int(idx[-1])
         return {

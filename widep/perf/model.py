@@ -931,7 +931,8 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         st = decode_step(b)
         S = st.total
         p_load = pb
-        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c).total
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
+        S_pf = pf_st.total
         held = Gd * b
         ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
         E = ttft + (w.osl - 1.0) / qa * S
@@ -945,7 +946,8 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         X = Gd * b * qa / (w.osl * S)
         rho = np.clip(X / Xp, 0.0, 1.0)
         p_load = np.clip(rho * pb, isl_c, pb)
-        S_pf = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c).total
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
+        S_pf = pf_st.total
         ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
         E = ttft_service + (w.osl - 1.0) / qa * S
         ttft = ttft_service + _wait(C, X, E)
@@ -953,7 +955,6 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
     limit = np.where(starved, 4, np.where(c <= cap, 0, np.where(cap == rd.max_num_seqs, 1, 2)))
     ok = cap >= 1
     nan = np.nan
-    pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
     return Perf(
         concurrency=np.broadcast_to(C, S.shape).copy(),
         batch=np.where(ok, b, 0.0),
