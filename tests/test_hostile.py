@@ -321,7 +321,7 @@ def test_topology_schema_fuzz(changes):
 
 JUDGE = r"""
 import json, sys
-from widep.render import vllm_options as V
+from widep.spec import vllm_options as V
 parser, version = V.installed_parser()
 from widep.spec.vllm_versions import table_for
 line = table_for(version).line
@@ -367,7 +367,7 @@ ARGS = [
 def test_option_table_is_vllms_parser(vllm_python):
     """Regenerate the table from the installed vLLM parser: it equals the shipped file; and for sample arguments
     the settings vLLM's own parse_args changes are the destinations widep judges from the shipped table."""
-    from widep.render import vllm_options as V
+    from widep.spec import vllm_options as V
 
     p = subprocess.run(
         [vllm_python, "-c", JUDGE, json.dumps(ARGS)],
@@ -379,7 +379,7 @@ def test_option_table_is_vllms_parser(vllm_python):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert got["table"] == V.load_table(got["line"]), "regenerate with: python -m widep.render.vllm_options --write"
+    assert got["table"] == V.load_table(got["line"]), "regenerate with: python -m widep.spec.vllm_options --write"
     for args, changed in got["verdicts"]:
         found, refused = V.settings(args, got["line"])
         if changed == ["<refused>"]:

@@ -127,3 +127,61 @@ def test_no_argv_parsing_in_k8s_or_run():
             ):
                 bad.append(f"{m}:{node.lineno} {ast.unparse(node)}")
     assert bad == []
+
+
+def room(module: str) -> str:
+    """The room (top-level package or module under widep/) a module lives in: widep.plan.core -> plan."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "widep"
+
+
+# What each room's modules may import (besides their own room), CLI modules aside: they wire rooms together.
+# docs/architecture.md draws the same table; keep the two in step.
+BASE = {"widep", "errors", "generated", "tinymoe"}
+ROOMS = {
+    "spec": BASE,
+    "plan": BASE | {"spec"},
+    "render": BASE | {"spec", "plan"},
+    "k8s": BASE | {"spec", "plan", "render"},
+    "bench": BASE | {"spec", "plan"},
+    "doctor": BASE | {"spec", "plan"},
+    "perf": BASE | {"spec", "plan", "bench", "run"},
+}
+# Known exceptions, each a single edge with its reason.
+EXCEPTIONS = {
+    ("widep.spec.topology", "widep.render.quoting"),  # POSIX env names and control characters, shared
+}
+
+
+def test_each_room_imports_only_what_it_may():
+    bad = sorted(
+        f"{m} imports {i}"
+        for m in MODULES
+        if room(m) in ROOMS and not is_cli(m)
+        for i in imports_of(m)
+        if room(i) != room(m) and room(i) not in ROOMS[room(m)] and (m, i) not in EXCEPTIONS
+    )
+    assert bad == [], "a new edge between rooms: move the code, or widen ROOMS here and in docs/architecture.md"
+
+
+def test_plan_imports_no_render_but_its_cli():
+    """The planner is below the renderer: only ``widep plan``'s command module renders (function-level imports
+    included); the extra_args ownership check lives in plan/extras.py."""
+    bad = sorted(
+        f"{m} imports {i}"
+        for m in MODULES
+        if room(m) == "plan" and m != "widep.plan.cli"
+        for i in imports_of(m)
+        if room(i) == "render"
+    )
+    assert bad == []
+
+
+def test_planning_rules_are_plain():
+    """plan/rules.py takes plain values: no pydantic, no topology schema; the sweep's fast path calls it."""
+    names = {a.name for n in ast.walk(TREES["widep.plan.rules"]) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module or "" for n in ast.walk(TREES["widep.plan.rules"]) if isinstance(n, ast.ImportFrom)
+    }
+    assert not {n for n in names if n.startswith(("pydantic", "widep.spec.topology"))}
+    assert "widep.plan.rules" in imports_of("widep.perf.enumerate")
+    assert "widep.plan.rules" in imports_of("widep.plan.core")

@@ -5,10 +5,10 @@ A :class:`Budget` (model, GPU kind, GPU counts, GPUs per node, workload lengths)
 :class:`Candidate` objects. Each one is a complete topology (:meth:`Candidate.topology` gives the
 :class:`~widep.spec.topology.TopologySpec` that ``widep plan`` / ``widep launch`` take).
 
-Feasibility on the hot path (:func:`check`) applies the planner's rules in the planner's order and its
-own memory arithmetic (:func:`widep.plan.memory.memory_budget`, memoised per role), so a sweep of
-thousands of candidates does not build thousands of plans; ``tests/test_perf_enumerate.py`` proves it
-agrees with :func:`widep.plan.plan` candidate by candidate. :func:`planner_reason` returns the
+Feasibility on the hot path (:func:`check`) applies the planner's own rules (:mod:`widep.plan.rules`, the one
+copy) in the planner's order and its memory arithmetic (:func:`widep.plan.memory.memory_budget`, memoised per
+role), so a sweep of thousands of candidates does not build thousands of plans; ``tests/test_perf_enumerate.py``
+proves it agrees with :func:`widep.plan.plan` candidate by candidate. :func:`planner_reason` returns the
 planner's own message for a candidate (used when infeasible candidates are shown or saved).
 
 What is enumerated (whole nodes per role; a budget below one node uses part of one node):
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from widep.errors import UserError
 from widep.perf.model import RoleInput
+from widep.plan import rules
 from widep.plan.memory import memory_budget
 from widep.spec.hardware import GPUSpec, get_gpu
 from widep.spec.models import MoEArch, load_preset
@@ -392,7 +393,7 @@ def enumerate_candidates(budget: Budget) -> list[Candidate]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Feasibility: the planner's rules, in its order, without building a plan
+# Feasibility: the planner's rules (widep/plan/rules.py), in its order, without building a plan
 
 
 @dataclass(frozen=True)
@@ -431,28 +432,16 @@ def _role_check(
     cpu = gpu.device == "cpu"
     E, R = arch.routed_experts, rc.redundant
     ep = rc.ep
-    if rc.backend not in vt.all2all_backends:
-        return "config", "all2all_backend", f"all2all backend {rc.backend!r} is not run by vLLM {vllm_version}", None
-    if rc.eplb and (cpu or ep <= 1):
-        return "config", "eplb.enabled", f"EPLB needs CUDA and EP > 1 (EP={ep})", None
-    if R and not rc.eplb:
-        return "config", "eplb.redundant_experts", "redundant experts need EPLB", None
-    if rc.dbo and (cpu or rc.backend not in vt.dbo_backends or not vt.has_dbo):
-        return "config", "dbo.enabled", f"DBO needs one of {list(vt.dbo_backends)}; given {rc.backend!r}", None
-    if (E + R) % ep:
-        return (
-            "divisibility",
-            "eplb.redundant_experts" if R else "nodes",
-            f"{E} routed + {R} redundant experts = {E + R} do not divide over EP={ep}",
-            None,
-        )
-    if rc.max_num_batched_tokens < rc.max_num_seqs:
-        return (
-            "config",
-            "max_num_batched_tokens",
-            f"max_num_batched_tokens {rc.max_num_batched_tokens} < max_num_seqs {rc.max_num_seqs}",
-            None,
-        )
+    refusal = (
+        rules.backend_runs(rc.backend, vllm_version, vt.line, vt.all2all_backends, vt.removed_backends)
+        or rules.eplb_possible(rc.eplb, cpu, True, ep)
+        or rules.redundant_needs_eplb(R, rc.eplb)
+        or rules.dbo_possible(rc.dbo, vt.has_dbo, vllm_version, cpu, rc.backend, vt.dbo_backends)
+        or rules.experts_divide(E, R, ep, rc.dp, rc.tp, True, ep, False)
+        or rules.batched_tokens_cover_seqs(rc.max_num_batched_tokens, rc.max_num_seqs)
+    )
+    if refusal:
+        return refusal.category, refusal.field, refusal.reason, None
     dp = rc.dp
     cuda_graphs = not (rc.backend == "deepep_high_throughput" and dp > 1)
     kv_dtype = "fp8" if kv_cache_dtype == "fp8" else "bf16"
@@ -473,22 +462,9 @@ def _role_check(
         context_len=context_len,
         fixed_kv_gib=1.0 if cpu else None,
     )
-    used = mem.weights_gib + mem.all2all_buffer_gib + mem.activation_gib + mem.cuda_graph_gib + mem.overhead_gib
-    if not cpu and (mem.kv_cache_gib <= 0 or used > mem.budget_gib):
-        return (
-            "memory",
-            "gpu_memory_utilization",
-            f"needs {used:.1f} GiB before any KV cache ({mem.weights_gib:.1f} weights) but the budget is "
-            f"{mem.budget_gib:.1f} GiB",
-            None,
-        )
-    if mem.kv_tokens < max_model_len:
-        return (
-            "kv_cache",
-            "max_model_len",
-            f"KV cache holds {mem.kv_tokens} tokens per rank, below max_model_len {max_model_len}",
-            None,
-        )
+    refusal = rules.memory_fits(mem, cpu, rc.kind, gpu.name, gmu) or rules.kv_holds_context(mem, max_model_len)
+    if refusal:
+        return refusal.category, refusal.field, refusal.reason, None
     ri = RoleInput(
         kind=rc.kind,
         gpu=gpu,

@@ -8,14 +8,17 @@ field, the value and the valid options, anything vLLM would refuse after a 10-mi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from widep.errors import UserError, did_you_mean
+from widep.plan import rules as R
+from widep.plan.extras import check_extras
 from widep.plan.memory import MemoryBudget, memory_budget
 from widep.spec.hardware import GPUSpec, get_gpu
 from widep.spec.models import MoEArch, load_config_file, load_preset
 from widep.spec.topology import NodeSpec, RoleSpec, TopologySpec
-from widep.spec.vllm_versions import VLLMVersionTable, check_backend, first_version_with, table_for
+from widep.spec.vllm_versions import VLLMVersionTable, first_version_with, table_for
 
 
 @dataclass(frozen=True)
@@ -354,30 +357,341 @@ def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> No
         )
 
 
-def _valid_redundant(E: int, ep: int, limit: int = 4) -> list[int]:
-    out, r = [], 0
-    while len(out) < limit and r <= 1023:
-        if (E + r) % ep == 0:
-            out.append(r)
-        r += 1
-    return out
+def _refuse(refusal: R.Refusal | None, role_field: str = "") -> None:
+    """UserError naming the field when a rule refuses (``role_field``: the role's, e.g. ``roles[2]``)."""
+    if refusal is not None:
+        _fail(refusal.at(role_field), refusal.message)
 
 
-def _check_tp_heads(arch: MoEArch, tp: int, gpn: int, field_path: str) -> None:
-    """vLLM shards attention heads over TP: the heads must split evenly (and KV heads split or replicate evenly)."""
-    kv = arch.num_kv_heads
-    kv_ok = arch.mla or (kv % tp == 0 if tp <= kv else tp % kv == 0)
-    if arch.num_heads % tp or not kv_ok:
-        valid = [
-            t
-            for t in range(1, gpn + 1)
-            if gpn % t == 0 and arch.num_heads % t == 0 and (arch.mla or (kv % t == 0 if t <= kv else t % kv == 0))
-        ]
-        _fail(
-            field_path,
-            f"tp={tp} does not split {arch.name}'s {arch.num_heads} attention heads "
-            f"({kv} KV heads) evenly; vLLM refuses it. Valid: {valid}.",
+class _Claims:
+    """Which node/port and node/GPU pairs the roles planned so far hold; refuses a second owner."""
+
+    def __init__(self, nodes: tuple[NodeSpec, ...]) -> None:
+        self.nodes = nodes
+        self.ports: dict[tuple[int, int], str] = {}
+        self.gpus: dict[tuple[int, int], str] = {}
+
+    def port(self, node: int, port: int, what: str, field_path: str) -> None:
+        if port > 65535:
+            _fail(
+                field_path,
+                f"{what} would use port {port} on node {self.nodes[node].name}, past the last TCP port 65535. "
+                "Valid: a lower base port (ports count up per local rank / role).",
+            )
+        key = (node, port)
+        if key in self.ports and self.ports[key] != what:
+            _fail(
+                field_path,
+                f"port {port} on node {self.nodes[node].name} is used twice: by {self.ports[key]} and by {what}. "
+                "Give the roles different ports (roles[i].port / rpc_port / nixl_side_channel_port, serving.*_port).",
+            )
+        self.ports[key] = what
+
+    def gpu(self, node: int, gid: int, who: str, role: str, fp: str) -> None:
+        key = (node, gid)
+        if key in self.gpus:
+            _fail(
+                f"{fp}.first_gpu",
+                f"GPU {gid} of node {self.nodes[node].name} is given to both {self.gpus[key]} and {role}. "
+                "Give roles disjoint nodes or GPU ranges (first_gpu, gpus_per_node).",
+            )
+        self.gpus[key] = who
+
+
+def _role_gpus_per_node(spec: TopologySpec, role: RoleSpec, arch: MoEArch, fp: str) -> int:
+    """GPUs per node of the role, after the GPU-range and TP rules."""
+    cgpn = spec.cluster.gpus_per_node
+    _refuse(R.first_gpu_exists(role.first_gpu, cgpn), fp)
+    gpn = role.gpus_per_node or (cgpn - role.first_gpu)
+    _refuse(R.gpus_fit_node(role.first_gpu, gpn, cgpn), fp)
+    _refuse(R.tp_divides_node(role.tp, gpn), fp)
+    _refuse(R.tp_splits_heads(role.tp, gpn, arch.name, arch.num_heads, arch.num_kv_heads, arch.mla), fp)
+    return gpn
+
+
+def _role_nodes(
+    role: RoleSpec, nodes: tuple[NodeSpec, ...], used_nodes: set[int], gpn: int, fp: str
+) -> tuple[tuple[int, ...], ...]:
+    """Node indices of each replica's DP group (leader first); marks them used."""
+    node_index = {n.name: i for i, n in enumerate(nodes)}
+    if isinstance(role.nodes, int):
+        per_group = role.nodes
+        need = per_group * role.replicas
+        free = [i for i in range(len(nodes)) if i not in used_nodes]
+        if need > len(free):
+            _fail(
+                f"{fp}.nodes",
+                f"role {role.name!r} needs {need} node(s) ({per_group} x {role.replicas} replica(s), "
+                f"{need * gpn} GPUs) but only {len(free)} of the cluster's {len(nodes)} node(s) are free "
+                f"({len(used_nodes)} used by earlier roles). Valid: at most {len(free) // role.replicas} node(s) "
+                "per group, or add nodes to cluster.nodes.",
+            )
+        chosen = free[:need]
+    else:
+        chosen = []
+        for j, ref in enumerate(role.nodes):
+            if isinstance(ref, int):
+                if not 0 <= ref < len(nodes):
+                    _fail(f"{fp}.nodes[{j}]", f"node index {ref} is out of range. Valid: 0..{len(nodes) - 1}.")
+                chosen.append(ref)
+            else:
+                if ref not in node_index:
+                    _fail(
+                        f"{fp}.nodes[{j}]",
+                        f"no node named {ref!r}.{did_you_mean(ref, list(node_index))} Valid: {', '.join(node_index)}.",
+                    )
+                chosen.append(node_index[ref])
+        if len(set(chosen)) != len(chosen):
+            _fail(f"{fp}.nodes", f"a node is listed twice: {role.nodes}.")
+        if len(chosen) % role.replicas:
+            _fail(f"{fp}.nodes", f"{len(chosen)} node(s) do not split into {role.replicas} replicas evenly.")
+        per_group = len(chosen) // role.replicas
+    used_nodes.update(chosen)
+    return tuple(tuple(chosen[g * per_group : (g + 1) * per_group]) for g in range(role.replicas))
+
+
+def _role_warnings(
+    spec: TopologySpec,
+    role: RoleSpec,
+    arch: MoEArch,
+    mem: MemoryBudget,
+    backend: str,
+    dp_size: int,
+    per_group: int,
+    max_model_len: int,
+    context_len: int,
+) -> list[str]:
+    """What runs but runs badly."""
+    is_cpu = get_gpu(spec.cluster.gpu).device == "cpu"
+    warnings: list[str] = []
+    if max_model_len > arch.max_position_embeddings:
+        warnings.append(
+            f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
+            f"{arch.max_position_embeddings}; vLLM needs VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 for that."
         )
+    if not is_cpu and mem.kv_cache_gib < 0.1 * mem.budget_gib:
+        warnings.append(
+            f"memory is tight: only {mem.kv_cache_gib:.1f} GiB ({100 * mem.kv_cache_gib / mem.budget_gib:.0f}% of "
+            "the budget) is left for the KV cache."
+        )
+    if mem.max_seqs_at_context < role.max_num_seqs:
+        warnings.append(
+            f"the KV cache holds {mem.max_seqs_at_context} sequences of {context_len} tokens per rank, fewer than "
+            f"max_num_seqs={role.max_num_seqs}: long requests will queue or be preempted."
+        )
+    if arch.mla and role.tp > 1:
+        warnings.append(
+            f"MLA with TP={role.tp}: every TP rank stores the full latent KV cache (duplicated {role.tp}x); "
+            "prefer TP=1 and more DP ranks."
+        )
+    if backend == "deepep_high_throughput" and role.kind in ("decode", "mixed") and dp_size > 1 and not is_cpu:
+        warnings.append(
+            "deepep_high_throughput with DP > 1 disables CUDA graphs: decode steps will be slow. "
+            "deepep_low_latency is the decode backend."
+        )
+    if backend == "deepep_low_latency" and role.kind == "prefill":
+        warnings.append(
+            "deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is "
+            "faster there."
+        )
+    if backend.startswith("deepep") and per_group > 1 and not spec.cluster.network.rdma and not is_cpu:
+        warnings.append("DeepEP across nodes without RDMA (cluster.network.rdma: false) will not initialise NVSHMEM.")
+    if role.eplb.enabled and role.eplb.redundant_experts == 0:
+        warnings.append("EPLB is on with 0 redundant experts: it can only move experts, not replicate hot ones.")
+    return warnings
+
+
+def _role_ranks(
+    spec: TopologySpec,
+    role: RoleSpec,
+    ri: int,
+    groups: tuple[tuple[int, ...], ...],
+    dp_local: int,
+    dp_size: int,
+    slots: list[int],
+    experts_per_gpu: int,
+    claims: _Claims,
+) -> tuple[Rank, ...]:
+    """Every rank of the role: node, GPUs, HTTP and side-channel ports, experts; claims the ports and GPUs."""
+    fp, mode, nodes = f"roles[{ri}]", spec.serving.dp_mode, claims.nodes
+    http_port = role.port or spec.serving.port
+    rpc_port = role.rpc_port or spec.serving.rpc_port
+    control_port = spec.serving.control_port + ri
+    side_base = (role.nixl_side_channel_port or spec.serving.nixl_side_channel_port) if spec.disaggregated else None
+    side_field = f"{fp}.nixl_side_channel_port" if role.nixl_side_channel_port else "serving.nixl_side_channel_port"
+    ranks: list[Rank] = []
+    for g, group in enumerate(groups):
+        claims.port(group[0], rpc_port, f"{role.name} DP handshake (rpc_port)", f"{fp}.rpc_port")
+        claims.port(group[0], control_port, f"{role.name} widep group control", "serving.control_port")
+        for gn, node in enumerate(group):
+            if mode == "multiport":
+                claims.port(node, spec.serving.supervisor_port, f"{role.name} DP supervisor", "serving.supervisor_port")
+            for lr in range(dp_local):
+                dp_rank = gn * dp_local + lr
+                first = role.first_gpu + lr * role.tp
+                gpus = tuple(range(first, first + role.tp))
+                for gid in gpus:
+                    claims.gpu(node, gid, f"{role.name} rank {dp_rank}", role.name, fp)
+                if mode in ("external", "multiport"):
+                    port: int | None = http_port + lr
+                elif mode == "hybrid":
+                    port = http_port
+                else:
+                    port = http_port if gn == 0 else None
+                if port is not None:
+                    what = f"{role.name} HTTP" + (f" rank {dp_rank}" if mode in ("external", "multiport") else "")
+                    claims.port(node, port, what, f"{fp}.port")
+                side = None
+                if side_base is not None:
+                    # one side channel per engine (all its TP workers), on base + DP rank (vLLM 0.32
+                    # nixl/base_scheduler.py: VLLM_NIXL_SIDE_CHANNEL_PORT + data_parallel_index)
+                    side = side_base + dp_rank
+                    if side > 65535:
+                        _fail(
+                            side_field,
+                            f"{side_base} + DP rank {dp_rank} = {side} is above 65535. "
+                            f"Valid: at most {65535 - dp_size + 1}.",
+                        )
+                    claims.port(node, side, f"{role.name} NIXL side channel rank {dp_rank} ({side_field})", side_field)
+                if role.expert_parallel:
+                    base = dp_rank * role.tp * experts_per_gpu
+                    experts = tuple(slots[base : base + role.tp * experts_per_gpu])
+                else:
+                    experts = tuple(slots)
+                ranks.append(
+                    Rank(
+                        role=role.name,
+                        replica=g,
+                        dp_rank=dp_rank,
+                        node=node,
+                        node_name=nodes[node].name,
+                        group_node=gn,
+                        local_rank=lr,
+                        gpus=gpus,
+                        port=port,
+                        experts=experts,
+                        side_channel_port=side,
+                    )
+                )
+    return tuple(ranks)
+
+
+def _plan_role(
+    spec: TopologySpec,
+    ri: int,
+    arch: MoEArch,
+    gpu: GPUSpec,
+    vt: VLLMVersionTable,
+    weight_dtype: str,
+    used_nodes: set[int],
+    claims: _Claims,
+) -> RolePlan:
+    """One role: sizes, the planner's rules in order (rules.py), memory, warnings and ranks."""
+    role, fp, is_cpu = spec.roles[ri], f"roles[{ri}]", gpu.device == "cpu"
+    nodes = claims.nodes
+    gpn = _role_gpus_per_node(spec, role, arch, fp)
+    groups = _role_nodes(role, nodes, used_nodes, gpn, fp)
+    per_group = len(groups[0])
+    dp_local = gpn // role.tp
+    dp_size = dp_local * per_group
+    ep_size = dp_size * role.tp if role.expert_parallel else 1
+
+    # ---- all2all backend and version/feature rules ----
+    backend = role.all2all_backend or default_backend(role, gpu, ep_size, vt)
+    _refuse(R.backend_runs(backend, spec.vllm.version, vt.line, vt.all2all_backends, vt.removed_backends), fp)
+    _refuse(R.backend_on_cpu(is_cpu, backend), fp)
+    _refuse(R.eplb_possible(role.eplb.enabled, is_cpu, role.expert_parallel, ep_size), fp)
+    _refuse(R.redundant_needs_eplb(role.eplb.redundant_experts, role.eplb.enabled), fp)
+    _refuse(R.dbo_possible(role.dbo.enabled, vt.has_dbo, spec.vllm.version, is_cpu, backend, vt.dbo_backends), fp)
+    _refuse(R.multiport_ranks(spec.serving.dp_mode, dp_local, dp_size, role.name), fp)
+
+    # ---- experts and lengths ----
+    E, red = arch.routed_experts, role.eplb.redundant_experts
+    physical = E + red
+    max_gpus = len(nodes) * spec.cluster.gpus_per_node
+    even_hint = vt.redundant_experts_even_the_split and not is_cpu
+    _refuse(R.experts_divide(E, red, ep_size, dp_size, role.tp, role.expert_parallel, max_gpus, even_hint), fp)
+    experts_per_gpu = physical // ep_size if role.expert_parallel else physical
+    max_model_len = role.max_model_len or min(arch.max_position_embeddings, 32768)
+    mnbt = role.max_num_batched_tokens or (max(role.max_num_seqs, 256) if role.kind == "decode" else 8192)
+    _refuse(R.batched_tokens_cover_seqs(mnbt, role.max_num_seqs), fp)
+    context_len = role.context_len or max_model_len
+
+    # ---- memory ----
+    role_kv_dtype = kv_dtype_of(spec, role)
+    cuda_graphs = not role.enforce_eager and not (backend == "deepep_high_throughput" and dp_size > 1)
+    mem = memory_budget(
+        arch=arch,
+        gpu=gpu,
+        weight_dtype=weight_dtype,
+        kv_dtype=role_kv_dtype,
+        tp=role.tp,
+        dp_size=dp_size,
+        ep_size=ep_size,
+        experts_per_gpu=experts_per_gpu if role.expert_parallel else physical / role.tp,
+        backend=backend,
+        max_num_seqs=role.max_num_seqs,
+        max_num_batched_tokens=mnbt,
+        gpu_memory_utilization=role.gpu_memory_utilization,
+        cuda_graphs=cuda_graphs,
+        context_len=context_len,
+        fixed_kv_gib=role.kv_cache_gib if role.kv_cache_gib is not None else (1.0 if is_cpu else None),
+    )
+    more = partial(_min_nodes_that_fit, spec, role, arch, gpu, weight_dtype)
+    _refuse(R.memory_fits(mem, is_cpu, role.name, gpu.name, role.gpu_memory_utilization, more), fp)
+    _refuse(R.kv_holds_context(mem, max_model_len), fp)
+    warnings = _role_warnings(spec, role, arch, mem, backend, dp_size, per_group, max_model_len, context_len)
+    slots = expert_slots(E, red)
+    ranks = _role_ranks(spec, role, ri, groups, dp_local, dp_size, slots, experts_per_gpu, claims)
+    return RolePlan(
+        spec=role,
+        index=ri,
+        dp_size=dp_size,
+        ep_size=ep_size,
+        tp_size=role.tp,
+        dp_local=dp_local,
+        nodes_per_group=per_group,
+        group_nodes=groups,
+        ranks=ranks,
+        all2all_backend=backend,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=mnbt,
+        physical_experts=physical,
+        experts_per_gpu=experts_per_gpu,
+        memory=mem,
+        rpc_port=role.rpc_port or spec.serving.rpc_port,
+        http_port=role.port or spec.serving.port,
+        control_port=spec.serving.control_port + ri,
+        warnings=tuple(warnings),
+        kv_dtype=role_kv_dtype,
+        nixl_side_channel_port=(role.nixl_side_channel_port or spec.serving.nixl_side_channel_port)
+        if spec.disaggregated
+        else None,
+    )
+
+
+def _router_plan(spec: TopologySpec, roles: list[RolePlan], claims: _Claims) -> RouterPlan | None:
+    rs, nodes = spec.router, claims.nodes
+    if not rs.enabled:
+        return None
+    node_index = {n.name: i for i, n in enumerate(nodes)}
+    if isinstance(rs.node, int):
+        if not 0 <= rs.node < len(nodes):
+            _fail("router.node", f"node index {rs.node} is out of range. Valid: 0..{len(nodes) - 1}.")
+        rnode = rs.node
+    else:
+        if rs.node not in node_index:
+            _fail(
+                "router.node",
+                f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: {', '.join(node_index)}.",
+            )
+        rnode = node_index[rs.node]
+    pd = rs.pd == "on" or (rs.pd == "auto" and {r.kind for r in roles} >= {"prefill", "decode"})
+    if pd and not {r.kind for r in roles} >= {"prefill", "decode"}:
+        _fail("router.pd", "'on' needs a prefill and a decode role in this topology. Valid: auto, off.")
+    claims.port(rnode, rs.port, "router", "router.port")
+    claims.port(rnode, rs.prometheus_port, "router metrics", "router.prometheus_port")
+    return RouterPlan(node=rnode, port=rs.port, prometheus_port=rs.prometheus_port, pd=pd)
 
 
 def plan(spec: TopologySpec) -> DeploymentPlan:
@@ -389,388 +703,21 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     gpu = get_gpu(spec.cluster.gpu)
     vt = table_for(spec.vllm.version)
     nodes = tuple(spec.cluster.node_list)
-    node_index = {n.name: i for i, n in enumerate(nodes)}
     weight_dtype = spec.model.weight_dtype or arch.default_weight_dtype
     kv_dtype = "bf16" if spec.model.kv_cache_dtype in ("auto", "bf16", "fp16") else spec.model.kv_cache_dtype
-    if gpu.device == "cpu" and weight_dtype not in ("bf16", "fp16"):
-        _fail(
-            "model.weight_dtype",
-            f"{weight_dtype!r} on the CPU backend: widep's CPU topologies serve 16-bit weights. Valid: bf16, fp16.",
-        )
     is_cpu = gpu.device == "cpu"
-    mode = spec.serving.dp_mode
+    _refuse(R.weight_dtype_on_cpu(is_cpu, weight_dtype))
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
-    if mode == "multiport" and not vt.has_multi_port_lb:
-        _fail(
-            "serving.dp_mode",
-            f"'multiport' needs vLLM >= {first_version_with('has_multi_port_lb')} (the DP supervisor); "
-            f"vLLM {spec.vllm.version} lacks it. Valid: external, hybrid, internal.",
-        )
+    mv = first_version_with("has_multi_port_lb")
+    _refuse(R.multiport_supported(spec.serving.dp_mode, vt.has_multi_port_lb, spec.vllm.version, mv))
 
     used_nodes: set[int] = set()
-    gpu_owner: dict[tuple[int, int], str] = {}
-    port_owner: dict[tuple[int, int], str] = {}
-    roles: list[RolePlan] = []
+    claims = _Claims(nodes)
+    roles = [_plan_role(spec, ri, arch, gpu, vt, weight_dtype, used_nodes, claims) for ri in range(len(spec.roles))]
+    router = _router_plan(spec, roles, claims)
     plan_warnings: list[str] = []
-
-    def claim_port(node: int, port: int, what: str, field_path: str) -> None:
-        if port > 65535:
-            _fail(
-                field_path,
-                f"{what} would use port {port} on node {nodes[node].name}, past the last TCP port 65535. "
-                "Valid: a lower base port (ports count up per local rank / role).",
-            )
-        key = (node, port)
-        if key in port_owner and port_owner[key] != what:
-            _fail(
-                field_path,
-                f"port {port} on node {nodes[node].name} is used twice: by {port_owner[key]} and by {what}. "
-                "Give the roles different ports (roles[i].port / rpc_port / nixl_side_channel_port, serving.*_port).",
-            )
-        port_owner[key] = what
-
-    for ri, role in enumerate(spec.roles):
-        fp = f"roles[{ri}]"
-        if role.first_gpu >= spec.cluster.gpus_per_node:
-            _fail(
-                f"{fp}.first_gpu",
-                f"GPU index {role.first_gpu} does not exist: nodes have {spec.cluster.gpus_per_node} GPUs "
-                f"(cluster.gpus_per_node). Valid: 0..{spec.cluster.gpus_per_node - 1}.",
-            )
-        gpn = role.gpus_per_node or (spec.cluster.gpus_per_node - role.first_gpu)
-        if role.first_gpu + gpn > spec.cluster.gpus_per_node:
-            _fail(
-                f"{fp}.gpus_per_node",
-                f"GPUs {role.first_gpu}..{role.first_gpu + gpn - 1} per node, but nodes have "
-                f"{spec.cluster.gpus_per_node} "
-                f"(cluster.gpus_per_node). Valid: first_gpu + gpus_per_node <= {spec.cluster.gpus_per_node}.",
-            )
-        if gpn % role.tp:
-            valid = [t for t in range(1, gpn + 1) if gpn % t == 0]
-            _fail(f"{fp}.tp", f"tp={role.tp} does not divide the {gpn} GPUs per node of this role. Valid: {valid}.")
-        _check_tp_heads(arch, role.tp, gpn, f"{fp}.tp")
-        # nodes of each replica
-        if isinstance(role.nodes, int):
-            per_group = role.nodes
-            need = per_group * role.replicas
-            free = [i for i in range(len(nodes)) if i not in used_nodes]
-            if need > len(free):
-                _fail(
-                    f"{fp}.nodes",
-                    f"role {role.name!r} needs {need} node(s) ({per_group} x {role.replicas} replica(s), "
-                    f"{need * gpn} GPUs) but only {len(free)} of the cluster's {len(nodes)} node(s) are free "
-                    f"({len(used_nodes)} used by earlier roles). Valid: at most {len(free) // role.replicas} node(s) "
-                    "per group, "
-                    "or add nodes to cluster.nodes.",
-                )
-            chosen = free[:need]
-        else:
-            chosen = []
-            for j, ref in enumerate(role.nodes):
-                if isinstance(ref, int):
-                    if not 0 <= ref < len(nodes):
-                        _fail(f"{fp}.nodes[{j}]", f"node index {ref} is out of range. Valid: 0..{len(nodes) - 1}.")
-                    chosen.append(ref)
-                else:
-                    if ref not in node_index:
-                        _fail(
-                            f"{fp}.nodes[{j}]",
-                            f"no node named {ref!r}.{did_you_mean(ref, list(node_index))} Valid: "
-                            f"{', '.join(node_index)}.",
-                        )
-                    chosen.append(node_index[ref])
-            if len(set(chosen)) != len(chosen):
-                _fail(f"{fp}.nodes", f"a node is listed twice: {role.nodes}.")
-            if len(chosen) % role.replicas:
-                _fail(f"{fp}.nodes", f"{len(chosen)} node(s) do not split into {role.replicas} replicas evenly.")
-            per_group = len(chosen) // role.replicas
-        used_nodes.update(chosen)
-        groups = tuple(tuple(chosen[g * per_group : (g + 1) * per_group]) for g in range(role.replicas))
-
-        dp_local = gpn // role.tp
-        dp_size = dp_local * per_group
-        ep_size = dp_size * role.tp if role.expert_parallel else 1
-        warnings: list[str] = []
-
-        # ---- all2all backend and version/feature rules ----
-        backend = role.all2all_backend or default_backend(role, gpu, ep_size, vt)
-        check_backend(spec.vllm.version, backend, f"{fp}.all2all_backend")
-        if is_cpu and backend != "allgather_reducescatter":
-            _fail(
-                f"{fp}.all2all_backend",
-                f"{backend!r} on the CPU backend: vLLM's CPU communicator implements only allgather_reducescatter and "
-                "silently falls back to it. Valid: allgather_reducescatter.",
-            )
-        if role.eplb.enabled:
-            if is_cpu:
-                _fail(
-                    f"{fp}.eplb.enabled",
-                    "EPLB needs CUDA, ROCm or XPU; vLLM refuses it on the CPU backend. Valid: false.",
-                )
-            if not role.expert_parallel:
-                _fail(
-                    f"{fp}.eplb.enabled",
-                    "EPLB needs expert parallel (roles[].expert_parallel: true). Given: expert_parallel=false.",
-                )
-            if ep_size <= 1:
-                _fail(f"{fp}.eplb.enabled", f"EPLB needs EP > 1; this role has EP={ep_size}.")
-        if role.eplb.redundant_experts and not role.eplb.enabled:
-            _fail(
-                f"{fp}.eplb.redundant_experts",
-                f"{role.eplb.redundant_experts} redundant experts without EPLB: vLLM rejects this. Valid: set "
-                "eplb.enabled: true, or 0.",
-            )
-        if role.dbo.enabled:
-            if not vt.has_dbo:
-                _fail(f"{fp}.dbo.enabled", f"DBO needs vLLM >= 0.11; vLLM {spec.vllm.version} lacks --enable-dbo.")
-            if is_cpu:
-                _fail(f"{fp}.dbo.enabled", "DBO is forced off on the CPU backend. Valid: false.")
-            if backend not in vt.dbo_backends:
-                _fail(
-                    f"{fp}.dbo.enabled",
-                    f"DBO on CUDA needs all2all backend in {list(vt.dbo_backends)}; this role uses {backend!r}.",
-                )
-        if mode == "multiport":
-            if dp_local < 2 or dp_size < 2:
-                _fail(
-                    "serving.dp_mode",
-                    f"'multiport' needs at least 2 DP ranks per node; role {role.name!r} has {dp_local}. Valid: "
-                    "external, hybrid, internal.",
-                )
-
-        # ---- experts ----
-        E, R = arch.routed_experts, role.eplb.redundant_experts
-        physical = E + R
-        if role.expert_parallel and physical % ep_size:
-            divisors = [d for d in range(1, E + 1) if E % d == 0 and d <= len(nodes) * spec.cluster.gpus_per_node]
-            hint = f"an EP size (DP x TP) that divides {E} experts: {divisors}"
-            if vt.redundant_experts_even_the_split and not is_cpu:
-                hint += f"; or eplb.enabled with redundant_experts in {_valid_redundant(E, ep_size)} for EP={ep_size}"
-            _fail(
-                f"{fp}.eplb.redundant_experts" if R else f"{fp}.nodes",
-                f"{E} routed + {R} redundant experts = {physical} do not divide over EP={ep_size} "
-                f"(DP {dp_size} x TP {role.tp}); vLLM requires an even split. Valid: {hint}.",
-            )
-        experts_per_gpu = physical // ep_size if role.expert_parallel else physical
-        slots = expert_slots(E, R)
-
-        # ---- lengths ----
-        max_model_len = role.max_model_len or min(arch.max_position_embeddings, 32768)
-        if max_model_len > arch.max_position_embeddings:
-            warnings.append(
-                f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
-                f"{arch.max_position_embeddings}; vLLM needs VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 for that."
-            )
-        mnbt = role.max_num_batched_tokens or (max(role.max_num_seqs, 256) if role.kind == "decode" else 8192)
-        if mnbt < role.max_num_seqs:
-            _fail(
-                f"{fp}.max_num_batched_tokens",
-                f"{mnbt} is below max_num_seqs={role.max_num_seqs}; vLLM requires max_num_batched_tokens >= "
-                "max_num_seqs.",
-            )
-        context_len = role.context_len or max_model_len
-
-        # ---- memory ----
-        role_kv_dtype = kv_dtype_of(spec, role)
-        cuda_graphs = not role.enforce_eager and not (backend == "deepep_high_throughput" and dp_size > 1)
-        fixed_kv = role.kv_cache_gib if role.kv_cache_gib is not None else (1.0 if is_cpu else None)
-        mem = memory_budget(
-            arch=arch,
-            gpu=gpu,
-            weight_dtype=weight_dtype,
-            kv_dtype=role_kv_dtype,
-            tp=role.tp,
-            dp_size=dp_size,
-            ep_size=ep_size,
-            experts_per_gpu=experts_per_gpu if role.expert_parallel else physical / role.tp,
-            backend=backend,
-            max_num_seqs=role.max_num_seqs,
-            max_num_batched_tokens=mnbt,
-            gpu_memory_utilization=role.gpu_memory_utilization,
-            cuda_graphs=cuda_graphs,
-            context_len=context_len,
-            fixed_kv_gib=fixed_kv,
-        )
-        used = mem.weights_gib + mem.all2all_buffer_gib + mem.activation_gib + mem.cuda_graph_gib + mem.overhead_gib
-        if not is_cpu and (mem.kv_cache_gib <= 0 or used + (mem.kv_cache_gib if mem.fixed_kv else 0) > mem.budget_gib):
-            more_nodes = _min_nodes_that_fit(spec, role, arch, gpu, weight_dtype)
-            _fail(
-                f"{fp}.gpu_memory_utilization",
-                f"role {role.name!r} does not fit in {gpu.name} memory: budget {mem.budget_gib:.1f} GiB "
-                f"({role.gpu_memory_utilization} x {mem.total_gib:.1f}) but weights need {mem.weights_gib:.1f} GiB "
-                f"({mem.non_expert_weights_gib:.1f} non-expert + {mem.expert_weights_gib:.1f} experts), all2all "
-                "buffers "
-                f"{mem.all2all_buffer_gib:.1f}, activations {mem.activation_gib:.1f}, CUDA graphs "
-                f"{mem.cuda_graph_gib:.1f}, "
-                f"runtime {mem.overhead_gib:.1f} GiB"
-                + (f", and a fixed KV cache of {mem.kv_cache_gib:.1f} GiB" if mem.fixed_kv else "")
-                + f". Valid: more GPUs per group ({more_nodes}), FP8 weights, a smaller max_num_batched_tokens, "
-                "or a higher gpu_memory_utilization.",
-            )
-        if mem.kv_tokens < max_model_len:
-            _fail(
-                f"{fp}.max_model_len",
-                f"max_model_len={max_model_len} but each rank's KV cache holds only {mem.kv_tokens} tokens "
-                f"({mem.kv_cache_gib:.2f} GiB at {mem.kv_bytes_per_token:.0f} B/token); vLLM refuses to start. "
-                f"Valid: max_model_len <= {mem.kv_tokens}, or more KV memory.",
-            )
-        if not is_cpu and mem.kv_cache_gib < 0.1 * mem.budget_gib:
-            warnings.append(
-                f"memory is tight: only {mem.kv_cache_gib:.1f} GiB ({100 * mem.kv_cache_gib / mem.budget_gib:.0f}% of "
-                "the "
-                "budget) is left for the KV cache."
-            )
-        if mem.max_seqs_at_context < role.max_num_seqs:
-            warnings.append(
-                f"the KV cache holds {mem.max_seqs_at_context} sequences of {context_len} tokens per rank, fewer than "
-                f"max_num_seqs={role.max_num_seqs}: long requests will queue or be preempted."
-            )
-        if arch.mla and role.tp > 1:
-            warnings.append(
-                f"MLA with TP={role.tp}: every TP rank stores the full latent KV cache (duplicated {role.tp}x); "
-                "prefer TP=1 and more DP ranks."
-            )
-        if backend == "deepep_high_throughput" and role.kind in ("decode", "mixed") and dp_size > 1 and not is_cpu:
-            warnings.append(
-                "deepep_high_throughput with DP > 1 disables CUDA graphs: decode steps will be slow. "
-                "deepep_low_latency is the decode backend."
-            )
-        if backend == "deepep_low_latency" and role.kind == "prefill":
-            warnings.append(
-                "deepep_low_latency on a prefill role: dispatch is chunked to small batches; deepep_high_throughput is "
-                "faster there."
-            )
-        if backend.startswith("deepep") and per_group > 1 and not spec.cluster.network.rdma and not is_cpu:
-            warnings.append(
-                "DeepEP across nodes without RDMA (cluster.network.rdma: false) will not initialise NVSHMEM."
-            )
-        if role.eplb.enabled and R == 0:
-            warnings.append("EPLB is on with 0 redundant experts: it can only move experts, not replicate hot ones.")
-
-        # ---- ports ----
-        http_port = role.port or spec.serving.port
-        rpc_port = role.rpc_port or spec.serving.rpc_port
-        control_port = spec.serving.control_port + ri
-        side_base = (role.nixl_side_channel_port or spec.serving.nixl_side_channel_port) if spec.disaggregated else None
-        side_field = f"{fp}.nixl_side_channel_port" if role.nixl_side_channel_port else "serving.nixl_side_channel_port"
-        ranks: list[Rank] = []
-        for g, group in enumerate(groups):
-            claim_port(group[0], rpc_port, f"{role.name} DP handshake (rpc_port)", f"{fp}.rpc_port")
-            claim_port(group[0], control_port, f"{role.name} widep group control", "serving.control_port")
-            for gn, node in enumerate(group):
-                if mode == "multiport":
-                    claim_port(
-                        node, spec.serving.supervisor_port, f"{role.name} DP supervisor", "serving.supervisor_port"
-                    )
-                for lr in range(dp_local):
-                    dp_rank = gn * dp_local + lr
-                    first = role.first_gpu + lr * role.tp
-                    gpus = tuple(range(first, first + role.tp))
-                    for gid in gpus:
-                        key = (node, gid)
-                        if key in gpu_owner:
-                            _fail(
-                                f"{fp}.first_gpu",
-                                f"GPU {gid} of node {nodes[node].name} is given to both {gpu_owner[key]} and "
-                                f"{role.name}. "
-                                "Give roles disjoint nodes or GPU ranges (first_gpu, gpus_per_node).",
-                            )
-                        gpu_owner[key] = f"{role.name} rank {dp_rank}"
-                    if mode in ("external", "multiport"):
-                        port: int | None = http_port + lr
-                    elif mode == "hybrid":
-                        port = http_port
-                    else:
-                        port = http_port if gn == 0 else None
-                    if port is not None:
-                        claim_port(
-                            node,
-                            port,
-                            f"{role.name} HTTP" + (f" rank {dp_rank}" if mode in ("external", "multiport") else ""),
-                            f"{fp}.port",
-                        )
-                    side = None
-                    if side_base is not None:
-                        # one side channel per engine (all its TP workers), on base + DP rank (vLLM 0.32
-                        # nixl/base_scheduler.py: VLLM_NIXL_SIDE_CHANNEL_PORT + data_parallel_index)
-                        side = side_base + dp_rank
-                        if side > 65535:
-                            _fail(
-                                side_field,
-                                f"{side_base} + DP rank {dp_rank} = {side} is above 65535. "
-                                f"Valid: at most {65535 - dp_size + 1}.",
-                            )
-                        claim_port(
-                            node, side, f"{role.name} NIXL side channel rank {dp_rank} ({side_field})", side_field
-                        )
-                    if role.expert_parallel:
-                        base = dp_rank * role.tp * experts_per_gpu
-                        experts = tuple(slots[base : base + role.tp * experts_per_gpu])
-                    else:
-                        experts = tuple(slots)
-                    ranks.append(
-                        Rank(
-                            role=role.name,
-                            replica=g,
-                            dp_rank=dp_rank,
-                            node=node,
-                            node_name=nodes[node].name,
-                            group_node=gn,
-                            local_rank=lr,
-                            gpus=gpus,
-                            port=port,
-                            experts=experts,
-                            side_channel_port=side,
-                        )
-                    )
-        roles.append(
-            RolePlan(
-                spec=role,
-                index=ri,
-                dp_size=dp_size,
-                ep_size=ep_size,
-                tp_size=role.tp,
-                dp_local=dp_local,
-                nodes_per_group=per_group,
-                group_nodes=groups,
-                ranks=tuple(ranks),
-                all2all_backend=backend,
-                max_model_len=max_model_len,
-                max_num_batched_tokens=mnbt,
-                physical_experts=physical,
-                experts_per_gpu=experts_per_gpu,
-                memory=mem,
-                rpc_port=rpc_port,
-                http_port=http_port,
-                control_port=control_port,
-                warnings=tuple(warnings),
-                kv_dtype=role_kv_dtype,
-                nixl_side_channel_port=side_base,
-            )
-        )
-    router = None
-    rs = spec.router
-    if rs.enabled:
-        if isinstance(rs.node, int):
-            if not 0 <= rs.node < len(nodes):
-                _fail("router.node", f"node index {rs.node} is out of range. Valid: 0..{len(nodes) - 1}.")
-            rnode = rs.node
-        else:
-            if rs.node not in node_index:
-                _fail(
-                    "router.node",
-                    f"no node named {rs.node!r}.{did_you_mean(rs.node, list(node_index))} Valid: "
-                    f"{', '.join(node_index)}.",
-                )
-            rnode = node_index[rs.node]
-        pd = rs.pd == "on" or (rs.pd == "auto" and {r.kind for r in roles} >= {"prefill", "decode"})
-        if pd and not {r.kind for r in roles} >= {"prefill", "decode"}:
-            _fail("router.pd", "'on' needs a prefill and a decode role in this topology. Valid: auto, off.")
-        claim_port(rnode, rs.port, "router", "router.port")
-        claim_port(rnode, rs.prometheus_port, "router metrics", "router.prometheus_port")
-        router = RouterPlan(node=rnode, port=rs.port, prometheus_port=rs.prometheus_port, pd=pd)
     kinds = {r.kind for r in roles}
     if spec.disaggregated and kinds != {"prefill", "decode"}:
         lone = next(iter(kinds))
@@ -797,10 +744,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         warnings=tuple(plan_warnings),
         router=router,
     )
-    # The renderer's checks (extra_args / extra_env against what widep sets), so that `plan` refuses what
-    # `render`, `lws` and `launch` refuse.
-    from widep.render.vllm import check_extras
-
+    # The extra_args / extra_env ownership check (plan/extras.py), so that `plan` refuses what `render`, `lws`
+    # and `launch` refuse.
     check_extras(result)
     return result
 

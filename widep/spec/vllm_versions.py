@@ -154,15 +154,3 @@ def table_for(version: str) -> VLLMVersionTable:
 def first_version_with(feature: str) -> str:
     """The oldest version whose table has ``feature`` (a boolean field), for "needs vLLM >= ..." messages."""
     return next(t.versions[0] for t in TABLES if getattr(t, feature))
-
-
-def check_backend(version: str, backend: str, field: str) -> None:
-    """UserError if ``backend`` is not one ``version`` really runs."""
-    t = table_for(version)
-    if backend in t.all2all_backends:
-        return
-    why = t.removed_backends.get(backend, "unknown to this version")
-    raise UserError(
-        f"{field}: all2all backend {backend!r} with vLLM {version}: {why}. Valid for vLLM {t.line}: "
-        f"{', '.join(t.all2all_backends)}."
-    )

@@ -7,10 +7,10 @@ string match against widep's own flags misses all of those, so widep asks the sa
 *which destination does this token set?*
 
 widep's render is pure and must work without vLLM installed, so the parser's option table (option strings,
-destination, arity) ships as data, one file per vLLM release line (``widep/render/data/vllm-options-*.json``),
+destination, arity) ships as data, one file per vLLM release line (``widep/spec/data/vllm-options-*.json``),
 written by this module's generator from the installed vLLM::
 
-    python -m widep.render.vllm_options --write      # needs vLLM; rewrites the installed line's table
+    python -m widep.spec.vllm_options --write      # needs vLLM; rewrites the installed line's table
 
 A stand-in ``argparse.ArgumentParser`` is rebuilt from the table, so argparse's own abbreviation rule
 (``allow_abbrev``) applies exactly as it does inside vLLM. ``tests/test_hostile.py`` regenerates the
@@ -56,7 +56,7 @@ def generate_table(parser: argparse.ArgumentParser, vllm_version: str, line: str
         "vllm_version": vllm_version,
         "line": line,
         "parser": "vllm.entrypoints.launchers.cli_args.make_arg_parser(FlexibleArgumentParser())",
-        "regenerate": "python -m widep.render.vllm_options --write",
+        "regenerate": "python -m widep.spec.vllm_options --write",
         "allow_abbrev": bool(parser.allow_abbrev),
         "options": options,
     }
@@ -90,7 +90,7 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
 def load_table(line: str) -> dict[str, Any]:
     """The shipped table of a vLLM line (the newest shipped one when that line has none)."""
     use = line if line in LINES_WITH_TABLES else LINES_WITH_TABLES[-1]
-    path = resources.files("widep.render") / DATA_DIR / table_file(use)
+    path = resources.files("widep.spec") / DATA_DIR / table_file(use)
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -176,7 +176,7 @@ def dest_of(flag: str, line: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write the option table of the installed vLLM's server parser.")
-    ap.add_argument("--write", action="store_true", help="rewrite widep/render/data/vllm-options-<line>.json")
+    ap.add_argument("--write", action="store_true", help="rewrite widep/spec/data/vllm-options-<line>.json")
     ns = ap.parse_args(argv)
     from widep.spec.vllm_versions import table_for
 
