@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan, plan
 from widep.spec.topology import TopologySpec, load_topology, parse_topology
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def spec_from_flags(
@@ -47,12 +51,12 @@ def _experts_str(experts: tuple[int, ...]) -> str:
     return f"{','.join(map(str, experts[:4]))},… ({len(experts)})"
 
 
-def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
-    from rich.console import Console
+def print_plan(p: DeploymentPlan, console: Console | None = None) -> None:
+    from rich import console as rich_console
     from rich.markup import escape
     from rich.table import Table
 
-    con = console or Console()
+    con = console or rich_console.Console()
     a = p.arch
     s = a.summary()
     con.print(f"[bold]{p.name}[/bold]  {escape(p.spec.description)}")
@@ -131,6 +135,7 @@ def print_plan(p: DeploymentPlan, console=None) -> None:  # noqa: ANN001
         from widep.render.vllm import RenderContext, render_router
 
         rc = render_router(p, RenderContext())
+        assert rc is not None  # render_router renders whenever the plan has a router
         con.print()
         con.print(
             f"[bold cyan]router[/] on {escape(p.nodes[p.router.node].name)}: port {p.router.port}, policy "

@@ -133,10 +133,10 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
                     "Remove it from extra_args and use that field."
                 )
         for key in rp.spec.extra_env:
-            why = owned_env(key)
-            if why:
+            owner = owned_env(key)
+            if owner:
                 problems.append(
-                    f"roles[{rp.index}].extra_env.{key}: set by widep from {why}. Remove it and use that field."
+                    f"roles[{rp.index}].extra_env.{key}: set by widep from {owner}. Remove it and use that field."
                 )
     for i, arg in enumerate(plan.spec.router.extra_args):
         name = arg.split("=", 1)[0]

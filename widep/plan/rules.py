@@ -205,7 +205,8 @@ def multiport_ranks(mode: str, dp_local: int, dp_size: int, role: str) -> Refusa
 
 def valid_redundant(E: int, ep: int, limit: int = 4) -> list[int]:
     """The first ``limit`` redundant-expert counts that make E + R divide by EP."""
-    out, r = [], 0
+    out: list[int] = []
+    r = 0
     while len(out) < limit and r <= 1023:
         if (E + r) % ep == 0:
             out.append(r)

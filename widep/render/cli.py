@@ -172,7 +172,7 @@ def judge_commands(
     import sys
     from pathlib import Path
 
-    from widep.render.judge import judge, parallel_mismatches
+    from widep.render.judge import ParserVerdict, judge, parallel_mismatches
 
     if model_override is None:
         first = strip_entry(cmds[0].argv)[1] if cmds else ""
@@ -192,7 +192,7 @@ def judge_commands(
         click.echo(
             f"  {c.name}: {'ok' if v.ok else 'REFUSED: ' + str(v.error)}; checks: {', '.join(v.checks_ran)}{note}"
         )
-    groups: dict[tuple[str, int], list] = {}
+    groups: dict[tuple[str, int], list[ParserVerdict]] = {}
     for c, v in zip(cmds, j.verdicts, strict=False):
         groups.setdefault((c.role, c.replica), []).append(v)
     for (r, g), vs in groups.items():

@@ -39,7 +39,7 @@ def table_file(line: str) -> str:
 
 def generate_table(parser: argparse.ArgumentParser, vllm_version: str, line: str) -> dict[str, Any]:
     """The option table of a real vLLM parser: every optional action's strings, destination and arity."""
-    options = []
+    options: list[dict[str, Any]] = []
     for action in parser._actions:
         if not action.option_strings:
             continue
@@ -82,7 +82,7 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError:
-        from vllm.utils import FlexibleArgumentParser  # older lines
+        from vllm.utils import FlexibleArgumentParser  # type: ignore[attr-defined,no-redef,unused-ignore]  # older lines
     return make(FlexibleArgumentParser()), vllm.__version__
 
 
