@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from launch_helpers import LaunchProc, api_server_pids, processes_of_run, topology_copy  # noqa: E402
+from launch_helpers import LaunchProc, api_server_pids, processes_of_run, topology_copy
 
 
 def healthy(port: int) -> bool:

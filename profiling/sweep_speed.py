@@ -32,10 +32,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from widep.perf.calibration import load_calibration  # noqa: E402
-from widep.perf.enumerate import Budget, enumerate_candidates  # noqa: E402
-from widep.perf.model import Workload  # noqa: E402
-from widep.perf.sweep import PredictExecutor, frontier, items_from_candidates  # noqa: E402
+from widep.perf.calibration import load_calibration
+from widep.perf.enumerate import Budget, enumerate_candidates
+from widep.perf.model import Workload
+from widep.perf.sweep import PredictExecutor, frontier, items_from_candidates
 
 
 def one_run(budget: Budget, cal_name: str) -> dict:

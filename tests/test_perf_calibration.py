@@ -71,7 +71,7 @@ def test_changed_figure_changes_the_fingerprint(tmp_path: Path) -> None:
         (lambda d: d["a2a"]["pplx"]["intranode"].update(dispatch_us=10), "must exceed latency_us"),
     ],
 )
-def test_bad_calibration_is_explained(edit, message: str) -> None:  # noqa: ANN001
+def test_bad_calibration_is_explained(edit, message: str) -> None:
     doc = _doc()
     edit(doc)
     with pytest.raises(UserError, match=message):

@@ -327,7 +327,7 @@ class _DelayedAgents:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._bind, name)
 
-    def nixlAgent(self, name: str, config: Any) -> Any:  # noqa: N802 (the binding's name)
+    def nixlAgent(self, name: str, config: Any) -> Any:  # the binding's name
         if getattr(config, "useProgThread", False) and getattr(config, "pthrDelay", None) == 0:
             config.pthrDelay = self._delay_us
         return self._bind.nixlAgent(name, config)

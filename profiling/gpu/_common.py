@@ -137,7 +137,7 @@ def metadata(device: torch.device, *, gpus: int, args: dict, extra: dict | None 
         try:
             v = torch.cuda.nccl.version()
             meta["nccl"] = ".".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
-        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        except Exception as e:  # recorded, not fatal
             meta["nccl"] = f"unavailable: {type(e).__name__}"
     if extra:
         meta.update(extra)

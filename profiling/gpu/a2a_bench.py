@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import log, metadata, parse_int_list, stats, write_json  # noqa: E402
+from _common import log, metadata, parse_int_list, stats, write_json
 
 
 def deep_ep_status() -> dict:
@@ -46,7 +46,7 @@ def deep_ep_status() -> dict:
         import deep_ep  # type: ignore[import-not-found]
 
         return {"importable": True, "version": getattr(deep_ep, "__version__", "unknown"), "benchmarked": False}
-    except Exception as e:  # noqa: BLE001 - absence is a result
+    except Exception as e:  # absence is a result
         return {"importable": False, "error": f"{type(e).__name__}: {e}", "benchmarked": False}
 
 

@@ -36,7 +36,7 @@ import zlib
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import log, metadata, parse_int_list, pick_inner, stats, time_samples, write_json  # noqa: E402
+from _common import log, metadata, parse_int_list, pick_inner, stats, time_samples, write_json
 
 FP8 = torch.float8_e4m3fn
 VARIANTS = ["bf16_bmm", "bf16_grouped_mm", "fp8_rowwise_loop", "fp8_block_loop", "fp8_grouped_rowwise"]
@@ -194,7 +194,7 @@ def dense_peak(device, size: int, samples: int) -> dict:
         f = lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
         t = stats(time_samples(f, device, warmup=2, samples=samples))
         out["fp8_rowwise"] = {"size": size, "time": t, "tflops": flops / t["median_us"] / 1e6}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         out["fp8_rowwise"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     return out
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
                 res[v]["check"][gname] = chk
                 if not chk["ok"]:
                     log(f"{v} {gname}: check FAILED rel_err={chk['rel_err']:.3g}")
-            except Exception as e:  # noqa: BLE001 - an unavailable kernel is a result
+            except Exception as e:  # an unavailable kernel is a result
                 res[v]["available"] = False
                 res[v]["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 log(f"{v}: unavailable: {res[v]['error']}")
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
                         res[v]["graph"] = res[v]["graph"] or graphed
                         inner = pick_inner(fn, device, target_us=args.target_us, cap=50)
                         t = stats(time_samples(fn, device, warmup=args.warmup, samples=args.samples, inner=inner))
-                    except Exception as ex:  # noqa: BLE001
+                    except Exception as ex:
                         res[v]["points"].append(
                             {
                                 "gemm": gname,

@@ -31,7 +31,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import log, metadata, pick_inner, stats, time_samples, write_json  # noqa: E402
+from _common import log, metadata, pick_inner, stats, time_samples, write_json
 
 ROWS = {"bf16_576": (torch.bfloat16, 576), "fp8_656": (torch.uint8, 656)}
 
@@ -60,7 +60,7 @@ try:
         tl.store(out_ptr + b * n_split + s, tl.sum(acc, axis=0))
 
     TRITON_ERROR = None
-except Exception as e:  # noqa: BLE001
+except Exception as e:
     triton = None
     TRITON_ERROR = f"{type(e).__name__}: {e}"
 

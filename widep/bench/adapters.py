@@ -469,5 +469,5 @@ def _ip_version() -> str:
         from importlib.metadata import version
 
         return version("inference-perf")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "unknown"

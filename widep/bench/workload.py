@@ -256,7 +256,7 @@ class PromptBuilder:
             raise UserError(f"--tokenizer needs the transformers package ({err}). Given: {tokenizer_dir!r}") from None
         try:
             self._tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except Exception as err:  # noqa: BLE001 - many loader errors; report them plainly
+        except Exception as err:  # many loader errors; report them plainly
             raise UserError(
                 f"--tokenizer could not be loaded by transformers.AutoTokenizer. Given: {tokenizer_dir!r}. Error: {err}"
             ) from None

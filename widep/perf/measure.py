@@ -145,14 +145,14 @@ class MeasureExecutor:
         finally:
             self._stop(procs)
 
-    def _start(self, topo: Path, p, point: Path) -> list[subprocess.Popen]:  # noqa: ANN001
+    def _start(self, topo: Path, p, point: Path) -> list[subprocess.Popen]:
         o = self.opts
         common = []
         if o.model_path:
             common += ["--model-path", o.model_path]
         if o.python:
             common += ["--python", o.python]
-        log = open(point / "launch.log", "ab")  # noqa: SIM115 - closed with the processes
+        log = open(point / "launch.log", "ab")  # closed with the processes
         procs = []
         if o.launch == "ray":
             cmd = [

@@ -18,7 +18,7 @@ import click
 from widep.errors import UserError
 
 
-def _targets(p, ranks: tuple[str, ...]):  # noqa: ANN001, ANN202
+def _targets(p, ranks: tuple[str, ...]):
     from widep.render.vllm import RenderContext, render
 
     cmds = [c for c in render(p, RenderContext(model_path="(profile)")) if c.port is not None]

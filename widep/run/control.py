@@ -82,13 +82,13 @@ class ControlServer:
                 self.end_headers()
                 self.wfile.write(raw)
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/state":
                     self._send(200, state_fn())
                 else:
                     self._send(404, {"error": "not found"})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 if self.path != "/fail":
                     self._send(404, {"error": "not found"})
                     return

@@ -26,7 +26,7 @@ ORPHAN_GRACE_S = 3.0
 _stop = False
 
 
-def _on_signal(signum: int, frame: object) -> None:  # noqa: ARG001
+def _on_signal(signum: int, frame: object) -> None:
     global _stop
     _stop = True
 

@@ -183,7 +183,7 @@ class NodeAgent:
 
         try:
             gpu_ids = [str(i) for i in ray.get_gpu_ids()]
-        except Exception:  # noqa: BLE001 - no accelerator manager on this node
+        except Exception:  # no accelerator manager on this node
             gpu_ids = []
         return {
             "ip": ray.util.get_node_ip_address(),
