@@ -1,4 +1,4 @@
-"""widep bench against the real CPU vLLM serving the tiny MoE (one DP rank: see DESIGN.md)."""
+"""widep bench against the real CPU vLLM serving the tiny MoE (one DP rank: see docs/architecture.md)."""
 
 from __future__ import annotations
 

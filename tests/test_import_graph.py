@@ -185,3 +185,13 @@ def test_planning_rules_are_plain():
     assert not {n for n in names if n.startswith(("pydantic", "widep.spec.topology"))}
     assert "widep.plan.rules" in imports_of("widep.perf.enumerate")
     assert "widep.plan.rules" in imports_of("widep.plan.core")
+
+
+def test_architecture_picture_is_generated_from_its_source():
+    """docs/architecture.svg is what scripts/architecture_svg.py draws (run it after editing its table)."""
+    import subprocess
+    import sys
+
+    script = PKG.parent / "scripts" / "architecture_svg.py"
+    assert subprocess.run([sys.executable, str(script), "--check"], check=False).returncode == 0
+    assert "architecture.svg" in (PKG.parent / "docs" / "architecture.md").read_text()

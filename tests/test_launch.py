@@ -54,7 +54,7 @@ def test_one_rank_answers_a_completion_and_sigkill_leaves_no_orphans(tmp_path, t
         sd = json.loads(st.stdout)
         assert sd["healthy"] and sd["endpoints"][0]["health"] == "healthy"
         assert sd["groups"][0]["control"]["attempt"] == 0 and sd["groups"][0]["control"]["state"] == "healthy"
-        # logs land where DESIGN.md says
+        # logs land where docs/architecture.md says
         assert (tmp_path / "run" / "attempt-0" / "serve" / "rank-0" / "vllm.log").is_file()
         # the launcher is SIGKILLed: the guard notices (PR_SET_PDEATHSIG) and takes the rank's whole group down
         lp.stop(signal.SIGKILL)

@@ -3,7 +3,7 @@
 Real components: the planner and renderer, the real LWS v0.10.0 CRD and the validator built on
 it (read from ../shared/schemas, never copied), real bash running the pods' scripts, real HTTP
 servers for the probe script. No API server, kubelet or GPU can run on this machine kind (see
-DESIGN.md), so two things are stand-ins, each said where it is used:
+docs/architecture.md), so two things are stand-ins, each said where it is used:
 
 * the kubelet: the pod's container is started as the kubelet would start it — ``command + args``
   after the kubelet's ``$(VAR)`` expansion, with the container's ``env`` resolved (downward-API

@@ -2,7 +2,7 @@
 
 Real components only: the real LWS v0.10.0 CRD and upstream example manifests from
 ../shared/schemas (never copied into the project), jsonschema, and kubernetes-validate's bundled
-Kubernetes schemas. No API server can run on this machine kind (see DESIGN.md), so the webhook
+Kubernetes schemas. No API server can run on this machine kind (see docs/architecture.md), so the webhook
 rules are the re-implementation under test, checked against hand-written negative cases in
 tests/data/lws-negative/ whose ``# expect:`` header lines say exactly which problems must appear.
 """

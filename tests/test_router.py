@@ -2,7 +2,8 @@
 healthy, restarted when it dies, stopped first; one replica killed -> the router keeps answering from the other.
 
 Real processes throughout: vllm-router (the PyPI wheel's Rust binary) in front of real CPU vLLM servers of the
-tiny MoE, two independent single-rank replicas (multi-rank MoE completions fail inside vLLM on CPU, DESIGN.md).
+tiny MoE, two independent single-rank replicas (multi-rank MoE completions fail inside vLLM on CPU:
+docs/architecture.md).
 """
 
 from __future__ import annotations

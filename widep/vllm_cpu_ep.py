@@ -2,7 +2,7 @@
 
 vLLM loads this in every process it starts (entry point ``vllm.general_plugins``, name ``widep_cpu_ep``).
 On the CPU platform, and only where the installed vLLM still lacks them, it fills two gaps that stop a
-DP >= 2 expert-parallel group from answering (DESIGN.md, "vLLM 0.32 on CPU and wide EP"), and keeps NIXL's
+DP >= 2 expert-parallel group from answering (docs/architecture.md, "vLLM 0.32 on CPU and wide EP"), and keeps NIXL's
 progress thread from spinning (3, below):
 
 1. ``CpuCommunicator.all_gatherv`` / ``reduce_scatterv`` (inherited from ``DeviceCommunicatorBase``, where they
