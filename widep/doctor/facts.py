@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 from widep.errors import UserError
@@ -487,7 +487,3 @@ def parse_port_spec(text: str) -> tuple[str, int]:
             "e.g. 0.0.0.0:8000 or 127.0.0.1:29550."
         )
     return host, port
-
-
-def facts_to_dict(facts: HostFacts) -> dict[str, object]:
-    return asdict(facts)

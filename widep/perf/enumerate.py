@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -520,8 +520,3 @@ def planner_reason(c: Candidate) -> str | None:
     except UserError as err:
         return str(err)
     return None
-
-
-def with_grid(budget: Budget, **changes: Any) -> Budget:
-    """A copy of ``budget`` with some grid fields changed."""
-    return replace(budget, grid=replace(budget.grid, **changes))

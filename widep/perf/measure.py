@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -239,7 +238,3 @@ class MeasureExecutor:
                 }
             )
         return levels
-
-
-def measure_tmpdir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="widep-measure-"))

@@ -365,10 +365,6 @@ class Executor(Protocol):
     def run(self, items: Sequence[SweepItem]) -> Iterator[ItemResult]: ...
 
 
-def _round(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 4)
-
-
 class PredictExecutor:
     """Scores items with the analytic model, all at once (numpy), at each concurrency level.
 

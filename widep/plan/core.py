@@ -46,10 +46,6 @@ class Rank:
     side_channel_port: int | None = None
     """NIXL side-channel port of this rank's first GPU (P/D only)."""
 
-    @property
-    def is_leader(self) -> bool:
-        return self.dp_rank == 0
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "replica": self.replica,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from collections.abc import Iterable
 
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 """Characters no name-like field may hold: C0 controls (newline, tab, ESC, NUL), DEL, C1, U+2028/U+2029."""
@@ -49,10 +48,6 @@ def sh_word(word: str) -> str:
     if "\x00" in word:
         raise QuotingError("a NUL byte cannot be passed in a command line")
     return shlex.quote(word)
-
-
-def sh_words(words: Iterable[str], sep: str = " ") -> str:
-    return sep.join(sh_word(w) for w in words)
 
 
 def check_env_name(name: str) -> str:
