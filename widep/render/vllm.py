@@ -330,9 +330,12 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
     """Every extra_args token that sets a flag widep owns (judged as vLLM's parser judges it: short aliases,
     prefix abbreviations, '_' for '-', dotted sub-keys) or that vLLM's parser refuses; every extra_env key
     widep sets."""
-    from widep.render.vllm_options import dest_of, settings
+    from widep.render.vllm_options import dest_of, settings, table_version, unknown_options
 
     line = plan.vllm.line
+    version = plan.spec.vllm.version.lstrip("v")
+    exact = table_version(line)
+    judged = exact is not None and ".".join(version.split(".")[:2]).split("+")[0] == exact
     owned_dests = {d: (flag, why) for flag, why in OWNED_FLAGS.items() if (d := dest_of(flag, line))}
     problems: list[str] = []
     for rp in plan.roles:
@@ -349,6 +352,13 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
                 problems.append(
                     f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
                     f"{why}{how}. Remove it from extra_args and use that field."
+                )
+        if judged:
+            for i, token in unknown_options(args, line):
+                problems.append(
+                    f"roles[{rp.index}].extra_args[{i}]: {token.split('=', 1)[0][:80]!r} is not an option of vLLM "
+                    f"{version} (its parser would exit with 'unrecognized arguments'). Valid: an option of "
+                    f"`vllm serve --help` for vLLM {version}, or a value after its option."
                 )
         for i, arg in enumerate(args):  # flags of other lines that the table does not know
             name = arg.split("=", 1)[0].replace("_", "-")

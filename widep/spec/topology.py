@@ -26,10 +26,17 @@ KVDType = Literal["auto", "bf16", "fp16", "fp8"]
 
 
 class Strict(BaseModel):
-    """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN."""
+    """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN, and no
+    coercion (strict mode): ``tp: true`` or ``port: "80"`` or ``tp: 2.0`` is an error, not 1 / 80 / 2
+    (YAML booleans are not integers; an int is still accepted where a float is asked for)."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+        allow_inf_nan=False,
+        strict=True,
     )
 
 
@@ -37,6 +44,17 @@ def _one_line(v: str) -> str:
     problem = control_problem(v)
     if problem:
         raise ValueError(problem)
+    return v
+
+
+def _not_a_flag(v: str) -> str:
+    """Names, paths and addresses are rendered as option values (--served-model-name X, vllm serve X, --host X):
+    one that starts with '-' would be read by vLLM (or the shell tool) as an option instead."""
+    if v.startswith("-"):
+        raise ValueError(
+            f"starts with '-', so vLLM would read it as an option, not a value. Given: {v[:80]!r}. Valid: a value "
+            "that does not start with '-' (write a relative path as ./-name)"
+        )
     return v
 
 
@@ -61,8 +79,8 @@ def _env_name(v: str) -> str:
     return v
 
 
-Name = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_one_line)]
-"""A name, path, address or flag value: one line of printable text."""
+Name = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_one_line), AfterValidator(_not_a_flag)]
+"""A name, path, address or flag value: one line of printable text, not starting with '-'."""
 Arg = Annotated[str, Field(max_length=65536), AfterValidator(_no_nul)]
 """An argument passed verbatim (quoted once for the shell, escaped for Kubernetes)."""
 EnvName = Annotated[str, AfterValidator(_env_name)]
@@ -95,6 +113,20 @@ def _not_a_key(v: str) -> str:
             "this looks like a key or token, not the name of one. Given: (not shown). Valid: the name of an "
             "environment variable or Kubernetes Secret that holds it; never put the value in a topology file, "
             "and rotate the key if this file was shared"
+        )
+    return v
+
+
+_VERSION = re.compile(
+    r"v?\d{1,4}\.\d{1,4}(\.\d{1,6}((a|b|rc)\d{1,6})?(\.post\d{1,6})?(\.dev\d{1,6})?(\+[A-Za-z0-9.]{1,64})?)?\Z"
+)
+
+
+def _version(v: str) -> str:
+    if not _VERSION.match(v):
+        raise ValueError(
+            f"not a vLLM version. Given: {v[:80]!r}. Valid: MAJOR.MINOR or MAJOR.MINOR.PATCH with an optional "
+            "PEP 440 suffix (rcN, .postN, .devN, +local), e.g. 0.32.0, 0.32, 0.32.0rc1"
         )
     return v
 
@@ -133,7 +165,7 @@ class ModelSpec(Strict):
 class NodeSpec(Strict):
     """One machine of the cluster."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line)]
+    name: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line), AfterValidator(_not_a_flag)]
     """Host name (what `hostname` prints there); used to find 'this node' at launch."""
     address: Name | None = None
     """IP address or DNS name other nodes reach it by. Needed to launch on several nodes."""
@@ -233,7 +265,7 @@ class RoleSpec(Strict):
     nodes: (
         Annotated[int, Field(ge=1, le=MAX_NODES)]
         | Annotated[
-            list[Annotated[str, AfterValidator(_one_line)] | Annotated[int, Field(ge=0)]],
+            list[Annotated[str, AfterValidator(_one_line), AfterValidator(_not_a_flag)] | Annotated[int, Field(ge=0)]],
             Field(min_length=1, max_length=MAX_NODES),
         ]
     ) = 1
@@ -382,8 +414,10 @@ class ServingSpec(Strict):
 class VLLMSpec(Strict):
     """Which vLLM runs the ranks and how it is started."""
 
-    version: Name = DEFAULT_VLLM_VERSION
-    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39)."""
+    version: Annotated[Name, AfterValidator(_version)] = DEFAULT_VLLM_VERSION
+    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39): MAJOR.MINOR or
+    MAJOR.MINOR.PATCH, the latter optionally with a PEP 440 pre/post/dev release and a local label
+    (0.32.0rc1, 0.32.1.post1, 0.32.0+cpu). Anything else (0.32.banana, 0.32.0.1) is refused."""
     entry_point: Literal["serve", "module"] = "serve"
     """'serve': `vllm serve MODEL ...`; 'module': `python -m vllm.entrypoints.openai.api_server --model MODEL`."""
     python: Name = "python"
@@ -619,6 +653,41 @@ def _range_message(e: Any, field: str) -> str | None:
     return f"{e.get('input')!r} is out of range. Valid: {bound[1]} {limit}{why}."
 
 
+_TYPE_WANTED = {
+    "int_type": 'an integer written as digits (YAML true/false, 2.0 and "2" are not integers)',
+    "float_type": "a number (YAML true/false and quoted strings are not numbers)",
+    "string_type": 'a string (quote it in YAML if it looks like a number, date or boolean, e.g. "0.32")',
+    "bool_type": "true or false",
+}
+
+
+def _yaml_type(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: repr, masked when it looks like a credential, shortened when long."""
+    if isinstance(value, str) and looks_like_key(value):
+        return mask(value)
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "...(" + str(len(text)) + " characters)"
+
+
+def mask(value: str) -> str:
+    """What a message may show of a credential: its first 3 characters (the token kind, e.g. hf_ / sk-)."""
+    return f"'{value[:3]}***' (masked: looks like a key or token)"
+
+
+def _mask_keys(msg: str, given: Any) -> str:
+    """``msg`` with any credential-looking value (the given one, or a quoted word in it) masked."""
+    if isinstance(given, str) and given and looks_like_key(given):
+        msg = msg.replace(repr(given), mask(given)).replace(given, mask(given))
+    for word in re.findall(r"'([^'\s]{16,})'", msg):
+        if looks_like_key(word):
+            msg = msg.replace(f"'{word}'", mask(word))
+    return msg
+
+
 def _format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = []
     seen = set()
@@ -644,11 +713,13 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
             msg = "required field is missing."
         elif _range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]):
             msg = str(_range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]))
+        elif e["type"] in _TYPE_WANTED and not isinstance(given, (dict, list)):
+            msg = f"{_shown(given)} is a {_yaml_type(given)}. Valid: {_TYPE_WANTED[e['type']]}."
         else:
             m = e["msg"]
             m = m[len("Value error, ") :] if m.startswith("Value error, ") else m
             msg = f"{m}" + (f" Given: {given!r}." if not isinstance(given, (dict, list)) and "Given" not in m else "")
-        lines.append(f"{path}: {msg}")
+        lines.append(f"{path}: {_mask_keys(msg, given)}")
     head = f"invalid topology {source}:" if source else "invalid topology:"
     return head + "\n  " + "\n  ".join(lines)
 
