@@ -97,7 +97,7 @@ def _safe(id: str, **changes: Any) -> Case:
 def cases() -> list[Case]:
     out = [
         # ---- unsafe output: injections must not execute, argv must arrive intact, YAML must not grow objects
-        _safe("extra_args --x=$(...)", **{"roles.0.extra_args": [f"--x=$({PWN})"]}),
+        _safe("extra_args --x=$(...)", **{"roles.0.extra_args": [f"--revision=$({PWN})"]}),
         _safe("extra_args value $(...)", **{"roles.0.extra_args": ["--chat-template", f"$({PWN})"]}),
         _safe("extra_args backticks", **{"roles.0.extra_args": ["--chat-template", f"`{PWN}`"]}),
         _safe("extra_env key A=1;cmd;B", **{"roles.0.extra_env": {f"A=1;{PWN};B": "1"}}),

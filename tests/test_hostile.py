@@ -178,7 +178,7 @@ def test_shell_words_run_by_bash_record_exact_argv(tmp_path):
 
 PLACES = {
     "extra_arg value": lambda h: {"roles.0.extra_args": ["--chat-template", h]},
-    "extra_arg flag": lambda h: {"roles.0.extra_args": ["--x=" + h]},
+    "extra_arg flag": lambda h: {"roles.0.extra_args": ["--revision=" + h]},
     "extra_env value": lambda h: {"roles.0.extra_env": {"MY_VAR": h}},
     "served_model_name": lambda h: {"model.served_model_name": h or "x"},
     "model path": lambda h: {"model.path": h or "x"},

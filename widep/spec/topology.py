@@ -131,6 +131,93 @@ def _version(v: str) -> str:
     return v
 
 
+_SECRET_FLAG = re.compile(
+    r"--?[A-Za-z0-9_.-]*(api[-_]?key|token|secret|password|passwd|credential)[A-Za-z0-9_-]*\Z", re.I
+)
+"""Options whose value is a credential (--api-key, --hf-token, --token, --password, ...)."""
+_SECRET_ENV = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.I
+)
+"""Environment variable names whose value is a credential (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, OPENAI_API_KEY...)."""
+SECRET_HOW = (
+    "pass it by reference: serving.api_key_secret / serving.hf_token_secret ({env: VARIABLE} set where widep "
+    "runs, {secret: NAME, key: KEY} for Kubernetes); never put the value in a topology file, and rotate it if "
+    "this file was shared"
+)
+
+
+def secret_args_problem(args: list[str]) -> str | None:
+    """Why ``args`` carry a credential (never the credential itself), or None."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if eq and _SECRET_FLAG.match(name) and value:
+            return f"item {i}: {name[:80]!r} carries a credential ({mask(value)}); {SECRET_HOW}"
+        if not eq and _SECRET_FLAG.match(arg) and i + 1 < len(args):
+            return f"item {i + 1}: the value of {arg[:80]!r} is a credential ({mask(args[i + 1])}); {SECRET_HOW}"
+        if looks_like_key(arg):
+            return f"item {i}: {mask(arg)} looks like a key or token; {SECRET_HOW}"
+    return None
+
+
+def secret_env_problem(env: dict[str, str]) -> str | None:
+    for key, value in env.items():
+        if value and _SECRET_ENV.search(key):
+            return f"{key[:80]} holds a credential ({mask(value)}); {SECRET_HOW}"
+        if looks_like_key(value):
+            return f"the value of {key[:80]} ({mask(value)}) looks like a key or token; {SECRET_HOW}"
+    return None
+
+
+STARTUP_ENV = {
+    # bash: read at startup of every (non-interactive too) shell, or turn tracing on with PS4 expanded
+    "BASH_ENV": "bash sources the file it names before running any script (command substitution runs in it)",
+    "ENV": "sh/dash (and bash in POSIX mode) source the file it names at startup",
+    "SHELLOPTS": "bash turns on the options it lists at startup (xtrace with PS4 runs code)",
+    "BASHOPTS": "bash turns on the shopt options it lists at startup",
+    "PS4": "bash expands it (command substitution included) before every traced command",
+    "PS0": "an interactive bash expands it before every command",
+    "PS1": "an interactive bash expands it at every prompt",
+    "PS2": "an interactive bash expands it at every continuation prompt",
+    "PS3": "bash expands it for select",
+    "PROMPT_COMMAND": "an interactive bash runs it before every prompt",
+    "BASH_XTRACEFD": "bash redirects trace output to this file descriptor",
+    "BASH_LOADABLES_PATH": "bash loads builtins (shared objects) from it",
+    "BASH_COMPAT": "bash changes its parsing to an older version's",
+    "IFS": "changes how every shell splits words (bash and dash reset it, older shells import it)",
+    "CDPATH": "makes cd in scripts go elsewhere",
+    "GLOBIGNORE": "changes what globs in scripts match",
+    "EXECIGNORE": "changes which executables bash finds",
+    "TMOUT": "a bash reading input exits after it",
+    "HISTFILE": "an interactive bash writes its history there",
+    "INPUTRC": "readline reads key bindings (that can run commands) from it",
+    # glibc: loads code
+    "GCONV_PATH": "glibc's iconv loads shared objects from it",
+    # Python: interactive / startup behaviour of every python the scripts start
+    "PYTHONSTARTUP": "python runs the file it names in interactive mode",
+    "PYTHONINSPECT": "python enters interactive mode after the script instead of exiting",
+    "PYTHONHOME": "python loads its standard library (and so all its code) from there",
+}
+"""Environment variables that make a shell, the dynamic loader or the interpreter run other code (or behave
+differently) before widep's quoted command line matters. PYTHONPATH stays allowed: it is how vLLM plugins are
+found, and it only changes what the already-trusted Python process imports, not any shell."""
+STARTUP_ENV_PREFIXES = {
+    "LD_": "the dynamic loader (ld.so) reads LD_* (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...) and loads code "
+    "from it into every program; set library paths in the image or on the node instead",
+    "BASH_FUNC_": "bash imports exported functions from such variables (Shellshock's vector)",
+    "DYLD_": "the macOS loader's counterpart of LD_*",
+}
+
+
+def startup_env_problem(name: str) -> str | None:
+    why = STARTUP_ENV.get(name) or next((w for p, w in STARTUP_ENV_PREFIXES.items() if name.startswith(p)), None)
+    if why is None:
+        return None
+    return (
+        f"{name[:80]!r} is refused: {why}, so it could run code in every rank's shell, pod and probe. Valid: "
+        "any other variable name (for library paths use the image; for plugins PYTHONPATH)"
+    )
+
+
 class ModelSpec(Strict):
     """Which MoE model to serve."""
 
@@ -322,6 +409,22 @@ class RoleSpec(Strict):
     extra_env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=1024)
     """More environment variables for every rank (variables widep owns are refused)."""
 
+    @field_validator("extra_args")
+    @classmethod
+    def _args_no_secret(cls, v: list[str]) -> list[str]:
+        problem = secret_args_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("extra_env")
+    @classmethod
+    def _env_no_secret(cls, v: dict[str, str]) -> dict[str, str]:
+        problem = next((p for k in v if (p := startup_env_problem(k))), None) or secret_env_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
 
 class SecretRef(Strict):
     """Where a secret comes from, per target: an environment variable on bare metal / Ray, a key of a
@@ -487,6 +590,14 @@ class RouterSpec(Strict):
     extra_args: list[Arg] = Field(default_factory=list, max_length=1024)
     """More vllm-router arguments, appended verbatim."""
 
+    @field_validator("extra_args")
+    @classmethod
+    def _args_no_secret(cls, v: list[str]) -> list[str]:
+        problem = secret_args_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
 
 class TopologySpec(Strict):
     """A whole deployment: a model on a cluster, split into roles."""
@@ -535,8 +646,10 @@ class TopologySpec(Strict):
 
 def _is_tag(part: Any) -> bool:
     """A pydantic union-member tag ('constrained-int', 'list[NodeSpec]', 'function-after[...]'), not a field."""
-    return isinstance(part, str) and (
-        "[" in part or "-" in part or part in ("int", "str", "bool", "float", "list", "dict", "none")
+    return (
+        isinstance(part, str)
+        and part != "[key]"
+        and ("[" in part or "-" in part or part in ("int", "str", "bool", "float", "list", "dict", "none"))
     )
 
 
@@ -550,6 +663,9 @@ def _loc(loc: tuple[Any, ...], data: Any) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":  # pydantic's marker: the error is about the mapping key itself, not its value
+            out += " (the key)"
+            continue
         else:
             if _is_tag(part) and not (isinstance(node, dict) and part in node):
                 continue
@@ -675,7 +791,7 @@ def _shown(value: Any) -> str:
 
 def mask(value: str) -> str:
     """What a message may show of a credential: its first 3 characters (the token kind, e.g. hf_ / sk-)."""
-    return f"'{value[:3]}***' (masked: looks like a key or token)"
+    return f"'{value[:3]}***' (masked)"
 
 
 def _mask_keys(msg: str, given: Any) -> str:
@@ -770,10 +886,10 @@ def parse_topology(data: Any, source: str = "") -> TopologySpec:
 
 def load_topology(path: str | Path) -> TopologySpec:
     """Read and validate a topology YAML file. Relative model.config paths resolve against its folder."""
-    from widep.spec.safeyaml import load_yaml, read_text
+    from widep.spec.safeyaml import MAX_TOPOLOGY_BYTES, load_yaml, read_text
 
     p = Path(path)
-    data = load_yaml(read_text(p, "topology"), f"topology {str(p)[:200]!r}")
+    data = load_yaml(read_text(p, "topology", max_bytes=MAX_TOPOLOGY_BYTES), f"topology {str(p)[:200]!r}")
     spec = parse_topology(data, str(p))
     if spec.model.config and not Path(spec.model.config).is_absolute():
         resolved = str((p.parent / spec.model.config).resolve())
