@@ -159,8 +159,9 @@ class SlurmOptions(Strict):
     def _lines(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for line in v:
             opt = line.split("=", 1)[0].split(" ", 1)[0]
-            name, sep, value = line.partition(" ")
-            if not line.startswith("-") or _DIRECTIVE_BAD.search(name) or (sep and _DIRECTIVE_BAD.search(value)):
+            name, sep, value = line.partition(" ")  # '--opt value' (one space) or '--opt=value'
+            parts = (name, value) if sep and "=" not in name else (line,)
+            if not line.startswith("-") or any(_DIRECTIVE_BAD.search(p) for p in parts):
                 raise ValueError(
                     f"{line!r} is not one sbatch option. Valid: one option per entry, e.g. "
                     "'--mail-type=END' (without '#SBATCH'), its value without spaces, tabs, newlines or control "

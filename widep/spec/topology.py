@@ -140,9 +140,9 @@ _SECRET_ENV = re.compile(
 )
 """Environment variable names whose value is a credential (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, OPENAI_API_KEY...)."""
 SECRET_HOW = (
-    "pass it by reference: serving.api_key_secret / serving.hf_token_secret ({env: VARIABLE} set where widep "
-    "runs, {secret: NAME, key: KEY} for Kubernetes); never put the value in a topology file, and rotate it if "
-    "this file was shared"
+    "pass it by reference, a SecretRef: serving.api_key_secret / serving.hf_token_secret ({env: VARIABLE} set "
+    "where widep runs, {secret: NAME, key: KEY} for Kubernetes); never put the value in a topology file, and "
+    "rotate it if this file was shared"
 )
 
 
