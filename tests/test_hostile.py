@@ -605,3 +605,13 @@ def test_sbatch_directives_refuse_what_they_cannot_carry(run_dir):
         with pytest.raises(UserError, match="not one sbatch option"):
             slurm_options(sbatch_lines=(line,))
     assert slurm_options(sbatch_lines=("--mail-type=END", "--comment x")).sbatch_lines
+
+
+@pytest.mark.parametrize(
+    "flag,value", [("--memory", "-1"), ("--cpu", "-500m"), ("--shm-size", "-1Gi"), ("--memory", "-0")]
+)
+def test_lws_user_input_is_not_called_a_widep_bug(tmp_path, capsys, flag, value):
+    t = H._write(H.Case("x", "x", "safe", doc=H.topo()), tmp_path)
+    assert main(["lws", str(t), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "widep bug" not in err and flag in err and err.count("\n") == 1

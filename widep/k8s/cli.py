@@ -396,6 +396,13 @@ def _check_flags(opts: LWSOptions) -> None:
             if isinstance(v, str) and (why := control_problem(v)):
                 flag = "--gpu-product" if name == "gpu_products" else "--" + name.replace("_", "-")
                 raise UserError(f"{flag}: {why}. Given: {v!r}.")
+    for name in ("cpu", "memory", "shm_size", "ephemeral_storage"):  # Kubernetes refuses negative requests/limits
+        value = getattr(opts, name, None)
+        if isinstance(value, str) and value.startswith("-"):
+            raise UserError(
+                f"--{name.replace('_', '-')}: a negative quantity. Given: {value!r}. Valid: a positive Kubernetes "
+                "quantity, e.g. '32', '500m', '512Gi'"
+            )
 
 
 def _validate(ctx: click.Context, paths: tuple[str, ...], crd_path: str | None, as_json: bool) -> None:

@@ -107,8 +107,13 @@ def looks_like_key(value: str) -> bool:
     return False
 
 
+_SHELL_SYNTAX = re.compile(r"[$`;|&<>()\s'\"\\]")
+
+
 def _not_a_key(v: str) -> str:
-    if looks_like_key(v):
+    """Refuse a pasted credential. Text with shell syntax in it is no key: it is left to the name checks,
+    which call it what it is (neither a variable nor a Secret name) instead of 'looks like a key'."""
+    if not _SHELL_SYNTAX.search(v) and looks_like_key(v):
         raise ValueError(
             "this looks like a key or token, not the name of one. Given: (not shown). Valid: the name of an "
             "environment variable or Kubernetes Secret that holds it; never put the value in a topology file, "
@@ -663,8 +668,7 @@ def _loc(loc: tuple[Any, ...], data: Any) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part == "[key]":  # pydantic's marker: the error is about the mapping key itself, not its value
-            out += " (the key)"
+        elif part == "[key]":  # pydantic's marker: the error is about the mapping key itself (said in the message)
             continue
         else:
             if _is_tag(part) and not (isinstance(node, dict) and part in node):
@@ -778,7 +782,8 @@ _TYPE_WANTED = {
 
 
 def _yaml_type(value: Any) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(type(value), type(value).__name__)
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null (empty)"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _shown(value: Any) -> str:
@@ -835,6 +840,8 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
             m = e["msg"]
             m = m[len("Value error, ") :] if m.startswith("Value error, ") else m
             msg = f"{m}" + (f" Given: {given!r}." if not isinstance(given, (dict, list)) and "Given" not in m else "")
+        if e["loc"] and e["loc"][-1] == "[key]":
+            msg = "the key (not its value) is wrong: " + msg
         lines.append(f"{path}: {_mask_keys(msg, given)}")
     head = f"invalid topology {source}:" if source else "invalid topology:"
     return head + "\n  " + "\n  ".join(lines)
