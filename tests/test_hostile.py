@@ -139,9 +139,19 @@ def test_case_table_counts_by_class():
 
 
 @FAST
-@given(st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=40))
+@given(st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=40))
 def test_sh_word_is_one_word_that_expands_to_itself(word):
-    assert shlex.split(sh_word(word)) == [word]
+    """bash (what every widep script runs in) reads the word back exactly; without control characters it is
+    also a plain POSIX single-quoted word (shlex); with them, $'...' of printable text only (#32)."""
+    quoted = sh_word(word)
+    out = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + quoted], capture_output=True, env={"LC_ALL": "C"}, check=False
+    )
+    assert out.stdout == word.encode("utf-8", "surrogatepass") + b"\0"
+    if H.CONTROL_CHARS.search(word):
+        assert quoted.startswith("$'") and not H.CONTROL_CHARS.search(quoted)
+    else:
+        assert shlex.split(quoted) == [word]
 
 
 @FAST
@@ -178,7 +188,7 @@ def test_shell_words_run_by_bash_record_exact_argv(tmp_path):
 
 PLACES = {
     "extra_arg value": lambda h: {"roles.0.extra_args": ["--chat-template", h]},
-    "extra_arg flag": lambda h: {"roles.0.extra_args": ["--x=" + h]},
+    "extra_arg flag": lambda h: {"roles.0.extra_args": ["--revision=" + h]},
     "extra_env value": lambda h: {"roles.0.extra_env": {"MY_VAR": h}},
     "served_model_name": lambda h: {"model.served_model_name": h or "x"},
     "model path": lambda h: {"model.path": h or "x"},
@@ -478,3 +488,130 @@ def test_validate_reports_absolute_lines_and_refuses_oversized_objects():
     )
     count, problems = V.validate_text(svc.format(1) + "---\n" + huge)
     assert count == 1 and any(p.doc == 2 and "too large" in p.message and p.failing for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Round 3 (issue #32): several variants per class, through the real CLI; outputs of 'safe' cases executed with
+# stub binaries (hostile_cases.check_safe_outputs)
+
+ROUND3 = H.round3_cases()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ROUND3, ids=[f"{c.cls}:{c.id}"[:120] for c in ROUND3])
+def test_round3_case_table(case, tmp_path, capsys, monkeypatch):
+    import time
+
+    t = H._write(case, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    results = []
+    for call in case.calls:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+        start = time.perf_counter()
+        code = main(H._argv(call, t))
+        out, err_text = capsys.readouterr()
+        results.append((code, out, err_text, time.perf_counter() - start))
+        assert H.KEY_TAIL not in out + err_text, "a credential was shown"
+        if case.expect == "exit2":
+            assert len(err_text.strip().splitlines()) >= 1 and "Traceback" not in err_text
+    outcome = H.judge(case, results, tmp_path)
+    assert outcome.ok, outcome.why
+    assert not (tmp_path / "PWNED").exists()
+    if case.cls == "size" and case.raw is not None:
+        assert max(r[3] for r in results) < 3.0, f"a refused file took {max(r[3] for r in results):.1f} s"
+
+
+def test_round3_every_class_has_several_variants():
+    by: dict[str, int] = {}
+    for c in ROUND3:
+        by[c.cls] = by.get(c.cls, 0) + 1
+    assert set(by) == {"coercion", "flags", "secrets", "startup env", "control chars", "crash", "size", "messages"}
+    assert min(by.values()) >= 4, by
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32", "v0.32.0", "0.32.0rc1", "0.32.1.post1", "0.32.0+cpu"])
+def test_full_versions_accepted(version):
+    spec = parse_topology(H.topo(**{"vllm.version": version}), "(test)")
+    assert spec.vllm.version == version
+    plan(spec)
+
+
+def test_lws_output_is_whole_or_absent(tmp_path, capsys, monkeypatch):
+    """-o on a full device or a failing disk: exit 1, one line, no file (nor temporary file) left behind."""
+    t = H._write(H.Case("x", "x", "safe", doc=H.topo()), tmp_path)
+    assert main(["lws", str(t), "-o", "/dev/full"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "nothing was written" in err
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    before = set(tmp_path.iterdir())
+    assert main(["lws", str(t), "-o", str(tmp_path / "m.yaml")]) == 1
+    assert set(tmp_path.iterdir()) == before
+    monkeypatch.undo()
+    assert main(["lws", str(t), "-o", str(tmp_path / "m.yaml")]) == 0
+    assert yaml.safe_load_all((tmp_path / "m.yaml").read_text())
+
+
+def test_non_utf8_file_names(tmp_path, capsys):
+    name = os.fsdecode(bytes(tmp_path) + b"/t\xff\xfe.yaml")
+    Path(name).write_text(yaml.safe_dump(H.topo()))
+    assert main(["lws", name]) == 2
+    err = capsys.readouterr().err
+    assert "not valid UTF-8" in err and "Traceback" not in err
+    assert main(["plan", name]) == 0
+
+
+SRUN_STUB = """#!/bin/bash
+printf '%s\\0' "$@" > "${STUB_OUT}/srun.argv"
+"""
+
+
+@pytest.mark.parametrize(
+    "image", ["img$(id>PWNED)", "img`id>PWNED`", "img;touch${IFS}PWNED", "nvcr.io#nvidia/x:1'\"$HOME>PWNED"]
+)
+def test_printed_srun_line_executes_nothing_when_pasted(tmp_path, image):
+    from test_slurm_render import TINY, _launch
+
+    from widep.run.slurm import dry_run_text, slurm_options
+
+    opts = slurm_options(container_image=image, container_mounts=("/data:/data",))
+    launch = _launch(TINY, opts)
+    text = dry_run_text(launch, opts, "python")
+    srun = next(line for line in text.splitlines() if line.startswith("srun "))
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text(SRUN_STUB)
+    (stub / "srun").chmod(0o755)
+    env = {"PATH": f"{stub}:/usr/bin:/bin", "STUB_OUT": str(tmp_path), "host_0": "h0", "SLURM_JOB_ID": "42"}
+    subprocess.run(["bash", "-c", srun], cwd=tmp_path, env=env, check=True)
+    assert not (tmp_path / "PWNED").exists()
+    argv = (tmp_path / "srun.argv").read_bytes().split(b"\0")[:-1]
+    assert f"--container-image={image}".encode() in argv
+    assert b"--jobid=42" in argv and b"--nodelist=h0" in argv
+
+
+@pytest.mark.parametrize("run_dir", ["/shared/run\n#SBATCH --wrap=id", "/shared/my run", "/shared/r\tx", "/s/%x"])
+def test_sbatch_directives_refuse_what_they_cannot_carry(run_dir):
+    from test_slurm_render import plan_of
+
+    from widep.run.slurm import SlurmOptions, sbatch_script, slurm_options
+
+    with pytest.raises(UserError, match="--run-dir"):
+        sbatch_script(plan_of(ROOT / "topologies" / "tiny-moe-cpu.yaml"), SlurmOptions(), run_dir)
+    for line in ("--comment=a b", "--comment=a\nb", "--comment a b", "--comment=\x1b[2J"):
+        with pytest.raises(UserError, match="not one sbatch option"):
+            slurm_options(sbatch_lines=(line,))
+    assert slurm_options(sbatch_lines=("--mail-type=END", "--comment x")).sbatch_lines
+
+
+@pytest.mark.parametrize(
+    "flag,value", [("--memory", "-1"), ("--cpu", "-500m"), ("--shm-size", "-1Gi"), ("--memory", "-0")]
+)
+def test_lws_user_input_is_not_called_a_widep_bug(tmp_path, capsys, flag, value):
+    t = H._write(H.Case("x", "x", "safe", doc=H.topo()), tmp_path)
+    assert main(["lws", str(t), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert "widep bug" not in err and flag in err and err.count("\n") == 1

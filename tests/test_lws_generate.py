@@ -97,7 +97,7 @@ VARIANTS = {
             "roles.0.extra_args": [
                 "--chat-template",
                 "$(touch PWNED) `id` $(POD_IP) $$ 'q' \"d\" \\ *",
-                "--x=$(HF_TOKEN)",
+                "--revision=$(HF_TOKEN)",
             ],
             "roles.0.extra_env": {"MY_VAR": "$(POD_IP) ${HOME} $$(x) ; touch PWNED"},
             "model.served_model_name": "a b'c",

@@ -105,11 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
+    except UnicodeEncodeError as err:
+        if debug or err.reason != "surrogates not allowed":
+            raise
+        click.echo(
+            "error: a file name or argument is not valid UTF-8; rename the file (or fix the argument).", err=True
+        )
+        return 2
     except OSError as err:
         # A path the system refuses (a name over 255 bytes, a folder given as a file, no permission): the
-        # person's input, not a widep bug. Other exceptions keep their traceback.
-        if debug or err.filename is None:
+        # person's input, not a widep bug. Output that cannot be written (stdout on a full disk, a closed pipe):
+        # an I/O failure, exit 1. Other exceptions keep their traceback.
+        if debug:
             raise
+        if err.filename is None:
+            click.echo(f"error: cannot write the output: {err.strerror or err}.", err=True)
+            return 1
         name = str(err.filename)
         shown = name if len(name) <= 120 else name[:120] + "..."
         click.echo(f"error: {shown!r}: {err.strerror or err}.", err=True)

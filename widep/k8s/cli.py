@@ -286,6 +286,12 @@ def lws_cmd(
         _check_flags(opts)
         from widep.render.quoting import control_problem
 
+        for flag, path in (("TOPOLOGY", topology), ("-o/--output", output), ("--router-values", router_values)):
+            if path and not _utf8(str(path)):
+                raise UserError(
+                    f"{flag}: the file name is not valid UTF-8 (given: {str(path).encode('utf-8', 'replace')!r}); "
+                    "widep writes it into the manifests' header, which must be UTF-8. Valid: rename the file"
+                )
         for flag, path in (("-o/--output", output), ("--router-values", router_values), ("--kustomize", kustomize_dir)):
             if path and (why := control_problem(path)):
                 raise UserError(f"{flag}: {why}. Given: {path!r}.")
@@ -317,13 +323,13 @@ def lws_cmd(
         for note in notes:
             click.echo(note.format(output or "stdout"), err=True)
         if output:
-            Path(output).write_text(text, encoding="utf-8")
+            write_output(output, text, "-o/--output")
             click.echo(f"wrote {output}: {_plural(count, 'object')}, validated", err=True)
         else:
             click.echo(text, nl=False)
         if values is not None:
             if router_values:
-                Path(router_values).write_text(values, encoding="utf-8")
+                write_output(router_values, values, "--router-values")
                 click.echo(
                     f"wrote {router_values}: llm-d router chart values (EPP P/D configuration), checked", err=True
                 )
@@ -342,6 +348,44 @@ def lws_cmd(
     _validate(ctx, validate_paths, crd_path, as_json)
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name with bytes that are not UTF-8 (os.fsdecode's surrogates)
+        return False
+    return True
+
+
+def write_output(path: str, text: str, flag: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a regular file goes through a temporary file in the
+    same folder and a rename; a device or pipe (/dev/stdout, /dev/full) is written directly. An I/O failure
+    (ENOSPC, EACCES, EIO) is one line, exit 1, and leaves no half-written file behind."""
+    import os
+    import tempfile
+
+    target = Path(path)
+    data = text.encode("utf-8")
+    try:
+        if target.exists() and not target.is_file():
+            with open(target, "wb") as f:
+                f.write(data)
+            return
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as err:
+        raise UserError(
+            f"{flag}: cannot write {path!r}: {err.strerror or err}; nothing was written.", exit_code=1
+        ) from None
+
+
 def _check_flags(opts: LWSOptions) -> None:
     """Control characters in any string flag (a trailing newline pasted with a value) are refused up front."""
     from widep.render.quoting import control_problem
@@ -352,6 +396,13 @@ def _check_flags(opts: LWSOptions) -> None:
             if isinstance(v, str) and (why := control_problem(v)):
                 flag = "--gpu-product" if name == "gpu_products" else "--" + name.replace("_", "-")
                 raise UserError(f"{flag}: {why}. Given: {v!r}.")
+    for name in ("cpu", "memory", "shm_size", "ephemeral_storage"):  # Kubernetes refuses negative requests/limits
+        value = getattr(opts, name, None)
+        if isinstance(value, str) and value.startswith("-"):
+            raise UserError(
+                f"--{name.replace('_', '-')}: a negative quantity. Given: {value!r}. Valid: a positive Kubernetes "
+                "quantity, e.g. '32', '500m', '512Gi'"
+            )
 
 
 def _validate(ctx: click.Context, paths: tuple[str, ...], crd_path: str | None, as_json: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from widep.errors import UserError
-from widep.spec.vllm_options import dest_of, settings
+from widep.spec.vllm_options import dest_of, settings, table_version, unknown_options
 
 if TYPE_CHECKING:
     from widep.plan.core import DeploymentPlan
@@ -103,11 +103,51 @@ def owned_env(key: str) -> str | None:
     return None
 
 
+MAX_ARG_STRLEN = 131072
+"""Linux: the longest single argument or NAME=value environment string exec accepts, NUL included (32 pages)."""
+EXTRAS_EXEC_BUDGET = 1 << 20
+"""Bytes of argv + environment (strings, NULs and pointers) a role's extra_args + extra_env may take: half of the
+2 MiB ARG_MAX of Linux's default 8 MiB stack (a quarter of it), leaving the rest for widep's own arguments and the
+environment the process inherits (launch, srun and kubelet add theirs)."""
+
+
+def exec_size_problems(where: str, args: list[str] | tuple[str, ...], env: dict[str, str]) -> list[str]:
+    """What exec would refuse with 'Argument list too long' (E2BIG), found at plan time."""
+    problems = []
+    total = 0
+    for i, arg in enumerate(args):
+        n = len(arg.encode("utf-8", "surrogatepass")) + 1
+        total += n + 8
+        if n > MAX_ARG_STRLEN:
+            problems.append(
+                f"{where}.extra_args[{i}]: {n - 1} bytes. Valid: at most {MAX_ARG_STRLEN - 1} bytes per argument "
+                "(Linux's MAX_ARG_STRLEN; exec refuses longer ones with 'Argument list too long')"
+            )
+    for key, value in env.items():
+        n = len(key.encode()) + len(value.encode("utf-8", "surrogatepass")) + 2
+        total += n + 8
+        if n > MAX_ARG_STRLEN:
+            problems.append(
+                f"{where}.extra_env.{key[:80]}: {n - 1} bytes as NAME=value. Valid: at most {MAX_ARG_STRLEN - 1} "
+                "bytes (Linux's MAX_ARG_STRLEN)"
+            )
+    if total > EXTRAS_EXEC_BUDGET:
+        problems.append(
+            f"{where}: extra_args and extra_env take {total} bytes of the command line and environment. Valid: at "
+            f"most {EXTRAS_EXEC_BUDGET} (half of Linux's usual 2 MiB ARG_MAX; exec refuses more with 'Argument "
+            "list too long')"
+        )
+    return problems
+
+
 def extras_problems(plan: DeploymentPlan) -> list[str]:
     """Every extra_args token that sets a flag widep owns (judged as vLLM's parser judges it: short aliases,
     prefix abbreviations, '_' for '-', dotted sub-keys) or that vLLM's parser refuses; every extra_env key
     widep sets."""
     line = plan.vllm.line
+    version = plan.spec.vllm.version.lstrip("v")
+    exact = table_version(line)
+    judged = exact is not None and ".".join(version.split(".")[:2]).split("+")[0] == exact
     owned_dests = {d: (flag, why) for flag, why in OWNED_FLAGS.items() if (d := dest_of(flag, line))}
     problems: list[str] = []
     for rp in plan.roles:
@@ -125,6 +165,13 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
                     f"roles[{rp.index}].extra_args[{st.index}]: {st.token!r} is set by widep from "
                     f"{why}{how}. Remove it from extra_args and use that field."
                 )
+        if judged:
+            for i, token in unknown_options(args, line):
+                problems.append(
+                    f"roles[{rp.index}].extra_args[{i}]: {token.split('=', 1)[0][:80]!r} is not an option of vLLM "
+                    f"{version} (its parser would exit with 'unrecognized arguments'). Valid: an option of "
+                    f"`vllm serve --help` for vLLM {version}, or a value after its option."
+                )
         for i, arg in enumerate(args):  # flags of other lines that the table does not know
             name = arg.split("=", 1)[0].replace("_", "-")
             if name in OWNED_FLAGS and not dest_of(name, line):
@@ -132,12 +179,14 @@ def extras_problems(plan: DeploymentPlan) -> list[str]:
                     f"roles[{rp.index}].extra_args[{i}]: {arg!r} is set by widep from {OWNED_FLAGS[name]}. "
                     "Remove it from extra_args and use that field."
                 )
+        problems += exec_size_problems(f"roles[{rp.index}]", args, rp.spec.extra_env)
         for key in rp.spec.extra_env:
             owner = owned_env(key)
             if owner:
                 problems.append(
                     f"roles[{rp.index}].extra_env.{key}: set by widep from {owner}. Remove it and use that field."
                 )
+    problems += exec_size_problems("router", plan.spec.router.extra_args, {})
     for i, arg in enumerate(plan.spec.router.extra_args):
         name = arg.split("=", 1)[0]
         if name in ROUTER_OWNED_FLAGS:

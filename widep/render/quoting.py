@@ -44,10 +44,25 @@ def control_problem(value: str, *, allow: str = "") -> str | None:
 
 
 def sh_word(word: str) -> str:
-    """One POSIX shell word that expands to exactly ``word`` (nothing in it is expanded or executed)."""
+    """One shell word that expands to exactly ``word`` (nothing in it is expanded or executed).
+
+    Plain text is single-quoted (POSIX). A word with control characters (ESC, CR, BEL, DEL, C1, U+2028...) is
+    written in bash's ANSI-C quoting, ``$'...'``, with those characters as ``\\xHH`` escapes of their UTF-8
+    bytes: the script then holds only printable text, so no terminal, pager or ``click.echo`` (which strips ANSI
+    sequences when not writing to a terminal) can change what it starts. Every script widep writes is bash."""
     if "\x00" in word:
         raise QuotingError("a NUL byte cannot be passed in a command line")
-    return shlex.quote(word)
+    if not CONTROL.search(word):
+        return shlex.quote(word)
+    out = []
+    for ch in word:
+        if ch in "\\'":
+            out.append("\\" + ch)
+        elif CONTROL.match(ch):
+            out.append("".join(f"\\x{b:02x}" for b in ch.encode("utf-8")))
+        else:
+            out.append(ch)
+    return "$'" + "".join(out) + "'"
 
 
 def check_env_name(name: str) -> str:

@@ -66,6 +66,10 @@ _TIME = re.compile(
     r"|UNLIMITED|INFINITE)$"
 )
 _CONSTRAINT = re.compile(r"^[A-Za-z0-9_.+\-&|\[\]*:()!,]+$")
+_DIRECTIVE_BAD = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""What an ``#SBATCH`` line cannot carry: sbatch splits it at whitespace and a newline ends the directive."""
+_SHELL_REF = re.compile(r"(\$\{(?:host_\d+|SLURM_JOB_ID)\})")
+"""The only expansions a printed srun line leaves to the shell: the allocation's hosts and job id."""
 _MOUNT = re.compile(r"^/[^:,\s]*:/[^:,\s]*(:[A-Za-z+]+)?$")
 OWNED_SBATCH = {
     "--nodes": "the plan's node count",
@@ -155,10 +159,13 @@ class SlurmOptions(Strict):
     def _lines(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for line in v:
             opt = line.split("=", 1)[0].split(" ", 1)[0]
-            if not line.startswith("-") or any(c in line for c in "\n\r\0"):
+            name, sep, value = line.partition(" ")  # '--opt value' (one space) or '--opt=value'
+            parts = (name, value) if sep and "=" not in name else (line,)
+            if not line.startswith("-") or any(_DIRECTIVE_BAD.search(p) for p in parts):
                 raise ValueError(
                     f"{line!r} is not one sbatch option. Valid: one option per entry, e.g. "
-                    "'--mail-type=END' (without '#SBATCH')"
+                    "'--mail-type=END' (without '#SBATCH'), its value without spaces, tabs, newlines or control "
+                    "characters (an #SBATCH line cannot quote them)"
                 )
             if opt in OWNED_SBATCH:
                 raise ValueError(
@@ -250,6 +257,12 @@ def sbatch_script(
     ):
         if v is not None:
             sb.append(f"--{flag}={v}")
+    if _DIRECTIVE_BAD.search(run_dir) or "%" in run_dir:
+        raise UserError(
+            f"--run-dir: {run_dir[:200]!r} cannot go on an #SBATCH --output line. Valid: a directory path without "
+            "spaces, tabs, newlines, control characters or '%' (sbatch splits the line at whitespace and reads % "
+            "as a pattern)"
+        )
     sb.append(f"--output={run_dir}/slurm-%j.out")
     sb += list(opts.sbatch_lines)
     lines += [f"#SBATCH {s}" for s in sb]
@@ -323,10 +336,17 @@ def dry_run_text(launch: Launch, opts: SlurmOptions, python: str) -> str:
         argv = srun_argv(launch.plan, opts, "${SLURM_JOB_ID}", hosts, g.label, 0, step, python, rd)
         text.append(
             f"# group {g.label}, attempt 0 (a restart is the same step with attempt-<k>):\n"
-            + " ".join(a if a.startswith("--") and "$" in a else sh_quote(a) for a in argv)
+            + " ".join(_sh_with_refs(a) for a in argv)
             + "\n"
         )
     return "\n".join(text)
+
+
+def _sh_with_refs(arg: str) -> str:
+    """One shell word for ``arg``: everything quoted except the ${host_<i>} / ${SLURM_JOB_ID} references, which
+    are double-quoted expansions (so a pasted line expands those and nothing else: no $(...) of an image name)."""
+    parts = [p for p in _SHELL_REF.split(arg) if p]
+    return "".join(f'"{p}"' if _SHELL_REF.fullmatch(p) else sh_quote(p) for p in parts) or sh_quote(arg)
 
 
 def detach_command(launch: Launch, opts: SlurmOptions, python: str) -> tuple[str, ...]:

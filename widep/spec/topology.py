@@ -26,10 +26,17 @@ KVDType = Literal["auto", "bf16", "fp16", "fp8"]
 
 
 class Strict(BaseModel):
-    """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN."""
+    """Base: unknown fields rejected, values immutable, docstrings used as descriptions, no inf/NaN, and no
+    coercion (strict mode): ``tp: true`` or ``port: "80"`` or ``tp: 2.0`` is an error, not 1 / 80 / 2
+    (YAML booleans are not integers; an int is still accepted where a float is asked for)."""
 
     model_config = ConfigDict(
-        extra="forbid", frozen=True, use_attribute_docstrings=True, validate_default=True, allow_inf_nan=False
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+        allow_inf_nan=False,
+        strict=True,
     )
 
 
@@ -37,6 +44,17 @@ def _one_line(v: str) -> str:
     problem = control_problem(v)
     if problem:
         raise ValueError(problem)
+    return v
+
+
+def _not_a_flag(v: str) -> str:
+    """Names, paths and addresses are rendered as option values (--served-model-name X, vllm serve X, --host X):
+    one that starts with '-' would be read by vLLM (or the shell tool) as an option instead."""
+    if v.startswith("-"):
+        raise ValueError(
+            f"starts with '-', so vLLM would read it as an option, not a value. Given: {v[:80]!r}. Valid: a value "
+            "that does not start with '-' (write a relative path as ./-name)"
+        )
     return v
 
 
@@ -61,8 +79,8 @@ def _env_name(v: str) -> str:
     return v
 
 
-Name = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_one_line)]
-"""A name, path, address or flag value: one line of printable text."""
+Name = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_one_line), AfterValidator(_not_a_flag)]
+"""A name, path, address or flag value: one line of printable text, not starting with '-'."""
 Arg = Annotated[str, Field(max_length=65536), AfterValidator(_no_nul)]
 """An argument passed verbatim (quoted once for the shell, escaped for Kubernetes)."""
 EnvName = Annotated[str, AfterValidator(_env_name)]
@@ -89,14 +107,120 @@ def looks_like_key(value: str) -> bool:
     return False
 
 
+_SHELL_SYNTAX = re.compile(r"[$`;|&<>()\s'\"\\]")
+
+
 def _not_a_key(v: str) -> str:
-    if looks_like_key(v):
+    """Refuse a pasted credential. Text with shell syntax in it is no key: it is left to the name checks,
+    which call it what it is (neither a variable nor a Secret name) instead of 'looks like a key'."""
+    if not _SHELL_SYNTAX.search(v) and looks_like_key(v):
         raise ValueError(
             "this looks like a key or token, not the name of one. Given: (not shown). Valid: the name of an "
             "environment variable or Kubernetes Secret that holds it; never put the value in a topology file, "
             "and rotate the key if this file was shared"
         )
     return v
+
+
+_VERSION = re.compile(
+    r"v?\d{1,4}\.\d{1,4}(\.\d{1,6}((a|b|rc)\d{1,6})?(\.post\d{1,6})?(\.dev\d{1,6})?(\+[A-Za-z0-9.]{1,64})?)?\Z"
+)
+
+
+def _version(v: str) -> str:
+    if not _VERSION.match(v):
+        raise ValueError(
+            f"not a vLLM version. Given: {v[:80]!r}. Valid: MAJOR.MINOR or MAJOR.MINOR.PATCH with an optional "
+            "PEP 440 suffix (rcN, .postN, .devN, +local), e.g. 0.32.0, 0.32, 0.32.0rc1"
+        )
+    return v
+
+
+_SECRET_FLAG = re.compile(
+    r"--?[A-Za-z0-9_.-]*(api[-_]?key|token|secret|password|passwd|credential)[A-Za-z0-9_-]*\Z", re.I
+)
+"""Options whose value is a credential (--api-key, --hf-token, --token, --password, ...)."""
+_SECRET_ENV = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.I
+)
+"""Environment variable names whose value is a credential (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, OPENAI_API_KEY...)."""
+SECRET_HOW = (
+    "pass it by reference, a SecretRef: serving.api_key_secret / serving.hf_token_secret ({env: VARIABLE} set "
+    "where widep runs, {secret: NAME, key: KEY} for Kubernetes); never put the value in a topology file, and "
+    "rotate it if this file was shared"
+)
+
+
+def secret_args_problem(args: list[str]) -> str | None:
+    """Why ``args`` carry a credential (never the credential itself), or None."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if eq and _SECRET_FLAG.match(name) and value:
+            return f"item {i}: {name[:80]!r} carries a credential ({mask(value)}); {SECRET_HOW}"
+        if not eq and _SECRET_FLAG.match(arg) and i + 1 < len(args):
+            return f"item {i + 1}: the value of {arg[:80]!r} is a credential ({mask(args[i + 1])}); {SECRET_HOW}"
+        if looks_like_key(arg):
+            return f"item {i}: {mask(arg)} looks like a key or token; {SECRET_HOW}"
+    return None
+
+
+def secret_env_problem(env: dict[str, str]) -> str | None:
+    for key, value in env.items():
+        if value and _SECRET_ENV.search(key):
+            return f"{key[:80]} holds a credential ({mask(value)}); {SECRET_HOW}"
+        if looks_like_key(value):
+            return f"the value of {key[:80]} ({mask(value)}) looks like a key or token; {SECRET_HOW}"
+    return None
+
+
+STARTUP_ENV = {
+    # bash: read at startup of every (non-interactive too) shell, or turn tracing on with PS4 expanded
+    "BASH_ENV": "bash sources the file it names before running any script (command substitution runs in it)",
+    "ENV": "sh/dash (and bash in POSIX mode) source the file it names at startup",
+    "SHELLOPTS": "bash turns on the options it lists at startup (xtrace with PS4 runs code)",
+    "BASHOPTS": "bash turns on the shopt options it lists at startup",
+    "PS4": "bash expands it (command substitution included) before every traced command",
+    "PS0": "an interactive bash expands it before every command",
+    "PS1": "an interactive bash expands it at every prompt",
+    "PS2": "an interactive bash expands it at every continuation prompt",
+    "PS3": "bash expands it for select",
+    "PROMPT_COMMAND": "an interactive bash runs it before every prompt",
+    "BASH_XTRACEFD": "bash redirects trace output to this file descriptor",
+    "BASH_LOADABLES_PATH": "bash loads builtins (shared objects) from it",
+    "BASH_COMPAT": "bash changes its parsing to an older version's",
+    "IFS": "changes how every shell splits words (bash and dash reset it, older shells import it)",
+    "CDPATH": "makes cd in scripts go elsewhere",
+    "GLOBIGNORE": "changes what globs in scripts match",
+    "EXECIGNORE": "changes which executables bash finds",
+    "TMOUT": "a bash reading input exits after it",
+    "HISTFILE": "an interactive bash writes its history there",
+    "INPUTRC": "readline reads key bindings (that can run commands) from it",
+    # glibc: loads code
+    "GCONV_PATH": "glibc's iconv loads shared objects from it",
+    # Python: interactive / startup behaviour of every python the scripts start
+    "PYTHONSTARTUP": "python runs the file it names in interactive mode",
+    "PYTHONINSPECT": "python enters interactive mode after the script instead of exiting",
+    "PYTHONHOME": "python loads its standard library (and so all its code) from there",
+}
+"""Environment variables that make a shell, the dynamic loader or the interpreter run other code (or behave
+differently) before widep's quoted command line matters. PYTHONPATH stays allowed: it is how vLLM plugins are
+found, and it only changes what the already-trusted Python process imports, not any shell."""
+STARTUP_ENV_PREFIXES = {
+    "LD_": "the dynamic loader (ld.so) reads LD_* (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, ...) and loads code "
+    "from it into every program; set library paths in the image or on the node instead",
+    "BASH_FUNC_": "bash imports exported functions from such variables (Shellshock's vector)",
+    "DYLD_": "the macOS loader's counterpart of LD_*",
+}
+
+
+def startup_env_problem(name: str) -> str | None:
+    why = STARTUP_ENV.get(name) or next((w for p, w in STARTUP_ENV_PREFIXES.items() if name.startswith(p)), None)
+    if why is None:
+        return None
+    return (
+        f"{name[:80]!r} is refused: {why}, so it could run code in every rank's shell, pod and probe. Valid: "
+        "any other variable name (for library paths use the image; for plugins PYTHONPATH)"
+    )
 
 
 class ModelSpec(Strict):
@@ -133,7 +257,7 @@ class ModelSpec(Strict):
 class NodeSpec(Strict):
     """One machine of the cluster."""
 
-    name: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line)]
+    name: Annotated[str, Field(min_length=1, max_length=253), AfterValidator(_one_line), AfterValidator(_not_a_flag)]
     """Host name (what `hostname` prints there); used to find 'this node' at launch."""
     address: Name | None = None
     """IP address or DNS name other nodes reach it by. Needed to launch on several nodes."""
@@ -233,7 +357,7 @@ class RoleSpec(Strict):
     nodes: (
         Annotated[int, Field(ge=1, le=MAX_NODES)]
         | Annotated[
-            list[Annotated[str, AfterValidator(_one_line)] | Annotated[int, Field(ge=0)]],
+            list[Annotated[str, AfterValidator(_one_line), AfterValidator(_not_a_flag)] | Annotated[int, Field(ge=0)]],
             Field(min_length=1, max_length=MAX_NODES),
         ]
     ) = 1
@@ -289,6 +413,22 @@ class RoleSpec(Strict):
     """More vLLM arguments, appended verbatim (flags widep owns are refused)."""
     extra_env: dict[EnvName, Arg] = Field(default_factory=dict, max_length=1024)
     """More environment variables for every rank (variables widep owns are refused)."""
+
+    @field_validator("extra_args")
+    @classmethod
+    def _args_no_secret(cls, v: list[str]) -> list[str]:
+        problem = secret_args_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("extra_env")
+    @classmethod
+    def _env_no_secret(cls, v: dict[str, str]) -> dict[str, str]:
+        problem = next((p for k in v if (p := startup_env_problem(k))), None) or secret_env_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class SecretRef(Strict):
@@ -382,8 +522,10 @@ class ServingSpec(Strict):
 class VLLMSpec(Strict):
     """Which vLLM runs the ranks and how it is started."""
 
-    version: Name = DEFAULT_VLLM_VERSION
-    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39)."""
+    version: Annotated[Name, AfterValidator(_version)] = DEFAULT_VLLM_VERSION
+    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39): MAJOR.MINOR or
+    MAJOR.MINOR.PATCH, the latter optionally with a PEP 440 pre/post/dev release and a local label
+    (0.32.0rc1, 0.32.1.post1, 0.32.0+cpu). Anything else (0.32.banana, 0.32.0.1) is refused."""
     entry_point: Literal["serve", "module"] = "serve"
     """'serve': `vllm serve MODEL ...`; 'module': `python -m vllm.entrypoints.openai.api_server --model MODEL`."""
     python: Name = "python"
@@ -453,6 +595,14 @@ class RouterSpec(Strict):
     extra_args: list[Arg] = Field(default_factory=list, max_length=1024)
     """More vllm-router arguments, appended verbatim."""
 
+    @field_validator("extra_args")
+    @classmethod
+    def _args_no_secret(cls, v: list[str]) -> list[str]:
+        problem = secret_args_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
 
 class TopologySpec(Strict):
     """A whole deployment: a model on a cluster, split into roles."""
@@ -501,8 +651,10 @@ class TopologySpec(Strict):
 
 def _is_tag(part: Any) -> bool:
     """A pydantic union-member tag ('constrained-int', 'list[NodeSpec]', 'function-after[...]'), not a field."""
-    return isinstance(part, str) and (
-        "[" in part or "-" in part or part in ("int", "str", "bool", "float", "list", "dict", "none")
+    return (
+        isinstance(part, str)
+        and part != "[key]"
+        and ("[" in part or "-" in part or part in ("int", "str", "bool", "float", "list", "dict", "none"))
     )
 
 
@@ -516,6 +668,8 @@ def _loc(loc: tuple[Any, ...], data: Any) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif part == "[key]":  # pydantic's marker: the error is about the mapping key itself (said in the message)
+            continue
         else:
             if _is_tag(part) and not (isinstance(node, dict) and part in node):
                 continue
@@ -619,6 +773,42 @@ def _range_message(e: Any, field: str) -> str | None:
     return f"{e.get('input')!r} is out of range. Valid: {bound[1]} {limit}{why}."
 
 
+_TYPE_WANTED = {
+    "int_type": 'an integer written as digits (YAML true/false, 2.0 and "2" are not integers)',
+    "float_type": "a number (YAML true/false and quoted strings are not numbers)",
+    "string_type": 'a string (quote it in YAML if it looks like a number, date or boolean, e.g. "0.32")',
+    "bool_type": "true or false",
+}
+
+
+def _yaml_type(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null (empty)"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: repr, masked when it looks like a credential, shortened when long."""
+    if isinstance(value, str) and looks_like_key(value):
+        return mask(value)
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "...(" + str(len(text)) + " characters)"
+
+
+def mask(value: str) -> str:
+    """What a message may show of a credential: its first 3 characters (the token kind, e.g. hf_ / sk-)."""
+    return f"'{value[:3]}***' (masked)"
+
+
+def _mask_keys(msg: str, given: Any) -> str:
+    """``msg`` with any credential-looking value (the given one, or a quoted word in it) masked."""
+    if isinstance(given, str) and given and looks_like_key(given):
+        msg = msg.replace(repr(given), mask(given)).replace(given, mask(given))
+    for word in re.findall(r"'([^'\s]{16,})'", msg):
+        if looks_like_key(word):
+            msg = msg.replace(f"'{word}'", mask(word))
+    return msg
+
+
 def _format_validation_error(err: ValidationError, data: Any, source: str) -> str:
     lines = []
     seen = set()
@@ -644,11 +834,15 @@ def _format_validation_error(err: ValidationError, data: Any, source: str) -> st
             msg = "required field is missing."
         elif _range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]):
             msg = str(_range_message(e, str(path.rsplit(".", 1)[-1]).split("[")[0]))
+        elif e["type"] in _TYPE_WANTED and not isinstance(given, (dict, list)):
+            msg = f"{_shown(given)} is a {_yaml_type(given)}. Valid: {_TYPE_WANTED[e['type']]}."
         else:
             m = e["msg"]
             m = m[len("Value error, ") :] if m.startswith("Value error, ") else m
             msg = f"{m}" + (f" Given: {given!r}." if not isinstance(given, (dict, list)) and "Given" not in m else "")
-        lines.append(f"{path}: {msg}")
+        if e["loc"] and e["loc"][-1] == "[key]":
+            msg = "the key (not its value) is wrong: " + msg
+        lines.append(f"{path}: {_mask_keys(msg, given)}")
     head = f"invalid topology {source}:" if source else "invalid topology:"
     return head + "\n  " + "\n  ".join(lines)
 
@@ -699,10 +893,10 @@ def parse_topology(data: Any, source: str = "") -> TopologySpec:
 
 def load_topology(path: str | Path) -> TopologySpec:
     """Read and validate a topology YAML file. Relative model.config paths resolve against its folder."""
-    from widep.spec.safeyaml import load_yaml, read_text
+    from widep.spec.safeyaml import MAX_TOPOLOGY_BYTES, load_yaml, read_text
 
     p = Path(path)
-    data = load_yaml(read_text(p, "topology"), f"topology {str(p)[:200]!r}")
+    data = load_yaml(read_text(p, "topology", max_bytes=MAX_TOPOLOGY_BYTES), f"topology {str(p)[:200]!r}")
     spec = parse_topology(data, str(p))
     if spec.model.config and not Path(spec.model.config).is_absolute():
         resolved = str((p.parent / spec.model.config).resolve())

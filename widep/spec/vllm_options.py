@@ -166,6 +166,32 @@ def settings(args: list[str] | tuple[str, ...], line: str) -> tuple[list[Setting
     return out, refused
 
 
+def table_version(line: str) -> str | None:
+    """The vLLM release (MAJOR.MINOR) whose parser the shipped table of ``line`` was generated from (None: the
+    line has no table of its own)."""
+    if line not in LINES_WITH_TABLES:
+        return None
+    return ".".join(str(load_table(line)["vllm_version"]).split(".")[:2])
+
+
+def unknown_options(args: list[str] | tuple[str, ...], line: str) -> list[tuple[int, str]]:
+    """(index, token) of every token of ``args`` that looks like an option and names none of the table's:
+    vLLM's parser would exit with 'unrecognized arguments'. Only meaningful for the version the table is of."""
+    judge = _judge(line)
+    out: list[tuple[int, str]] = []
+    for i, token in enumerate(args):
+        if not token.startswith("-") or token in ("-", "--") or re.fullmatch(r"-\d[\d.eE+-]*", token):
+            continue
+        ns = argparse.Namespace(seen=[])
+        try:
+            judge.parse_known_args([_normalise(token), "0"], ns)
+        except _Refused:
+            continue  # reported by settings()
+        if not ns.seen:
+            out.append((i, token))
+    return out
+
+
 def dest_of(flag: str, line: str) -> str | None:
     """The destination of one exact option string in a line's table."""
     for opt in load_table(line)["options"]:
