@@ -497,6 +497,11 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
         # ---- all2all backend and version/feature rules ----
         backend = role.all2all_backend or default_backend(role, gpu, ep_size, vt)
         check_backend(spec.vllm.version, backend, f"{fp}.all2all_backend")
+        if backend in vt.deprecated_backends:
+            warnings.append(
+                f"{fp}.all2all_backend: {backend!r} is deprecated in vLLM {spec.vllm.version}; "
+                f"use {vt.deprecated_backends[backend]!r}."
+            )
         if is_cpu and backend != "allgather_reducescatter":
             _fail(
                 f"{fp}.all2all_backend",
