@@ -535,7 +535,8 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             if backend not in vt.dbo_backends:
                 _fail(
                     f"{fp}.dbo.enabled",
-                    f"DBO on CUDA needs all2all backend in {list(vt.dbo_backends)}; this role uses {backend!r}.",
+                    f"DBO on CUDA needs all2all backend in {list(vt.dbo_backends)} (vLLM {spec.vllm.version}); "
+                    f"this role uses {backend!r}.",
                 )
         if mode == "multiport":
             if dp_local < 2 or dp_size < 2:

@@ -66,7 +66,8 @@ class VLLMVersionTable:
     """Backend -> its replacement, for names this line still runs but marks deprecated (plan warns)."""
     bool_flag_style: Literal["no", "disable"] = "no"
     """How a boolean flag is switched off: '--no-enable-x' (argparse's BooleanOptionalAction, <= 0.32) or
-    '--disable-x' paired with '--enable-x' (0.33+: the '--no-' forms are gone; read in the wheels' parsers)."""
+    '--disable-x' paired with '--enable-x' (0.33+: the parser's option strings; the '--no-' forms are no
+    longer declared, yet both wheels' parsers still accept them, judged in tests/test_judge_versions.py)."""
     eplb_auto_redundancy: bool = False
     """EPLBConfig.num_redundant_experts defaults to None = 'the minimum valid value, computed' (0.34);
     earlier lines default to 0 (config/parallel.py)."""
