@@ -123,3 +123,11 @@ def test_shipped_option_table_is_the_wheels_parser(version: str) -> None:
     table = json.loads(proc.stdout.strip().splitlines()[-1])
     assert table["vllm_version"] == version
     assert table == load_table(table_for(version).line), "regenerate: see widep/render/vllm_options.py"
+
+
+def test_doctor_names_the_installed_version_and_the_line_render_uses() -> None:
+    from widep.doctor.checks import _render_line
+
+    assert _render_line("0.32.0") == "vLLM 0.32.0, line 0.3x (0.20-0.32)"
+    assert _render_line("0.34.0") == "vLLM 0.34.0, line 0.34 (0.34-0.39)"
+    assert "does not render for" in _render_line("0.9.0")
