@@ -245,6 +245,18 @@ def check_python(req: DoctorRequirements, facts: HostFacts) -> CheckResult:
     return _r("python", "pass", f"{py.executable} (Python {py.version}) answered in {py.seconds:.2f} s; {how}")
 
 
+def _render_line(version: str) -> str:
+    """'vLLM line 0.34 (0.34-0.39)' for a version widep renders for, else what is wrong with it."""
+    from widep.errors import UserError
+    from widep.spec.vllm_versions import table_for
+
+    try:
+        t = table_for(version)
+    except UserError:
+        return f"vLLM {version}, a line widep does not render for"
+    return f"vLLM {version}, line {t.line} ({t.versions[0]}-{t.versions[1]})"
+
+
 def check_vllm(req: DoctorRequirements, facts: HostFacts) -> CheckResult:
     py = facts.python
     if py is None or py.error:
@@ -276,6 +288,9 @@ def check_vllm(req: DoctorRequirements, facts: HostFacts) -> CheckResult:
             "Reinstall vLLM in that environment; the error above names the missing piece.",
         )
     seen = "imported" if m.imported else "located"
+    if m.version is not None:
+        seen += f" (installed: {_render_line(m.version)}"
+        seen += f"; render uses {_render_line(req.vllm_version)})" if req.vllm_version else ")"
     if req.vllm_version is None:
         return _r("vllm", "pass", f"vllm {where} {seen}; no version required")
     if m.version is None:

@@ -637,6 +637,11 @@ def _plan_role(
     _refuse(R.memory_fits(mem, is_cpu, role.name, gpu.name, role.gpu_memory_utilization, more), fp)
     _refuse(R.kv_holds_context(mem, max_model_len), fp)
     warnings = _role_warnings(spec, role, arch, mem, backend, dp_size, per_group, max_model_len, context_len)
+    if backend in vt.deprecated_backends:
+        warnings.append(
+            f"{fp}.all2all_backend: {backend!r} is deprecated in vLLM {spec.vllm.version}; "
+            f"use {vt.deprecated_backends[backend]!r}."
+        )
     slots = expert_slots(E, red)
     ranks = _role_ranks(spec, role, ri, groups, dp_local, dp_size, slots, experts_per_gpu, claims)
     return RolePlan(

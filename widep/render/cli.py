@@ -95,7 +95,11 @@ def print_table(p: DeploymentPlan, cmds: list[ProcessCommand]) -> None:
 @click.option("--vllm-version", default=None, help="Render for another vLLM version (e.g. 0.10.2, 0.11.0, 0.32.0).")
 @click.option("--entry-point", type=click.Choice(["serve", "module"]), default=None, help="Override vllm.entry_point.")
 @click.option("--model-path", default=None, help="What vLLM loads, overriding the topology.")
-@click.option("--check", is_flag=True, help="Also judge every argv with the installed vLLM's own parser.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Also judge every argv with vLLM's own parser (0.33/0.34: that version's judge environment).",
+)
 @click.option(
     "--python", "python", default=None, help="Interpreter that has vLLM (for --check and the module entry point)."
 )
@@ -183,9 +187,17 @@ def judge_commands(
             click.echo(f"(judging with the local stand-in model {model_override}: {first} is not on this machine)")
     argvs = [strip_entry(c.argv) for c in cmds]
     envs = [{k: (v if isinstance(v, str) else "x") for k, v in c.env} for c in cmds]
-    j = judge(argvs, python or sys.executable, envs=envs, model_override=model_override)
+    extra_env = None
+    if python is None and (jv := judge_version_for(p.spec.vllm.version)) is not None:
+        from widep.render.judge_env import judge_env
+
+        extra_env = judge_env(jv)
+    j = judge(argvs, python or sys.executable, envs=envs, model_override=model_override, extra_env=extra_env)
     bad = 0
     click.echo(f"judged by vLLM {j.vllm_version} on {j.platform}:")
+    if extra_env is not None and j.vllm_version != jv:
+        click.echo(f"  the judge environment of vLLM {jv} imported vLLM {j.vllm_version}")
+        bad += 1
     for c, v in zip(cmds, j.verdicts, strict=False):
         bad += not v.ok
         note = f" (refused on this platform only: {v.refused_on_platform})" if v.refused_on_platform else ""
@@ -203,6 +215,15 @@ def judge_commands(
                 f"  {r} replica {g}: parallel settings differ between ranks (vLLM rejects this at handshake): {mism}"
             )
     return 1 if bad else 0
+
+
+def judge_version_for(version: str) -> str | None:
+    """The judge-environment version whose parser judges ``version``'s line, or None (the installed vLLM)."""
+    from widep.render.judge_env import JUDGE_VERSIONS
+    from widep.spec.vllm_versions import table_for
+
+    line = table_for(version).line
+    return next((v for v in JUDGE_VERSIONS if table_for(v).line == line), None)
 
 
 def strip_entry(argv: tuple[str, ...]) -> list[str]:

@@ -368,6 +368,8 @@ def _env(
             env.append(("NCCL_IB_HCA", ",".join(net.hcas)))
         if vt.engine_ready_timeout_env:
             env.append(("VLLM_ENGINE_READY_TIMEOUT_S", str(plan.spec.vllm.ready_timeout_s)))
+        if s.dbo.enabled and vt.dbo_needs_env and vt.dbo_needs_env[0] not in s.extra_env:
+            env.append(vt.dbo_needs_env)
     else:
         # CPU backend: a fixed KV cache per rank, and each rank's OpenMP threads on their own cores
         # (the CPU counterpart of giving each rank its own GPU).

@@ -11,6 +11,8 @@ destination, arity) ships as data, one file per vLLM release line (``widep/spec/
 written by this module's generator from the installed vLLM::
 
     python -m widep.spec.vllm_options --write      # needs vLLM; rewrites the installed line's table
+    PYTHONPATH=$(python -m widep.render.judge_env path 0.34.0) VLLM_TARGET_DEVICE=cpu \
+        python -m widep.spec.vllm_options --write      # the 0.34 line's, from its judge environment
 
 A stand-in ``argparse.ArgumentParser`` is rebuilt from the table, so argparse's own abbreviation rule
 (``allow_abbrev``) applies exactly as it does inside vLLM. ``tests/test_hostile.py`` regenerates the
@@ -29,7 +31,7 @@ from importlib import resources
 from typing import Any
 
 DATA_DIR = "data"
-LINES_WITH_TABLES = ("0.3x",)
+LINES_WITH_TABLES = ("0.3x", "0.33", "0.34")
 """vLLM lines whose parser table ships (generated from a real install); other lines use the nearest one."""
 
 
@@ -70,6 +72,7 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
 
     for mod, attr in (
         ("vllm.entrypoints.launchers.cli_args", "make_arg_parser"),
+        ("vllm.entrypoints.common.cli_args", "make_arg_parser"),  # 0.33+
         ("vllm.entrypoints.openai.cli_args", "make_arg_parser"),
     ):
         try:
@@ -88,8 +91,8 @@ def installed_parser() -> tuple[argparse.ArgumentParser, str]:
 
 @cache
 def load_table(line: str) -> dict[str, Any]:
-    """The shipped table of a vLLM line (the newest shipped one when that line has none)."""
-    use = line if line in LINES_WITH_TABLES else LINES_WITH_TABLES[-1]
+    """The shipped table of a vLLM line (the 0.3x one, the installed CPU build's, when that line has none)."""
+    use = line if line in LINES_WITH_TABLES else LINES_WITH_TABLES[0]
     path = resources.files("widep.spec") / DATA_DIR / table_file(use)
     return json.loads(path.read_text(encoding="utf-8"))
 

