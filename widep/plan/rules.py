@@ -183,8 +183,7 @@ def dbo_possible(
     if backend not in dbo_backends:
         return Refusal(
             "dbo.enabled",
-            f"DBO on CUDA needs all2all backend in {list(dbo_backends)} (vLLM {version}); "
-            f"this role uses {backend!r}.",
+            f"DBO on CUDA needs all2all backend in {list(dbo_backends)} (vLLM {version}); this role uses {backend!r}.",
             brief=brief,
         )
     return None
