@@ -148,7 +148,7 @@ def test_undeclared_secret_is_a_note_and_a_declared_one_is_silent():
     assert "prerequisite: Secret/hf (create it in the target namespace first)" in L.prerequisite_lines(docs)
     assert cross(docs) == []
     _, problems = v.validate_text(L.dump_manifests(docs))
-    (p,) = [p for p in problems if p.layer == "cross-object"]
+    (p,) = [p for p in problems if p.layer == "cross-object" and "Secret/" in p.message]
     assert p.severity == "note" and p.path.endswith("valueFrom.secretKeyRef.name") and "Secret/hf" in p.message
 
 
@@ -161,3 +161,33 @@ def test_lws_rollout_surges_instead_of_taking_the_only_group_down():
     for d in rendered():
         if d["kind"] == "LeaderWorkerSet":
             assert d["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_llmd_front_door_bounds_the_release_name(tmp_path):
+    """Defect 4: the chart truncates long release names in the endpoint picker Service's name."""
+    import yaml
+
+    from widep.errors import UserError
+    from widep.k8s.frontdoor import ROUTER_RELEASE_MAX
+
+    topo = yaml.safe_load(DEEPSEEK_PD.read_text())
+    for length, fails in ((ROUTER_RELEASE_MAX, False), (ROUTER_RELEASE_MAX + 1, True)):
+        topo["name"] = "n" * length
+        path = tmp_path / f"t{length}.yaml"
+        path.write_text(yaml.safe_dump(topo))
+        if fails:
+            with pytest.raises(UserError, match=f"at most {ROUTER_RELEASE_MAX} characters"):
+                rendered(path, front_door="llm-d")
+        else:
+            assert cross(rendered(path, front_door="llm-d")) == []
+
+
+def test_generic_caches_are_claims_coreweave_keeps_local_nvme():
+    """Defect 7: no hostPath on the node's root disk by default outside CoreWeave."""
+    for provider, want in (("generic", "persistentVolumeClaim"), ("coreweave", "hostPath")):
+        lws = by(rendered(provider=provider), "LeaderWorkerSet", "-decode")
+        vols = {x["name"]: x for x in lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["volumes"]}
+        assert want in vols["model-cache"] and want in vols["jit-cache"], provider
+    assert "prerequisite: PersistentVolumeClaim/hf-cache (create it in the target namespace first)" in (
+        L.prerequisite_lines(rendered())
+    )

@@ -13,7 +13,8 @@ Sources (../shared/reference/llm-d-wide-ep.md, llm-d's ``guides/wide-ep-lws`` ov
   tuner/net plugins off, ``DEEP_EP_DEVICE_TO_HCA_MAPPING`` (GPU i -> mlx5_i), caches on the local SSD.
 * generic: nothing a particular cluster provides is assumed: no RDMA resource unless the topology names one
   (``cluster.network.rdma_resource``), GPU feature discovery's ``nvidia.com/gpu.product`` label preferred, not
-  required, GDRCopy requested from the NVIDIA container runtime (``NVIDIA_GDRCOPY=enabled``).
+  required, GDRCopy requested from the NVIDIA container runtime (``NVIDIA_GDRCOPY=enabled``), caches on
+  PersistentVolumeClaims ``hf-cache`` / ``jit-cache`` the user creates (listed as prerequisites).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ class Provider:
     """GPU kind (cluster.gpu) -> accepted label values."""
     gpu_affinity: str = "preferred"
     """'preferred' (schedule elsewhere rather than stay Pending) or 'required'."""
-    model_cache: str = "hostpath:/mnt/local/hf-cache"
-    """Default model cache volume (--model-cache syntax)."""
-    jit_cache: str = "hostpath:/mnt/local/jit-cache"
+    model_cache: str = "pvc:hf-cache"
+    """Default model cache volume (--model-cache syntax). Any cluster: a PersistentVolumeClaim the user creates
+    (ReadWriteMany where a group spans nodes; a prerequisite in every file header): a checkpoint of hundreds of GiB
+    on a hostPath would land on the node's root disk, outside ephemeral-storage accounting."""
+    jit_cache: str = "pvc:jit-cache"
     """Default compile/JIT cache volume (--jit-cache syntax); survives group recreation."""
 
 
@@ -79,6 +82,9 @@ PROVIDERS: dict[str, Provider] = {
         gpu_label="gpu.nvidia.com/model",
         gpu_values={k: (k,) for k in ("H100", "H200", "B200", "GB200")},
         gpu_affinity="required",
+        # CoreWeave's nodes carry local NVMe at /mnt/local (llm-d's CoreWeave overlay)
+        model_cache="hostpath:/mnt/local/hf-cache",
+        jit_cache="hostpath:/mnt/local/jit-cache",
     ),
     "gke": Provider(
         name="gke",
