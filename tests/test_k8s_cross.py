@@ -191,3 +191,13 @@ def test_generic_caches_are_claims_coreweave_keeps_local_nvme():
     assert "prerequisite: PersistentVolumeClaim/hf-cache (create it in the target namespace first)" in (
         L.prerequisite_lines(rendered())
     )
+
+
+def test_gke_a3_ultra_rdma_network_resources_are_zero():
+    """Defect 5: llm-d's GKE overlay requests networking.gke.io.networks/rdma-0..7 as "0" on RDMA pods."""
+    lws = by(rendered(DEEPSEEK_PD, provider="gke"), "LeaderWorkerSet", "-decode")
+    c = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    for i in range(8):
+        assert c["resources"]["limits"][f"networking.gke.io.networks/rdma-{i}"] == "0"
+        assert c["resources"]["requests"][f"networking.gke.io.networks/rdma-{i}"] == "0"
+    assert cross(rendered(DEEPSEEK_PD, provider="gke")) == []

@@ -825,6 +825,9 @@ def _pod_template(
         limits[opts.gpu_resource] = requests[opts.gpu_resource] = str(tpl.devices)
         if rdma_res:
             limits[rdma_res] = requests[rdma_res] = "1"
+        if uses_rdma:
+            for name in prov.rdma_zero_resources:
+                limits[name] = requests[name] = "0"
     budget = sizing.start_budget_s(plan, rp, opts.start_budget_s)
     container: dict[str, Any] = {
         "name": CONTAINER,

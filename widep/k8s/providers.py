@@ -35,6 +35,9 @@ class Provider:
     """Extended resource requested once per pod when the role uses RDMA (None: none)."""
     rdma_annotations: tuple[tuple[str, str], ...] = ()
     """Pod annotations that attach the RDMA networks (GKE multi-networking)."""
+    rdma_zero_resources: tuple[str, ...] = ()
+    """Extended resources requested (and limited) as "0" on pods that use RDMA: GKE A3 Ultra's work-around in
+    llm-d's GKE overlay (``networking.gke.io.networks/rdma-N``, llm-d #1730)."""
     rdma_env: tuple[tuple[str, str], ...] = ()
     """HCA / transport variables for pods whose role uses RDMA."""
     gpu_rdma_privileged: bool = False
@@ -94,6 +97,7 @@ PROVIDERS: dict[str, Provider] = {
             ("networking.gke.io/default-interface", "eth0"),
             ("networking.gke.io/interfaces", json.dumps(_GKE_INTERFACES, separators=(",", ":"))),
         ),
+        rdma_zero_resources=tuple(f"networking.gke.io.networks/rdma-{i}" for i in range(8)),
         rdma_env=(
             ("NVSHMEM_DISABLED_GDRCOPY", "true"),
             ("NCCL_TUNER_PLUGIN", "none"),
