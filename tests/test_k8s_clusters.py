@@ -52,7 +52,7 @@ def by_name(docs: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def valid(docs: list[dict]) -> list[str]:
-    _, problems = v.validate_text(L.dump_manifests(docs))
+    _, problems = v.validate_text(L.dump_manifests(docs, L.prerequisite_lines(docs)))
     return [p.format() for p in problems]
 
 
@@ -299,7 +299,9 @@ def test_jit_caches_survive_group_recreation_and_model_cache_can_be_read_only():
     d = next(d for d in L.render_lws(p) if d["kind"] == "LeaderWorkerSet")
     spec = pod(d)
     vols = {vol["name"]: vol for vol in spec["volumes"]}
-    assert vols["jit-cache"]["hostPath"]["path"] == "/mnt/local/jit-cache"  # outlives the pod
+    assert vols["jit-cache"]["persistentVolumeClaim"] == {"claimName": "jit-cache"}  # outlives the pod (generic)
+    cw = pod(next(d for d in L.render_lws(p, provider="coreweave") if d["kind"] == "LeaderWorkerSet"))
+    assert {v["name"]: v for v in cw["volumes"]}["jit-cache"]["hostPath"]["path"] == "/mnt/local/jit-cache"
     env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
     for var in (
         "VLLM_CACHE_ROOT",
@@ -405,7 +407,9 @@ def test_kustomize_overlays_build_with_real_kustomize(tmp_path, capsys, front_do
         got = [d for d in yaml.safe_load_all(built.stdout) if d]
         want = L.render_lws(p, provider=name, front_door=front_door)
         assert by_name(got) == by_name(yaml.safe_load_all(L.dump_manifests(want))), name
-        _, problems = v.validate_text(built.stdout)
+        # kustomize drops comments: the prerequisites the base file's header declares are given back to --validate
+        head = "".join(f"# {line}\n" for line in L.prerequisite_lines(want))
+        _, problems = v.validate_text(head + built.stdout)
         assert [pr.format() for pr in problems] == [], name
     assert not any((out / "overlays" / "generic").glob("*.patch.yaml"))  # the base is the generic profile
 
@@ -454,7 +458,10 @@ def test_checked_in_kustomize_trees_build_and_validate():
                 [_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False, timeout=120
             )
             assert built.returncode == 0, built.stderr
-            want = yaml.safe_load_all(L.dump_manifests(L.render_lws(p, provider=overlay.name)))
+            docs = L.render_lws(p, provider=overlay.name)
+            want = yaml.safe_load_all(L.dump_manifests(docs))
             assert by_name([d for d in yaml.safe_load_all(built.stdout) if d]) == by_name(want), overlay
-            _, problems = v.validate_text(built.stdout)
+            # kustomize drops comments: the base file's header declares the prerequisites
+            head = "".join(f"# {line}\n" for line in L.prerequisite_lines(docs))
+            _, problems = v.validate_text(head + built.stdout)
             assert problems == [], overlay

@@ -148,7 +148,7 @@ def test_generated_manifests_validate(crd, name, source, placement):
             raise
         docs = L.render_lws(p, namespace=NAMESPACE, placement=placement)
         pool = False
-    count, problems = v.validate_text(L.dump_manifests(docs), crd)
+    count, problems = v.validate_text(L.dump_manifests(docs, L.prerequisite_lines(docs)), crd)
     assert [pr.format() for pr in problems if pr.failing] == []
     # every object is checked: InferencePools against the shipped GAIE CRD, none is "not checked"
     assert problems == []
@@ -179,7 +179,8 @@ OPTION_SETS = {
 @pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.stem)
 def test_option_sets_validate(crd, path, options):
     p = plan_of(path)
-    text = L.dump_manifests(L.render_lws(p, image="ghcr.io/example/vllm:1.2.3", **options))
+    docs = L.render_lws(p, image="ghcr.io/example/vllm:1.2.3", **options)
+    text = L.dump_manifests(docs, L.prerequisite_lines(docs))
     _, problems = v.validate_text(text, crd)
     assert [pr.format() for pr in problems if pr.failing] == []
     assert "ghcr.io/example/vllm:1.2.3" in text
@@ -939,7 +940,8 @@ def test_generated_files_pass_widep_lws_validate(capsys, crd):
 def test_name_length_limit_matches_the_validator(crd, topology, placement, limit):
     role = yaml.safe_load((REPO / "topologies" / topology).read_text())["roles"][0]["name"]
     ok = variant(topology, name="n" * (limit - len(role) - 1))
-    _, problems = v.validate_text(L.dump_manifests(L.render_lws(plan_of(ok), placement=placement)), crd)
+    docs = L.render_lws(plan_of(ok), placement=placement)
+    _, problems = v.validate_text(L.dump_manifests(docs, L.prerequisite_lines(docs)), crd)
     assert [pr.format() for pr in problems if pr.failing] == []
     too_long = variant(topology, name="n" * (limit - len(role)))
     with pytest.raises(UserError, match=f"at most {limit} characters"):

@@ -87,6 +87,10 @@ def test_upstream_examples_present():
 @pytest.mark.parametrize("path", UPSTREAM_FILES, ids=lambda p: p.name)
 def test_upstream_example_passes(crd, path):
     count, problems = v.validate_file_counted(path, crd)
+    # upstream examples read Secrets they expect in the cluster: the cross-object check notes them (not failing)
+    undeclared = [p for p in problems if p.layer == "cross-object" and p.severity == "note"]
+    assert all("is neither in this file nor a declared prerequisite" in p.message for p in undeclared)
+    problems = [p for p in problems if p not in undeclared]
     assert problems == [], "\n".join(p.format(path.name) for p in problems)
     assert count == sum(1 for d in yaml.safe_load_all(path.read_text()) if d)
 
@@ -422,7 +426,9 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_cli_upstream_directory_ok(capsys, crd):
     code, out, err = run_cli(capsys, "--validate", str(UPSTREAM), "--crd", str(crd))
     assert code == 0, out + err
-    assert out.strip() == "ok: 19 documents"
+    # notes do not fail: the DeepSeek example reads Secret hf-secret, which it expects in the cluster
+    assert out.strip().splitlines()[-1] == "ok: 19 documents (2 notes)"
+    assert out.count("Secret/hf-secret is neither in this file nor a declared prerequisite") == 2
 
 
 def test_cli_reports_problems_and_exits_1(capsys, crd):

@@ -48,6 +48,9 @@ ROUTING_SIDECAR_IMAGE = "ghcr.io/llm-d/llm-d-router-disagg-sidecar:v0.9.0"
 ROUTER_CHART = "oci://ghcr.io/llm-d/charts/llm-d-router-standalone"
 ROUTER_CHART_VERSION = "v0.9.0"
 SIDECAR_NAME = "routing-proxy"
+#: Longest release name (= topology name) whose endpoint picker Service the router chart names ``<release>-epp``
+#: without truncating it (issue 28, read against llm-d's router chart v0.9.0).
+ROUTER_RELEASE_MAX = 40
 
 
 def resolve(plan: DeploymentPlan, choice: str, inference_pool: bool) -> str:
@@ -65,6 +68,13 @@ def resolve(plan: DeploymentPlan, choice: str, inference_pool: bool) -> str:
             "--front-door llm-d: llm-d's P/D stack needs a prefill and a decode role. "
             f"Given: roles {', '.join(f'{rp.name} ({rp.kind})' for rp in plan.roles)}. "
             "Valid: --front-door router|none, or --inference-pool for one pool per role"
+        )
+    if choice == "llm-d" and len(plan.name) > ROUTER_RELEASE_MAX:
+        raise UserError(
+            f"--front-door llm-d: the topology name is the router chart's release name, and the chart truncates "
+            f"longer release names when it names the endpoint picker Service (the InferencePool would point at a "
+            f"Service that does not exist). Given: name {plan.name!r} ({len(plan.name)} characters). "
+            f"Valid: a topology name of at most {ROUTER_RELEASE_MAX} characters"
         )
     if pd and inference_pool and choice != "llm-d":
         raise UserError(

@@ -825,6 +825,9 @@ def _pod_template(
         limits[opts.gpu_resource] = requests[opts.gpu_resource] = str(tpl.devices)
         if rdma_res:
             limits[rdma_res] = requests[rdma_res] = "1"
+        if uses_rdma:
+            for name in prov.rdma_zero_resources:
+                limits[name] = requests[name] = "0"
     budget = sizing.start_budget_s(plan, rp, opts.start_budget_s)
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -928,6 +931,11 @@ def render_lws(
                 "spec": {
                     "replicas": rp.spec.replicas,
                     "startupPolicy": "LeaderCreated",
+                    # the default (maxUnavailable 1, maxSurge 0) makes an update of a 1-replica role a full outage
+                    "rolloutStrategy": {
+                        "type": "RollingUpdate",
+                        "rollingUpdateConfiguration": {"maxUnavailable": 0, "maxSurge": 1},
+                    },
                     "leaderWorkerTemplate": lwt,
                 },
             }
@@ -1084,6 +1092,8 @@ def header_lines(
                 f"install its endpoint picker with llm-d's router chart ({frontdoor.ROUTER_CHART} "
                 f"{frontdoor.ROUTER_CHART_VERSION}) and the values file widep writes (--router-values)"
             )
+    if docs is not None:
+        lines += prerequisite_lines(docs)
     if plan.device == "cpu":
         lines.append(
             f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image})."
@@ -1095,6 +1105,73 @@ def header_lines(
             f"there with `widep model build --arch {plan.arch.builtin} --cache-dir <cache>/widep`, or give "
             "--model-path."
         )
+    return lines
+
+
+def _referenced(docs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(kind, name) of the Secrets, ConfigMaps and PVCs the pods of ``docs`` reference, in order."""
+    from widep.k8s.validate.cross import collect_pods
+
+    out: list[tuple[str, str]] = []
+    pods, _ = collect_pods(docs)
+    for pod in pods:
+        spec = pod.template.get("spec") or {}
+        for c in list(spec.get("initContainers") or []) + list(spec.get("containers") or []):
+            for e in c.get("env") or []:
+                src = e.get("valueFrom") or {}
+                for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+                    if key in src and not src[key].get("optional"):
+                        out.append((kind, src[key]["name"]))
+        for v in spec.get("volumes") or []:
+            if "persistentVolumeClaim" in v:
+                out.append(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]))
+    return list(dict.fromkeys(out))
+
+
+def prerequisite_lines(docs: list[dict[str, Any]]) -> list[str]:
+    """What must exist before ``kubectl apply`` of ``docs``, in the order to install it, and what a pod failure
+    costs. ``prerequisite: Kind/name`` lines are read back by ``widep lws --validate`` (cross-object references
+    to them are not errors)."""
+    kinds = {d["kind"] for d in docs}
+    lines = ["Prerequisites, in the order to apply (kubectl apply of this file fails or pods stay Pending without):"]
+    step = 0
+
+    def add(text: str) -> None:
+        nonlocal step
+        step += 1
+        lines.append(f"  {step}. {text}")
+
+    if "LeaderWorkerSet" in kinds:
+        add("the LeaderWorkerSet CRD and controller (LWS v0.10.0: kubectl apply --server-side -f its manifests.yaml)")
+    if "InferencePool" in kinds:
+        add("the Gateway API Inference Extension CRDs (GAIE v1.5.0 v1-manifests.yaml: InferencePool)")
+    for kind, name in _referenced(docs):
+        lines.append(f"prerequisite: {kind}/{name} (create it in the target namespace first)")
+    for d in docs:
+        if d["kind"] != "InferencePool":
+            continue
+        epp = d["spec"]["endpointPickerRef"]["name"]
+        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "inference-pool":  # llm-d's one pool
+            release = d["metadata"]["name"]
+            add(
+                f"the endpoint picker: helm install {release} {frontdoor.ROUTER_CHART} --version "
+                f"{frontdoor.ROUTER_CHART_VERSION} -f <the router values file>"
+            )
+        else:
+            add(f"an endpoint picker Service {epp} (port {d['spec']['endpointPickerRef']['port']['number']})")
+        lines.append(f"prerequisite: Service/{epp} (the endpoint picker the InferencePool calls)")
+    if "Deployment" in kinds:
+        add(f"the router image pushed where the cluster pulls it ({frontdoor.ROUTER_IMAGE} is not public; see above)")
+    add("then: kubectl apply -f THIS_FILE (ordering inside the file does not matter)")
+    if "LeaderWorkerSet" in kinds:
+        lines.append(
+            "pod failure: restartPolicy RecreateGroupOnPodRestart: any container restart or lost pod recreates its "
+            "whole group (every rank of that DP group starts again, within the start budget above); other groups "
+            "keep serving. Rollout: maxSurge 1, maxUnavailable 0: an update starts a new group before an old one "
+            "stops (one spare group of capacity, else the update waits and the old groups keep serving)."
+        )
+    if "Deployment" in kinds:
+        lines.append("router pod failure: the Deployment restarts it alone; it waits for the workers again.")
     return lines
 
 

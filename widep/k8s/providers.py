@@ -13,7 +13,8 @@ Sources (../shared/reference/llm-d-wide-ep.md, llm-d's ``guides/wide-ep-lws`` ov
   tuner/net plugins off, ``DEEP_EP_DEVICE_TO_HCA_MAPPING`` (GPU i -> mlx5_i), caches on the local SSD.
 * generic: nothing a particular cluster provides is assumed: no RDMA resource unless the topology names one
   (``cluster.network.rdma_resource``), GPU feature discovery's ``nvidia.com/gpu.product`` label preferred, not
-  required, GDRCopy requested from the NVIDIA container runtime (``NVIDIA_GDRCOPY=enabled``).
+  required, GDRCopy requested from the NVIDIA container runtime (``NVIDIA_GDRCOPY=enabled``), caches on
+  PersistentVolumeClaims ``hf-cache`` / ``jit-cache`` the user creates (listed as prerequisites).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Provider:
     """Extended resource requested once per pod when the role uses RDMA (None: none)."""
     rdma_annotations: tuple[tuple[str, str], ...] = ()
     """Pod annotations that attach the RDMA networks (GKE multi-networking)."""
+    rdma_zero_resources: tuple[str, ...] = ()
+    """Extended resources requested (and limited) as "0" on pods that use RDMA: GKE A3 Ultra's work-around in
+    llm-d's GKE overlay (``networking.gke.io.networks/rdma-N``, llm-d #1730)."""
     rdma_env: tuple[tuple[str, str], ...] = ()
     """HCA / transport variables for pods whose role uses RDMA."""
     gpu_rdma_privileged: bool = False
@@ -44,9 +48,11 @@ class Provider:
     """GPU kind (cluster.gpu) -> accepted label values."""
     gpu_affinity: str = "preferred"
     """'preferred' (schedule elsewhere rather than stay Pending) or 'required'."""
-    model_cache: str = "hostpath:/mnt/local/hf-cache"
-    """Default model cache volume (--model-cache syntax)."""
-    jit_cache: str = "hostpath:/mnt/local/jit-cache"
+    model_cache: str = "pvc:hf-cache"
+    """Default model cache volume (--model-cache syntax). Any cluster: a PersistentVolumeClaim the user creates
+    (ReadWriteMany where a group spans nodes; a prerequisite in every file header): a checkpoint of hundreds of GiB
+    on a hostPath would land on the node's root disk, outside ephemeral-storage accounting."""
+    jit_cache: str = "pvc:jit-cache"
     """Default compile/JIT cache volume (--jit-cache syntax); survives group recreation."""
 
 
@@ -79,6 +85,9 @@ PROVIDERS: dict[str, Provider] = {
         gpu_label="gpu.nvidia.com/model",
         gpu_values={k: (k,) for k in ("H100", "H200", "B200", "GB200")},
         gpu_affinity="required",
+        # CoreWeave's nodes carry local NVMe at /mnt/local (llm-d's CoreWeave overlay)
+        model_cache="hostpath:/mnt/local/hf-cache",
+        jit_cache="hostpath:/mnt/local/jit-cache",
     ),
     "gke": Provider(
         name="gke",
@@ -88,6 +97,7 @@ PROVIDERS: dict[str, Provider] = {
             ("networking.gke.io/default-interface", "eth0"),
             ("networking.gke.io/interfaces", json.dumps(_GKE_INTERFACES, separators=(",", ":"))),
         ),
+        rdma_zero_resources=tuple(f"networking.gke.io.networks/rdma-{i}" for i in range(8)),
         rdma_env=(
             ("NVSHMEM_DISABLED_GDRCOPY", "true"),
             ("NCCL_TUNER_PLUGIN", "none"),

@@ -8,11 +8,14 @@ headless Service ``<lws>``), on the rank's port.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from widep.plan.core import DeploymentPlan, RolePlan
 from widep.render.quoting import k8s_escape
-from widep.render.vllm import secret_ref
+
+#: Seconds the router's startup probe allows beyond its --worker-startup-timeout-secs (its own start).
+ROUTER_START_MARGIN_S = 60
 
 
 def _pod_host(lws: str, replica: int, pod_index: int, namespace: str | None) -> str:
@@ -27,12 +30,15 @@ def worker_urls(plan: DeploymentPlan, rp: RolePlan, lws: str, placement: str, na
     for r in rp.ranks:
         if r.port is None:
             continue
-        pod_index = r.dp_rank if placement == "pod-per-rank" else r.group_node
-        key = (r.replica, pod_index, r.port)
+        per_rank = placement == "pod-per-rank" and rp.dp_local > 1
+        pod_index = r.dp_rank if per_rank else r.group_node
+        # a pod per rank serves its one rank on the role's base port (every pod runs the same template)
+        port = rp.http_port if per_rank else r.port
+        key = (r.replica, pod_index, port)
         if key in seen:
             continue
         seen.add(key)
-        urls.append(f"http://{_pod_host(lws, r.replica, pod_index, namespace)}:{r.port}")
+        urls.append(f"http://{_pod_host(lws, r.replica, pod_index, namespace)}:{port}")
     return urls
 
 
@@ -55,6 +61,7 @@ def router_manifests(
     prometheus_port = rt.prometheus_port if rt else rs.prometheus_port
     pd = rt.pd if rt else rs.pd != "off" and kinds >= {"prefill", "decode"}
     name = f"{plan.name}-router"
+    wait_s = startup_timeout_s or plan.spec.vllm.ready_timeout_s
     argv = [
         rs.command,
         "--host",
@@ -78,7 +85,7 @@ def router_manifests(
         argv += ["--worker-urls", *[u for rp in plan.roles for u in urls[rp.name]], "--policy", rs.policy]
     argv += [
         "--worker-startup-timeout-secs",
-        str(startup_timeout_s or plan.spec.vllm.ready_timeout_s),
+        str(wait_s),
         "--health-check-interval-secs",
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
@@ -87,12 +94,7 @@ def router_manifests(
     ]
     labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}
     selector = {"app.kubernetes.io/instance": plan.name, "app.kubernetes.io/component": "router"}
-    env = []
-    ref = secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")
-    if ref is not None:
-        from widep.k8s.lws import secret_key_ref
-
-        env.append({"name": "VLLM_API_KEY", "valueFrom": secret_key_ref(ref)})
+    # No VLLM_API_KEY env: vllm-router does not read it, it forwards the client's Authorization header to vLLM.
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     container: dict[str, Any] = {
         "name": "router",
@@ -103,8 +105,11 @@ def router_manifests(
             {"name": "http", "containerPort": port, "protocol": "TCP"},
             {"name": "metrics", "containerPort": prometheus_port, "protocol": "TCP"},
         ],
+        # vllm-router opens its port only once every worker is healthy (up to --worker-startup-timeout-secs):
+        # the startup probe allows that wait plus a minute, liveness starts after it.
+        "startupProbe": probe | {"failureThreshold": math.ceil((wait_s + ROUTER_START_MARGIN_S) / 10)},
         "readinessProbe": probe | {"failureThreshold": 3},
-        "livenessProbe": probe | {"failureThreshold": 6, "initialDelaySeconds": 30},
+        "livenessProbe": probe | {"failureThreshold": 6},
         # requests = limits: Guaranteed QoS, the front door is the last thing to evict
         "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
         "securityContext": {
@@ -114,8 +119,6 @@ def router_manifests(
             "runAsUser": 65532,
         },
     }
-    if env:
-        container["env"] = env
     meta = {"name": name, "labels": labels}
     if namespace:
         meta["namespace"] = namespace

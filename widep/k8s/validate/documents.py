@@ -157,7 +157,9 @@ def validate_text(
 ) -> tuple[int, list[Problem]]:
     """Validate multi-document YAML text: (number of non-empty documents, problems)."""
     docs, problems = parse_manifests(text)
-    found = validate_documents(docs, crd_path, k8s_version=k8s_version)
+    from widep.k8s.validate.cross import prerequisites_of
+
+    found = validate_documents(docs, crd_path, k8s_version=k8s_version, prerequisites=prerequisites_of(text))
     if not problems and all(d is None for d in docs):
         found.append(Problem(1, "", "", "", "no documents: the input is empty or only comments", "yaml"))
     merged = sorted(problems + found, key=lambda p: p.doc)

@@ -157,11 +157,17 @@ def _with_shipped_crds(crds: CrdSet) -> CrdSet:
 
 
 def validate_documents(
-    docs: list[Any], crd_path: str | os.PathLike[str] | None = None, *, k8s_version: str = K8S_VERSION
+    docs: list[Any],
+    crd_path: str | os.PathLike[str] | None = None,
+    *,
+    k8s_version: str = K8S_VERSION,
+    prerequisites: set[tuple[str, str]] | None = None,
 ) -> list[Problem]:
     """Validate parsed manifest documents; ``None`` entries (empty YAML documents) are skipped but
     keep their position, so ``Problem.doc`` is the 1-based position in ``docs``.
 
+    ``prerequisites``: (kind, name) of objects the user provides (``# prerequisite: Kind/name`` header lines),
+    which references across objects may name (``cross-object``, :mod:`widep.k8s.validate.cross`).
     ``crd_path`` defaults to :func:`default_crd_path`. Raises :class:`UserError` only for a
     missing/unusable CRD or schema version; everything about the documents is a :class:`Problem`.
     """
@@ -305,10 +311,17 @@ def validate_documents(
                 ],
             )
         problems.extend(sink.problems)
-    for pos, svc in services:
-        name = get(svc, "metadata", "name")
-        sink = Sink(pos, "Service", name if isinstance(name, str) else "")
-        sink.extend("cross-doc", list(_service_lws_problems(svc, lws_by_name)))
+    from widep.k8s.validate.cross import cross_object_problems
+
+    cross = cross_object_problems(docs, prerequisites)
+    svc_docs = dict(services)
+    for pos in sorted(set(cross) | set(svc_docs)):
+        doc = docs[pos - 1]
+        name = get(doc, "metadata", "name")
+        sink = Sink(pos, str(doc.get("kind") or ""), name if isinstance(name, str) else "")
+        sink.extend("cross-object", cross.get(pos, []))
+        if pos in svc_docs:
+            sink.extend("cross-doc", list(_service_lws_problems(svc_docs[pos], lws_by_name)))
         problems.extend(sink.problems)
     problems.sort(key=lambda p: p.doc)
     return problems

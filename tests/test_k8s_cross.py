@@ -1,0 +1,276 @@
+"""The cross-object check of ``widep lws --validate`` (widep/k8s/validate/cross.py): every class of problem that each
+single-object validator passes but a cluster breaks on, reproduced by hand-breaking widep's own manifests (real
+planner, real shipped CRDs); each must be rejected with the field named, and widep's own output must pass."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from widep.k8s import lws as L
+from widep.k8s import validate as v
+from widep.plan import plan as make_plan
+from widep.spec.topology import load_topology
+
+REPO = Path(__file__).resolve().parents[1]
+PD_DP2 = REPO / "topologies" / "tiny-moe-cpu-pd-dp2.yaml"
+DEEPSEEK_PD = REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml"
+
+
+def rendered(path: Path = PD_DP2, **options) -> list[dict]:
+    return L.render_lws(make_plan(load_topology(path)), **options)
+
+
+def cross(docs: list[dict], header: bool = True) -> list[v.Problem]:
+    head = "".join(f"# {line}\n" for line in L.prerequisite_lines(docs)) if header else ""
+    _, problems = v.validate_text(head + L.dump_manifests(docs))
+    return [p for p in problems if p.layer == "cross-object" and p.failing]
+
+
+def by(docs: list[dict], kind: str, suffix: str = "") -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix))
+
+
+def router(docs: list[dict]) -> dict:
+    return by(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("placement", ["pod-per-node", "pod-per-rank"])
+def test_widep_output_passes(placement):
+    assert [p.format() for p in cross(rendered(placement=placement))] == []
+
+
+def test_router_url_to_a_port_nobody_serves_is_rejected():
+    """Defect 3: pod-per-rank router URLs used bare-metal rank ports (base+rank)."""
+    docs = rendered(placement="pod-per-rank")
+    args = router(docs)["args"]
+    i = next(j for j, a in enumerate(args) if a.endswith("-decode-0-1.tiny-moe-cpu-pd-dp2-decode:8410"))
+    args[i] = args[i].replace(":8410", ":8411")
+    (p,) = cross(docs)
+    assert p.path == f"spec.template.spec.containers[0].args[{i}]"
+    assert "port 8411 is no port pod tiny-moe-cpu-pd-dp2-decode-0-1" in p.message and "Valid: 8410" in p.message
+
+
+def test_router_url_to_a_pod_the_group_does_not_have_is_rejected():
+    docs = rendered(placement="pod-per-rank")
+    args = router(docs)["args"]
+    i = next(j for j, a in enumerate(args) if "-decode-0-1." in a)
+    args[i] = args[i].replace("-decode-0-1.", "-decode-0-2.")
+    (p,) = cross(docs)
+    assert p.path.endswith(f"args[{i}]") and "size 2" in p.message
+
+
+def test_router_liveness_probe_shorter_than_its_wait_is_rejected():
+    """Defect 2: the router opens no port until every worker is healthy; liveness must not kill it meanwhile."""
+    docs = rendered()
+    c = router(docs)
+    assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 300
+    c.pop("startupProbe")
+    (p,) = cross(docs)
+    assert p.path == "spec.template.spec.containers[0].livenessProbe"
+    assert "--worker-startup-timeout-secs 300" in p.message and "startupProbe allowing >= 300 s" in p.message
+    c["startupProbe"] = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10, "failureThreshold": 3}
+    (p,) = cross(docs)
+    assert p.path == "spec.template.spec.containers[0].startupProbe.failureThreshold" and "30 s" in p.message
+
+
+def test_vllm_startup_probe_shorter_than_engine_ready_timeout_is_rejected():
+    docs = rendered(DEEPSEEK_PD)
+    lws = by(docs, "LeaderWorkerSet", "-decode")
+    c = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    c["startupProbe"]["failureThreshold"] = 2
+    (p,) = cross(docs)
+    assert p.path == "spec.leaderWorkerTemplate.workerTemplate.spec.containers[0].startupProbe.failureThreshold"
+    assert "VLLM_ENGINE_READY_TIMEOUT_S" in p.message
+
+
+def test_service_selector_matching_no_pod_is_rejected():
+    docs = rendered()
+    svc = by(docs, "Service", "-decode-api")
+    svc["spec"]["selector"]["leaderworkerset.sigs.k8s.io/name"] = "tiny-moe-cpu-pd-dp2-decoder"
+    problems = cross(docs)
+    assert [p.path for p in problems if p.name.endswith("-decode-api")] == ["spec.selector"]
+    assert "selects no pod" in problems[0].message
+
+
+def test_service_target_port_nobody_listens_on_is_rejected():
+    docs = rendered()
+    svc = by(docs, "Service", "-decode-api")
+    svc["spec"]["ports"][0]["targetPort"] = 9999
+    (p,) = cross(docs)
+    assert p.path == "spec.ports[0].targetPort" and "9999 is no port" in p.message and "Valid: 8410" in p.message
+    svc["spec"]["ports"][0]["targetPort"] = "htttp"
+    (p,) = cross(docs)
+    assert "'htttp' names no containerPort" in p.message
+
+
+def test_inference_pool_ports_selector_and_endpoint_picker():
+    """Defects 4 and 8: the pool's endpoint picker Service must exist or be a declared prerequisite."""
+    docs = rendered(DEEPSEEK_PD, front_door="llm-d")
+    assert cross(docs) == []
+    pool = by(docs, "InferencePool")
+    (p,) = cross(docs, header=False)
+    assert p.path == "spec.endpointPickerRef.name" and "deepseek-r1-pd-3x8-h200-epp" in p.message
+    broken = copy.deepcopy(docs)
+    by(broken, "InferencePool")["spec"]["targetPorts"][0]["number"] = 8999
+    problems = cross(broken)  # one per pod template it selects (prefill, decode)
+    assert {p.path for p in problems} == {"spec.targetPorts[0].number"} and len(problems) >= 2
+    assert all("8999 is no port" in p.message for p in problems)
+    pool["spec"]["selector"]["matchLabels"]["llm-d.ai/inference-serving"] = "yes"
+    (p,) = cross(docs)
+    assert p.path == "spec.selector.matchLabels" and "selects no pod" in p.message
+
+
+def test_env_with_value_and_value_from_is_rejected():
+    docs = rendered()
+    c = by(docs, "LeaderWorkerSet", "-prefill")["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
+    env = c["containers"][0]["env"]
+    env[0] = {"name": env[0]["name"], "value": "x", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+    (p,) = cross(docs)
+    assert p.severity == "error" and p.path == "spec.leaderWorkerTemplate.workerTemplate.spec.containers[0].env[0]"
+    assert "both value and valueFrom" in p.message
+
+
+def test_lws_size_against_the_scripts_rank_arithmetic():
+    docs = rendered(placement="pod-per-rank")
+    by(docs, "LeaderWorkerSet", "-decode")["spec"]["leaderWorkerTemplate"]["size"] = 3
+    problems = [p for p in cross(docs) if p.kind == "LeaderWorkerSet"]
+    assert [p.path for p in problems] == ["spec.leaderWorkerTemplate.size"]
+    assert "groups of 2 pods" in problems[0].message and "Valid: 2" in problems[0].message
+
+
+def test_undeclared_secret_is_a_note_and_a_declared_one_is_silent():
+    docs = rendered()
+    c = by(docs, "LeaderWorkerSet", "-prefill")["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]
+    c["containers"][0]["env"].append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "t"}}})
+    assert "prerequisite: Secret/hf (create it in the target namespace first)" in L.prerequisite_lines(docs)
+    assert cross(docs) == []
+    _, problems = v.validate_text(L.dump_manifests(docs))
+    (p,) = [p for p in problems if p.layer == "cross-object" and "Secret/" in p.message]
+    assert p.severity == "note" and p.path.endswith("valueFrom.secretKeyRef.name") and "Secret/hf" in p.message
+
+
+def test_router_has_no_api_key_env():
+    """Defect 8: vllm-router does not read VLLM_API_KEY (it forwards the client's Authorization header)."""
+    assert "env" not in router(rendered())
+
+
+def test_lws_rollout_surges_instead_of_taking_the_only_group_down():
+    for d in rendered():
+        if d["kind"] == "LeaderWorkerSet":
+            assert d["spec"]["rolloutStrategy"]["rollingUpdateConfiguration"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_llmd_front_door_bounds_the_release_name(tmp_path):
+    """Defect 4: the chart truncates long release names in the endpoint picker Service's name."""
+    import yaml
+
+    from widep.errors import UserError
+    from widep.k8s.frontdoor import ROUTER_RELEASE_MAX
+
+    topo = yaml.safe_load(DEEPSEEK_PD.read_text())
+    for length, fails in ((ROUTER_RELEASE_MAX, False), (ROUTER_RELEASE_MAX + 1, True)):
+        topo["name"] = "n" * length
+        path = tmp_path / f"t{length}.yaml"
+        path.write_text(yaml.safe_dump(topo))
+        if fails:
+            with pytest.raises(UserError, match=f"at most {ROUTER_RELEASE_MAX} characters"):
+                rendered(path, front_door="llm-d")
+        else:
+            assert cross(rendered(path, front_door="llm-d")) == []
+
+
+def test_generic_caches_are_claims_coreweave_keeps_local_nvme():
+    """Defect 7: no hostPath on the node's root disk by default outside CoreWeave."""
+    for provider, want in (("generic", "persistentVolumeClaim"), ("coreweave", "hostPath")):
+        lws = by(rendered(provider=provider), "LeaderWorkerSet", "-decode")
+        vols = {x["name"]: x for x in lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["volumes"]}
+        assert want in vols["model-cache"] and want in vols["jit-cache"], provider
+    assert "prerequisite: PersistentVolumeClaim/hf-cache (create it in the target namespace first)" in (
+        L.prerequisite_lines(rendered())
+    )
+
+
+def test_gke_a3_ultra_rdma_network_resources_are_zero():
+    """Defect 5: llm-d's GKE overlay requests networking.gke.io.networks/rdma-0..7 as "0" on RDMA pods."""
+    lws = by(rendered(DEEPSEEK_PD, provider="gke"), "LeaderWorkerSet", "-decode")
+    c = lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+    for i in range(8):
+        assert c["resources"]["limits"][f"networking.gke.io.networks/rdma-{i}"] == "0"
+        assert c["resources"]["requests"][f"networking.gke.io.networks/rdma-{i}"] == "0"
+    assert cross(rendered(DEEPSEEK_PD, provider="gke")) == []
+
+
+def _router_binary() -> str | None:
+    import os
+    import shutil
+    import sys
+
+    here = os.path.join(os.path.dirname(sys.executable), "vllm-router")
+    return here if os.path.exists(here) else shutil.which("vllm-router")
+
+
+@pytest.mark.skipif(_router_binary() is None, reason="vllm-router is not installed (scripts/dev installs it)")
+def test_real_router_opens_no_port_while_workers_start_and_the_emitted_probes_wait_for_it():
+    """Defect 2 with the real vllm-router binary: it answers nothing (connection refused) until every worker is
+    healthy, so a liveness probe shorter than the workers' start would kill it; the emitted startupProbe allows
+    the whole --worker-startup-timeout-secs. The worker is a tiny HTTP stub (test double: a CPU vLLM that becomes
+    healthy late on purpose would take minutes here); it answers /health 503 for its first seconds, then 200."""
+    import http.server
+    import subprocess
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from launch_helpers import free_ports
+
+    late_s = 4.0
+    start = time.monotonic()
+
+    class Late(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"object":"list","data":[{"id":"m"}]}' if self.path.startswith("/v1/models") else b"{}"
+            self.send_response(200 if time.monotonic() - start >= late_s else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    worker_port, port, prom = free_ports(3)
+    stub = http.server.ThreadingHTTPServer(("127.0.0.1", worker_port), Late)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    c = router(rendered(PD_DP2))
+    args = c["args"]
+    wait_s = int(args[args.index("--worker-startup-timeout-secs") + 1])
+    probe = c["startupProbe"]
+    budget = probe["periodSeconds"] * probe["failureThreshold"] + probe.get("initialDelaySeconds", 0)
+    assert budget >= wait_s and "initialDelaySeconds" not in c["livenessProbe"]
+    argv = [_router_binary(), "--host", "127.0.0.1", "--port", str(port), "--prometheus-port", str(prom)]
+    argv += ["--worker-urls", f"http://127.0.0.1:{worker_port}", "--policy", "round_robin"]
+    argv += ["--worker-startup-timeout-secs", str(wait_s), "--health-check-interval-secs", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    refused_while_late, healthy_at = 0, None
+    try:
+        # the kubelet's schedule, compressed: probe /health until the startup budget is spent
+        while time.monotonic() - start < min(budget, 90):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                    if r.status == 200:
+                        healthy_at = time.monotonic() - start
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() - start < late_s:
+                    refused_while_late += 1
+            time.sleep(0.5)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        stub.shutdown()
+    assert refused_while_late > 0  # no port while the worker is not healthy: a liveness probe would fail
+    assert healthy_at is not None and late_s <= healthy_at <= budget, healthy_at
