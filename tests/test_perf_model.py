@@ -408,6 +408,34 @@ def test_router_policy_sets_the_dp_balancer() -> None:
     assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms
 
 
+def test_lb_mode_orders_dp_imbalance_dp_aware_hybrid_round_robin() -> None:
+    """The 16+16 H200 P/D deployment: DP-aware routing over per-rank servers (external) leaves the busiest
+    decode rank nearest the mean, vLLM's internal balancer per node (hybrid) further, round robin (Poisson
+    counts) furthest; the factor is what predict --json reports and the lockstep step pays for it."""
+    import yaml
+
+    from widep.perf.cli import predict_point_dict
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    variants = {
+        "dp_aware": doc | {"router": {"enabled": True, "policy": "power_of_two"}},
+        "hybrid": doc | {"serving": {"dp_mode": "hybrid"}},
+        "round_robin": doc | {"router": {"enabled": True, "policy": "round_robin"}},
+    }
+    out = {}
+    for name, d in variants.items():
+        p = plan(parse_topology(d, "t"))
+        out[name] = predict_point_dict(p, Workload(isl=2000, osl=2000), 512.0, CAL)
+    f = {k: v["dp_imbalance"]["factor"] for k, v in out.items()}
+    assert 1.0 < f["dp_aware"] < f["hybrid"] < f["round_robin"]
+    assert out["hybrid"]["dp_imbalance"]["dp_mode"] == "hybrid"
+    assert out["dp_aware"]["step_ms"]["dp_imbalance"] == f["dp_aware"]
+    assert out["dp_aware"]["tpot_ms"] < out["hybrid"]["tpot_ms"] < out["round_robin"]["tpot_ms"]
+    # 32 requests per rank over 16 ranks: 1 + 0.25 sqrt(2 ln 16 / 32) for DP-aware [derived]
+    assert f["dp_aware"] == pytest.approx(1.0 + CAL.dp_imbalance_balanced * np.sqrt(2 * np.log(16) / 32), rel=1e-6)
+
+
 def test_long_prompts_unbalance_expert_loads_decode_tokens_do_not() -> None:
     """Tokens of one sequence pick correlated experts: at the same tokens per step, a few long prompts leave the
     busiest EP rank fuller than many short ones; decode (one token per sequence) is untouched by the term."""

@@ -115,7 +115,10 @@ class Calibration:
     dp_imbalance_random: float = 1.0
     """Busiest DP rank over the mean: 1 + coef * sqrt(2 ln(ranks) / requests per rank), random spreading."""
     dp_imbalance_balanced: float = 0.3
-    """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
+    """Same coefficient when a DP-aware balancer spreads requests (a load-aware router over per-rank servers)."""
+    dp_imbalance_internal: float = 0.8
+    """Same coefficient for vLLM's internal DP load balancer (hybrid / internal dp_mode): least-loaded on queue
+    counts its coordinator publishes at intervals, so placements between two publishes see stale counts."""
     routing_seq_corr: float = 0.0
     """Correlation of the expert choices of two tokens of one sequence: the expert-load statistics of a batch count
     sequences, not tokens, as independent draws (variance x (1 - rho + rho x tokens per sequence))."""
@@ -295,6 +298,7 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),
         dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
         dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
+        dp_imbalance_internal=_opt(doc, "routing.dp_imbalance_internal", s, 0.8),
         routing_seq_corr=_opt(doc, "routing.seq_corr", s, 0.0, 0.0, 1.0),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
         request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),

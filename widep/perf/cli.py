@@ -570,6 +570,13 @@ def sweep_cmd(
         )
 
 
+def _dp_lb(plan_obj: Any, factor: float | None) -> dict[str, Any]:
+    """How requests reach the DP ranks and what it costs: the busiest rank's load over the mean (lockstep)."""
+    from widep.perf.model import balancer_of, dp_mode_of
+
+    return {"factor": factor, "dp_mode": dp_mode_of(plan_obj), "front_door": balancer_of(plan_obj)}
+
+
 def _band() -> dict[str, Any]:
     """Leave-one-out residuals of the public operating points (written by profiling/fidelity.py --write)."""
     from importlib import resources
@@ -624,6 +631,7 @@ def predict_point_dict(
         "bound": lv.bound,
         "limit": lv.limit,
         "step_ms": bd,
+        "dp_imbalance": _dp_lb(plan_obj, bd.get("dp_imbalance")),
         "overlap": {
             "schedule": sched,
             "micro_batches": mb,

@@ -144,7 +144,12 @@ class RoleInput:
     engine: str = "vllm"
     """Whose overlap schedule: 'vllm' (DBO), 'sglang' (two-batch overlap) or 'deepseek' (decode 5-stage pipeline)."""
     balancer: str = "balanced"
-    """How requests reach DP ranks: 'balanced' (vLLM's DP coordinator / a DP-aware router) or 'random'."""
+    """How the front door (router or clients) places requests on API servers: 'balanced' (load-aware: a DP-aware
+    router policy) or 'random' (random, consistent_hash, round_robin: blind to load)."""
+    dp_mode: str = "external"
+    """serving.dp_mode: 'external' / 'multiport' (one API server per DP rank: the front door picks the rank),
+    'hybrid' (one per node: vLLM's internal DP load balancer picks among the node's ranks) or 'internal' (one
+    for the group: the internal balancer picks among all ranks)."""
 
     @property
     def gpus(self) -> int:
@@ -177,15 +182,25 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
     return 0
 
 
-RANDOM_POLICIES = ("random", "consistent_hash")
+RANDOM_POLICIES = ("random", "consistent_hash", "round_robin")
+DP_MODES = ("external", "multiport", "hybrid", "internal")
 
 
 def balancer_of(plan: Any) -> str:
-    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash),
-    else 'balanced' (vLLM's own DP coordinator, or a load-aware router policy)."""
+    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash,
+    round_robin: in a closed loop round robin evens the arrivals, not the departures, so per-rank counts
+    wander like Poisson ones), else 'balanced' (a load-aware router policy, or none: external LB assumes a
+    DP-aware front door)."""
     router = getattr(getattr(plan, "spec", None), "router", None)
     policy = getattr(router, "policy", None) if router is not None and getattr(router, "enabled", True) else None
     return "random" if policy in RANDOM_POLICIES else "balanced"
+
+
+def dp_mode_of(plan: Any) -> str:
+    """The topology's serving.dp_mode ('external' when the plan has none)."""
+    serving = getattr(getattr(plan, "spec", None), "serving", None)
+    mode = getattr(serving, "dp_mode", "external")
+    return mode if mode in DP_MODES else "external"
 
 
 def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
@@ -384,10 +399,23 @@ class RoleBatch:
                 raise UserError(f"engine: {r.engine!r} is not known. Valid: {', '.join(ENGINES)}.")
             if r.balancer not in ("balanced", "random"):
                 raise UserError(f"balancer: {r.balancer!r} is not known. Valid: balanced, random.")
+            if r.dp_mode not in DP_MODES:
+                raise UserError(f"dp_mode: {r.dp_mode!r} is not known. Valid: {', '.join(DP_MODES)}.")
         a["schedule"] = col([ENGINES[r.engine] for r in roles])
         a["dp_coef"] = col(
             [cal.dp_imbalance_random if r.balancer == "random" else cal.dp_imbalance_balanced for r in roles]
         )
+        # DP ranks behind one API server (its internal load balancer places among them; the front door among
+        # servers): 1 in external / multiport mode, the ranks of a node in hybrid mode, the group in internal
+        a["lb_ranks"] = col(
+            [
+                1.0
+                if r.dp_mode in ("external", "multiport")
+                else float(max(r.dp // max(r.nodes, 1), 1) if r.dp_mode == "hybrid" else r.dp)
+                for r in roles
+            ]
+        )
+        a["dp_internal"] = col([cal.dp_imbalance_internal for _ in roles])
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
@@ -744,6 +772,8 @@ class Perf:
     """Concurrency at which the batch stops growing (N, 1)."""
     steps: dict[str, Step] = field(default_factory=dict)
     """The step breakdowns behind the numbers: 'decode' (or 'mixed'), 'prefill'."""
+    dp_imbalance: np.ndarray | None = None
+    """Requests on the busiest DP rank over the mean (:func:`dp_busiest`): the lockstep step runs its load."""
 
 
 def front_end(cal: Calibration, per_server: Any) -> np.ndarray:
@@ -756,11 +786,22 @@ def dp_busiest(rb: RoleBatch, n: np.ndarray) -> np.ndarray:
     """Busiest DP rank's share over the mean when each rank holds ``n`` requests on average.
 
     Requests land on ranks like balls in bins: the maximum of G Poisson(n) loads is about
-    n + sqrt(2 n ln G) [derived]; a DP-aware balancer cuts the excess (calibrated coefficient). Every rank
-    waits for the busiest at each MoE layer (the all-to-all synchronises them), so it sets the step.
+    n + sqrt(2 n ln G) [derived]; a placement policy with a smaller variance of per-rank counts scales the
+    excess by its coefficient (random / round robin 1, DP-aware least-loaded ``dp_imbalance_balanced``).
+    Every rank waits for the busiest at each MoE layer (attention-DP lockstep: the all-to-all synchronises
+    them), so it sets the step. Two levels place a request when an API server fronts L > 1 ranks (hybrid:
+    a node's ranks; internal: the group's): the front door picks one of G / L servers (its policy's
+    coefficient over loads of L n: excess c_f sqrt(2 ln(G/L) / (L n))), then vLLM's internal DP balancer
+    picks a rank on queue counts its coordinator publishes at intervals (placements between two publishes see
+    the same stale counts: coefficient ``dp_imbalance_internal``, excess c_i sqrt(2 ln L / n)); the two
+    independent excesses add in quadrature.
     """
     G = np.maximum(rb.ranks, 1.0)
-    return 1.0 + rb.dp_coef * np.sqrt(2.0 * np.log(G) / np.maximum(n, 1.0)) * (G > 1)
+    L = np.minimum(rb.lb_ranks, G)
+    nn = np.maximum(n, 1.0)
+    front = rb.dp_coef**2 * 2.0 * np.log(G / L) / (L * nn)
+    inner = rb.dp_internal**2 * 2.0 * np.log(L) / nn
+    return 1.0 + np.sqrt(front + inner) * (G > 1)
 
 
 def _kv_cap(rb: RoleBatch, per_seq_tokens: float) -> np.ndarray:
@@ -838,6 +879,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         limit=np.broadcast_to(limit, S.shape).copy(),
         capacity=cap * G,
         steps={"mixed": st},
+        dp_imbalance=np.broadcast_to(dmax / d, S.shape).copy(),
     )
 
 
@@ -969,6 +1011,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         limit=np.broadcast_to(limit, S.shape).copy(),
         capacity=np.maximum(b_cap, 1.0) * Gd,
         steps={"decode": st, "prefill": pf_st},
+        dp_imbalance=np.broadcast_to(busiest_load(rd, b, cap) / np.maximum(b, 1.0), S.shape).copy(),
     )
 
 
@@ -1005,6 +1048,7 @@ def serve_decode_only(rd: RoleBatch, cal: Calibration, w: Workload, C: np.ndarra
         limit=np.broadcast_to(np.where(c <= cap, 0, np.where(cap == rd.max_num_seqs, 1, 2)), S.shape).copy(),
         capacity=cap * G,
         steps={"decode": st},
+        dp_imbalance=np.broadcast_to(busiest_load(rd, b, cap) / np.maximum(b, 1.0), S.shape).copy(),
     )
 
 
@@ -1042,6 +1086,7 @@ def serve_prefill_only(rp: RoleBatch, cal: Calibration, w: Workload, C: np.ndarr
         limit=np.broadcast_to(np.where(C / G <= cap_req, 0, 3), S.shape).copy(),
         capacity=np.maximum(cap, G),
         steps={"prefill": st},
+        dp_imbalance=np.broadcast_to(f, S.shape).copy(),
     )
 
 
@@ -1097,7 +1142,8 @@ def levels_from_perf(perf: Perf, i: int, sat_col: int | None = None) -> list[Lev
                 input_tps_gpu=float(perf.input_tps_gpu[i, j]),
                 bound=BOUND_NAMES[int(perf.bound[i, j])],
                 limit=LIMIT_NAMES[int(perf.limit[i, j])],
-                breakdown=perf.steps[key].row(i, j),
+                breakdown=perf.steps[key].row(i, j)
+                | ({} if perf.dp_imbalance is None else {"dp_imbalance": float(perf.dp_imbalance[i, j])}),
                 saturation=sat_col is not None and j == sat_col,
             )
         )
@@ -1131,8 +1177,11 @@ def predict_plan(
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
     from dataclasses import replace as _replace
 
-    balancer = balancer_of(plan)
-    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer) for rp in plan.roles]
+    balancer, dp_mode = balancer_of(plan), dp_mode_of(plan)
+    roles = [
+        _replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer, dp_mode=dp_mode)
+        for rp in plan.roles
+    ]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:
