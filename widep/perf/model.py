@@ -550,11 +550,21 @@ def _pad(rows: np.ndarray, block: int) -> np.ndarray:
 
 
 def step_time(
-    rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: Any, ctx_p: Any, prompt_len: Any = 2048.0
+    rb: RoleBatch,
+    cal: Calibration,
+    d: Any,
+    q: Any,
+    ctx_d: Any,
+    p: Any,
+    ctx_p: Any,
+    prompt_len: Any = 2048.0,
+    fill: Any = 1.0,
 ) -> Step:
     """Time of one step of each role in ``rb`` at the given loads (arrays broadcast against (N, 1)).
 
     ``prompt_len``: prompt tokens one prefill sequence brings to the step (their expert choices are correlated).
+    ``fill``: mean tokens over the DP ranks / this (the busiest) rank's tokens: below 1 some ranks run short or
+    empty steps in lockstep, so the experts receive fewer tokens than ranks x this rank's load.
     """
     A = rb.arch
     d = np.asarray(d, float)
@@ -583,10 +593,11 @@ def step_time(
 
     # routed experts: expected active experts, busiest rank's rows
     ep_f = np.maximum(rb.ep, 1.0)
-    tokens_routed = Tm * np.where(rb.expert_parallel, rb.dp, 1.0)
+    fill = np.asarray(fill, float)
+    tokens_routed = Tm * np.where(rb.expert_parallel, rb.dp * fill, 1.0)
     k_over = np.minimum(A.top_k / rb.physical_experts, 1.0)
     p_active = 1.0 - (1.0 - k_over) ** tokens_routed
-    rows_gpu = Tm * A.top_k / np.where(rb.expert_parallel, tp, 1.0)
+    rows_gpu = Tm * A.top_k / np.where(rb.expert_parallel, tp / fill, 1.0)
     # tokens of one sequence pick correlated experts: the load statistics see fewer independent draws
     # (variance x 1 - rho + rho x sum of squared tokens per sequence / tokens)
     lp = np.minimum(np.asarray(prompt_len, float), np.maximum(Tm, 1.0))
@@ -967,16 +978,23 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
 
     isl_c = max(w.isl_computed, 1.0)
     if w.arrival == "wave":
-        # the whole wave queues at the prefill group; decode then runs the full batch
+        # the whole wave queues at the prefill group; decode then runs the full batch. A prefill rank's first
+        # step carries the prompts of the wave that landed on it (the busiest rank's share, up to the token
+        # budget): one user's prompt is a one-prompt step, not a full batch. Prompts beyond one step per rank
+        # wait for the group to drain them (mean half the drain beyond the first step).
         b, starved = b0, np.zeros_like(b0, dtype=bool)
         b_cap = cap
         st = decode_step(b)
         S = st.total
-        p_load = pb
-        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
-        S_pf = pf_st.total
         held = Gd * b
-        ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
+        per_p = held / rp.ranks
+        p_load = np.clip(np.ceil(per_p * dp_busiest(rp, per_p) - 1e-9) * isl_c, isl_c, pb)
+        fill = np.clip(per_p * isl_c / p_load, 1.0 / rp.ranks, 1.0)
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c, fill=fill)
+        S_pf = pf_st.total
+        S_full = step_time(rp, cal, 0.0, 1.0, 0.0, pb, w.ctx_prefill, prompt_len=isl_c).total
+        queue = np.maximum(held / Xp - S_full, 0.0) / 2.0
+        ttft = queue + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
         E = ttft + (w.osl - 1.0) / qa * S
         X = held / E
         ttft = ttft + _wait(C, X, E)
@@ -988,7 +1006,8 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         X = Gd * b * qa / (w.osl * S)
         rho = np.clip(X / Xp, 0.0, 1.0)
         p_load = np.clip(rho * pb, isl_c, pb)
-        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
+        fill = np.clip(rho * pb / p_load, 1.0 / rp.ranks, 1.0)
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c, fill=fill)
         S_pf = pf_st.total
         ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
         E = ttft_service + (w.osl - 1.0) / qa * S
