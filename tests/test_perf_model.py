@@ -223,6 +223,19 @@ def test_dbo_hides_all2all_but_reads_weights_twice() -> None:
     assert step_time(rb, CAL, 16, 1, 4000, 0, 0).micro_batches[1, 0] == 1.0
 
 
+def test_dbo_helps_across_nodes_at_128_per_rank_and_not_inside_one_node() -> None:
+    """vLLM's DBO: across nodes (RDMA: the wire time hides behind the other micro-batch) two micro-batches at
+    128 sequences per rank beat one, the more the wider the EP; inside one node (NVLink: the copy is SM work)
+    the second weight read costs more than DBO hides; below the decode threshold nothing is split."""
+    gain = {}
+    for nodes in (1, 2, 4):
+        rb = RoleBatch.build(A_R1, [role(nodes=nodes), role(nodes=nodes, dbo=True)], CAL)
+        st = step_time(rb, CAL, 128, 1, 4000, 0, 0)
+        gain[nodes] = st.total[0, 0] / st.total[1, 0]
+        assert st.overlap_hidden[1, 0] > 0.0 and st.overlap_hidden[0, 0] == 0.0
+    assert gain[1] < 1.0 < gain[2] < gain[4]
+
+
 def test_accepted_tokens_per_step() -> None:
     assert accepted_per_step(np.asarray(0.0), 0.85) == pytest.approx(1.0)
     assert accepted_per_step(np.asarray(1.0), 0.85) == pytest.approx(1.85)
@@ -369,8 +382,9 @@ def test_overlap_schedule_hides_at_most_each_phase() -> None:
 
     base = role(kind="decode", nodes=4, dbo=True)
     rows = [base, dc_replace(base, engine="deepseek"), dc_replace(base, dbo=False)]
-    rb = RoleBatch.build(A_R1, rows, CAL)
-    st = step_time(rb, CAL, 128, 1, 2000, 0, 0)
+    same = dc_replace(CAL, dbo_vllm_efficiency=CAL.overlap_efficiency)  # the schedules at one efficiency
+    rb = RoleBatch.build(A_R1, rows, same)
+    st = step_time(rb, same, 128, 1, 2000, 0, 0)
     hid = st.overlap_hidden[:, 0]
     assert np.all(hid <= st.all2all[:, 0] + 1e-12)
     assert hid[0] <= hid[1] + 1e-12 and hid[2] == 0.0

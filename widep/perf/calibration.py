@@ -105,6 +105,9 @@ class Calibration:
     kv_transfer_latency_us: float
     a2a: tuple[A2ATable, ...]
     overlap_efficiency: float = 0.9
+    dbo_vllm_efficiency: float = 0.9
+    """Share of the hideable all-to-all wire time that vLLM's DBO (thread per micro-batch, yield at the
+    receive hook) hides behind the other micro-batch's phase; other schedules use overlap_efficiency."""
     """Fraction of the all-to-all wire time a compute phase of the other micro-batch can hide."""
     a2a_sm_fraction_nvlink: float = 0.75
     """Share of an intranode (NVLink) all-to-all that is SM copy work, never hidden by overlap."""
@@ -293,6 +296,7 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         kv_transfer_latency_us=_num(doc, "kv_transfer.latency_us", s),
         a2a=tuple(_a2a_table(k, v, s) for k, v in a2a.items()),
         overlap_efficiency=_opt(doc, "dbo.efficiency", s, 0.9, 0.0, 1.0),
+        dbo_vllm_efficiency=_opt(doc, "dbo.vllm_efficiency", s, 0.9, 0.0, 1.0),
         a2a_sm_fraction_nvlink=_opt(doc, "dbo.a2a_sm_fraction_nvlink", s, 0.75, 0.0, 1.0),
         a2a_sm_fraction_rdma=_opt(doc, "dbo.a2a_sm_fraction_rdma", s, 0.15, 0.0, 1.0),
         comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),

@@ -698,7 +698,11 @@ def step_time(
     packed = np.minimum(2.0 * (D_w + C_w), 2.0 * (A_l + M_l))
     sched = np.where((rb.schedule == 2) & (p > 0), 3, rb.schedule)  # DeepSeek's 5-stage pipeline is decode's
     hid_layer = np.where(sched == 2, packed, pair) / 2.0  # per micro-batch
-    hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), cal.overlap_efficiency * hid_layer * per, 0.0)
+    # vLLM's DBO runs each micro-batch on its own thread and yields at every dispatch / combine (DeepEP's
+    # receive hook): the other micro-batch's phase is already queued when the wire time starts, so the op
+    # hides up to that phase at ``dbo_vllm_efficiency``; TBO / DeepSeek schedules at the fitted efficiency
+    eff = np.where(sched == 0, cal.dbo_vllm_efficiency, cal.overlap_efficiency)
+    hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), eff * hid_layer * per, 0.0)
     hidden = np.minimum(hidden, t_a2a)
     exposed = t_a2a - hidden
     # SM contention: while DeepEP's normal kernels are in flight they hold comm_sms SMs, so the compute
