@@ -450,6 +450,32 @@ def test_lb_mode_orders_dp_imbalance_dp_aware_hybrid_round_robin() -> None:
     assert f["dp_aware"] == pytest.approx(1.0 + CAL.dp_imbalance_balanced * np.sqrt(2 * np.log(16) / 32), rel=1e-6)
 
 
+def test_fabric_and_nics_per_node_feed_all2all_and_kv_transfer() -> None:
+    """cluster.network: the same P/D deployment on RoCE (DeepEP's RDMA all-to-all at 0.65 of InfiniBand's,
+    KV transfer at 0.9) or with 4 NICs per node (half the per-GPU bandwidth) is slower than on one InfiniBand
+    NIC per GPU; an unknown fabric is rejected naming the field."""
+    import yaml
+
+    from widep.errors import UserError as _UE
+    from widep.perf.cli import predict_point_dict
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    out = {}
+    for name, net in {"ib": {}, "roce": {"fabric": "roce"}, "4nic": {"nics_per_node": 4}}.items():
+        d = dict(doc)
+        d["cluster"] = dict(doc["cluster"]) | {"network": dict(doc["cluster"]["network"]) | net}
+        out[name] = predict_point_dict(plan(parse_topology(d, "t")), Workload(isl=2000, osl=2000), 2048.0, CAL)
+    a2a = {k: v["step_ms"]["all2all_ms"] for k, v in out.items()}
+    assert a2a["roce"] == pytest.approx(a2a["ib"] / CAL.roce_a2a_efficiency, rel=0.25)
+    assert a2a["ib"] < a2a["roce"] < a2a["4nic"]
+    assert out["ib"]["tpot_ms"] < out["roce"]["tpot_ms"] < out["4nic"]["tpot_ms"]
+    bad = dict(doc)
+    bad["cluster"] = dict(doc["cluster"]) | {"network": {"fabric": "ethernet"}}
+    with pytest.raises(_UE, match="fabric"):
+        parse_topology(bad, "t")
+
+
 def test_long_prompts_unbalance_expert_loads_decode_tokens_do_not() -> None:
     """Tokens of one sequence pick correlated experts: at the same tokens per step, a few long prompts leave the
     busiest EP rank fuller than many short ones; decode (one token per sequence) is untouched by the term."""

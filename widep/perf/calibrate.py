@@ -321,6 +321,7 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
             "dp_imbalance_internal": cal.dp_imbalance_internal,
             "seq_corr": cal.routing_seq_corr,
         },
+        "fabric": {"roce_a2a_efficiency": cal.roce_a2a_efficiency, "roce_kv_efficiency": cal.roce_kv_efficiency},
         "speculative": {"acceptance": cal.spec_acceptance, "draft_pass_us": cal.spec_draft_us},
         "kv_transfer": {"nic_efficiency": cal.kv_transfer_nic_efficiency, "latency_us": cal.kv_transfer_latency_us},
         "a2a": {t.backend: tab(t) for t in cal.a2a},

@@ -106,6 +106,10 @@ class Calibration:
     a2a: tuple[A2ATable, ...]
     overlap_efficiency: float = 0.9
     dbo_vllm_efficiency: float = 0.9
+    roce_a2a_efficiency: float = 1.0
+    """Internode expert all-to-all bandwidth on RoCE over the InfiniBand figures of the a2a tables."""
+    roce_kv_efficiency: float = 1.0
+    """KV-transfer bandwidth on RoCE over InfiniBand."""
     """Share of the hideable all-to-all wire time that vLLM's DBO (thread per micro-batch, yield at the
     receive hook) hides behind the other micro-batch's phase; other schedules use overlap_efficiency."""
     """Fraction of the all-to-all wire time a compute phase of the other micro-batch can hide."""
@@ -297,6 +301,8 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         a2a=tuple(_a2a_table(k, v, s) for k, v in a2a.items()),
         overlap_efficiency=_opt(doc, "dbo.efficiency", s, 0.9, 0.0, 1.0),
         dbo_vllm_efficiency=_opt(doc, "dbo.vllm_efficiency", s, 0.9, 0.0, 1.0),
+        roce_a2a_efficiency=_opt(doc, "fabric.roce_a2a_efficiency", s, 1.0, 0.01, 1.0),
+        roce_kv_efficiency=_opt(doc, "fabric.roce_kv_efficiency", s, 1.0, 0.01, 1.0),
         a2a_sm_fraction_nvlink=_opt(doc, "dbo.a2a_sm_fraction_nvlink", s, 0.75, 0.0, 1.0),
         a2a_sm_fraction_rdma=_opt(doc, "dbo.a2a_sm_fraction_rdma", s, 0.15, 0.0, 1.0),
         comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),

@@ -146,6 +146,8 @@ class RoleInput:
     balancer: str = "balanced"
     """How the front door (router or clients) places requests on API servers: 'balanced' (load-aware: a DP-aware
     router policy) or 'random' (random, consistent_hash, round_robin: blind to load)."""
+    fabric: str = "infiniband"
+    """cluster.network.fabric: 'infiniband' or 'roce' (scales the internode all-to-all and the KV transfer)."""
     dp_mode: str = "external"
     """serving.dp_mode: 'external' / 'multiport' (one API server per DP rank: the front door picks the rank),
     'hybrid' (one per node: vLLM's internal DP load balancer picks among the node's ranks) or 'internal' (one
@@ -194,6 +196,20 @@ def balancer_of(plan: Any) -> str:
     router = getattr(getattr(plan, "spec", None), "router", None)
     policy = getattr(router, "policy", None) if router is not None and getattr(router, "enabled", True) else None
     return "random" if policy in RANDOM_POLICIES else "balanced"
+
+
+def network_of(plan: Any) -> tuple[GPUSpec, str]:
+    """The plan's GPU with its inter-node bandwidth per GPU from cluster.network (nics_per_node NICs at the
+    catalog's per-NIC rate shared by the node's GPUs), and the fabric ('infiniband' or 'roce')."""
+    gpu = plan.gpu
+    cluster = getattr(getattr(plan, "spec", None), "cluster", None)
+    net = getattr(cluster, "network", None)
+    nics = getattr(net, "nics_per_node", None)
+    if nics is not None and cluster is not None:
+        from dataclasses import replace as _replace
+
+        gpu = _replace(gpu, nic_gbps=gpu.nic_gbps * nics / max(cluster.gpus_per_node, 1))
+    return gpu, getattr(net, "fabric", "infiniband")
 
 
 def dp_mode_of(plan: Any) -> str:
@@ -372,7 +388,8 @@ class RoleBatch:
         a["expert_peak"] = col([r.gpu.tflops(arch.expert_dtype) * 1e12 for r in roles])
         a["bf16_peak"] = col([r.gpu.bf16_tflops * 1e12 for r in roles])
         a["nvlink"] = col([r.gpu.nvlink_gbps * GB for r in roles])
-        a["nic"] = col([r.gpu.nic_gbps * GB for r in roles])
+        # KV transfer rides the same NICs: RoCE's bulk RDMA reads at their own efficiency
+        a["nic"] = col([r.gpu.nic_gbps * GB * (cal.roce_kv_efficiency if r.fabric == "roce" else 1.0) for r in roles])
         for name in (
             "tp",
             "dp",
@@ -419,10 +436,10 @@ class RoleBatch:
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
-        memo: dict[tuple[str, bool, int, float, float], tuple[float, float, float, float]] = {}
+        memo: dict[tuple[str, bool, int, float, float, str], tuple[float, float, float, float]] = {}
 
         def link(r: RoleInput) -> tuple[float, float, float, float]:
-            k = (r.backend, r.nodes <= 1, r.ep, r.gpu.nvlink_gbps, r.gpu.nic_gbps)
+            k = (r.backend, r.nodes <= 1, r.ep, r.gpu.nvlink_gbps, r.gpu.nic_gbps, r.fabric)
             if k not in memo:
                 t = tables.get(r.backend)
                 if t is None:
@@ -436,7 +453,7 @@ class RoleBatch:
                         t.intranode_combine_gbps * GB * sc,
                     )
                 else:
-                    sc = r.gpu.nic_gbps / cal.ref_nic_gbps
+                    sc = r.gpu.nic_gbps / cal.ref_nic_gbps * (cal.roce_a2a_efficiency if r.fabric == "roce" else 1.0)
                     memo[k] = (
                         t.latency_us * 1e-6,
                         _BYTES_MODEL[t.bytes_model],
@@ -1201,8 +1218,9 @@ def predict_plan(
     from dataclasses import replace as _replace
 
     balancer, dp_mode = balancer_of(plan), dp_mode_of(plan)
+    gpu, fabric = network_of(plan)
     roles = [
-        _replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer, dp_mode=dp_mode)
+        _replace(role_input_from_plan(rp, gpu), engine=engine, balancer=balancer, dp_mode=dp_mode, fabric=fabric)
         for rp in plan.roles
     ]
     kinds = [r.kind for r in roles]
