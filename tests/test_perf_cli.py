@@ -223,3 +223,29 @@ def test_predict_json_contract_and_bad_input() -> None:
     assert text.returncode == 0 and "tokens/s per decode GPU" in text.stdout and "overlap:" in text.stdout
     bad = widep("predict", topo, "--concurrency", "0")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_sweep_arrival_and_one_users_pd_ttft(tmp_path: Path) -> None:
+    """`widep sweep --arrival` as `widep predict --arrival`: on a 16 + 16 H200 P/D deployment one 2k-token user's
+    TTFT is one prompt's prefill step + KV transfer + a decode step (< 0.5 s) in both modes; at 2,048 users the
+    wave (everyone starts together) queues at the prefill group, steady arrivals do not."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    doc["cluster"]["nodes"] = [{"name": f"h200-{i}", "address": f"10.0.0.{10 + i}"} for i in range(4)]
+    doc["roles"][0]["nodes"] = 2
+    topo = tmp_path / "pd-16-16.yaml"
+    topo.write_text(yaml.safe_dump(doc))
+    ttft = {}
+    for arrival in ("wave", "steady"):
+        p = widep("sweep", "--topologies", str(topo), "--concurrency", "1,2048", "--arrival", arrival, "--json")
+        assert p.returncode == 0, p.stderr
+        out = json.loads(p.stdout)
+        assert out["workload"]["arrival"] == arrival
+        (cand,) = out["candidates"]
+        assert cand["mode"] == "pd" and cand["gpus"] == 32
+        ttft[arrival] = {lv["concurrency"]: lv["ttft_ms"] for lv in cand["levels"]}
+    assert ttft["wave"][1.0] < 500.0 and ttft["steady"][1.0] < 500.0
+    assert ttft["wave"][2048.0] > 5 * ttft["steady"][2048.0]
+    bad = widep("sweep", "--topologies", str(topo), "--arrival", "sometimes")
+    assert bad.returncode == 2 and "sometimes" in bad.stderr

@@ -223,6 +223,19 @@ def test_dbo_hides_all2all_but_reads_weights_twice() -> None:
     assert step_time(rb, CAL, 16, 1, 4000, 0, 0).micro_batches[1, 0] == 1.0
 
 
+def test_dbo_helps_across_nodes_at_128_per_rank_and_not_inside_one_node() -> None:
+    """vLLM's DBO: across nodes (RDMA: the wire time hides behind the other micro-batch) two micro-batches at
+    128 sequences per rank beat one, the more the wider the EP; inside one node (NVLink: the copy is SM work)
+    the second weight read costs more than DBO hides; below the decode threshold nothing is split."""
+    gain = {}
+    for nodes in (1, 2, 4):
+        rb = RoleBatch.build(A_R1, [role(nodes=nodes), role(nodes=nodes, dbo=True)], CAL)
+        st = step_time(rb, CAL, 128, 1, 4000, 0, 0)
+        gain[nodes] = st.total[0, 0] / st.total[1, 0]
+        assert st.overlap_hidden[1, 0] > 0.0 and st.overlap_hidden[0, 0] == 0.0
+    assert gain[1] < 1.0 < gain[2] < gain[4]
+
+
 def test_accepted_tokens_per_step() -> None:
     assert accepted_per_step(np.asarray(0.0), 0.85) == pytest.approx(1.0)
     assert accepted_per_step(np.asarray(1.0), 0.85) == pytest.approx(1.85)
@@ -369,8 +382,9 @@ def test_overlap_schedule_hides_at_most_each_phase() -> None:
 
     base = role(kind="decode", nodes=4, dbo=True)
     rows = [base, dc_replace(base, engine="deepseek"), dc_replace(base, dbo=False)]
-    rb = RoleBatch.build(A_R1, rows, CAL)
-    st = step_time(rb, CAL, 128, 1, 2000, 0, 0)
+    same = dc_replace(CAL, dbo_vllm_efficiency=CAL.overlap_efficiency)  # the schedules at one efficiency
+    rb = RoleBatch.build(A_R1, rows, same)
+    st = step_time(rb, same, 128, 1, 2000, 0, 0)
     hid = st.overlap_hidden[:, 0]
     assert np.all(hid <= st.all2all[:, 0] + 1e-12)
     assert hid[0] <= hid[1] + 1e-12 and hid[2] == 0.0
@@ -406,6 +420,60 @@ def test_router_policy_sets_the_dp_balancer() -> None:
         out[policy] = (balancer_of(p), level)
     assert out["random"][0] == "random" and out["power_of_two"][0] == "balanced"
     assert out["random"][1].tpot_ms > out["power_of_two"][1].tpot_ms
+
+
+def test_lb_mode_orders_dp_imbalance_dp_aware_hybrid_round_robin() -> None:
+    """The 16+16 H200 P/D deployment: DP-aware routing over per-rank servers (external) leaves the busiest
+    decode rank nearest the mean, vLLM's internal balancer per node (hybrid) further, round robin (Poisson
+    counts) furthest; the factor is what predict --json reports and the lockstep step pays for it."""
+    import yaml
+
+    from widep.perf.cli import predict_point_dict
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    variants = {
+        "dp_aware": doc | {"router": {"enabled": True, "policy": "power_of_two"}},
+        "hybrid": doc | {"serving": {"dp_mode": "hybrid"}},
+        "round_robin": doc | {"router": {"enabled": True, "policy": "round_robin"}},
+    }
+    out = {}
+    for name, d in variants.items():
+        p = plan(parse_topology(d, "t"))
+        out[name] = predict_point_dict(p, Workload(isl=2000, osl=2000), 512.0, CAL)
+    f = {k: v["dp_imbalance"]["factor"] for k, v in out.items()}
+    assert 1.0 < f["dp_aware"] < f["hybrid"] < f["round_robin"]
+    assert out["hybrid"]["dp_imbalance"]["dp_mode"] == "hybrid"
+    assert out["dp_aware"]["step_ms"]["dp_imbalance"] == f["dp_aware"]
+    assert out["dp_aware"]["tpot_ms"] < out["hybrid"]["tpot_ms"] < out["round_robin"]["tpot_ms"]
+    # 32 requests per rank over 16 ranks: 1 + 0.25 sqrt(2 ln 16 / 32) for DP-aware [derived]
+    assert f["dp_aware"] == pytest.approx(1.0 + CAL.dp_imbalance_balanced * np.sqrt(2 * np.log(16) / 32), rel=1e-6)
+
+
+def test_fabric_and_nics_per_node_feed_all2all_and_kv_transfer() -> None:
+    """cluster.network: the same P/D deployment on RoCE (DeepEP's RDMA all-to-all at 0.65 of InfiniBand's,
+    KV transfer at 0.9) or with 4 NICs per node (half the per-GPU bandwidth) is slower than on one InfiniBand
+    NIC per GPU; an unknown fabric is rejected naming the field."""
+    import yaml
+
+    from widep.errors import UserError as _UE
+    from widep.perf.cli import predict_point_dict
+    from widep.spec.topology import parse_topology
+
+    doc = yaml.safe_load((ROOT / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    out = {}
+    for name, net in {"ib": {}, "roce": {"fabric": "roce"}, "4nic": {"nics_per_node": 4}}.items():
+        d = dict(doc)
+        d["cluster"] = dict(doc["cluster"]) | {"network": dict(doc["cluster"]["network"]) | net}
+        out[name] = predict_point_dict(plan(parse_topology(d, "t")), Workload(isl=2000, osl=2000), 2048.0, CAL)
+    a2a = {k: v["step_ms"]["all2all_ms"] for k, v in out.items()}
+    assert a2a["roce"] == pytest.approx(a2a["ib"] / CAL.roce_a2a_efficiency, rel=0.25)
+    assert a2a["ib"] < a2a["roce"] < a2a["4nic"]
+    assert out["ib"]["tpot_ms"] < out["roce"]["tpot_ms"] < out["4nic"]["tpot_ms"]
+    bad = dict(doc)
+    bad["cluster"] = dict(doc["cluster"]) | {"network": {"fabric": "ethernet"}}
+    with pytest.raises(_UE, match="fabric"):
+        parse_topology(bad, "t")
 
 
 def test_long_prompts_unbalance_expert_loads_decode_tokens_do_not() -> None:

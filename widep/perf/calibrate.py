@@ -306,6 +306,7 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
         },
         "dbo": {
             "efficiency": cal.overlap_efficiency,
+            "vllm_efficiency": cal.dbo_vllm_efficiency,
             "a2a_sm_fraction_nvlink": cal.a2a_sm_fraction_nvlink,
             "a2a_sm_fraction_rdma": cal.a2a_sm_fraction_rdma,
             "comm_sms_normal": cal.comm_sms_normal,
@@ -317,8 +318,10 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
             "redundant_relief": cal.routing_redundant_relief,
             "dp_imbalance_random": cal.dp_imbalance_random,
             "dp_imbalance_balanced": cal.dp_imbalance_balanced,
+            "dp_imbalance_internal": cal.dp_imbalance_internal,
             "seq_corr": cal.routing_seq_corr,
         },
+        "fabric": {"roce_a2a_efficiency": cal.roce_a2a_efficiency, "roce_kv_efficiency": cal.roce_kv_efficiency},
         "speculative": {"acceptance": cal.spec_acceptance, "draft_pass_us": cal.spec_draft_us},
         "kv_transfer": {"nic_efficiency": cal.kv_transfer_nic_efficiency, "latency_us": cal.kv_transfer_latency_us},
         "a2a": {t.backend: tab(t) for t in cal.a2a},

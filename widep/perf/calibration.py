@@ -105,6 +105,13 @@ class Calibration:
     kv_transfer_latency_us: float
     a2a: tuple[A2ATable, ...]
     overlap_efficiency: float = 0.9
+    dbo_vllm_efficiency: float = 0.9
+    roce_a2a_efficiency: float = 1.0
+    """Internode expert all-to-all bandwidth on RoCE over the InfiniBand figures of the a2a tables."""
+    roce_kv_efficiency: float = 1.0
+    """KV-transfer bandwidth on RoCE over InfiniBand."""
+    """Share of the hideable all-to-all wire time that vLLM's DBO (thread per micro-batch, yield at the
+    receive hook) hides behind the other micro-batch's phase; other schedules use overlap_efficiency."""
     """Fraction of the all-to-all wire time a compute phase of the other micro-batch can hide."""
     a2a_sm_fraction_nvlink: float = 0.75
     """Share of an intranode (NVLink) all-to-all that is SM copy work, never hidden by overlap."""
@@ -115,7 +122,10 @@ class Calibration:
     dp_imbalance_random: float = 1.0
     """Busiest DP rank over the mean: 1 + coef * sqrt(2 ln(ranks) / requests per rank), random spreading."""
     dp_imbalance_balanced: float = 0.3
-    """Same coefficient when a DP-aware balancer spreads requests (vLLM's DP coordinator, dp-aware router)."""
+    """Same coefficient when a DP-aware balancer spreads requests (a load-aware router over per-rank servers)."""
+    dp_imbalance_internal: float = 0.8
+    """Same coefficient for vLLM's internal DP load balancer (hybrid / internal dp_mode): least-loaded on queue
+    counts its coordinator publishes at intervals, so placements between two publishes see stale counts."""
     routing_seq_corr: float = 0.0
     """Correlation of the expert choices of two tokens of one sequence: the expert-load statistics of a batch count
     sequences, not tokens, as independent draws (variance x (1 - rho + rho x tokens per sequence))."""
@@ -290,11 +300,15 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         kv_transfer_latency_us=_num(doc, "kv_transfer.latency_us", s),
         a2a=tuple(_a2a_table(k, v, s) for k, v in a2a.items()),
         overlap_efficiency=_opt(doc, "dbo.efficiency", s, 0.9, 0.0, 1.0),
+        dbo_vllm_efficiency=_opt(doc, "dbo.vllm_efficiency", s, 0.9, 0.0, 1.0),
+        roce_a2a_efficiency=_opt(doc, "fabric.roce_a2a_efficiency", s, 1.0, 0.01, 1.0),
+        roce_kv_efficiency=_opt(doc, "fabric.roce_kv_efficiency", s, 1.0, 0.01, 1.0),
         a2a_sm_fraction_nvlink=_opt(doc, "dbo.a2a_sm_fraction_nvlink", s, 0.75, 0.0, 1.0),
         a2a_sm_fraction_rdma=_opt(doc, "dbo.a2a_sm_fraction_rdma", s, 0.15, 0.0, 1.0),
         comm_sms_normal=_opt(doc, "dbo.comm_sms_normal", s, 24.0, 0.0, 200.0),
         dp_imbalance_random=_opt(doc, "routing.dp_imbalance_random", s, 1.0),
         dp_imbalance_balanced=_opt(doc, "routing.dp_imbalance_balanced", s, 0.3),
+        dp_imbalance_internal=_opt(doc, "routing.dp_imbalance_internal", s, 0.8),
         routing_seq_corr=_opt(doc, "routing.seq_corr", s, 0.0, 0.0, 1.0),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
         request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),

@@ -229,6 +229,13 @@ def _fmt(x: Any, nd: int = 1) -> str:
 )
 @click.option("--top", default=15, show_default=True, type=click.IntRange(min=0), help="Rows per table (0: all).")
 @click.option("--show-infeasible", is_flag=True, help="List infeasible candidates with the planner's reason.")
+@click.option(
+    "--arrival",
+    type=click.Choice(["wave", "steady"]),
+    default="wave",
+    show_default=True,
+    help="As for widep predict: wave (every user starts together) or steady (arrivals spread out).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
 def sweep_cmd(
     files: tuple[str, ...],
@@ -259,6 +266,7 @@ def sweep_cmd(
     top: int,
     show_infeasible: bool,
     as_json: bool,
+    arrival: str = "wave",
     measure: bool = False,
     launch_backend: str = "bare-metal",
     requests_per_level: int = 16,
@@ -309,7 +317,7 @@ def sweep_cmd(
                 "give either topology files (--topologies) or a budget (--model, --gpus), not both. "
                 f"Given: files {paths} and --model {model!r} --gpus {gpus_text!r}."
             )
-        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=spec_tokens)
+        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=spec_tokens, arrival=arrival)
         items = items_from_topologies(_expand(paths))
         meta["topologies"] = [it.source for it in items]
         title = f"{len(items)} topology file(s)"
@@ -349,7 +357,7 @@ def sweep_cmd(
                 f"--gpus: no candidate topology for {gpus_text!r} GPUs with {gpus_per_node} GPUs per node. "
                 f"Valid: counts below one node, or multiples of {gpus_per_node} (whole nodes)."
             )
-        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=None)
+        workload = Workload(isl=isl, osl=osl, prefix_hit=prefix_hit, spec_tokens=None, arrival=arrival)
         items = items_from_candidates(cands)
         meta["budget"] = {
             "model": model,
@@ -570,6 +578,13 @@ def sweep_cmd(
         )
 
 
+def _dp_lb(plan_obj: Any, factor: float | None) -> dict[str, Any]:
+    """How requests reach the DP ranks and what it costs: the busiest rank's load over the mean (lockstep)."""
+    from widep.perf.model import balancer_of, dp_mode_of
+
+    return {"factor": factor, "dp_mode": dp_mode_of(plan_obj), "front_door": balancer_of(plan_obj)}
+
+
 def _band() -> dict[str, Any]:
     """Leave-one-out residuals of the public operating points (written by profiling/fidelity.py --write)."""
     from importlib import resources
@@ -624,6 +639,7 @@ def predict_point_dict(
         "bound": lv.bound,
         "limit": lv.limit,
         "step_ms": bd,
+        "dp_imbalance": _dp_lb(plan_obj, bd.get("dp_imbalance")),
         "overlap": {
             "schedule": sched,
             "micro_batches": mb,

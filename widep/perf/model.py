@@ -144,7 +144,14 @@ class RoleInput:
     engine: str = "vllm"
     """Whose overlap schedule: 'vllm' (DBO), 'sglang' (two-batch overlap) or 'deepseek' (decode 5-stage pipeline)."""
     balancer: str = "balanced"
-    """How requests reach DP ranks: 'balanced' (vLLM's DP coordinator / a DP-aware router) or 'random'."""
+    """How the front door (router or clients) places requests on API servers: 'balanced' (load-aware: a DP-aware
+    router policy) or 'random' (random, consistent_hash, round_robin: blind to load)."""
+    fabric: str = "infiniband"
+    """cluster.network.fabric: 'infiniband' or 'roce' (scales the internode all-to-all and the KV transfer)."""
+    dp_mode: str = "external"
+    """serving.dp_mode: 'external' / 'multiport' (one API server per DP rank: the front door picks the rank),
+    'hybrid' (one per node: vLLM's internal DP load balancer picks among the node's ranks) or 'internal' (one
+    for the group: the internal balancer picks among all ranks)."""
 
     @property
     def gpus(self) -> int:
@@ -177,15 +184,39 @@ def spec_tokens_of(extra_args: Sequence[str]) -> int:
     return 0
 
 
-RANDOM_POLICIES = ("random", "consistent_hash")
+RANDOM_POLICIES = ("random", "consistent_hash", "round_robin")
+DP_MODES = ("external", "multiport", "hybrid", "internal")
 
 
 def balancer_of(plan: Any) -> str:
-    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash),
-    else 'balanced' (vLLM's own DP coordinator, or a load-aware router policy)."""
+    """'random' when the topology's router spreads requests without looking at load (random, consistent_hash,
+    round_robin: in a closed loop round robin evens the arrivals, not the departures, so per-rank counts
+    wander like Poisson ones), else 'balanced' (a load-aware router policy, or none: external LB assumes a
+    DP-aware front door)."""
     router = getattr(getattr(plan, "spec", None), "router", None)
     policy = getattr(router, "policy", None) if router is not None and getattr(router, "enabled", True) else None
     return "random" if policy in RANDOM_POLICIES else "balanced"
+
+
+def network_of(plan: Any) -> tuple[GPUSpec, str]:
+    """The plan's GPU with its inter-node bandwidth per GPU from cluster.network (nics_per_node NICs at the
+    catalog's per-NIC rate shared by the node's GPUs), and the fabric ('infiniband' or 'roce')."""
+    gpu = plan.gpu
+    cluster = getattr(getattr(plan, "spec", None), "cluster", None)
+    net = getattr(cluster, "network", None)
+    nics = getattr(net, "nics_per_node", None)
+    if nics is not None and cluster is not None:
+        from dataclasses import replace as _replace
+
+        gpu = _replace(gpu, nic_gbps=gpu.nic_gbps * nics / max(cluster.gpus_per_node, 1))
+    return gpu, getattr(net, "fabric", "infiniband")
+
+
+def dp_mode_of(plan: Any) -> str:
+    """The topology's serving.dp_mode ('external' when the plan has none)."""
+    serving = getattr(getattr(plan, "spec", None), "serving", None)
+    mode = getattr(serving, "dp_mode", "external")
+    return mode if mode in DP_MODES else "external"
 
 
 def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
@@ -357,7 +388,8 @@ class RoleBatch:
         a["expert_peak"] = col([r.gpu.tflops(arch.expert_dtype) * 1e12 for r in roles])
         a["bf16_peak"] = col([r.gpu.bf16_tflops * 1e12 for r in roles])
         a["nvlink"] = col([r.gpu.nvlink_gbps * GB for r in roles])
-        a["nic"] = col([r.gpu.nic_gbps * GB for r in roles])
+        # KV transfer rides the same NICs: RoCE's bulk RDMA reads at their own efficiency
+        a["nic"] = col([r.gpu.nic_gbps * GB * (cal.roce_kv_efficiency if r.fabric == "roce" else 1.0) for r in roles])
         for name in (
             "tp",
             "dp",
@@ -384,17 +416,30 @@ class RoleBatch:
                 raise UserError(f"engine: {r.engine!r} is not known. Valid: {', '.join(ENGINES)}.")
             if r.balancer not in ("balanced", "random"):
                 raise UserError(f"balancer: {r.balancer!r} is not known. Valid: balanced, random.")
+            if r.dp_mode not in DP_MODES:
+                raise UserError(f"dp_mode: {r.dp_mode!r} is not known. Valid: {', '.join(DP_MODES)}.")
         a["schedule"] = col([ENGINES[r.engine] for r in roles])
         a["dp_coef"] = col(
             [cal.dp_imbalance_random if r.balancer == "random" else cal.dp_imbalance_balanced for r in roles]
         )
+        # DP ranks behind one API server (its internal load balancer places among them; the front door among
+        # servers): 1 in external / multiport mode, the ranks of a node in hybrid mode, the group in internal
+        a["lb_ranks"] = col(
+            [
+                1.0
+                if r.dp_mode in ("external", "multiport")
+                else float(max(r.dp // max(r.nodes, 1), 1) if r.dp_mode == "hybrid" else r.dp)
+                for r in roles
+            ]
+        )
+        a["dp_internal"] = col([cal.dp_imbalance_internal for _ in roles])
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
-        memo: dict[tuple[str, bool, int, float, float], tuple[float, float, float, float]] = {}
+        memo: dict[tuple[str, bool, int, float, float, str], tuple[float, float, float, float]] = {}
 
         def link(r: RoleInput) -> tuple[float, float, float, float]:
-            k = (r.backend, r.nodes <= 1, r.ep, r.gpu.nvlink_gbps, r.gpu.nic_gbps)
+            k = (r.backend, r.nodes <= 1, r.ep, r.gpu.nvlink_gbps, r.gpu.nic_gbps, r.fabric)
             if k not in memo:
                 t = tables.get(r.backend)
                 if t is None:
@@ -408,7 +453,7 @@ class RoleBatch:
                         t.intranode_combine_gbps * GB * sc,
                     )
                 else:
-                    sc = r.gpu.nic_gbps / cal.ref_nic_gbps
+                    sc = r.gpu.nic_gbps / cal.ref_nic_gbps * (cal.roce_a2a_efficiency if r.fabric == "roce" else 1.0)
                     memo[k] = (
                         t.latency_us * 1e-6,
                         _BYTES_MODEL[t.bytes_model],
@@ -522,11 +567,21 @@ def _pad(rows: np.ndarray, block: int) -> np.ndarray:
 
 
 def step_time(
-    rb: RoleBatch, cal: Calibration, d: Any, q: Any, ctx_d: Any, p: Any, ctx_p: Any, prompt_len: Any = 2048.0
+    rb: RoleBatch,
+    cal: Calibration,
+    d: Any,
+    q: Any,
+    ctx_d: Any,
+    p: Any,
+    ctx_p: Any,
+    prompt_len: Any = 2048.0,
+    fill: Any = 1.0,
 ) -> Step:
     """Time of one step of each role in ``rb`` at the given loads (arrays broadcast against (N, 1)).
 
     ``prompt_len``: prompt tokens one prefill sequence brings to the step (their expert choices are correlated).
+    ``fill``: mean tokens over the DP ranks / this (the busiest) rank's tokens: below 1 some ranks run short or
+    empty steps in lockstep, so the experts receive fewer tokens than ranks x this rank's load.
     """
     A = rb.arch
     d = np.asarray(d, float)
@@ -555,10 +610,11 @@ def step_time(
 
     # routed experts: expected active experts, busiest rank's rows
     ep_f = np.maximum(rb.ep, 1.0)
-    tokens_routed = Tm * np.where(rb.expert_parallel, rb.dp, 1.0)
+    fill = np.asarray(fill, float)
+    tokens_routed = Tm * np.where(rb.expert_parallel, rb.dp * fill, 1.0)
     k_over = np.minimum(A.top_k / rb.physical_experts, 1.0)
     p_active = 1.0 - (1.0 - k_over) ** tokens_routed
-    rows_gpu = Tm * A.top_k / np.where(rb.expert_parallel, tp, 1.0)
+    rows_gpu = Tm * A.top_k / np.where(rb.expert_parallel, tp / fill, 1.0)
     # tokens of one sequence pick correlated experts: the load statistics see fewer independent draws
     # (variance x 1 - rho + rho x sum of squared tokens per sequence / tokens)
     lp = np.minimum(np.asarray(prompt_len, float), np.maximum(Tm, 1.0))
@@ -659,7 +715,11 @@ def step_time(
     packed = np.minimum(2.0 * (D_w + C_w), 2.0 * (A_l + M_l))
     sched = np.where((rb.schedule == 2) & (p > 0), 3, rb.schedule)  # DeepSeek's 5-stage pipeline is decode's
     hid_layer = np.where(sched == 2, packed, pair) / 2.0  # per micro-batch
-    hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), cal.overlap_efficiency * hid_layer * per, 0.0)
+    # vLLM's DBO runs each micro-batch on its own thread and yields at every dispatch / combine (DeepEP's
+    # receive hook): the other micro-batch's phase is already queued when the wire time starts, so the op
+    # hides up to that phase at ``dbo_vllm_efficiency``; TBO / DeepSeek schedules at the fitted efficiency
+    eff = np.where(sched == 0, cal.dbo_vllm_efficiency, cal.overlap_efficiency)
+    hidden = np.where(rb.use_a2a & (nmb > 1) & (T > 0), eff * hid_layer * per, 0.0)
     hidden = np.minimum(hidden, t_a2a)
     exposed = t_a2a - hidden
     # SM contention: while DeepEP's normal kernels are in flight they hold comm_sms SMs, so the compute
@@ -744,6 +804,8 @@ class Perf:
     """Concurrency at which the batch stops growing (N, 1)."""
     steps: dict[str, Step] = field(default_factory=dict)
     """The step breakdowns behind the numbers: 'decode' (or 'mixed'), 'prefill'."""
+    dp_imbalance: np.ndarray | None = None
+    """Requests on the busiest DP rank over the mean (:func:`dp_busiest`): the lockstep step runs its load."""
 
 
 def front_end(cal: Calibration, per_server: Any) -> np.ndarray:
@@ -756,11 +818,22 @@ def dp_busiest(rb: RoleBatch, n: np.ndarray) -> np.ndarray:
     """Busiest DP rank's share over the mean when each rank holds ``n`` requests on average.
 
     Requests land on ranks like balls in bins: the maximum of G Poisson(n) loads is about
-    n + sqrt(2 n ln G) [derived]; a DP-aware balancer cuts the excess (calibrated coefficient). Every rank
-    waits for the busiest at each MoE layer (the all-to-all synchronises them), so it sets the step.
+    n + sqrt(2 n ln G) [derived]; a placement policy with a smaller variance of per-rank counts scales the
+    excess by its coefficient (random / round robin 1, DP-aware least-loaded ``dp_imbalance_balanced``).
+    Every rank waits for the busiest at each MoE layer (attention-DP lockstep: the all-to-all synchronises
+    them), so it sets the step. Two levels place a request when an API server fronts L > 1 ranks (hybrid:
+    a node's ranks; internal: the group's): the front door picks one of G / L servers (its policy's
+    coefficient over loads of L n: excess c_f sqrt(2 ln(G/L) / (L n))), then vLLM's internal DP balancer
+    picks a rank on queue counts its coordinator publishes at intervals (placements between two publishes see
+    the same stale counts: coefficient ``dp_imbalance_internal``, excess c_i sqrt(2 ln L / n)); the two
+    independent excesses add in quadrature.
     """
     G = np.maximum(rb.ranks, 1.0)
-    return 1.0 + rb.dp_coef * np.sqrt(2.0 * np.log(G) / np.maximum(n, 1.0)) * (G > 1)
+    L = np.minimum(rb.lb_ranks, G)
+    nn = np.maximum(n, 1.0)
+    front = rb.dp_coef**2 * 2.0 * np.log(G / L) / (L * nn)
+    inner = rb.dp_internal**2 * 2.0 * np.log(L) / nn
+    return 1.0 + np.sqrt(front + inner) * (G > 1)
 
 
 def _kv_cap(rb: RoleBatch, per_seq_tokens: float) -> np.ndarray:
@@ -838,6 +911,7 @@ def serve_mixed(rb: RoleBatch, cal: Calibration, w: Workload, C: np.ndarray) -> 
         limit=np.broadcast_to(limit, S.shape).copy(),
         capacity=cap * G,
         steps={"mixed": st},
+        dp_imbalance=np.broadcast_to(dmax / d, S.shape).copy(),
     )
 
 
@@ -925,16 +999,23 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
 
     isl_c = max(w.isl_computed, 1.0)
     if w.arrival == "wave":
-        # the whole wave queues at the prefill group; decode then runs the full batch
+        # the whole wave queues at the prefill group; decode then runs the full batch. A prefill rank's first
+        # step carries the prompts of the wave that landed on it (the busiest rank's share, up to the token
+        # budget): one user's prompt is a one-prompt step, not a full batch. Prompts beyond one step per rank
+        # wait for the group to drain them (mean half the drain beyond the first step).
         b, starved = b0, np.zeros_like(b0, dtype=bool)
         b_cap = cap
         st = decode_step(b)
         S = st.total
-        p_load = pb
-        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
-        S_pf = pf_st.total
         held = Gd * b
-        ttft = held / (2.0 * Xp) + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
+        per_p = held / rp.ranks
+        p_load = np.clip(np.ceil(per_p * dp_busiest(rp, per_p) - 1e-9) * isl_c, isl_c, pb)
+        fill = np.clip(per_p * isl_c / p_load, 1.0 / rp.ranks, 1.0)
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c, fill=fill)
+        S_pf = pf_st.total
+        S_full = step_time(rp, cal, 0.0, 1.0, 0.0, pb, w.ctx_prefill, prompt_len=isl_c).total
+        queue = np.maximum(held / Xp - S_full, 0.0) / 2.0
+        ttft = queue + S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b0)
         E = ttft + (w.osl - 1.0) / qa * S
         X = held / E
         ttft = ttft + _wait(C, X, E)
@@ -946,7 +1027,8 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         X = Gd * b * qa / (w.osl * S)
         rho = np.clip(X / Xp, 0.0, 1.0)
         p_load = np.clip(rho * pb, isl_c, pb)
-        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c)
+        fill = np.clip(rho * pb / p_load, 1.0 / rp.ranks, 1.0)
+        pf_st = step_time(rp, cal, 0.0, 1.0, 0.0, p_load, w.ctx_prefill, prompt_len=isl_c, fill=fill)
         S_pf = pf_st.total
         ttft_service = S_pf * np.ceil(isl_c / rp.max_num_batched_tokens) + xfer + S + front_end(cal, b)
         E = ttft_service + (w.osl - 1.0) / qa * S
@@ -969,6 +1051,7 @@ def serve_pd(rp: RoleBatch, rd: RoleBatch, cal: Calibration, w: Workload, C: np.
         limit=np.broadcast_to(limit, S.shape).copy(),
         capacity=np.maximum(b_cap, 1.0) * Gd,
         steps={"decode": st, "prefill": pf_st},
+        dp_imbalance=np.broadcast_to(busiest_load(rd, b, cap) / np.maximum(b, 1.0), S.shape).copy(),
     )
 
 
@@ -1005,6 +1088,7 @@ def serve_decode_only(rd: RoleBatch, cal: Calibration, w: Workload, C: np.ndarra
         limit=np.broadcast_to(np.where(c <= cap, 0, np.where(cap == rd.max_num_seqs, 1, 2)), S.shape).copy(),
         capacity=cap * G,
         steps={"decode": st},
+        dp_imbalance=np.broadcast_to(busiest_load(rd, b, cap) / np.maximum(b, 1.0), S.shape).copy(),
     )
 
 
@@ -1042,6 +1126,7 @@ def serve_prefill_only(rp: RoleBatch, cal: Calibration, w: Workload, C: np.ndarr
         limit=np.broadcast_to(np.where(C / G <= cap_req, 0, 3), S.shape).copy(),
         capacity=np.maximum(cap, G),
         steps={"prefill": st},
+        dp_imbalance=np.broadcast_to(f, S.shape).copy(),
     )
 
 
@@ -1097,7 +1182,8 @@ def levels_from_perf(perf: Perf, i: int, sat_col: int | None = None) -> list[Lev
                 input_tps_gpu=float(perf.input_tps_gpu[i, j]),
                 bound=BOUND_NAMES[int(perf.bound[i, j])],
                 limit=LIMIT_NAMES[int(perf.limit[i, j])],
-                breakdown=perf.steps[key].row(i, j),
+                breakdown=perf.steps[key].row(i, j)
+                | ({} if perf.dp_imbalance is None else {"dp_imbalance": float(perf.dp_imbalance[i, j])}),
                 saturation=sat_col is not None and j == sat_col,
             )
         )
@@ -1131,8 +1217,12 @@ def predict_plan(
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
     from dataclasses import replace as _replace
 
-    balancer = balancer_of(plan)
-    roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer) for rp in plan.roles]
+    balancer, dp_mode = balancer_of(plan), dp_mode_of(plan)
+    gpu, fabric = network_of(plan)
+    roles = [
+        _replace(role_input_from_plan(rp, gpu), engine=engine, balancer=balancer, dp_mode=dp_mode, fabric=fabric)
+        for rp in plan.roles
+    ]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:

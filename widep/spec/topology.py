@@ -279,6 +279,11 @@ class NetworkSpec(Strict):
     """RDMA devices to use (NCCL_IB_HCA), e.g. [mlx5_0, mlx5_1]. Empty: the libraries choose."""
     ibgda: bool = True
     """Use NVSHMEM's IBGDA transport (GPU-initiated RDMA; DeepEP low-latency kernels want it)."""
+    fabric: Literal["infiniband", "roce"] = "infiniband"
+    """RDMA fabric between nodes; the performance model prices RoCE's expert all-to-all and KV transfer below
+    InfiniBand's (widep/perf/data/calibration-published.yaml, fabric)."""
+    nics_per_node: int | None = Field(default=None, ge=1, le=64)
+    """RDMA NICs per node (each at the GPU catalog's per-NIC rate); None: one per GPU."""
     rdma_resource: str | None = None
     """Extended resource of the cluster's RDMA device plugin (e.g. rdma/ib, rdma/roce_gdr) that `widep lws`
     requests once per pod; None: the provider profile decides (generic requests none)."""
