@@ -145,6 +145,9 @@ class RoleInput:
     """Whose overlap schedule: 'vllm' (DBO), 'sglang' (two-batch overlap) or 'deepseek' (decode 5-stage pipeline)."""
     balancer: str = "balanced"
     """How requests reach DP ranks: 'balanced' (vLLM's DP coordinator / a DP-aware router) or 'random'."""
+    skew: float | None = None
+    """Measured popularity skew of the busiest EP rank (max/mean - 1 of recorded expert load, ``widep experts``);
+    None: the calibration's skew_no_eplb / skew_eplb terms."""
 
     @property
     def gpus(self) -> int:
@@ -432,6 +435,11 @@ class RoleBatch:
             cal.routing_skew_eplb * arch.experts / (arch.experts + cal.routing_redundant_relief * a["redundant"]),
             cal.routing_skew_no_eplb,
         )
+        measured = [r.skew for r in roles]
+        if any(m is not None for m in measured):
+            a["skew"] = np.where(
+                col([m is not None for m in measured], bool), col([m or 0.0 for m in measured]), a["skew"]
+            )
         return cls(arch=arch, n=n, a=a)
 
     def take(self, idx: np.ndarray) -> RoleBatch:
@@ -1121,18 +1129,22 @@ def predict_plan(
     *,
     saturation: bool = True,
     engine: str = "vllm",
+    role_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in
     proportion to their GPUs. With ``saturation`` the deployment's batch capacity is added as a level
-    (flagged ``saturation``): the concurrency at which every rank runs its largest batch.
+    (flagged ``saturation``): the concurrency at which every rank runs its largest batch. ``role_overrides``
+    replaces :class:`RoleInput` fields of the named roles (e.g. ``skew`` measured by ``widep experts``).
     """
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
     from dataclasses import replace as _replace
 
     balancer = balancer_of(plan)
     roles = [_replace(role_input_from_plan(rp, plan.gpu), engine=engine, balancer=balancer) for rp in plan.roles]
+    if role_overrides:  # RoleInput fields per role name (widep experts: measured skew, KV tokens, batch cap)
+        roles = [_replace(r, **role_overrides.get(rp.name, {})) for r, rp in zip(roles, plan.roles, strict=True)]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:
