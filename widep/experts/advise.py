@@ -167,6 +167,36 @@ def advise(load: ExpertLoad, p: Any, *, role: str | None = None, calibration: st
 EPLB_NOT_RUN = "none (no EPLB candidate fits)"
 
 
+def measured_skews(path: str, p: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(perf-model role overrides, what was measured per role) from an expert-load file for ``widep predict``.
+
+    Each EP role's skew is ``1 / balancedness - 1`` of the recorded load over its EP ranks: the static placement
+    of the plan without EPLB, vLLM's EPLB placement (with the role's redundant experts) with EPLB on.
+    """
+    from widep.experts.analysis import placement_from_plan
+    from widep.experts.load import read_expert_load
+
+    load = read_expert_load(path)
+    check_against_arch(load, p.arch, path)
+    counts = counts_array(load)
+    overrides: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for rp in p.roles:
+        if not (rp.spec.expert_parallel and rp.ep_size > 1):
+            continue
+        if rp.spec.eplb.enabled:
+            p2l, src = eplb_placement(counts, rp.physical_experts, rp.ep_size, rp.nodes_per_group)
+        else:
+            p2l, src = placement_from_plan(rp), "plan (static, no EPLB)"
+        bal = balance_of(counts, p2l, rp.ep_size)
+        skew = 1.0 / max(bal.mean, 1e-9) - 1.0
+        overrides[rp.name] = {"skew": skew}
+        info[rp.name] = {"balancedness": round(bal.mean, 4), "skew": round(skew, 4), "placement": src}
+    if not overrides:
+        raise UserError("--expert-load: no role of this topology runs expert parallel with EP > 1.")
+    return overrides, info
+
+
 def _calibration(name: str) -> Any:
     from widep.perf.calibration import load_calibration
 
