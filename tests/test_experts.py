@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from widep.cli import main
+from widep.errors import UserError
 from widep.experts.advise import LL_BUFFER_CAP_GIB, advise, ll_buffer
 from widep.experts.analysis import balancedness, rank_loads, static_placement
 from widep.experts.load import parse_expert_load
@@ -173,3 +174,44 @@ def test_predict_uses_the_measured_imbalance(tmp_path: Path, capsys) -> None:
     assert out["uniform"]["expert_load"]["roles"]["decode"]["skew"] == 0.0
     bad = write(tmp_path, "b.json", record(zipf_counts(2, 8), "tiny"))
     assert main(["predict", str(R1), "--concurrency", "8", "--expert-load", str(bad)]) == 2
+
+
+def test_aggregator_reads_vllms_routed_experts_field() -> None:
+    """The response field as vLLM's completion server encodes it (vllm.utils.serial_utils.numpy2base64)."""
+    from vllm.utils.serial_utils import numpy2base64
+
+    from widep.experts.record import NOT_ENABLED, Aggregator
+
+    routed = np.asarray([[[0, 1], [2, 3]], [[0, 2], [3, 1]], [[0, 1], [1, 3]]], dtype=np.uint8)  # 3 tokens, 2 layers
+    agg = Aggregator(layers=2, experts=4)
+    agg.add_response({"choices": [{"text": "x", "routed_experts": numpy2base64(routed)}]})
+    assert agg.counts.tolist() == [[3, 2, 1, 0], [0, 2, 1, 3]]
+    assert agg.tokens == 3 and agg.requests == 1
+    # a model with a dense first layer: the response has 3 layers, the first is not MoE
+    agg3 = Aggregator(layers=2, experts=4)
+    agg3.add(np.concatenate([np.zeros((3, 1, 2), np.uint8), routed], axis=1))
+    assert agg3.counts.tolist() == agg.counts.tolist()
+    load = agg.result("tiny", "test")
+    assert load.counts[0] == (3.0, 2.0, 1.0, 0.0)
+    with pytest.raises(UserError, match="--enable-return-routed-experts"):
+        agg.add_response({"choices": [{"text": "x", "routed_experts": None}]})
+    assert "serving.record_routed_experts: true" in NOT_ENABLED
+    with pytest.raises(UserError, match="outside 0..3"):
+        agg.add(np.full((1, 2, 2), 7, np.uint8))
+
+
+def test_record_flag_is_rendered_when_the_topology_asks(tmp_path: Path) -> None:
+    from widep.render.vllm import RenderContext, render
+
+    text = TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n")
+    topo = tmp_path / "rec.yaml"
+    topo.write_text(text)
+    ctx = RenderContext(model_path="/m", cpu_count=2)
+    on = render(plan(load_topology(topo)), ctx)
+    off = render(plan(load_topology(TINY)), ctx)
+    assert len(on) == 2 and all("--enable-return-routed-experts" in c.argv for c in on)
+    assert not any("--enable-return-routed-experts" in c.argv for c in off)
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("version: 0.32.0", "version: 0.11.0"))
+    with pytest.raises(UserError, match="serving.record_routed_experts"):
+        plan(load_topology(old))

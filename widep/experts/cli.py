@@ -116,3 +116,30 @@ def advise_cmd(file: str, topology: str, role: str | None, calibration: str, as_
     )
     if d["cpu_note"]:
         click.echo(f"note: {d['cpu_note']}")
+
+
+@experts_cmd.command("record")
+@click.argument("topology", type=click.Path(dir_okay=False))
+@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--role", default=None, help="Send to this role's API servers only (default: the front door / all).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="The expert-load JSON to write.")
+def record_cmd(topology: str, n_requests: int, max_tokens: int, concurrency: int, role: str | None, out: str) -> None:
+    """Send greedy completions to a running deployment and aggregate vLLM's routed-expert return into FILE."""
+    from widep.experts.load import write_expert_load
+    from widep.experts.record import Aggregator, record
+    from widep.plan.api import endpoints_for_topology
+    from widep.plan.core import plan
+    from widep.spec.topology import load_topology
+
+    p = plan(load_topology(topology))
+    urls, _, name = endpoints_for_topology(topology, role)
+    agg = Aggregator(layers=p.arch.num_moe_layers, experts=p.arch.routed_experts)
+    record(urls, name, agg, requests=n_requests, max_tokens=max_tokens, concurrency=concurrency)
+    src = f"widep experts record {p.spec.name}: {agg.requests} requests, max_tokens {max_tokens}, {', '.join(urls)}"
+    write_expert_load(agg.result(p.arch.name, src), out)
+    click.echo(
+        f"{out}: {agg.tokens} tokens of {agg.requests} requests, {p.arch.num_moe_layers} MoE layers x "
+        f"{p.arch.routed_experts} experts"
+    )

@@ -344,6 +344,16 @@ def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
             )
 
 
+def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable) -> None:
+    """serving.record_routed_experts needs a vLLM with --enable-return-routed-experts."""
+    if spec.serving.record_routed_experts and not vt.has_return_routed_experts:
+        _fail(
+            "serving.record_routed_experts",
+            f"true with vLLM {spec.vllm.version}: --enable-return-routed-experts exists in vLLM 0.3x (0.32). Valid: "
+            "false, or vllm.version 0.32.0.",
+        )
+
+
 def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
     """'recompute' needs a vLLM that takes kv_load_failure_policy (0.32 does)."""
     if spec.disaggregated and spec.serving.kv_load_failure_policy != "fail" and not vt.has_kv_load_failure_policy:
@@ -402,6 +412,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
+    check_record_routed_experts(spec, vt)
     if mode == "multiport" and not vt.has_multi_port_lb:
         _fail(
             "serving.dp_mode",

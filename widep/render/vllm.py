@@ -274,6 +274,7 @@ OWNED_FLAGS = {
     "--kv-cache-dtype": "model.kv_cache_dtype / roles[].kv_cache_dtype",
     "--block-size": "roles[].block_size",
     "--enforce-eager": "roles[].enforce_eager",
+    "--enable-return-routed-experts": "serving.record_routed_experts",
     "--served-model-name": "model.served_model_name",
     "--api-key": "serving.api_key_secret",
     "--moe-backend": "roles[].deep_gemm",
@@ -476,6 +477,8 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
         args += ["--block-size", str(s.block_size)]
     if s.enforce_eager:
         args.append("--enforce-eager")
+    if plan.spec.serving.record_routed_experts:
+        args.append("--enable-return-routed-experts")
     if plan.spec.model.trust_remote_code:
         args.append("--trust-remote-code")
     if plan.spec.disaggregated:

@@ -59,6 +59,8 @@ class VLLMVersionTable:
     """Whether the planner offers EPLB's redundant experts as a fix for experts that do not divide over EP."""
     dbo_backends: tuple[str, ...] = ("deepep_low_latency", "deepep_high_throughput", "nixl_ep")
     has_kv_load_failure_policy: bool = False
+    has_return_routed_experts: bool = False
+    """--enable-return-routed-experts (per-token expert ids in completion responses; widep experts record)."""
     """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
     (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
 
@@ -123,6 +125,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         engine_ready_timeout_env=True,
         redundant_experts_even_the_split=True,
         has_kv_load_failure_policy=True,
+        has_return_routed_experts=True,
     ),
 )
 
