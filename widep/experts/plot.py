@@ -17,6 +17,7 @@ def heatmaps(load: ExpertLoad, phy2log: np.ndarray | None, ep: int | None, path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     c = counts_array(load)
     per_expert = c / np.maximum(c.mean(axis=1, keepdims=True), 1e-12)
@@ -31,6 +32,9 @@ def heatmaps(load: ExpertLoad, phy2log: np.ndarray | None, ep: int | None, path:
         im2 = axes[0][1].imshow(per_rank, aspect="auto", interpolation="nearest", cmap="magma")
         axes[0][1].set(title=f"tokens per EP rank / layer mean (EP {ep})", xlabel="EP rank", ylabel="MoE layer")
         fig.colorbar(im2, ax=axes[0][1])
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{load.model or 'expert load'} ({load.source or 'unknown source'})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
