@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "doctor": "widep.doctor.cli:doctor_cmd",
     "profile": "widep.profile.cli:profile_cmd",
     "model": "widep.model_cli:model_cmd",
+    "experts": "widep.experts.cli:experts_cmd",
 }
 
 HELP: dict[str, str] = {
@@ -43,6 +44,7 @@ HELP: dict[str, str] = {
     "doctor": "Node preflight: GPUs, vLLM and kernels, RDMA, /dev/shm, memlock, ports.",
     "profile": "Capture vLLM's torch profiler on chosen ranks of a running deployment.",
     "model": "Build the tiny random-weight MoE used by the CPU demo and the tests.",
+    "experts": "Expert load per layer and EP rank (recorded or hand-made); EPLB advice; recording.",
 }
 
 

@@ -28,6 +28,14 @@ def model_cmd() -> None:
     default=None,
     help="Folder that holds the built models (default $WIDEP_CACHE/models or ~/.cache/widep/models).",
 )
-def build_cmd(arch: str, cache_dir: Path | None) -> None:
+@click.option(
+    "--router-skew",
+    type=click.FloatRange(0.0, 100.0),
+    default=0.0,
+    show_default=True,
+    help="Skew the router: expert e's router logit gets +S x (E-1-e)/(E-1) on every token (0: the balanced "
+    "random router). 0.1 sends most tokens to the first experts; widep experts show tells how much.",
+)
+def build_cmd(arch: str, cache_dir: Path | None, router_skew: float) -> None:
     """Build (or reuse) the tiny MoE and print its directory."""
-    click.echo(str(ensure_tiny_moe(arch, cache_dir)))
+    click.echo(str(ensure_tiny_moe(arch, cache_dir, router_skew)))

@@ -112,9 +112,9 @@ def _arch_config(arch: str) -> dict[str, Any]:
     )
 
 
-def params_hash(arch: str) -> str:
-    """A short hash of everything that decides the built files for ``arch``."""
-    payload = {
+def params_hash(arch: str, router_skew: float = 0.0) -> str:
+    """A short hash of everything that decides the built files for ``arch`` (and a skewed router's strength)."""
+    payload: dict[str, Any] = {
         "builder": BUILDER_VERSION,
         "arch": arch,
         "config": _arch_config(arch),
@@ -123,6 +123,8 @@ def params_hash(arch: str) -> str:
         "special": SPECIAL_TOKENS,
         "chat_template": CHAT_TEMPLATE,
     }
+    if router_skew:
+        payload["router_skew"] = router_skew
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -133,8 +135,11 @@ def default_cache_dir() -> Path:
     return base / "models"
 
 
-def model_dir_name(arch: str) -> str:
-    """The directory name of the tiny model of ``arch``: ``tiny-<arch>-<hash>``."""
+def model_dir_name(arch: str, router_skew: float = 0.0) -> str:
+    """The directory name of the tiny model of ``arch``: ``tiny-<arch>-<hash>`` (``tiny-<arch>-skew<s>-<hash>``
+    with a skewed router)."""
+    if router_skew:
+        return f"tiny-{arch}-skew{router_skew:g}-{params_hash(arch, router_skew)}"
     return f"tiny-{arch}-{params_hash(arch)}"
 
 
@@ -143,8 +148,12 @@ def is_complete(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in REQUIRED_FILES)
 
 
-def ensure_tiny_moe(arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def ensure_tiny_moe(
+    arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] | None = None, router_skew: float = 0.0
+) -> Path:
     """The directory of the tiny MoE of ``arch``, built on first use and reused afterwards.
+
+    ``router_skew`` > 0 builds a variant whose router prefers low-numbered experts (see :func:`_skew_router`).
 
     ``cache_dir`` is the folder that holds the ``tiny-<arch>-<hash>`` model directories
     (default :func:`default_cache_dir`). The build happens in a temporary sibling directory that is
@@ -155,7 +164,9 @@ def ensure_tiny_moe(arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] |
             f"Unknown tiny model architecture. Given: {arch!r}. Valid: {', '.join(ARCHS)}." + did_you_mean(arch, ARCHS)
         )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / model_dir_name(arch)
+    if not (0.0 <= router_skew <= 100.0):
+        raise UserError(f"--router-skew: must be in 0..100. Given: {router_skew}.")
+    target = root / model_dir_name(arch, router_skew)
     if is_complete(target):
         return target
     modules = _import_builders()
@@ -170,7 +181,7 @@ def ensure_tiny_moe(arch: str = "qwen3_moe", cache_dir: str | os.PathLike[str] |
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700; the model is not a secret
-        _build(arch, tmp, modules)
+        _build(arch, tmp, modules, router_skew)
         if target.exists() and not is_complete(target):
             # Left by something other than this builder (the rename below is atomic): replace it.
             shutil.rmtree(target)
@@ -221,7 +232,29 @@ def _train_tokenizer(tokenizers: Any) -> Any:
     return tok
 
 
-def _build(arch: str, out: Path, modules: dict[str, Any]) -> None:
+def _skew_router(model: Any, skew: float, torch: Any) -> None:
+    """Make every MoE router prefer low-numbered experts: a router logit bias of ``skew x (E-1-e)/(E-1)`` for expert
+    ``e`` (expert 0 gets +skew, the last +0) on every token.
+
+    The gates have no bias term, so the bias rides on a constant hidden unit: hidden unit 0 of every token
+    embedding is set to 1 (the other units are ~N(0, 0.02)), which dominates the RMS-normalised hidden state
+    (~sqrt(hidden)) in every layer (the residual stream keeps it), and gate column 0 of expert e is set to the
+    bias over sqrt(hidden). Against the random part of the logits (std ~0.05), skew 0.1 already sends most
+    tokens to experts 0-2.
+    """
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, 0] = 1.0
+        gates = [m for name, m in model.named_modules() if name.endswith("mlp.gate") and hasattr(m, "weight")]
+        for gate in gates:
+            n = gate.weight.shape[0]
+            bias = torch.tensor([skew * (n - 1 - e) / max(n - 1, 1) for e in range(n)], dtype=torch.float32)
+            gate.weight[:, 0] = (bias / hidden**0.5).to(gate.weight.dtype)
+    if not gates:  # pragma: no cover - both tiny architectures name their routers mlp.gate
+        raise RuntimeError("no MoE router (mlp.gate) found to skew")
+
+
+def _build(arch: str, out: Path, modules: dict[str, Any], router_skew: float = 0.0) -> None:
     """Write the model and tokenizer of ``arch`` into the empty directory ``out``."""
     torch = modules["torch"]
     transformers = modules["transformers"]
@@ -249,6 +282,8 @@ def _build(arch: str, out: Path, modules: dict[str, Any]) -> None:
     config.dtype = "bfloat16"
     torch.manual_seed(SEED)
     model = transformers.AutoModelForCausalLM.from_config(config)
+    if router_skew:
+        _skew_router(model, router_skew, torch)
     model = model.to(torch.bfloat16)
     hf_logging = transformers.utils.logging
     bars_were_on = hf_logging.is_progress_bar_enabled()
@@ -262,7 +297,15 @@ def _build(arch: str, out: Path, modules: dict[str, Any]) -> None:
     gen = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     (out / "widep-tiny-moe.json").write_text(
-        json.dumps({"arch": arch, "params_hash": params_hash(arch), "builder_version": BUILDER_VERSION}, indent=2)
+        json.dumps(
+            {
+                "arch": arch,
+                "params_hash": params_hash(arch, router_skew),
+                "builder_version": BUILDER_VERSION,
+                "router_skew": router_skew,
+            },
+            indent=2,
+        )
         + "\n"
     )
     missing = [name for name in REQUIRED_FILES if not (out / name).is_file()]

@@ -597,12 +597,19 @@ def _band() -> dict[str, Any]:
 
 
 def predict_point_dict(
-    plan_obj: Any, workload: Any, concurrency: float, cal: Any, engine: str = "vllm"
+    plan_obj: Any,
+    workload: Any,
+    concurrency: float,
+    cal: Any,
+    engine: str = "vllm",
+    role_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """One deployment at one concurrency: the JSON contract of ``widep predict`` (also what sweep rows hold)."""
     from widep.perf.model import SCHEDULE_NAMES, predict_plan
 
-    mode, levels = predict_plan(plan_obj, workload, [concurrency], cal, saturation=False, engine=engine)
+    mode, levels = predict_plan(
+        plan_obj, workload, [concurrency], cal, saturation=False, engine=engine, role_overrides=role_overrides
+    )
     lv = levels[0]
     gpus = sum(rp.spec.replicas * rp.dp_size * rp.tp_size for rp in plan_obj.roles)
     dec_gpus = sum(
@@ -698,6 +705,13 @@ def predict_point_dict(
 @click.option(
     "--calibration", default="published", show_default=True, help="'published', 'auto:<GPU>' or a calibration file."
 )
+@click.option(
+    "--expert-load",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A recorded expert-load file (widep experts): its imbalance over the EP ranks replaces the calibration's "
+    "routing skew.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def predict_cmd(
     topology: str,
@@ -711,6 +725,7 @@ def predict_cmd(
     arrival: str,
     engine: str,
     calibration: str,
+    expert_load: str | None,
     as_json: bool,
 ) -> None:
     """Predict one deployment at one concurrency: tokens/s per GPU and per decode GPU, tokens/s/user, TTFT,
@@ -730,7 +745,15 @@ def predict_cmd(
         arrival=arrival,
         spec_acceptance=mtp_acceptance,
     )
-    d = predict_point_dict(plan(load_topology(topology)), w, concurrency, cal, engine)
+    p = plan(load_topology(topology))
+    overrides = None
+    if expert_load:
+        from widep.experts.advise import measured_skews
+
+        overrides, skews = measured_skews(expert_load, p)
+    d = predict_point_dict(p, w, concurrency, cal, engine, role_overrides=overrides)
+    if expert_load:
+        d["expert_load"] = {"file": expert_load, "roles": skews}
     if as_json:
         click.echo(json.dumps(d, indent=1))
         return
@@ -756,6 +779,11 @@ def predict_cmd(
         f"{_fmt(ov['exposed_all2all_ms'], 2)} ms, SM contention {_fmt(ov['sm_contention_ms'], 2)} ms"
     )
     click.echo("  step (ms): " + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in d["step_ms"].items() if k.endswith("_ms")))
+    for name, sk in (d.get("expert_load") or {}).get("roles", {}).items():
+        click.echo(
+            f"  expert load {expert_load}: role {name} balancedness {sk['balancedness']:.3f} -> skew "
+            f"{sk['skew']:.3f} (placement {sk['placement']})"
+        )
     if u["rms_log"] is not None:
         click.echo(f"  band: leave-one-out log RMS {u['rms_log']:.3f} over {u['points']} public points")
 

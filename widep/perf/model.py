@@ -152,6 +152,9 @@ class RoleInput:
     """serving.dp_mode: 'external' / 'multiport' (one API server per DP rank: the front door picks the rank),
     'hybrid' (one per node: vLLM's internal DP load balancer picks among the node's ranks) or 'internal' (one
     for the group: the internal balancer picks among all ranks)."""
+    skew: float | None = None
+    """Measured popularity skew of the busiest EP rank (max/mean - 1 of recorded expert load, ``widep experts``);
+    None: the calibration's skew_no_eplb / skew_eplb terms."""
 
     @property
     def gpus(self) -> int:
@@ -477,6 +480,11 @@ class RoleBatch:
             cal.routing_skew_eplb * arch.experts / (arch.experts + cal.routing_redundant_relief * a["redundant"]),
             cal.routing_skew_no_eplb,
         )
+        measured = [r.skew for r in roles]
+        if any(m is not None for m in measured):
+            a["skew"] = np.where(
+                col([m is not None for m in measured], bool), col([m or 0.0 for m in measured]), a["skew"]
+            )
         return cls(arch=arch, n=n, a=a)
 
     def take(self, idx: np.ndarray) -> RoleBatch:
@@ -1207,12 +1215,14 @@ def predict_plan(
     *,
     saturation: bool = True,
     engine: str = "vllm",
+    role_overrides: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, list[LevelPrediction]]:
     """Predict a planned deployment at each concurrency: (mode, levels).
 
     mode is 'mixed', 'pd', 'decode-only' or 'prefill-only'. Several mixed roles share the load in
     proportion to their GPUs. With ``saturation`` the deployment's batch capacity is added as a level
-    (flagged ``saturation``): the concurrency at which every rank runs its largest batch.
+    (flagged ``saturation``): the concurrency at which every rank runs its largest batch. ``role_overrides``
+    replaces :class:`RoleInput` fields of the named roles (e.g. ``skew`` measured by ``widep experts``).
     """
     arch = ArchConst.of(plan.arch, plan.weight_dtype, plan.kv_dtype)
     from dataclasses import replace as _replace
@@ -1223,6 +1233,8 @@ def predict_plan(
         _replace(role_input_from_plan(rp, gpu), engine=engine, balancer=balancer, dp_mode=dp_mode, fabric=fabric)
         for rp in plan.roles
     ]
+    if role_overrides:  # RoleInput fields per role name (widep experts: measured skew, KV tokens, batch cap)
+        roles = [_replace(r, **role_overrides.get(rp.name, {})) for r, rp in zip(roles, plan.roles, strict=True)]
     kinds = [r.kind for r in roles]
     levels = np.asarray(sorted(set(float(c) for c in concurrency)), float)
     if levels.size == 0 or levels.min() < 1:

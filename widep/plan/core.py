@@ -343,6 +343,24 @@ def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
             )
 
 
+def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable, is_cpu: bool) -> None:
+    """serving.record_routed_experts needs a vLLM with --enable-return-routed-experts, and its model runner V2."""
+    if spec.serving.record_routed_experts and is_cpu:
+        _fail(
+            "serving.record_routed_experts",
+            "true on vLLM's CPU backend: vLLM 0.32 returns routed experts only from its model runner V2 ('AuxOutput "
+            "Connector requires Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1'), which needs Triton with a GPU "
+            "backend ('Model Runner V2 requires Triton.' with VLLM_USE_V2_MODEL_RUNNER=1 on CPU). Valid: false on "
+            "CPU; record on a CUDA deployment.",
+        )
+    if spec.serving.record_routed_experts and not vt.has_return_routed_experts:
+        _fail(
+            "serving.record_routed_experts",
+            f"true with vLLM {spec.vllm.version}: --enable-return-routed-experts exists from vLLM 0.32 on. Valid: "
+            "false, or vllm.version 0.32.0 or newer.",
+        )
+
+
 def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
     """'recompute' needs a vLLM that takes kv_load_failure_policy (0.32 does)."""
     if spec.disaggregated and spec.serving.kv_load_failure_policy != "fail" and not vt.has_kv_load_failure_policy:
@@ -711,6 +729,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
+    check_record_routed_experts(spec, vt, is_cpu)
     mv = first_version_with("has_multi_port_lb")
     _refuse(R.multiport_supported(spec.serving.dp_mode, vt.has_multi_port_lb, spec.vllm.version, mv))
 

@@ -51,6 +51,7 @@ OWNED_FLAGS = {
     "--kv-cache-dtype": "model.kv_cache_dtype / roles[].kv_cache_dtype",
     "--block-size": "roles[].block_size",
     "--enforce-eager": "roles[].enforce_eager",
+    "--enable-return-routed-experts": "serving.record_routed_experts",
     "--served-model-name": "model.served_model_name",
     "--api-key": "serving.api_key_secret",
     "--moe-backend": "roles[].deep_gemm",

@@ -316,6 +316,8 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
         args += ["--block-size", str(s.block_size)]
     if s.enforce_eager:
         args.append("--enforce-eager")
+    if plan.spec.serving.record_routed_experts:
+        args.append("--enable-return-routed-experts")
     if plan.spec.model.trust_remote_code:
         args.append("--trust-remote-code")
     if plan.spec.disaggregated:

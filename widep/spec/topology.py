@@ -513,6 +513,9 @@ class ServingSpec(Strict):
     """multiport mode: the DP supervisor's aggregated health port."""
     nixl_side_channel_port: int = Field(default=5600, ge=1, le=65535)
     """P/D: base of NIXL side-channel ports (VLLM_NIXL_SIDE_CHANNEL_PORT); DP rank r listens on base + r."""
+    record_routed_experts: bool = False
+    """Start every rank with vLLM's --enable-return-routed-experts: completion responses carry the expert ids each
+    token was routed to, which `widep experts record` aggregates into an expert-load file (vLLM 0.3x)."""
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     """P/D: what a decode rank does when pulling a request's KV from prefill fails (kv_transfer_config):
     'fail' ends that request with an error (llm-d's choice; the client or router retries the whole request),

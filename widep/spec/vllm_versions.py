@@ -62,6 +62,9 @@ class VLLMVersionTable:
     has_kv_load_failure_policy: bool = False
     """kv_transfer_config accepts kv_load_failure_policy ('fail' | 'recompute'); read in the 0.32 wheel
     (config/kv_transfer.py). Left False where widep has not read it: there only vLLM's behaviour is rendered."""
+    has_return_routed_experts: bool = False
+    """--enable-return-routed-experts (per-token expert ids in completion responses; widep experts record): in the
+    option tables of 0.32, 0.33 and 0.34."""
     deprecated_backends: dict[str, str] = field(default_factory=dict)
     """Backend -> its replacement, for names this line still runs but marks deprecated (plan warns)."""
     bool_flag_style: Literal["no", "disable"] = "no"
@@ -148,6 +151,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         engine_ready_timeout_env=True,
         redundant_experts_even_the_split=True,
         has_kv_load_failure_policy=True,
+        has_return_routed_experts=True,
     ),
     VLLMVersionTable(
         line="0.33",
@@ -179,6 +183,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         engine_ready_timeout_env=True,
         redundant_experts_even_the_split=True,
         has_kv_load_failure_policy=True,
+        has_return_routed_experts=True,
         bool_flag_style="disable",
         dbo_needs_env=("VLLM_USE_V2_MODEL_RUNNER", "1"),
         judged_by=JUDGE_ENV_PARSER.format(version="0.33.0"),
@@ -217,6 +222,7 @@ TABLES: tuple[VLLMVersionTable, ...] = (
         bool_flag_style="disable",
         eplb_auto_redundancy=True,
         judged_by=JUDGE_ENV_PARSER.format(version="0.34.0"),
+        has_return_routed_experts=True,
     ),
 )
 
