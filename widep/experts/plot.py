@@ -26,8 +26,8 @@ def heatmaps(load: ExpertLoad, phy2log: np.ndarray | None, ep: int | None, path:
     im = axes[0][0].imshow(per_expert, aspect="auto", interpolation="nearest", cmap="viridis")
     axes[0][0].set(title="tokens per expert / layer mean", xlabel="logical expert", ylabel="MoE layer")
     fig.colorbar(im, ax=axes[0][0])
-    if panels == 2:
-        r = rank_loads(c, np.asarray(phy2log), int(ep))
+    if panels == 2 and ep:
+        r = rank_loads(c, np.asarray(phy2log), ep)
         per_rank = r / np.maximum(r.mean(axis=1, keepdims=True), 1e-12)
         im2 = axes[0][1].imshow(per_rank, aspect="auto", interpolation="nearest", cmap="magma")
         axes[0][1].set(title=f"tokens per EP rank / layer mean (EP {ep})", xlabel="EP rank", ylabel="MoE layer")
