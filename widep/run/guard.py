@@ -6,7 +6,8 @@ group. It starts CMD in that group and makes sure nothing of the rank outlives i
 - if the launcher dies, even by SIGKILL, the kernel sends the guard SIGTERM (PR_SET_PDEATHSIG);
 - on SIGTERM/SIGINT it sends SIGTERM to every process of its group (vLLM's API server and its engine
   core / worker processes), waits up to ``--grace`` seconds, then SIGKILLs what is left;
-- when CMD exits by itself, the rest of the group (orphaned engine processes) is stopped the same way.
+- when CMD exits by itself, the rest of the group (orphaned engine processes) is SIGKILLed at once;
+- when the launcher died, the grace is at most 1 s (starting API servers ignore SIGTERM).
 
 Its exit status is CMD's: the code it exited with, or 128 + the signal that killed it.
 The signal handler only sets a flag.
@@ -22,7 +23,11 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
-ORPHAN_GRACE_S = 3.0
+ORPHAN_GRACE_S = 0.0
+"""CMD exited: what is left of its group is SIGKILLed at once (vLLM's engine core ignores SIGTERM)."""
+ORPHANED_GRACE_S = 1.0
+"""The launcher died (even by SIGKILL): the rank gets this long, not the full grace (starting API servers
+ignore SIGTERM), so nothing of it holds a port 2 s later."""
 _stop = False
 
 
@@ -116,7 +121,7 @@ def main(argv: list[str]) -> int:
     code: int | None = None
     while code is None:
         if _stop:
-            stop_group(pgid, grace)
+            stop_group(pgid, min(grace, ORPHANED_GRACE_S) if os.getppid() != parent else grace)
             code = child.poll()
             if code is None:
                 code = -signal.SIGKILL
@@ -126,7 +131,7 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             continue
     # CMD is gone: what is left of its group (vLLM's engine core and workers) is orphaned and serves
-    # nothing, so it gets a short grace rather than the full one.
+    # nothing (and the engine core ignores SIGTERM), so it is SIGKILLed at once.
     stop_group(pgid, min(grace, ORPHAN_GRACE_S))
     return 128 - code if code < 0 else code
 

@@ -47,6 +47,22 @@ def signal_name(code: int) -> str:
     return f"exited with code {code}"
 
 
+def death_severity(code: int) -> int:
+    """0 for a death by signal (the root cause of a group's fall), 1 for a failing exit, 2 for a clean exit
+    (a survivor whose engine returned after its peer died)."""
+    if code < 0 or code > 128:
+        return 0
+    return 1 if code else 2
+
+
+def root_cause(ranks: list[RankProcess]) -> RankProcess | None:
+    """Of the ranks that exited, the one that brought the group down: a death by signal before a failing exit
+    before a clean one (a survivor's engine returns cleanly when its DP peer was killed, and may be seen first),
+    the earliest seen within a kind."""
+    dead = [r for r in ranks if r.poll() is not None]
+    return min(dead, key=lambda r: (death_severity(r.exit_code or 0), r.exit_seen or 0.0), default=None)
+
+
 def tail(path: Path, n: int = 20) -> tuple[str, ...]:
     try:
         with open(path, errors="replace") as f:
@@ -65,6 +81,8 @@ class RankProcess:
     started: float
     pos: int = 0
     exit_code: int | None = field(default=None)
+    exit_seen: float | None = field(default=None)
+    """Monotonic time the exit was first seen."""
 
     @property
     def name(self) -> str:
@@ -73,6 +91,8 @@ class RankProcess:
     def poll(self) -> int | None:
         if self.exit_code is None:
             self.exit_code = self.proc.poll()
+            if self.exit_code is not None:
+                self.exit_seen = time.monotonic()
         return self.exit_code
 
     def new_lines(self) -> list[str]:
@@ -113,15 +133,29 @@ def start_rank(
     return RankProcess(cmd=cmd, log=log, proc=proc, started=time.monotonic())
 
 
-def stop_ranks(ranks: list[RankProcess], grace_s: float) -> None:
-    """SIGTERM every rank's guard (which stops its whole group), wait on one shared deadline, then SIGKILL."""
+def kill_ranks(ranks: list[RankProcess]) -> None:
+    """SIGKILL every rank's whole process group (guard, API server, engine core, workers) at once and reap the
+    guards: after a rank died its group restarts anyway, and vLLM's engine core ignores SIGTERM."""
+    for r in ranks:
+        try:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for r in ranks:
+        r.proc.wait()
+        r.poll()
+
+
+def stop_ranks(ranks: list[RankProcess], grace_s: float, slack_s: float = 5.0) -> None:
+    """SIGTERM every rank's guard (which stops its whole group), wait on one shared deadline (``grace_s`` +
+    ``slack_s``), then SIGKILL."""
     for r in ranks:
         if r.poll() is None:
             try:
                 os.kill(r.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + grace_s + 5
+    deadline = time.monotonic() + grace_s + slack_s
     for r in ranks:
         left = deadline - time.monotonic()
         try:
