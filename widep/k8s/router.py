@@ -12,7 +12,7 @@ from typing import Any
 
 from widep.plan.core import DeploymentPlan, RolePlan
 from widep.render.quoting import k8s_escape
-from widep.render.vllm import secret_ref
+from widep.render.vllm import router_recovery_args, secret_ref
 
 
 def _pod_host(lws: str, replica: int, pod_index: int, namespace: str | None) -> str:
@@ -83,6 +83,7 @@ def router_manifests(
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
         str(rs.health_failure_threshold),
+        *router_recovery_args(plan),
         *rs.extra_args,
     ]
     labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}

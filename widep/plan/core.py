@@ -112,6 +112,7 @@ class RolePlan:
             "name": self.name,
             "kind": self.kind,
             "replicas": self.spec.replicas,
+            "recovery": self.spec.recovery,
             "dp_size": self.dp_size,
             "ep_size": self.ep_size,
             "tp_size": self.tp_size,
@@ -344,6 +345,27 @@ def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
             )
 
 
+SURGICAL_UNAVAILABLE = (
+    "vLLM 0.32 cannot drop a dead rank from a running DP/EP group served by per-rank API servers: "
+    "--enable-elastic-ep raises NotImplementedError in ParallelConfig (vllm/config/parallel.py:963, 'Elastic EP is "
+    "not compatible with data_parallel_external_lb or data_parallel_hybrid_lb. Elastic EP relies on a single API "
+    "server and core client to coordinate scale up/down.'), and --enable-fault-tolerance only re-forms the DP group "
+    "at the same size with the same ranks after aborting the survivors' requests (EngineCoreSentinel.on_fault / "
+    "retry / _reinit_dp_group, vllm/v1/fault_tolerance/engine_core_sentinel.py:78-160; its worker side exists for "
+    "the GPU worker only)"
+)
+"""Why ``recovery: surgical`` is refused (shown by `widep plan`)."""
+
+
+def check_recovery(spec: TopologySpec) -> None:
+    for i, r in enumerate(spec.roles):
+        if r.recovery == "surgical":
+            _fail(
+                f"roles[{i}].recovery",
+                f"'surgical' with vLLM {spec.vllm.version}: {SURGICAL_UNAVAILABLE}. Valid: group.",
+            )
+
+
 def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
     """'recompute' needs a vLLM that takes kv_load_failure_policy (0.32 does)."""
     if spec.disaggregated and spec.serving.kv_load_failure_policy != "fail" and not vt.has_kv_load_failure_policy:
@@ -402,6 +424,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
+    check_recovery(spec)
     if mode == "multiport" and not vt.has_multi_port_lb:
         _fail(
             "serving.dp_mode",
