@@ -61,7 +61,8 @@ def token_times(records: Sequence[RequestRecord]) -> list[float]:
 
 
 def longest_gap_after(times: Sequence[float], kill_s: float, end_s: float) -> float:
-    """The longest stretch without a token that ends after ``kill_s`` (up to ``end_s`` when tokens never resume)."""
+    """The longest stretch without a token that ends after ``kill_s``, the stretch from the last token to ``end_s``
+    (the end of the run) included: tokens that never resume count as an interruption to the end."""
     before = [t for t in times if t <= kill_s]
     after = [t for t in times if t > kill_s]
     prev = before[-1] if before else kill_s
@@ -69,7 +70,7 @@ def longest_gap_after(times: Sequence[float], kill_s: float, end_s: float) -> fl
     for t in after:
         best = max(best, t - prev)
         prev = t
-    return max(best, end_s - prev) if not after else best
+    return max(best, end_s - prev)
 
 
 def summarize_run(

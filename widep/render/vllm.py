@@ -805,6 +805,17 @@ def router_recovery_args(plan: DeploymentPlan) -> list[str]:
             "--retry-backoff-multiplier",
             "2",
         ]
+    if sum(rp.spec.replicas for rp in plan.roles) == 1:
+        # one DP group: while it restarts no worker can take a request, and vllm-router answers 503 "No available
+        # workers (all circuits open or unhealthy)" at once instead of retrying; without circuit breakers a
+        # request is retried against the restarting ranks (connection refused) until they answer
+        return retry + [
+            "--disable-circuit-breaker",
+            "--health-success-threshold",
+            "1",
+            "--health-check-timeout-secs",
+            "2",
+        ]
     return retry + [
         "--cb-failure-threshold",
         "1",

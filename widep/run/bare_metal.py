@@ -181,9 +181,13 @@ class BareMetal(BackendBase):
             return Poll(complete=False, lines=lines)
         interval = self.launch.request.probe_interval_s
         self.next_probe[k] = now + interval
-        health = {
-            c.name: probe(host, port, timeout=min(2.0, interval * 2))[0] for c, host, port in self.endpoints(group)
-        }
+        health = {}
+        for c, host, port in self.endpoints(group):
+            # a death seen between two probes is acted on now, not after the next probe's timeout
+            f = self.local_failure(group)
+            if f is not None:
+                return Poll(failures=(f,), lines=lines)
+            health[c.name] = probe(host, port, timeout=min(1.0, interval * 2))[0]
         return Poll(health=health, lines=lines)
 
     def endpoints(self, group: Group) -> list[Endpoint]:
