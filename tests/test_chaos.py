@@ -74,10 +74,14 @@ def test_surgical_recovery_is_refused_with_the_vllm_check_that_refuses_it():
 def test_the_routers_recovery_flags_are_ones_vllm_router_takes():
     doc = tiny()
     doc["router"] = {"enabled": True, "retry_window_s": 60}
-    argv = render_router(make_plan(TopologySpec.model_validate(doc))).argv
+    one = render_router(make_plan(TopologySpec.model_validate(doc))).argv
+    assert "--disable-circuit-breaker" in one  # one DP group: nothing else could take a request while it restarts
+    assert int(one[one.index("--retry-max-retries") + 1]) >= 30  # 60 s of 0.1 -> 2 s backoff
+    two = yaml.safe_load((ROOT / "topologies" / "tiny-moe-cpu-2x.yaml").read_text())
+    argv = render_router(make_plan(TopologySpec.model_validate(two))).argv
     for flag in ("--retry-max-retries", "--cb-timeout-duration-secs", "--health-success-threshold"):
         assert flag in argv
-    assert int(argv[argv.index("--retry-max-retries") + 1]) >= 30  # 60 s of 0.1 -> 2 s backoff
+    argv = argv + one
     # every flag widep renders is one this vllm-router lists
     r = subprocess.run([ROUTER, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
