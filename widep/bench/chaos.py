@@ -121,12 +121,14 @@ def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def throughput_series(records: Sequence[RequestRecord], bin_s: float = 1.0) -> tuple[list[float], list[float]]:
-    """(bin start, tokens/s) over the run."""
+def throughput_series(
+    records: Sequence[RequestRecord], bin_s: float = 1.0, end_s: float = 0.0
+) -> tuple[list[float], list[float]]:
+    """(bin start, tokens/s) over the run, zeros up to ``end_s`` (no token is a point of the picture too)."""
     times = token_times(records)
     if not times:
         return [], []
-    n = int(times[-1] // bin_s) + 1
+    n = max(int(times[-1] // bin_s), int(end_s // bin_s)) + 1
     counts = [0] * n
     for t in times:
         counts[int(t // bin_s)] += 1
@@ -142,12 +144,11 @@ def plot_runs(runs: Sequence[tuple[dict[str, Any], Sequence[RequestRecord]]], pa
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, (summary, records) in enumerate(runs):
-        x, y = throughput_series(records)
+        k, fw = summary.get("kill_s"), summary.get("full_width_s")
+        x, y = throughput_series(records, end_s=(k or 0.0) + (fw or 0.0) + 5.0)
         (line,) = ax.plot(x, y, label=f"run {i + 1}: {summary['target']}", linewidth=1.2)
-        k = summary.get("kill_s")
         if k is not None:
             ax.axvline(k, color=line.get_color(), linestyle="--", linewidth=0.8)
-            fw = summary.get("full_width_s")
             if fw is not None:
                 ax.axvline(k + fw, color=line.get_color(), linestyle=":", linewidth=0.8)
     ax.set_xlabel("seconds since the load started (dashed: SIGKILL, dotted: every rank healthy again)")
