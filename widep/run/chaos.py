@@ -145,18 +145,27 @@ class Deployment:
 
     def watch(self, role: str, before: list[int], attempt: int, stop: threading.Event, out: Watch) -> None:
         """Until ``stop``: when the processes ``before`` (the killed attempt's) are all gone, and when the group is
-        healthy in an attempt after ``attempt``."""
+        healthy in an attempt after ``attempt`` (two loops: a slow /state answer must not delay the first)."""
+
+        def gone() -> None:
+            while not stop.is_set():
+                if not alive(before):
+                    out.gone_at = time.perf_counter()
+                    return
+                time.sleep(0.02)
+
+        t = threading.Thread(target=gone, daemon=True)
+        t.start()
         while not stop.is_set():
             now = time.perf_counter()
-            if out.gone_at is None and not alive(before):
-                out.gone_at = now
             if out.healthy_at is None:
                 st = self.state(role)
                 if st is not None:
                     out.states.append((now, st["state"], int(st["attempt"])))
                     if st["state"] == "healthy" and int(st["attempt"]) > attempt:
                         out.healthy_at = now
-            if out.gone_at is not None and out.healthy_at is not None:
+            if out.healthy_at is not None:
+                t.join()
                 return
             time.sleep(0.05)
 
