@@ -16,11 +16,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from launch_helpers import ROOT, wait_gone
 
 from widep.doctor.gather import _PROBE
 from widep.render.vllm import ProcessCommand
-from widep.run.procs import death_severity, kill_ranks, root_cause, start_rank
+from widep.run.procs import ENGINE_LOST, death_severity, kill_ranks, root_cause, signal_name, start_rank
 from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy
 
 # A parent that ignores SIGTERM with a child that ignores SIGTERM (an API server and its engine core).
@@ -143,3 +144,51 @@ def test_the_doctor_finds_the_cpu_ep_plugin_by_its_entry_point_from_any_director
     (m,) = json.loads(line.split(" ", 1)[1])["modules"]
     assert m["found"], m
     assert Path(str(m["origin"]).split()[0]).exists() or "vllm.general_plugins" in m["origin"]
+
+
+ENGINE = (
+    "import os, signal, time, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if os.fork() == 0:\n"
+    "    import setproctitle\n"
+    "    setproctitle.setproctitle('VLLM::EngineCore_DP1')\n"
+    "    time.sleep(600)\n"
+    "    sys.exit(0)\n"
+    "time.sleep(600)\n"
+)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_an_engine_core_that_dies_under_a_live_api_server_kills_the_rank_at_once(tmp_path):
+    pytest.importorskip("setproctitle")
+    run_id = f"faults-{os.getpid()}-engine"
+    c = ProcessCommand("serve", 0, 1, (1,), 0, "node-0", 0, None, None, template=(sys.executable, "-c", ENGINE))
+    r = start_rank(c, tmp_path, 0, dict(os.environ), run_id, 30.0)
+    try:
+        deadline = time.monotonic() + 20
+        engine = None
+        while engine is None and time.monotonic() < deadline:
+            for api in children(r.proc.pid):  # (setproctitle may overwrite the environment WIDEP_RUN_ID is in)
+                for pid in children(api):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                        engine = pid
+            time.sleep(0.1)
+        assert engine is not None
+        time.sleep(0.5)  # the guard has seen it
+        os.kill(engine, signal.SIGKILL)
+        t0 = time.monotonic()
+        code = r.proc.wait(timeout=10)
+        assert code == ENGINE_LOST and time.monotonic() - t0 < 1.0
+        assert signal_name(code) == "its engine core died (the API server still ran)"
+        assert death_severity(code) == 0
+        assert not Path(f"/proc/{engine}").exists() or b") Z" in Path(f"/proc/{engine}/stat").read_bytes()
+        assert wait_gone(run_id, timeout=2) == []
+        assert "engine core" in r.log.read_text()
+    finally:
+        kill_ranks([r])
