@@ -76,6 +76,7 @@ def test_the_routers_recovery_flags_are_ones_vllm_router_takes():
     doc["router"] = {"enabled": True, "retry_window_s": 60}
     one = render_router(make_plan(TopologySpec.model_validate(doc))).argv
     assert "--disable-circuit-breaker" in one  # one DP group: nothing else could take a request while it restarts
+    assert int(one[one.index("--health-failure-threshold") + 1]) >= 100_000
     assert int(one[one.index("--retry-max-retries") + 1]) >= 30  # 60 s of 0.1 -> 2 s backoff
     two = yaml.safe_load((ROOT / "topologies" / "tiny-moe-cpu-2x.yaml").read_text())
     argv = render_router(make_plan(TopologySpec.model_validate(two))).argv

@@ -12,7 +12,7 @@ from typing import Any
 
 from widep.plan.core import DeploymentPlan, RolePlan
 from widep.render.quoting import k8s_escape
-from widep.render.vllm import router_recovery_args, secret_ref
+from widep.render.vllm import router_health_failure_threshold, router_recovery_args, secret_ref
 
 
 def _pod_host(lws: str, replica: int, pod_index: int, namespace: str | None) -> str:
@@ -82,7 +82,7 @@ def router_manifests(
         "--health-check-interval-secs",
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
-        str(rs.health_failure_threshold),
+        str(router_health_failure_threshold(plan)),
         *router_recovery_args(plan),
         *rs.extra_args,
     ]

@@ -775,6 +775,20 @@ ROUTER_RETRY_BACKOFF_MS = (100, 2000)
 """First and largest backoff between two router retries of one request (doubling)."""
 
 
+ROUTER_HOLD_THRESHOLD = 1_000_000
+"""--health-failure-threshold for a deployment of one DP group: its workers are never taken out of rotation."""
+
+
+def router_health_failure_threshold(plan: DeploymentPlan) -> int:
+    """``router.health_failure_threshold``, except with one DP group: there is no other group to send a request to,
+    and a worker the health checks removed makes vllm-router 0.1.17 answer "503 No available workers" at once
+    instead of retrying; kept in rotation, a request to the restarting group is refused and retried (with backoff,
+    for ``router.retry_window_s``) until the group answers again."""
+    if sum(rp.spec.replicas for rp in plan.roles) == 1:
+        return ROUTER_HOLD_THRESHOLD
+    return plan.spec.router.health_failure_threshold
+
+
 def router_recovery_args(plan: DeploymentPlan) -> list[str]:
     """The front door's failure handling, rendered from the roles' recovery policy (``group``; vllm-router 0.1.17).
 
@@ -869,7 +883,7 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Pro
         "--health-check-interval-secs",
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
-        str(rs.health_failure_threshold),
+        str(router_health_failure_threshold(plan)),
         *router_recovery_args(plan),
     ]
     env: list[tuple[str, EnvTemplate]] = []

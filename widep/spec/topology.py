@@ -453,7 +453,8 @@ class RouterSpec(Strict):
     health_check_interval_s: int = Field(default=5, ge=1, le=86400)
     """Seconds between the router's health checks of each server (--health-check-interval-secs)."""
     health_failure_threshold: int = Field(default=2, ge=1, le=1000)
-    """Failed checks before the router stops sending to a server (--health-failure-threshold)."""
+    """Failed checks before the router stops sending to a server (--health-failure-threshold). With one DP group
+    widep keeps its servers in rotation (requests to the restarting group are retried, not answered 503)."""
     retry_window_s: int = Field(default=180, ge=0, le=3600)
     """How long the router keeps retrying a request that got no first token (dead rank, group restarting), with
     backoff 0.1 -> 2 s (--retry-max-retries); 0: no retries. Cover a group's cold start so nothing is lost."""
