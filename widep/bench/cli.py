@@ -461,3 +461,87 @@ def plot_cmd(run_dirs: tuple[str, ...], prefix: str | None) -> None:
     files = plot_runs(dirs, Path(prefix) if prefix else dirs[0] / "plot")
     for p in files:
         click.echo(str(p))
+
+
+@bench_cmd.command("chaos", context_settings={"show_default": True})
+@click.argument("topology", type=click.Path(exists=True, dir_okay=False))
+@click.option("--kill", "target", required=True, help="What to SIGKILL: ROLE/RANK[:api|:engine], e.g. serve/1:engine.")
+@click.option("--at", "at_s", type=click.FloatRange(min=0), default=20.0, help="Seconds into the load to kill it.")
+@click.option("--duration", type=click.FloatRange(min=1), default=60.0, help="Seconds of streaming load per run.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=4, help="Concurrent streaming clients.")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, help="Runs (a fresh deployment each); medians.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=32, help="max_tokens of each request.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (medians, policy, every run).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="PNG of tokens/s over time per run.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Where launch logs go [default: a temp dir].")
+@click.option("--model-path", help="Passed to widep launch (--model-path).")
+@click.option("--python", "vllm_python", help="Passed to widep launch (--python).")
+@click.option("--launch-arg", "launch_args", multiple=True, help="More `widep launch` arguments, repeatable.")
+@click.option("--ready-timeout", type=float, default=900.0, help="Seconds to wait for the router to be ready.")
+def chaos_cmd(
+    topology: str,
+    target: str,
+    at_s: float,
+    duration: float,
+    concurrency: int,
+    repeat: int,
+    max_tokens: int,
+    as_json: bool,
+    plot_path: str | None,
+    out_dir: str | None,
+    model_path: str | None,
+    vllm_python: str | None,
+    launch_args: tuple[str, ...],
+    ready_timeout: float,
+) -> None:
+    """Start TOPOLOGY behind its router, stream load, SIGKILL one rank's process, and report what it cost."""
+    import tempfile
+
+    from widep.bench.chaos import Target, medians, plot_runs
+    from widep.plan import plan as make_plan
+    from widep.run.chaos import run_once
+    from widep.spec.topology import load_topology
+
+    try:
+        Target.parse(target)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if at_s >= duration:
+        raise UserError(
+            f"--at: {at_s:g} s is not inside the load (--duration {duration:g} s). Valid: 0 <= at < duration."
+        )
+    p = make_plan(load_topology(topology))
+    if p.router is None:
+        raise UserError(
+            f"{topology}: router.enabled is false; the chaos benchmark measures the front door. Valid: a topology "
+            "with a router section (router.enabled: true, router.port)."
+        )
+    args = list(launch_args)
+    if model_path:
+        args += ["--model-path", model_path]
+    if vllm_python:
+        args += ["--python", vllm_python]
+    base = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="widep-chaos-"))
+    runs = []
+    for i in range(repeat):
+        summary, records = run_once(
+            Path(topology),
+            p,
+            target,
+            at_s,
+            duration,
+            concurrency,
+            base / f"run-{i + 1}",
+            args,
+            ready_timeout,
+            max_tokens,
+        )
+        runs.append((summary, records))
+        if not as_json:
+            click.echo(json.dumps(summary))
+    doc = {"target": runs[0][0]["target"], "policy": runs[0][0]["policy"], **medians([s for s, _ in runs])}
+    doc["repeats"] = repeat
+    doc["runs"] = [s for s, _ in runs]
+    if plot_path:
+        doc["plot"] = str(plot_runs(runs, Path(plot_path)))
+    click.echo(json.dumps(doc, indent=None if as_json else 2))

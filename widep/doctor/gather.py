@@ -71,6 +71,19 @@ def locate(name):
             return None
         spec = PathFinder.find_spec(".".join(parts[: i + 1]), list(spec.submodule_search_locations))
     return spec
+def plugin_entry_point(name):
+    # 'entry point NAME = VALUE (vllm.general_plugins)' when a vLLM plugin entry point names module `name`
+    try:
+        import importlib.metadata as md
+        eps = md.entry_points()
+        g = "vllm.general_plugins"
+        group = eps.select(group=g) if hasattr(eps, "select") else eps.get(g, [])
+        for e in group:
+            if e.value.split(":")[0].strip() == name:
+                return "entry point %s = %s (vllm.general_plugins)" % (e.name, e.value)
+    except Exception:
+        pass
+    return None
 def dist_version(name):
     try:
         import importlib.metadata as md
@@ -107,6 +120,17 @@ for name in names:
         spec = locate(name)
     except Exception as e:
         spec = None; r["error"] = "%s: %s" % (type(e).__name__, e)
+    ep = None if spec is not None else plugin_entry_point(name)
+    if ep is not None:
+        # found the way vLLM finds it (an editable install's import hook is invisible to PathFinder)
+        r["found"] = True; r["origin"] = ep; r["error"] = None
+        r["distribution"], r["version"] = dist_version(name)
+        if do_import:
+            r["import_tried"] = True
+            try:
+                importlib.import_module(name); r["imported"] = True
+            except BaseException as e:
+                r["error"] = "%s: %s" % (type(e).__name__, str(e)[:500])
     if spec is not None:
         r["found"] = True
         locs = list(spec.submodule_search_locations or [])

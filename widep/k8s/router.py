@@ -13,6 +13,7 @@ from typing import Any
 
 from widep.plan.core import DeploymentPlan, RolePlan
 from widep.render.quoting import k8s_escape
+from widep.render.vllm import router_health_failure_threshold, router_recovery_args
 
 #: Seconds the router's startup probe allows beyond its --worker-startup-timeout-secs (its own start).
 ROUTER_START_MARGIN_S = 60
@@ -89,7 +90,8 @@ def router_manifests(
         "--health-check-interval-secs",
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
-        str(rs.health_failure_threshold),
+        str(router_health_failure_threshold(plan)),
+        *router_recovery_args(plan),
         *rs.extra_args,
     ]
     labels = {**labels_base, "app.kubernetes.io/name": "vllm-router", "app.kubernetes.io/component": "router"}

@@ -79,6 +79,17 @@ def print_plan(p: DeploymentPlan, console: Console | None = None) -> None:
             + (f", EPLB +{rp.spec.eplb.redundant_experts} redundant" if rp.spec.eplb.enabled else "")
             + f"; {rp.physical_experts} physical experts, {rp.experts_per_gpu} per GPU"
         )
+        con.print(
+            f"recovery {rp.spec.recovery}: a rank's death SIGKILLs its DP group at once and restarts it in step"
+            + (
+                f"; the router retries requests without a first token for {p.spec.router.retry_window_s} s"
+                if p.router is not None
+                else ""
+            )
+            + "; surgical (survivors keep serving) is unavailable: vLLM 0.32 refuses elastic EP behind per-rank "
+            "API servers (vllm/config/parallel.py:963)",
+            highlight=False,
+        )
         t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         for col in ("replica", "dp rank", "node", "local", "gpus", "port", "experts"):
             t.add_column(col, justify="right" if col not in ("node", "experts") else "left")

@@ -111,6 +111,7 @@ class RolePlan:
             "name": self.name,
             "kind": self.kind,
             "replicas": self.spec.replicas,
+            "recovery": self.spec.recovery,
             "dp_size": self.dp_size,
             "ep_size": self.ep_size,
             "tp_size": self.tp_size,
@@ -359,6 +360,27 @@ def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable, is_cpu
             f"true with vLLM {spec.vllm.version}: --enable-return-routed-experts exists from vLLM 0.32 on. Valid: "
             "false, or vllm.version 0.32.0 or newer.",
         )
+
+
+SURGICAL_UNAVAILABLE = (
+    "vLLM 0.32 cannot drop a dead rank from a running DP/EP group served by per-rank API servers: "
+    "--enable-elastic-ep raises NotImplementedError in ParallelConfig (vllm/config/parallel.py:963, 'Elastic EP is "
+    "not compatible with data_parallel_external_lb or data_parallel_hybrid_lb. Elastic EP relies on a single API "
+    "server and core client to coordinate scale up/down.'), and --enable-fault-tolerance only re-forms the DP group "
+    "at the same size with the same ranks after aborting the survivors' requests (EngineCoreSentinel.on_fault / "
+    "retry / _reinit_dp_group, vllm/v1/fault_tolerance/engine_core_sentinel.py:78-160; its worker side exists for "
+    "the GPU worker only)"
+)
+"""Why ``recovery: surgical`` is refused (shown by `widep plan`)."""
+
+
+def check_recovery(spec: TopologySpec) -> None:
+    for i, r in enumerate(spec.roles):
+        if r.recovery == "surgical":
+            _fail(
+                f"roles[{i}].recovery",
+                f"'surgical' with vLLM {spec.vllm.version}: {SURGICAL_UNAVAILABLE}. Valid: group.",
+            )
 
 
 def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
@@ -730,6 +752,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
     check_record_routed_experts(spec, vt, is_cpu)
+    check_recovery(spec)
     mv = first_version_with("has_multi_port_lb")
     _refuse(R.multiport_supported(spec.serving.dp_mode, vt.has_multi_port_lb, spec.vllm.version, mv))
 

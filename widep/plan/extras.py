@@ -214,6 +214,23 @@ ROUTER_OWNED_FLAGS = {
     "--worker-startup-timeout-secs": "vllm.ready_timeout_s",
     "--health-check-interval-secs": "router.health_check_interval_s",
     "--health-failure-threshold": "router.health_failure_threshold",
+    **{
+        f: "roles[].recovery and router.retry_window_s"
+        for f in (
+            "--retry-max-retries",
+            "--retry-initial-backoff-ms",
+            "--retry-max-backoff-ms",
+            "--retry-backoff-multiplier",
+            "--disable-retries",
+            "--cb-failure-threshold",
+            "--cb-success-threshold",
+            "--cb-timeout-duration-secs",
+            "--cb-window-duration-secs",
+            "--disable-circuit-breaker",
+            "--health-success-threshold",
+            "--health-check-timeout-secs",
+        )
+    },
     "--api-key": "serving.api_key_secret",
 }
 

@@ -598,6 +598,81 @@ def render(
     return out
 
 
+ROUTER_RETRY_BACKOFF_MS = (100, 2000)
+"""First and largest backoff between two router retries of one request (doubling)."""
+
+
+ROUTER_HOLD_THRESHOLD = 1_000_000
+"""--health-failure-threshold for a deployment of one DP group: its workers are never taken out of rotation."""
+
+
+def router_health_failure_threshold(plan: DeploymentPlan) -> int:
+    """``router.health_failure_threshold``, except with one DP group: there is no other group to send a request to,
+    and a worker the health checks removed makes vllm-router 0.1.17 answer "503 No available workers" at once
+    instead of retrying; kept in rotation, a request to the restarting group is refused and retried (with backoff,
+    for ``router.retry_window_s``) until the group answers again."""
+    if sum(rp.spec.replicas for rp in plan.roles) == 1:
+        return ROUTER_HOLD_THRESHOLD
+    return plan.spec.router.health_failure_threshold
+
+
+def router_recovery_args(plan: DeploymentPlan) -> list[str]:
+    """The front door's failure handling, rendered from the roles' recovery policy (``group``; vllm-router 0.1.17).
+
+    vllm-router's defaults keep a recovered group out for about a minute (circuit breakers open after a few errors
+    and stay open ~60 s; a worker is healthy again only after 2 checks) and give up on a request after 3 tries, so a
+    group restart answered ``503 No available workers`` long after it was healthy. Here: a dead rank's circuit opens
+    at its first failure and half-opens after 1 s (one success closes it), a worker is re-admitted at its first
+    passing health check, and a request that got no first token (refused, 5xx, no worker) is retried with backoff
+    0.1 -> 2 s for ``router.retry_window_s`` - long enough for a group to come back from a cold start.
+    """
+    rs = plan.spec.router
+    first, top = ROUTER_RETRY_BACKOFF_MS
+    if rs.retry_window_s == 0:
+        retry = ["--disable-retries"]
+    else:
+        waited, tries, b = 0.0, 0, first
+        while waited < rs.retry_window_s * 1000:
+            waited += b
+            b = min(top, b * 2)
+            tries += 1
+        retry = [
+            "--retry-max-retries",
+            str(tries + 1),
+            "--retry-initial-backoff-ms",
+            str(first),
+            "--retry-max-backoff-ms",
+            str(top),
+            "--retry-backoff-multiplier",
+            "2",
+        ]
+    if sum(rp.spec.replicas for rp in plan.roles) == 1:
+        # one DP group: while it restarts no worker can take a request, and vllm-router answers 503 "No available
+        # workers (all circuits open or unhealthy)" at once instead of retrying; without circuit breakers a
+        # request is retried against the restarting ranks (connection refused) until they answer
+        return retry + [
+            "--disable-circuit-breaker",
+            "--health-success-threshold",
+            "1",
+            "--health-check-timeout-secs",
+            "2",
+        ]
+    return retry + [
+        "--cb-failure-threshold",
+        "1",
+        "--cb-success-threshold",
+        "1",
+        "--cb-timeout-duration-secs",
+        "1",
+        "--cb-window-duration-secs",
+        "10",
+        "--health-success-threshold",
+        "1",
+        "--health-check-timeout-secs",
+        "2",
+    ]
+
+
 def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> ProcessCommand | None:
     """The vllm-router process of the plan (None when the router is off).
 
@@ -635,7 +710,8 @@ def render_router(plan: DeploymentPlan, ctx: RenderContext | None = None) -> Pro
         "--health-check-interval-secs",
         str(rs.health_check_interval_s),
         "--health-failure-threshold",
-        str(rs.health_failure_threshold),
+        str(router_health_failure_threshold(plan)),
+        *router_recovery_args(plan),
     ]
     env: list[tuple[str, EnvTemplate]] = []
     ref = secret_ref(plan, "api_key_secret", "VLLM_API_KEY", "api-key")

@@ -27,10 +27,21 @@ from widep.run.control import ControlServer, http_json, probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
 from widep.run.preflight import check_before_start, resolve_node
-from widep.run.procs import RankProcess, resolve_env, signal_name, start_rank, stop_ranks, tail
+from widep.run.procs import (
+    RankProcess,
+    kill_ranks,
+    resolve_env,
+    root_cause,
+    signal_name,
+    start_rank,
+    stop_ranks,
+    tail,
+)
 from widep.run.state import Failure, GroupState, GroupStatus
 
 GroupKey = tuple[str, int]
+STARTING_GRACE_S = 1.0
+"""SIGTERM -> SIGKILL for a group stopped before it was healthy (starting API servers ignore SIGTERM)."""
 
 
 def key_of(group: Group) -> GroupKey:
@@ -63,6 +74,8 @@ class BareMetal(BackendBase):
         self.controls: dict[GroupKey, ControlServer] = {}
         self.following: list[FollowerGroup] = []
         self.router: RouterRunner | None = None
+        self.served: set[GroupKey] = set()
+        """Groups whose current attempt became healthy (stopping them gives requests the full grace)."""
 
     @property
     def node(self) -> int:
@@ -125,6 +138,7 @@ class BareMetal(BackendBase):
         req = self.launch.request
         local = group.on_node(self.node)
         self.attempt[k] = attempt
+        self.served.discard(k)
         self.procs[k] = [
             start_rank(
                 c, self.launch.run_dir, attempt, resolve_env(c, self.base_env), self.launch.run_id, req.stop_timeout_s
@@ -137,15 +151,11 @@ class BareMetal(BackendBase):
         return f"{', '.join(c.name for c in local)}; logs in {self.launch.run_dir / f'attempt-{attempt}' / group.role}"
 
     def local_failure(self, group: Group) -> Failure | None:
-        """The earliest exit among this node's processes of the group."""
-        first: Failure | None = None
-        for p in self.procs.get(key_of(group), []):
-            code = p.poll()
-            if code is not None:
-                f = Failure(p.name, p.cmd.node_name, signal_name(code), time.monotonic(), tail(p.log))
-                if first is None or f.at < first.at:
-                    first = f
-        return first
+        """The root cause among this node's exited processes of the group (:func:`~widep.run.procs.root_cause`)."""
+        p = root_cause(self.procs.get(key_of(group), []))
+        if p is None:
+            return None
+        return Failure(p.name, p.cmd.node_name, signal_name(p.exit_code or 0), p.exit_seen or 0.0, tail(p.log))
 
     def new_lines(self, group: Group) -> tuple[tuple[str, str], ...]:
         if not self.launch.request.follow:
@@ -171,9 +181,13 @@ class BareMetal(BackendBase):
             return Poll(complete=False, lines=lines)
         interval = self.launch.request.probe_interval_s
         self.next_probe[k] = now + interval
-        health = {
-            c.name: probe(host, port, timeout=min(2.0, interval * 2))[0] for c, host, port in self.endpoints(group)
-        }
+        health = {}
+        for c, host, port in self.endpoints(group):
+            # a death seen between two probes is acted on now, not after the next probe's timeout
+            f = self.local_failure(group)
+            if f is not None:
+                return Poll(failures=(f,), lines=lines)
+            health[c.name] = probe(host, port, timeout=min(1.0, interval * 2))[0]
         return Poll(health=health, lines=lines)
 
     def endpoints(self, group: Group) -> list[Endpoint]:
@@ -186,12 +200,26 @@ class BareMetal(BackendBase):
         return bool(self.procs.get(key_of(group)))
 
     def stop(self, group: Group) -> None:
-        procs = self.procs.pop(key_of(group), [])
-        if procs:
+        """A group whose rank died is SIGKILLed at once (it restarts anyway; the engine core ignores SIGTERM);
+        one stopped before it was ever healthy gets 1 s (starting API servers ignore SIGTERM); a serving one the
+        full grace to finish its requests."""
+        k = key_of(group)
+        procs = self.procs.pop(k, [])
+        if not procs:
+            return
+        st = self.statuses.get(k)
+        if any(p.poll() is not None for p in procs) or (st and st.state in (GroupState.RESTARTING, GroupState.FAILED)):
+            kill_ranks(procs)
+        elif k not in self.served:
+            stop_ranks(procs, STARTING_GRACE_S, slack_s=0.0)
+        else:
             stop_ranks(procs, self.launch.request.stop_timeout_s)
 
     def publish(self, group: Group, status: GroupStatus) -> None:
-        self.statuses[key_of(group)] = status
+        k = key_of(group)
+        self.statuses[k] = status
+        if status.state == GroupState.HEALTHY:
+            self.served.add(k)
 
     # ------------------------------------------------------------------ the rest of the node
     def followers(self) -> list[GroupDriver]:

@@ -306,8 +306,15 @@ def status_cmd(topology: str, as_json: bool, timeout: float, slurm_job: str | No
         for (c, h, port), (s, dt) in zip(hosts, results, strict=False)
     ]
     healthy = all(r["health"] == "healthy" for r in rows)
+    door = None
+    if p.router is not None:  # the front door, and what it answers (its /health; a 503 there means no workers)
+        rt = p.router
+        host = names[rt.node] if slurm_job else p.nodes[rt.node].host
+        state, dt = probe(host, rt.port, timeout=timeout)
+        door = {"url": f"http://{host}:{rt.port}", "health": state, "latency_ms": round(1000 * dt, 1)}
     if as_json:
-        click.echo(json.dumps({"name": p.name, "healthy": healthy, "endpoints": rows, "groups": groups}, indent=2))
+        doc = {"name": p.name, "healthy": healthy, "endpoints": rows, "groups": groups, "front_door": door}
+        click.echo(json.dumps(doc, indent=2))
     else:
         con = Console()
         healthy_count = sum(r["health"] == "healthy" for r in rows)
@@ -333,4 +340,13 @@ def status_cmd(topology: str, as_json: bool, timeout: float, slurm_job: str | No
                 else "no launcher answering"
             )
             con.print(f"group {gr['role']}#{gr['replica']} (leader {gr['leader']}): {state}")
+            last = (st or {}).get("last_failure")
+            if last:
+                con.print(
+                    f"  last failure (attempt {last['attempt']}): {last['rank']} on {last['node']}: {last['reason']}",
+                    markup=False,
+                )
+        if door is not None:
+            color = "green" if door["health"] == "healthy" else "red"
+            con.print(f"front door {door['url']}: [{color}]{door['health']}[/] ({door['latency_ms']} ms)")
     return 0 if healthy else 1

@@ -6,9 +6,11 @@ group. It starts CMD in that group and makes sure nothing of the rank outlives i
 - if the launcher dies, even by SIGKILL, the kernel sends the guard SIGTERM (PR_SET_PDEATHSIG);
 - on SIGTERM/SIGINT it sends SIGTERM to every process of its group (vLLM's API server and its engine
   core / worker processes), waits up to ``--grace`` seconds, then SIGKILLs what is left;
-- when CMD exits by itself, the rest of the group (orphaned engine processes) is stopped the same way.
+- when CMD exits by itself, the rest of the group (orphaned engine processes) is SIGKILLed at once;
+- when the launcher died, the grace is at most 1 s (starting API servers ignore SIGTERM).
 
-Its exit status is CMD's: the code it exited with, or 128 + the signal that killed it.
+Its exit status is CMD's: the code it exited with, or 128 + the signal that killed it; 86 when vLLM's engine core
+(``VLLM::EngineCore*``) died while CMD still ran (the rank is SIGKILLed at once).
 The signal handler only sets a flag.
 """
 
@@ -22,7 +24,11 @@ import sys
 import time
 
 PR_SET_PDEATHSIG = 1
-ORPHAN_GRACE_S = 3.0
+ORPHAN_GRACE_S = 0.0
+"""CMD exited: what is left of its group is SIGKILLed at once (vLLM's engine core ignores SIGTERM)."""
+ORPHANED_GRACE_S = 1.0
+"""The launcher died (even by SIGKILL): the rank gets this long, not the full grace (starting API servers
+ignore SIGTERM), so nothing of it holds a port 2 s later."""
 _stop = False
 
 
@@ -77,6 +83,27 @@ def stop_group(pgid: int, grace: float) -> None:
         time.sleep(0.05)
 
 
+ENGINE_TITLE = b"VLLM::EngineCore"
+"""vLLM names its engine core processes so (setproctitle): ``VLLM::EngineCore_DP1``."""
+DEATH_MARK = "widep guard: the rank ended at monotonic "
+"""Last log line of a rank that ended by itself: when, on the host's monotonic clock (ranks of one host compare)."""
+ENGINE_LOST = 86
+"""The guard's exit status when the rank's engine core died while its API server still ran."""
+
+
+def engine_cores(pgid: int) -> set[int]:
+    """PIDs of the group's vLLM engine core processes (by process title)."""
+    out = set()
+    for pid in group_members(pgid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(ENGINE_TITLE):
+                    out.add(pid)
+        except OSError:
+            continue
+    return out
+
+
 def _reap() -> None:
     while True:
         try:
@@ -114,9 +141,27 @@ def main(argv: list[str]) -> int:
         print(f"widep guard: cannot start {cmd[0]!r}: {err}", file=sys.stderr)
         return 127
     code: int | None = None
+    engines: set[int] = set()
     while code is None:
+        if not _stop:
+            # the engine core died under a live API server: the rank is dead (vLLM's API server takes seconds to
+            # notice and may exit 0); stop it at once and say so
+            now = engine_cores(pgid)
+            lost = engines - now
+            engines |= now
+            if lost and not _stop:
+                print(
+                    f"widep guard: the engine core (pid {', '.join(map(str, sorted(lost)))}) of this rank died "
+                    "while its API server ran; killing the rank",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                died = time.monotonic()
+                stop_group(pgid, 0.0)
+                print(f"{DEATH_MARK}{died:.3f}", file=sys.stderr, flush=True)
+                return ENGINE_LOST
         if _stop:
-            stop_group(pgid, grace)
+            stop_group(pgid, min(grace, ORPHANED_GRACE_S) if os.getppid() != parent else grace)
             code = child.poll()
             if code is None:
                 code = -signal.SIGKILL
@@ -126,8 +171,11 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             continue
     # CMD is gone: what is left of its group (vLLM's engine core and workers) is orphaned and serves
-    # nothing, so it gets a short grace rather than the full one.
+    # nothing (and the engine core ignores SIGTERM), so it is SIGKILLed at once.
+    died = time.monotonic()
     stop_group(pgid, min(grace, ORPHAN_GRACE_S))
+    if not _stop:
+        print(f"{DEATH_MARK}{died:.3f}", file=sys.stderr, flush=True)
     return 128 - code if code < 0 else code
 
 

@@ -33,7 +33,13 @@ def resolve_env(cmd: ProcessCommand, base: dict[str, str]) -> dict[str, str]:
     return env
 
 
+ENGINE_LOST = 86
+"""The guard's exit status when the rank's engine core died under a live API server (widep.run.guard)."""
+
+
 def signal_name(code: int) -> str:
+    if code == ENGINE_LOST:
+        return "its engine core died (the API server still ran)"
     if code > 128:
         try:
             return f"killed by {signal.Signals(code - 128).name}"
@@ -45,6 +51,37 @@ def signal_name(code: int) -> str:
         except ValueError:
             pass
     return f"exited with code {code}"
+
+
+def death_severity(code: int) -> int:
+    """0 for a death by signal or of the engine core (the root cause of a group's fall), 1 for a failing exit,
+    2 for a clean exit (a survivor whose engine returned after its peer died)."""
+    if code < 0 or code > 128 or code == ENGINE_LOST:
+        return 0
+    return 1 if code else 2
+
+
+DEATH_MARK = "widep guard: the rank ended at monotonic "
+"""The guard's last log line when its rank ended by itself (widep.run.guard)."""
+
+
+def died_at(r: RankProcess) -> float:
+    """When the rank ended, on this host's monotonic clock: the guard's own record, else when it was seen."""
+    for line in reversed(tail(r.log, 5)):
+        if line.startswith(DEATH_MARK):
+            try:
+                return float(line[len(DEATH_MARK) :])
+            except ValueError:
+                break
+    return r.exit_seen or 0.0
+
+
+def root_cause(ranks: list[RankProcess]) -> RankProcess | None:
+    """Of the ranks that exited, the one that brought the group down: a death by signal (or of its engine core)
+    before a failing exit before a clean one (a survivor's engine returns cleanly when its DP peer was killed, and
+    may be seen first), the earliest to die within a kind (by the guards' clock)."""
+    dead = [r for r in ranks if r.poll() is not None]
+    return min(dead, key=lambda r: (death_severity(r.exit_code or 0), died_at(r)), default=None)
 
 
 def tail(path: Path, n: int = 20) -> tuple[str, ...]:
@@ -65,6 +102,8 @@ class RankProcess:
     started: float
     pos: int = 0
     exit_code: int | None = field(default=None)
+    exit_seen: float | None = field(default=None)
+    """Monotonic time the exit was first seen."""
 
     @property
     def name(self) -> str:
@@ -73,6 +112,8 @@ class RankProcess:
     def poll(self) -> int | None:
         if self.exit_code is None:
             self.exit_code = self.proc.poll()
+            if self.exit_code is not None:
+                self.exit_seen = time.monotonic()
         return self.exit_code
 
     def new_lines(self) -> list[str]:
@@ -113,15 +154,29 @@ def start_rank(
     return RankProcess(cmd=cmd, log=log, proc=proc, started=time.monotonic())
 
 
-def stop_ranks(ranks: list[RankProcess], grace_s: float) -> None:
-    """SIGTERM every rank's guard (which stops its whole group), wait on one shared deadline, then SIGKILL."""
+def kill_ranks(ranks: list[RankProcess]) -> None:
+    """SIGKILL every rank's whole process group (guard, API server, engine core, workers) at once and reap the
+    guards: after a rank died its group restarts anyway, and vLLM's engine core ignores SIGTERM."""
+    for r in ranks:
+        try:
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for r in ranks:
+        r.proc.wait()
+        r.poll()
+
+
+def stop_ranks(ranks: list[RankProcess], grace_s: float, slack_s: float = 5.0) -> None:
+    """SIGTERM every rank's guard (which stops its whole group), wait on one shared deadline (``grace_s`` +
+    ``slack_s``), then SIGKILL."""
     for r in ranks:
         if r.poll() is None:
             try:
                 os.kill(r.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + grace_s + 5
+    deadline = time.monotonic() + grace_s + slack_s
     for r in ranks:
         left = deadline - time.monotonic()
         try:

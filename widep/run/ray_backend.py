@@ -46,7 +46,7 @@ from widep.run.control import probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
 from widep.run.preflight import check_before_start
-from widep.run.procs import resolve_env, signal_name, start_rank, stop_ranks, tail
+from widep.run.procs import kill_ranks, resolve_env, signal_name, start_rank, stop_ranks, tail
 from widep.run.state import Failure, GroupState, GroupStatus
 
 SLOT_RESOURCE = "widep_slot"
@@ -242,7 +242,9 @@ class NodeAgent:
     def stop(self) -> list[int | None]:
         """Stop every rank (guard: SIGTERM, deadline, SIGKILL); their exit codes."""
         procs, self.procs, self.probes = self.procs, [], {}
-        if procs:
+        if any(p.poll() is not None for p in procs):  # a rank died: the group restarts; engine core ignores SIGTERM
+            kill_ranks(procs)
+        elif procs:
             stop_ranks(procs, self.stop_timeout_s)
         return [p.exit_code for p in procs]
 

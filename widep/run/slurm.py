@@ -1041,7 +1041,7 @@ def _on_signal(signum: int, frame: object) -> None:
 def node_agent(step_file: str, host: str | None = None) -> int:
     """One task of a step: start this host's processes through the guard; when one exits, record the failure with
     its last log lines, stop the others and exit 1; on SIGTERM stop them all and exit 0."""
-    from widep.run.procs import resolve_env, signal_name, start_rank, stop_ranks, tail
+    from widep.run.procs import kill_ranks, resolve_env, root_cause, signal_name, start_rank, stop_ranks, tail
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -1084,9 +1084,8 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     print(f"[{host}] attempt {attempt}: started {', '.join(c.name for c in cmds)}", flush=True)
     code = 0
     while not _stop:
-        done = [p for p in procs if p.poll() is not None]
-        if done:
-            p = done[0]
+        p = root_cause(procs)
+        if p is not None:
             fail = {
                 "rank": p.name,
                 "node": host,
@@ -1102,7 +1101,10 @@ def node_agent(step_file: str, host: str | None = None) -> int:
             code = 1
             break
         time.sleep(0.2)
-    stop_ranks(procs, grace)
+    if code:  # a rank died: its group restarts anyway, and the engine core ignores SIGTERM
+        kill_ranks(procs)
+    else:
+        stop_ranks(procs, grace)
     return code
 
 

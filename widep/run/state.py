@@ -76,6 +76,11 @@ class GroupStatus:
     """The failure that ended the current attempt (earliest one reported)."""
     history: tuple[Failure, ...] = ()
 
+    @property
+    def last_failure(self) -> Failure | None:
+        """The latest failure of the run, kept after the next attempt starts (``failure`` is the current one's)."""
+        return self.failure or (self.history[-1] if self.history else None)
+
     def on_all_healthy(self) -> GroupStatus:
         if self.state == GroupState.STARTING:
             return replace(self, state=GroupState.HEALTHY)
@@ -142,6 +147,15 @@ class GroupStatus:
                 "reason": self.failure.reason,
                 "log_tail": list(self.failure.log_tail),
             },
+            "last_failure": None
+            if self.last_failure is None
+            else {
+                "attempt": self.attempt if self.failure else self.attempt - 1,
+                "rank": self.last_failure.rank,
+                "node": self.last_failure.node,
+                "reason": self.last_failure.reason,
+            },
+            "failures": len(self.history),
         }
 
 

@@ -21,6 +21,7 @@ from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
 All2AllBackend = Literal[ALL2ALL_ALL]
 DPMode = Literal["external", "hybrid", "internal", "multiport"]
 RoleKind = Literal["prefill", "decode", "mixed"]
+RecoveryPolicy = Literal["group", "surgical"]
 WeightDType = Literal["bf16", "fp16", "fp8", "mxfp4", "int4"]
 KVDType = Literal["auto", "bf16", "fp16", "fp8"]
 
@@ -373,6 +374,11 @@ class RoleSpec(Strict):
     """Index of the first GPU this role uses on each node (to share a node between roles)."""
     replicas: int = Field(default=1, ge=1, le=MAX_NODES)
     """Independent copies of this DP group (each on its own nodes)."""
+    recovery: RecoveryPolicy = "group"
+    """What the death of one rank (API server, engine core or node) costs. group: the whole DP group is SIGKILLed
+    at once and restarted in step, and the router retries requests that got no first token until a group answers
+    again; surgical: the survivors keep serving at reduced width while a replacement rank joins (vLLM's elastic
+    EP) - refused with vLLM 0.32 behind per-rank API servers (`widep plan` says why)."""
     tp: int = Field(default=1, ge=1, le=72)
     """Tensor-parallel size inside each DP rank (attention); EP = DP x TP."""
     expert_parallel: bool = True
@@ -597,7 +603,11 @@ class RouterSpec(Strict):
     health_check_interval_s: int = Field(default=5, ge=1, le=86400)
     """Seconds between the router's health checks of each server (--health-check-interval-secs)."""
     health_failure_threshold: int = Field(default=2, ge=1, le=1000)
-    """Failed checks before the router stops sending to a server (--health-failure-threshold)."""
+    """Failed checks before the router stops sending to a server (--health-failure-threshold). With one DP group
+    widep keeps its servers in rotation (requests to the restarting group are retried, not answered 503)."""
+    retry_window_s: int = Field(default=180, ge=0, le=3600)
+    """How long the router keeps retrying a request that got no first token (dead rank, group restarting), with
+    backoff 0.1 -> 2 s (--retry-max-retries); 0: no retries. Cover a group's cold start so nothing is lost."""
     command: Name = "vllm-router"
     """The router executable."""
     extra_args: list[Arg] = Field(default_factory=list, max_length=1024)

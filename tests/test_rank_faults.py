@@ -1,0 +1,194 @@
+"""What a rank fault exposed (issue 25): the root cause is the rank that died by signal, the status keeps the last
+failure, nothing of a rank outlives a dead launcher by more than 2 s, a dead rank's group goes at once, and the
+doctor finds the CPU EP plugin the way vLLM does (its entry point) from any directory.
+
+The processes here are real (widep's guard, plain Python programs that ignore SIGTERM the way a starting vLLM API
+server and its engine core do); the real-vLLM faults are in test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launch_helpers import ROOT, wait_gone
+
+from widep.doctor.gather import _PROBE
+from widep.render.vllm import ProcessCommand
+from widep.run.procs import ENGINE_LOST, death_severity, kill_ranks, root_cause, signal_name, start_rank
+from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy
+
+# A parent that ignores SIGTERM with a child that ignores SIGTERM (an API server and its engine core).
+STUBBORN = (
+    "import os, signal, time, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if os.fork() == 0:\n"
+    "    time.sleep(600)\n"
+    "    sys.exit(0)\n"
+    "time.sleep(float(sys.argv[1]))\n"
+)
+
+
+def cmd(name: str, seconds: float, rank: int = 0) -> ProcessCommand:
+    return ProcessCommand(
+        "serve", 0, rank, (rank,), 0, "node-0", 0, None, None, template=(sys.executable, "-c", STUBBORN, str(seconds))
+    )
+
+
+def test_the_rank_killed_by_a_signal_is_the_root_cause_not_the_first_clean_exit(tmp_path):
+    assert death_severity(128 + signal.SIGKILL) == 0 and death_severity(-signal.SIGKILL) == 0
+    assert death_severity(1) == 1 and death_severity(0) == 2
+    run_id = f"faults-{os.getpid()}-cause"
+    ranks = [start_rank(cmd("serve", 600, r), tmp_path, 0, dict(os.environ), run_id, 30.0) for r in (0, 1)]
+    try:
+        time.sleep(1.0)
+        api = int(Path(f"/proc/{ranks[1].proc.pid}/task/{ranks[1].proc.pid}/children").read_text().split()[0])
+        os.kill(api, signal.SIGKILL)  # serve/1's server is killed, then serve/0 exits cleanly ...
+        ranks[1].proc.wait(timeout=20)
+        survivor = start_rank(
+            ProcessCommand("serve", 0, 0, (0,), 0, "node-0", 0, None, None, template=(sys.executable, "-c", "pass")),
+            tmp_path,
+            0,
+            dict(os.environ),
+            run_id,
+            30.0,
+        )
+        survivor.proc.wait(timeout=20)
+        survivor.poll()  # ... and is seen first
+        time.sleep(0.05)
+        cause = root_cause([survivor, ranks[1]])
+        assert cause is ranks[1] and cause.exit_code == 128 + signal.SIGKILL
+        assert root_cause([ranks[0]]) is None
+    finally:
+        kill_ranks(ranks)
+    assert wait_gone(run_id, timeout=5) == []
+
+
+def test_the_status_keeps_the_last_failure_after_the_restart():
+    s = GroupStatus(state=GroupState.HEALTHY)
+    s, d = s.on_failure(Failure("serve/1", "node-0", "killed by SIGKILL", 1.0), 0, RestartPolicy(backoff_s=0))
+    assert d.action == "restart"
+    s = s.on_restart_begun()
+    assert s.failure is None and s.state == GroupState.STARTING
+    doc = s.as_dict()
+    assert doc["last_failure"] == {"attempt": 0, "rank": "serve/1", "node": "node-0", "reason": "killed by SIGKILL"}
+    assert doc["failures"] == 1
+
+
+def test_a_dead_ranks_group_is_gone_in_a_second(tmp_path):
+    run_id = f"faults-{os.getpid()}-kill"
+    ranks = [start_rank(cmd("serve", 600, r), tmp_path, 0, dict(os.environ), run_id, 30.0) for r in (0, 1)]
+    time.sleep(1.5)
+    os.kill(ranks[1].proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    kill_ranks(ranks)
+    assert wait_gone(run_id, timeout=5) == []
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_an_exited_commands_orphans_go_at_once(tmp_path):
+    run_id = f"faults-{os.getpid()}-orphan"
+    r = start_rank(cmd("serve", 1.0), tmp_path, 0, dict(os.environ), run_id, 30.0)
+    r.proc.wait(timeout=20)
+    t0 = time.monotonic()
+    assert wait_gone(run_id, timeout=5) == []
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_a_launcher_killed_during_startup_leaves_nothing_after_two_seconds(tmp_path):
+    run_id = f"faults-{os.getpid()}-launcher"
+    launcher = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from widep.render.vllm import ProcessCommand\n"
+        "from widep.run.procs import start_rank\n"
+        "c = ProcessCommand('serve', 0, 0, (0,), 0, 'node-0', 0, None, None,\n"
+        f"    template=(sys.executable, '-c', {STUBBORN!r}, '600'))\n"
+        f"start_rank(c, Path({str(tmp_path)!r}), 0, dict(os.environ), {run_id!r}, 30.0)\n"
+        "print('started', flush=True)\n"
+        "import time; time.sleep(600)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, env=env)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == b"started"
+        time.sleep(1.5)
+        p.kill()
+        p.wait()
+        t0 = time.monotonic()
+        left = wait_gone(run_id, timeout=10)
+        assert left == [] and time.monotonic() - t0 < 2.0
+    finally:
+        p.kill()
+        for pid in wait_gone(run_id, timeout=0):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_doctor_finds_the_cpu_ep_plugin_by_its_entry_point_from_any_directory(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(["widep.vllm_cpu_ep"]), "0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = next(x for x in r.stdout.splitlines() if x.startswith("WIDEP-DOCTOR-PROBE "))
+    (m,) = json.loads(line.split(" ", 1)[1])["modules"]
+    assert m["found"], m
+    assert Path(str(m["origin"]).split()[0]).exists() or "vllm.general_plugins" in m["origin"]
+
+
+ENGINE = (
+    "import os, signal, time, sys\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if os.fork() == 0:\n"
+    "    import setproctitle\n"
+    "    setproctitle.setproctitle('VLLM::EngineCore_DP1')\n"
+    "    time.sleep(600)\n"
+    "    sys.exit(0)\n"
+    "time.sleep(600)\n"
+)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_an_engine_core_that_dies_under_a_live_api_server_kills_the_rank_at_once(tmp_path):
+    pytest.importorskip("setproctitle")
+    run_id = f"faults-{os.getpid()}-engine"
+    c = ProcessCommand("serve", 0, 1, (1,), 0, "node-0", 0, None, None, template=(sys.executable, "-c", ENGINE))
+    r = start_rank(c, tmp_path, 0, dict(os.environ), run_id, 30.0)
+    try:
+        deadline = time.monotonic() + 20
+        engine = None
+        while engine is None and time.monotonic() < deadline:
+            for api in children(r.proc.pid):  # (setproctitle may overwrite the environment WIDEP_RUN_ID is in)
+                for pid in children(api):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                        engine = pid
+            time.sleep(0.1)
+        assert engine is not None
+        time.sleep(0.5)  # the guard has seen it
+        os.kill(engine, signal.SIGKILL)
+        t0 = time.monotonic()
+        code = r.proc.wait(timeout=10)
+        assert code == ENGINE_LOST and time.monotonic() - t0 < 1.0
+        assert signal_name(code) == "its engine core died (the API server still ran)"
+        assert death_severity(code) == 0
+        assert not Path(f"/proc/{engine}").exists() or b") Z" in Path(f"/proc/{engine}/stat").read_bytes()
+        assert wait_gone(run_id, timeout=2) == []
+        assert "engine core" in r.log.read_text()
+    finally:
+        kill_ranks([r])

@@ -1,0 +1,297 @@
+"""The chaos benchmark's orchestration: start a deployment behind its router, SIGKILL one process of one rank while
+streaming load runs, watch the group come back, stop it and count what was left (the process side; the arithmetic
+is :mod:`widep.bench.chaos`).
+
+The deployment is a real ``widep launch TOPOLOGY --router`` subprocess (its own session); the target is found
+among that launch's processes (each carries ``WIDEP_RUN_ID``): ``api`` is the rank's API server (the process
+serving its port), ``engine`` its EngineCore child. Times are ``time.perf_counter`` so they line up with the load
+generator's records.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from widep.plan.core import DeploymentPlan
+from widep.run.control import http_json
+from widep.run.procs import RUN_ID_ENV
+
+
+def run_processes(run_id: str) -> list[int]:
+    """Live processes started by the launch ``run_id`` (their environment carries WIDEP_RUN_ID=run_id)."""
+    needle = f"{RUN_ID_ENV}={run_id}".encode()
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as s:
+                if s.read().rsplit(b") ", 1)[-1][:1] == b"Z":
+                    continue
+            out.append(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def api_server_pid(run_id: str, port: int) -> int | None:
+    """The API server of the launch that serves ``port`` (not its guard)."""
+    for pid in run_processes(run_id):
+        cmd = _cmdline(pid)
+        if "widep.run.guard" in cmd or not any("vllm" in c for c in cmd[:3]):
+            continue
+        if "--port" in cmd and cmd[cmd.index("--port") + 1 : cmd.index("--port") + 2] == [str(port)]:
+            return pid
+    return None
+
+
+def engine_core_pid(api_pid: int) -> int | None:
+    """The API server's EngineCore: the child named so, else its biggest spawned child (not the resource tracker)."""
+    kids = [k for k in _children(api_pid) if not any("resource_tracker" in c for c in _cmdline(k))]
+    named = [k for k in kids if any("EngineCore" in c for c in _cmdline(k))]
+    pool = named or kids
+    return max(pool, key=_rss) if pool else None
+
+
+@dataclass
+class Watch:
+    """What a watcher thread saw after the kill: the killed attempt's processes gone, the group healthy again."""
+
+    gone_at: float | None = None
+    healthy_at: float | None = None
+    states: list[tuple[float, str, int]] = field(default_factory=list)
+
+
+class Deployment:
+    """A ``widep launch TOPOLOGY --router`` subprocess, its output in ``log``."""
+
+    def __init__(self, topology: Path, plan: DeploymentPlan, log: Path, launch_args: list[str]) -> None:
+        self.plan = plan
+        self.log = log
+        env = dict(os.environ, COLUMNS="200")
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "widep", "launch", str(topology), "--router", *launch_args],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for(self, pattern: str, timeout: float) -> str:
+        rx = re.compile(pattern)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = rx.search(self.text())
+            if m:
+                return m.group(0)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the launcher exited ({self.proc.returncode}) before {pattern!r}:\n{self.tail()}")
+            time.sleep(0.3)
+        raise RuntimeError(f"no {pattern!r} from the launcher in {timeout:.0f} s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.text().splitlines()[-n:])
+
+    def run_id(self) -> str:
+        return self.wait_for(r"run [0-9a-f]{12}", 30).split()[1]
+
+    def state(self, role: str) -> dict | None:
+        rp = next(r for r in self.plan.roles if r.name == role)
+        n = self.plan.nodes[rp.group_nodes[0][0]]
+        try:
+            return http_json(n.host, rp.control_port, "GET", "/state", timeout=1.0)
+        except (OSError, ValueError):
+            return None
+
+    def watch(self, role: str, before: list[int], attempt: int, stop: threading.Event, out: Watch) -> None:
+        """Until ``stop``: when the processes ``before`` (the killed attempt's) are all gone, and when the group is
+        healthy in an attempt after ``attempt`` (two loops: a slow /state answer must not delay the first)."""
+
+        def gone() -> None:
+            while not stop.is_set():
+                if not alive(before):
+                    out.gone_at = time.perf_counter()
+                    return
+                time.sleep(0.02)
+
+        t = threading.Thread(target=gone, daemon=True)
+        t.start()
+        while not stop.is_set():
+            now = time.perf_counter()
+            if out.healthy_at is None:
+                st = self.state(role)
+                if st is not None:
+                    out.states.append((now, st["state"], int(st["attempt"])))
+                    if st["state"] == "healthy" and int(st["attempt"]) > attempt:
+                        out.healthy_at = now
+            if out.healthy_at is not None:
+                t.join()
+                return
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait()
+        self._out.close()
+        return code
+
+
+def alive(pids: list[int]) -> set[int]:
+    """Of ``pids``, those still alive and not zombies."""
+    alive = set()
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat", "rb") as s:
+                if s.read().rsplit(b") ", 1)[-1][:1] != b"Z":
+                    alive.add(p)
+        except OSError:
+            continue
+    return alive
+
+
+def count_orphans(run_id: str, wait_s: float = 10.0) -> list[int]:
+    """Processes of the launch still alive ``wait_s`` after the launcher returned."""
+    end = time.monotonic() + wait_s
+    left = run_processes(run_id)
+    while left and time.monotonic() < end:
+        time.sleep(0.25)
+        left = run_processes(run_id)
+    return left
+
+
+def run_once(
+    topology: Path,
+    plan: DeploymentPlan,
+    target_text: str,
+    at_s: float,
+    duration_s: float,
+    concurrency: int,
+    out_dir: Path,
+    launch_args: list[str],
+    ready_timeout_s: float = 900.0,
+    max_tokens: int = 32,
+) -> tuple[dict, list]:
+    """One chaos run: launch, load, SIGKILL at ``at_s`` into the load, stop; (summary, request records)."""
+    from widep.bench.chaos import Target, summarize_run
+    from widep.bench.loadgen import Level, LoadGenerator, LoadOptions, run_sync
+    from widep.bench.workload import Prompt, PromptPool
+
+    target = Target.parse(target_text)
+    rp = next((r for r in plan.roles if r.name == target.role), None)
+    if rp is None or target.rank >= rp.dp_size:
+        raise ValueError(f"--kill: {target_text!r}: {plan.name} has no rank {target.role}/{target.rank}")
+    port = next(r.port for r in rp.ranks if r.dp_rank == target.rank and r.port is not None)
+    if plan.router is None:
+        raise ValueError(f"{plan.name}: chaos needs the router section (router.port) to send load to")
+    door = f"http://{plan.nodes[plan.router.node].host}:{plan.router.port}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dep = Deployment(topology, plan, out_dir / "launch.log", launch_args)
+    watch, stop = Watch(), threading.Event()
+    kill: dict[str, float | int | None] = {"at": None, "pid": None}
+    orphans: list[int] = []
+    run_id = ""
+    try:
+        run_id = dep.run_id()
+        dep.wait_for(r"\[router\] ready", ready_timeout_s)
+        models = http_json(plan.nodes[plan.router.node].host, plan.router.port, "GET", "/v1/models", timeout=30)
+        model = models["data"][0]["id"]
+        pool = PromptPool([Prompt(f"Tell me a story about the number {i}.", 10, max_tokens) for i in range(64)])
+        opts = LoadOptions(model=model, request_timeout_s=600.0)
+
+        def killer(t0: float) -> None:
+            time.sleep(max(0.0, t0 + at_s - time.perf_counter()))
+            api = api_server_pid(run_id, port)
+            pid = api if target.part == "api" or api is None else engine_core_pid(api)
+            st = dep.state(target.role) or {"attempt": 0}
+            before = [p for p in run_processes(run_id) if p != dep.proc.pid and "router" not in " ".join(_cmdline(p))]
+            if pid is None:
+                return
+            os.kill(pid, signal.SIGKILL)
+            kill["at"], kill["pid"] = time.perf_counter() - t0, pid
+            threading.Thread(
+                target=dep.watch, args=(target.role, before, int(st["attempt"]), stop, watch), daemon=True
+            ).start()
+
+        async def load() -> object:
+            async with LoadGenerator([door], opts) as gen:
+                await gen.warmup(pool, 2)
+                t0 = time.perf_counter()
+                threading.Thread(target=killer, args=(t0,), daemon=True).start()
+                run = await gen.run_level(Level("concurrency", concurrency, duration_s=duration_s), pool)
+                return run
+
+        run = run_sync(load())
+        t0 = run.t0_perf
+        end = time.monotonic() + ready_timeout_s
+        while watch.healthy_at is None and kill["at"] is not None and time.monotonic() < end:
+            time.sleep(0.2)
+        stop.set()
+    finally:
+        stop.set()
+        dep.stop()
+        if run_id:
+            orphans = count_orphans(run_id)
+            for p in orphans:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    k = kill["at"]
+    summary = summarize_run(
+        run.records,
+        k if isinstance(k, float) else None,
+        duration_s,
+        None if watch.healthy_at is None or k is None else watch.healthy_at - t0 - float(k),
+        None if watch.gone_at is None or k is None else watch.gone_at - t0 - float(k),
+        len(orphans),
+        rp.spec.recovery,
+        str(target),
+    )
+    summary["killed_pid"] = kill["pid"]
+    summary["launch_log"] = str(out_dir / "launch.log")
+    return summary, run.records
