@@ -398,6 +398,17 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
             f"{weight_dtype!r} on the CPU backend: widep's CPU topologies serve 16-bit weights. Valid: bf16, fp16.",
         )
     is_cpu = gpu.device == "cpu"
+    cores = spec.cluster.cpu_cores
+    if cores is not None and not is_cpu:
+        _fail(
+            "cluster.cpu_cores", f"{cores} on GPU kind {spec.cluster.gpu!r}: it budgets CPU-backend ranks. Valid: CPU."
+        )
+    if cores is not None and cores > spec.cluster.gpus_per_node:
+        _fail(
+            "cluster.cpu_cores",
+            f"{cores} cores for {spec.cluster.gpus_per_node} rank slots per node (cluster.gpus_per_node). "
+            f"Valid: 1..{spec.cluster.gpus_per_node} (fewer cores than slots shares them).",
+        )
     mode = spec.serving.dp_mode
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
