@@ -195,3 +195,19 @@ def test_cpu_pd_with_dp2_ep2_decode_group():
     assert [c.env_dict["VLLM_CPU_OMP_THREADS_BIND"] for c in cmds] == ["1", "0"]  # slot 2 wraps onto core 0
     a = list(render_router(p, CTX).argv)
     assert [a[i + 1] for i, x in enumerate(a) if x == "--decode"] == ["http://127.0.0.1:8410", "http://127.0.0.1:8411"]
+
+
+def test_cpu_cores_budget_wraps_slots_without_the_render_host_and_is_what_preflight_asks_for():
+    from widep.doctor import requirements_from_plan
+
+    doc = yaml.safe_load((ROOT / "topologies" / "tiny-moe-cpu-pd-dp2.yaml").read_text())
+    p = plan(parse_topology(doc))
+    binds = [c.env_dict["VLLM_CPU_OMP_THREADS_BIND"] for c in render(p, RenderContext(model_path="/m"))]
+    assert binds == ["0", "1", "0"]  # 3 engines on cluster.cpu_cores = 2, whatever core count renders
+    assert requirements_from_plan(p, 0).cpu_ranks == 2  # 2 cores needed, not one per engine
+    doc["cluster"]["cpu_cores"] = 4
+    with pytest.raises(UserError, match=r"cluster.cpu_cores: 4 cores for 3 rank slots per node.*Valid: 1..3"):
+        plan(parse_topology(doc))
+    doc["cluster"].update(cpu_cores=2, gpu="H100")
+    with pytest.raises(UserError, match=r"cluster.cpu_cores: 2 on GPU kind 'H100'.*Valid: CPU"):
+        plan(parse_topology(doc))

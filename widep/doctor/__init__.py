@@ -141,7 +141,7 @@ def requirements_from_plan(plan: DeploymentPlan, node: int) -> DoctorRequirement
         memlock_unlimited_needed=rdma_needed,
         device="cuda" if cuda else "cpu",
         nvshmem=nvshmem,
-        cpu_ranks=0 if cuda else slots,
+        cpu_ranks=0 if cuda else min(slots, spec.cluster.cpu_cores or slots),
         memory_bytes_min=memory_min,
         source=f"topology {plan.name}, node {node} ({plan.nodes[node].name}), {local_ranks} rank(s)",
     )

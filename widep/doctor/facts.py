@@ -104,7 +104,7 @@ class DoctorRequirements:
     nvshmem: bool = False
     """Whether a chosen backend runs on NVSHMEM (DeepEP, pplx)."""
     cpu_ranks: int = 0
-    """For CPU runs: ranks on this node; each needs at least one core of its own."""
+    """For CPU runs: cores the ranks on this node bind to (a core per rank unless cluster.cpu_cores shares them)."""
     memory_bytes_min: int | None = None
     """For CPU runs: host memory the ranks need (weights plus KV cache)."""
     source: str = "options"

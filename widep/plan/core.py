@@ -383,6 +383,21 @@ def check_recovery(spec: TopologySpec) -> None:
             )
 
 
+def check_cpu_cores(spec: TopologySpec, is_cpu: bool) -> None:
+    """cluster.cpu_cores budgets CPU-backend rank slots: CPU kinds only, at most one core per slot."""
+    cores = spec.cluster.cpu_cores
+    if cores is not None and not is_cpu:
+        _fail(
+            "cluster.cpu_cores", f"{cores} on GPU kind {spec.cluster.gpu!r}: it budgets CPU-backend ranks. Valid: CPU."
+        )
+    if cores is not None and cores > spec.cluster.gpus_per_node:
+        _fail(
+            "cluster.cpu_cores",
+            f"{cores} cores for {spec.cluster.gpus_per_node} rank slots per node (cluster.gpus_per_node). "
+            f"Valid: 1..{spec.cluster.gpus_per_node} (fewer cores than slots shares them).",
+        )
+
+
 def check_kv_load_failure_policy(spec: TopologySpec, vt: VLLMVersionTable) -> None:
     """'recompute' needs a vLLM that takes kv_load_failure_policy (0.32 does)."""
     if spec.disaggregated and spec.serving.kv_load_failure_policy != "fail" and not vt.has_kv_load_failure_policy:
@@ -748,6 +763,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     kv_dtype = "bf16" if spec.model.kv_cache_dtype in ("auto", "bf16", "fp16") else spec.model.kv_cache_dtype
     is_cpu = gpu.device == "cpu"
     _refuse(R.weight_dtype_on_cpu(is_cpu, weight_dtype))
+    check_cpu_cores(spec, is_cpu)
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)

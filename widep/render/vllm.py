@@ -378,8 +378,10 @@ def _env(
         env.append(("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(rp.memory.kv_cache_gib)))))
         # One entry per worker of this process (its slot's core), separated by '|': vLLM 0.32 takes TP x PP entries
         # per local DP rank, in [DP, PP, TP] order (vllm/utils/ompmultiprocessing.py), so TP=2 is "0|1", not "0,1".
+        # cluster.cpu_cores < slots: slots wrap onto that many cores, so engines share them (3 engines on 2 cores).
         gpn = plan.spec.cluster.gpus_per_node
-        cores = [rank.node * gpn + g for g in gpus]
+        budget = plan.spec.cluster.cpu_cores
+        cores = [g % budget for g in gpus] if budget else [rank.node * gpn + g for g in gpus]
         if ctx.cpu_count:
             cores = [c % ctx.cpu_count for c in cores]
         env.append(("VLLM_CPU_OMP_THREADS_BIND", "|".join(map(str, cores))))

@@ -225,7 +225,9 @@ class Supervisor:
                         f"healthy {since:.1f} s after the last start, logs under {self.launch.run_dir})"
                     )
                 if req.once:
-                    return on_ready() if on_ready else smoke_completion(self.launch, self.smoke_doors())
+                    if on_ready:
+                        return on_ready()
+                    return smoke_completion(self.launch, self.smoke_doors(), ranks=self.rank_doors())
             elif not healthy and now - last_report > REPORT_EVERY_S:
                 last_report = now
                 for g in self.owned:
@@ -235,6 +237,10 @@ class Supervisor:
                             f"for {', '.join(g.waiting())} (timeout {req.ready_timeout:.0f} s)"
                         )
             time.sleep(ROUND_S)
+
+    def rank_doors(self) -> list[Endpoint]:
+        """Every API server of the launch (``--once`` on a P/D topology reads their counters)."""
+        return [e for group in self.launch.groups for e in self.backend.endpoints(group)]
 
     def smoke_doors(self) -> list[Endpoint]:
         """Where ``--once`` sends its completion: the front door, and every API server unless the topology is P/D."""

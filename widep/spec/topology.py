@@ -297,6 +297,8 @@ class ClusterSpec(Strict):
     """GPU kind: H100, H800, H200, B200, GB200, or CPU for the vLLM CPU backend."""
     gpus_per_node: int = Field(default=8, ge=1, le=72)
     """GPUs (for CPU: rank slots, one pinned core group each) per node."""
+    cpu_cores: int | None = Field(default=None, ge=1, le=4096)
+    """CPU only: cores per node the rank slots share; slot s binds core s mod cpu_cores (default: a core per slot)."""
     nodes: (
         Annotated[int, Field(ge=1, le=MAX_NODES)] | Annotated[list[NodeSpec], Field(min_length=1, max_length=MAX_NODES)]
     ) = 1
