@@ -16,11 +16,12 @@ import pytest
 
 from widep.errors import UserError
 from widep.plan import plan as make_plan
+from widep.plan import rules
 from widep.render import judge_env
 from widep.render.judge import judge
 from widep.spec.topology import load_topology
 from widep.spec.vllm_options import load_table
-from widep.spec.vllm_versions import check_backend, table_for
+from widep.spec.vllm_versions import table_for
 
 ROOT = Path(__file__).resolve().parent.parent
 R1_DECODE = ROOT / "topologies" / "deepseek-r1-decode-2x8-h200.yaml"
@@ -43,10 +44,14 @@ def test_versions_select_their_own_line() -> None:
 
 
 def test_a_backend_a_version_lacks_names_the_version_and_the_alternative() -> None:
-    check_backend("0.34.0", "mori", "roles[0].all2all_backend")
-    with pytest.raises(UserError) as err:
-        check_backend("0.33.0", "mori", "roles[0].all2all_backend")
-    msg = str(err.value)
+    def refusal(version: str, backend: str) -> rules.Refusal | None:
+        t = table_for(version)
+        return rules.backend_runs(backend, version, t.line, t.all2all_backends, t.removed_backends)
+
+    assert refusal("0.34.0", "mori") is None
+    refused = refusal("0.33.0", "mori")
+    assert refused is not None
+    msg = refused.message
     assert "0.33.0" in msg and "mori_high_throughput" in msg and "0.34" in msg
 
 
