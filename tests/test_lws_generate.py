@@ -516,7 +516,6 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
     ctx = RenderContext(model_path=model_path, leader_addresses={(rp.name, g): leader}, node_addresses={node: ip})
     cmds = [c for c in render_role(p, rp, ctx) if c.replica == g and set(c.dp_ranks) <= wanted and c.node == node]
     out = []
-    gpn = p.spec.cluster.gpus_per_node
     for c in cmds:
         argv = list(c.argv)
         env = {k: (secret(val.secret, val.key) if isinstance(val, EnvRef) else val) for k, val in c.env}
@@ -526,10 +525,9 @@ def expected_commands(p, rp, g: int, w: int, placement: str, ip: str, leader: st
             argv[argv.index("--port") + 1] = str(rp.http_port)
         if "CUDA_VISIBLE_DEVICES" in env:  # a pod numbers its GPUs from 0
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(int(x) - offset) for x in env["CUDA_VISIBLE_DEVICES"].split(","))
-        if "VLLM_CPU_OMP_THREADS_BIND" in env:  # and its CPU slots from 0
-            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
-                str(int(x) - c.node * gpn - offset) for x in env["VLLM_CPU_OMP_THREADS_BIND"].split("|")
-            )
+        if "VLLM_CPU_OMP_THREADS_BIND" in env:  # and its CPU slots from 0 (its own cores: cluster.cpu_cores, which
+            # wraps bare-metal slots onto a shared core budget, does not apply to a pod)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(gid - offset) for gid in gpus)
         if "VLLM_ENGINE_READY_TIMEOUT_S" in env:  # the engine may take the pod's whole start budget
             env["VLLM_ENGINE_READY_TIMEOUT_S"] = str(start_budget_s(p, rp))
         out.append((argv, env))

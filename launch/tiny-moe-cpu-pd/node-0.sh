@@ -54,7 +54,17 @@ env  \
     --decode-policy round_robin \
     --worker-startup-timeout-secs 300 \
     --health-check-interval-secs 5 \
-    --health-failure-threshold 2 &
+    --health-failure-threshold 2 \
+    --retry-max-retries 95 \
+    --retry-initial-backoff-ms 100 \
+    --retry-max-backoff-ms 2000 \
+    --retry-backoff-multiplier 2 \
+    --cb-failure-threshold 1 \
+    --cb-success-threshold 1 \
+    --cb-timeout-duration-secs 1 \
+    --cb-window-duration-secs 10 \
+    --health-success-threshold 1 \
+    --health-check-timeout-secs 2 &
 pids+=($!)
 trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
 wait "${pids[@]}"

@@ -67,7 +67,7 @@ DEATH_MARK = "widep guard: the rank ended at monotonic "
 
 def died_at(r: RankProcess) -> float:
     """When the rank ended, on this host's monotonic clock: the guard's own record, else when it was seen."""
-    for line in reversed(tail(r.log, 5)):
+    for line in reversed(tail(r.log, 5, marks=True)):
         if line.startswith(DEATH_MARK):
             try:
                 return float(line[len(DEATH_MARK) :])
@@ -84,12 +84,15 @@ def root_cause(ranks: list[RankProcess]) -> RankProcess | None:
     return min(dead, key=lambda r: (death_severity(r.exit_code or 0), died_at(r)), default=None)
 
 
-def tail(path: Path, n: int = 20) -> tuple[str, ...]:
+def tail(path: Path, n: int = 20, *, marks: bool = False) -> tuple[str, ...]:
+    """The last ``n`` lines of a rank's log; the guard's own death mark (``DEATH_MARK``, for :func:`died_at`) is
+    left out unless ``marks``: people are shown what the rank printed."""
     try:
         with open(path, errors="replace") as f:
-            return tuple(line.rstrip("\n") for line in deque(f, maxlen=n))
+            kept = deque((line for line in f if marks or not line.startswith(DEATH_MARK)), maxlen=n)
     except OSError:
         return ()
+    return tuple(line.rstrip("\n") for line in kept)
 
 
 @dataclass
