@@ -504,6 +504,7 @@ def _role_nodes(
 def _role_warnings(
     spec: TopologySpec,
     role: RoleSpec,
+    fp: str,
     arch: MoEArch,
     mem: MemoryBudget,
     backend: str,
@@ -515,6 +516,11 @@ def _role_warnings(
     """What runs but runs badly."""
     is_cpu = get_gpu(spec.cluster.gpu).device == "cpu"
     warnings: list[str] = []
+    deprecated = table_for(spec.vllm.version).deprecated_backends
+    if backend in deprecated:
+        warnings.append(
+            f"{fp}.all2all_backend: {backend!r} is deprecated in vLLM {spec.vllm.version}; use {deprecated[backend]!r}."
+        )
     if max_model_len > arch.max_position_embeddings:
         warnings.append(
             f"max_model_len {max_model_len} exceeds the model's max_position_embeddings "
@@ -691,12 +697,7 @@ def _plan_role(
     more = partial(_min_nodes_that_fit, spec, role, arch, gpu, weight_dtype)
     _refuse(R.memory_fits(mem, is_cpu, role.name, gpu.name, role.gpu_memory_utilization, more), fp)
     _refuse(R.kv_holds_context(mem, max_model_len), fp)
-    warnings = _role_warnings(spec, role, arch, mem, backend, dp_size, per_group, max_model_len, context_len)
-    if backend in vt.deprecated_backends:
-        warnings.append(
-            f"{fp}.all2all_backend: {backend!r} is deprecated in vLLM {spec.vllm.version}; "
-            f"use {vt.deprecated_backends[backend]!r}."
-        )
+    warnings = _role_warnings(spec, role, fp, arch, mem, backend, dp_size, per_group, max_model_len, context_len)
     slots = expert_slots(E, red)
     ranks = _role_ranks(spec, role, ri, groups, dp_local, dp_size, slots, experts_per_gpu, claims)
     return RolePlan(
