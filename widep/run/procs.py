@@ -13,6 +13,7 @@ from pathlib import Path
 
 from widep.errors import UserError
 from widep.render.vllm import EnvRef, ProcessCommand
+from widep.run.guard import DEATH_MARK, ENGINE_LOST
 
 RUN_ID_ENV = "WIDEP_RUN_ID"
 """Every process widep starts carries this variable, so tests (and `ps e`) can find them."""
@@ -31,10 +32,6 @@ def resolve_env(cmd: ProcessCommand, base: dict[str, str]) -> dict[str, str]:
         else:
             env[k] = v
     return env
-
-
-ENGINE_LOST = 86
-"""The guard's exit status when the rank's engine core died under a live API server (widep.run.guard)."""
 
 
 def signal_name(code: int) -> str:
@@ -59,10 +56,6 @@ def death_severity(code: int) -> int:
     if code < 0 or code > 128 or code == ENGINE_LOST:
         return 0
     return 1 if code else 2
-
-
-DEATH_MARK = "widep guard: the rank ended at monotonic "
-"""The guard's last log line when its rank ended by itself (widep.run.guard)."""
 
 
 def died_at(r: RankProcess) -> float:
