@@ -287,7 +287,9 @@ class NetworkSpec(Strict):
     """RDMA NICs per node (each at the GPU catalog's per-NIC rate); None: one per GPU."""
     rdma_resource: str | None = None
     """Extended resource of the cluster's RDMA device plugin (e.g. rdma/ib, rdma/roce_gdr) that `widep lws`
-    requests once per pod; None: the provider profile decides (generic requests none)."""
+    requests once per pod under a provider profile without RDMA wiring of its own (generic; coreweave and gke use
+    theirs); 'none': pods reach the HCAs without a device plugin resource. Unset, `widep lws --provider generic`
+    refuses a role whose DeepEP spans pods (it would start pods that cannot talk RDMA)."""
 
 
 class ClusterSpec(Strict):

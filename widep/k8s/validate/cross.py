@@ -13,7 +13,11 @@ documents of one file (widep's output or any user file).
   until every worker is healthy; ``VLLM_ENGINE_READY_TIMEOUT_S`` of vLLM) must not be killed by its liveness probe
   before T: a startupProbe (or, without one, the liveness probe) must allow T seconds;
 * LWS ``size`` against the group size a pod's script checks (``LWS_GROUP_SIZE != N``) and the worker indices
-  router URLs name.
+  router URLs name;
+* names a named chart also creates: a header line ``# ... helm install RELEASE CHART ...`` of a chart widep knows
+  (llm-d's routerlib charts: :func:`widep.k8s.frontdoor.chart_objects`) declares what that release creates; those
+  objects count as existing, and an object of the file with the same kind and name is flagged (two owners: the
+  install fails or they fight).
 
 Each problem names the object, the field, the value and what would be valid.
 """
@@ -39,6 +43,31 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet", "Job")
 def prerequisites_of(text: str) -> set[tuple[str, str]]:
     """(kind, name) of every ``# prerequisite: Kind/name`` line in a file's text."""
     return {(m.group(1), m.group(2)) for m in PREREQUISITE_LINE.finditer(text)}
+
+
+#: A comment line installing a chart: ``# ... helm install RELEASE CHART [flags]`` (also ``helm upgrade --install``).
+HELM_LINE = re.compile(
+    r"^#[^\n]*?\bhelm\s+(?:upgrade\s+(?:--install|-i)|install)\s+(?P<release>[a-z0-9][a-z0-9.-]*)\s+(?P<chart>\S+)"
+    r"(?P<rest>[^\n]*)$",
+    re.MULTILINE,
+)
+_NO_POOL = re.compile(r"router\.inferencePool\.create=false\b")
+
+
+def charts_of(text: str) -> dict[tuple[str, str], str]:
+    """(kind, name) -> the ``helm install RELEASE CHART`` (a header comment line) that creates it, for the charts
+    whose objects widep knows (llm-d's router charts)."""
+    from widep.k8s.frontdoor import ROUTERLIB_CHARTS, chart_objects
+
+    out: dict[tuple[str, str], str] = {}
+    for m in HELM_LINE.finditer(text):
+        chart = m.group("chart").rstrip("/").rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+        if chart not in ROUTERLIB_CHARTS:
+            continue
+        release = m.group("release")
+        for obj in chart_objects(release, create_pool=_NO_POOL.search(m.group("rest")) is None):
+            out.setdefault(obj, f"helm install {release} {m.group('chart')}")
+    return out
 
 
 @dataclass
@@ -393,8 +422,30 @@ def _url_problems(pod: Pod, pods: list[Pod], lws: dict[str, dict[str, Any]], ser
                     )
 
 
-def cross_object_problems(docs: list[Any], prerequisites: set[tuple[str, str]] | None = None) -> dict[int, list]:
-    """Problems per document position (1-based): ``{pos: [(path, message, severity), ...]}``."""
+def _chart_problems(doc: dict[str, Any], charts: dict[tuple[str, str], str]) -> Iterator[tuple]:
+    name = _d(doc.get("metadata")).get("name")
+    install = charts.get((str(doc.get("kind")), name)) if isinstance(name, str) else None
+    if install is None:
+        return
+    fix = (
+        "remove it from this file (the chart's values make it: router.modelServers select the pods and ports)"
+        if doc.get("kind") == "InferencePool"
+        else "rename it, or install the chart under another release name"
+    )
+    yield (
+        ("metadata", "name"),
+        f"{name!r}: `{install}` (this file's header) also creates {doc.get('kind')}/{name}: two owners of one "
+        f"object (helm refuses to install over it, or the two overwrite each other). Valid: {fix}",
+    )
+
+
+def cross_object_problems(
+    docs: list[Any],
+    prerequisites: set[tuple[str, str]] | None = None,
+    charts: dict[tuple[str, str], str] | None = None,
+) -> dict[int, list]:
+    """Problems per document position (1-based): ``{pos: [(path, message, severity), ...]}``. ``charts``: objects
+    a chart installed beside this file creates (:func:`charts_of`)."""
     pods, lws = collect_pods(docs)
     names: set[tuple[str, str]] = set(prerequisites or ())
     services: dict[str, dict[str, Any]] = {}
@@ -411,6 +462,8 @@ def cross_object_problems(docs: list[Any], prerequisites: set[tuple[str, str]] |
     for pos, doc in enumerate(docs, start=1):
         if not isinstance(doc, dict):
             continue
+        if charts:
+            out.setdefault(pos, []).extend(_chart_problems(doc, charts))
         if doc.get("kind") == "Service" and doc.get("apiVersion") == "v1":
             out.setdefault(pos, []).extend(_service_problems(doc, pods))
         elif doc.get("kind") == "InferencePool":

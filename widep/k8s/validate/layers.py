@@ -162,12 +162,14 @@ def validate_documents(
     *,
     k8s_version: str = K8S_VERSION,
     prerequisites: set[tuple[str, str]] | None = None,
+    charts: dict[tuple[str, str], str] | None = None,
 ) -> list[Problem]:
     """Validate parsed manifest documents; ``None`` entries (empty YAML documents) are skipped but
     keep their position, so ``Problem.doc`` is the 1-based position in ``docs``.
 
     ``prerequisites``: (kind, name) of objects the user provides (``# prerequisite: Kind/name`` header lines),
-    which references across objects may name (``cross-object``, :mod:`widep.k8s.validate.cross`).
+    which references across objects may name (``cross-object``, :mod:`widep.k8s.validate.cross`); ``charts``:
+    (kind, name) -> the ``helm install`` that also creates it (an object of ``docs`` by that name is flagged).
     ``crd_path`` defaults to :func:`default_crd_path`. Raises :class:`UserError` only for a
     missing/unusable CRD or schema version; everything about the documents is a :class:`Problem`.
     """
@@ -313,7 +315,7 @@ def validate_documents(
         problems.extend(sink.problems)
     from widep.k8s.validate.cross import cross_object_problems
 
-    cross = cross_object_problems(docs, prerequisites)
+    cross = cross_object_problems(docs, prerequisites, charts)
     svc_docs = dict(services)
     for pos in sorted(set(cross) | set(svc_docs)):
         doc = docs[pos - 1]
