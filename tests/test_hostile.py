@@ -608,10 +608,25 @@ def test_sbatch_directives_refuse_what_they_cannot_carry(run_dir):
 
 
 @pytest.mark.parametrize(
-    "flag,value", [("--memory", "-1"), ("--cpu", "-500m"), ("--shm-size", "-1Gi"), ("--memory", "-0")]
+    "flag,value",
+    [
+        ("--memory", "-1"),
+        ("--cpu", "-500m"),
+        ("--shm-size", "-1Gi"),
+        ("--memory", "-0"),
+        # values the validator rejected in the generated manifests, called "a widep bug" (exit 1) until round 3
+        ("--start-budget", str(2**31 * 10)),  # probe failureThreshold beyond int32
+        ("--termination-grace", str(2**63)),  # terminationGracePeriodSeconds beyond int64
+        ("--termination-grace", "-1"),
+        ("--router-image", "registry.example/vllm-router"),  # no tag: the router Deployment's check warned
+        ("--image", "vllm/vllm-openai:v0.32.0"),  # vLLM's CUDA image for a CPU topology
+        ("--rdma-resource", "rdma"),
+    ],
 )
 def test_lws_user_input_is_not_called_a_widep_bug(tmp_path, capsys, flag, value):
     t = H._write(H.Case("x", "x", "safe", doc=H.topo()), tmp_path)
+    if flag == "--router-image":  # a topology with the vllm-router front door
+        t = ROOT / "topologies" / "tiny-moe-cpu-pd.yaml"
     assert main(["lws", str(t), flag, value]) == 2
     err = capsys.readouterr().err
     assert "widep bug" not in err and flag in err and err.count("\n") == 1

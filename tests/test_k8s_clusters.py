@@ -183,8 +183,12 @@ def test_cli_writes_router_values_beside_the_manifests(capsys, tmp_path):
 
 def test_validate_warns_on_router_image_without_tag_or_entry_point(capsys, tmp_path):
     p = make_plan(load_topology(PD))
-    docs = L.render_lws(p, router_image="registry.example/vllm-router")
+    with pytest.raises(UserError, match="--router-image: no tag") as err:  # widep's own output: refused up front
+        L.render_lws(p, router_image="registry.example/vllm-router")
+    assert err.value.exit_code == 2
+    docs = L.render_lws(p)
     dep = next(d for d in docs if d["kind"] == "Deployment")
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.example/vllm-router"  # a user's file
     _, problems = v.validate_text(L.dump_manifests([dep]))
     assert [(pr.severity, pr.layer) for pr in problems] == [("warning", "front-door")]
     assert "has no tag" in problems[0].message

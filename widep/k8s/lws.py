@@ -238,6 +238,15 @@ def _qualified_name(flag: str, value: str, what: str) -> None:
         )
 
 
+#: Longest --start-budget / --termination-grace: a week (as vllm.ready_timeout_s; probe thresholds stay int32).
+MAX_WAIT_S = 604800
+
+
+def front_door_router(plan: DeploymentPlan, opts: LWSOptions) -> bool:
+    """True where the manifests get the vllm-router Deployment."""
+    return frontdoor.resolve(plan, opts.front_door, opts.inference_pool) == "router"
+
+
 def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     """UserError (flag, value given, what is valid) for options that cannot work with this plan."""
     if opts.placement not in PLACEMENTS:
@@ -272,15 +281,24 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         _quantity(flag, v)
     prov = providers.provider(opts.provider)
     _cache_volume(opts.jit_cache or prov.jit_cache, "--jit-cache")
-    if opts.start_budget_s is not None and opts.start_budget_s < 60:
-        raise UserError(
-            f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. Valid: seconds >= 60"
-        )
+    if opts.start_budget_s is not None and not 60 <= opts.start_budget_s <= MAX_WAIT_S:
+        why = "too short for any vLLM start" if opts.start_budget_s < 60 else "longer than a week"
+        raise UserError(f"--start-budget: {why}. Given: {opts.start_budget_s}. Valid: seconds 60..{MAX_WAIT_S}")
     frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     if not 1 <= opts.epp_port <= 65535:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
-    if opts.termination_grace_s < 0:
-        raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
+    if not 0 <= opts.termination_grace_s <= MAX_WAIT_S:
+        why = "negative" if opts.termination_grace_s < 0 else "longer than a week"
+        raise UserError(
+            f"--termination-grace: {why}. Given: {opts.termination_grace_s}. Valid: seconds 0..{MAX_WAIT_S}"
+        )
+    if front_door_router(plan, opts):
+        image = opts.router_image
+        if "@" not in image and ":" not in image.rsplit("/", 1)[-1]:
+            raise UserError(
+                f"--router-image: no tag, so the cluster pulls whatever ':latest' is. Given: {image!r}. Valid: a "
+                f"tagged image or digest, e.g. {image}:{frontdoor.ROUTER_VERSION} ({frontdoor.ROUTER_IMAGE_HOWTO})"
+            )
     if opts.namespace is not None and (
         len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)
     ):
