@@ -607,6 +607,23 @@ def test_sbatch_directives_refuse_what_they_cannot_carry(run_dir):
     assert slurm_options(sbatch_lines=("--mail-type=END", "--comment x")).sbatch_lines
 
 
+@pytest.mark.parametrize("run_dir", ["/s/`touch${IFS}PWNED`", "/s/a'b\"c", "/s/$HOME;x", "/s/a\\b*"])
+def test_run_dir_shell_syntax_stays_in_the_directive(run_dir, tmp_path):
+    """Class 5, more variants: shell syntax in --run-dir (no whitespace, so a directive can carry it) reaches only
+    the #SBATCH --output line, which bash reads as a comment and sbatch as literal text; the script runs nothing
+    of it (bash -n parses it; the directive is the only line naming it)."""
+    from test_slurm_render import plan_of
+
+    from widep.run.slurm import SlurmOptions, sbatch_script
+
+    text = sbatch_script(plan_of(ROOT / "topologies" / "tiny-moe-cpu.yaml"), SlurmOptions(), run_dir)
+    lines = [line for line in text.splitlines() if run_dir in line]
+    assert lines == [f"#SBATCH --output={run_dir}/slurm-%j.out"]
+    (tmp_path / "job.sh").write_text(text)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")], cwd=tmp_path, check=False).returncode == 0
+    assert not (tmp_path / "PWNED").exists()
+
+
 @pytest.mark.parametrize(
     "flag,value",
     [

@@ -465,3 +465,68 @@ def test_exec_probe_and_pod_bash_ignore_shell_startup_variables(tmp_path):
     # the same command without privileged mode would have run the payload (the test can fail)
     subprocess.run(["/bin/bash", "-c", "exit 0"], env=hostile, timeout=30, capture_output=True)
     assert marks[0].exists()
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: images for the device, current kustomize fields, prerequisites via --explain
+
+
+def test_cpu_topologies_get_a_cpu_image_and_cuda_images_are_refused_for_them(tmp_path):
+    import yaml
+
+    from widep.errors import UserError
+
+    cpu = REPO / "topologies" / "tiny-moe-cpu.yaml"
+    images = {c["image"] for d in rendered(cpu) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
+    assert images == {f"{L.CPU_IMAGE_REPO}:v0.32.0"}
+    images = {c["image"] for d in rendered(DEEPSEEK_PD) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
+    assert images == {"vllm/vllm-openai:v0.32.0"}  # GPUs keep vLLM's CUDA image
+    for given in ("vllm/vllm-openai:v0.32.0", "docker.io/vllm/vllm-openai@sha256:" + "a" * 64):
+        with pytest.raises(UserError, match=r"^--image: .* is vLLM's CUDA image, but cluster.gpu is CPU") as err:
+            rendered(cpu, image=given)
+        assert err.value.exit_code == 2
+    topo = yaml.safe_load(cpu.read_text())
+    topo["vllm"]["image"] = "vllm/vllm-openai:v0.32.0"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(topo))
+    with pytest.raises(UserError, match=r"^vllm\.image: "):
+        rendered(tmp_path / "t.yaml")
+    with pytest.raises(UserError, match=r"^--image: .* is vLLM's CPU build"):
+        rendered(DEEPSEEK_PD, image=f"{L.CPU_IMAGE_REPO}:v0.32.0")
+    assert "my.registry/vllm-cpu:1" in str(rendered(cpu, image="my.registry/vllm-cpu:1"))  # own builds pass
+
+
+def _containers_of(lws: dict) -> list[dict]:
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    return [c for t in (lwt.get("leaderTemplate"), lwt["workerTemplate"]) if t for c in t["spec"]["containers"]]
+
+
+def test_kustomize_overlays_use_current_fields_and_build_without_deprecation_warnings():
+    import shutil
+    import subprocess
+
+    trees = sorted((REPO / "lws" / "kustomize").glob("*/overlays/*/kustomization.yaml"))
+    assert trees
+    for k in trees:
+        text = k.read_text()
+        assert "bases:" not in text and "patchesJson6902" not in text and "resources:\n- ../../base" in text
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is needed for `kubectl kustomize` (.ci/run installs Debian's kubernetes-client)")
+    built = subprocess.run([kubectl, "kustomize", str(trees[0].parent)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0 and "deprecat" not in built.stderr.lower(), built.stderr
+
+
+def test_explain_lists_prerequisites_in_order_pod_failure_and_what_only_a_cluster_proves(capsys):
+    from widep.cli import main
+
+    assert main(["lws", str(DEEPSEEK_PD), "--front-door", "llm-d", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "kind:" not in out  # no manifests
+    steps = [line.split(". ", 1)[1] for line in out.splitlines() if line[:5].strip()[:-1].isdigit()]
+    assert steps[0].startswith("the LeaderWorkerSet CRD") and steps[-1].startswith("then: kubectl apply")
+    assert any(s.startswith("llm-d's router chart: helm install deepseek-r1-pd-3x8-h200") for s in steps)
+    assert "pod failure: restartPolicy RecreateGroupOnPodRestart" in out
+    assert "Not verifiable from the manifests" in out and "ibv_devinfo" in out and "kubectl get events" in out
+    assert main(["lws", str(PD_DP2), "--explain", "-o", "/tmp/x.yaml"]) == 2
+    assert main(["lws", "--explain"]) == 2
+    capsys.readouterr()

@@ -766,7 +766,7 @@ def pod_image(plan: DeploymentPlan, image: str | None = None) -> str:
     if plan.device == "cuda" and repo == CPU_IMAGE_REPO:
         raise UserError(
             f"{field}: {chosen!r} is vLLM's CPU build, but cluster.gpu is {plan.gpu.name}. Given: {chosen!r}. Valid: "
-            f"a CUDA build of vLLM, e.g. {spec.model_fields['image'].default}"
+            f"a CUDA build of vLLM, e.g. {type(spec).model_fields['image'].default}"
         )
     return chosen
 
