@@ -173,6 +173,14 @@ def test_inference_pool_owned_twice_with_the_router_chart():
     assert ("InferencePool", pool["metadata"]["name"]) in frontdoor.chart_objects(p.name)
     assert ("Service", pool["spec"]["endpointPickerRef"]["name"]) in frontdoor.chart_objects(p.name)
     assert frontdoor.epp_name("x" * 50) == "x" * 40 + "-epp"  # the chart's trunc 40
+    # defect 4 by the same mechanism: a pool (chart off) naming the untruncated Service of a 41-character release
+    long = "n" * 41
+    pool = frontdoor.chart_pool(long, values)
+    pool["spec"]["endpointPickerRef"]["name"] = f"{long}-epp"
+    head = f"# helm install {long} {frontdoor.ROUTER_CHART} --set router.inferencePool.create=false\n"
+    _, problems = v.validate_text(head + L.dump_manifests(docs + [pool]))
+    (problem,) = [x for x in problems if x.layer == "cross-object" and x.failing]
+    assert problem.path == "spec.endpointPickerRef.name" and f"Service/{long}-epp is neither" in problem.message
 
 
 def test_generic_multi_node_deepep_needs_an_rdma_choice(tmp_path):
@@ -195,9 +203,22 @@ def test_generic_multi_node_deepep_needs_an_rdma_choice(tmp_path):
     assert "rdma/roce_gdr" in str(rendered(bare, rdma_resource="rdma/roce_gdr"))
     assert "rdma/" not in L.dump_manifests(rendered(bare, rdma_resource="none"))
     assert cross(rendered(bare, provider="gke")) == []
+    # the check: DeepEP across the pods of a group with no RDMA device, network or declaration (widep's output of
+    # last round, which said so only in a note) fails --validate naming the LWS size and what is valid
     topo["cluster"]["network"]["rdma_resource"] = "none"
     bare.write_text(yaml.safe_dump(topo))
-    assert cross(rendered(bare)) == []
+    docs = rendered(bare)
+    problems = cross(docs)
+    assert problems and {(p.kind, p.path) for p in problems} == {("LeaderWorkerSet", "spec.leaderWorkerTemplate.size")}
+    assert "run deepep_low_latency between them" in problems[0].message and "rdma/ib: 1" in problems[0].message
+    assert cross(docs, extra="# rdma: none (the cluster attaches HCAs)\n") == []  # the explicit choice, declared
+    text = L.dump_manifests(
+        docs, L.header_lines(make_plan(load_topology(bare)), "widep lws", docs=docs, opts=L.LWSOptions())
+    )
+    assert "# rdma: none" in text and [p for p in v.validate_text(text)[1] if p.failing] == []  # widep's own header
+    assert main(["lws", str(bare)]) == 0
+    assert cross(rendered(bare, rdma_resource="rdma/ib")) == []  # a device request
+    assert cross(rendered(bare, provider="gke")) == []  # a network annotation
     topo["cluster"]["network"]["rdma_resource"] = "ib"  # not domain-qualified
     bare.write_text(yaml.safe_dump(topo))
     with pytest.raises(UserError, match=r"^cluster\.network\.rdma_resource: extended resources are domain") as err:

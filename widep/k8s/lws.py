@@ -1185,6 +1185,10 @@ def header_lines(
         prov = providers.provider(opts.provider)
         lines.append(f"provider {prov.name}: {prov.description}")
         lines += sizing.report(docs)
+        if any(deepep_across_pods(plan, rp) for rp in plan.roles) and not (
+            rdma_resource(plan, opts) or prov.rdma_annotations
+        ):  # only after an explicit 'none' (_check_rdma_choice); read back by --validate
+            lines.append("rdma: none (the cluster gives pods the HCAs without a device plugin resource)")
         for rp in plan.roles:
             if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
                 lines.append(

@@ -14,6 +14,8 @@ documents of one file (widep's output or any user file).
   before T: a startupProbe (or, without one, the liveness probe) must allow T seconds;
 * LWS ``size`` against the group size a pod's script checks (``LWS_GROUP_SIZE != N``) and the worker indices
   router URLs name;
+* DeepEP (``--all2all-backend deepep_*``) across the pods of an LWS group without an RDMA device request, an RDMA
+  network annotation or a ``# rdma: none`` header line;
 * names a named chart also creates: a header line ``# ... helm install RELEASE CHART ...`` of a chart widep knows
   (llm-d's routerlib charts: :func:`widep.k8s.frontdoor.chart_objects`) declares what that release creates; those
   objects count as existing, and an object of the file with the same kind and name is flagged (two owners: the
@@ -44,6 +46,9 @@ def prerequisites_of(text: str) -> set[tuple[str, str]]:
     """(kind, name) of every ``# prerequisite: Kind/name`` line in a file's text."""
     return {(m.group(1), m.group(2)) for m in PREREQUISITE_LINE.finditer(text)}
 
+
+#: A header line declaring that the cluster gives pods RDMA without a device plugin resource or network annotation.
+RDMA_NONE_LINE = re.compile(r"^#\s*rdma:\s*none\b", re.MULTILINE)
 
 #: A comment line installing a chart: ``# ... helm install RELEASE CHART [flags]`` (also ``helm upgrade --install``).
 HELM_LINE = re.compile(
@@ -364,6 +369,45 @@ def _lws_size_problems(pod: Pod, lws: dict[str, dict[str, Any]]) -> Iterator[tup
                 )
 
 
+_DEEPEP = re.compile(r"--all2all-backend(?:=|\s+)[\"']?(deepep_[a-z_]+)|VLLM_ALL2ALL_BACKEND=[\"']?(deepep_[a-z_]+)")
+#: Pod annotations that attach RDMA networks without an extended resource (Multus, GKE multi-networking).
+RDMA_NETWORK_ANNOTATIONS = ("k8s.v1.cni.cncf.io/networks", "networking.gke.io/interfaces")
+
+
+def _rdma_problems(pod: Pod, lws: dict[str, dict[str, Any]], rdma_declared: bool) -> Iterator[tuple]:
+    """DeepEP across the pods of an LWS group needs RDMA between them: some container must request an RDMA device
+    (an extended resource named like rdma), or the pod must attach RDMA networks by annotation, or the file's
+    header must declare that the cluster provides RDMA otherwise (``# rdma: none``)."""
+    if rdma_declared or not pod.owner.startswith("LeaderWorkerSet/"):
+        return
+    size = _d(_d(lws[pod.owner.split("/", 1)[1]]["spec"]).get("leaderWorkerTemplate")).get("size", 1)
+    if not isinstance(size, int) or size < 2:
+        return
+    spec = _d(pod.template.get("spec"))
+    backend = None
+    for _, _, c in _containers(spec):
+        env = " ".join(f"{e.get('name')}={e.get('value')}" for e in _l(c.get("env")) if isinstance(e, dict))
+        if m := _DEEPEP.search("\n".join(_words(c)) + "\n" + env):
+            backend = m.group(1) or m.group(2)
+    if backend is None:
+        return
+    annotations = _d(_d(pod.template.get("metadata")).get("annotations"))
+    if any(a in annotations for a in RDMA_NETWORK_ANNOTATIONS):
+        return
+    for _, _, c in _containers(spec):
+        res = _d(c.get("resources"))
+        if any("rdma" in str(k).lower() for part in ("limits", "requests") for k in _d(res.get(part))):
+            return
+    yield (
+        ("spec", "leaderWorkerTemplate", "size"),
+        f"{size}: the pods of a group run {backend} between them (NVSHMEM over RDMA), but {'.'.join(pod.path)} "
+        "requests no RDMA device and attaches no RDMA network: DeepEP's internode kernels fail. Valid: an RDMA "
+        "extended resource in the container's limits (e.g. rdma/ib: 1), a network annotation "
+        f"({' or '.join(RDMA_NETWORK_ANNOTATIONS)}), or a header line '# rdma: none' where the cluster gives pods "
+        "the HCAs another way",
+    )
+
+
 def _url_problems(pod: Pod, pods: list[Pod], lws: dict[str, dict[str, Any]], services: dict) -> Iterator[tuple]:
     for key, i, c in _containers(pod.template.get("spec")):
         args = c.get("args")
@@ -443,6 +487,7 @@ def cross_object_problems(
     docs: list[Any],
     prerequisites: set[tuple[str, str]] | None = None,
     charts: dict[tuple[str, str], str] | None = None,
+    rdma_declared: bool = False,
 ) -> dict[int, list]:
     """Problems per document position (1-based): ``{pos: [(path, message, severity), ...]}``. ``charts``: objects
     a chart installed beside this file creates (:func:`charts_of`)."""
@@ -472,6 +517,7 @@ def cross_object_problems(
         found = out.setdefault(pod.doc, [])
         found.extend(_container_problems(pod, names))
         found.extend(_lws_size_problems(pod, lws))
+        found.extend(_rdma_problems(pod, lws, rdma_declared))
         found.extend(_url_problems(pod, pods, lws, services))
     # what the API server accepts but a running cluster breaks on is a warning (it fails --validate all the same);
     # what it rejects says "error" itself
