@@ -494,6 +494,59 @@ def round3_cases() -> list[Case]:
             calls=SAFE_CALLS,
         )
     )
+    return out + round3_more_cases()
+
+
+def round3_more_cases() -> list[Case]:
+    """Further variants of the round-3 classes (issue 28/32 session 2); the first four of them slipped through
+    (exit 0) before this session's fixes: non-ASCII digits in versions, credentials outside env/args, glibc's
+    loader variables."""
+    out = []
+    for version in (
+        "\u0660.\u0663\u0662.\u0660",
+        "0.\uff13\uff12.0",
+        "\u0030.32.\u00b2",
+    ):  # Arabic, full-width, superscript
+        out.append(_exit2("coercion", f"vllm.version {version!r}", "vllm.version", **{"vllm.version": version}))
+    for path, value in [
+        ("roles.0.replicas", True),
+        ("roles.0.kv_cache_gib", True),
+        ("roles.0.gpu_memory_utilization", "0.9"),
+        ("cluster.cpu_cores", "4"),
+    ]:
+        out.append(_exit2("coercion", f"{path}={value!r}", path.replace(".0.", "[0]."), **{path: value}))
+    for args, blame in (
+        (["--revision", "--enforce-eager"], "is set by widep"),  # the value would be read as a flag
+        (["--revision", "-x"], "is not an option of vLLM"),
+        (["-tp", "2"], "is set by widep"),
+        (["--port=1"], "is set by widep"),
+    ):
+        out.append(_exit2("flags", f"extra_args {args}", blame, **{"roles.0.extra_args": args}))
+    for path, value in [
+        ("model.path", "hf_" + KEY_TAIL),
+        ("description", "served with token hf_" + KEY_TAIL),
+        ("model.served_model_name", "sk-" + KEY_TAIL),
+        ("roles.0.extra_env", {"HF_ENDPOINT": "https://user:" + KEY_TAIL + "@hub.example"}),
+        ("roles.0.extra_env", {"AUTH": "Bearer eyJhbGciOiJIUzI1NiJ9." + KEY_TAIL}),
+        ("roles.0.extra_env", {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/" + KEY_TAIL}),
+    ]:
+        out.append(_exit2("secrets", f"{path} credential", "SecretRef", **{path: value}))
+    for name in ("GLIBC_TUNABLES", "LOCPATH", "NLSPATH", "HOSTALIASES", "GETCONF_DIR", "TZDIR"):
+        out.append(_exit2("startup env", name, name, **{"roles.0.extra_env": {name: f"/tmp/$({PWN})"}}))
+    out.append(
+        _exit2(
+            "startup env",
+            "BASH_FUNC_vllm%%",
+            "the key",
+            **{"roles.0.extra_env": {"BASH_FUNC_vllm%%": f"() {{ {PWN}; }}"}},
+        )
+    )
+    for doc in (
+        topo(description="x\nkind: Secret\n---\napiVersion: v1\nkind: Pod"),  # a header comment line each
+        topo(**{"roles.0.extra_env": {"V": "a\u2029b\u2028c"}}),
+        topo(**{"roles.0.extra_args": ["--chat-template", "x\x1b]8;;http://evil.example\x1b\\y"]}),
+    ):
+        out.append(Case("control chars", f"more: {str(doc)[-40:]!r}", "safe", doc=doc, calls=SAFE_CALLS))
     return out
 
 

@@ -607,11 +607,43 @@ def test_sbatch_directives_refuse_what_they_cannot_carry(run_dir):
     assert slurm_options(sbatch_lines=("--mail-type=END", "--comment x")).sbatch_lines
 
 
+@pytest.mark.parametrize("run_dir", ["/s/`touch${IFS}PWNED`", "/s/a'b\"c", "/s/$HOME;x", "/s/a\\b*"])
+def test_run_dir_shell_syntax_stays_in_the_directive(run_dir, tmp_path):
+    """Class 5, more variants: shell syntax in --run-dir (no whitespace, so a directive can carry it) reaches only
+    the #SBATCH --output line, which bash reads as a comment and sbatch as literal text; the script runs nothing
+    of it (bash -n parses it; the directive is the only line naming it)."""
+    from test_slurm_render import plan_of
+
+    from widep.run.slurm import SlurmOptions, sbatch_script
+
+    text = sbatch_script(plan_of(ROOT / "topologies" / "tiny-moe-cpu.yaml"), SlurmOptions(), run_dir)
+    lines = [line for line in text.splitlines() if run_dir in line]
+    assert lines == [f"#SBATCH --output={run_dir}/slurm-%j.out"]
+    (tmp_path / "job.sh").write_text(text)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")], cwd=tmp_path, check=False).returncode == 0
+    assert not (tmp_path / "PWNED").exists()
+
+
 @pytest.mark.parametrize(
-    "flag,value", [("--memory", "-1"), ("--cpu", "-500m"), ("--shm-size", "-1Gi"), ("--memory", "-0")]
+    "flag,value",
+    [
+        ("--memory", "-1"),
+        ("--cpu", "-500m"),
+        ("--shm-size", "-1Gi"),
+        ("--memory", "-0"),
+        # values the validator rejected in the generated manifests, called "a widep bug" (exit 1) until round 3
+        ("--start-budget", str(2**31 * 10)),  # probe failureThreshold beyond int32
+        ("--termination-grace", str(2**63)),  # terminationGracePeriodSeconds beyond int64
+        ("--termination-grace", "-1"),
+        ("--router-image", "registry.example/vllm-router"),  # no tag: the router Deployment's check warned
+        ("--image", "vllm/vllm-openai:v0.32.0"),  # vLLM's CUDA image for a CPU topology
+        ("--rdma-resource", "rdma"),
+    ],
 )
 def test_lws_user_input_is_not_called_a_widep_bug(tmp_path, capsys, flag, value):
     t = H._write(H.Case("x", "x", "safe", doc=H.topo()), tmp_path)
+    if flag == "--router-image":  # a topology with the vllm-router front door
+        t = ROOT / "topologies" / "tiny-moe-cpu-pd.yaml"
     assert main(["lws", str(t), flag, value]) == 2
     err = capsys.readouterr().err
     assert "widep bug" not in err and flag in err and err.count("\n") == 1

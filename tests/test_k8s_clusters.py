@@ -56,6 +56,16 @@ def valid(docs: list[dict]) -> list[str]:
     return [p.format() for p in problems]
 
 
+def valid_with_chart_pool(docs: list[dict], pool: dict) -> list[str]:
+    """Problems of llm-d's manifests plus the pool the router chart creates for them, checked as `widep lws` checks
+    it (the chart's objects exist; the pool is not flagged as owned twice: it is not in the file)."""
+    from widep.k8s.validate.cross import prerequisites_of
+
+    head = "".join(f"# {line}\n" for line in L.prerequisite_lines(docs))
+    known = prerequisites_of(head) | set(frontdoor.chart_objects(pool["metadata"]["name"]))
+    return [p.format() for p in v.validate_documents(docs + [pool], v.default_crd_path(), prerequisites=known)]
+
+
 # --------------------------------------------------------------------------------------------
 # P/D front doors
 
@@ -95,9 +105,11 @@ def test_llmd_front_door_one_pool_sidecar_and_epp_values():
     p = make_plan(load_topology(PD))
     docs = L.render_lws(p, front_door="llm-d")
     assert valid(docs) == []
-    pools = [d for d in docs if d["kind"] == "InferencePool"]
-    assert len(pools) == 1 and "Deployment" not in {d["kind"] for d in docs}
-    pool = pools[0]
+    # the router chart owns the one pool (issue 28 defect 1): the manifests have none, the values make it
+    assert not {"InferencePool", "Deployment"} & {d["kind"] for d in docs}
+    values = L.router_values_for(p, docs)
+    pool = frontdoor.chart_pool(frontdoor.chart_release(p), values)
+    assert valid_with_chart_pool(docs, pool) == []
     match = pool["spec"]["selector"]["matchLabels"]
     roles = {}
     for d in docs:
@@ -117,7 +129,6 @@ def test_llmd_front_door_one_pool_sidecar_and_epp_values():
     assert {"--port=8000", "--vllm-port=8200", "--data-parallel-size=8", "--kv-connector=nixlv2"} <= set(side["args"])
     assert [cp["containerPort"] for cp in pod(roles["decode"])["containers"][0]["ports"]] == list(range(8200, 8208))
     assert qos_class(pod(roles["decode"])) == "Guaranteed"  # the sidecar's requests equal its limits too
-    values = L.router_values_for(p, docs)
     assert frontdoor.check_router_values(values, pool) == []
     assert values["router"]["modelServers"]["matchLabels"] == match
     epp = yaml.safe_load(next(iter(values["router"]["epp"]["pluginsCustomConfig"].values())))
@@ -133,16 +144,16 @@ def test_llmd_front_door_one_pool_sidecar_and_epp_values():
 def test_inference_pool_is_checked_against_the_gaie_crd():
     p = make_plan(load_topology(PD))
     docs = L.render_lws(p, front_door="llm-d")
-    pool = next(d for d in docs if d["kind"] == "InferencePool")
+    pool = frontdoor.chart_pool(p.name, L.router_values_for(p, docs))  # what the router chart creates
     pool["spec"]["targetPorts"][1]["number"] = 8000
-    assert any("port number must be unique" in m for m in valid(docs))
+    assert any("port number must be unique" in m for m in valid_with_chart_pool(docs, pool))
     pool["spec"]["targetPorts"] = [{"number": 8000 + i} for i in range(9)]
-    assert any("spec.targetPorts:" in m and "is too long" in m for m in valid(docs))  # maxItems 8
+    assert any("spec.targetPorts:" in m and "is too long" in m for m in valid_with_chart_pool(docs, pool))  # maxItems 8
     pool["spec"]["targetPorts"] = []
-    assert any("spec.targetPorts: [] should be non-empty" in m for m in valid(docs))  # minItems 1
+    assert any("spec.targetPorts: [] should be non-empty" in m for m in valid_with_chart_pool(docs, pool))  # minItems 1
     pool["spec"]["targetPorts"] = [{"number": 8000}]
     del pool["spec"]["endpointPickerRef"]["port"]
-    assert any("port is required when kind is 'Service'" in m for m in valid(docs))
+    assert any("port is required when kind is 'Service'" in m for m in valid_with_chart_pool(docs, pool))
 
 
 def test_llmd_refuses_ports_the_sidecar_cannot_front():
@@ -172,8 +183,12 @@ def test_cli_writes_router_values_beside_the_manifests(capsys, tmp_path):
 
 def test_validate_warns_on_router_image_without_tag_or_entry_point(capsys, tmp_path):
     p = make_plan(load_topology(PD))
-    docs = L.render_lws(p, router_image="registry.example/vllm-router")
+    with pytest.raises(UserError, match="--router-image: no tag") as err:  # widep's own output: refused up front
+        L.render_lws(p, router_image="registry.example/vllm-router")
+    assert err.value.exit_code == 2
+    docs = L.render_lws(p)
     dep = next(d for d in docs if d["kind"] == "Deployment")
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = "registry.example/vllm-router"  # a user's file
     _, problems = v.validate_text(L.dump_manifests([dep]))
     assert [(pr.severity, pr.layer) for pr in problems] == [("warning", "front-door")]
     assert "has no tag" in problems[0].message
@@ -194,7 +209,7 @@ def test_validate_warns_on_router_image_without_tag_or_entry_point(capsys, tmp_p
 
 def test_generic_profile_requests_no_rdma_and_prefers_the_gpu_label():
     p = make_plan(load_topology(PD))
-    for d in L.render_lws(p):
+    for d in L.render_lws(p, rdma_resource="none"):
         if d["kind"] != "LeaderWorkerSet":
             continue
         spec = pod(d)
@@ -208,6 +223,7 @@ def test_generic_profile_requests_no_rdma_and_prefers_the_gpu_label():
     lws = next(d for d in L.render_lws(named) if d["kind"] == "LeaderWorkerSet")
     assert pod(lws)["containers"][0]["resources"]["requests"]["rdma/roce_gdr"] == "1"
     assert L.render_lws(named, rdma_resource="") != L.render_lws(named)  # '' turns it off
+    assert L.render_lws(named, rdma_resource="") == L.render_lws(named, rdma_resource="none")
 
 
 def test_coreweave_and_gke_profiles():
@@ -342,7 +358,14 @@ def test_hardening_and_pod_security_levels():
     gpu = make_plan(load_topology(PD))
     d = next(d for d in L.render_lws(gpu, model_cache="pvc:m", jit_cache="pvc:j") if d["kind"] == "LeaderWorkerSet")
     level, why = pod_security_level(pod(d))
-    assert level == "privileged" and why == ["container 'vllm' adds IPC_LOCK"]  # no SYS_RAWIO: no RDMA resource
+    # the curated topology names rdma/ib (issue 28 defect 6): SYS_RAWIO for the RDMA device
+    assert level == "privileged" and why == ["container 'vllm' adds IPC_LOCK, SYS_RAWIO"]
+    d = next(
+        d
+        for d in L.render_lws(gpu, model_cache="pvc:m", jit_cache="pvc:j", rdma_resource="none")
+        if d["kind"] == "LeaderWorkerSet"
+    )
+    assert pod_security_level(pod(d)) == ("privileged", ["container 'vllm' adds IPC_LOCK"])  # no RDMA resource
     gke = next(
         d
         for d in L.render_lws(gpu, provider="gke", model_cache="pvc:m", jit_cache="pvc:j")

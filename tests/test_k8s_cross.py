@@ -23,8 +23,9 @@ def rendered(path: Path = PD_DP2, **options) -> list[dict]:
     return L.render_lws(make_plan(load_topology(path)), **options)
 
 
-def cross(docs: list[dict], header: bool = True) -> list[v.Problem]:
+def cross(docs: list[dict], header: bool = True, extra: str = "") -> list[v.Problem]:
     head = "".join(f"# {line}\n" for line in L.prerequisite_lines(docs)) if header else ""
+    head += extra
     _, problems = v.validate_text(head + L.dump_manifests(docs))
     return [p for p in problems if p.layer == "cross-object" and p.failing]
 
@@ -106,21 +107,126 @@ def test_service_target_port_nobody_listens_on_is_rejected():
     assert "'htttp' names no containerPort" in p.message
 
 
+def with_chart_pool(docs: list[dict]) -> list[dict]:
+    """llm-d's manifests plus the InferencePool the router chart creates from widep's values for them."""
+    from widep.k8s.frontdoor import chart_pool
+
+    p = make_plan(load_topology(DEEPSEEK_PD))
+    return docs + [chart_pool(p.name, L.router_values_for(p, docs))]
+
+
 def test_inference_pool_ports_selector_and_endpoint_picker():
-    """Defects 4 and 8: the pool's endpoint picker Service must exist or be a declared prerequisite."""
-    docs = rendered(DEEPSEEK_PD, front_door="llm-d")
-    assert cross(docs) == []
+    """Defects 4 and 8: the pool's endpoint picker Service must exist or be a declared prerequisite; the pool the
+    router chart creates selects both roles' pods on ports they serve."""
+    # the pool as a user would keep it in the file, the chart installed with its own pool turned off
+    docs = with_chart_pool(rendered(DEEPSEEK_PD, front_door="llm-d", namespace="llm"))
+    epp = "# prerequisite: Service/deepseek-r1-pd-3x8-h200-epp\n"
     pool = by(docs, "InferencePool")
+    assert cross(docs, header=False, extra=epp) == []
     (p,) = cross(docs, header=False)
     assert p.path == "spec.endpointPickerRef.name" and "deepseek-r1-pd-3x8-h200-epp" in p.message
     broken = copy.deepcopy(docs)
     by(broken, "InferencePool")["spec"]["targetPorts"][0]["number"] = 8999
-    problems = cross(broken)  # one per pod template it selects (prefill, decode)
+    problems = cross(broken, header=False, extra=epp)  # one per pod template it selects (prefill, decode)
     assert {p.path for p in problems} == {"spec.targetPorts[0].number"} and len(problems) >= 2
     assert all("8999 is no port" in p.message for p in problems)
     pool["spec"]["selector"]["matchLabels"]["llm-d.ai/inference-serving"] = "yes"
-    (p,) = cross(docs)
+    (p,) = cross(docs, header=False, extra=epp)
     assert p.path == "spec.selector.matchLabels" and "selects no pod" in p.message
+
+
+def test_inference_pool_owned_twice_with_the_router_chart():
+    """Defect 1: widep emitted InferencePool/<name> and told the user to helm install llm-d's router chart, which
+    creates an InferencePool of the same name. The check flags an object of the file that a chart named in the
+    header also creates; widep's llm-d output now has no pool of its own (the chart's values make it)."""
+    from widep.k8s import frontdoor
+
+    p = make_plan(load_topology(DEEPSEEK_PD))
+    docs = rendered(DEEPSEEK_PD, front_door="llm-d")
+    assert "InferencePool" not in {d["kind"] for d in docs}
+    assert cross(docs) == []
+    head = "".join(f"# {line}\n" for line in L.prerequisite_lines(docs))
+    assert f"helm install {p.name} {frontdoor.ROUTER_CHART}" in head
+    # the output of last round: the same pool in the file as well
+    twice = with_chart_pool(docs)
+    (problem,) = cross(twice)
+    assert (problem.kind, problem.name, problem.path) == ("InferencePool", p.name, "metadata.name")
+    assert (
+        f"helm install {p.name} {frontdoor.ROUTER_CHART}" in problem.message and "Valid: remove it" in problem.message
+    )
+    # any other object the chart makes, by a user file that names the chart with `helm upgrade --install`
+    svc = copy.deepcopy(by(docs, "Service", "-decode-api"))
+    svc["metadata"]["name"] = frontdoor.epp_name(p.name)
+    text = f"# then: helm upgrade --install {p.name} llm-d/llm-d-router-standalone -f v.yaml\n" + L.dump_manifests(
+        docs + [svc]
+    )
+    _, problems = v.validate_text(text)
+    (problem,) = [x for x in problems if x.layer == "cross-object" and x.failing]
+    assert problem.name == f"{p.name}-epp" and "also creates Service/" in problem.message
+    # a chart installed with its pool turned off creates none: a pool of the file is then the only one
+    off = f"# helm install {p.name} {frontdoor.ROUTER_CHART} --set router.inferencePool.create=false\n"
+    _, problems = v.validate_text(off + L.dump_manifests(twice))
+    assert [x for x in problems if x.layer == "cross-object" and x.failing and x.kind == "InferencePool"] == []
+    # names come from one place: the release's endpoint picker, the values' pool and the chart's object list agree
+    values = L.router_values_for(p, docs)
+    pool = frontdoor.chart_pool(frontdoor.chart_release(p), values)
+    assert ("InferencePool", pool["metadata"]["name"]) in frontdoor.chart_objects(p.name)
+    assert ("Service", pool["spec"]["endpointPickerRef"]["name"]) in frontdoor.chart_objects(p.name)
+    assert frontdoor.epp_name("x" * 50) == "x" * 40 + "-epp"  # the chart's trunc 40
+    # defect 4 by the same mechanism: a pool (chart off) naming the untruncated Service of a 41-character release
+    long = "n" * 41
+    pool = frontdoor.chart_pool(long, values)
+    pool["spec"]["endpointPickerRef"]["name"] = f"{long}-epp"
+    head = f"# helm install {long} {frontdoor.ROUTER_CHART} --set router.inferencePool.create=false\n"
+    _, problems = v.validate_text(head + L.dump_manifests(docs + [pool]))
+    (problem,) = [x for x in problems if x.layer == "cross-object" and x.failing]
+    assert problem.path == "spec.endpointPickerRef.name" and f"Service/{long}-epp is neither" in problem.message
+
+
+def test_generic_multi_node_deepep_needs_an_rdma_choice(tmp_path):
+    """Defect 6: generic provider, DeepEP across the pods of a group, no RDMA device: exit 2 naming the field,
+    unless the topology (or --rdma-resource) says how pods get RDMA."""
+    import yaml
+
+    from widep.cli import main
+    from widep.errors import UserError
+
+    topo = yaml.safe_load(DEEPSEEK_PD.read_text())
+    del topo["cluster"]["network"]["rdma_resource"]
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(yaml.safe_dump(topo))
+    with pytest.raises(UserError, match=r"^cluster\.network\.rdma_resource: role 'decode' runs deepep") as err:
+        rendered(bare)
+    assert err.value.exit_code == 2 and "Valid: your cluster's RDMA device plugin resource" in str(err.value)
+    assert main(["lws", str(bare)]) == 2
+    # explicit choices: a resource, 'none', or a profile with RDMA wiring
+    assert "rdma/roce_gdr" in str(rendered(bare, rdma_resource="rdma/roce_gdr"))
+    assert "rdma/" not in L.dump_manifests(rendered(bare, rdma_resource="none"))
+    assert cross(rendered(bare, provider="gke")) == []
+    # the check: DeepEP across the pods of a group with no RDMA device, network or declaration (widep's output of
+    # last round, which said so only in a note) fails --validate naming the LWS size and what is valid
+    topo["cluster"]["network"]["rdma_resource"] = "none"
+    bare.write_text(yaml.safe_dump(topo))
+    docs = rendered(bare)
+    problems = cross(docs)
+    assert problems and {(p.kind, p.path) for p in problems} == {("LeaderWorkerSet", "spec.leaderWorkerTemplate.size")}
+    assert "run deepep_low_latency between them" in problems[0].message and "rdma/ib: 1" in problems[0].message
+    assert cross(docs, extra="# rdma: none (the cluster attaches HCAs)\n") == []  # the explicit choice, declared
+    text = L.dump_manifests(
+        docs, L.header_lines(make_plan(load_topology(bare)), "widep lws", docs=docs, opts=L.LWSOptions())
+    )
+    assert "# rdma: none" in text and [p for p in v.validate_text(text)[1] if p.failing] == []  # widep's own header
+    assert main(["lws", str(bare)]) == 0
+    assert cross(rendered(bare, rdma_resource="rdma/ib")) == []  # a device request
+    assert cross(rendered(bare, provider="gke")) == []  # a network annotation
+    topo["cluster"]["network"]["rdma_resource"] = "ib"  # not domain-qualified
+    bare.write_text(yaml.safe_dump(topo))
+    with pytest.raises(UserError, match=r"^cluster\.network\.rdma_resource: extended resources are domain") as err:
+        rendered(bare)
+    assert err.value.exit_code == 2
+    # the curated topology names its resource; a profile with its own wiring keeps it (gke requests no rdma/ib)
+    assert "rdma/ib" in str(rendered(DEEPSEEK_PD))
+    assert "rdma/ib" not in str(rendered(DEEPSEEK_PD, provider="gke"))
 
 
 def test_env_with_value_and_value_from_is_rejected():
@@ -274,3 +380,174 @@ def test_real_router_opens_no_port_while_workers_start_and_the_emitted_probes_wa
         stub.shutdown()
     assert refused_while_late > 0  # no port while the worker is not healthy: a liveness probe would fail
     assert healthy_at is not None and late_s <= healthy_at <= budget, healthy_at
+
+
+# --------------------------------------------------------------------------------------------
+# issue 32 class 4: no variable of the pod's env makes a probe's (or the pod's) shell run code
+
+
+def _probes(docs: list[dict]):
+    from widep.k8s.validate.cross import collect_pods
+
+    pods, _ = collect_pods(docs)
+    for pod in pods:
+        spec = pod.template.get("spec") or {}
+        for c in list(spec.get("initContainers") or []) + list(spec.get("containers") or []):
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if kind in c:
+                    yield pod.owner, c, kind, c[kind]
+
+
+def test_probes_need_no_shell_where_http_does_and_no_startup_files_where_exec_does():
+    """Every probe of every checked-in lws/ file is httpGet/tcpSocket, or (several rank ports: a probe tests one
+    port) an exec of bash in privileged mode with no startup files; every pod's own bash starts the same way."""
+    import yaml
+
+    kinds = set()
+    for f in sorted((REPO / "lws").glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(f.read_text()) if d]
+        for owner, _c, kind, probe in _probes(docs):
+            (action,) = {"httpGet", "tcpSocket", "exec", "grpc"} & set(probe)
+            kinds.add(action)
+            if action == "exec":
+                assert tuple(probe["exec"]["command"][:5]) == L.POD_BASH, (f.name, owner, kind)
+                script = probe["exec"]["command"][5]
+                assert script.count("/dev/tcp/") == 1 and "for port in" in script  # several ports: one probe
+        for d in docs:
+            if d["kind"] == "LeaderWorkerSet":
+                for tpl in (
+                    d["spec"]["leaderWorkerTemplate"].get("leaderTemplate"),
+                    d["spec"]["leaderWorkerTemplate"]["workerTemplate"],
+                ):
+                    if tpl:
+                        assert tuple(tpl["spec"]["containers"][0]["command"]) == L.POD_BASH, f.name
+    assert kinds == {"httpGet", "exec"}
+    # a pod with one health port is probed over HTTP, with no shell at all
+    single = rendered(REPO / "topologies" / "tiny-moe-cpu.yaml")
+    assert {next(iter({"httpGet", "exec"} & set(p))) for *_, p in _probes(single)} == {"httpGet"}
+
+
+def test_exec_probe_and_pod_bash_ignore_shell_startup_variables(tmp_path):
+    """The emitted exec probe, executed by bash with hostile startup variables in its env (what a pod's env could
+    carry if the topology check missed one), runs none of them and still tells healthy from unhealthy ranks."""
+    import http.server
+    import subprocess
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(self.server.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    servers = []
+    for status in (200, 200, 503):
+        srv = http.server.HTTPServer(("127.0.0.1", 0), Health)
+        srv.status = status
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    ok = [s.server_address[1] for s in servers[:2]]
+    bad = servers[2].server_address[1]
+    docs = rendered(REPO / "topologies" / "tiny-moe-cpu-ep2.yaml")
+    (_, _, _, probe) = next(x for x in _probes(docs) if x[2] == "livenessProbe")
+    command = list(probe["exec"]["command"])
+    marks = [tmp_path / f"ran-{i}" for i in range(6)]
+    payload = tmp_path / "payload.sh"
+    payload.write_text(f"touch {marks[0]}\n")
+    hostile = {
+        "PATH": "/usr/bin:/bin",
+        "POD_IP": "127.0.0.1",
+        "BASH_ENV": str(payload),
+        "ENV": str(payload),
+        "SHELLOPTS": "xtrace",
+        "PS4": f"$(touch {marks[1]})",
+        "BASH_FUNC_exec%%": f"() {{ touch {marks[2]}; }}",
+        "BASH_FUNC_printf%%": f"() {{ touch {marks[3]}; }}",
+        "BASH_FUNC_read%%": f"() {{ touch {marks[4]}; }}",
+        "PROMPT_COMMAND": f"touch {marks[5]}",
+    }
+    try:
+        for ports, want in ((ok, 0), (ok + [bad], 1)):
+            script = command[-1].replace("for port in 8000 8001;", f"for port in {' '.join(map(str, ports))};")
+            assert script != command[-1]
+            got = subprocess.run([*command[:-1], script], env=hostile, timeout=30, capture_output=True, text=True)
+            assert got.returncode == want, got.stderr
+            assert "+ " not in got.stderr  # SHELLOPTS=xtrace was not imported
+        # the pod's own bash starts the same way
+        c = by(docs, "LeaderWorkerSet")["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+        got = subprocess.run([*c["command"], "exit 0"], env=hostile, timeout=30, capture_output=True, text=True)
+        assert got.returncode == 0 and got.stderr == ""
+    finally:
+        for s in servers:
+            s.shutdown()
+    assert [m.name for m in marks if m.exists()] == []
+    # the same command without privileged mode would have run the payload (the test can fail)
+    subprocess.run(["/bin/bash", "-c", "exit 0"], env=hostile, timeout=30, capture_output=True)
+    assert marks[0].exists()
+
+
+# --------------------------------------------------------------------------------------------
+# item 8: images for the device, current kustomize fields, prerequisites via --explain
+
+
+def test_cpu_topologies_get_a_cpu_image_and_cuda_images_are_refused_for_them(tmp_path):
+    import yaml
+
+    from widep.errors import UserError
+
+    cpu = REPO / "topologies" / "tiny-moe-cpu.yaml"
+    images = {c["image"] for d in rendered(cpu) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
+    assert images == {f"{L.CPU_IMAGE_REPO}:v0.32.0"}
+    images = {c["image"] for d in rendered(DEEPSEEK_PD) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
+    assert images == {"vllm/vllm-openai:v0.32.0"}  # GPUs keep vLLM's CUDA image
+    for given in ("vllm/vllm-openai:v0.32.0", "docker.io/vllm/vllm-openai@sha256:" + "a" * 64):
+        with pytest.raises(UserError, match=r"^--image: .* is vLLM's CUDA image, but cluster.gpu is CPU") as err:
+            rendered(cpu, image=given)
+        assert err.value.exit_code == 2
+    topo = yaml.safe_load(cpu.read_text())
+    topo["vllm"]["image"] = "vllm/vllm-openai:v0.32.0"
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(topo))
+    with pytest.raises(UserError, match=r"^vllm\.image: "):
+        rendered(tmp_path / "t.yaml")
+    with pytest.raises(UserError, match=r"^--image: .* is vLLM's CPU build"):
+        rendered(DEEPSEEK_PD, image=f"{L.CPU_IMAGE_REPO}:v0.32.0")
+    assert "my.registry/vllm-cpu:1" in str(rendered(cpu, image="my.registry/vllm-cpu:1"))  # own builds pass
+
+
+def _containers_of(lws: dict) -> list[dict]:
+    lwt = lws["spec"]["leaderWorkerTemplate"]
+    return [c for t in (lwt.get("leaderTemplate"), lwt["workerTemplate"]) if t for c in t["spec"]["containers"]]
+
+
+def test_kustomize_overlays_use_current_fields_and_build_without_deprecation_warnings():
+    import shutil
+    import subprocess
+
+    trees = sorted((REPO / "lws" / "kustomize").glob("*/overlays/*/kustomization.yaml"))
+    assert trees
+    for k in trees:
+        text = k.read_text()
+        assert "bases:" not in text and "patchesJson6902" not in text and "resources:\n- ../../base" in text
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is needed for `kubectl kustomize` (.ci/run installs Debian's kubernetes-client)")
+    built = subprocess.run([kubectl, "kustomize", str(trees[0].parent)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0 and "deprecat" not in built.stderr.lower(), built.stderr
+
+
+def test_explain_lists_prerequisites_in_order_pod_failure_and_what_only_a_cluster_proves(capsys):
+    from widep.cli import main
+
+    assert main(["lws", str(DEEPSEEK_PD), "--front-door", "llm-d", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "kind:" not in out  # no manifests
+    steps = [line.split(". ", 1)[1] for line in out.splitlines() if line[:5].strip()[:-1].isdigit()]
+    assert steps[0].startswith("the LeaderWorkerSet CRD") and steps[-1].startswith("then: kubectl apply")
+    assert any(s.startswith("llm-d's router chart: helm install deepseek-r1-pd-3x8-h200") for s in steps)
+    assert "pod failure: restartPolicy RecreateGroupOnPodRestart" in out
+    assert "Not verifiable from the manifests" in out and "ibv_devinfo" in out and "kubectl get events" in out
+    assert main(["lws", str(PD_DP2), "--explain", "-o", "/tmp/x.yaml"]) == 2
+    assert main(["lws", "--explain"]) == 2
+    capsys.readouterr()

@@ -93,9 +93,10 @@ def test_installed_widep_emits_and_validates_manifests_outside_the_repo(installe
     ).stdout.split()
     assert all(p.startswith(str(installed)) for p in where), where
     topo = tmp_path / "pd.yaml"
-    topo.write_text((REPO / "topologies" / "deepseek-r1-pd-3x8-h200.yaml").read_text())
+    topo.write_text((REPO / "topologies" / "deepseek-r1-decode-2x8-h200.yaml").read_text())
     out = tmp_path / "pd-manifests.yaml"
-    gen = _run(installed, tmp_path, "lws", str(topo), "--front-door", "llm-d", "-o", str(out))
+    # an InferencePool of widep's own: one per role (llm-d's P/D pool is the router chart's, issue 28)
+    gen = _run(installed, tmp_path, "lws", str(topo), "--inference-pool", "-o", str(out))
     assert gen.returncode == 0, gen.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(out.read_text())]
     assert "InferencePool" in kinds

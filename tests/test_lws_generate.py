@@ -154,9 +154,10 @@ def test_generated_manifests_validate(crd, name, source, placement):
     assert problems == []
     if pd and not pool:  # LWS + Service per role; router Deployment + Service
         assert count == 2 * len(p.roles) + (2 if p.router else 0)
-    elif pd:  # --inference-pool on P/D: llm-d's one pool
-        assert count == 2 * len(p.roles) + 1
-        assert [d["metadata"]["name"] for d in docs if d["kind"] == "InferencePool"] == [p.name]
+    elif pd:  # --inference-pool on P/D: llm-d's one pool, which the router chart creates (issue 28 defect 1)
+        assert count == 2 * len(p.roles)
+        assert "InferencePool" not in {d["kind"] for d in docs}
+        assert L.router_values_for(p, docs, placement=placement)["router"]["modelServers"]["targetPorts"]
     else:  # LWS, Service, pool per role; router Deployment + Service
         assert count == 3 * len(p.roles) + (2 if p.router else 0)
 
@@ -239,7 +240,9 @@ def test_pod_spec_for_gpu_clusters():
         startup = c["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] == start_budget_s(p, rp) >= 2400
         assert c["readinessProbe"]["exec"] == c["livenessProbe"]["exec"] == startup["exec"]
-        assert startup["exec"]["command"][2] == L.health_check_script("127.0.0.1", [rp.http_port + i for i in range(8)])
+        assert startup["exec"]["command"][-1] == L.health_check_script(
+            "127.0.0.1", [rp.http_port + i for i in range(8)]
+        )
         terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
         assert terms == [{"matchExpressions": [{"key": "gpu.nvidia.com/model", "operator": "In", "values": ["H200"]}]}]
         assert pod["terminationGracePeriodSeconds"] == 120 and pod["enableServiceLinks"] is False
@@ -751,8 +754,9 @@ def test_golden_files_are_up_to_date(crd):
                 L.render_lws(plan_of(t), front_door="llm-d")
             continue
         llmd = list(yaml.safe_load_all(expected[f"{t.stem}.llm-d.yaml"]))
-        assert [d["metadata"]["name"] for d in llmd if d["kind"] == "InferencePool"] == [t.stem]
-        assert yaml.safe_load(expected[f"{regen.VALUES_DIR}/{t.stem}.llm-d.yaml"])["router"]["epp"]
+        assert "InferencePool" not in {d["kind"] for d in llmd}  # the router chart's release makes it
+        values = yaml.safe_load(expected[f"{regen.VALUES_DIR}/{t.stem}.llm-d.yaml"])["router"]
+        assert values["epp"] and values["inferencePool"]["create"] is True and values["modelServers"]["matchLabels"]
     for name, text in expected.items():
         if name.startswith((regen.VALUES_DIR + "/", regen.KUSTOMIZE_DIR + "/")):
             continue

@@ -138,8 +138,9 @@ def _plural(n: int, word: str) -> str:
 @click.option(
     "--rdma-resource",
     default=None,
-    help="RDMA device-plugin resource, one per pod of roles that use RDMA (default: "
-    "cluster.network.rdma_resource, else the provider's; '' for none).",
+    help="RDMA device-plugin resource, one per pod of roles that use RDMA (default: the provider's own "
+    "wiring, else cluster.network.rdma_resource; '' or none for none). Required (here or in the topology) "
+    "where DeepEP spans pods under --provider generic.",
 )
 @click.option(
     "--exclusive-topology",
@@ -209,6 +210,12 @@ def _plural(n: int, word: str) -> str:
     help="The LWS CRD YAML (default: $WIDEP_LWS_CRD, else the copy shipped inside widep).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="With TOPOLOGY: print what to apply in which order, what a pod failure costs and what only a cluster can "
+    "verify (with the command that does), instead of the manifests.",
+)
 @click.pass_context
 def lws_cmd(
     ctx: click.Context,
@@ -242,6 +249,7 @@ def lws_cmd(
     validate_paths: tuple[str, ...],
     crd_path: str | None,
     as_json: bool,
+    explain: bool,
 ) -> None:
     """LeaderWorkerSet manifests: generate them from TOPOLOGY, or validate any (--validate).
 
@@ -315,6 +323,20 @@ def lws_cmd(
             for line in write_kustomize(topology, opts, Path(kustomize_dir), crd):
                 click.echo(line, err=True)
             return
+        if explain:
+            if output or kustomize_dir:
+                raise UserError(
+                    f"--explain prints an explanation, not manifests. Given: --explain with "
+                    f"{'-o ' + output if output else '--kustomize ' + str(kustomize_dir)}. Valid: --explain alone"
+                )
+            import yaml
+
+            from widep.k8s.lws import explain_lines
+
+            text, _, _, _ = generate(topology, opts, crd)  # validated like the manifests it explains
+            for line in explain_lines([d for d in yaml.safe_load_all(text) if d]):
+                click.echo(line)
+            return
         if router_values is None and output:
             router_values = str(Path(output).with_suffix("")) + ".router-values.yaml"
         text, notes, count, values = generate(
@@ -340,6 +362,8 @@ def lws_cmd(
                     err=True,
                 )
         return
+    if explain:
+        raise UserError("--explain needs a TOPOLOGY. Given: --explain alone. Valid: widep lws TOPOLOGY --explain")
     if not validate_paths:
         raise UserError(
             "nothing to do. Given: no TOPOLOGY and no --validate. Valid: widep lws TOPOLOGY [options], or widep lws "

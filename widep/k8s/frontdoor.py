@@ -10,7 +10,12 @@
     llm-d's stack: ONE InferencePool (GAIE v1) selecting the pods of both roles (``llm-d.ai/role`` tells prefill
     from decode), the routing sidecar on every decode pod as a native sidecar (an init container with
     ``restartPolicy: Always``) listening on the pool's ports in front of decode's vLLM ports, and the endpoint
-    picker's P/D configuration as the values file of llm-d's router chart (:func:`router_values`).
+    picker's P/D configuration as the values file of llm-d's router chart (:func:`router_values`). The chart owns
+    the pool: with its default ``router.inferencePool.create: true`` it creates ``InferencePool/<release>`` from
+    the values' ``modelServers`` (and its endpoint picker runs ``--pool-name <release>``), so widep's manifests
+    contain no InferencePool of their own (two owners of one name: the install fails or they fight). Every name
+    the chart makes is derived from the release name here (:func:`chart_objects`), the release being the topology
+    name.
 ``none``
     no front door (clients pick a Service themselves; a P/D pair then does not disaggregate).
 
@@ -49,8 +54,30 @@ ROUTER_CHART = "oci://ghcr.io/llm-d/charts/llm-d-router-standalone"
 ROUTER_CHART_VERSION = "v0.9.0"
 SIDECAR_NAME = "routing-proxy"
 #: Longest release name (= topology name) whose endpoint picker Service the router chart names ``<release>-epp``
-#: without truncating it (issue 28, read against llm-d's router chart v0.9.0).
+#: without truncating it: v0.9.0 ``routerlib/templates/_helpers.tpl`` ``llm-d-router.name`` is
+#: ``.Release.Name | lower | trim | trunc 40`` + ``-epp``.
 ROUTER_RELEASE_MAX = 40
+#: Charts built on llm-d's routerlib (v0.9.0): what they create is :func:`chart_objects`.
+ROUTERLIB_CHARTS = ("llm-d-router-standalone", "llm-d-router-gateway")
+
+
+def chart_release(plan: DeploymentPlan) -> str:
+    """The router chart's release name for a plan: the one place every chart-made name comes from."""
+    return plan.name
+
+
+def epp_name(release: str) -> str:
+    """The endpoint picker's Deployment / Service / ConfigMap name the chart derives from its release."""
+    return release.lower().strip()[:ROUTER_RELEASE_MAX] + "-epp"
+
+
+def chart_objects(release: str, create_pool: bool = True) -> list[tuple[str, str]]:
+    """(kind, name) of the namespaced objects a routerlib chart (v0.9.0 templates ``_inferencepool.yaml``,
+    ``_deployment.yaml``, ``_service.yaml``, ``_config.yaml`` and the standalone proxy preset's ConfigMap ``envoy``)
+    creates for ``release``; ``create_pool`` is ``router.inferencePool.create``."""
+    epp = epp_name(release)
+    out = [("InferencePool", release)] if create_pool else []
+    return out + [("Deployment", epp), ("Service", epp), ("ConfigMap", epp), ("ConfigMap", "envoy")]
 
 
 def resolve(plan: DeploymentPlan, choice: str, inference_pool: bool) -> str:
@@ -154,26 +181,27 @@ def pool_selector(plan: DeploymentPlan, leader_only: bool) -> dict[str, str]:
     return sel
 
 
-def inference_pool(
-    plan: DeploymentPlan,
-    labels: dict[str, str],
-    selector: dict[str, str],
-    ports: list[int],
-    namespace: str | None,
-    epp_port: int,
-) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": plan.name}
+def chart_pool(release: str, values: dict[str, Any], namespace: str | None = None) -> dict[str, Any]:
+    """The InferencePool the router chart renders from ``values`` for ``release`` (v0.9.0
+    ``routerlib/templates/_inferencepool.yaml``): widep validates it (GAIE CRD, selector and ports against the
+    pods) but does not emit it."""
+    router = values["router"]
+    meta: dict[str, Any] = {"name": release}
     if namespace:
         meta["namespace"] = namespace
-    meta["labels"] = labels
+    meta["labels"] = {"app.kubernetes.io/name": epp_name(release)}
     return {
         "apiVersion": "inference.networking.k8s.io/v1",
         "kind": "InferencePool",
         "metadata": meta,
         "spec": {
-            "selector": {"matchLabels": selector},
-            "targetPorts": [{"number": p} for p in ports],
-            "endpointPickerRef": {"name": f"{plan.name}-epp", "port": {"number": epp_port}, "failureMode": "FailOpen"},
+            "targetPorts": [{"number": p["number"]} for p in router["modelServers"]["targetPorts"]],
+            "selector": {"matchLabels": dict(router["modelServers"]["matchLabels"])},
+            "endpointPickerRef": {
+                "name": epp_name(release),
+                "port": {"number": router["epp"].get("extProcPort", 9002)},
+                "failureMode": "FailOpen",
+            },
         },
     }
 
@@ -209,13 +237,19 @@ EPP_CONFIG: dict[str, Any] = {
 }
 
 
-def router_values(plan: DeploymentPlan, selector: dict[str, str], ports: list[int]) -> dict[str, Any]:
-    """Values of llm-d's router chart for this plan's pool (the EPP's P/D configuration included)."""
+def router_values(
+    plan: DeploymentPlan, selector: dict[str, str], ports: list[int], epp_port: int = 9002
+) -> dict[str, Any]:
+    """Values of llm-d's router chart for this plan: the pool it creates (``modelServers``: the pods of both roles
+    on the pool ports; ``inferencePool.create: true`` said explicitly, since the chart's pool is the only one) and
+    the EPP's P/D configuration."""
     config_file = f"{plan.name}-pd.yaml"
     return {
         "router": {
             "extraServicePorts": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8081}],
+            "inferencePool": {"create": True, "failureMode": "FailOpen"},
             "epp": {
+                "extProcPort": epp_port,
                 "pluginsConfigFile": config_file,
                 "pluginsCustomConfig": {config_file: yaml.safe_dump(EPP_CONFIG, sort_keys=False)},
             },
@@ -228,11 +262,12 @@ def router_values(plan: DeploymentPlan, selector: dict[str, str], ports: list[in
 
 
 def router_values_text(plan: DeploymentPlan, values: dict[str, Any], manifests: str) -> str:
+    release = chart_release(plan)
     head = [
         f"Values of llm-d's router chart for {plan.name} (generated by widep lws --front-door llm-d; do not edit).",
-        f"helm install {plan.name} {ROUTER_CHART} --version {ROUTER_CHART_VERSION} -f THIS_FILE",
-        f"The release name {plan.name} makes the endpoint picker Service {plan.name}-epp, which the InferencePool",
-        f"in {manifests} references; modelServers below select the same pods on the same ports as that pool.",
+        f"helm install {release} {ROUTER_CHART} --version {ROUTER_CHART_VERSION} -f THIS_FILE",
+        f"The chart owns the InferencePool: release {release} creates InferencePool/{release} (modelServers below:",
+        f"the pods of {manifests} on their pool ports) and its endpoint picker Service {epp_name(release)}.",
     ]
     from widep.k8s.lws import dump_manifests
 

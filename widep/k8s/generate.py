@@ -81,13 +81,14 @@ def generate(
     validate: widep never hands out manifests its own validator rejects.
     """
     from widep.k8s import validate as v
-    from widep.k8s.frontdoor import check_router_values, router_values_text
+    from widep.k8s.frontdoor import chart_objects, chart_pool, chart_release, check_router_values, router_values_text
     from widep.k8s.lws import (
         dump_manifests,
         header_lines,
         render_lws,
         router_values_for,
     )
+    from widep.k8s.validate.cross import prerequisites_of
     from widep.plan import plan as make_plan
     from widep.spec.topology import load_topology
 
@@ -105,10 +106,18 @@ def generate(
     text = dump_manifests(docs, header)
     _, problems = v.validate_text(text, crd if crd is not None else v.default_crd_path())
     failing = [pr for pr in problems if pr.failing]
-    values = router_values_for(p, docs)
+    values = router_values_for(p, docs, **{f: getattr(opts, f) for f in opts.__dataclass_fields__})
     values_text = None
     if values is not None:
-        pool = next(d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == p.name)
+        # the pool the chart will create from these values, checked as if it were in the file: the GAIE CRD, and
+        # its selector / targetPorts against the pods (it is not emitted: the chart owns it)
+        release = chart_release(p)
+        pool = chart_pool(release, values, opts.namespace)
+        known = prerequisites_of(text) | set(chart_objects(release))
+        found = v.validate_documents(
+            docs + [pool], crd if crd is not None else v.default_crd_path(), prerequisites=known
+        )
+        failing += [pr for pr in found if pr.doc == len(docs) + 1 and pr.failing]
         failing += [
             v.Problem(0, "router values", "", "", m, "router-values") for m in check_router_values(values, pool)
         ]

@@ -118,7 +118,7 @@ class LWSOptions:
     """How to turn a plan into manifests (the ``widep lws`` flags)."""
 
     image: str | None = None
-    """Container image; default the topology's vllm.image."""
+    """Container image; default the topology's vllm.image, else vLLM's image for the device (:func:`pod_image`)."""
     router_image: str = frontdoor.ROUTER_IMAGE
     """Image of the vllm-router Deployment (must contain the vllm-router executable)."""
     provider: str = "generic"
@@ -238,6 +238,15 @@ def _qualified_name(flag: str, value: str, what: str) -> None:
         )
 
 
+#: Longest --start-budget / --termination-grace: a week (as vllm.ready_timeout_s; probe thresholds stay int32).
+MAX_WAIT_S = 604800
+
+
+def front_door_router(plan: DeploymentPlan, opts: LWSOptions) -> bool:
+    """True where the manifests get the vllm-router Deployment."""
+    return frontdoor.resolve(plan, opts.front_door, opts.inference_pool) == "router"
+
+
 def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
     """UserError (flag, value given, what is valid) for options that cannot work with this plan."""
     if opts.placement not in PLACEMENTS:
@@ -248,7 +257,7 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
             f"--gpu-resource: extended resources are domain-qualified. Given: {opts.gpu_resource!r}. Valid: e.g. "
             "nvidia.com/gpu, amd.com/gpu"
         )
-    if opts.rdma_resource:
+    if opts.rdma_resource and opts.rdma_resource not in NO_RDMA_RESOURCE:
         _qualified_name("--rdma-resource", opts.rdma_resource, "extended resource name")
         if "/" not in opts.rdma_resource:
             raise UserError(
@@ -272,15 +281,24 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
         _quantity(flag, v)
     prov = providers.provider(opts.provider)
     _cache_volume(opts.jit_cache or prov.jit_cache, "--jit-cache")
-    if opts.start_budget_s is not None and opts.start_budget_s < 60:
-        raise UserError(
-            f"--start-budget: too short for any vLLM start. Given: {opts.start_budget_s}. Valid: seconds >= 60"
-        )
+    if opts.start_budget_s is not None and not 60 <= opts.start_budget_s <= MAX_WAIT_S:
+        why = "too short for any vLLM start" if opts.start_budget_s < 60 else "longer than a week"
+        raise UserError(f"--start-budget: {why}. Given: {opts.start_budget_s}. Valid: seconds 60..{MAX_WAIT_S}")
     frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     if not 1 <= opts.epp_port <= 65535:
         raise UserError(f"--epp-port: out of range. Given: {opts.epp_port}. Valid: 1..65535")
-    if opts.termination_grace_s < 0:
-        raise UserError(f"--termination-grace: negative. Given: {opts.termination_grace_s}. Valid: seconds >= 0")
+    if not 0 <= opts.termination_grace_s <= MAX_WAIT_S:
+        why = "negative" if opts.termination_grace_s < 0 else "longer than a week"
+        raise UserError(
+            f"--termination-grace: {why}. Given: {opts.termination_grace_s}. Valid: seconds 0..{MAX_WAIT_S}"
+        )
+    if front_door_router(plan, opts):
+        image = opts.router_image
+        if "@" not in image and ":" not in image.rsplit("/", 1)[-1]:
+            raise UserError(
+                f"--router-image: no tag, so the cluster pulls whatever ':latest' is. Given: {image!r}. Valid: a "
+                f"tagged image or digest, e.g. {image}:{frontdoor.ROUTER_VERSION} ({frontdoor.ROUTER_IMAGE_HOWTO})"
+            )
     if opts.namespace is not None and (
         len(opts.namespace) > DNS1123_LABEL_MAX_LENGTH or not DNS1123_LABEL.match(opts.namespace)
     ):
@@ -295,6 +313,7 @@ def check_options(plan: DeploymentPlan, opts: LWSOptions) -> None:
             f"serving.host: {host!r} is a fixed address, which a pod does not have. "
             "Valid for LeaderWorkerSet: 0.0.0.0, ::, or node (each pod's own IP)"
         )
+    _check_rdma_choice(plan, opts)
     mode = plan.spec.serving.dp_mode
     for rp in plan.roles:
         name = lws_name(plan, rp)
@@ -656,6 +675,14 @@ def _command_text(p: PodProcess, exec_: bool) -> str:
     return " \\\n    ".join(out)
 
 
+#: How every bash of a pod starts (the container's command, exec probes): privileged mode (``-p``) reads no
+#: $BASH_ENV / $ENV file, imports no functions and ignores SHELLOPTS / BASHOPTS / CDPATH / GLOBIGNORE from the
+#: environment, so no variable of the pod's env makes bash run code before the script (issue 32 class 4, defence
+#: in depth behind the topology's refusal of those names); ``--noprofile --norc`` say the same for login and
+#: interactive startup files.
+POD_BASH = ("/bin/bash", "--noprofile", "--norc", "-p", "-c")
+
+
 def health_check_script(host: str, ports: tuple[int, ...] | list[int]) -> str:
     """Bash that exits 0 only if ``GET /health`` answers 200 on every port (no curl needed)."""
     port_list = " ".join(str(p) for p in ports)
@@ -686,7 +713,8 @@ def _probe_set(plan: DeploymentPlan, tpl: PodSpecPlan, port_names: dict[int, str
         action: dict[str, Any] = {"httpGet": {"path": "/health", "port": port_names.get(hp, hp)}}
     else:
         host = "${POD_IP}" if plan.spec.serving.host == "node" else "127.0.0.1"
-        action = {"exec": {"command": ["/bin/bash", "-c", k8s_escape(health_check_script(host, health))]}}
+        # a Kubernetes probe tests one port: every rank's /health needs an exec probe (no curl in vLLM's images)
+        action = {"exec": {"command": [*POD_BASH, k8s_escape(health_check_script(host, health))]}}
     period = 10
     startup = {
         **action,
@@ -706,11 +734,91 @@ def role_uses_rdma(plan: DeploymentPlan, rp: RolePlan) -> bool:
     )
 
 
+#: vLLM's own images: the CUDA one on Docker Hub, the x86-64 CPU build on public ECR (vLLM's docs, "Pre-built images").
+CUDA_IMAGE_REPOS = ("vllm/vllm-openai", "docker.io/vllm/vllm-openai")
+CPU_IMAGE_REPO = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo"
+
+
+def _image_repo(image: str) -> str:
+    name = image.split("@", 1)[0]
+    head, _, tail = name.rpartition("/")
+    return (head + "/" if head else "") + tail.split(":", 1)[0]
+
+
+def pod_image(plan: DeploymentPlan, image: str | None = None) -> str:
+    """The vLLM image of the pods: --image, else the topology's vllm.image, else vLLM's image for the plan's device
+    (a CPU topology gets vLLM's CPU build at the tag of the CUDA default). A CUDA image for a CPU topology (or the
+    CPU build for GPUs) is refused: the pod would start and fail in vLLM's platform detection."""
+    spec = plan.spec.vllm
+    if image:
+        chosen, field = image, "--image"
+    elif "image" in spec.model_fields_set:
+        chosen, field = spec.image, "vllm.image"
+    else:
+        tag = spec.image.rpartition(":")[2]
+        return f"{CPU_IMAGE_REPO}:{tag}" if plan.device == "cpu" else spec.image
+    repo = _image_repo(chosen)
+    if plan.device == "cpu" and repo in CUDA_IMAGE_REPOS:
+        raise UserError(
+            f"{field}: {chosen!r} is vLLM's CUDA image, but cluster.gpu is CPU (vLLM's CPU backend). Given: "
+            f"{chosen!r}. Valid: a vLLM CPU build, e.g. {CPU_IMAGE_REPO}:{spec.image.rpartition(':')[2]}, or your own"
+        )
+    if plan.device == "cuda" and repo == CPU_IMAGE_REPO:
+        raise UserError(
+            f"{field}: {chosen!r} is vLLM's CPU build, but cluster.gpu is {plan.gpu.name}. Given: {chosen!r}. Valid: "
+            f"a CUDA build of vLLM, e.g. {type(spec).model_fields['image'].default}"
+        )
+    return chosen
+
+
+#: ``--rdma-resource`` / ``cluster.network.rdma_resource`` values that say "request none" explicitly.
+NO_RDMA_RESOURCE = ("", "none")
+
+
 def rdma_resource(plan: DeploymentPlan, opts: LWSOptions) -> str | None:
-    """The RDMA extended resource a pod requests: --rdma-resource, else the topology's, else the provider's."""
+    """The RDMA extended resource a pod requests: --rdma-resource; else a provider profile's own RDMA wiring
+    (coreweave's rdma/ib, gke's networks: the profile names the cluster more precisely than the topology); else
+    the topology's cluster.network.rdma_resource. '' and 'none' request none."""
     if opts.rdma_resource is not None:
-        return opts.rdma_resource or None
-    return plan.spec.cluster.network.rdma_resource or providers.provider(opts.provider).rdma_resource
+        return None if opts.rdma_resource in NO_RDMA_RESOURCE else opts.rdma_resource
+    prov = providers.provider(opts.provider)
+    if prov.rdma_resource or prov.rdma_annotations:
+        return prov.rdma_resource
+    chosen = plan.spec.cluster.network.rdma_resource
+    return None if chosen is None or chosen in NO_RDMA_RESOURCE else chosen
+
+
+def deepep_across_pods(plan: DeploymentPlan, rp: RolePlan) -> bool:
+    """DeepEP's internode kernels run between the pods of a group (NVSHMEM over RDMA: no RDMA, no dispatch)."""
+    return role_uses_rdma(plan, rp) and rp.nodes_per_group > 1 and rp.all2all_backend.startswith("deepep")
+
+
+def _check_rdma_choice(plan: DeploymentPlan, opts: LWSOptions) -> None:
+    """Defect 6 of issue 28: under a profile without RDMA wiring (generic) a group whose DeepEP spans pods must say
+    how its pods get RDMA; silently requesting nothing would give pods that start and then hang or crash in
+    NVSHMEM's init."""
+    prov = providers.provider(opts.provider)
+    chosen = plan.spec.cluster.network.rdma_resource
+    if chosen is not None and chosen not in NO_RDMA_RESOURCE:
+        _qualified_name("cluster.network.rdma_resource", chosen, "extended resource name")
+        if "/" not in chosen:
+            raise UserError(
+                f"cluster.network.rdma_resource: extended resources are domain-qualified. Given: {chosen!r}. "
+                "Valid: e.g. rdma/ib, rdma/roce_gdr, or 'none'"
+            )
+    if opts.rdma_resource is not None or chosen is not None or prov.rdma_resource or prov.rdma_annotations:
+        return
+    for rp in plan.roles:
+        if deepep_across_pods(plan, rp):
+            raise UserError(
+                f"cluster.network.rdma_resource: role {rp.name!r} runs {rp.all2all_backend} across the "
+                f"{rp.nodes_per_group} pods of a group (NVSHMEM over RDMA between nodes), but provider "
+                f"{prov.name!r} requests no RDMA device and the topology does not say how pods get one. Given: "
+                "cluster.network.rdma_resource unset, no --rdma-resource. Valid: your cluster's RDMA device plugin "
+                "resource (cluster.network.rdma_resource or --rdma-resource, e.g. rdma/ib, rdma/roce_gdr); 'none' "
+                "where pods reach the HCAs without one (e.g. a network operator that injects them); --provider "
+                "coreweave or gke; or cluster.network.rdma: false with a non-DeepEP all2all backend"
+            )
 
 
 def gpu_rdma_privileged(plan: DeploymentPlan, rp: RolePlan, opts: LWSOptions) -> bool:
@@ -833,7 +941,7 @@ def _pod_template(
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["/bin/bash", "-c"],
+        "command": list(POD_BASH),
         "args": [k8s_escape(pod_script(plan, layout, tpl))],
         "env": _extra_env(plan, rp, tpl, opts, budget, front),
     }
@@ -900,7 +1008,7 @@ def render_lws(
     arguments: :class:`LWSOptions`."""
     opts = LWSOptions(image=image, namespace=namespace, placement=placement, **options)
     check_options(plan, opts)
-    image = opts.image or plan.spec.vllm.image
+    image = pod_image(plan, opts.image)
     front = frontdoor.resolve(plan, opts.front_door, opts.inference_pool)
     layouts = [role_layout(plan, rp, opts) for rp in plan.roles]
     sidecar_for: dict[str, dict[str, Any]] = {}
@@ -978,19 +1086,8 @@ def render_lws(
                 }
             )
     base = {k: v for k, v in _labels(plan, plan.roles[0]).items() if k.startswith("app.kubernetes.io/")}
-    if front == "llm-d":
-        selector = frontdoor.pool_selector(plan, any(lay.leader_only for lay in layouts))
-        docs.append(
-            frontdoor.inference_pool(
-                plan,
-                {**base, "app.kubernetes.io/component": "inference-pool"},
-                selector,
-                pool_ports,
-                opts.namespace,
-                opts.epp_port,
-            )
-        )
-    elif front == "router":
+    # llm-d: the router chart creates the one InferencePool (router_values_for); widep emits none (one owner)
+    if front == "router":
         from widep.k8s.router import router_manifests
 
         budget = max(sizing.start_budget_s(plan, rp, opts.start_budget_s) for rp in plan.roles)
@@ -1006,13 +1103,31 @@ def render_lws(
     return docs
 
 
-def router_values_for(plan: DeploymentPlan, docs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """llm-d's router chart values matching the InferencePool in ``docs`` (None when there is none)."""
-    pool = next((d for d in docs if d["kind"] == "InferencePool" and d["metadata"]["name"] == plan.name), None)
-    if pool is None:
+def llmd_release(docs: list[dict[str, Any]]) -> str | None:
+    """The router chart release of llm-d's front door in ``docs`` (the topology name on the pods that carry the
+    routing sidecar), None when the front door is another."""
+    for d in docs:
+        if d.get("kind") != "LeaderWorkerSet":
+            continue
+        lwt = d["spec"]["leaderWorkerTemplate"]
+        for tpl in (lwt.get("leaderTemplate"), lwt["workerTemplate"]):
+            if tpl and any(c.get("name") == frontdoor.SIDECAR_NAME for c in tpl["spec"].get("initContainers") or []):
+                return tpl["metadata"]["labels"]["app.kubernetes.io/instance"]
+    return None
+
+
+def router_values_for(plan: DeploymentPlan, docs: list[dict[str, Any]], **options: Any) -> dict[str, Any] | None:
+    """llm-d's router chart values for the pods in ``docs`` (None when the front door is not llm-d's): the pool
+    the chart creates selects both roles' pods on the ports prefill and the routing sidecar serve. ``options``:
+    the :class:`LWSOptions` ``docs`` were rendered with."""
+    if llmd_release(docs) is None:
         return None
-    spec = pool["spec"]
-    return frontdoor.router_values(plan, spec["selector"]["matchLabels"], [p["number"] for p in spec["targetPorts"]])
+    opts = LWSOptions(**options)
+    layouts = [role_layout(plan, rp, opts) for rp in plan.roles]
+    served = {lay.rp.name: [port for _, port in lay.service_ports] for lay in layouts}
+    ports, _ = frontdoor.pool_ports(plan, served)
+    selector = frontdoor.pool_selector(plan, any(lay.leader_only for lay in layouts))
+    return frontdoor.router_values(plan, selector, ports, opts.epp_port)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1070,6 +1185,10 @@ def header_lines(
         prov = providers.provider(opts.provider)
         lines.append(f"provider {prov.name}: {prov.description}")
         lines += sizing.report(docs)
+        if any(deepep_across_pods(plan, rp) for rp in plan.roles) and not (
+            rdma_resource(plan, opts) or prov.rdma_annotations
+        ):  # only after an explicit 'none' (_check_rdma_choice); read back by --validate
+            lines.append("rdma: none (the cluster gives pods the HCAs without a device plugin resource)")
         for rp in plan.roles:
             if role_uses_rdma(plan, rp) and not rdma_resource(plan, opts) and not prov.rdma_annotations:
                 lines.append(
@@ -1081,23 +1200,26 @@ def header_lines(
         if "Deployment" in kinds:
             lines.append("front door: vllm-router Deployment (P/D mode where the topology is P/D)")
             lines.append(f"note: {frontdoor.ROUTER_IMAGE_HOWTO}")
-        if {rp.kind for rp in plan.roles} >= {"prefill", "decode"} and not (kinds & {"Deployment", "InferencePool"}):
+        llmd = llmd_release(docs) is not None
+        if {rp.kind for rp in plan.roles} >= {"prefill", "decode"} and not (
+            kinds & {"Deployment", "InferencePool"} or llmd
+        ):
             lines.append(
                 "warning: no front door (--front-door none): clients of the decode Service get local "
                 "prefill and the prefill group idles"
             )
-        if any(d["kind"] == "InferencePool" and d["metadata"]["name"] == plan.name for d in docs):
+        release = llmd_release(docs)
+        if release is not None:
             lines.append(
-                "front door: llm-d (one InferencePool over both roles, routing sidecar on decode pods); "
-                f"install its endpoint picker with llm-d's router chart ({frontdoor.ROUTER_CHART} "
-                f"{frontdoor.ROUTER_CHART_VERSION}) and the values file widep writes (--router-values)"
+                "front door: llm-d (routing sidecar on decode pods); llm-d's router chart "
+                f"({frontdoor.ROUTER_CHART} {frontdoor.ROUTER_CHART_VERSION}), release {release}, with the values "
+                f"file widep writes (--router-values) creates the one InferencePool/{release} over both roles and "
+                f"its endpoint picker Service {frontdoor.epp_name(release)}: this file has no InferencePool"
             )
     if docs is not None:
         lines += prerequisite_lines(docs)
     if plan.device == "cpu":
-        lines.append(
-            f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {image or plan.spec.vllm.image})."
-        )
+        lines.append(f"note: vLLM's CPU backend: the image must be a vLLM CPU build (given {pod_image(plan, image)}).")
     builtin = pod_model_path(plan, LWSOptions(model_path=model_path)) if plan.arch.builtin and not model_path else None
     if builtin:
         lines.append(
@@ -1143,22 +1265,25 @@ def prerequisite_lines(docs: list[dict[str, Any]]) -> list[str]:
 
     if "LeaderWorkerSet" in kinds:
         add("the LeaderWorkerSet CRD and controller (LWS v0.10.0: kubectl apply --server-side -f its manifests.yaml)")
-    if "InferencePool" in kinds:
+    release = llmd_release(docs)
+    if "InferencePool" in kinds or release is not None:
         add("the Gateway API Inference Extension CRDs (GAIE v1.5.0 v1-manifests.yaml: InferencePool)")
-    for kind, name in _referenced(docs):
+    if release is not None:  # the chart makes the pool and the endpoint picker; helm waits for nothing of ours
+        add(
+            f"llm-d's router chart: helm install {release} {frontdoor.ROUTER_CHART} --version "
+            f"{frontdoor.ROUTER_CHART_VERSION} -f <the router values file> (creates InferencePool/{release} and "
+            f"Service/{frontdoor.epp_name(release)})"
+        )
+    referenced = _referenced(docs)
+    if referenced:
+        add("the Secrets and PersistentVolumeClaims the pods reference, in the target namespace:")
+    for kind, name in referenced:
         lines.append(f"prerequisite: {kind}/{name} (create it in the target namespace first)")
     for d in docs:
         if d["kind"] != "InferencePool":
             continue
         epp = d["spec"]["endpointPickerRef"]["name"]
-        if d["metadata"]["labels"].get("app.kubernetes.io/component") == "inference-pool":  # llm-d's one pool
-            release = d["metadata"]["name"]
-            add(
-                f"the endpoint picker: helm install {release} {frontdoor.ROUTER_CHART} --version "
-                f"{frontdoor.ROUTER_CHART_VERSION} -f <the router values file>"
-            )
-        else:
-            add(f"an endpoint picker Service {epp} (port {d['spec']['endpointPickerRef']['port']['number']})")
+        add(f"an endpoint picker Service {epp} (port {d['spec']['endpointPickerRef']['port']['number']})")
         lines.append(f"prerequisite: Service/{epp} (the endpoint picker the InferencePool calls)")
     if "Deployment" in kinds:
         add(f"the router image pushed where the cluster pulls it ({frontdoor.ROUTER_IMAGE} is not public; see above)")
@@ -1172,6 +1297,67 @@ def prerequisite_lines(docs: list[dict[str, Any]]) -> list[str]:
         )
     if "Deployment" in kinds:
         lines.append("router pod failure: the Deployment restarts it alone; it waits for the workers again.")
+    return lines
+
+
+def unverifiable_lines(docs: list[dict[str, Any]]) -> list[str]:
+    """What no check of the manifests alone can prove (it needs the API server, the kubelet or the nodes), each with
+    the command that proves it on the user's cluster."""
+    kinds = {d["kind"] for d in docs}
+    refs = _referenced(docs)
+    text = dump_manifests(docs)
+    out = [
+        "the CRDs and controllers are installed at the versions named above: kubectl get crd "
+        "leaderworkersets.leaderworkerset.x-k8s.io; kubectl -n lws-system get deploy"
+    ]
+    if refs:
+        names = " ".join(f"{k.lower()}/{n}" for k, n in refs)
+        out.append(
+            f"the prerequisites exist in the namespace (and claims bind: ReadWriteMany where a group spans nodes): "
+            f"kubectl get {names}"
+        )
+    out.append(
+        "the images pull on the nodes (private registries, the router image is not public): kubectl get events "
+        "--field-selector reason=Failed (ErrImagePull / ImagePullBackOff)"
+    )
+    out.append(
+        "the pods schedule (GPU, RDMA and memory requests fit a node; affinity labels exist): kubectl describe pod "
+        "(FailedScheduling events), kubectl get nodes -L nvidia.com/gpu.product"
+    )
+    if "rdma/" in text or "networking.gke.io" in text:
+        out.append(
+            "RDMA devices and networks attach inside the pod: kubectl exec POD -- ibv_devinfo (ports ACTIVE), "
+            "and NCCL_DEBUG=INFO logs name the IB/RoCE transport, not Socket"
+        )
+    out.append(
+        "real start times fit the probe budgets (the start budget in this header): kubectl get events "
+        '("Startup probe failed"), kubectl logs --previous after a restart'
+    )
+    if "Deployment" in kinds or "LeaderWorkerSet" in kinds:
+        out.append(
+            "pod DNS names resolve between pods (LWS headless Service <lws>-<group>-<worker>.<lws>): kubectl exec "
+            "POD -- getent hosts <lws>-0-1.<lws>"
+        )
+    if llmd_release(docs) is not None or "InferencePool" in kinds:
+        out.append(
+            "the endpoint picker exists and routes to both roles: kubectl get inferencepool,svc; kubectl logs "
+            "deploy/<release>-epp; a request through the front door shows prefill then decode in the pods' logs"
+        )
+    out.append(
+        "a rollout has room for the surge group (maxSurge 1): kubectl get lws -w during an update (the new group "
+        "stays Pending where no spare nodes exist; the old groups keep serving)"
+    )
+    return out
+
+
+def explain_lines(docs: list[dict[str, Any]]) -> list[str]:
+    """``widep lws TOPOLOGY --explain``: what to apply in which order, what a pod failure costs, what no check of
+    the manifests can prove and how to check it on the cluster."""
+    lines = prerequisite_lines(docs) + [
+        "",
+        "Not verifiable from the manifests (needs your API server, kubelet, nodes):",
+    ]
+    lines += [f"  - {line}" for line in unverifiable_lines(docs)]
     return lines
 
 

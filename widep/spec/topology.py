@@ -124,7 +124,8 @@ def _not_a_key(v: str) -> str:
 
 
 _VERSION = re.compile(
-    r"v?\d{1,4}\.\d{1,4}(\.\d{1,6}((a|b|rc)\d{1,6})?(\.post\d{1,6})?(\.dev\d{1,6})?(\+[A-Za-z0-9.]{1,64})?)?\Z"
+    r"v?\d{1,4}\.\d{1,4}(\.\d{1,6}((a|b|rc)\d{1,6})?(\.post\d{1,6})?(\.dev\d{1,6})?(\+[A-Za-z0-9.]{1,64})?)?\Z",
+    re.ASCII,  # digits 0-9 only: '٠.٣٢' or full-width '０.３２' are no version pip or vLLM knows
 )
 
 
@@ -196,8 +197,20 @@ STARTUP_ENV = {
     "TMOUT": "a bash reading input exits after it",
     "HISTFILE": "an interactive bash writes its history there",
     "INPUTRC": "readline reads key bindings (that can run commands) from it",
-    # glibc: loads code
+    # glibc: what ld.so clears for setuid programs (glibc's sysdeps/generic/unsecvars.h), less LD_* (a prefix below)
+    # and TMPDIR (only where temporary files go): files libc loads as code or parses as trusted data
     "GCONV_PATH": "glibc's iconv loads shared objects from it",
+    "GETCONF_DIR": "glibc's getconf runs programs from it",
+    "GLIBC_TUNABLES": "ld.so parses it in every program (CVE-2023-4911 turned it into code execution)",
+    "HOSTALIASES": "glibc's resolver reads host aliases from the file it names",
+    "LOCALDOMAIN": "glibc's resolver searches the domains it lists",
+    "LOCPATH": "glibc loads locale data (parsed as trusted binary files) from it",
+    "MALLOC_TRACE": "glibc's malloc writes a trace to the file it names",
+    "NIS_PATH": "glibc's NIS+ lookups follow it",
+    "NLSPATH": "glibc loads message catalogs (format strings) from it",
+    "RESOLV_HOST_CONF": "glibc's resolver reads its host configuration from the file it names",
+    "RES_OPTIONS": "glibc's resolver changes its options",
+    "TZDIR": "glibc loads time zone files (parsed as trusted binary data) from it",
     # Python: interactive / startup behaviour of every python the scripts start
     "PYTHONSTARTUP": "python runs the file it names in interactive mode",
     "PYTHONINSPECT": "python enters interactive mode after the script instead of exiting",
@@ -287,7 +300,9 @@ class NetworkSpec(Strict):
     """RDMA NICs per node (each at the GPU catalog's per-NIC rate); None: one per GPU."""
     rdma_resource: str | None = None
     """Extended resource of the cluster's RDMA device plugin (e.g. rdma/ib, rdma/roce_gdr) that `widep lws`
-    requests once per pod; None: the provider profile decides (generic requests none)."""
+    requests once per pod under a provider profile without RDMA wiring of its own (generic; coreweave and gke use
+    theirs); 'none': pods reach the HCAs without a device plugin resource. Unset, `widep lws --provider generic`
+    refuses a role whose DeepEP spans pods (it would start pods that cannot talk RDMA)."""
 
 
 class ClusterSpec(Strict):
@@ -899,12 +914,41 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
+#: A credential with a known prefix anywhere inside a text (a description, a model path): the prefix, then a long tail.
+_TOKEN_IN_TEXT = re.compile(
+    r"(?<![A-Za-z0-9])((?:sk-|sk_|hf_|ghp_|gho_|ghs_|github_pat_|xox[abprs]-|glpat-|AKIA)[A-Za-z0-9_-]{16,}"
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"
+)
+
+
+def _token_anywhere(data: Any, path: str = "") -> tuple[str, str] | None:
+    """(field path, token) of the first credential with a known prefix in any string (key or value) of the
+    document: the per-field checks cover env, args and Secret names; this covers every other field (issue 32)."""
+    items: Any = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        for text in (key, value):
+            if isinstance(text, str) and (m := _TOKEN_IN_TEXT.search(text)):
+                return here, m.group(1)
+        if isinstance(value, dict | list) and (found := _token_anywhere(value, here)):
+            return found
+    return None
+
+
 def parse_topology(data: Any, source: str = "") -> TopologySpec:
     """Validate a topology document (already parsed YAML); UserError listing every problem."""
     if not isinstance(data, dict):
         raise UserError(f"invalid topology {source}: the document must be a mapping, got {type(data).__name__}.")
     try:
-        return TopologySpec.model_validate(data)
+        spec = TopologySpec.model_validate(data)
+        found = _token_anywhere(data)
+        if found:
+            raise UserError(
+                f"invalid topology {source}: {found[0]}: contains a credential ({mask(found[1])}); no field of a "
+                f"topology may carry one, and widep writes most of them into scripts, manifests and logs: "
+                f"{SECRET_HOW}"
+            )
+        return spec
     except ValidationError as err:
         raise UserError(_format_validation_error(err, data, source)) from None
     except RecursionError:

@@ -13,7 +13,13 @@ documents of one file (widep's output or any user file).
   until every worker is healthy; ``VLLM_ENGINE_READY_TIMEOUT_S`` of vLLM) must not be killed by its liveness probe
   before T: a startupProbe (or, without one, the liveness probe) must allow T seconds;
 * LWS ``size`` against the group size a pod's script checks (``LWS_GROUP_SIZE != N``) and the worker indices
-  router URLs name.
+  router URLs name;
+* DeepEP (``--all2all-backend deepep_*``) across the pods of an LWS group without an RDMA device request, an RDMA
+  network annotation or a ``# rdma: none`` header line;
+* names a named chart also creates: a header line ``# ... helm install RELEASE CHART ...`` of a chart widep knows
+  (llm-d's routerlib charts: :func:`widep.k8s.frontdoor.chart_objects`) declares what that release creates; those
+  objects count as existing, and an object of the file with the same kind and name is flagged (two owners: the
+  install fails or they fight).
 
 Each problem names the object, the field, the value and what would be valid.
 """
@@ -39,6 +45,34 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "DaemonSet", "Job")
 def prerequisites_of(text: str) -> set[tuple[str, str]]:
     """(kind, name) of every ``# prerequisite: Kind/name`` line in a file's text."""
     return {(m.group(1), m.group(2)) for m in PREREQUISITE_LINE.finditer(text)}
+
+
+#: A header line declaring that the cluster gives pods RDMA without a device plugin resource or network annotation.
+RDMA_NONE_LINE = re.compile(r"^#\s*rdma:\s*none\b", re.MULTILINE)
+
+#: A comment line installing a chart: ``# ... helm install RELEASE CHART [flags]`` (also ``helm upgrade --install``).
+HELM_LINE = re.compile(
+    r"^#[^\n]*?\bhelm\s+(?:upgrade\s+(?:--install|-i)|install)\s+(?P<release>[a-z0-9][a-z0-9.-]*)\s+(?P<chart>\S+)"
+    r"(?P<rest>[^\n]*)$",
+    re.MULTILINE,
+)
+_NO_POOL = re.compile(r"router\.inferencePool\.create=false\b")
+
+
+def charts_of(text: str) -> dict[tuple[str, str], str]:
+    """(kind, name) -> the ``helm install RELEASE CHART`` (a header comment line) that creates it, for the charts
+    whose objects widep knows (llm-d's router charts)."""
+    from widep.k8s.frontdoor import ROUTERLIB_CHARTS, chart_objects
+
+    out: dict[tuple[str, str], str] = {}
+    for m in HELM_LINE.finditer(text):
+        chart = m.group("chart").rstrip("/").rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+        if chart not in ROUTERLIB_CHARTS:
+            continue
+        release = m.group("release")
+        for obj in chart_objects(release, create_pool=_NO_POOL.search(m.group("rest")) is None):
+            out.setdefault(obj, f"helm install {release} {m.group('chart')}")
+    return out
 
 
 @dataclass
@@ -335,6 +369,45 @@ def _lws_size_problems(pod: Pod, lws: dict[str, dict[str, Any]]) -> Iterator[tup
                 )
 
 
+_DEEPEP = re.compile(r"--all2all-backend(?:=|\s+)[\"']?(deepep_[a-z_]+)|VLLM_ALL2ALL_BACKEND=[\"']?(deepep_[a-z_]+)")
+#: Pod annotations that attach RDMA networks without an extended resource (Multus, GKE multi-networking).
+RDMA_NETWORK_ANNOTATIONS = ("k8s.v1.cni.cncf.io/networks", "networking.gke.io/interfaces")
+
+
+def _rdma_problems(pod: Pod, lws: dict[str, dict[str, Any]], rdma_declared: bool) -> Iterator[tuple]:
+    """DeepEP across the pods of an LWS group needs RDMA between them: some container must request an RDMA device
+    (an extended resource named like rdma), or the pod must attach RDMA networks by annotation, or the file's
+    header must declare that the cluster provides RDMA otherwise (``# rdma: none``)."""
+    if rdma_declared or not pod.owner.startswith("LeaderWorkerSet/"):
+        return
+    size = _d(_d(lws[pod.owner.split("/", 1)[1]]["spec"]).get("leaderWorkerTemplate")).get("size", 1)
+    if not isinstance(size, int) or size < 2:
+        return
+    spec = _d(pod.template.get("spec"))
+    backend = None
+    for _, _, c in _containers(spec):
+        env = " ".join(f"{e.get('name')}={e.get('value')}" for e in _l(c.get("env")) if isinstance(e, dict))
+        if m := _DEEPEP.search("\n".join(_words(c)) + "\n" + env):
+            backend = m.group(1) or m.group(2)
+    if backend is None:
+        return
+    annotations = _d(_d(pod.template.get("metadata")).get("annotations"))
+    if any(a in annotations for a in RDMA_NETWORK_ANNOTATIONS):
+        return
+    for _, _, c in _containers(spec):
+        res = _d(c.get("resources"))
+        if any("rdma" in str(k).lower() for part in ("limits", "requests") for k in _d(res.get(part))):
+            return
+    yield (
+        ("spec", "leaderWorkerTemplate", "size"),
+        f"{size}: the pods of a group run {backend} between them (NVSHMEM over RDMA), but {'.'.join(pod.path)} "
+        "requests no RDMA device and attaches no RDMA network: DeepEP's internode kernels fail. Valid: an RDMA "
+        "extended resource in the container's limits (e.g. rdma/ib: 1), a network annotation "
+        f"({' or '.join(RDMA_NETWORK_ANNOTATIONS)}), or a header line '# rdma: none' where the cluster gives pods "
+        "the HCAs another way",
+    )
+
+
 def _url_problems(pod: Pod, pods: list[Pod], lws: dict[str, dict[str, Any]], services: dict) -> Iterator[tuple]:
     for key, i, c in _containers(pod.template.get("spec")):
         args = c.get("args")
@@ -393,8 +466,31 @@ def _url_problems(pod: Pod, pods: list[Pod], lws: dict[str, dict[str, Any]], ser
                     )
 
 
-def cross_object_problems(docs: list[Any], prerequisites: set[tuple[str, str]] | None = None) -> dict[int, list]:
-    """Problems per document position (1-based): ``{pos: [(path, message, severity), ...]}``."""
+def _chart_problems(doc: dict[str, Any], charts: dict[tuple[str, str], str]) -> Iterator[tuple]:
+    name = _d(doc.get("metadata")).get("name")
+    install = charts.get((str(doc.get("kind")), name)) if isinstance(name, str) else None
+    if install is None:
+        return
+    fix = (
+        "remove it from this file (the chart's values make it: router.modelServers select the pods and ports)"
+        if doc.get("kind") == "InferencePool"
+        else "rename it, or install the chart under another release name"
+    )
+    yield (
+        ("metadata", "name"),
+        f"{name!r}: `{install}` (this file's header) also creates {doc.get('kind')}/{name}: two owners of one "
+        f"object (helm refuses to install over it, or the two overwrite each other). Valid: {fix}",
+    )
+
+
+def cross_object_problems(
+    docs: list[Any],
+    prerequisites: set[tuple[str, str]] | None = None,
+    charts: dict[tuple[str, str], str] | None = None,
+    rdma_declared: bool = False,
+) -> dict[int, list]:
+    """Problems per document position (1-based): ``{pos: [(path, message, severity), ...]}``. ``charts``: objects
+    a chart installed beside this file creates (:func:`charts_of`)."""
     pods, lws = collect_pods(docs)
     names: set[tuple[str, str]] = set(prerequisites or ())
     services: dict[str, dict[str, Any]] = {}
@@ -411,6 +507,8 @@ def cross_object_problems(docs: list[Any], prerequisites: set[tuple[str, str]] |
     for pos, doc in enumerate(docs, start=1):
         if not isinstance(doc, dict):
             continue
+        if charts:
+            out.setdefault(pos, []).extend(_chart_problems(doc, charts))
         if doc.get("kind") == "Service" and doc.get("apiVersion") == "v1":
             out.setdefault(pos, []).extend(_service_problems(doc, pods))
         elif doc.get("kind") == "InferencePool":
@@ -419,6 +517,7 @@ def cross_object_problems(docs: list[Any], prerequisites: set[tuple[str, str]] |
         found = out.setdefault(pod.doc, [])
         found.extend(_container_problems(pod, names))
         found.extend(_lws_size_problems(pod, lws))
+        found.extend(_rdma_problems(pod, lws, rdma_declared))
         found.extend(_url_problems(pod, pods, lws, services))
     # what the API server accepts but a running cluster breaks on is a warning (it fails --validate all the same);
     # what it rejects says "error" itself

@@ -157,9 +157,14 @@ def validate_text(
 ) -> tuple[int, list[Problem]]:
     """Validate multi-document YAML text: (number of non-empty documents, problems)."""
     docs, problems = parse_manifests(text)
-    from widep.k8s.validate.cross import prerequisites_of
+    from widep.k8s.validate.cross import RDMA_NONE_LINE, charts_of, prerequisites_of
 
-    found = validate_documents(docs, crd_path, k8s_version=k8s_version, prerequisites=prerequisites_of(text))
+    charts = charts_of(text)
+    known = prerequisites_of(text) | set(charts)
+    rdma = RDMA_NONE_LINE.search(text) is not None
+    found = validate_documents(
+        docs, crd_path, k8s_version=k8s_version, prerequisites=known, charts=charts, rdma_declared=rdma
+    )
     if not problems and all(d is None for d in docs):
         found.append(Problem(1, "", "", "", "no documents: the input is empty or only comments", "yaml"))
     merged = sorted(problems + found, key=lambda p: p.doc)

@@ -162,12 +162,16 @@ def validate_documents(
     *,
     k8s_version: str = K8S_VERSION,
     prerequisites: set[tuple[str, str]] | None = None,
+    charts: dict[tuple[str, str], str] | None = None,
+    rdma_declared: bool = False,
 ) -> list[Problem]:
     """Validate parsed manifest documents; ``None`` entries (empty YAML documents) are skipped but
     keep their position, so ``Problem.doc`` is the 1-based position in ``docs``.
 
     ``prerequisites``: (kind, name) of objects the user provides (``# prerequisite: Kind/name`` header lines),
-    which references across objects may name (``cross-object``, :mod:`widep.k8s.validate.cross`).
+    which references across objects may name (``cross-object``, :mod:`widep.k8s.validate.cross`); ``charts``:
+    (kind, name) -> the ``helm install`` that also creates it (an object of ``docs`` by that name is flagged);
+    ``rdma_declared``: the header says pods get RDMA without a resource (``# rdma: none``).
     ``crd_path`` defaults to :func:`default_crd_path`. Raises :class:`UserError` only for a
     missing/unusable CRD or schema version; everything about the documents is a :class:`Problem`.
     """
@@ -313,7 +317,7 @@ def validate_documents(
         problems.extend(sink.problems)
     from widep.k8s.validate.cross import cross_object_problems
 
-    cross = cross_object_problems(docs, prerequisites)
+    cross = cross_object_problems(docs, prerequisites, charts, rdma_declared)
     svc_docs = dict(services)
     for pos in sorted(set(cross) | set(svc_docs)):
         doc = docs[pos - 1]
