@@ -76,7 +76,12 @@ def print_plan(p: DeploymentPlan, console: Console | None = None) -> None:
             f"[bold cyan]role {rp.name}[/] ({rp.kind}): DP {rp.dp_size} x TP {rp.tp_size} -> EP {rp.ep_size}, "
             f"{rp.nodes_per_group} node(s) per group, {rp.spec.replicas} replica(s), {rp.all2all_backend}"
             + (", DBO" if rp.spec.dbo.enabled else "")
-            + (f", EPLB +{rp.spec.eplb.redundant_experts} redundant" if rp.spec.eplb.enabled else "")
+            + (
+                f", EPLB +{rp.redundant_experts} redundant"
+                + (" (auto)" if rp.spec.eplb.redundant_experts == "auto" else "")
+                if rp.spec.eplb.enabled
+                else ""
+            )
             + f"; {rp.physical_experts} physical experts, {rp.experts_per_gpu} per GPU"
         )
         con.print(
