@@ -257,3 +257,15 @@ def test_the_judges_accept_fault_tolerance_elastic_ep_and_eplb_auto(tmp_path, ca
     assert rc == 0, out
     assert f"judged by vLLM {version} on cpu:" in out, out
     assert re.search(r"decode/0(-7)?: ok; checks: parse, serve_args, engine_args", out), out
+
+
+def test_plan_shows_the_versions_recovery_api_and_elastic_width(tmp_path, capsys) -> None:
+    from widep.cli import main
+
+    version, mode, role, _, _ = ACCEPTED[0]
+    assert main(["plan", str(_topology(tmp_path, version, mode, **role))]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fault tolerance (vLLM 0.34.0): a faulted engine waits 60 s for 'scale_down'" in out, out
+    assert "POST /v1/fault_tolerance/apply" in out and "request_id" in out
+    assert "elastic EP: DP 16, at most 32" in out and "idle, preparing, committing, failed, completed" in out
+    assert "EPLB +0 redundant (auto)" in out
