@@ -619,7 +619,7 @@ def test_requirements_from_pd_topology() -> None:
     assert prefill.gpu_memory_bytes == int(p.gpu.memory_gib * GiB)
     assert prefill.needed_modules == ("deep_ep", "deep_gemm|vllm.third_party.deep_gemm", "nixl")
     assert prefill.rdma and prefill.memlock_unlimited_needed and prefill.nvshmem
-    assert prefill.interfaces == ("eth0",) and prefill.vllm_version == "0.32.0"
+    assert prefill.interfaces == ("eth0",) and prefill.vllm_version == "0.34.0"
     assert prefill.model_path == "deepseek-ai/DeepSeek-R1"
     assert 600 * GiB < (prefill.model_bytes or 0) < 700 * GiB
     assert prefill.shm_bytes_min == 2 * GiB  # 1 GiB + 128 MiB x 8 local ranks

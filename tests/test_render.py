@@ -303,11 +303,12 @@ def test_vllm_parser_accepts_every_rendered_command(vllm_python, tiny_moe):
 
     cases = []  # (label, plan, commands)
     for path in CURATED:
-        p = plan(load_topology(path))
+        spec = load_topology(path)  # rendered for the installed line (GPU topologies default to 0.34, judged apart)
+        p = plan(spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"version": "0.32.0"})}))
         cases.append((Path(path).stem, p, render(p, RenderContext(model_path="/x", entry_point="module", cpu_count=2))))
     roles = [{"name": "d", "nodes": 2, "max_num_batched_tokens": 256, "max_model_len": 8192, "dbo": {"enabled": True}}]
     for mode in ("hybrid", "internal", "multiport"):
-        p = topo(roles, serving={"dp_mode": mode})
+        p = topo(roles, serving={"dp_mode": mode}, vllm={"version": "0.32.0"})
         cases.append((mode, p, render(p, RenderContext(model_path="/x", entry_point="module"))))
     by_family: dict[bool, list] = {True: [], False: []}
     for label, p, cmds in cases:

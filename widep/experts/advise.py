@@ -82,7 +82,7 @@ def advise(load: ExpertLoad, p: Any, *, role: str | None = None, calibration: st
             return ll_buffer(E + R, arch.hidden, mns)
         return 0.0, mns
 
-    R_cur = rp.spec.eplb.redundant_experts
+    R_cur = rp.redundant_experts
     base_extra = expert_bytes(R_cur) - expert_bytes(0) + buffer(R_cur)[0] - buffer(0)[0]
     kv_tokens_at_zero = mem.kv_tokens + int(base_extra // kv_per_tok) // block * block
 

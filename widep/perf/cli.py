@@ -288,7 +288,8 @@ def sweep_cmd(
         run_sweep,
         write_topologies,
     )
-    from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
+    from widep.spec.hardware import get_gpu
+    from widep.spec.vllm_versions import ALL2ALL_ALL, default_version
 
     paths = ([topologies] if topologies else []) + list(files)
     if measure:
@@ -346,7 +347,7 @@ def sweep_cmd(
             gpus_per_node=gpus_per_node,
             isl=isl,
             osl=osl,
-            vllm_version=vllm_version or DEFAULT_VLLM_VERSION,
+            vllm_version=vllm_version or default_version(get_gpu(gpu).device),
             kv_cache_dtype=kv_cache_dtype,
             spec_tokens=spec_tokens or 0,
             grid=Grid(**grid_changes),

@@ -240,7 +240,7 @@ def role_input_from_plan(rp: Any, gpu: GPUSpec) -> RoleInput:
         nodes=rp.nodes_per_group,
         expert_parallel=s.expert_parallel,
         physical_experts=rp.physical_experts,
-        redundant=s.eplb.redundant_experts,
+        redundant=rp.redundant_experts,
         eplb=s.eplb.enabled,
         dbo=s.dbo.enabled,
         dbo_decode_threshold=s.dbo.decode_token_threshold,

@@ -165,7 +165,7 @@ def items_from_topologies(paths: Sequence[str | Path]) -> list[SweepItem]:
             f"{rp.name} ({rp.kind}) DP{rp.dp_size}xTP{rp.tp_size}=EP{rp.ep_size} x{rp.spec.replicas}, "
             f"{rp.all2all_backend}"
             + (", DBO" if rp.spec.dbo.enabled else "")
-            + (f", EPLB+{rp.spec.eplb.redundant_experts}" if rp.spec.eplb.enabled else "")
+            + (f", EPLB+{rp.redundant_experts}" if rp.spec.eplb.enabled else "")
             for rp in pl.roles
         )
         if len([r for r in roles if r.kind == "prefill"]) > 1 or len([r for r in roles if r.kind == "decode"]) > 1:

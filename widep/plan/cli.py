@@ -76,7 +76,12 @@ def print_plan(p: DeploymentPlan, console: Console | None = None) -> None:
             f"[bold cyan]role {rp.name}[/] ({rp.kind}): DP {rp.dp_size} x TP {rp.tp_size} -> EP {rp.ep_size}, "
             f"{rp.nodes_per_group} node(s) per group, {rp.spec.replicas} replica(s), {rp.all2all_backend}"
             + (", DBO" if rp.spec.dbo.enabled else "")
-            + (f", EPLB +{rp.spec.eplb.redundant_experts} redundant" if rp.spec.eplb.enabled else "")
+            + (
+                f", EPLB +{rp.redundant_experts} redundant"
+                + (" (auto)" if rp.spec.eplb.redundant_experts == "auto" else "")
+                if rp.spec.eplb.enabled
+                else ""
+            )
             + f"; {rp.physical_experts} physical experts, {rp.experts_per_gpu} per GPU"
         )
         con.print(
@@ -90,6 +95,25 @@ def print_plan(p: DeploymentPlan, console: Console | None = None) -> None:
             "API servers (vllm/config/parallel.py:963)",
             highlight=False,
         )
+        ft = rp.fault_tolerance
+        if ft is not None:
+            con.print(
+                f"fault tolerance (vLLM {p.spec.vllm.version}): a faulted engine waits "
+                f"{rp.spec.fault_tolerance.engine_recovery_timeout_s} s for '{rp.spec.fault_tolerance.on_fault}' on "
+                f"POST {ft.apply_path} (status: GET {ft.status_path}"
+                + ("; the caller names the round's request_id" if ft.request_id_required else "")
+                + ")",
+                highlight=False,
+            )
+        if rp.spec.elastic_ep.enabled:
+            phases = p.vllm.elastic_ep_phases
+            con.print(
+                f"elastic EP: DP {rp.dp_size}, at most {rp.spec.elastic_ep.max_dp_size or rp.dp_size} "
+                "(POST /scale_elastic_ep"
+                + (f"; POST /is_scaling_elastic_ep reports the phase: {', '.join(phases)}" if phases else "")
+                + ")",
+                highlight=False,
+            )
         t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         for col in ("replica", "dp rank", "node", "local", "gpus", "port", "experts"):
             t.add_column(col, justify="right" if col not in ("node", "experts") else "left")

@@ -18,7 +18,7 @@ from widep.plan.memory import MemoryBudget, memory_budget
 from widep.spec.hardware import GPUSpec, get_gpu
 from widep.spec.models import MoEArch, load_config_file, load_preset
 from widep.spec.topology import NodeSpec, RoleSpec, TopologySpec
-from widep.spec.vllm_versions import VLLMVersionTable, first_version_with, table_for
+from widep.spec.vllm_versions import TABLES, FaultTolerance, VLLMVersionTable, first_version_with, table_for
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,11 @@ class RolePlan:
     """KV cache precision of this role (model.kv_cache_dtype unless the role overrides it)."""
     nixl_side_channel_port: int | None = None
     """P/D: base NIXL side-channel port of this role (VLLM_NIXL_SIDE_CHANNEL_PORT); rank r uses base + r."""
+    redundant_experts: int = 0
+    """Redundant experts, resolved: eplb.redundant_experts, or for 'auto' the count vLLM computes (the least that
+    makes routed + redundant divide over EP when EPLB is on; 0 when it is off)."""
+    fault_tolerance: FaultTolerance | None = None
+    """The version's fault-tolerance facts when this role turns it on (the recovery API the orchestrator calls)."""
 
     @property
     def name(self) -> str:
@@ -123,9 +128,23 @@ class RolePlan:
             "expert_parallel": self.spec.expert_parallel,
             "physical_experts": self.physical_experts,
             "experts_per_gpu": self.experts_per_gpu,
-            "redundant_experts": self.spec.eplb.redundant_experts,
+            "redundant_experts": self.redundant_experts,
+            "redundant_experts_auto": self.spec.eplb.redundant_experts == "auto",
             "eplb": self.spec.eplb.enabled,
             "dbo": self.spec.dbo.enabled,
+            "fault_tolerance": None
+            if self.fault_tolerance is None
+            else {
+                "engine_recovery_timeout_s": self.spec.fault_tolerance.engine_recovery_timeout_s,
+                "on_fault": self.spec.fault_tolerance.on_fault,
+                "instructions": list(self.fault_tolerance.instructions),
+                "apply_path": self.fault_tolerance.apply_path,
+                "status_path": self.fault_tolerance.status_path,
+                "request_id_required": self.fault_tolerance.request_id_required,
+            },
+            "elastic_ep": None
+            if not self.spec.elastic_ep.enabled
+            else {"max_dp_size": self.spec.elastic_ep.max_dp_size or self.dp_size},
             "max_num_seqs": self.spec.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "max_model_len": self.max_model_len,
@@ -512,9 +531,10 @@ def _role_warnings(
     per_group: int,
     max_model_len: int,
     context_len: int,
+    redundant: int,
+    is_cpu: bool,
 ) -> list[str]:
     """What runs but runs badly."""
-    is_cpu = get_gpu(spec.cluster.gpu).device == "cpu"
     warnings: list[str] = []
     deprecated = table_for(spec.vllm.version).deprecated_backends
     if backend in deprecated:
@@ -553,8 +573,23 @@ def _role_warnings(
         )
     if backend.startswith("deepep") and per_group > 1 and not spec.cluster.network.rdma and not is_cpu:
         warnings.append("DeepEP across nodes without RDMA (cluster.network.rdma: false) will not initialise NVSHMEM.")
-    if role.eplb.enabled and role.eplb.redundant_experts == 0:
+    if role.eplb.enabled and redundant == 0:
         warnings.append("EPLB is on with 0 redundant experts: it can only move experts, not replicate hot ones.")
+    if role.eplb.redundant_experts == "auto" and role.eplb.enabled:
+        warnings.append(
+            f"{fp}.eplb.redundant_experts: 'auto' gives {redundant} (what vLLM {spec.vllm.version} computes: the least "
+            f"that makes {arch.routed_experts} routed experts divide over EP={dp_size * role.tp})."
+        )
+    if role.fault_tolerance.enabled and is_cpu:
+        warnings.append(
+            f"{fp}.fault_tolerance: vLLM's recovery side (the worker sentinel) is written for the GPU worker; on the "
+            "CPU backend it is untested."
+        )
+    if role.elastic_ep.enabled and role.eplb.enabled:
+        warnings.append(
+            f"{fp}.elastic_ep: vLLM's async EPLB (its default) needs the NIXL package on every node for elastic EP; "
+            "without it vLLM refuses to start."
+        )
     return warnings
 
 
@@ -658,12 +693,39 @@ def _plan_role(
     _refuse(R.backend_runs(backend, spec.vllm.version, vt.line, vt.all2all_backends, vt.removed_backends), fp)
     _refuse(R.backend_on_cpu(is_cpu, backend), fp)
     _refuse(R.eplb_possible(role.eplb.enabled, is_cpu, role.expert_parallel, ep_size), fp)
-    _refuse(R.redundant_needs_eplb(role.eplb.redundant_experts, role.eplb.enabled), fp)
-    _refuse(R.dbo_possible(role.dbo.enabled, vt.has_dbo, spec.vllm.version, is_cpu, backend, vt.dbo_backends), fp)
-    _refuse(R.multiport_ranks(spec.serving.dp_mode, dp_local, dp_size, role.name), fp)
+    E, version, mode = arch.routed_experts, spec.vllm.version, spec.serving.dp_mode
+    auto = role.eplb.redundant_experts == "auto"
+    first_auto = first_version_with("eplb_auto_redundancy")
+    _refuse(R.redundant_auto_supported(auto, vt.eplb_auto_redundancy, version, E, ep_size, first_auto), fp)
+    if auto:
+        red = (ep_size - E % ep_size) % ep_size if role.eplb.enabled and role.expert_parallel else 0
+    else:
+        red = int(role.eplb.redundant_experts)
+    _refuse(R.redundant_needs_eplb(red if not auto else 0, role.eplb.enabled), fp)
+    _refuse(R.dbo_possible(role.dbo.enabled, vt.has_dbo, version, is_cpu, backend, vt.dbo_backends), fp)
+    _refuse(R.multiport_ranks(mode, dp_local, dp_size, role.name), fp)
+    ft, newest = role.fault_tolerance, TABLES[-1]
+    newest_ft = newest.fault_tolerance.instructions if newest.fault_tolerance else ()
+    ft_instr = vt.fault_tolerance.instructions if vt.fault_tolerance else None
+    _refuse(
+        R.fault_tolerance_possible(ft.enabled, ft.on_fault, version, mode, ft_instr, newest_ft, newest.versions[0]),
+        fp,
+    )
+    ee = role.elastic_ep
+    elastic = R.elastic_ep_possible(
+        ee.enabled,
+        vt.elastic_ep,
+        vt.elastic_ep_external_lb,
+        version,
+        mode,
+        role.eplb.enabled,
+        ee.max_dp_size,
+        dp_size,
+        first_version_with("elastic_ep_external_lb"),
+    )
+    _refuse(elastic, fp)
 
     # ---- experts and lengths ----
-    E, red = arch.routed_experts, role.eplb.redundant_experts
     physical = E + red
     max_gpus = len(nodes) * spec.cluster.gpus_per_node
     even_hint = vt.redundant_experts_even_the_split and not is_cpu
@@ -697,7 +759,9 @@ def _plan_role(
     more = partial(_min_nodes_that_fit, spec, role, arch, gpu, weight_dtype)
     _refuse(R.memory_fits(mem, is_cpu, role.name, gpu.name, role.gpu_memory_utilization, more), fp)
     _refuse(R.kv_holds_context(mem, max_model_len), fp)
-    warnings = _role_warnings(spec, role, fp, arch, mem, backend, dp_size, per_group, max_model_len, context_len)
+    warnings = _role_warnings(
+        spec, role, fp, arch, mem, backend, dp_size, per_group, max_model_len, context_len, red, is_cpu
+    )
     slots = expert_slots(E, red)
     ranks = _role_ranks(spec, role, ri, groups, dp_local, dp_size, slots, experts_per_gpu, claims)
     return RolePlan(
@@ -724,6 +788,8 @@ def _plan_role(
         nixl_side_channel_port=(role.nixl_side_channel_port or spec.serving.nixl_side_channel_port)
         if spec.disaggregated
         else None,
+        redundant_experts=red,
+        fault_tolerance=vt.fault_tolerance if ft.enabled else None,
     )
 
 
@@ -815,7 +881,9 @@ def _min_nodes_that_fit(spec: TopologySpec, role: RoleSpec, arch: MoEArch, gpu: 
     gpn = role.gpus_per_node or spec.cluster.gpus_per_node
     for n in range(1, 65):
         ep = n * gpn
-        if role.expert_parallel and (arch.routed_experts + role.eplb.redundant_experts) % ep:
+        red = role.eplb.redundant_experts
+        red = (ep - arch.routed_experts % ep) % ep if red == "auto" else red
+        if role.expert_parallel and (arch.routed_experts + red) % ep:
             continue
         mem = memory_budget(
             arch=arch,
@@ -825,7 +893,7 @@ def _min_nodes_that_fit(spec: TopologySpec, role: RoleSpec, arch: MoEArch, gpu: 
             tp=role.tp,
             dp_size=ep // role.tp,
             ep_size=ep,
-            experts_per_gpu=(arch.routed_experts + role.eplb.redundant_experts) / ep,
+            experts_per_gpu=(arch.routed_experts + red) / ep,
             backend="deepep_low_latency",
             max_num_seqs=role.max_num_seqs,
             max_num_batched_tokens=role.max_num_batched_tokens or 8192,

@@ -183,8 +183,120 @@ def dbo_possible(
     if backend not in dbo_backends:
         return Refusal(
             "dbo.enabled",
-            f"DBO on CUDA needs all2all backend in {list(dbo_backends)} (vLLM {version}); this role uses {backend!r}.",
+            f"DBO on CUDA needs all2all backend in {list(dbo_backends)} (vLLM {version}); this role uses {backend!r}. "
+            "Valid: one of those backends, or dbo.enabled: false.",
             brief=brief,
+        )
+    return None
+
+
+def redundant_auto_supported(
+    auto: bool, auto_ok: bool, version: str, E: int, ep: int, first_version: str
+) -> Refusal | None:
+    """eplb.redundant_experts: 'auto' needs a vLLM that computes the count itself (EPLBConfig default None)."""
+    if auto and not auto_ok:
+        counts = ", ".join(str(r) for r in valid_redundant(E, ep, 3))
+        return Refusal(
+            "eplb.redundant_experts",
+            f"'auto' with vLLM {version}: only vLLM >= {first_version} picks the redundant experts itself "
+            f"(EPLBConfig.num_redundant_experts unset); vLLM {version} defaults to 0. Valid: a count that makes {E} "
+            f"routed experts divide over EP={ep} ({counts}, ...), or vllm.version {first_version}.",
+            brief=f"redundant_experts 'auto' needs vLLM >= {first_version}",
+        )
+    return None
+
+
+def fault_tolerance_possible(
+    enabled: bool,
+    on_fault: str,
+    version: str,
+    mode: str,
+    instructions: Sequence[str] | None,
+    newest_instructions: Sequence[str],
+    newest_version: str,
+) -> Refusal | None:
+    """--enable-fault-tolerance: a version that has it (``instructions`` None: not read there), per-rank API servers
+    (vLLM refuses it without external LB and with more than one API server), and an instruction that version's
+    recovery API accepts."""
+    if not enabled:
+        return None
+    if instructions is None:
+        return Refusal(
+            "fault_tolerance.enabled",
+            f"vLLM {version}: widep renders --enable-fault-tolerance for vLLM 0.20-0.39 only (read in the 0.32, 0.33 "
+            "and 0.34 wheels). Valid: false, or vllm.version 0.32.0 or newer.",
+            brief=f"fault tolerance is not rendered for vLLM {version}",
+        )
+    if mode != "external":
+        return Refusal(
+            "fault_tolerance.enabled",
+            f"with serving.dp_mode {mode!r}: vLLM {version} refuses fault tolerance unless every DP rank has its own "
+            "API server ('Fault tolerance requires external load balancer mode', engine/arg_utils.py) and one API "
+            "server process. Valid: serving.dp_mode external, or fault_tolerance.enabled false.",
+            brief="fault tolerance needs dp_mode external",
+        )
+    if on_fault not in instructions:
+        return Refusal(
+            "fault_tolerance.on_fault",
+            f"{on_fault!r} with vLLM {version}: its recovery API accepts only {list(instructions)}"
+            + (f"; {on_fault!r} came with vLLM {newest_version}" if on_fault in newest_instructions else "")
+            + f". Valid: {', '.join(instructions)}"
+            + (f", or vllm.version {newest_version}." if on_fault in newest_instructions else "."),
+            brief=f"fault tolerance instruction {on_fault!r} is not in vLLM {version}",
+        )
+    return None
+
+
+def elastic_ep_possible(
+    enabled: bool,
+    has_elastic: bool,
+    external_ok: bool,
+    version: str,
+    mode: str,
+    eplb: bool,
+    max_dp_size: int | None,
+    dp_size: int,
+    external_from: str,
+) -> Refusal | None:
+    """--enable-elastic-ep: the rules of ParallelConfig (config/parallel.py) for this version."""
+    if not enabled:
+        return None
+    if not has_elastic:
+        return Refusal(
+            "elastic_ep.enabled",
+            f"vLLM {version}: widep renders --enable-elastic-ep for vLLM 0.20-0.39 only (read in the 0.32, 0.33 and "
+            "0.34 wheels). Valid: false, or vllm.version 0.32.0 or newer.",
+            brief=f"elastic EP is not rendered for vLLM {version}",
+        )
+    if not eplb:
+        return Refusal(
+            "elastic_ep.enabled",
+            f"elastic EP without EPLB: vLLM {version} raises 'Elastic EP is only supported with enable_eplb=True'. "
+            "Valid: eplb.enabled true, or elastic_ep.enabled false.",
+            brief="elastic EP needs EPLB",
+        )
+    if mode == "hybrid":
+        return Refusal(
+            "serving.dp_mode",
+            f"'hybrid' with elastic EP: vLLM {version} refuses elastic EP with hybrid load balancing. Valid: internal"
+            + (", external, multiport." if external_ok else "."),
+            brief="elastic EP does not run with dp_mode hybrid",
+            top=True,
+        )
+    if mode in ("external", "multiport") and not external_ok:
+        return Refusal(
+            "serving.dp_mode",
+            f"{mode!r} with elastic EP: vLLM {version} raises NotImplementedError for elastic EP behind per-rank API "
+            f"servers (external LB); its external-LB mode came with vLLM {external_from}. Valid: internal (one API "
+            f"server coordinates the scaling), or vllm.version {external_from}.",
+            brief=f"elastic EP behind per-rank API servers needs vLLM >= {external_from}",
+            top=True,
+        )
+    if max_dp_size is not None and max_dp_size < dp_size:
+        return Refusal(
+            "elastic_ep.max_dp_size",
+            f"{max_dp_size} is below the group's DP size {dp_size}; vLLM refuses it. Valid: >= {dp_size}.",
+            brief=f"elastic_ep.max_dp_size {max_dp_size} < DP {dp_size}",
         )
     return None
 

@@ -238,10 +238,13 @@ PLATFORM_PATTERNS = [
     r"on x86 CPUs requires Triton",
 ]
 def eplb_off(ea):
-    """Switch EPLB off, with what only EPLB allows (redundant experts)."""
+    """Switch EPLB off, with what only EPLB allows (redundant experts; elastic EP, which needs EPLB)."""
     if not getattr(ea, "enable_eplb", False):
         return False
     ea.enable_eplb = False
+    if getattr(ea, "enable_elastic_ep", False):
+        ea.enable_elastic_ep = False
+        ea.elastic_ep_max_dp_size = None
     cfg = getattr(ea, "eplb_config", None)
     if isinstance(cfg, dict):
         ea.eplb_config = dict(cfg, num_redundant_experts=0)

@@ -270,17 +270,15 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
     if s.eplb.enabled:
         args.append("--enable-eplb")
         if vt.eplb_style == "config":
-            cfg = {
-                "window_size": s.eplb.window_size,
-                "step_interval": s.eplb.step_interval,
-                "num_redundant_experts": s.eplb.redundant_experts,
-                "log_balancedness": s.eplb.log_balancedness,
-            }
+            cfg: dict[str, Any] = {"window_size": s.eplb.window_size, "step_interval": s.eplb.step_interval}
+            if s.eplb.redundant_experts != "auto":  # 'auto' (0.34+): left unset, vLLM computes the least even count
+                cfg["num_redundant_experts"] = rp.redundant_experts
+            cfg["log_balancedness"] = s.eplb.log_balancedness
             args += ["--eplb-config", json.dumps(cfg, separators=(",", ":"))]
         else:
             args += [
                 "--num-redundant-experts",
-                str(s.eplb.redundant_experts),
+                str(rp.redundant_experts),
                 "--eplb-window-size",
                 str(s.eplb.window_size),
                 "--eplb-step-interval",
@@ -296,6 +294,13 @@ def _common_args(plan: DeploymentPlan, rp: RolePlan) -> list[str]:
             "--dbo-prefill-token-threshold",
             str(s.dbo.prefill_token_threshold),
         ]
+    if s.fault_tolerance.enabled:
+        ft = {"engine_recovery_timeout_sec": s.fault_tolerance.engine_recovery_timeout_s}
+        args += ["--enable-fault-tolerance", "--fault-tolerance-config", json.dumps(ft, separators=(",", ":"))]
+    if s.elastic_ep.enabled:
+        args.append("--enable-elastic-ep")
+        if s.elastic_ep.max_dp_size is not None:
+            args += ["--elastic-ep-max-dp-size", str(s.elastic_ep.max_dp_size)]
     if s.deep_gemm and plan.device == "cuda" and plan.weight_dtype == "fp8" and vt.has_moe_backend_flag:
         args += ["--moe-backend", "deep_gemm"]
     args += [

@@ -16,7 +16,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from widep.errors import UserError, did_you_mean
 from widep.render.quoting import POSIX_NAME, control_problem
-from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION
+from widep.spec.hardware import get_gpu
+from widep.spec.vllm_versions import ALL2ALL_ALL, DEFAULT_VLLM_VERSION, default_version
 
 All2AllBackend = Literal[ALL2ALL_ALL]
 DPMode = Literal["external", "hybrid", "internal", "multiport"]
@@ -349,8 +350,9 @@ class EPLBSpec(Strict):
 
     enabled: bool = False
     """Turn on EPLB (CUDA only; needs expert parallel with EP > 1)."""
-    redundant_experts: int = Field(default=0, ge=0, le=1023)
-    """Extra physical expert replicas; (routed + redundant) must divide by EP."""
+    redundant_experts: Annotated[int, Field(ge=0, le=1023)] | Literal["auto"] = 0
+    """Extra physical expert replicas; (routed + redundant) must divide by EP. 'auto' (vLLM >= 0.34): vLLM picks the
+    minimum that makes the split even (EPLBConfig.num_redundant_experts left unset); the plan shows that number."""
     window_size: int = Field(default=1000, gt=0, le=1_000_000_000)
     """Steps of expert load statistics EPLB looks back over."""
     step_interval: int = Field(default=3000, gt=0, le=1_000_000_000)
@@ -368,6 +370,30 @@ class DBOSpec(Strict):
     """Decode-only batches above this many tokens are split (--dbo-decode-token-threshold)."""
     prefill_token_threshold: int = Field(default=512, ge=2, le=16_777_216)
     """Batches with a prefill above this many tokens are split (--dbo-prefill-token-threshold)."""
+
+
+class FaultToleranceSpec(Strict):
+    """vLLM's engine fault tolerance (--enable-fault-tolerance): a faulted engine waits for an instruction instead of
+    taking its DP group down. Needs per-rank API servers (serving.dp_mode: external)."""
+
+    enabled: bool = False
+    """--enable-fault-tolerance (vLLM 0.20-0.39; read in the 0.32, 0.33 and 0.34 wheels)."""
+    engine_recovery_timeout_s: int = Field(default=120, ge=1, le=86400)
+    """How long a faulted engine waits for the instruction before it raises the original error
+    (--fault-tolerance-config engine_recovery_timeout_sec)."""
+    on_fault: Literal["retry", "scale_down"] = "retry"
+    """The instruction the orchestrator sends to the recovery API: 'retry' re-forms the DP group at the same size;
+    'scale_down' drops the faulted ranks (vLLM >= 0.34). The plan names the API path of the version."""
+
+
+class ElasticEPSpec(Strict):
+    """vLLM's elastic EP: the DP/EP width of a running group changes (POST /scale_elastic_ep)."""
+
+    enabled: bool = False
+    """--enable-elastic-ep (needs eplb.enabled; not with serving.dp_mode hybrid; behind per-rank API servers, i.e.
+    dp_mode external or multiport, only from vLLM 0.33)."""
+    max_dp_size: int | None = Field(default=None, ge=1, le=65536)
+    """The widest the group may grow (--elastic-ep-max-dp-size), at least its DP size. Default: vLLM's (the DP size)."""
 
 
 class RoleSpec(Strict):
@@ -402,12 +428,18 @@ class RoleSpec(Strict):
     """Shard experts over the EP group (--enable-expert-parallel). Off: experts are TP-sharded like dense layers."""
     all2all_backend: All2AllBackend | None = None
     """MoE all-to-all: deepep_low_latency (decode), deepep_high_throughput (prefill), allgather_reducescatter,
-    pplx (vLLM <= 0.19), ... Default: deepep_low_latency for decode, deepep_high_throughput for prefill and
-    mixed on GPUs; allgather_reducescatter on CPU."""
+    deepep_v2, nixl_ep, moonep, mori (vLLM >= 0.34), mori_high_throughput / mori_low_latency (deprecated in 0.34),
+    flashinfer_nvlink_one_sided / _two_sided, pplx and naive (vLLM <= 0.19); `widep plan` says which the version
+    runs. Default: deepep_low_latency for decode, deepep_high_throughput for prefill and mixed on GPUs;
+    allgather_reducescatter on CPU."""
     eplb: EPLBSpec = Field(default_factory=EPLBSpec)
     """Expert load balancing and redundant experts."""
     dbo: DBOSpec = Field(default_factory=DBOSpec)
     """Dual batch overlap."""
+    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
+    """vLLM's engine fault tolerance (off by default)."""
+    elastic_ep: ElasticEPSpec = Field(default_factory=ElasticEPSpec)
+    """vLLM's elastic EP (off by default)."""
     deep_gemm: bool = True
     """Use DeepGEMM FP8 kernels (VLLM_USE_DEEP_GEMM; --moe-backend deep_gemm where available)."""
     max_num_seqs: int = Field(default=256, ge=1, le=1_048_576)
@@ -554,15 +586,17 @@ class VLLMSpec(Strict):
     """Which vLLM runs the ranks and how it is started."""
 
     version: Annotated[Name, AfterValidator(_version)] = DEFAULT_VLLM_VERSION
-    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.39): MAJOR.MINOR or
+    """vLLM version the commands are rendered for (0.10.x, 0.11-0.19, 0.20-0.32, 0.33, 0.34-0.39): MAJOR.MINOR or
     MAJOR.MINOR.PATCH, the latter optionally with a PEP 440 pre/post/dev release and a local label
-    (0.32.0rc1, 0.32.1.post1, 0.32.0+cpu). Anything else (0.32.banana, 0.32.0.1) is refused."""
+    (0.32.0rc1, 0.32.1.post1, 0.32.0+cpu). Anything else (0.32.banana, 0.32.0.1) is refused. Default: the newest
+    stable line (0.34.0) on GPUs, the installed CPU build's line (0.32.0) when cluster.gpu is CPU."""
     entry_point: Literal["serve", "module"] = "serve"
     """'serve': `vllm serve MODEL ...`; 'module': `python -m vllm.entrypoints.openai.api_server --model MODEL`."""
     python: Name = "python"
     """Interpreter for the module entry point."""
-    image: Name = "vllm/vllm-openai:v0.32.0"
-    """Container image for Kubernetes manifests."""
+    image: Name = f"vllm/vllm-openai:v{DEFAULT_VLLM_VERSION}"
+    """Container image for Kubernetes manifests. Default: vllm/vllm-openai at the version given or defaulted
+    (v0.34.0 on GPUs; v0.32.0 for CPU topologies), for MAJOR.MINOR.PATCH versions; else v0.34.0."""
     ready_timeout_s: int = Field(default=1800, ge=10, le=604800)
     """How long a rank may take to answer /health before it counts as failed."""
 
@@ -661,6 +695,30 @@ class TopologySpec(Strict):
     router: RouterSpec = Field(default_factory=RouterSpec)
     """vllm-router as one front door (off by default)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_vllm_version(cls, data: Any) -> Any:
+        """vllm.version (and vllm.image) left out: the newest stable line on GPUs, the CPU build's line on CPU."""
+        if not isinstance(data, dict):
+            return data
+        vllm = data.get("vllm", {})
+        cluster = data.get("cluster", {})
+        if not isinstance(vllm, dict) or not isinstance(cluster, dict) or ("version" in vllm and "image" in vllm):
+            return data
+        gpu = cluster.get("gpu", "H200")
+        device = "cuda"
+        if isinstance(gpu, str):
+            try:
+                device = get_gpu(gpu).device
+            except UserError:
+                pass  # an unknown kind: cluster.gpu's own check names it (the planner)
+        vllm = dict(vllm)
+        vllm.setdefault("version", default_version(device))
+        version = vllm["version"]
+        if "image" not in vllm and isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+", version):
+            vllm["image"] = f"vllm/vllm-openai:v{version}"
+        return {**data, "vllm": vllm}
+
     @model_validator(mode="after")
     def _roles(self) -> TopologySpec:
         names = [r.name for r in self.roles]
@@ -730,7 +788,7 @@ def _branch_fits(tag: str, value: Any) -> bool:
     if isinstance(value, int):
         return tag in ("int", "constrained-int")
     if isinstance(value, str):
-        return tag == "str" or tag.startswith(("function-after", "constrained-str"))
+        return tag == "str" or tag.startswith(("function-after", "constrained-str", "literal["))
     return False
 
 

