@@ -37,7 +37,7 @@ def test_fidelity_table_and_leave_one_out() -> None:
         assert r["source"] and r["published"] > 0 and r["predicted_loo"] > 0
         if r["use"] == "fit":
             assert abs(r["error_fit_pct"]) <= 20.0, r
-            assert abs(r["error_loo_pct"]) <= 20.0, r
+            assert abs(r["error_loo_pct"]) <= 15.0, r
         else:
             assert r["use"] == "check" and len(r["why"]) > 40, r
     assert doc["rms_log_loo"] < 0.2
@@ -57,3 +57,25 @@ def test_fidelity_table_and_leave_one_out() -> None:
         check=False,
     )
     assert t.returncode == 0 and "deepseek-decode-h800" in t.stdout and "LOO" in t.stdout
+
+
+def test_kernel_terms_reproduce_the_checked_in_deepgemm_and_moe_layer_measurements() -> None:
+    """The packaged calibration's kernel-true terms against the measurement files they were fitted to: every
+    DeepGEMM expert GEMM shape timed in CUDA-graph replay on the H100 within +-10% (gate_up and down, masked
+    at 8/16/32 local experts x 1..256 rows per expert, contiguous), the H200 eager rows within +-20%, and a
+    MoE layer's non-GEMM phases (route + permute + reduce) within +-20% at every token count and EP size."""
+    sys.path.insert(0, str(ROOT / "profiling"))
+    import fidelity
+
+    from widep.perf.calibration import published
+
+    kt = fidelity.kernel_tables(published())
+    graph = [r for r in kt["gemm"] if r["timing"] == "graph"]
+    shapes = {(r["layout"], r["gemm"], r["groups"]) for r in graph}
+    assert {("masked", g, n) for g in ("gate_up", "down") for n in (8, 16, 32)} <= shapes
+    assert {("contiguous", "gate_up", 32), ("contiguous", "down", 32)} <= shapes
+    assert len(graph) >= 40 and all(abs(r["error_pct"]) <= fidelity.GEMM_BOUND_PCT for r in graph), graph
+    assert all(abs(r["error_pct"]) <= 20.0 for r in kt["gemm"] if r["timing"] != "graph")
+    layer = [r for r in kt["phases"] if r["phase"] == "layer"]
+    assert len(layer) == 12 and all(abs(r["error_pct"]) <= fidelity.PHASE_BOUND_PCT for r in layer), layer
+    assert 10.0 < kt["dispatch_us_measured"] < 20.0
