@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,3 +80,33 @@ def test_kernel_terms_reproduce_the_checked_in_deepgemm_and_moe_layer_measuremen
     layer = [r for r in kt["phases"] if r["phase"] == "layer"]
     assert len(layer) == 12 and all(abs(r["error_pct"]) <= fidelity.PHASE_BOUND_PCT for r in layer), layer
     assert 10.0 < kt["dispatch_us_measured"] < 20.0
+
+
+def test_calibrate_kernels_refits_the_packaged_kernel_terms(tmp_path: Path) -> None:
+    """`widep calibrate --kernels ... --moe-layer ...` (a real CLI subprocess) fits the checked-in DeepGEMM and
+    MoE-layer measurements into a calibration file whose kernel terms are the packaged default's: the default
+    H100/H200 calibration comes from those measurements."""
+    from widep.perf.calibration import load_calibration, published
+
+    res = ROOT / "profiling" / "results"
+    out = tmp_path / "cal.yaml"
+    p = subprocess.run(
+        [sys.executable, "-m", "widep", "calibrate", "--kernels", str(res / "deepgemm-h100x1.json"), "--kernels",
+         str(res / "deep-kernels-h200x2.json"), "--moe-layer", str(res / "moe-layer-h100x2.json"), "--moe-layer",
+         str(res / "moe-layer-h100x4.json"), "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert all(abs(r["error_pct"]) <= 10.0 for r in doc["gemm"] if r["card"] == "H100")
+    fitted, packaged = load_calibration(out), published()
+    for g in ("gate_up", "down"):
+        a, b = fitted.expert_gemm.of(g), packaged.expert_gemm.of(g)
+        for k in ("hbm_efficiency", "sm_stream_gbps", "compute_masked", "compute_contiguous"):
+            assert getattr(a, k) == pytest.approx(getattr(b, k), rel=1e-3), (g, k)
+    assert fitted.moe_phases.permute.efficiency == pytest.approx(packaged.moe_phases.permute.efficiency, rel=1e-3)
+    bad = subprocess.run(
+        [sys.executable, "-m", "widep", "calibrate", "--kernels", str(res / "fidelity.json")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--kernels" in bad.stderr

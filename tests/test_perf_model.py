@@ -514,3 +514,26 @@ def test_saturated_prefill_runs_full_steps_on_every_rank() -> None:
     at_cap, backlog = perf.tps_gpu[0]
     assert backlog == pytest.approx(16384 / full, rel=1e-6)
     assert at_cap < backlog
+
+
+def test_h800_nvlink_prices_internode_prefill_and_h200_streams_experts_like_h100() -> None:
+    """Per-GPU-variant interconnect: DeepEP's normal kernels across nodes forward every copy over the destination
+    node's NVLink, so on an H800 (200 GB/s per direction) the NVLink leg, not RDMA, bounds a 2-node EP16 prefill's
+    all-to-all and the prefill step is slower than the same step on an H100 (450 GB/s, RDMA-bound); inside one node
+    both scale by NVLink. Kernel-true experts: DeepGEMM's masked decode GEMMs are capped per SM, so an H200 (4.8 TB/s)
+    runs them barely faster than an H100 (3.35 TB/s) and the capped part shows as its own term."""
+    out = {}
+    for gpu in ("H100", "H800"):
+        rb = RoleBatch.build(A_R1, [role(gpu=gpu, kind="prefill", nodes=2, backend="deepep_high_throughput")], CAL)
+        out[gpu] = step_time(rb, CAL, 0, 1, 0, 16384, 2000)
+    assert out["H800"].all2all[0, 0] > 1.2 * out["H100"].all2all[0, 0]
+    assert out["H800"].total[0, 0] > out["H100"].total[0, 0]
+    assert out["H800"].experts[0, 0] == pytest.approx(out["H100"].experts[0, 0])
+    dec = {}
+    for gpu in ("H100", "H200"):
+        rb = RoleBatch.build(A_R1, [role(gpu=gpu, nodes=2)], CAL)
+        dec[gpu] = step_time(rb, CAL, 64, 1, 2000, 0, 0)
+    ratio = dec["H100"].experts[0, 0] / dec["H200"].experts[0, 0]
+    assert 0.99 < ratio < 1.15 < get_gpu("H200").hbm_tbps / get_gpu("H100").hbm_tbps
+    assert dec["H200"].expert_stream_cap[0, 0] > 0.0
+    assert dec["H200"].row(0)["expert_stream_cap_ms"] > 0.0
