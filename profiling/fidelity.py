@@ -22,10 +22,65 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from widep.perf import kernels as K
 from widep.perf.calibration import load_calibration
 from widep.perf.fit import FREE_TERMS, fit, leave_one_out, operating_points
 
 RESIDUALS = Path(__file__).resolve().parents[1] / "widep" / "perf" / "data" / "fit-residuals.json"
+RESULTS = Path(__file__).resolve().parent / "results"
+# the kernel measurements the calibration's expert_gemm / moe_phases terms were fitted to (widep calibrate --kernels)
+DEEPGEMM_GRAPH = RESULTS / "deepgemm-h100x1.json"  # DeepGEMM itself, CUDA-graph replay, one H100
+DEEPGEMM_EAGER = RESULTS / "deep-kernels-h200x2.json"  # DeepGEMM on H200, eager single calls
+MOE_LAYERS = (RESULTS / "moe-layer-h100x2.json", RESULTS / "moe-layer-h100x4.json")
+GEMM_BOUND_PCT, PHASE_BOUND_PCT = 10.0, 20.0
+
+
+def kernel_tables(cal) -> dict:
+    """Every measured expert GEMM shape and MoE-layer non-GEMM phase against the calibration's kernel terms."""
+    out: dict = {"gemm": [], "phases": []}
+    if cal.expert_gemm is not None:
+        graph = K.read_deepgemm(DEEPGEMM_GRAPH)
+        eager = K.read_deepgemm(DEEPGEMM_EAGER, K.measured_dispatch_us(graph))
+        out["gemm"] = K.gemm_fidelity(cal.expert_gemm, graph + eager)
+        out["dispatch_us_measured"] = round(K.measured_dispatch_us(graph), 2)
+    if cal.moe_phases is not None:
+        out["phases"] = K.phase_fidelity(cal.moe_phases, [r for f in MOE_LAYERS for r in K.read_moe_layer(f)])
+    graph_rows = [r for r in out["gemm"] if r["timing"] == "graph"]
+    out["gemm_max_abs_pct_graph"] = max((abs(r["error_pct"]) for r in graph_rows), default=None)
+    layer = [r for r in out["phases"] if r["phase"] == "layer"]
+    out["phases_layer_max_abs_pct"] = max((abs(r["error_pct"]) for r in layer), default=None)
+    return out
+
+
+def print_kernel_tables(kt: dict) -> None:
+    if kt["gemm"]:
+        print(
+            f"\nexpert GEMMs (DeepGEMM measured vs model; bound +-{GEMM_BOUND_PCT:.0f}% on the graph-replay rows "
+            f"of the card measured; eager dispatch measured {kt['dispatch_us_measured']} us per call)"
+        )
+        print(
+            f"{'card':5s} {'layout':10s} {'gemm':7s} {'G':>3s} {'rows/exp':>8s} {'meas us':>9s} {'pred us':>9s} "
+            f"{'err':>7s}"
+        )
+        for r in kt["gemm"]:
+            print(
+                f"{r['card']:5s} {r['layout']:10s} {r['gemm']:7s} {r['groups']:3d} {r['rows_per_expert']:8.0f} "
+                f"{r['measured_us']:9.1f} {r['predicted_us']:9.1f} {r['error_pct']:+6.1f}%"
+                + ("" if r["timing"] == "graph" else f"  ({r['timing']}, check)")
+            )
+        print(f"graph-replay rows: max |error| {kt['gemm_max_abs_pct_graph']:.1f}%")
+    if kt["phases"]:
+        print(
+            "\nnon-GEMM MoE phases (plain-torch MoE layer, measured vs model; "
+            f"bound +-{PHASE_BOUND_PCT:.0f}% per layer)"
+        )
+        print(f"{'card':5s} {'EP':>3s} {'tokens':>6s} {'phase':8s} {'meas us':>9s} {'pred us':>9s} {'err':>7s}")
+        for r in kt["phases"]:
+            print(
+                f"{r['card']:5s} {r['ep']:3d} {r['tokens']:6d} {r['phase']:8s} {r['measured_us']:9.1f} "
+                f"{r['predicted_us']:9.1f} {r['error_pct']:+6.1f}%"
+            )
+        print(f"per layer (route + permute + reduce): max |error| {kt['phases_layer_max_abs_pct']:.1f}%")
 
 
 def run(calibration: str = "published") -> dict:
@@ -43,6 +98,7 @@ def run(calibration: str = "published") -> dict:
         "max_abs_loo_pct": max(abs(r["error_loo_pct"]) for r in used),
         "max_abs_fit_pct": max(abs(r["error_fit_pct"]) for r in used),
         "checks": {r["id"]: round(r["error_loo_pct"], 1) for r in rows if r["use"] != "fit"},
+        "kernels": kernel_tables(cal),
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
@@ -94,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in res["rows"]:
         if r["use"] != "fit":
             print(f"check only: {r['id']}: {r['why']}")
+    print_kernel_tables(res["kernels"])
     return 0
 
 

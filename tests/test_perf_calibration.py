@@ -180,8 +180,9 @@ def test_grouped_curve_drives_expert_time() -> None:
         max_num_seqs=256,
         kv_tokens=10**6,
     )
-    slow = dataclasses.replace(published(), grouped_curve=((1.0, 0.01), (4096.0, 0.05)))
-    fast = dataclasses.replace(published(), grouped_curve=((1.0, 0.5), (4096.0, 0.9)))
+    # without the kernel-true DeepGEMM terms (which take precedence), a measured curve prices the experts
+    slow = dataclasses.replace(published(), expert_gemm=None, grouped_curve=((1.0, 0.01), (4096.0, 0.05)))
+    fast = dataclasses.replace(published(), expert_gemm=None, grouped_curve=((1.0, 0.5), (4096.0, 0.9)))
     t_slow = step_time(RoleBatch.build(a, [r], slow), slow, 4096, 1, 100, 0, 0).experts
     t_fast = step_time(RoleBatch.build(a, [r], fast), fast, 4096, 1, 100, 0, 0).experts
     assert float(t_slow[0, 0]) > 5 * float(t_fast[0, 0])

@@ -277,3 +277,33 @@ def test_predicted_layer_terms_follow_the_measurements():
     assert big["terms_us"]["experts"] > small["terms_us"]["experts"]
     for row in cal["model_check"]:
         assert row["measured_us"] > 0 and "predicted_with_overhead_us" in row
+
+
+# --- DeepGEMM itself (profiling/gpu/deepgemm_bench.py) ---------------------------------------------------------
+def test_deepgemm_bench_routing_and_cast_on_the_cpu():
+    """The bench's torch parts run anywhere: DeepSeek-V3 grouped top-k picks 8 experts inside the 4 best of 8
+    groups with weights summing to the routed scale 2.5, and the per-128 FP8 cast round-trips within FP8's error.
+    (The GEMM parts need DeepGEMM on a Hopper GPU: profiling/gpu/deepgemm_run.sh builds it there.)"""
+    torch = pytest.importorskip("torch")
+    import deepgemm_bench as dg
+
+    torch.manual_seed(0)
+    logits = torch.randn(16, dg.EXPERTS)
+    w, idx = dg.grouped_topk(logits, torch.zeros(dg.EXPERTS))
+    assert idx.shape == (16, dg.TOPK) and torch.allclose(w.sum(-1), torch.full((16,), 2.5))
+    groups = idx // (dg.EXPERTS // dg.N_GROUP)
+    assert all(len(set(g.tolist())) <= dg.TOPK_GROUP for g in groups)
+    x = torch.randn(4, 2 * dg.INTER)
+    q, sf = dg.quant128(x)
+    back = (q.float().view(4, -1, 128) * sf.unsqueeze(-1)).view(4, -1)
+    assert torch.allclose(back, x, rtol=0.07, atol=1e-2)
+
+
+def test_committed_deepgemm_run_is_a_real_h100_run():
+    doc = _load(RESULTS / "deepgemm-h100x1.json")
+    assert doc["device_name"].startswith("NVIDIA H100") and doc["deep_gemm_commit"] == "54e2261"
+    assert max(doc["check_calc_diff"].values()) < 1e-3
+    kinds = {(r["kind"], r["gemm"]) for r in doc["rows"]}
+    assert kinds == {(k, g) for k in ("masked", "contiguous") for g in ("gate_up", "down")}
+    for r in doc["rows"]:
+        assert r["graph"]["min_us"] <= r["graph"]["median_us"] <= r["graph"]["p90_us"]

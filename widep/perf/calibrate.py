@@ -22,6 +22,7 @@ import numpy as np
 
 from widep.errors import UserError
 from widep.perf.calibration import A2ATable, Calibration
+from widep.perf.kernels import expert_gemm_doc, moe_phases_doc
 
 # term -> (lower, upper) bounds of the search
 TERMS: dict[str, tuple[float, float]] = {
@@ -326,4 +327,6 @@ def calibration_document(cal: Calibration) -> dict[str, Any]:
         "kv_transfer": {"nic_efficiency": cal.kv_transfer_nic_efficiency, "latency_us": cal.kv_transfer_latency_us},
         "a2a": {t.backend: tab(t) for t in cal.a2a},
         "hardware": {k: dict(v) for k, v in cal.hardware.items()},
+        **({"expert_gemm": expert_gemm_doc(cal.expert_gemm)} if cal.expert_gemm else {}),
+        **({"moe_phases": moe_phases_doc(cal.moe_phases)} if cal.moe_phases else {}),
     }

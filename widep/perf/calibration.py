@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 
 from widep.errors import UserError
+from widep.perf.kernels import ExpertGemm, MoePhases, parse_expert_gemm, parse_moe_phases
 
 FORMAT = "widep-perf-calibration/1"
 MEASURED_FORMAT = "widep-calibration/1"
@@ -133,6 +134,10 @@ class Calibration:
     """Host and launch time of one MTP draft pass (a separate forward of the draft layer) per step."""
     request_overhead_us: float = 0.0
     """API-server time per request before its first step, serialised per server (widep calibrate fits it)."""
+    expert_gemm: ExpertGemm | None = None
+    """Kernel-true DeepGEMM expert GEMM terms (widep/perf/kernels.py); None: the roofline of ``gemm``."""
+    moe_phases: MoePhases | None = None
+    """Non-GEMM MoE phases (route, permute, act, reduce); None: only the lumped activation traffic."""
     hardware: dict[str, dict[str, float]] = field(default_factory=dict, hash=False)
     """Measured figures that replace a hardware kind's datasheet ones: {kind: {hbm_tbps, bf16_tflops, ...}}."""
     measured: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -312,6 +317,8 @@ def parse_calibration(doc: Any, source: str) -> Calibration:
         routing_seq_corr=_opt(doc, "routing.seq_corr", s, 0.0, 0.0, 1.0),
         spec_draft_us=_opt(doc, "speculative.draft_pass_us", s, 400.0),
         request_overhead_us=_opt(doc, "overheads.request_us", s, 0.0),
+        expert_gemm=parse_expert_gemm(doc.get("expert_gemm"), f"{s}: expert_gemm"),
+        moe_phases=parse_moe_phases(doc.get("moe_phases"), f"{s}: moe_phases"),
         hardware=_hardware(doc.get("hardware"), s),
     )
 
@@ -407,6 +414,11 @@ def from_measured(doc: dict[str, Any], source: str, base: Calibration | None = N
             measured["replaced"]["grouped_curve"] = {
                 "from": f"{sec.get('impl')} ({dtype}) at {len(pts)} rows-per-expert points"
             }
+            if base.expert_gemm is not None:
+                measured["grouped_curve_note"] = (
+                    f"kept for reference: {sec.get('impl')} is not the serving kernel; the kernel-true DeepGEMM "
+                    "terms (expert_gemm) price the experts"
+                )
             break
     deep_ep = (doc.get("a2a") or {}).get("deep_ep") or {}
     measured["deep_ep_measured"] = bool(deep_ep.get("importable"))

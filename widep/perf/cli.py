@@ -789,15 +789,98 @@ def predict_cmd(
         click.echo(f"  band: leave-one-out log RMS {u['rms_log']:.3f} over {u['points']} public points")
 
 
+def _fit_kernels(
+    cal: Any, kernel_files: tuple[str, ...], moe_layer_files: tuple[str, ...], out: Path | None, as_json: bool
+) -> Any:
+    """``cal`` with expert_gemm / moe_phases fitted to the files; prints the per-shape table (or JSON)."""
+    from dataclasses import replace as dc_replace
+
+    import yaml
+
+    from widep.perf import kernels as K
+    from widep.perf.calibrate import calibration_document
+
+    report: dict[str, Any] = {}
+    if kernel_files:
+        graph = [r for f in kernel_files for r in _deepgemm_rows(f, None)]
+        graph_only = [r for r in graph if r.timing == "graph"]
+        disp = K.measured_dispatch_us(graph_only)
+        rows = graph_only + [r for f in kernel_files for r in _deepgemm_rows(f, disp) if r.timing != "graph"]
+        cards = sorted({r.card for r in rows})
+        eg = dc_replace(
+            K.fit_expert_gemm(rows, disp),
+            card="+".join(cards),
+            source=", ".join(str(Path(f).name) for f in kernel_files),
+        )
+        cal = dc_replace(cal, expert_gemm=eg)
+        report["expert_gemm"] = K.expert_gemm_doc(eg)
+        report["gemm"] = K.gemm_fidelity(eg, rows)
+    if moe_layer_files:
+        prow = [r for f in moe_layer_files for r in K.read_moe_layer(f)]
+        mp = K.fit_moe_phases(prow, cal.moe_phases)
+        cal = dc_replace(cal, moe_phases=mp)
+        report["moe_phases"] = K.moe_phases_doc(mp)
+        report["phases"] = K.phase_fidelity(mp, prow)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(yaml.safe_dump(calibration_document(cal), sort_keys=False))
+        report["calibration"] = str(out)
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return cal
+    for r in report.get("gemm", []):
+        click.echo(
+            f"{r['card']:5s} {r['layout']:10s} {r['gemm']:7s} G={r['groups']:<3d} "
+            f"rows/expert {r['rows_per_expert']:7.0f} measured {r['measured_us']:8.1f} us  "
+            f"model {r['predicted_us']:8.1f} us  {r['error_pct']:+6.1f}%"
+        )
+    for r in report.get("phases", []):
+        click.echo(
+            f"{r['card']:5s} EP{r['ep']:<3d} {r['tokens']:6d} tokens {r['phase']:8s} "
+            f"measured {r['measured_us']:8.1f} us model {r['predicted_us']:8.1f} us  {r['error_pct']:+6.1f}%"
+        )
+    if "expert_gemm" in report:
+        click.echo(f"expert_gemm: {report['expert_gemm']}")
+    if "moe_phases" in report:
+        click.echo(f"moe_phases: {report['moe_phases']}")
+    if out is not None:
+        click.echo(f"calibration: {out} (widep sweep --calibration {out})")
+    return cal
+
+
+def _deepgemm_rows(path: str, dispatch_us: float | None) -> list[Any]:
+    """Graph rows of a deepgemm_bench file; eager rows of a deep_kernels_bench file once the dispatch is known."""
+    from widep.perf import kernels as K
+
+    doc = json.loads(Path(path).read_text())
+    if doc.get("format") in K.DEEPGEMM_FORMATS:
+        return K.read_deepgemm(path) if dispatch_us is None else []
+    return [] if dispatch_us is None else K.read_deepgemm(path, dispatch_us)
+
+
 @click.command("calibrate")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.argument("run_dirs", nargs=-1, required=False, type=click.Path(file_okay=False))
 @click.option(
     "--topology",
     "topologies",
     multiple=True,
-    required=True,
     type=click.Path(dir_okay=False),
     help="The topology each run measured: once for all runs, or once per run in order.",
+)
+@click.option(
+    "--kernels",
+    "kernel_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="DeepGEMM measurements (profiling/gpu/deepgemm_bench.py JSON; deep_kernels_bench.py JSON as eager rows): "
+    "fit the kernel-true expert GEMM terms to them.",
+)
+@click.option(
+    "--moe-layer",
+    "moe_layer_files",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="MoE-layer runs (profiling/gpu/moe_layer_bench.py JSON): fit the non-GEMM phase terms to them.",
 )
 @click.option("--calibration", default="published", show_default=True, help="Starting calibration.")
 @click.option(
@@ -824,6 +907,8 @@ def predict_cmd(
 def calibrate_cmd(
     run_dirs: tuple[str, ...],
     topologies: tuple[str, ...],
+    kernel_files: tuple[str, ...],
+    moe_layer_files: tuple[str, ...],
     calibration: str,
     terms: str,
     measure_host_threads: int | None,
@@ -831,7 +916,8 @@ def calibrate_cmd(
     as_json: bool,
 ) -> None:
     """Fit the model's free terms (host time per step, kernel gap, all-to-all per-op latency, overlap
-    efficiency) to measured `widep bench` runs of a deployment; print the residuals per point."""
+    efficiency) to measured `widep bench` runs of a deployment; print the residuals per point. With --kernels /
+    --moe-layer, first fit the kernel-true expert GEMM and non-GEMM MoE phase terms to GPU measurements."""
     from dataclasses import replace as dc_replace
 
     import yaml
@@ -848,6 +934,15 @@ def calibrate_cmd(
     from widep.plan.core import plan
     from widep.spec.topology import load_topology
 
+    cal = load_calibration(calibration)
+    if kernel_files or moe_layer_files:
+        cal = _fit_kernels(cal, kernel_files, moe_layer_files, out if not run_dirs else None, as_json)
+        if not run_dirs:
+            return
+    if not run_dirs:
+        raise UserError("calibrate: give measured run directories (with --topology), or --kernels / --moe-layer files.")
+    if not topologies:
+        raise UserError("--topology: required with run directories (the topology each run measured).")
     if len(topologies) not in (1, len(run_dirs)):
         raise UserError(
             f"--topology: give one for all runs or one per run. Given: {len(topologies)} for {len(run_dirs)} runs."
@@ -855,7 +950,6 @@ def calibrate_cmd(
     plans = [plan(load_topology(t)) for t in topologies]
     if len(plans) == 1:
         plans = plans * len(run_dirs)
-    cal = load_calibration(calibration)
     host: dict[str, float] | None = None
     if measure_host_threads:
         host = measure_host(measure_host_threads)

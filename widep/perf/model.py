@@ -36,6 +36,7 @@ import numpy as np
 
 from widep.errors import UserError
 from widep.perf.calibration import Calibration
+from widep.perf.kernels import gemm_seconds, serving_phase_bytes
 from widep.plan.memory import SCALE_BYTES, WEIGHT_BYTES, block_tokens_for
 from widep.spec.hardware import GPUSpec
 from widep.spec.models import MoEArch
@@ -386,6 +387,7 @@ class RoleBatch:
 
         a: dict[str, np.ndarray] = {}
         a["hbm"] = col([r.gpu.hbm_tbps * 1e12 for r in roles])
+        a["sms"] = col([float(getattr(r.gpu, "sms", 132)) for r in roles])
         dense_peak = [(r.gpu.fp8_tflops if arch.dense_dtype == "fp8" else r.gpu.bf16_tflops) * 1e12 for r in roles]
         a["dense_peak"] = col(dense_peak)
         a["expert_peak"] = col([r.gpu.tflops(arch.expert_dtype) * 1e12 for r in roles])
@@ -439,22 +441,21 @@ class RoleBatch:
         a["intranode"] = a["nodes"] <= 1
         # all-to-all figures per backend
         tables = {r.backend: cal.a2a_for(r.backend) for r in roles if r.expert_parallel and r.ep > 1}
-        memo: dict[tuple[str, bool, int, float, float, str], tuple[float, float, float, float]] = {}
+        memo: dict[tuple[str, bool, int, float, float, str], tuple[float, float, float, float, float, float]] = {}
 
-        def link(r: RoleInput) -> tuple[float, float, float, float]:
+        def link(r: RoleInput) -> tuple[float, float, float, float, float, float]:
             k = (r.backend, r.nodes <= 1, r.ep, r.gpu.nvlink_gbps, r.gpu.nic_gbps, r.fabric)
             if k not in memo:
                 t = tables.get(r.backend)
                 if t is None:
-                    memo[k] = (0.0, 0.0, 0.0, 0.0)
-                elif r.nodes <= 1:
-                    sc = r.gpu.nvlink_gbps / cal.ref_nvlink_gbps
-                    memo[k] = (
-                        t.latency_us * 1e-6,
-                        _BYTES_MODEL[t.bytes_model],
-                        t.intranode_dispatch_gbps * GB * sc,
-                        t.intranode_combine_gbps * GB * sc,
-                    )
+                    memo[k] = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+                    return memo[k]
+                # NVLink leg at this GPU's NVLink (intranode table of the reference GPU, scaled)
+                sc_nvl = r.gpu.nvlink_gbps / cal.ref_nvlink_gbps
+                nvl_d = t.intranode_dispatch_gbps * GB * sc_nvl
+                nvl_c = t.intranode_combine_gbps * GB * sc_nvl
+                if r.nodes <= 1:
+                    memo[k] = (t.latency_us * 1e-6, _BYTES_MODEL[t.bytes_model], nvl_d, nvl_c, nvl_d, nvl_c)
                 else:
                     sc = r.gpu.nic_gbps / cal.ref_nic_gbps * (cal.roce_a2a_efficiency if r.fabric == "roce" else 1.0)
                     memo[k] = (
@@ -462,11 +463,15 @@ class RoleBatch:
                         _BYTES_MODEL[t.bytes_model],
                         float(t.internode_gbps(r.ep, "dispatch")) * GB * sc,
                         float(t.internode_gbps(r.ep, "combine")) * GB * sc,
+                        nvl_d,
+                        nvl_c,
                     )
             return memo[k]
 
-        links = np.asarray([link(r) for r in roles], float).reshape(n, 4)
-        a["a2a_lat"], a["a2a_model"], a["a2a_bw_d"], a["a2a_bw_c"] = (links[:, i : i + 1] for i in range(4))
+        links = np.asarray([link(r) for r in roles], float).reshape(n, 6)
+        (a["a2a_lat"], a["a2a_model"], a["a2a_bw_d"], a["a2a_bw_c"], a["a2a_nvl_d"], a["a2a_nvl_c"]) = (
+            links[:, i : i + 1] for i in range(6)
+        )
         # per-GPU weight bytes read per micro-batch
         tp = a["tp"]
         a["dense_bytes"] = (
@@ -504,6 +509,10 @@ class Step:
     experts: np.ndarray
     attention: np.ndarray
     activations: np.ndarray
+    moe_phases: np.ndarray
+    """Non-GEMM phases of the MoE layers (route, act, permute, reduce) over the step."""
+    expert_stream_cap: np.ndarray
+    """Part of ``experts``: time the expert weight stream spends over HBM pricing because the SMs cap it."""
     tp_allreduce: np.ndarray
     launch: np.ndarray
     host: np.ndarray
@@ -548,6 +557,8 @@ class Step:
             "experts_ms": v(self.experts) * 1e3,
             "attention_ms": v(self.attention) * 1e3,
             "activations_ms": v(self.activations) * 1e3,
+            "moe_phases_ms": v(self.moe_phases) * 1e3,
+            "expert_stream_cap_ms": v(self.expert_stream_cap) * 1e3,
             "tp_allreduce_ms": v(self.tp_allreduce) * 1e3,
             "launch_ms": v(self.launch) * 1e3,
             "host_ms": v(self.host) * 1e3,
@@ -566,6 +577,8 @@ class Step:
 
 
 def _soft_max(tc: np.ndarray, tm: np.ndarray, p: float) -> np.ndarray:
+    if p == 2.0:  # the published corner: the same value without two fractional powers
+        return np.sqrt(tc * tc + tm * tm)
     hi = np.maximum(np.maximum(tc, tm), 1e-30)
     return hi * ((tc / hi) ** p + (tm / hi) ** p) ** (1.0 / p)
 
@@ -634,18 +647,59 @@ def step_time(
     rows_hot = rows_gpu * imb
     m = rows_hot / np.maximum(active, 1e-9)
     exp_bytes = active * A.expert_params * A.expert_bytes_per_param * rb.expert_frac
-    exp_mem = exp_bytes / (hbm * cal.hbm_weights_efficiency)
-    if cal.grouped_curve and cal.grouped_curve_dtype == ("fp8" if A.expert_dtype == "fp8" else "bf16"):
+    eg = cal.expert_gemm
+    stream_cap: Any = 0.0
+    if eg is not None and A.expert_dtype == "fp8":
+        # kernel-true: DeepGEMM's gate_up and down grouped GEMMs, each with its own streaming / compute
+        # efficiency, weight stream capped per SM, flat up to one 64-row tile (widep/perf/kernels.py)
+        inter = A.expert_params / (3.0 * A.hidden)
+        masked = p <= 0  # decode steps: masked layout behind DeepEP LL; steps with prefill: contiguous
+        t_gu, mem_gu, comp_gu, hbm_gu = gemm_seconds(
+            eg,
+            "gate_up",
+            masked,
+            active,
+            m,
+            2.0 * inter * rb.expert_frac,
+            A.hidden,
+            hbm,
+            rb.sms,
+            rb.expert_peak,
+            A.expert_bytes_per_param,
+        )
+        t_dn, mem_dn, comp_dn, hbm_dn = gemm_seconds(
+            eg,
+            "down",
+            masked,
+            active,
+            m,
+            A.hidden,
+            inter * rb.expert_frac,
+            hbm,
+            rb.sms,
+            rb.expert_peak,
+            A.expert_bytes_per_param,
+        )
+        eager = ~rb.cuda_graphs  # an eager call cannot take less than its host dispatch
+        disp = eg.dispatch_us * 1e-6
+        t_exp_layer = np.where(eager, np.maximum(t_gu, disp) + np.maximum(t_dn, disp), t_gu + t_dn)
+        exp_mem, exp_comp = mem_gu + mem_dn, comp_gu + comp_dn
+        # the part of the weight stream the SMs, not HBM, bound (H200: most of it)
+        stream_cap = np.maximum(exp_mem - hbm_gu - hbm_dn, 0.0)
+    elif cal.grouped_curve and cal.grouped_curve_dtype == ("fp8" if A.expert_dtype == "fp8" else "bf16"):
+        exp_mem = exp_bytes / (hbm * cal.hbm_weights_efficiency)
         xs = np.log2([c[0] for c in cal.grouped_curve])
         ys = np.asarray([c[1] for c in cal.grouped_curve])
         eff = np.interp(np.log2(np.maximum(m, 1.0)), xs, ys)
         exp_comp = 2.0 * A.expert_params * rb.expert_frac * active * m / (rb.expert_peak * eff)
         t_exp_layer = np.maximum(exp_comp, exp_mem)
     else:
+        exp_mem = exp_bytes / (hbm * cal.hbm_weights_efficiency)
         exp_eff = cal.gemm_fp8_efficiency if A.expert_dtype == "fp8" else cal.gemm_bf16_efficiency
         exp_comp = 2.0 * A.expert_params * rb.expert_frac * active * _pad(m, bm) / (rb.expert_peak * exp_eff)
         t_exp_layer = _soft_max(exp_comp, exp_mem, P)
     t_exp = np.where(T > 0, nmb * spec_f * A.moe_layers * t_exp_layer, 0.0)
+    t_stream_cap = np.where(T > 0, nmb * spec_f * A.moe_layers * stream_cap, 0.0)
 
     # attention: decode KV read vs FLOPs; prefill FLOPs
     kv_read = d * ctx_d * rb.kv_bytes_tok
@@ -666,6 +720,22 @@ def step_time(
     # elementwise traffic, TP all-reduces, kernel gaps, host
     act_bytes = T * cal.activation_bytes_per_hidden * A.hidden * A.layers * spec_f
     t_act = act_bytes / (hbm * cal.hbm_weights_efficiency)
+    # non-GEMM MoE phases (route, act; permute and reduce where the all-to-all does not do them in its kernels,
+    # as DeepEP low-latency does): the bytes of vLLM's fused kernels (widep/perf/kernels.py)
+    mp = cal.moe_phases
+    if mp is not None:
+        inter_ = A.expert_params / (3.0 * A.hidden) * rb.expert_frac
+
+        def ph_t(name: str) -> np.ndarray:
+            return serving_phase_bytes(name, Tm, rows_hot, A.hidden, inter_, A.experts) / (
+                hbm * cal.hbm_weights_efficiency
+            )
+
+        in_a2a = rb.use_a2a & (rb.a2a_model == 0)  # DeepEP LL / pplx permute and reduce in their own kernels
+        ph = ph_t("route") + ph_t("act") + np.where(in_a2a, 0.0, ph_t("permute") + ph_t("reduce"))
+        t_moe_ph = np.where(T > 0, nmb * spec_f * A.moe_layers * ph, 0.0)
+    else:
+        t_moe_ph = np.zeros_like(t_act)
     ar_bytes = 2.0 * (tp - 1.0) / tp * Tm * A.hidden * 2.0
     t_ar = np.where(
         tp > 1,
@@ -703,10 +773,19 @@ def step_time(
     skew_io = np.where(rb.a2a_model == 2, 1.0, imb)
     bw_d = np.where(rb.a2a_bw_d > 0, rb.a2a_bw_d, 1.0)  # rows without all-to-all: masked below
     bw_c = np.where(rb.a2a_bw_c > 0, rb.a2a_bw_c, 1.0)
-    t_layer = 2.0 * rb.a2a_lat + skew_io * (disp_b / bw_d + comb_b / bw_c)
+    # DeepEP normal kernels across nodes pipeline two legs: RDMA to one rank per other node, then NVLink
+    # forwarding to every destination rank inside the node; the slower leg sets the time. The NVLink leg carries
+    # a copy per distinct destination rank other than the sender, at the GPU's NVLink (H800: 200 GB/s per
+    # direction, where it binds; H100 / H200: 450, where RDMA does)
+    fwd = np.where((rb.a2a_model == 3) & ~rb.intranode, ep * (1.0 - (1.0 - 1.0 / ep) ** k) * (ep - 1.0) / ep, 0.0)
+    nvl_d = tok * fwd * A.dispatch_bytes / np.where(rb.a2a_nvl_d > 0, rb.a2a_nvl_d, 1.0)
+    nvl_c = tok * fwd * A.combine_bytes / np.where(rb.a2a_nvl_c > 0, rb.a2a_nvl_c, 1.0)
+    t_disp = np.maximum(disp_b / bw_d, nvl_d)
+    t_comb = np.maximum(comb_b / bw_c, nvl_c)
+    t_layer = 2.0 * rb.a2a_lat + skew_io * (t_disp + t_comb)
     t_a2a = np.where(rb.use_a2a & (T > 0), nmb * spec_f * A.moe_layers * t_layer, 0.0)
 
-    t_comp = t_dense + t_exp + t_att + t_act + t_ar + t_launch
+    t_comp = t_dense + t_exp + t_att + t_act + t_moe_ph + t_ar + t_launch
     # Overlap, per MoE layer and micro-batch: A = attention + dense work, M = routed-expert GEMMs,
     # D / C = dispatch / combine. Only their wire part can hide (the SM part of an NVLink all-to-all is
     # copy work; over RDMA the send/receive kernels are short); a hidden op hides behind one compute
@@ -714,11 +793,11 @@ def step_time(
     # so each op meets one phase: hidden = min(D,A) + min(D,M) + min(C,M) + min(C,A). DeepSeek's decode
     # pipeline splits attention in two and packs communication against all compute: min(2(D+C), 2(A+M)).
     per = np.maximum(nmb * spec_f * A.moe_layers, 1.0)
-    A_l = (t_dense + t_att + t_act + t_ar + t_launch) * (A.moe_layers / A.layers) / per
+    A_l = (t_dense + t_att + t_act + t_ar + t_launch) * (A.moe_layers / A.layers) / per + t_moe_ph / per
     M_l = t_exp / per
     sm_frac = np.where(rb.intranode, cal.a2a_sm_fraction_nvlink, cal.a2a_sm_fraction_rdma)
-    D_w = (rb.a2a_lat + skew_io * disp_b / bw_d) * (1.0 - sm_frac)
-    C_w = (rb.a2a_lat + skew_io * comb_b / bw_c) * (1.0 - sm_frac)
+    D_w = (rb.a2a_lat + skew_io * t_disp) * (1.0 - sm_frac)
+    C_w = (rb.a2a_lat + skew_io * t_comb) * (1.0 - sm_frac)
     pair = np.minimum(D_w, A_l) + np.minimum(D_w, M_l) + np.minimum(C_w, M_l) + np.minimum(C_w, A_l)
     packed = np.minimum(2.0 * (D_w + C_w), 2.0 * (A_l + M_l))
     sched = np.where((rb.schedule == 2) & (p > 0), 3, rb.schedule)  # DeepSeek's 5-stage pipeline is decode's
@@ -754,6 +833,8 @@ def step_time(
         experts=t_exp,
         attention=t_att,
         activations=t_act,
+        moe_phases=t_moe_ph,
+        expert_stream_cap=np.broadcast_to(t_stream_cap, total.shape),
         tp_allreduce=t_ar,
         launch=t_launch,
         host=np.broadcast_to(t_host, total.shape),

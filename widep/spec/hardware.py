@@ -29,6 +29,8 @@ class GPUSpec:
     nic_gbps: float
     """Inter-node bandwidth per GPU per direction, GB/s (one 400 Gb/s NIC per GPU = 50)."""
     device: Literal["cuda", "cpu"]
+    sms: int = 132
+    """Streaming multiprocessors: the DeepGEMM expert GEMMs' weight stream is capped per SM (perf model)."""
 
     def tflops(self, dtype: str) -> float:
         if dtype == "fp8":
