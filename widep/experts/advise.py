@@ -14,6 +14,10 @@ Every byte of extra memory comes out of the KV cache (``kv_tokens_lost`` = extra
 rounded to KV blocks). The predicted tokens/s per GPU comes from widep's perf model at the full batch
 (max_num_seqs per rank, or what the buffer cap allows, or what the KV cache holds) with the measured skew
 ``1 / balancedness - 1`` in place of the calibration's routing skew.
+
+The recommendation weighs that throughput only where the perf model is calibrated: on vLLM's CPU backend its
+figures are GPU kernel tables applied to a placeholder CPU datasheet (it predicts ~2.7 ms per decode step for the
+tiny MoE, where CPU vLLM takes tens of ms), so there the pick is made on balancedness and memory alone.
 """
 
 from __future__ import annotations
@@ -137,7 +141,7 @@ def advise(load: ExpertLoad, p: Any, *, role: str | None = None, calibration: st
                 "predicted_tps_per_gpu": None if tps is None else round(tps, 2),
             }
         )
-    rec = _recommend(candidates, rp)
+    rec = _recommend(candidates, rp, use_tps=p.gpu.device != "cpu")
     return {
         "model": arch.name,
         "topology": p.spec.name,
@@ -220,7 +224,7 @@ def _predict(p: Any, rp: Any, cal: Any, **over: Any) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
+def _recommend(cands: list[dict[str, Any]], rp: Any, use_tps: bool = True) -> dict[str, Any]:
     off = cands[0]
     on = cands[1:]
     if off["balancedness"] >= BALANCED_ENOUGH:
@@ -232,7 +236,9 @@ def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
         }
     if not on:
         return {"redundant_experts": 0, "eplb_enabled": False, "why": "no EPLB candidate fits in memory."}
-    have_tps = off["predicted_tps_per_gpu"] is not None and all(c["predicted_tps_per_gpu"] is not None for c in on)
+    have_tps = (
+        use_tps and off["predicted_tps_per_gpu"] is not None and all(c["predicted_tps_per_gpu"] is not None for c in on)
+    )
     if have_tps:
         best = max(on, key=lambda c: (c["predicted_tps_per_gpu"], -c["redundant_experts"]))
         gain = best["predicted_tps_per_gpu"] / max(off["predicted_tps_per_gpu"], 1e-9) - 1.0
@@ -250,13 +256,18 @@ def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
             f"{off['predicted_tps_per_gpu']:.1f} -> {best['predicted_tps_per_gpu']:.1f} ({100 * gain:+.1f}%) for "
             f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU ({best['kv_tokens_lost']} KV tokens).",
         }
-    # no throughput prediction (e.g. the perf model refuses this hardware): the smallest redundancy that gets
-    # within 0.01 of the best balancedness
+    # no (calibrated) throughput prediction (the perf model refuses this hardware, or it is CPU): the smallest
+    # redundancy that gets within 0.01 of the best balancedness
     top = max(c["balancedness"] for c in on)
     best = min((c for c in on if c["balancedness"] >= top - 0.01), key=lambda c: c["redundant_experts"])
     return {
         "redundant_experts": best["redundant_experts"],
         "eplb_enabled": True,
         "why": f"balancedness {off['balancedness']:.3f} -> {best['balancedness']:.3f} for "
-        f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU (no throughput prediction for this hardware).",
+        f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU ({best['kv_tokens_lost']} KV tokens); "
+        + (
+            "no throughput prediction for this hardware."
+            if use_tps
+            else "decided on balancedness: the perf model is not calibrated for CPU (its tok/s column is a guess)."
+        ),
     }
