@@ -148,6 +148,36 @@ def test_advise_respects_the_deepep_low_latency_buffer_cap(tmp_path: Path) -> No
     assert b <= LL_BUFFER_CAP_GIB * 2**30 and usable < 4096
 
 
+def test_planner_sizes_the_deepep_ll_buffer_from_physical_experts(tmp_path: Path) -> None:
+    """widep/plan/memory.py: the low-latency buffer has a slot per physical (logical + redundant) expert, capped at
+    32 GiB; the plan of a topology with R redundant experts agrees with advise's candidate for R."""
+    from widep.plan.memory import all2all_buffer_bytes
+
+    mems = {}
+    for r in (0, 32, 256):
+        topo = tmp_path / f"r{r}.yaml"
+        eplb = f"    eplb: {{enabled: true, redundant_experts: {r}}}\n" if r else ""
+        topo.write_text(
+            R1.read_text().replace(
+                "    all2all_backend: deepep_low_latency\n", "    all2all_backend: deepep_low_latency\n" + eplb
+            )
+        )
+        rp = plan(load_topology(topo)).roles[0]
+        assert rp.physical_experts == 256 + r
+        mems[r] = rp.memory
+    b = [mems[r].all2all_buffer_gib for r in (0, 32, 256)]
+    assert b[0] < b[1] < b[2]
+    assert b[1] == pytest.approx(ll_buffer(256 + 32, 7168, 256)[0] / 2**30)
+    assert mems[0].kv_tokens > mems[32].kv_tokens > mems[256].kv_tokens
+    d = advise(parse_expert_load(record(zipf_counts(58, 256))), plan(load_topology(R1)))
+    cand = {c["redundant_experts"]: c for c in d["candidates"] if c["eplb_enabled"]}
+    assert cand[32]["all2all_buffer_gib_per_gpu"] == pytest.approx(b[1], abs=1e-3)
+    assert abs(cand[32]["kv_tokens_per_gpu"] - mems[32].kv_tokens) <= 2 * mems[32].block_tokens
+    # the cap: 4096 tokens per rank x 513 slots would be 56 GiB; the buffer stays at 32 GiB
+    big = all2all_buffer_bytes("deepep_low_latency", plan(load_topology(R1)).arch, 4096, 16, 16, 512)
+    assert big <= LL_BUFFER_CAP_GIB * 2**30 < 2.0 * 513 * 4096 * (2 * 7168 + 16)
+
+
 def test_uniform_load_recommends_eplb_off(tmp_path: Path, capsys) -> None:
     p = write(tmp_path, "u.json", record([[1000] * 256 for _ in range(58)]))
     assert main(["experts", "advise", str(p), "--topology", str(R1), "--json"]) == 0

@@ -30,24 +30,13 @@ import numpy as np
 from widep.errors import UserError
 from widep.experts.analysis import balance_of, counts_array, eplb_placement, static_placement
 from widep.experts.load import ExpertLoad, check_against_arch
-from widep.plan.memory import GIB, weight_bytes
+from widep.plan.memory import GIB, LL_BACKENDS, LL_BUFFER_CAP_GIB, ll_buffer, weight_bytes
 
-LL_BUFFER_CAP_GIB = 32.0
-"""DeepEP low-latency buffer cap per GPU (the 32 GiB buffer limit the issue and DeepEP's NVSHMEM setup impose)."""
-LL_BACKENDS = ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency", "deepep_v2")
 BALANCED_ENOUGH = 0.95
 """At or above this balancedness without EPLB, the load is called balanced and EPLB stays off."""
 MIN_GAIN = 0.02
 """EPLB must predict at least this much more throughput per GPU than EPLB off to be recommended."""
 MAX_CANDIDATES = 16
-
-
-def ll_buffer(num_physical: int, hidden: int, tokens: int) -> tuple[float, int]:
-    """(bytes, usable tokens per rank) of the DeepEP low-latency buffer, with the cap applied."""
-    per_token = 2.0 * (num_physical + 1) * (2 * hidden + 16)
-    cap = LL_BUFFER_CAP_GIB * GIB
-    usable = min(tokens, int(cap // per_token))
-    return per_token * usable, usable
 
 
 def pick_role(p: Any, role: str | None) -> Any:
