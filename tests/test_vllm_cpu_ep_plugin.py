@@ -272,23 +272,36 @@ _STATE = """
     from vllm.model_executor.layers.fused_moe.experts import cpu_moe  # the model process imports this later
     from vllm.distributed.device_communicators import cpu_communicator as cc
     from vllm.distributed.device_communicators.base_device_communicator import DeviceCommunicatorBase as B
+    from vllm.v1.worker import cpu_model_runner as cmr  # imported by the engine's worker, later
+    from vllm.config.vllm import VllmConfig
     print(json.dumps({"before": before, "after": vllm_cpu_ep._done, "registered": vllm_cpu_ep._registered,
                       "apply_wrapped": hasattr(cpu_moe.CPUUnquantizedExperts.apply, "widep_original"),
+                      "runner_wrapped": hasattr(cmr.CPUModelRunner.execute_model, "widep_original"),
+                      "check_wrapped": hasattr(VllmConfig._verify_aux_output_compatibility, "widep_original"),
                       "gatherv_filled": cc.CpuCommunicator.all_gatherv is not B.all_gatherv}))
 """
 
 
-def test_entry_point_fills_both_gaps_and_experts_only_when_imported():
+def test_entry_point_fills_the_gaps_and_experts_only_when_imported():
     s = _python(_STATE)
-    assert s["registered"] and s["before"] == {"collectives": "filled"}, "the kernels module is not imported eagerly"
-    assert s["after"] == {"collectives": "filled", "experts": "filled"}
-    assert s["apply_wrapped"] and s["gatherv_filled"]
+    assert s["registered"], s
+    # the kernels and the model runner are not imported eagerly (the config check is filled when vLLM's config
+    # module is imported, which may be before or after the plugins load)
+    assert s["before"]["collectives"] == "filled" and not {"experts", "routed_experts_runner"} & set(s["before"])
+    assert s["after"] == {
+        "collectives": "filled",
+        "routed_experts_config": "filled",
+        "experts": "filled",
+        "routed_experts_runner": "filled",
+    }
+    assert s["apply_wrapped"] and s["gatherv_filled"] and s["runner_wrapped"] and s["check_wrapped"]
 
 
 @pytest.mark.parametrize("env", [{"WIDEP_CPU_EP_PLUGIN": "0"}, {"VLLM_PLUGINS": "lora_filesystem_resolver"}])
 def test_switched_off(env):
     s = _python(_STATE, **env)
     assert s["after"] == {} and not s["apply_wrapped"] and not s["gatherv_filled"]
+    assert not s["runner_wrapped"] and not s["check_wrapped"]
 
 
 def test_a_vllm_that_already_behaves_is_left_alone():
@@ -312,6 +325,82 @@ def test_a_vllm_that_already_behaves_is_left_alone():
     """)
     assert s["done"] == {"collectives": "left alone", "experts": "left alone"}
     assert s["same"] and not s["wrapped"]
+
+
+def test_routed_expert_return_gap_is_detected_by_behaviour():
+    """vLLM 0.32's AuxOutput check refuses the V1 runner (probed with the least config it reads); the filled check
+    still runs vLLM's other checks; a check or a runner that already allows it is left alone."""
+    s = _python("""
+        import json
+        from widep import vllm_cpu_ep as p
+        import vllm.config.vllm as m
+        from vllm.v1.worker import cpu_model_runner as cmr
+        orig = m.VllmConfig._verify_aux_output_compatibility
+        out = {"refused": p.aux_output_refused(orig), "lacks": p.runner_lacks_aux_output(cmr.CPUModelRunner)}
+        p._patch_aux_config(m)
+        filled = m.VllmConfig._verify_aux_output_compatibility
+        out["filled_ok"] = not p.aux_output_refused(filled)  # the V1 runner passes on CPU
+        probe = p._aux_probe(use_v2=False)
+        probe.cache_config.enable_prefix_caching = False
+        try:
+            filled(probe)
+            out["other_checks"] = None
+        except ValueError as err:
+            out["other_checks"] = str(err)
+        from vllm.platforms import current_platform
+        out["platform_restored"] = current_platform.is_out_of_tree() is False
+        # a vLLM whose check accepts the V1 runner, and a runner that wires the connector itself: left alone
+        p._done.clear()
+        m.VllmConfig._verify_aux_output_compatibility = lambda self: None
+        p._patch_aux_config(m)
+        class Runner(cmr.CPUModelRunner):
+            def execute_model(self, scheduler_output, *a):
+                return self.aux_output_connector
+        class Mod:
+            CPUModelRunner = Runner
+        p._patch_runner(Mod)
+        out["done"] = p._done
+        print(json.dumps(out))
+    """)
+    assert s["refused"] and s["lacks"] and s["filled_ok"] and s["platform_restored"]
+    assert s["other_checks"] == "AuxOutput Connector requires prefix caching."
+    assert s["done"] == {"routed_experts_config": "left alone", "routed_experts_runner": "left alone"}
+
+
+def test_step_batch_and_attach_follow_model_runner_v2():
+    """The V1 step as model runner V2's input batch: batch order, row offsets, tokens computed before the step; the
+    sampled counts handed to vLLM's connector come from the ModelRunnerOutput (0 for a prompt chunk)."""
+    from types import SimpleNamespace as NS
+
+    from widep.vllm_cpu_ep import StepBatch, attach_aux_output
+
+    so = NS(
+        scheduled_new_reqs=[NS(req_id="a", num_computed_tokens=0)],
+        scheduled_cached_reqs=NS(req_ids=["b", "c"], num_computed_tokens=[17, 40]),
+        num_scheduled_tokens={"a": 5, "b": 1, "c": 1},
+    )
+    b = StepBatch(["c", "a", "b"], so)
+    assert b.req_ids == ["c", "a", "b"]
+    assert b.query_start_loc_np.tolist() == [0, 1, 6, 7] and b.num_computed_tokens_np.tolist() == [40, 0, 17]
+    with pytest.raises(RuntimeError, match="3 scheduled requests but 2 in the batch"):
+        StepBatch(["a", "b"], so)
+
+    class Pending:
+        request_ids = ["c", "a", "b"]
+
+        def enqueue_cpu_copy(self, num_sampled, num_rejected):
+            self.sampled, self.rejected = num_sampled.tolist(), num_rejected.tolist()
+
+        def process_output(self):
+            return {"c": "rows"}
+
+    out = NS(
+        req_id_to_index={"c": 0, "a": 1, "b": 2}, sampled_token_ids=[[7], [], [9]], aux_output_connector_output=None
+    )
+    pend = Pending()
+    attach_aux_output(pend, out)
+    assert pend.sampled == [1, 0, 1] and pend.rejected == [0, 0, 0]
+    assert out.aux_output_connector_output == {"c": "rows"}
 
 
 def test_nothing_happens_off_the_cpu_platform():

@@ -20,6 +20,17 @@ progress thread from spinning (3, below):
    restarting rank for minutes. Agents whose delay is still 0 get ``WIDEP_NIXL_PROGRESS_DELAY_US`` (default 100;
    0 keeps NIXL's busy polling).
 
+4. Routed-expert return (``--enable-return-routed-experts``): vLLM wires its AuxOutput connector (the
+   ``RoutedExpertsCapturer`` bound to every MoE router, the per-request row buffer, the block store) only into model
+   runner V2, which needs Triton; ``VllmConfig._verify_aux_output_compatibility`` therefore rejects the CPU
+   platform ("AuxOutput Connector requires Model Runner V2"). Filled by giving the V1 ``CPUModelRunner`` the same
+   four calls model runner V2 makes on vLLM's own ``AuxOutputWorkerConnector`` (create it after the KV cache,
+   ``begin_step`` before the forward, ``prepare_output`` after it, the CPU copy + ``process_output`` into
+   ``ModelRunnerOutput.aux_output_connector_output`` after sampling), and by letting the check pass the CPU
+   platform as it passes out-of-tree platforms that "bring their own model runners" (every other check of it still
+   runs). The scheduler, output processor and OpenAI response (``choices[].routed_experts``) are vLLM's own.
+   Without the flag nothing runs differently.
+
 Each gap is detected by behaviour, not by version: the collective is called on a bare communicator and must
 raise ``NotImplementedError``; the experts are run on a two-expert problem whose only routed expert is non-local
 and must return non-zero. A vLLM that already behaves is left alone (logged once per process). On any other
@@ -45,6 +56,8 @@ COMM_MODULE = "vllm.distributed.device_communicators.cpu_communicator"
 NIXL_MODULES = ("nixl_cu12._api", "nixl_cu13._api", "nixl._api")
 NIXL_DELAY_ENV = "WIDEP_NIXL_PROGRESS_DELAY_US"
 EXPERTS_MODULE = "vllm.model_executor.layers.fused_moe.experts.cpu_moe"
+CONFIG_MODULE = "vllm.config.vllm"
+RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 
 # under vLLM's logger namespace so that vLLM's handler prints it
 log = logging.getLogger("vllm.plugins.widep_cpu_ep")
@@ -81,6 +94,8 @@ def register() -> None:
     # patched when vLLM itself imports it (in the process that runs the model), never imported here.
     _patch_comm(importlib.import_module(COMM_MODULE))
     _when_imported(EXPERTS_MODULE, _patch_experts)
+    _when_imported(CONFIG_MODULE, _patch_aux_config)
+    _when_imported(RUNNER_MODULE, _patch_runner)
     for name in NIXL_MODULES:  # whichever NIXL build vLLM's nixl_utils imports (never imported here)
         _when_imported(name, _patch_nixl)
 
@@ -345,6 +360,201 @@ def _patch_nixl(mod: ModuleType) -> None:
     mod.nixlBind = _DelayedAgents(bind, delay)  # type: ignore[attr-defined]
     _done["nixl_progress_delay"] = "filled"
     log.info("widep CPU EP plugin: NIXL agents of %s poll their progress thread every %d us", mod.__name__, delay)
+
+
+# --------------------------------------------------------------------------- routed-expert return
+
+
+def _aux_probe(use_v2: bool) -> Any:
+    """The least of a VllmConfig that ``_verify_aux_output_compatibility`` reads: routed-expert return on, a
+    generate MoE model, prefix caching, no PP/CP/speculation/KV transfer, the given model runner."""
+    from types import SimpleNamespace as NS
+
+    return NS(
+        aux_output_config=NS(enabled=True),
+        use_v2_model_runner=use_v2,
+        model_config=NS(runner_type="generate", is_moe=True),
+        cache_config=NS(enable_prefix_caching=True),
+        speculative_config=None,
+        parallel_config=NS(
+            pipeline_parallel_size=1,
+            decode_context_parallel_size=1,
+            prefill_context_parallel_size=1,
+        ),
+        kv_transfer_config=None,
+    )
+
+
+def aux_output_refused(check: Callable[[Any], None]) -> bool:
+    """Whether vLLM's check refuses routed-expert return on this platform's (V1) model runner."""
+    try:
+        check(_aux_probe(use_v2=False))
+    except ValueError:
+        return True
+    return False
+
+
+class _AsOutOfTree:
+    """Within the block, ``current_platform.is_out_of_tree()`` answers True (an instance attribute over the
+    method, removed after)."""
+
+    def __enter__(self) -> None:
+        from vllm.platforms import current_platform
+
+        self.platform = current_platform
+        current_platform.is_out_of_tree = lambda: True  # type: ignore[method-assign]
+
+    def __exit__(self, *exc: object) -> None:
+        del self.platform.is_out_of_tree
+
+
+def _patch_aux_config(mod: ModuleType) -> None:
+    cls = mod.VllmConfig
+    original = cls._verify_aux_output_compatibility
+    if hasattr(original, "widep_original"):
+        return
+    try:
+        refused = aux_output_refused(original)
+    except (AttributeError, TypeError) as err:  # the check reads more than the probe has: leave it to vLLM
+        _done["routed_experts_config"] = "left alone"
+        log.warning(
+            "widep CPU EP plugin: could not probe vLLM's AuxOutput check (%s: %s); left alone", type(err).__name__, err
+        )
+        return
+    if not refused:
+        _done["routed_experts_config"] = "left alone"
+        return
+
+    def verify(self: Any) -> None:
+        if not self.aux_output_config.enabled or self.use_v2_model_runner:
+            return original(self)
+        with _AsOutOfTree():  # the CPU runner brings its own AuxOutput wiring (below); the other checks still run
+            return original(self)
+
+    verify.widep_original = original  # type: ignore[attr-defined]
+    verify.__doc__ = "vLLM's AuxOutput check, with the CPU model runner's routed-expert return (widep plugin)."
+    cls._verify_aux_output_compatibility = verify
+    _done["routed_experts_config"] = "filled"
+
+
+def runner_lacks_aux_output(cls: type) -> bool:
+    """Whether the CPU model runner never hands AuxOutput metadata to a worker connector (vLLM 0.32: only model
+    runner V2 does)."""
+    for name in ("execute_model", "sample_tokens", "initialize_kv_cache"):
+        for klass in cls.__mro__:
+            fn = klass.__dict__.get(name)
+            if fn is None:
+                continue
+            try:
+                if "aux_output_connector" in inspect.getsource(fn):
+                    return False
+            except (OSError, TypeError):
+                return False
+    return True
+
+
+class StepBatch:
+    """What ``AuxOutputWorkerConnector.prepare_output`` reads of model runner V2's input batch, from one V1 step:
+    the requests in batch order (their tokens lie contiguous in that order in the forward), where each one's rows
+    start (``query_start_loc_np``) and how many of its tokens were computed before the step."""
+
+    def __init__(self, req_ids: list[str], scheduler_output: Any) -> None:
+        import numpy as np
+
+        starts = {r.req_id: r.num_computed_tokens for r in scheduler_output.scheduled_new_reqs}
+        cached = scheduler_output.scheduled_cached_reqs
+        starts.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+        scheduled = scheduler_output.num_scheduled_tokens
+        self.req_ids = [r for r in req_ids if r in scheduled]
+        if len(self.req_ids) != len(scheduled):
+            raise RuntimeError(
+                f"routed-expert return: {len(scheduled)} scheduled requests but {len(self.req_ids)} in the batch"
+            )
+        counts = np.array([scheduled[r] for r in self.req_ids], dtype=np.int64)
+        self.query_start_loc_np = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_computed_tokens_np = np.array([starts[r] for r in self.req_ids], dtype=np.int64)
+
+
+def attach_aux_output(pending: Any, output: Any) -> None:
+    """Copy one step's routed experts to the host and hand them to the scheduler in ``output`` (what model runner
+    V2's ``AsyncOutput`` does): per request the tokens it sampled (0 for a prompt chunk), none rejected."""
+    import numpy as np
+
+    index = getattr(output, "req_id_to_index", None) or {}
+    sampled_ids = getattr(output, "sampled_token_ids", None) or []
+    sampled = np.array(
+        [len(sampled_ids[index[r]]) if r in index and index[r] < len(sampled_ids) else 0 for r in pending.request_ids],
+        dtype=np.int64,
+    )
+    pending.enqueue_cpu_copy(num_sampled=sampled, num_rejected=np.zeros_like(sampled))
+    result = pending.process_output()
+    if output is not None and hasattr(output, "aux_output_connector_output"):
+        output.aux_output_connector_output = result
+
+
+def _patch_runner(mod: ModuleType) -> None:
+    cls = mod.CPUModelRunner
+    if hasattr(cls.execute_model, "widep_original"):
+        return
+    if not runner_lacks_aux_output(cls):
+        _done["routed_experts_runner"] = "left alone"
+        log.info("widep CPU EP plugin: this vLLM's CPU model runner already returns routed experts; left alone")
+        return
+    init_kv, execute, sample = cls.initialize_kv_cache, cls.execute_model, cls.sample_tokens
+    init_sig = inspect.signature(init_kv)
+
+    def initialize_kv_cache(self: Any, *args: Any, **kwargs: Any) -> None:
+        init_kv(self, *args, **kwargs)
+        call = init_sig.bind(self, *args, **kwargs)
+        call.apply_defaults()
+        old = getattr(self, "widep_aux", None)
+        self.widep_aux, self.widep_aux_pending = None, None
+        if old is not None:
+            old.close()
+        if not self.vllm_config.aux_output_config.enabled or call.arguments.get("is_profiling"):
+            return
+        if self.vllm_config.speculative_config is not None:
+            raise ValueError(
+                "widep CPU EP plugin: routed-expert return on the CPU model runner does not cover speculative "
+                "decoding (its rejected tokens); drop --speculative-config or --enable-return-routed-experts."
+            )
+        from vllm.distributed.aux_output_connector.worker import get_aux_output_connector
+
+        self.widep_aux = get_aux_output_connector(self.model, self.vllm_config, call.arguments["kv_cache_config"])
+        log.info("widep CPU EP plugin: routed-expert return on the CPU model runner (vLLM's AuxOutput connector)")
+
+    def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        aux = getattr(self, "widep_aux", None)
+        if aux is None:
+            return execute(self, scheduler_output, *args, **kwargs)
+        aux.begin_step(scheduler_output.aux_output_connector_metadata)  # before the forward, as model runner V2
+        out = execute(self, scheduler_output, *args, **kwargs)
+        if scheduler_output.total_num_scheduled_tokens:
+            pending = aux.prepare_output(StepBatch(list(self.input_batch.req_ids), scheduler_output))
+            if out is None:
+                self.widep_aux_pending = pending  # sample_tokens follows
+            else:
+                attach_aux_output(pending, out)
+        return out
+
+    def sample_tokens(self: Any, *args: Any, **kwargs: Any) -> Any:
+        pending, self.widep_aux_pending = getattr(self, "widep_aux_pending", None), None
+        try:
+            out = sample(self, *args, **kwargs)
+        except BaseException:
+            if pending is not None:  # release the step so that the connector's in-order queue stays consistent
+                attach_aux_output(pending, None)
+            raise
+        if pending is not None:
+            attach_aux_output(pending, out)
+        return out
+
+    for fn, orig in ((initialize_kv_cache, init_kv), (execute_model, execute), (sample_tokens, sample)):
+        fn.widep_original = orig  # type: ignore[attr-defined]
+        fn.__doc__ = f"CPUModelRunner.{orig.__name__} with vLLM's AuxOutput connector (widep CPU EP plugin)."
+    cls.initialize_kv_cache, cls.execute_model, cls.sample_tokens = initialize_kv_cache, execute_model, sample_tokens
+    _done["routed_experts_runner"] = "filled"
+    log.info("widep CPU EP plugin: CPUModelRunner gains vLLM's AuxOutput connector (routed-expert return)")
 
 
 # --------------------------------------------------------------------------- import hook

@@ -14,6 +14,10 @@ Every byte of extra memory comes out of the KV cache (``kv_tokens_lost`` = extra
 rounded to KV blocks). The predicted tokens/s per GPU comes from widep's perf model at the full batch
 (max_num_seqs per rank, or what the buffer cap allows, or what the KV cache holds) with the measured skew
 ``1 / balancedness - 1`` in place of the calibration's routing skew.
+
+The recommendation weighs that throughput only where the perf model is calibrated: on vLLM's CPU backend its
+figures are GPU kernel tables applied to a placeholder CPU datasheet (it predicts ~2.7 ms per decode step for the
+tiny MoE, where CPU vLLM takes tens of ms), so there the pick is made on balancedness and memory alone.
 """
 
 from __future__ import annotations
@@ -26,24 +30,13 @@ import numpy as np
 from widep.errors import UserError
 from widep.experts.analysis import balance_of, counts_array, eplb_placement, static_placement
 from widep.experts.load import ExpertLoad, check_against_arch
-from widep.plan.memory import GIB, weight_bytes
+from widep.plan.memory import GIB, LL_BACKENDS, LL_BUFFER_CAP_GIB, ll_buffer, weight_bytes
 
-LL_BUFFER_CAP_GIB = 32.0
-"""DeepEP low-latency buffer cap per GPU (the 32 GiB buffer limit the issue and DeepEP's NVSHMEM setup impose)."""
-LL_BACKENDS = ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency", "deepep_v2")
 BALANCED_ENOUGH = 0.95
 """At or above this balancedness without EPLB, the load is called balanced and EPLB stays off."""
 MIN_GAIN = 0.02
 """EPLB must predict at least this much more throughput per GPU than EPLB off to be recommended."""
 MAX_CANDIDATES = 16
-
-
-def ll_buffer(num_physical: int, hidden: int, tokens: int) -> tuple[float, int]:
-    """(bytes, usable tokens per rank) of the DeepEP low-latency buffer, with the cap applied."""
-    per_token = 2.0 * (num_physical + 1) * (2 * hidden + 16)
-    cap = LL_BUFFER_CAP_GIB * GIB
-    usable = min(tokens, int(cap // per_token))
-    return per_token * usable, usable
 
 
 def pick_role(p: Any, role: str | None) -> Any:
@@ -137,7 +130,7 @@ def advise(load: ExpertLoad, p: Any, *, role: str | None = None, calibration: st
                 "predicted_tps_per_gpu": None if tps is None else round(tps, 2),
             }
         )
-    rec = _recommend(candidates, rp)
+    rec = _recommend(candidates, rp, use_tps=p.gpu.device != "cpu")
     return {
         "model": arch.name,
         "topology": p.spec.name,
@@ -220,7 +213,7 @@ def _predict(p: Any, rp: Any, cal: Any, **over: Any) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
+def _recommend(cands: list[dict[str, Any]], rp: Any, use_tps: bool = True) -> dict[str, Any]:
     off = cands[0]
     on = cands[1:]
     if off["balancedness"] >= BALANCED_ENOUGH:
@@ -232,7 +225,9 @@ def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
         }
     if not on:
         return {"redundant_experts": 0, "eplb_enabled": False, "why": "no EPLB candidate fits in memory."}
-    have_tps = off["predicted_tps_per_gpu"] is not None and all(c["predicted_tps_per_gpu"] is not None for c in on)
+    have_tps = (
+        use_tps and off["predicted_tps_per_gpu"] is not None and all(c["predicted_tps_per_gpu"] is not None for c in on)
+    )
     if have_tps:
         best = max(on, key=lambda c: (c["predicted_tps_per_gpu"], -c["redundant_experts"]))
         gain = best["predicted_tps_per_gpu"] / max(off["predicted_tps_per_gpu"], 1e-9) - 1.0
@@ -250,13 +245,18 @@ def _recommend(cands: list[dict[str, Any]], rp: Any) -> dict[str, Any]:
             f"{off['predicted_tps_per_gpu']:.1f} -> {best['predicted_tps_per_gpu']:.1f} ({100 * gain:+.1f}%) for "
             f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU ({best['kv_tokens_lost']} KV tokens).",
         }
-    # no throughput prediction (e.g. the perf model refuses this hardware): the smallest redundancy that gets
-    # within 0.01 of the best balancedness
+    # no (calibrated) throughput prediction (the perf model refuses this hardware, or it is CPU): the smallest
+    # redundancy that gets within 0.01 of the best balancedness
     top = max(c["balancedness"] for c in on)
     best = min((c for c in on if c["balancedness"] >= top - 0.01), key=lambda c: c["redundant_experts"])
     return {
         "redundant_experts": best["redundant_experts"],
         "eplb_enabled": True,
         "why": f"balancedness {off['balancedness']:.3f} -> {best['balancedness']:.3f} for "
-        f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU (no throughput prediction for this hardware).",
+        f"{best['extra_memory_gib_per_gpu']:.2f} GiB per GPU ({best['kv_tokens_lost']} KV tokens); "
+        + (
+            "no throughput prediction for this hardware."
+            if use_tps
+            else "decided on balancedness: the perf model is not calibrated for CPU (its tok/s column is a guess)."
+        ),
     }

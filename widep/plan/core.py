@@ -363,21 +363,33 @@ def check_pd_kv_layout_agreement(spec: TopologySpec) -> None:
             )
 
 
-def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable, is_cpu: bool) -> None:
-    """serving.record_routed_experts needs a vLLM with --enable-return-routed-experts, and its model runner V2."""
-    if spec.serving.record_routed_experts and is_cpu:
-        _fail(
-            "serving.record_routed_experts",
-            "true on vLLM's CPU backend: vLLM 0.32 returns routed experts only from its model runner V2 ('AuxOutput "
-            "Connector requires Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1'), which needs Triton with a GPU "
-            "backend ('Model Runner V2 requires Triton.' with VLLM_USE_V2_MODEL_RUNNER=1 on CPU). Valid: false on "
-            "CPU; record on a CUDA deployment.",
-        )
-    if spec.serving.record_routed_experts and not vt.has_return_routed_experts:
+def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable, is_cpu: bool, mla: bool) -> None:
+    """serving.record_routed_experts needs a vLLM with --enable-return-routed-experts and what vLLM's AuxOutput
+    check asks (prefix caching, no P/D connector). On CPU the routed-expert return comes from widep's vLLM plugin
+    (widep/vllm_cpu_ep.py: vLLM's own AuxOutput connector wired into the V1 CPU model runner)."""
+    if not spec.serving.record_routed_experts:
+        return
+    if not vt.has_return_routed_experts:
         _fail(
             "serving.record_routed_experts",
             f"true with vLLM {spec.vllm.version}: --enable-return-routed-experts exists from vLLM 0.32 on. Valid: "
             "false, or vllm.version 0.32.0 or newer.",
+        )
+    pd = [r.name for r in spec.roles if r.kind != "mixed"]
+    if pd:
+        _fail(
+            "serving.record_routed_experts",
+            f"true with prefill/decode roles {pd}: vLLM refuses it with the P/D KV connector "
+            "('--enable-return-routed-experts is incompatible with NixlConnector; PD auxiliary output is not "
+            "supported.'). Valid: false, or record on a topology of mixed roles.",
+        )
+    if is_cpu and mla:
+        _fail(
+            "serving.record_routed_experts",
+            f"true with the MLA model {spec.model.preset or spec.model.config!r} on vLLM's CPU backend: vLLM turns "
+            "prefix caching off for MLA on CPU ('MLA is enabled on a non-GPU platform; forcing chunked prefill and "
+            "prefix caching to be disabled.') and routed-expert return requires it ('AuxOutput Connector requires "
+            "prefix caching.'). Valid: false, or a model without MLA (e.g. preset tiny-moe).",
         )
 
 
@@ -834,7 +846,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_model_agreement(spec)
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
-    check_record_routed_experts(spec, vt, is_cpu)
+    check_record_routed_experts(spec, vt, is_cpu, arch.mla)
     check_recovery(spec)
     mv = first_version_with("has_multi_port_lb")
     _refuse(R.multiport_supported(spec.serving.dp_mode, vt.has_multi_port_lb, spec.vllm.version, mv))

@@ -92,19 +92,41 @@ def weight_bytes(arch: MoEArch, dtype: str, tp: int, experts_per_gpu: float) -> 
     return non_expert, experts
 
 
-def all2all_buffer_bytes(backend: str, arch: MoEArch, max_tokens_per_rank: int, dp_size: int, ep_size: int) -> float:
+LL_BUFFER_CAP_GIB = 32.0
+"""DeepEP low-latency buffer cap per GPU: past it the tokens per rank the buffer takes shrink to what fits."""
+LL_BACKENDS = ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency", "deepep_v2")
+"""Backends whose receive buffer has a slot per (physical expert, token) pair."""
+
+
+def ll_buffer(num_physical: int, hidden: int, tokens: int) -> tuple[float, int]:
+    """(bytes, usable tokens per rank) of a low-latency buffer for ``num_physical`` expert slots (logical +
+    redundant), with :data:`LL_BUFFER_CAP_GIB` applied."""
+    per_token = 2.0 * (num_physical + 1) * (2 * hidden + 16)
+    usable = min(tokens, int(LL_BUFFER_CAP_GIB * GIB // per_token))
+    return per_token * usable, usable
+
+
+def all2all_buffer_bytes(
+    backend: str,
+    arch: MoEArch,
+    max_tokens_per_rank: int,
+    dp_size: int,
+    ep_size: int,
+    physical_experts: int | None = None,
+) -> float:
     """Bytes of communication buffers per GPU for an all2all backend.
 
     deepep_low_latency: DeepEP's low-latency layout holds, double-buffered, a receive slot per
-    (expert, token) pair: 2 x (num_experts + 1) x max_tokens x (hidden x 2 bytes + 16 bytes header).
-    deepep_high_throughput: fixed NVLink + RDMA buffers. allgather_reducescatter: a gathered copy of
-    every DP rank's hidden states (in and out).
+    (physical expert, token) pair: 2 x (physical experts + 1) x max_tokens x (hidden x 2 bytes + 16 bytes header),
+    where physical experts = logical + EPLB's redundant ones (default: the logical count), capped at
+    LL_BUFFER_CAP_GIB (the tokens per rank it takes shrink instead). deepep_high_throughput: fixed NVLink + RDMA
+    buffers. allgather_reducescatter: a gathered copy of every DP rank's hidden states (in and out).
     """
     if ep_size <= 1:
         return 0.0
     h = arch.hidden
-    if backend in ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency", "deepep_v2"):
-        return 2.0 * (arch.routed_experts + 1) * max_tokens_per_rank * (2 * h + 16)
+    if backend in LL_BACKENDS:
+        return ll_buffer(physical_experts or arch.routed_experts, h, max_tokens_per_rank)[0]
     if backend in ("deepep_high_throughput", "mori_high_throughput"):
         return MEMORY_CONSTANTS["deepep_ht_buffer_gib"] * GIB
     # allgather_reducescatter, naive, flashinfer: gathered hidden states of all DP ranks, in and out
@@ -145,7 +167,8 @@ def memory_budget(
         if backend in ("deepep_low_latency", "pplx", "nixl_ep", "mori_low_latency")
         else max_num_batched_tokens
     )
-    a2a = all2all_buffer_bytes(backend, arch, a2a_tokens, dp_size, ep_size)
+    physical = round(experts_per_gpu * ep_size)  # logical + redundant expert slots of the EP group
+    a2a = all2all_buffer_bytes(backend, arch, a2a_tokens, dp_size, ep_size, physical)
     act = (
         max_num_batched_tokens
         * (
