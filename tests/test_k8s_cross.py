@@ -501,7 +501,7 @@ def test_cpu_topologies_get_a_cpu_image_and_cuda_images_are_refused_for_them(tmp
     images = {c["image"] for d in rendered(cpu) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
     assert images == {f"{L.CPU_IMAGE_REPO}:v0.32.0"}
     images = {c["image"] for d in rendered(DEEPSEEK_PD) if d["kind"] == "LeaderWorkerSet" for c in _containers_of(d)}
-    assert images == {"vllm/vllm-openai:v0.32.0"}  # GPUs keep vLLM's CUDA image
+    assert images == {"vllm/vllm-openai:v0.34.0"}  # GPUs keep vLLM's CUDA image (the 0.34 default line)
     for given in ("vllm/vllm-openai:v0.32.0", "docker.io/vllm/vllm-openai@sha256:" + "a" * 64):
         with pytest.raises(UserError, match=r"^--image: .* is vLLM's CUDA image, but cluster.gpu is CPU") as err:
             rendered(cpu, image=given)

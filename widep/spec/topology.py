@@ -716,7 +716,8 @@ class TopologySpec(Strict):
         vllm.setdefault("version", default_version(device))
         version = vllm["version"]
         if "image" not in vllm and isinstance(version, str) and re.fullmatch(r"\d+\.\d+\.\d+", version):
-            vllm["image"] = f"vllm/vllm-openai:v{version}"
+            repo = "public.ecr.aws/q9t5s3a7/vllm-cpu-release-repo" if device == "cpu" else "vllm/vllm-openai"
+            vllm["image"] = f"{repo}:v{version}"
         return {**data, "vllm": vllm}
 
     @model_validator(mode="after")
