@@ -17,11 +17,19 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_helpers import ROOT, wait_gone
+from launch_helpers import ROOT, processes_of_run, wait_gone
 
 from widep.doctor.gather import _PROBE
 from widep.render.vllm import ProcessCommand
-from widep.run.procs import ENGINE_LOST, death_severity, kill_ranks, root_cause, signal_name, start_rank
+from widep.run.procs import (
+    ENGINE_LOST,
+    death_severity,
+    kill_ranks,
+    root_cause,
+    signal_name,
+    start_rank,
+    tear_down_together,
+)
 from widep.run.state import Failure, GroupState, GroupStatus, RestartPolicy
 
 # A parent that ignores SIGTERM with a child that ignores SIGTERM (an API server and its engine core).
@@ -90,6 +98,37 @@ def test_a_dead_ranks_group_is_gone_in_a_second(tmp_path):
     kill_ranks(ranks)
     assert wait_gone(run_id, timeout=5) == []
     assert time.monotonic() - t0 < 1.0
+
+
+SPIN = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def test_a_rank_that_dies_takes_its_group_with_it_within_a_second_on_a_loaded_machine(tmp_path):
+    """No supervisor runs here: the guards and :func:`tear_down_together` alone take the group down, from the
+    SIGKILL of rank 1's API server to the last process of both ranks gone, with every core kept busy."""
+    run_id = f"faults-{os.getpid()}-together"
+    spin = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(2 * (os.cpu_count() or 1))]
+    ranks = tear_down_together(
+        [start_rank(cmd("serve", 600, r), tmp_path, 0, dict(os.environ), run_id, 30.0) for r in (0, 1)]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(processes_of_run(run_id)) < 6 and time.monotonic() < deadline:  # 2 x (guard, server, child)
+            time.sleep(0.1)
+        time.sleep(0.5)
+        api = children(ranks[1].proc.pid)[0]
+        t0 = time.monotonic()
+        os.kill(api, signal.SIGKILL)
+        assert wait_gone(run_id, timeout=5) == []
+        took = time.monotonic() - t0
+        assert took < 1.0, took
+        assert root_cause(ranks) is ranks[1] and ranks[0].torn_down and not ranks[1].torn_down
+        assert signal_name(ranks[1].exit_code or 0) == "killed by SIGKILL"
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+        kill_ranks(ranks)
 
 
 def test_an_exited_commands_orphans_go_at_once(tmp_path):

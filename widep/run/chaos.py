@@ -66,13 +66,24 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def api_server_pid(run_id: str, port: int) -> int | None:
-    """The API server of the launch that serves ``port`` (not its guard)."""
+def api_server_pids(run_id: str) -> list[int]:
+    """The launch's vLLM API servers (``python -m vllm.entrypoints.openai.api_server`` or ``vllm serve``; not their
+    guards, not the router)."""
+    out = []
     for pid in run_processes(run_id):
         cmd = _cmdline(pid)
-        if "widep.run.guard" in cmd or not any("vllm" in c for c in cmd[:3]):
+        if "widep.run.guard" in cmd or "--port" not in cmd:
             continue
-        if "--port" in cmd and cmd[cmd.index("--port") + 1 : cmd.index("--port") + 2] == [str(port)]:
+        if "vllm.entrypoints.openai.api_server" in cmd or (Path(cmd[0]).name == "vllm" and cmd[1:2] == ["serve"]):
+            out.append(pid)
+    return out
+
+
+def api_server_pid(run_id: str, port: int) -> int | None:
+    """The API server of the launch that serves ``port`` (not its guard)."""
+    for pid in api_server_pids(run_id):
+        cmd = _cmdline(pid)
+        if cmd[cmd.index("--port") + 1 : cmd.index("--port") + 2] == [str(port)]:
             return pid
     return None
 
@@ -194,14 +205,24 @@ def alive(pids: list[int]) -> set[int]:
     return alive
 
 
-def count_orphans(run_id: str, wait_s: float = 10.0) -> list[int]:
-    """Processes of the launch still alive ``wait_s`` after the launcher returned."""
-    end = time.monotonic() + wait_s
+def wait_gone(run_id: str, timeout: float = 60.0) -> list[int]:
+    """Processes of the launch ``run_id`` still alive after up to ``timeout`` s (checked every 50 ms): the orphans
+    of a launcher that returned (the tests use it too)."""
+    end = time.monotonic() + timeout
     left = run_processes(run_id)
     while left and time.monotonic() < end:
-        time.sleep(0.25)
+        time.sleep(0.05)
         left = run_processes(run_id)
     return left
+
+
+READY_RX = re.compile(r"healthy ([0-9.]+) s after the last start")
+
+
+def cold_starts(launch_log: str) -> list[float]:
+    """The launcher's own figure for each attempt that became healthy (``ready: ... healthy 33.3 s after the last
+    start``): its ranks' cold start, all ranks of the group starting at once (one core each on CPU)."""
+    return [float(m.group(1)) for m in READY_RX.finditer(launch_log)]
 
 
 def run_once(
@@ -275,7 +296,7 @@ def run_once(
         stop.set()
         dep.stop()
         if run_id:
-            orphans = count_orphans(run_id)
+            orphans = wait_gone(run_id, 10.0)
             for p in orphans:
                 try:
                     os.kill(p, signal.SIGKILL)
@@ -292,6 +313,9 @@ def run_once(
         rp.spec.recovery,
         str(target),
     )
+    starts = cold_starts(dep.text())
+    summary["cold_start_s"] = starts[0] if starts else None
+    summary["restart_cold_start_s"] = starts[1] if len(starts) > 1 else None
     summary["killed_pid"] = kill["pid"]
     summary["launch_log"] = str(out_dir / "launch.log")
     return summary, run.records

@@ -46,7 +46,7 @@ from widep.run.control import probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
 from widep.run.preflight import check_before_start
-from widep.run.procs import kill_ranks, resolve_env, signal_name, start_rank, stop_ranks, tail
+from widep.run.procs import kill_ranks, resolve_env, signal_name, start_rank, stop_ranks, tail, tear_down_together
 from widep.run.state import Failure, GroupState, GroupStatus
 
 SLOT_RESOURCE = "widep_slot"
@@ -219,6 +219,7 @@ class NodeAgent:
             )
             if c.health_port:
                 self.probes[c.name] = (c.host or "127.0.0.1", c.health_port)
+        tear_down_together(self.procs)  # a rank that dies takes its peers on this node with it at once
         return [p.proc.pid for p in self.procs]
 
     def poll(self, follow: bool = False) -> list[dict[str, Any]]:
