@@ -231,3 +231,133 @@ def test_an_engine_core_that_dies_under_a_live_api_server_kills_the_rank_at_once
         assert "engine core" in r.log.read_text()
     finally:
         kill_ranks([r])
+
+
+def _wait_ranks(run_id: str, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(processes_of_run(run_id)) < 3 * n and time.monotonic() < deadline:  # n x (guard, server, child)
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def _server_of(guard: int) -> int:
+    (api,) = children(guard)
+    return api
+
+
+def _guard_of_rank(run_id: str, rank: int) -> int:
+    for pid in processes_of_run(run_id):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        if b"widep.run.guard" in argv and argv[-1] == str(600 + rank).encode():
+            return pid
+    raise AssertionError(f"no guard of rank {rank}")
+
+
+def test_the_slurm_node_agent_takes_its_hosts_ranks_down_with_a_dead_one(tmp_path):
+    """The Slurm node agent (``python -m widep.run.slurm node STEP.json``, what srun runs on each node) with two
+    ranks: the SIGKILL of rank 1's server takes both down within a second and rank 1 is the recorded failure."""
+    run_id = f"faults-{os.getpid()}-slurm"
+    procs = [
+        {
+            "host": "n0",
+            "run_dir": str(tmp_path / "logs"),
+            "role": "serve",
+            "replica": 0,
+            "dp_rank": r,
+            "dp_ranks": [r],
+            "node": 0,
+            "node_name": "n0",
+            "local_rank": r,
+            "port": None,
+            "health_port": None,
+            "headless": False,
+            "argv": [sys.executable, "-c", STUBBORN, str(600 + r)],
+            "env": [],
+        }
+        for r in (0, 1)
+    ]
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"run_id": run_id, "attempt": 0, "group": "serve", "grace_s": 30, "processes": procs}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SLURMD_NODENAME="n0")
+    agent = subprocess.Popen([sys.executable, "-m", "widep.run.slurm", "node", str(step)], env=env)
+    try:
+        _wait_ranks(run_id, 2)
+        api = _server_of(_guard_of_rank(run_id, 1))
+        t0 = time.monotonic()
+        os.kill(api, signal.SIGKILL)
+        assert wait_gone(run_id, timeout=5) == []
+        took = time.monotonic() - t0
+        assert took < 1.0, took
+        assert agent.wait(timeout=20) == 1
+        fail = json.loads((tmp_path / "failure-n0.json").read_text())
+        assert (fail["rank"], fail["reason"]) == ("serve/1", "killed by SIGKILL")
+    finally:
+        agent.kill()
+        agent.wait()
+        for pid in wait_gone(run_id, timeout=0):
+            os.kill(pid, signal.SIGKILL)
+
+
+RAY_AGENT = """
+import json, os, signal, sys, time
+from pathlib import Path
+import ray
+from widep.render.vllm import ProcessCommand
+from widep.run.ray_backend import NodeAgent
+
+run_id, run_dir, stub = sys.argv[1], sys.argv[2], sys.argv[3]
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    agent = ray.remote(NodeAgent).remote(run_id, run_dir, 30.0)
+    argv = [(sys.executable, "-c", stub, str(600 + r)) for r in (0, 1)]
+    cmds = [ProcessCommand("serve", 0, r, (r,), 0, "node-0", r, None, None, template=argv[r]) for r in (0, 1)]
+    guards = ray.get(agent.start.remote(0, cmds, {}))
+    print(json.dumps({"guards": guards}), flush=True)
+    sys.stdin.readline()  # the test killed rank 1's server
+    end = time.monotonic() + 10
+    rows = ray.get(agent.poll.remote())
+    while any(r["exit"] is None for r in rows) and time.monotonic() < end:
+        time.sleep(0.1)
+        rows = ray.get(agent.poll.remote())
+    print(json.dumps([{k: r[k] for k in ("name", "exit", "torn_down")} for r in rows]), flush=True)
+    ray.get(agent.stop.remote())
+finally:
+    ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_the_ray_node_agent_takes_its_nodes_ranks_down_with_a_dead_one(tmp_path):
+    """widep's Ray node agent as a real Ray actor (a local Ray instance) with two ranks: the SIGKILL of rank 1's
+    server takes both down within a second, and the agent reports rank 1 killed, rank 0 torn down by widep."""
+    pytest.importorskip("ray")
+    run_id = f"faults-{os.getpid()}-ray"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    drv = subprocess.Popen(
+        [sys.executable, "-c", RAY_AGENT, run_id, str(tmp_path), STUBBORN],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert drv.stdin is not None and drv.stdout is not None
+        guards = json.loads(drv.stdout.readline())["guards"]
+        _wait_ranks(run_id, 2)
+        api = _server_of(guards[1])
+        t0 = time.monotonic()
+        os.kill(api, signal.SIGKILL)
+        assert wait_gone(run_id, timeout=5) == []
+        took = time.monotonic() - t0
+        assert took < 1.0, took
+        drv.stdin.write("\n")
+        drv.stdin.flush()
+        rows = {r["name"]: r for r in json.loads(drv.stdout.readline())}
+        assert signal_name(rows["serve/1"]["exit"]) == "killed by SIGKILL" and not rows["serve/1"]["torn_down"]
+        assert rows["serve/0"]["torn_down"]
+        assert drv.wait(timeout=60) == 0
+    finally:
+        drv.kill()
+        drv.wait()
+        for pid in wait_gone(run_id, timeout=0):
+            os.kill(pid, signal.SIGKILL)
