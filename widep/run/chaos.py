@@ -102,6 +102,8 @@ class Watch:
 
     gone_at: float | None = None
     healthy_at: float | None = None
+    last: tuple[int, float] | None = None
+    """The killed attempt's last process to go: (pid, when)."""
     states: list[tuple[float, str, int]] = field(default_factory=list)
 
 
@@ -159,9 +161,15 @@ class Deployment:
         healthy in an attempt after ``attempt`` (two loops: a slow /state answer must not delay the first)."""
 
         def gone() -> None:
+            left = set(before)
             while not stop.is_set():
-                if not alive(before):
-                    out.gone_at = time.perf_counter()
+                now = time.perf_counter()
+                still = alive(list(left))
+                for pid in left - still:
+                    out.last = (pid, now)
+                left = still
+                if not left:
+                    out.gone_at = now
                     return
                 time.sleep(0.02)
 
@@ -253,7 +261,8 @@ def run_once(
     out_dir.mkdir(parents=True, exist_ok=True)
     dep = Deployment(topology, plan, out_dir / "launch.log", launch_args)
     watch, stop = Watch(), threading.Event()
-    kill: dict[str, float | int | None] = {"at": None, "pid": None}
+    kill: dict[str, float | int | None] = {"at": None, "pid": None, "perf": None}
+    names: dict[int, str] = {}
     orphans: list[int] = []
     run_id = ""
     try:
@@ -270,10 +279,12 @@ def run_once(
             pid = api if target.part == "api" or api is None else engine_core_pid(api)
             st = dep.state(target.role) or {"attempt": 0}
             before = [p for p in run_processes(run_id) if p != dep.proc.pid and "router" not in " ".join(_cmdline(p))]
+            names.update({p: " ".join(_cmdline(p))[:120] for p in before})
             if pid is None:
                 return
+            kill["perf"] = time.perf_counter()  # taken before the kill: the figures below are not flattered
             os.kill(pid, signal.SIGKILL)
-            kill["at"], kill["pid"] = time.perf_counter() - t0, pid
+            kill["at"], kill["pid"] = float(kill["perf"]) - t0, pid
             threading.Thread(
                 target=dep.watch, args=(target.role, before, int(st["attempt"]), stop, watch), daemon=True
             ).start()
@@ -302,13 +313,13 @@ def run_once(
                     os.kill(p, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-    k = kill["at"]
+    kp = kill["perf"]
     summary = summarize_run(
         run.records,
-        k if isinstance(k, float) else None,
+        None if kp is None else float(kp) - t0,  # on the load's clock (the records' times)
         duration_s,
-        None if watch.healthy_at is None or k is None else watch.healthy_at - t0 - float(k),
-        None if watch.gone_at is None or k is None else watch.gone_at - t0 - float(k),
+        None if watch.healthy_at is None or kp is None else watch.healthy_at - float(kp),
+        None if watch.gone_at is None or kp is None else watch.gone_at - float(kp),
         len(orphans),
         rp.spec.recovery,
         str(target),
@@ -317,5 +328,8 @@ def run_once(
     summary["cold_start_s"] = starts[0] if starts else None
     summary["restart_cold_start_s"] = starts[1] if len(starts) > 1 else None
     summary["killed_pid"] = kill["pid"]
+    if watch.last is not None and kp is not None:
+        pid, at = watch.last
+        summary["teardown_last"] = {"pid": pid, "cmd": names.get(pid, "?"), "s": round(at - float(kp), 3)}
     summary["launch_log"] = str(out_dir / "launch.log")
     return summary, run.records

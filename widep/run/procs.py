@@ -14,7 +14,7 @@ from pathlib import Path
 
 from widep.errors import UserError
 from widep.render.vllm import EnvRef, ProcessCommand
-from widep.run.guard import DEATH_MARK, ENGINE_LOST, group_members
+from widep.run.guard import DEATH_MARK, ENGINE_LOST, boost, group_members
 
 RUN_ID_ENV = "WIDEP_RUN_ID"
 """Every process widep starts carries this variable, so tests (and `ps e`) can find them."""
@@ -176,6 +176,7 @@ def kill_ranks(ranks: list[RankProcess], wait_s: float = 5.0) -> None:
     restarts anyway, and vLLM's engine core ignores SIGTERM."""
     for r in ranks:
         r.disarm()
+        boost(r.proc.pid, os.PRIO_PGRP)
         try:
             os.killpg(r.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -219,6 +220,7 @@ class Teardown:
             for r in self.ranks:
                 if r is not rank and not _dead(r.proc.pid):
                     r.torn_down = True
+                    boost(r.proc.pid, os.PRIO_PGRP)
                     try:
                         os.killpg(r.proc.pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
