@@ -208,11 +208,16 @@ def _watch(child: subprocess.Popen, pgid: int) -> int | None:
 
 
 def boost(pid: int, which: int = os.PRIO_PROCESS) -> None:
-    """Give a process (or a process group) about to be SIGKILLed the highest CPU priority: a killed process runs
-    its own exit (freeing GiBs of memory, closing its ports) and on a loaded machine would wait behind every busy
-    process for that; nothing is changed where widep may not raise priorities."""
+    """Give a process (every thread of it; or every thread of a process group) about to be SIGKILLed the highest
+    CPU priority: each thread of a killed process runs its own exit (the last one frees GiBs of memory and closes
+    the ports) and on a loaded machine would wait behind every busy process for that; nothing is changed where
+    widep may not raise priorities. (Linux keeps a nice value per thread: PRIO_PROCESS sets one thread.)"""
     try:
-        os.setpriority(which, pid, -20)
+        if which == os.PRIO_PGRP:
+            os.setpriority(which, pid, -20)
+            return
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.setpriority(os.PRIO_PROCESS, int(tid), -20)
     except OSError:
         pass
 
@@ -220,8 +225,10 @@ def boost(pid: int, which: int = os.PRIO_PROCESS) -> None:
 def kill_group(pgid: int) -> None:
     """SIGKILL every other member of the group now, without waiting for them to go (whoever started the guard
     waits for the group: :func:`widep.run.procs.kill_ranks`); the guard's exit then tells it at once."""
-    for pid in group_members(pgid):
+    members = group_members(pgid)
+    for pid in members:
         boost(pid)
+    for pid in members:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
