@@ -342,7 +342,11 @@ def test_the_ray_node_agent_takes_its_nodes_ranks_down_with_a_dead_one(tmp_path)
     )
     try:
         assert drv.stdin is not None and drv.stdout is not None
-        guards = json.loads(drv.stdout.readline())["guards"]
+        line = drv.stdout.readline()
+        if not line:  # Ray did not start (its own timeout on a very loaded machine): say so
+            drv.wait(timeout=60)
+            pytest.fail(f"the Ray driver exited ({drv.returncode}) before starting the agent's ranks")
+        guards = json.loads(line)["guards"]
         _wait_ranks(run_id, 2)
         api = _server_of(guards[1])
         t0 = time.monotonic()

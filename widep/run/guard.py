@@ -141,6 +141,12 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         print(f"widep guard: cannot start {cmd[0]!r}: {err}", file=sys.stderr)
         return 127
+    # the guard itself (after CMD was forked: CMD keeps the normal priority) first in line for the CPU: it sleeps but
+    # for a short scan a second, and when the rank dies its teardown must not queue behind busy processes
+    try:
+        os.setpriority(os.PRIO_PROCESS, os.getpid(), -20)
+    except OSError:
+        pass
     code = _watch(child, pgid)
     if code is None:  # stopped: SIGTERM, the grace, SIGKILL
         stop_group(pgid, min(grace, ORPHANED_GRACE_S) if os.getppid() != parent else grace)

@@ -211,6 +211,10 @@ class Teardown:
             self.armed = False
 
     def _wait(self, rank: RankProcess) -> None:
+        try:  # this thread only (it sleeps until the rank dies, then must act before anything else)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -20)
+        except OSError:
+            pass
         rank.proc.wait()
         with self.lock:
             if not self.armed:
