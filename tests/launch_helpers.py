@@ -14,6 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from widep.run.chaos import api_server_pids, wait_gone
+from widep.run.chaos import run_processes as processes_of_run
+
+__all__ = ["ROOT", "LaunchProc", "api_server_pids", "free_ports", "processes_of_run", "topology_copy", "wait_gone"]
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -123,42 +128,3 @@ class LaunchProc:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             return self.proc.wait()
-
-
-def processes_of_run(run_id: str) -> list[int]:
-    """PIDs of live processes whose environment carries WIDEP_RUN_ID=run_id (started by that launcher)."""
-    needle = f"WIDEP_RUN_ID={run_id}".encode()
-    out = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    with open(f"/proc/{name}/stat", "rb") as s:
-                        if s.read().split(b") ")[-1][:1] != b"Z":
-                            out.append(int(name))
-        except OSError:
-            continue
-    return out
-
-
-def wait_gone(run_id: str, timeout: float = 60) -> list[int]:
-    end = time.monotonic() + timeout
-    left = processes_of_run(run_id)
-    while left and time.monotonic() < end:
-        time.sleep(0.5)
-        left = processes_of_run(run_id)
-    return left
-
-
-def api_server_pids(run_id: str) -> list[int]:
-    out = []
-    for pid in processes_of_run(run_id):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"vllm.entrypoints.openai.api_server" in cmd and b"widep.run.guard" not in cmd:
-            out.append(pid)
-    return out

@@ -146,3 +146,24 @@ def test_chaos_kill_of_an_engine_core_leaves_no_process(tmp_path, tiny_moe_dir, 
     assert "launch_log" in run and "serve/1 on" in Path(run["launch_log"]).read_text()
     assert doc["policy"] == "group" and doc["full_width_s"] is not None and doc["teardown_s"] is not None
     assert Path(doc["plot"]).stat().st_size > 0
+
+
+def test_the_lws_header_says_what_a_pod_failure_costs_under_the_policy_emitted():
+    from widep.k8s import lws as L
+
+    crd = yaml.safe_load((ROOT.parent / "shared" / "schemas" / "lws-crd-v0.10.0.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    offered = schema["properties"]["spec"]["properties"]["leaderWorkerTemplate"]["properties"]["restartPolicy"]["enum"]
+    assert set(offered) == {"Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"}
+    two = make_plan(
+        TopologySpec.model_validate(yaml.safe_load((ROOT / "topologies" / "tiny-moe-cpu-2x.yaml").read_text()))
+    )
+    docs = L.render_lws(two)
+    (lws,) = [d for d in docs if d["kind"] == "LeaderWorkerSet"]
+    policy = lws["spec"]["leaderWorkerTemplate"]["restartPolicy"]
+    assert policy in offered
+    cost, why_not = L.pod_failure_lines(docs)
+    assert f"restartPolicy {policy}" in cost and "recreates all 1 pod(s)" in cost
+    assert "start budget" in cost and "1/2 of the capacity" in cost
+    assert "None (" in why_not and "RecreateGroupAfterStart (" in why_not and "parallel.py:964" in why_not
+    assert cost in L.header_lines(two, "widep lws x", docs=docs, opts=L.LWSOptions())

@@ -24,6 +24,8 @@ import pytest
 import yaml
 from launch_helpers import ROOT, LaunchProc, api_server_pids, processes_of_run, topology_copy, wait_gone
 
+from widep.run.chaos import alive
+
 pytestmark = pytest.mark.ray
 
 _IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -186,8 +188,16 @@ def test_dp2_group_on_ray_placement_restart_lost_node_and_sigint(ray_cluster, tm
             with urllib.request.urlopen(req, timeout=60) as resp:
                 assert json.loads(resp.read())["usage"]["completion_tokens"] == 4
 
-        # ---- a rank's process dies: the whole group restarts in step (attempt 1, both ranks new)
+        # ---- a rank's process dies: the whole group goes (the agents and the driver's supervisor, the policy of
+        # every backend) and restarts in step (attempt 1, both ranks new)
+        attempt0 = [pid for pid in processes_of_run(run_id) if pid not in {a for _, a, _ in ranks.values()}]
+        t_kill = time.monotonic()
         os.kill(ranks[1][0], signal.SIGKILL)
+        while alive(attempt0) and time.monotonic() - t_kill < 30:
+            time.sleep(0.02)
+        teardown = time.monotonic() - t_kill
+        print(f"attempt 0 torn down {teardown:.2f} s after the SIGKILL of serve/1 (Ray: the peer is on another agent)")
+        assert not alive(attempt0) and teardown < 10
         drv.wait_for(r"attempt 0 failed.*serve/1.*killed by SIGKILL", 60)
         drv.wait_for(r"attempt 1: started serve/0", 60)
         assert (run / "attempt-1" / "serve" / "rank-0" / "command.sh").is_file()

@@ -9,7 +9,9 @@ repeats, and a throughput-over-time picture.
 - ``failed_mid_stream``: requests that had tokens and then failed (lost with their rank; counted, not retryable);
 - ``interruption_s``: the longest gap with no token delivered to any client, over the gaps that end after the kill;
 - ``full_width_s``: kill -> every rank of the group healthy again (the restarted group, under the group policy);
-- ``teardown_s``: kill -> the last process of the killed attempt gone (group policy).
+- ``teardown_s``: kill -> the last process of the killed attempt gone (group policy);
+- ``cold_start_s`` / ``restart_cold_start_s``: the launcher's start -> healthy of the first and the restarted
+  attempt (what ``full_width_s`` is compared with).
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "full_width_s",
         "teardown_s",
         "orphans",
+        "cold_start_s",
+        "restart_cold_start_s",
     )
     out: dict[str, Any] = {}
     for k in keys:

@@ -1289,10 +1289,9 @@ def prerequisite_lines(docs: list[dict[str, Any]]) -> list[str]:
         add(f"the router image pushed where the cluster pulls it ({frontdoor.ROUTER_IMAGE} is not public; see above)")
     add("then: kubectl apply -f THIS_FILE (ordering inside the file does not matter)")
     if "LeaderWorkerSet" in kinds:
+        lines += pod_failure_lines(docs)
         lines.append(
-            "pod failure: restartPolicy RecreateGroupOnPodRestart: any container restart or lost pod recreates its "
-            "whole group (every rank of that DP group starts again, within the start budget above); other groups "
-            "keep serving. Rollout: maxSurge 1, maxUnavailable 0: an update starts a new group before an old one "
+            "Rollout: maxSurge 1, maxUnavailable 0: an update starts a new group before an old one "
             "stops (one spare group of capacity, else the update waits and the old groups keep serving)."
         )
     if "Deployment" in kinds:
@@ -1358,6 +1357,53 @@ def explain_lines(docs: list[dict[str, Any]]) -> list[str]:
         "Not verifiable from the manifests (needs your API server, kubelet, nodes):",
     ]
     lines += [f"  - {line}" for line in unverifiable_lines(docs)]
+    return lines
+
+
+def _start_budget_s(lwt: dict[str, Any]) -> int | None:
+    """The longest startupProbe budget (periodSeconds x failureThreshold) of a LeaderWorkerSet's templates."""
+    out = None
+    for k in ("leaderTemplate", "workerTemplate"):
+        for c in (lwt.get(k) or {}).get("spec", {}).get("containers") or []:
+            sp = c.get("startupProbe")
+            if sp:
+                out = max(out or 0, int(sp.get("periodSeconds", 10)) * int(sp.get("failureThreshold", 3)))
+    return out
+
+
+def pod_failure_lines(docs: list[dict[str, Any]]) -> list[str]:
+    """What a pod failure costs under the restart policy each LeaderWorkerSet of ``docs`` is emitted with, and why
+    not the other policies of the LWS v0.10 API (RecreateGroupOnPodRestart, RecreateGroupAfterStart, None)."""
+    lines = []
+    policies = set()
+    for d in docs:
+        if d["kind"] != "LeaderWorkerSet":
+            continue
+        lwt = d["spec"]["leaderWorkerTemplate"]
+        policy = lwt.get("restartPolicy", "RecreateGroupOnPodRestart")
+        policies.add(policy)
+        groups, size = int(d["spec"].get("replicas", 1)), int(lwt.get("size", 1))
+        budget = _start_budget_s(lwt)
+        cold = f"at most the start budget, {budget // 60} min" if budget else "no start budget set"
+        rest = (
+            f"the other {groups - 1} group(s) keep serving ({groups - 1}/{groups} of the capacity)"
+            if groups > 1
+            else "with one group, its role serves nothing meanwhile"
+        )
+        lines.append(
+            f"pod failure ({d['metadata']['name']}, restartPolicy {policy}): a container restart or a lost pod "
+            f"deletes and recreates all {size} pod(s) of its group; the group serves nothing for a cold start of "
+            f"every rank ({cold}: scheduling, image pull, model load, vLLM start) and its in-flight requests "
+            f"fail; {rest}."
+        )
+    if policies == {"RecreateGroupOnPodRestart"}:
+        lines.append(
+            "pod failure: not emitted from LWS v0.10's restart policies: None (only the failed pod restarts: "
+            "vLLM 0.32 cannot re-admit a restarted rank into a running DP/EP group - the survivors' engines stop "
+            "when a DP peer dies, ranks meet only at start, and elastic EP is refused with one API server per rank, "
+            "vllm/config/parallel.py:964 - so the group would fall pod by pod), RecreateGroupAfterStart (the same "
+            "cost, but a failure while a pod of the group is Pending is not acted on)."
+        )
     return lines
 
 

@@ -395,12 +395,14 @@ def check_record_routed_experts(spec: TopologySpec, vt: VLLMVersionTable, is_cpu
 
 SURGICAL_UNAVAILABLE = (
     "vLLM 0.32 cannot drop a dead rank from a running DP/EP group served by per-rank API servers: "
-    "--enable-elastic-ep raises NotImplementedError in ParallelConfig (vllm/config/parallel.py:963, 'Elastic EP is "
+    "--enable-elastic-ep raises NotImplementedError in ParallelConfig (vllm/config/parallel.py:963-964, 'Elastic EP is "
     "not compatible with data_parallel_external_lb or data_parallel_hybrid_lb. Elastic EP relies on a single API "
-    "server and core client to coordinate scale up/down.'), and --enable-fault-tolerance only re-forms the DP group "
-    "at the same size with the same ranks after aborting the survivors' requests (EngineCoreSentinel.on_fault / "
-    "retry / _reinit_dp_group, vllm/v1/fault_tolerance/engine_core_sentinel.py:78-160; its worker side exists for "
-    "the GPU worker only)"
+    "server and core client to coordinate scale up/down.'; its scale-down also needs the leaving rank alive to hand "
+    "its experts over); --enable-fault-tolerance fails in every CPU worker (WorkerSentinel, "
+    "vllm/v1/worker/sentinel/gpu_worker_sentinel.py:42: 'Fault tolerance requires an FT-capable all2all backend (one "
+    "of ['deepep_low_latency', 'nixl_ep']), but got 'allgather_reducescatter'.') and, where it runs, only re-forms "
+    "the DP group at the same size with the same ranks after aborting the survivors' requests (EngineCoreSentinel "
+    "on_fault / retry / _reinit_dp_group, vllm/v1/fault_tolerance/engine_core_sentinel.py:79-160)"
 )
 """Why ``recovery: surgical`` is refused (shown by `widep plan`)."""
 

@@ -36,6 +36,7 @@ from widep.run.procs import (
     start_rank,
     stop_ranks,
     tail,
+    tear_down_together,
 )
 from widep.run.state import Failure, GroupState, GroupStatus
 
@@ -139,12 +140,10 @@ class BareMetal(BackendBase):
         local = group.on_node(self.node)
         self.attempt[k] = attempt
         self.served.discard(k)
-        self.procs[k] = [
-            start_rank(
-                c, self.launch.run_dir, attempt, resolve_env(c, self.base_env), self.launch.run_id, req.stop_timeout_s
-            )
-            for c in local
-        ]
+        run_dir, run_id = self.launch.run_dir, self.launch.run_id
+        self.procs[k] = tear_down_together(
+            [start_rank(c, run_dir, attempt, resolve_env(c, self.base_env), run_id, req.stop_timeout_s) for c in local]
+        )
         self.next_probe[k] = 0.0
         if not local:
             return ""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from widep.errors import UserError
 from widep.render.vllm import EnvRef, ProcessCommand
-from widep.run.guard import DEATH_MARK, ENGINE_LOST
+from widep.run.guard import DEATH_MARK, ENGINE_LOST, boost, group_members
 
 RUN_ID_ENV = "WIDEP_RUN_ID"
 """Every process widep starts carries this variable, so tests (and `ps e`) can find them."""
@@ -72,9 +73,10 @@ def died_at(r: RankProcess) -> float:
 def root_cause(ranks: list[RankProcess]) -> RankProcess | None:
     """Of the ranks that exited, the one that brought the group down: a death by signal (or of its engine core)
     before a failing exit before a clean one (a survivor's engine returns cleanly when its DP peer was killed, and
-    may be seen first), the earliest to die within a kind (by the guards' clock)."""
+    may be seen first), the earliest to die within a kind (by the guards' clock); a rank widep itself tore down
+    because a peer died (:func:`tear_down_together`) last."""
     dead = [r for r in ranks if r.poll() is not None]
-    return min(dead, key=lambda r: (death_severity(r.exit_code or 0), died_at(r)), default=None)
+    return min(dead, key=lambda r: (r.torn_down, death_severity(r.exit_code or 0), died_at(r)), default=None)
 
 
 def tail(path: Path, n: int = 20, *, marks: bool = False) -> tuple[str, ...]:
@@ -100,10 +102,19 @@ class RankProcess:
     exit_code: int | None = field(default=None)
     exit_seen: float | None = field(default=None)
     """Monotonic time the exit was first seen."""
+    torn_down: bool = False
+    """SIGKILLed by widep because another rank of its group died (not a root cause)."""
+
+    teardown: Teardown | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.cmd.name
+
+    def disarm(self) -> None:
+        """This rank's group ends on purpose now: no :class:`Teardown` of its peers when it exits."""
+        if self.teardown is not None:
+            self.teardown.disarm()
 
     def poll(self) -> int | None:
         if self.exit_code is None:
@@ -150,10 +161,22 @@ def start_rank(
     return RankProcess(cmd=cmd, log=log, proc=proc, started=time.monotonic())
 
 
-def kill_ranks(ranks: list[RankProcess]) -> None:
-    """SIGKILL every rank's whole process group (guard, API server, engine core, workers) at once and reap the
-    guards: after a rank died its group restarts anyway, and vLLM's engine core ignores SIGTERM."""
+def _dead(pid: int) -> bool:
+    """The process is gone or a zombie (it has exited; only its parent's wait is left)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b") ", 1)[-1][:1] == b"Z"
+    except OSError:
+        return True
+
+
+def kill_ranks(ranks: list[RankProcess], wait_s: float = 5.0) -> None:
+    """SIGKILL every rank's whole process group (guard, API server, engine core, workers) at once, reap the
+    guards and wait (up to ``wait_s``) until no process of those groups is left: after a rank died its group
+    restarts anyway, and vLLM's engine core ignores SIGTERM."""
     for r in ranks:
+        r.disarm()
+        boost(r.proc.pid, os.PRIO_PGRP)
         try:
             os.killpg(r.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -161,11 +184,64 @@ def kill_ranks(ranks: list[RankProcess]) -> None:
     for r in ranks:
         r.proc.wait()
         r.poll()
+    end = time.monotonic() + wait_s
+    while any(group_members(r.proc.pid) for r in ranks) and time.monotonic() < end:
+        time.sleep(0.02)
+
+
+class Teardown:
+    """The group policy on one host, as it happens: a thread per rank waits on its guard (which exits the moment
+    its API server or engine core dies, :mod:`widep.run.guard`), and the first rank to end SIGKILLs every other
+    rank of the group on this host at once, without waiting for the supervisor's next poll. Bare metal, the Ray
+    node agents and the Slurm node agents start their ranks with it: one policy for every backend. ``disarm``
+    before a graceful stop (the ranks then end on purpose)."""
+
+    def __init__(self, ranks: list[RankProcess]) -> None:
+        self.ranks = ranks
+        self.lock = threading.Lock()
+        self.fired: RankProcess | None = None
+        self.fired_at: float | None = None
+        self.armed = True
+        for r in ranks:
+            r.teardown = self
+            threading.Thread(target=self._wait, args=(r,), daemon=True, name=f"widep-teardown-{r.name}").start()
+
+    def disarm(self) -> None:
+        with self.lock:
+            self.armed = False
+
+    def _wait(self, rank: RankProcess) -> None:
+        try:  # this thread only (it sleeps until the rank dies, then must act before anything else)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), -20)
+        except OSError:
+            pass
+        rank.proc.wait()
+        with self.lock:
+            if not self.armed:
+                return
+            self.armed = False
+            self.fired, self.fired_at = rank, time.monotonic()
+            for r in self.ranks:
+                if r is not rank and not _dead(r.proc.pid):
+                    r.torn_down = True
+                    boost(r.proc.pid, os.PRIO_PGRP)
+                    try:
+                        os.killpg(r.proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+
+
+def tear_down_together(ranks: list[RankProcess]) -> list[RankProcess]:
+    """Arm :class:`Teardown` over ``ranks`` (one DP group's ranks on this host); returns them."""
+    Teardown(ranks)
+    return ranks
 
 
 def stop_ranks(ranks: list[RankProcess], grace_s: float, slack_s: float = 5.0) -> None:
     """SIGTERM every rank's guard (which stops its whole group), wait on one shared deadline (``grace_s`` +
     ``slack_s``), then SIGKILL."""
+    for r in ranks:
+        r.disarm()
     for r in ranks:
         if r.poll() is None:
             try:

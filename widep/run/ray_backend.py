@@ -46,7 +46,16 @@ from widep.run.control import probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
 from widep.run.preflight import check_before_start
-from widep.run.procs import kill_ranks, resolve_env, signal_name, start_rank, stop_ranks, tail
+from widep.run.procs import (
+    death_severity,
+    kill_ranks,
+    resolve_env,
+    signal_name,
+    start_rank,
+    stop_ranks,
+    tail,
+    tear_down_together,
+)
 from widep.run.state import Failure, GroupState, GroupStatus
 
 SLOT_RESOURCE = "widep_slot"
@@ -219,6 +228,7 @@ class NodeAgent:
             )
             if c.health_port:
                 self.probes[c.name] = (c.host or "127.0.0.1", c.health_port)
+        tear_down_together(self.procs)  # a rank that dies takes its peers on this node with it at once
         return [p.proc.pid for p in self.procs]
 
     def poll(self, follow: bool = False) -> list[dict[str, Any]]:
@@ -232,6 +242,7 @@ class NodeAgent:
                 "tail": list(tail(p.log)) if code is not None else [],
                 "health": None,
                 "lines": p.new_lines() if follow else [],
+                "torn_down": p.torn_down,
             }
             if code is None and p.name in self.probes:
                 host, port = self.probes[p.name]
@@ -582,6 +593,7 @@ class RayBackend(BackendBase):
                     results[refs[r]] = err
         cmds = self.cmds.get(k, ())
         failures: list[Failure] = []
+        exited: list[tuple[tuple[bool, int], Failure]] = []
         health: dict[str, str] = {}
         lines: list[tuple[str, str]] = []
         for node, res in results.items():
@@ -607,13 +619,16 @@ class RayBackend(BackendBase):
             for row in res:
                 lines += [(row["name"], line) for line in row["lines"]]
                 if row["exit"] is not None:
-                    failures.append(
-                        Failure(
-                            row["name"], self.node_label(group, node), signal_name(row["exit"]), now, tuple(row["tail"])
-                        )
+                    f = Failure(
+                        row["name"], self.node_label(group, node), signal_name(row["exit"]), now, tuple(row["tail"])
                     )
+                    exited.append(((row.get("torn_down", False), death_severity(row["exit"])), f))
                 elif row["health"] is not None:
                     health[row["name"]] = row["health"]
+        # the root cause first, as on bare metal (procs.root_cause): a death by signal before a clean exit, a rank
+        # that an agent tore down because its peer died last (the supervisor takes the first of equal times; the
+        # agents' clocks are not compared: they may be other hosts)
+        failures = [f for _, f in sorted(exited, key=lambda e: e[0])] + failures
         return Poll(
             failures=tuple(failures),
             health=health,

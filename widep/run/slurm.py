@@ -1041,7 +1041,16 @@ def _on_signal(signum: int, frame: object) -> None:
 def node_agent(step_file: str, host: str | None = None) -> int:
     """One task of a step: start this host's processes through the guard; when one exits, record the failure with
     its last log lines, stop the others and exit 1; on SIGTERM stop them all and exit 0."""
-    from widep.run.procs import kill_ranks, resolve_env, root_cause, signal_name, start_rank, stop_ranks, tail
+    from widep.run.procs import (
+        kill_ranks,
+        resolve_env,
+        root_cause,
+        signal_name,
+        start_rank,
+        stop_ranks,
+        tail,
+        tear_down_together,
+    )
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
@@ -1078,9 +1087,9 @@ def node_agent(step_file: str, host: str | None = None) -> int:
     except UserError as err:
         print(f"widep node agent on {host}: {err}", file=sys.stderr)
         return 2
-    procs = [
-        start_rank(c, root, attempt, e, spec["run_id"], grace) for c, root, e in zip(cmds, roots, envs, strict=True)
-    ]
+    procs = tear_down_together(
+        [start_rank(c, root, attempt, e, spec["run_id"], grace) for c, root, e in zip(cmds, roots, envs, strict=True)]
+    )
     print(f"[{host}] attempt {attempt}: started {', '.join(c.name for c in cmds)}", flush=True)
     code = 0
     while not _stop:
