@@ -546,7 +546,7 @@ def test_explain_lists_prerequisites_in_order_pod_failure_and_what_only_a_cluste
     steps = [line.split(". ", 1)[1] for line in out.splitlines() if line[:5].strip()[:-1].isdigit()]
     assert steps[0].startswith("the LeaderWorkerSet CRD") and steps[-1].startswith("then: kubectl apply")
     assert any(s.startswith("llm-d's router chart: helm install deepseek-r1-pd-3x8-h200") for s in steps)
-    assert "pod failure: restartPolicy RecreateGroupOnPodRestart" in out
+    assert "pod failure (deepseek-r1-pd-3x8-h200-decode, restartPolicy RecreateGroupOnPodRestart)" in out
     assert "Not verifiable from the manifests" in out and "ibv_devinfo" in out and "kubectl get events" in out
     assert main(["lws", str(PD_DP2), "--explain", "-o", "/tmp/x.yaml"]) == 2
     assert main(["lws", "--explain"]) == 2

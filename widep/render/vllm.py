@@ -20,6 +20,7 @@ from widep.plan.api import model_path as loaded_model_path
 from widep.plan.core import DeploymentPlan, Rank, RolePlan
 from widep.plan.extras import check_extras
 from widep.render.quoting import check_env_name, sh_assign, sh_ref, sh_word
+from widep.vllm_gate import MIDDLEWARE as GATE_MIDDLEWARE
 
 MODULE_ENTRY = "vllm.entrypoints.openai.api_server"
 #: NVSHMEM's symmetric heap for DeepEP low-latency buffers (llm-d wide-EP decode, v0.7+: "Prevent NVSHMEM OOM").
@@ -79,6 +80,10 @@ class RenderContext:
     """node index -> address this node is reached by, overriding the topology (known at render time)."""
     profile_dir: str | None = None
     """Turn the torch profiler on with traces under this absolute directory (overrides profiler.dir)."""
+    first_token_gate: bool = False
+    """vLLM's interpreter imports widep: every API server loads the first-token gate (``--middleware``,
+    :mod:`widep.vllm_gate`), so a stream that fails before its first token answers 503 and the front door retries it
+    instead of losing it behind an already-sent 200."""
 
 
 @dataclass(frozen=True)
@@ -471,6 +476,8 @@ def render_role(plan: DeploymentPlan, rp: RolePlan, ctx: RenderContext | None = 
     tail += list(rp.spec.extra_args)
     bind = plan.spec.serving.host
     serve: list[Word] = ["--host", HOST, "--port", PORT]
+    if ctx.first_token_gate:
+        serve += ["--middleware", GATE_MIDDLEWARE]
     out: list[ProcessCommand] = []
     for g in range(rp.spec.replicas):
         leader = _leader_addr(plan, ctx, rp, g) if rp.dp_size > 1 else None

@@ -11,6 +11,7 @@ import http.client
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -38,12 +39,30 @@ def interpreter(p: DeploymentPlan, python: str | None) -> str | None:
     return None
 
 
+def imports_gate(python: str | None) -> bool:
+    """True when ``python`` (vLLM's interpreter; None: ``vllm serve``, whose interpreter is unknown) imports widep's
+    first-token gate: this interpreter is asked directly, another one by running it (a few hundred ms)."""
+    if python is None:
+        return False
+    if os.path.realpath(python) == os.path.realpath(sys.executable) or python == sys.executable:
+        return importlib.util.find_spec("widep.vllm_gate") is not None
+    try:
+        r = subprocess.run([python, "-c", "import widep.vllm_gate"], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
 def render_context(p: DeploymentPlan, python: str | None, model: str | None) -> RenderContext:
-    """Host facts for rendering on this machine; the tiny MoE is named by its path in the local cache."""
+    """Host facts for rendering on this machine; the tiny MoE is named by its path in the local cache. Behind the
+    router, API servers load the first-token gate where vLLM's interpreter has widep (:mod:`widep.vllm_gate`)."""
+    py = interpreter(p, python)
+    module_python = (py or p.spec.vllm.python) if p.spec.vllm.entry_point == "module" else None
     return RenderContext(
         model_path=model_path(p, model, builtin_dir=tinymoe.default_cache_dir()),
         cpu_count=os.cpu_count() if p.device == "cpu" else None,
-        python=interpreter(p, python),
+        python=py,
+        first_token_gate=p.spec.router.enabled and imports_gate(module_python),
     )
 
 
