@@ -1,4 +1,4 @@
-"""The first-token gate: an ASGI middleware that vLLM's API server loads (``--middleware widep.vllm_gate.FirstTokenGate``).
+"""The first-token gate: ASGI middleware for vLLM's API server (``--middleware widep.vllm_gate.FirstTokenGate``).
 
 Why: vLLM answers a streamed completion with ``200 OK`` the moment it accepts the request, before prefill. When its
 engine core dies during that prefill (a SIGKILLed rank, a DP peer gone), the stream carries one
