@@ -40,7 +40,7 @@ from rich.table import Table
 
 from widep.errors import UserError
 from widep.plan.core import DeploymentPlan
-from widep.render.vllm import DEVICES, EnvRef, ProcessCommand, render_router
+from widep.render.vllm import DEVICES, EnvRef, ProcessCommand
 from widep.run.backend import BackendBase, DryRun, DryRunTable, Endpoint, Poll, StartFailed
 from widep.run.bare_metal import RouterRunner
 from widep.run.control import probe
@@ -647,9 +647,12 @@ class RayBackend(BackendBase):
 
     def router_runner(self) -> RouterRunner:
         placed = [c for g in self.launch.groups for c in self.cmds[key_of(g)]]
-        addrs = {c.node: c.node_address for c in placed if c.node_address}
-        cmd = render_router(readdressed(self.launch.plan, addrs), self.launch.context)
+        nodes = self.launch.plan.nodes
+        # the launch's router (rendered once, with the topology's addresses) pointed at where Ray placed each rank
+        moved = {f"http://{nodes[c.node].host}:{c.port}": f"http://{c.node_address}:{c.port}" for c in placed if c.port}
+        cmd = self.launch.router
         assert cmd is not None
+        cmd = replace(cmd, template=tuple(moved.get(w, w) if isinstance(w, str) else w for w in cmd.template))
         head = self.ray.util.get_node_ip_address()
         runner = RouterRunner(self, cmd.at(node_address=head), [(c, c.node_address, c.port) for c in placed if c.port])
         self.console.print(f"\\[router] on the driver's node {head}, fronting the ranks where Ray placed them")
