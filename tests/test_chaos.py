@@ -17,7 +17,7 @@ import pytest
 import yaml
 from launch_helpers import ROOT, free_ports
 
-from widep.bench.chaos import Target, longest_gap_after, medians, summarize_run, token_times
+from widep.bench.chaos import Target, longest_gap_after, medians, resumed_after, summarize_run, token_times
 from widep.bench.records import RequestRecord
 from widep.errors import UserError
 from widep.plan import plan as make_plan
@@ -44,7 +44,10 @@ def test_the_summary_counts_failures_by_whether_a_token_came_and_finds_the_gap()
     s = summarize_run(records, 1.4, 6.0, 30.0, 0.4, 0, "group", "serve/1:api")
     assert (s["ok"], s["failed_before_first_token"], s["failed_mid_stream"]) == (2, 1, 1)
     assert s["interruption_s"] == pytest.approx(3.5)
+    assert s["resumed_s"] == pytest.approx(3.6)  # the token at 5.0 ended the gap, 3.6 s after the kill
     assert longest_gap_after([0.5, 1.0], 1.2, 10.0) == pytest.approx(9.0)  # tokens never resumed
+    assert resumed_after([0.5, 1.0], 1.2, 10.0) is None
+    assert resumed_after([0.5, 1.0, 3.0], 1.2, 10.0) is None  # tokens came back, then stopped for longer
     m = medians([s, {**s, "interruption_s": 1.5}, {**s, "interruption_s": 9.0}])
     assert m["interruption_s"] == 3.5 and m["orphans"] == 0
 

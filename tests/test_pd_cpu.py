@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -48,6 +49,21 @@ MAX_TOKENS = 8
 SMOKE_PROMPT = "Wide expert parallelism is"  # widep launch --prompt's default
 SMOKE_TOKENS = 16  # and the --once completion's length
 SMOKE_REFERENCE = 5  # round-robin over 2 decode ranks needs 2 requests (and --once retries at most 2 failures)
+
+
+NEAR_TIE = 0.01
+"""Largest gap (logprob) of DP1's two best tokens at which EP2 may pick the other one (tests/test_wide_ep.py's)."""
+
+
+def ep2_near_tie(ref_choice: dict, got: list[int]) -> bool:
+    """``got`` equals the DP1 reference's ids, or first leaves them where DP1's two best tokens were within NEAR_TIE
+    and ``got`` took the other one (a rounding-level difference; the continuations then legitimately differ)."""
+    ids, tops = ref_choice["token_ids"], ref_choice["logprobs"]["top_logprobs"]
+    if got == ids:
+        return True
+    k = next(k for k in range(min(len(ids), len(got))) if ids[k] != got[k])
+    a, b = f"token_id:{ids[k]}", f"token_id:{got[k]}"
+    return a in tops[k] and b in tops[k] and abs(tops[k][a] - tops[k][b]) <= NEAR_TIE
 
 
 def _post(port: int, body: dict, timeout: float = 120.0) -> dict:
@@ -109,8 +125,13 @@ def mixed_outputs(tiny_moe_dir, vllm_python):
         "--enforce-eager",
     ]
     with start_vllm(argv, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, timeout=400, python=vllm_python) as srv:
+        # with the two best tokens per step (logprobs do not change the greedy ids): the EP2 comparison's near ties
         smoke = [
-            _post(srv.port, pd_smoke_body(str(tiny_moe_dir), pd_smoke_prompt(i, SMOKE_PROMPT), SMOKE_TOKENS))
+            _post(
+                srv.port,
+                pd_smoke_body(str(tiny_moe_dir), pd_smoke_prompt(i, SMOKE_PROMPT), SMOKE_TOKENS)
+                | {"logprobs": 2, "return_tokens_as_token_ids": True},
+            )
             for i in range(SMOKE_REFERENCE)
         ]
         return {"pd": [_greedy(srv.port, str(tiny_moe_dir), p) for p in PROMPTS], "smoke": smoke}
@@ -373,6 +394,49 @@ def test_once_with_dp2_ep2_decode_group_hands_kv_to_both_decode_ranks_and_matche
         n_prompt = ref["usage"]["prompt_tokens"]
         assert int(computed) == n_prompt and int(external) + int(dec_computed) == n_prompt and int(dec_computed) <= 1
         assert int(xfers) >= 1 and int(nbytes) > 0
-        # the first MAX_TOKENS ids, as for the single-decode P/D: decode here is EP2 against a DP1 reference, and in
-        # one run of 16 tokens the 11th differed (EP2 sums the experts in another order; near ties not checked here)
-        assert json.loads(ids)[:MAX_TOKENS] == ref["choices"][0]["token_ids"][:MAX_TOKENS], i
+        # the whole completion equals DP1's, or first leaves it at a near tie of DP1's two best tokens: decode is EP2
+        # (the experts' outputs summed across ranks in another order); profiling/pd_ep2_vs_mixed.py measured it (P/D
+        # with a DP1 decode rank equals DP1 on 6 of 6 prompts x 32 tokens; P/D+EP2 and mixed DP2/EP2 each left DP1 on
+        # 1 of 6, at DP1 gaps of 0.0039 and 0.0 logprob, where EP2 itself saw an exact tie)
+        got, want = json.loads(ids), ref["choices"][0]["token_ids"]
+        assert len(got) == SMOKE_TOKENS and ep2_near_tie(ref["choices"][0], got), (i, got, want)
+
+
+@pytest.mark.timeout(1800)  # two cold starts of the decode group (3 engines on 2 cores) and the load between
+def test_chaos_kill_of_a_decode_rank_restarts_the_decode_group_as_one_and_spares_prefill_and_router(
+    tiny_moe_dir, vllm_python, tmp_path
+):
+    """`widep bench chaos tiny-moe-cpu-pd-dp2.yaml --kill decode/1` (fate sharing of the DP2/EP2 decode group):
+    SIGKILL of decode/1's API server under streaming load through the P/D router; both decode ranks restart as one
+    group (new API servers, next attempt), the prefill rank and the router keep their processes and attempt, the
+    router serves again once the group is back, and no process is left."""
+    name = "tiny-moe-cpu-pd-dp2.yaml"
+    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
+    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
+    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
+    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
+    doc["serving"].update({"port": p_http, "rpc_port": p_rpc, "control_port": control})
+    doc["router"].update({"port": rport, "prometheus_port": prom})
+    doc["vllm"]["ready_timeout_s"] = 600  # a 2-core machine shared with other jobs: a start can pass 300 s
+    topo = tmp_path / name
+    topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+    argv = [sys.executable, "-m", "widep", "bench", "chaos", str(topo), "--kill", "decode/1", "--at", "5"]
+    argv += ["--duration", "30", "--concurrency", "2", "--max-tokens", "16", "--json", "--out", str(tmp_path / "out")]
+    argv += ["--model-path", str(tiny_moe_dir), "--python", vllm_python, "--launch-arg=--backoff", "--launch-arg=1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    r = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=1500, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    (run,) = out["runs"]
+    print(json.dumps(run, indent=1))
+    log = Path(run["launch_log"]).read_text(errors="replace")
+    assert run["killed_pid"] is not None and run["kill_s"] is not None
+    assert run["group_restarted"], log[-3000:]  # decode/0 and decode/1 both serve from new API servers
+    assert run["survived"] == {"prefill": True, "router": True}, log[-3000:]
+    assert re.search(r"\[decode\] attempt 0 failed", log) and not re.search(r"\[prefill\] attempt 0 failed", log)
+    assert "[router] started (start 2)" not in log  # the router was never restarted
+    assert run["full_width_s"] is not None and run["served_again_s"] is not None, run
+    assert run["served_again_s"] >= run["full_width_s"] - 1.0  # served by the restarted group, not before it
+    assert run["orphans"] == 0
+    assert run["ok"] + run["failed_before_first_token"] + run["failed_mid_stream"] == run["requests"]

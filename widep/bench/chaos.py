@@ -11,7 +11,9 @@ repeats, and a throughput-over-time picture.
 - ``full_width_s``: kill -> every rank of the group healthy again (the restarted group, under the group policy);
 - ``teardown_s``: kill -> the last process of the killed attempt gone (group policy);
 - ``cold_start_s`` / ``restart_cold_start_s``: the launcher's start -> healthy of the first and the restarted
-  attempt (what ``full_width_s`` is compared with).
+  attempt (what ``full_width_s`` is compared with);
+- ``resumed_s``: kill -> the token that ends ``interruption_s`` (service again; after ``full_width_s``, the rest is
+  the front door re-admitting the group); None when tokens never resumed.
 """
 
 from __future__ import annotations
@@ -75,6 +77,19 @@ def longest_gap_after(times: Sequence[float], kill_s: float, end_s: float) -> fl
     return max(best, end_s - prev)
 
 
+def resumed_after(times: Sequence[float], kill_s: float, end_s: float) -> float | None:
+    """The token that ends the longest token gap after ``kill_s`` (:func:`longest_gap_after`); None when that gap
+    is the one from the last token to ``end_s`` (tokens did not resume) or no token came after the kill."""
+    before = [t for t in times if t <= kill_s]
+    prev = before[-1] if before else kill_s
+    best, at = -1.0, None
+    for t in (t for t in times if t > kill_s):
+        if t - prev > best:
+            best, at = t - prev, t
+        prev = t
+    return None if at is None or end_s - prev > best else at
+
+
 def summarize_run(
     records: Sequence[RequestRecord],
     kill_s: float | None,
@@ -88,6 +103,7 @@ def summarize_run(
     failed = [r for r in records if not r.ok]
     times = token_times(records)
     end = max([duration_s, *(r.end_s for r in records if r.end_s is not None)])
+    resumed = None if kill_s is None else resumed_after(times, kill_s, end)
     return {
         "target": target,
         "policy": policy,
@@ -98,6 +114,7 @@ def summarize_run(
         "errors": sorted({(r.error or "")[:160] for r in failed}),
         "kill_s": None if kill_s is None else round(kill_s, 3),
         "interruption_s": None if kill_s is None else round(longest_gap_after(times, kill_s, end), 3),
+        "resumed_s": None if kill_s is None or resumed is None else round(resumed - kill_s, 3),
         "full_width_s": None if full_width_s is None else round(full_width_s, 3),
         "teardown_s": None if teardown_s is None else round(teardown_s, 3),
         "orphans": orphans,
@@ -113,6 +130,7 @@ def medians(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "failed_mid_stream",
         "interruption_s",
         "full_width_s",
+        "resumed_s",
         "teardown_s",
         "orphans",
         "cold_start_s",

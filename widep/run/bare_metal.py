@@ -402,12 +402,18 @@ class RouterRunner:
     """The front door on its node: started once every API server of the plan is healthy, restarted when it
     dies (it holds no state the ranks need), stopped first on shutdown."""
 
-    def __init__(self, backend: BareMetal, cmd: ProcessCommand) -> None:
+    def __init__(
+        self, backend: BackendBase, cmd: ProcessCommand, fronted: list[tuple[ProcessCommand, str, int]] | None = None
+    ) -> None:
+        """``backend``: bare metal's, or the Ray driver's (``console``, ``launch``, ``base_env``); ``fronted``: the
+        API servers it fronts as (process, host, port), by default every rendered one at its topology address."""
         self.backend, self.console = backend, backend.console
         self.launch = backend.launch
         self.cmd = cmd.with_executable(router_executable(cmd.argv[0]))
         resolve_env(cmd, backend.base_env)
-        self.fronted = [(c, c.node_address, c.port) for c in self.launch.processes if c.port is not None]
+        if fronted is None:
+            fronted = [(c, c.node_address, c.port) for c in self.launch.processes if c.port is not None]
+        self.fronted = fronted
         self.host = cmd.node_address
         self.proc: RankProcess | None = None
         self.starts = 0

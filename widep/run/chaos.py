@@ -22,6 +22,7 @@ from pathlib import Path
 
 from widep.plan.core import DeploymentPlan
 from widep.run.control import http_json
+from widep.run.guard import group_members
 from widep.run.procs import RUN_ID_ENV
 
 
@@ -86,6 +87,38 @@ def api_server_pid(run_id: str, port: int) -> int | None:
         if cmd[cmd.index("--port") + 1 : cmd.index("--port") + 2] == [str(port)]:
             return pid
     return None
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def role_processes(run_id: str, plan: DeploymentPlan, role: str) -> list[int]:
+    """Every process of ``role``'s ranks in the launch: the sessions (guard, API server, engine core, workers) of
+    the API servers that serve the role's ports (each rank runs in its guard's session)."""
+    rp = next(r for r in plan.roles if r.name == role)
+    ports = {r.port for r in rp.ranks if r.port is not None}
+    groups = {g for port in ports if (api := api_server_pid(run_id, port)) is not None and (g := _pgid(api))}
+    # by process group, not WIDEP_RUN_ID: vLLM's engine processes rename themselves over their environment
+    return sorted({p for g in groups for p in group_members(g)})
+
+
+def router_pids(run_id: str, command: str) -> list[int]:
+    """The launch's router: its guard (whose command runs ``command``, router.command) and the guard's children.
+    Found through the guard: vllm-router renames itself (``vllm::router``) over its argv and environment, so its
+    own /proc entries no longer carry the command or WIDEP_RUN_ID."""
+    name = os.path.basename(command)
+    out = []
+    for p in run_processes(run_id):
+        cmd = _cmdline(p)
+        if "widep.run.guard" in cmd and "--" in cmd:
+            argv = cmd[cmd.index("--") + 1 :]
+            if any(os.path.basename(a) == name for a in argv[:2]):
+                out += [p, *_children(p)]
+    return out
 
 
 def engine_core_pid(api_pid: int) -> int | None:
@@ -238,6 +271,22 @@ def cold_starts(launch_log: str) -> list[float]:
     return [float(m.group(1)) for m in READY_RX.finditer(launch_log)]
 
 
+def served_again(plan: DeploymentPlan, model: str, deadline: float) -> float | None:
+    """Completions through the front door, one at a time, until one succeeds (``time.perf_counter`` at its end) or
+    ``deadline`` (``time.monotonic``) passes (None): after a group restart, the router serves again once it has
+    re-admitted the group."""
+    assert plan.router is not None
+    host = plan.nodes[plan.router.node].host
+    body = {"model": model, "prompt": "The group is back.", "max_tokens": 4, "temperature": 0}
+    while time.monotonic() < deadline:
+        try:
+            http_json(host, plan.router.port, "POST", "/v1/completions", body, timeout=60)
+            return time.perf_counter()
+        except (OSError, ValueError):
+            time.sleep(0.5)
+    return None
+
+
 def run_once(
     topology: Path,
     plan: DeploymentPlan,
@@ -268,6 +317,13 @@ def run_once(
     watch, stop = Watch(), threading.Event()
     kill: dict[str, float | int | None] = {"at": None, "pid": None, "perf": None}
     names: dict[int, str] = {}
+    survivors: dict[str, tuple[list[int], dict | None]] = {}
+    """Before the kill: every other role's processes and /state, and the router's processes."""
+    apis: dict[str, list[int | None]] = {}
+    """The target role's API servers before the kill and once its group is healthy again."""
+    survived: dict[str, bool] = {}
+    served: dict[str, float | None] = {"at": None}
+    """When a completion through the front door first succeeded once the group was healthy again."""
     orphans: list[int] = []
     run_id = ""
     try:
@@ -283,11 +339,16 @@ def run_once(
             api = api_server_pid(run_id, port)
             pid = api if target.part == "api" or api is None else engine_core_pid(api)
             st = dep.state(target.role) or {"attempt": 0}
-            before = [p for p in run_processes(run_id) if p != dep.proc.pid and "router" not in " ".join(_cmdline(p))]
+            before = role_processes(run_id, plan, target.role)
             names.update({p: " ".join(_cmdline(p))[:120] for p in before})
             if pid is None:
                 return
-            kill["perf"] = time.perf_counter()  # taken before the kill: the figures below are not flattered
+            for other in plan.roles:
+                if other.name != target.role:
+                    survivors[other.name] = (role_processes(run_id, plan, other.name), dep.state(other.name))
+            survivors["router"] = (router_pids(run_id, plan.spec.router.command), None)
+            apis["before"] = [api_server_pid(run_id, r.port) for r in rp.ranks if r.port is not None]
+            kill["perf"] = time.perf_counter()  # taken just before the kill: the figures below are not flattered
             os.kill(pid, signal.SIGKILL)
             kill["at"], kill["pid"] = float(kill["perf"]) - t0, pid
             threading.Thread(
@@ -308,6 +369,13 @@ def run_once(
         while watch.healthy_at is None and kill["at"] is not None and time.monotonic() < end:
             time.sleep(0.2)
         stop.set()
+        if kill["at"] is not None:
+            served["at"] = served_again(plan, model, end)
+            apis["after"] = [api_server_pid(run_id, r.port) for r in rp.ranks if r.port is not None]
+            for name, (pids, st) in survivors.items():
+                now = dep.state(name) if st is not None else None
+                same_attempt = st is None or (now is not None and now["attempt"] == st["attempt"])
+                survived[name] = bool(pids) and not set(pids) - alive(pids) and same_attempt
     finally:
         stop.set()
         dep.stop()
@@ -337,5 +405,10 @@ def run_once(
     if watch.last is not None and kp is not None:
         pid, at = watch.last
         summary["teardown_last"] = {"pid": pid, "cmd": names.get(pid, "?"), "s": round(at - float(kp), 3)}
+    summary["served_again_s"] = None if served["at"] is None or kp is None else round(served["at"] - float(kp), 3)
+    # the killed rank's whole group restarted as one: every rank of it serves from a new API server
+    old, new = apis.get("before", []), apis.get("after", [])
+    summary["group_restarted"] = bool(old) and len(new) == len(old) and all(n is not None and n not in old for n in new)
+    summary["survived"] = survived
     summary["launch_log"] = str(out_dir / "launch.log")
     return summary, run.records

@@ -42,6 +42,7 @@ from widep.errors import UserError
 from widep.plan.core import DeploymentPlan
 from widep.render.vllm import DEVICES, EnvRef, ProcessCommand
 from widep.run.backend import BackendBase, DryRun, DryRunTable, Endpoint, Poll, StartFailed
+from widep.run.bare_metal import RouterRunner
 from widep.run.control import probe
 from widep.run.host import default_run_dir
 from widep.run.launch import Group, Launch, LaunchRequest
@@ -184,7 +185,9 @@ class NodeAgent:
 
     def __init__(self, run_id: str, run_dir: str, stop_timeout_s: float) -> None:
         self.run_id, self.run_dir, self.stop_timeout_s = run_id, Path(run_dir), stop_timeout_s
-        self.procs: list[Any] = []
+        self.procs: dict[str, list[Any]] = {}
+        """This node's ranks per group label: a node may run ranks of several groups (P/D: prefill and decode),
+        which start, fail and stop apart."""
         self.probes: dict[str, tuple[str, int]] = {}
 
     def info(self) -> dict[str, Any]:
@@ -212,29 +215,29 @@ class NodeAgent:
             return [str(err)]
         return []
 
-    def start(self, attempt: int, cmds: list[ProcessCommand], secrets: dict[str, str]) -> list[int]:
-        """Start ``cmds`` through the guard; returns the guards' pids."""
+    def start(self, attempt: int, cmds: list[ProcessCommand], secrets: dict[str, str], group: str = "") -> list[int]:
+        """Start ``cmds`` (``group``'s ranks on this node) through the guard; returns the guards' pids."""
         import ray
 
-        self.stop()
+        self.stop(group)
+        procs = self.procs.setdefault(group, [])
         base = start_env() | secrets
         uses_devices = any(v == DEVICES for c in cmds for _, v in c.env_template)
         gpu_ids = [str(i) for i in ray.get_gpu_ids()] if uses_devices else []
         for c in cmds:
             if gpu_ids:
                 c = c.at(devices=tuple(map_visible_devices(",".join(map(str, c.gpus)), gpu_ids).split(",")))
-            self.procs.append(
-                start_rank(c, self.run_dir, attempt, resolve_env(c, base), self.run_id, self.stop_timeout_s)
-            )
+            procs.append(start_rank(c, self.run_dir, attempt, resolve_env(c, base), self.run_id, self.stop_timeout_s))
             if c.health_port:
                 self.probes[c.name] = (c.host or "127.0.0.1", c.health_port)
-        tear_down_together(self.procs)  # a rank that dies takes its peers on this node with it at once
-        return [p.proc.pid for p in self.procs]
+        tear_down_together(procs)  # a rank that dies takes its peers of this group on this node with it at once
+        return [p.proc.pid for p in procs]
 
-    def poll(self, follow: bool = False) -> list[dict[str, Any]]:
-        """Per rank: exit status (None while running), log tail once exited, /health, new log lines (follow)."""
+    def poll(self, follow: bool = False, group: str | None = None) -> list[dict[str, Any]]:
+        """Per rank (of ``group``, else every group): exit status (None while running), log tail once exited,
+        /health, new log lines (follow)."""
         out = []
-        for p in self.procs:
+        for p in [p for g, procs in self.procs.items() if group is None or g == group for p in procs]:
             code = p.poll()
             row: dict[str, Any] = {
                 "name": p.name,
@@ -250,9 +253,11 @@ class NodeAgent:
             out.append(row)
         return out
 
-    def stop(self) -> list[int | None]:
-        """Stop every rank (guard: SIGTERM, deadline, SIGKILL); their exit codes."""
-        procs, self.procs, self.probes = self.procs, [], {}
+    def stop(self, group: str | None = None) -> list[int | None]:
+        """Stop the ranks of ``group``, else every rank (guard: SIGTERM, deadline, SIGKILL); their exit codes."""
+        procs = [p for g in list(self.procs) if group is None or g == group for p in self.procs.pop(g)]
+        for p in procs:
+            self.probes.pop(p.name, None)
         if any(p.poll() is not None for p in procs):  # a rank died: the group restarts; engine core ignores SIGTERM
             kill_ranks(procs)
         elif procs:
@@ -298,16 +303,13 @@ class RayBackend(BackendBase):
         self.statuses: dict[GroupKey, GroupStatus] = {}
         self.last_answer: dict[GroupKey, dict[int, float]] = {}
         self.next_poll: dict[GroupKey, float] = {}
+        self.base_env: dict[str, str] = dict(os.environ)
+        """The router's environment (it runs beside the driver, as bare metal's runs beside its launcher)."""
+        self.router: RouterRunner | None = None
 
     # ------------------------------------------------------------------ before anything starts
     def resolve(self, request: LaunchRequest) -> LaunchRequest:
         p = request.plan
-        if p.router is not None:
-            raise UserError(
-                f"router: the Ray backend does not start the router of {p.name} yet. Given: router enabled. "
-                "Valid with --backend ray: router disabled (start the router with `widep launch --node N` "
-                "on its node)."
-            )
         return replace(request, run_dir=(request.run_dir or default_run_dir(p, "ray")).resolve())
 
     def dry_run(self, launch: Launch) -> DryRun:
@@ -508,12 +510,13 @@ class RayBackend(BackendBase):
             out += [f"{self.launch.plan.nodes[n].name} @ {addrs[n]}: {p}" for p in problems]
         return out
 
-    def stop_agents(self, nodes: tuple[int, ...] | list[int]) -> None:
-        """Stop the ranks of ``nodes`` (all at once, one deadline); kill agents that do not answer."""
+    def stop_agents(self, nodes: tuple[int, ...] | list[int], group: str | None = None) -> None:
+        """Stop the ranks (of ``group``, else all) on ``nodes`` (all at once, one deadline); kill agents that do
+        not answer."""
         refs = {}
         for n in nodes:
             if n in self.agents:
-                refs[self.agents[n].stop.remote()] = n
+                refs[self.agents[n].stop.remote(group)] = n
         if not refs:
             return
         ready, not_ready = self.ray.wait(
@@ -562,7 +565,8 @@ class RayBackend(BackendBase):
             if problems:
                 raise StartFailed("preflight refused: " + " | ".join(problems))
         refs = [
-            self.agents[n].start.remote(attempt, [c for c in cmds if c.node == n], self.secrets) for n in group.nodes
+            self.agents[n].start.remote(attempt, [c for c in cmds if c.node == n], self.secrets, group.label)
+            for n in group.nodes
         ]
         try:
             self.ray.get(refs, timeout=60)
@@ -583,7 +587,7 @@ class RayBackend(BackendBase):
             return Poll(complete=False)
         self.next_poll[k] = now + req.probe_interval_s
         results: dict[int, Any] = {n: None for n in group.nodes}
-        refs = {self.agents[n].poll.remote(req.follow): n for n in group.nodes if n in self.agents}
+        refs = {self.agents[n].poll.remote(req.follow, group.label): n for n in group.nodes if n in self.agents}
         if refs:
             ready, _ = self.ray.wait(list(refs), num_returns=len(refs), timeout=10)
             for r in ready:
@@ -640,7 +644,46 @@ class RayBackend(BackendBase):
         return [Endpoint(c, c.node_address, c.health_port) for c in self.cmds.get(key_of(group), ()) if c.health_port]
 
     def stop(self, group: Group) -> None:
-        self.stop_agents(group.nodes)
+        self.stop_agents(group.nodes, group.label)
+
+    # ------------------------------------------------------------------ the router
+    def tick(self, now: float) -> int | None:
+        """The router, on the driver's machine (the head), once every group has placed its ranks: rendered with the
+        addresses Ray placed them at, started once they are all healthy, restarted when it dies (RouterRunner, as
+        bare metal's)."""
+        if self.launch.router is None:
+            return None
+        if self.router is None:
+            if any(key_of(g) not in self.cmds for g in self.launch.groups):
+                return None
+            self.router = self.router_runner()
+        self.router.step(now)
+        return self.router.exit_code
+
+    def router_runner(self) -> RouterRunner:
+        placed = [c for g in self.launch.groups for c in self.cmds[key_of(g)]]
+        nodes = self.launch.plan.nodes
+        # the launch's router (rendered once, with the topology's addresses) pointed at where Ray placed each rank
+        moved = {f"http://{nodes[c.node].host}:{c.port}": f"http://{c.node_address}:{c.port}" for c in placed if c.port}
+        cmd = self.launch.router
+        assert cmd is not None
+        cmd = replace(cmd, template=tuple(moved.get(w, w) if isinstance(w, str) else w for w in cmd.template))
+        head = self.ray.util.get_node_ip_address()
+        runner = RouterRunner(self, cmd.at(node_address=head), [(c, c.node_address, c.port) for c in placed if c.port])
+        self.console.print(f"\\[router] on the driver's node {head}, fronting the ranks where Ray placed them")
+        return runner
+
+    def ready(self) -> bool:
+        return self.launch.router is None or (self.router is not None and self.router.healthy)
+
+    def drain(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+
+    def front_door(self) -> Endpoint:
+        if self.router is not None:
+            return Endpoint(self.router.cmd, self.router.host, self.router.cmd.port or 0)
+        return super().front_door()
 
     def publish(self, group: Group, status: GroupStatus) -> None:
         self.statuses[key_of(group)] = status
@@ -689,6 +732,7 @@ class RayBackend(BackendBase):
         from ray.util.placement_group import remove_placement_group
 
         try:
+            self.drain()
             self.stop_agents(list(self.agents))
             for n in list(self.agents):
                 self._kill(n)
