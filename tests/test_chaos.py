@@ -74,6 +74,22 @@ def test_surgical_recovery_is_refused_with_the_vllm_check_that_refuses_it():
     assert make_plan(TopologySpec.model_validate(tiny())).roles[0].as_dict()["recovery"] == "group"
 
 
+@pytest.mark.parametrize(
+    "version,says",
+    [
+        ("0.33.0", r"vLLM 0\.33 accepts elastic EP behind per-rank API servers, but its scale-down is cooperative"),
+        ("0.34.0", r"vLLM 0\.34's fault tolerance can drop faulted ranks \(instruction 'scale_down'.*/v1/fault_toler"),
+    ],
+)
+def test_surgical_refusal_says_what_the_newer_vllm_lines_offer(version, says):
+    doc = yaml.safe_load((ROOT / "topologies/deepseek-r1-decode-2x8-h200.yaml").read_text())
+    doc.setdefault("vllm", {})["version"] = version
+    doc["roles"][0]["recovery"] = "surgical"
+    refusal = r"roles\[0\]\.recovery: 'surgical' with vLLM [0-9.]+: " + says + ".*Valid: group"
+    with pytest.raises(UserError, match=refusal):
+        make_plan(TopologySpec.model_validate(doc))
+
+
 @pytest.mark.skipif(not os.path.exists(ROUTER), reason="vllm-router is not installed (scripts/dev installs it)")
 def test_the_routers_recovery_flags_are_ones_vllm_router_takes():
     doc = tiny()

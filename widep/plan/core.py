@@ -407,12 +407,35 @@ SURGICAL_UNAVAILABLE = (
 """Why ``recovery: surgical`` is refused (shown by `widep plan`)."""
 
 
-def check_recovery(spec: TopologySpec) -> None:
+def surgical_unavailable(vt: VLLMVersionTable) -> str:
+    """Why ``recovery: surgical`` is refused on the vLLM line ``vt`` (shown by `widep plan`)."""
+    ft = vt.fault_tolerance
+    if ft is not None and "scale_down" in ft.instructions:
+        return (
+            f"vLLM {vt.line}'s fault tolerance can drop faulted ranks (instruction 'scale_down' with "
+            f"params.removed_dp_ranks posted to every rank's {ft.apply_path}, with --enable-fault-tolerance, one API "
+            "server per rank and an FT-capable all2all backend: deepep_low_latency or nixl_ep, i.e. CUDA), but widep "
+            "does not drive it: no run of it exists on this "
+            "project's machines, whose CPU vLLM 0.32 refuses fault tolerance in every worker (WorkerSentinel, "
+            "vllm/v1/worker/sentinel/gpu_worker_sentinel.py:42) and has only 'retry', which re-forms the group at "
+            "the same size"
+        )
+    if vt.elastic_ep_external_lb:
+        return (
+            f"vLLM {vt.line} accepts elastic EP behind per-rank API servers, but its scale-down is cooperative: the "
+            "leaving rank hands its experts over before it goes (distributed/elastic_ep/), which a SIGKILLed rank "
+            f"cannot; its fault tolerance has only {', '.join(ft.instructions) if ft else 'no instruction'} "
+            "(re-forms the group at the same size)"
+        )
+    return SURGICAL_UNAVAILABLE
+
+
+def check_recovery(spec: TopologySpec, vt: VLLMVersionTable) -> None:
     for i, r in enumerate(spec.roles):
         if r.recovery == "surgical":
             _fail(
                 f"roles[{i}].recovery",
-                f"'surgical' with vLLM {spec.vllm.version}: {SURGICAL_UNAVAILABLE}. Valid: group.",
+                f"'surgical' with vLLM {spec.vllm.version}: {surgical_unavailable(vt)}. Valid: group.",
             )
 
 
@@ -849,7 +872,7 @@ def plan(spec: TopologySpec) -> DeploymentPlan:
     check_pd_kv_layout_agreement(spec)
     check_kv_load_failure_policy(spec, vt)
     check_record_routed_experts(spec, vt, is_cpu, arch.mla)
-    check_recovery(spec)
+    check_recovery(spec, vt)
     mv = first_version_with("has_multi_port_lb")
     _refuse(R.multiport_supported(spec.serving.dp_mode, vt.has_multi_port_lb, spec.vllm.version, mv))
 
