@@ -150,6 +150,7 @@ ROOMS = {
 # Known exceptions, each a single edge with its reason.
 EXCEPTIONS = {
     ("widep.spec.topology", "widep.render.quoting"),  # POSIX env names and control characters, shared
+    ("widep.render.vllm", "widep.vllm_gate"),  # --middleware's import path, kept beside the class it names
 }
 
 
