@@ -72,6 +72,21 @@ def topology_copy(name: str, tmp: Path, **serving: int) -> Path:
     return path
 
 
+def pd_topology_copy(name: str, tmp: Path, **vllm: object) -> Path:
+    """A curated P/D topology (prefill role first, decode second, with the router) with fresh ports for every role's
+    HTTP, handshake and NIXL side channel, the control port and the router; ``vllm`` overrides keys of ``vllm``."""
+    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
+    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
+    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
+    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
+    doc["serving"].update({"port": p_http, "rpc_port": p_rpc, "control_port": control})
+    doc["router"].update({"port": rport, "prometheus_port": prom})
+    doc["vllm"].update(vllm)
+    path = tmp / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 class LaunchProc:
     """A `widep launch` subprocess whose output is read line by line in a thread."""
 

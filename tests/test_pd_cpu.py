@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_helpers import ROOT, LaunchProc, free_ports, processes_of_run, wait_gone
+from launch_helpers import ROOT, LaunchProc, free_ports, pd_topology_copy, processes_of_run, wait_gone
 from vllm_helpers import start_vllm
 
 from widep.run.host import pd_smoke_body, pd_smoke_prompt
@@ -360,15 +360,7 @@ def test_once_with_dp2_ep2_decode_group_hands_kv_to_both_decode_ranks_and_matche
     """`widep launch tiny-moe-cpu-pd-dp2.yaml --once`: 1 prefill + DP2/EP2 decode (3 engines on cluster.cpu_cores 2)
     behind the P/D router; every decode rank decodes a request whose prompt KV came from the prefill rank, and the
     greedy ids equal the mixed server's."""
-    name = "tiny-moe-cpu-pd-dp2.yaml"
-    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
-    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
-    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
-    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
-    doc["serving"].update({"port": p_http, "rpc_port": p_rpc, "control_port": control})
-    doc["router"].update({"port": rport, "prometheus_port": prom})
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    path = pd_topology_copy("tiny-moe-cpu-pd-dp2.yaml", tmp_path)
     env = {"PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     args = [str(path), "--once", "--node", "0", "--run-dir", str(tmp_path / "run"), "--model-path", str(tiny_moe_dir)]
     launch = LaunchProc([*args, "--python", vllm_python], env=env)
@@ -410,16 +402,8 @@ def test_chaos_kill_of_a_decode_rank_restarts_the_decode_group_as_one_and_spares
     SIGKILL of decode/1's API server under streaming load through the P/D router; both decode ranks restart as one
     group (new API servers, next attempt), the prefill rank and the router keep their processes and attempt, the
     router serves again once the group is back, and no process is left."""
-    name = "tiny-moe-cpu-pd-dp2.yaml"
-    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
-    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
-    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
-    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
-    doc["serving"].update({"port": p_http, "rpc_port": p_rpc, "control_port": control})
-    doc["router"].update({"port": rport, "prometheus_port": prom})
-    doc["vllm"]["ready_timeout_s"] = 600  # a 2-core machine shared with other jobs: a start can pass 300 s
-    topo = tmp_path / name
-    topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+    # a 2-core machine shared with other jobs: a start can pass 300 s
+    topo = pd_topology_copy("tiny-moe-cpu-pd-dp2.yaml", tmp_path, ready_timeout_s=600)
     argv = [sys.executable, "-m", "widep", "bench", "chaos", str(topo), "--kill", "decode/1", "--at", "5"]
     argv += ["--duration", "30", "--concurrency", "2", "--max-tokens", "16", "--json", "--out", str(tmp_path / "out")]
     argv += ["--model-path", str(tiny_moe_dir), "--python", vllm_python, "--launch-arg=--backoff", "--launch-arg=1"]

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import yaml
-from launch_helpers import ROOT, LaunchProc, free_ports, wait_gone
+from launch_helpers import LaunchProc, pd_topology_copy, wait_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm]
 
@@ -45,15 +45,8 @@ def one_node_cluster():
 def test_pd_with_dp2_ep2_decode_through_ray_with_the_router_hands_kv_to_both_decode_ranks(
     one_node_cluster, tmp_path, tiny_moe_dir, vllm_python
 ):
-    name = "tiny-moe-cpu-pd-dp2.yaml"
-    doc = yaml.safe_load((ROOT / "topologies" / name).read_text())
-    p_http, d_http, p_rpc, d_rpc, control, p_side, d_side, rport, prom = free_ports(9)
-    doc["roles"][0].update({"port": p_http, "rpc_port": p_rpc, "nixl_side_channel_port": p_side})
-    doc["roles"][1].update({"port": d_http, "rpc_port": d_rpc, "nixl_side_channel_port": d_side})
-    doc["serving"].update({"port": p_http, "rpc_port": p_rpc, "control_port": control})
-    doc["router"].update({"port": rport, "prometheus_port": prom})
-    topo = tmp_path / name
-    topo.write_text(yaml.safe_dump(doc, sort_keys=False))
+    topo = pd_topology_copy("tiny-moe-cpu-pd-dp2.yaml", tmp_path)
+    rport = yaml.safe_load(topo.read_text())["router"]["port"]
     args = [str(topo), "--once", "--backend", "ray", "--address", one_node_cluster.address, "--backoff", "1"]
     args += ["--model-path", str(tiny_moe_dir), "--python", vllm_python, "--run-dir", str(tmp_path / "run")]
     t0 = time.monotonic()

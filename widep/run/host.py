@@ -44,7 +44,7 @@ def imports_gate(python: str | None) -> bool:
     first-token gate: this interpreter is asked directly, another one by running it (a few hundred ms)."""
     if python is None:
         return False
-    if os.path.realpath(python) == os.path.realpath(sys.executable) or python == sys.executable:
+    if os.path.realpath(python) == os.path.realpath(sys.executable):
         return importlib.util.find_spec("widep.vllm_gate") is not None
     try:
         r = subprocess.run([python, "-c", "import widep.vllm_gate"], capture_output=True, timeout=60, check=False)
